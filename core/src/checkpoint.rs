@@ -1,0 +1,388 @@
+//! The checkpoint file (a contract; see DESIGN.md): one `.safetensors` file holding the model's
+//! tensors under PyTorch DiT names, with a JSON document under the header's `__metadata__` key
+//! `ddm` that says what the model is, what data it models and where it came from.
+//!
+//! Integrity: the metadata carries the sha256 of the data section, checked on every read, so a
+//! flipped bit anywhere in the weights is an error rather than a silently wrong model. A truncated
+//! file, a damaged header, missing, extra or mis-shaped tensors and an unknown format version are
+//! errors that name the file. Writes are atomic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::flow::DdpmSchedule;
+use crate::host::{HostTensor, TensorFile};
+use crate::model::{Model, ModelConfig};
+
+/// The checkpoint format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The `__metadata__` key holding ddm's JSON.
+pub const METADATA_KEY: &str = "ddm";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Expert,
+    Router,
+}
+
+/// What the network predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Objective {
+    /// The flow-matching velocity e - x0 (ddm's native objective).
+    Velocity,
+    /// DDPM noise prediction; converted to velocity at inference (`flow::EpsilonToVelocity`).
+    Epsilon { schedule: DdpmSchedule },
+}
+
+/// The data a model was trained on: per-sample shape and value range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataSpec {
+    /// Per-sample shape, e.g. `[1, 28, 28]` or `[2]`.
+    pub shape: Vec<usize>,
+    /// Value range of the data the model saw (images: [-1, 1]).
+    pub range: [f32; 2],
+}
+
+/// How a checkpoint was trained (filled by the trainer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    pub steps: u64,
+    pub samples_seen: u64,
+    /// Estimated training FLOPs (forward + backward ~ 3x forward).
+    pub flops: f64,
+    pub seed: u64,
+    pub wall_time_s: f64,
+    pub final_loss: Option<f64>,
+    pub backend: String,
+    /// EMA decay of the weights stored, if they are an EMA.
+    pub ema: Option<f64>,
+}
+
+/// The `ddm` metadata document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format_version: u32,
+    pub role: Role,
+    pub model: ModelConfig,
+    pub data: DataSpec,
+    pub objective: Objective,
+    /// Fingerprint of the partition the model was trained on (None: not from a partition).
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// The cluster k an expert was trained on.
+    #[serde(default)]
+    pub cluster: Option<usize>,
+    /// A router's K.
+    #[serde(default)]
+    pub num_clusters: Option<usize>,
+    /// A router's cluster priors w_k.
+    #[serde(default)]
+    pub priors: Option<Vec<f64>>,
+    #[serde(default)]
+    pub training: Option<TrainingSummary>,
+    /// Free-form provenance, e.g. "imported from PyTorch weights x.safetensors".
+    #[serde(default)]
+    pub source: Option<String>,
+    /// sha256 (hex) of the file's data section; written by [`Checkpoint::save`].
+    #[serde(default)]
+    pub tensors_sha256: String,
+}
+
+impl CheckpointMeta {
+    /// Metadata for an expert with no partition or training history yet.
+    pub fn expert(model: ModelConfig, range: [f32; 2], objective: Objective) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            role: Role::Expert,
+            data: DataSpec {
+                shape: model.data_shape(),
+                range,
+            },
+            model,
+            objective,
+            partition: None,
+            cluster: None,
+            num_clusters: None,
+            priors: None,
+            training: None,
+            source: None,
+            tensors_sha256: String::new(),
+        }
+    }
+}
+
+/// A checkpoint in memory: metadata and named tensors.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub meta: CheckpointMeta,
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Checkpoint {
+    pub fn from_model(model: &Model, meta: CheckpointMeta) -> Self {
+        Self {
+            meta,
+            tensors: model.state_dict(),
+        }
+    }
+
+    /// Serialise with the data-section checksum filled in.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let no_ints = BTreeMap::new();
+        // The data section does not depend on the metadata, so hash it from a first pass.
+        let first = crate::host::to_safetensors_bytes(&self.tensors, &no_ints, None)?;
+        let mut meta = self.meta.clone();
+        meta.tensors_sha256 = hex_sha256(crate::host::data_section(&first));
+        let json = serde_json::to_string(&meta).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+        let md = HashMap::from([(METADATA_KEY.to_string(), json)]);
+        crate::host::to_safetensors_bytes(&self.tensors, &no_ints, Some(md))
+    }
+
+    /// Write atomically (temp file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_bytes()?;
+        crate::fsio::write_bytes_atomic(path, &bytes)
+    }
+
+    /// Read and verify a checkpoint: header, metadata version, checksum.
+    pub fn read(path: &Path) -> Result<Self> {
+        let file = TensorFile::read(path)?;
+        Self::from_file(file)
+    }
+
+    pub fn from_file(file: TensorFile) -> Result<Self> {
+        let path = file.path.clone();
+        let json = file
+            .metadata
+            .get(METADATA_KEY)
+            .ok_or_else(|| Error::MissingMetadata { path: path.clone() })?;
+        let bad = |reason: String| Error::BadMetadata {
+            path: path.clone(),
+            reason,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let version = value
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| bad("no format_version".into()))?;
+        if version != FORMAT_VERSION as u64 {
+            return Err(Error::UnsupportedVersion {
+                path,
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let meta: CheckpointMeta = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        let actual = hex_sha256(file.data_bytes());
+        if actual != meta.tensors_sha256 {
+            return Err(Error::Checksum {
+                path,
+                expected: meta.tensors_sha256,
+                actual,
+            });
+        }
+        if meta.data.shape != meta.model.data_shape() {
+            return Err(bad(format!(
+                "data shape {:?} does not match the model's {:?}",
+                meta.data.shape,
+                meta.model.data_shape()
+            )));
+        }
+        let mut tensors = BTreeMap::new();
+        for name in file.names() {
+            tensors.insert(name.to_string(), file.f32(name)?);
+        }
+        Ok(Self { meta, tensors })
+    }
+
+    /// Build the model on `device`, checking every tensor name and shape. `path` is named in errors.
+    pub fn model(&self, path: &Path, device: &Device) -> Result<Model> {
+        self.meta.model.load(self.tensors.clone(), path, device)
+    }
+}
+
+/// Read a checkpoint and build its model in one go.
+pub fn load(path: &Path, device: &Device) -> Result<(CheckpointMeta, Model)> {
+    let ckpt = Checkpoint::read(path)?;
+    let model = ckpt.model(path, device)?;
+    Ok((ckpt.meta, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dit::DiTConfig;
+    use crate::flow::VelocityField;
+
+    fn setup() -> (tempfile::TempDir, std::path::PathBuf, Checkpoint, Model, Device) {
+        let device = crate::device::cpu();
+        let mut dit = DiTConfig::named("DiT-T/4", 8, 1).unwrap();
+        dit.depth = 2;
+        let config = ModelConfig::Dit(dit);
+        // Give the zero-initialised layers values too, so outputs are non-trivial.
+        let mut sd = config.init(3, &device).unwrap().state_dict();
+        for (i, t) in sd.values_mut().enumerate() {
+            for (j, v) in t.data.iter_mut().enumerate() {
+                *v += 0.01 * (((i * 31 + j * 17) % 13) as f32 - 6.0);
+            }
+        }
+        let model = config.load(sd, Path::new("mem"), &device).unwrap();
+        let ckpt = Checkpoint::from_model(
+            &model,
+            CheckpointMeta::expert(config, [-1.0, 1.0], Objective::Velocity),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("expert.safetensors");
+        ckpt.save(&path).unwrap();
+        (dir, path, ckpt, model, device)
+    }
+
+    #[test]
+    fn save_then_load_is_bit_identical() {
+        let (_dir, path, ckpt, model, device) = setup();
+        let (meta, back) = load(&path, &device).unwrap();
+        assert_eq!(meta.model, ckpt.meta.model);
+        assert_eq!(meta.tensors_sha256.len(), 64);
+        let (a, b) = (model.state_dict(), back.state_dict());
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (k, t) in &a {
+            let same = t
+                .data
+                .iter()
+                .zip(&b[k].data)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same && t.shape == b[k].shape, "{k} differs");
+        }
+        let x = Tensor::<4>::random([2, 1, 8, 8], burn::tensor::Distribution::Default, &device);
+        let t = Tensor::<1>::from_floats([0.3, 0.8], &device);
+        let va = HostTensor::from_tensor(model.velocity(x.clone(), t.clone(), None));
+        let vb = HostTensor::from_tensor(back.velocity(x, t, None));
+        assert!(va.data.iter().any(|&v| v != 0.0));
+        assert_eq!(va, vb);
+        // Saving again gives the same bytes.
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            Checkpoint::read(&path).unwrap().to_bytes().unwrap()
+        );
+    }
+
+    fn err_of(path: &Path) -> String {
+        match load(path, &crate::device::cpu()) {
+            Ok(_) => panic!("{} loaded, expected an error", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn truncated_file_is_a_clear_error() {
+        let (_dir, path, ..) = setup();
+        let bytes = std::fs::read(&path).unwrap();
+        for keep in [0, 5, 100, bytes.len() / 2, bytes.len() - 1] {
+            std::fs::write(&path, &bytes[..keep]).unwrap();
+            let e = err_of(&path);
+            assert!(e.contains(&path.display().to_string()), "{e}");
+            assert!(e.contains("truncated or corrupted"), "{e}");
+        }
+    }
+
+    #[test]
+    fn flipped_bytes_are_caught() {
+        let (_dir, path, ..) = setup();
+        let bytes = std::fs::read(&path).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        // A byte of the header's JSON (its opening brace), a byte of the ddm metadata, a data byte.
+        let meta_at = 8 + String::from_utf8_lossy(&bytes[8..8 + header_len])
+            .find("hidden_size")
+            .unwrap();
+        for (at, what) in [
+            (8, "truncated or corrupted"),
+            (meta_at, "metadata"),
+            (bytes.len() - 3, "checksum"),
+        ] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x20;
+            std::fs::write(&path, &b).unwrap();
+            let e = err_of(&path);
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains(what),
+                "flip at {at}: {e}"
+            );
+        }
+    }
+
+    fn rewrite(path: &Path, edit: impl FnOnce(&mut Checkpoint)) {
+        let mut ckpt = Checkpoint::read(path).unwrap();
+        edit(&mut ckpt);
+        ckpt.save(path).unwrap();
+    }
+
+    #[test]
+    fn missing_extra_and_misshaped_tensors_are_named() {
+        let (_dir, path, ..) = setup();
+        let orig = std::fs::read(&path).unwrap();
+        rewrite(&path, |c| {
+            c.tensors.remove("blocks.1.attn.proj.weight");
+        });
+        let e = err_of(&path);
+        assert!(e.contains("`blocks.1.attn.proj.weight` is missing"), "{e}");
+
+        std::fs::write(&path, &orig).unwrap();
+        rewrite(&path, |c| {
+            c.tensors
+                .insert("blocks.9.extra".into(), HostTensor::new(vec![1], vec![0.0]));
+        });
+        let e = err_of(&path);
+        assert!(
+            e.contains("unexpected tensor") && e.contains("blocks.9.extra"),
+            "{e}"
+        );
+
+        std::fs::write(&path, &orig).unwrap();
+        rewrite(&path, |c| {
+            c.tensors.insert(
+                "final_layer.linear.bias".into(),
+                HostTensor::new(vec![3], vec![0.0; 3]),
+            );
+        });
+        let e = err_of(&path);
+        assert!(
+            e.contains("`final_layer.linear.bias` has shape [3], expected [16]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_format_version_and_foreign_files_are_refused() {
+        let (_dir, path, ..) = setup();
+        rewrite(&path, |c| c.meta.format_version = 99);
+        let e = err_of(&path);
+        assert!(e.contains("format version 99 is not supported"), "{e}");
+
+        let plain = path.with_file_name("plain.safetensors");
+        crate::host::write_tensors(
+            &plain,
+            &BTreeMap::from([("w".to_string(), HostTensor::new(vec![1], vec![1.0]))]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let e = err_of(&plain);
+        assert!(e.contains("not a ddm checkpoint"), "{e}");
+        let e = err_of(&path.with_file_name("absent.safetensors"));
+        assert!(
+            e.contains("absent.safetensors") && e.contains("No such file"),
+            "{e}"
+        );
+    }
+}

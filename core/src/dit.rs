@@ -1,0 +1,657 @@
+//! DiT: the Diffusion Transformer of Peebles & Xie, "Scalable Diffusion Models with Transformers"
+//! (arXiv 2212.09748), exactly as the public PyTorch reference (facebookresearch/DiT `models.py`).
+//!
+//! In reading order: helpers (sin-cos embeddings, `modulate`, layer norm), the embedders, the
+//! adaLN-Zero block, the final layer, the model, the named sizes. Parameter names follow the
+//! reference (`x_embedder.proj.weight`, `blocks.3.adaLN_modulation.1.weight`, ...), so weights move
+//! between PyTorch and ddm both ways (see `params.rs`).
+//!
+//! Letters in shape comments: N batch, C channels, H/W image side, P patch, T tokens, D hidden,
+//! h heads, F frequency-embedding size.
+
+use burn::nn::conv::Conv2d;
+use burn::nn::{Embedding, Linear};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu_approximate, silu};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::host::HostTensor;
+use crate::params::{Init, ParamSource, StateDict};
+
+// ------------------------------------------------------------------------------------------------
+// Helpers
+// ------------------------------------------------------------------------------------------------
+
+/// The reference's LayerNorm: no affine parameters, eps 1e-6.
+const LN_EPS: f64 = 1e-6;
+
+/// LayerNorm over the last axis without affine parameters.
+pub fn layer_norm<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let (var, mean) = x.clone().var_mean_bias(D - 1);
+    (x - mean) / (var + LN_EPS).sqrt()
+}
+
+/// adaLN modulation: `x (1 + scale) + shift`, with `shift`, `scale` `[N, D]` broadcast over tokens.
+fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
+    x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
+}
+
+/// DiT's sinusoidal timestep embedding: `[cos, sin]` of `t * exp(-ln(10000) i / (F/2))`.
+///
+/// # Shapes
+/// - `t`: `[N]` (already scaled, e.g. 1000 t) -> `[N, F]`
+pub fn timestep_embedding(t: Tensor<1>, dim: usize) -> Tensor<2> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let n = t.dims()[0];
+    let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &t.device()).reshape([1, half]);
+    let args = t.reshape([n, 1]) * freqs; // [N, F/2]
+    Tensor::cat(vec![args.clone().cos(), args.sin()], 1) // [N, F]
+}
+
+/// 1-D sin-cos embedding of positions (MAE/DiT): `[sin(pos w), cos(pos w)]`, w_i = 10000^(-i/(d/2)).
+fn sincos_1d(dim: usize, pos: &[f64]) -> Vec<Vec<f64>> {
+    let half = dim / 2;
+    pos.iter()
+        .map(|&p| {
+            let args: Vec<f64> = (0..half)
+                .map(|i| p / 10000f64.powf(i as f64 / half as f64))
+                .collect();
+            args.iter()
+                .map(|a| a.sin())
+                .chain(args.iter().map(|a| a.cos()))
+                .collect()
+        })
+        .collect()
+}
+
+/// The fixed 2-D sin-cos position embedding `[1, T, D]` for a `grid x grid` token grid.
+/// As in the reference, the first D/2 channels encode the column (w) and the rest the row (h).
+pub fn pos_embed_2d(dim: usize, grid: usize) -> HostTensor {
+    let cols: Vec<f64> = (0..grid * grid).map(|r| (r % grid) as f64).collect();
+    let rows: Vec<f64> = (0..grid * grid).map(|r| (r / grid) as f64).collect();
+    let (ew, eh) = (sincos_1d(dim / 2, &cols), sincos_1d(dim / 2, &rows));
+    let data = ew
+        .into_iter()
+        .zip(eh)
+        .flat_map(|(a, b)| a.into_iter().chain(b))
+        .map(|v| v as f32)
+        .collect();
+    HostTensor::new(vec![1, grid * grid, dim], data)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Embedders
+// ------------------------------------------------------------------------------------------------
+
+/// Embeds flow time t in [0, 1]: sinusoid of `t_scale * t`, then MLP (Linear, SiLU, Linear).
+#[derive(Module, Debug)]
+pub struct TimestepEmbedder {
+    mlp_0: Linear,
+    mlp_2: Linear,
+    #[module(skip)]
+    freq_dim: usize,
+    #[module(skip)]
+    t_scale: f64,
+}
+
+impl TimestepEmbedder {
+    pub fn build(
+        src: &mut impl ParamSource,
+        prefix: &str,
+        hidden: usize,
+        freq_dim: usize,
+        t_scale: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            // The reference initialises both layers N(0, 0.02^2).
+            mlp_0: src.linear(&format!("{prefix}.mlp.0"), freq_dim, hidden, Init::Normal(0.02))?,
+            mlp_2: src.linear(&format!("{prefix}.mlp.2"), hidden, hidden, Init::Normal(0.02))?,
+            freq_dim,
+            t_scale,
+        })
+    }
+
+    /// # Shapes
+    /// - `t`: `[N]` in [0, 1] -> `[N, D]`
+    pub fn forward(&self, t: Tensor<1>) -> Tensor<2> {
+        let freq = timestep_embedding(t * self.t_scale, self.freq_dim); // [N, F]
+        self.mlp_2.forward(silu(self.mlp_0.forward(freq))) // [N, D]
+    }
+
+    pub fn export(&self, prefix: &str, sd: &mut StateDict) {
+        sd.linear(&format!("{prefix}.mlp.0"), &self.mlp_0);
+        sd.linear(&format!("{prefix}.mlp.2"), &self.mlp_2);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The adaLN-Zero block
+// ------------------------------------------------------------------------------------------------
+
+/// Multi-head self-attention with a fused qkv projection (with bias), scale 1/sqrt(head_dim).
+#[derive(Module, Debug)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    #[module(skip)]
+    heads: usize,
+}
+
+impl Attention {
+    /// # Shapes
+    /// - `x`: `[N, T, D]` -> `[N, T, D]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [n, t, d] = x.dims();
+        let hd = d / self.heads;
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([n, t, 3, self.heads, hd])
+            .permute([2, 0, 3, 1, 4]); // [3, N, h, T, hd]
+        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([n, self.heads, t, hd]);
+        let out = attention(
+            part(0),
+            part(1),
+            part(2),
+            None,
+            None,
+            AttentionModuleOptions::default(),
+        ); // [N, h, T, hd]
+        self.proj.forward(out.swap_dims(1, 2).reshape([n, t, d]))
+    }
+}
+
+/// A DiT block with adaLN-Zero conditioning: attention and MLP residual branches, each modulated
+/// (shift, scale) and gated by the conditioning vector c.
+#[derive(Module, Debug)]
+pub struct DiTBlock {
+    attn: Attention,
+    mlp_fc1: Linear,
+    mlp_fc2: Linear,
+    ada_ln: Linear,
+}
+
+impl DiTBlock {
+    fn build(
+        src: &mut impl ParamSource,
+        prefix: &str,
+        hidden: usize,
+        heads: usize,
+        mlp_hidden: usize,
+    ) -> Result<Self> {
+        let p = |s: &str| format!("{prefix}.{s}");
+        Ok(Self {
+            attn: Attention {
+                qkv: src.linear(&p("attn.qkv"), hidden, 3 * hidden, Init::Xavier)?,
+                proj: src.linear(&p("attn.proj"), hidden, hidden, Init::Xavier)?,
+                heads,
+            },
+            mlp_fc1: src.linear(&p("mlp.fc1"), hidden, mlp_hidden, Init::Xavier)?,
+            mlp_fc2: src.linear(&p("mlp.fc2"), mlp_hidden, hidden, Init::Xavier)?,
+            // adaLN-Zero: the modulation starts at zero, so every gate is 0 and the block is the
+            // identity at initialisation.
+            ada_ln: src.linear(&p("adaLN_modulation.1"), hidden, 6 * hidden, Init::Zeros)?,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `[N, T, D]`, `c`: `[N, D]` -> `[N, T, D]`
+    pub fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
+        let m = self.ada_ln.forward(silu(c)).chunk(6, 1); // 6 x [N, D]
+        let (shift_msa, scale_msa, gate_msa) = (m[0].clone(), m[1].clone(), m[2].clone());
+        let (shift_mlp, scale_mlp, gate_mlp) = (m[3].clone(), m[4].clone(), m[5].clone());
+        let h = self
+            .attn
+            .forward(modulate(layer_norm(x.clone()), shift_msa, scale_msa));
+        let x = x + gate_msa.unsqueeze_dim::<3>(1) * h;
+        let h = modulate(layer_norm(x.clone()), shift_mlp, scale_mlp);
+        let h = self.mlp_fc2.forward(gelu_approximate(self.mlp_fc1.forward(h)));
+        x + gate_mlp.unsqueeze_dim::<3>(1) * h
+    }
+
+    fn export(&self, prefix: &str, sd: &mut StateDict) {
+        let p = |s: &str| format!("{prefix}.{s}");
+        sd.linear(&p("attn.qkv"), &self.attn.qkv);
+        sd.linear(&p("attn.proj"), &self.attn.proj);
+        sd.linear(&p("mlp.fc1"), &self.mlp_fc1);
+        sd.linear(&p("mlp.fc2"), &self.mlp_fc2);
+        sd.linear(&p("adaLN_modulation.1"), &self.ada_ln);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Final layer
+// ------------------------------------------------------------------------------------------------
+
+/// Final adaLN (shift, scale) + Linear to P*P*C_out values per token. Zero-initialised, so a fresh
+/// DiT predicts exactly zero.
+#[derive(Module, Debug)]
+pub struct FinalLayer {
+    ada_ln: Linear,
+    linear: Linear,
+}
+
+impl FinalLayer {
+    /// # Shapes
+    /// - `x`: `[N, T, D]`, `c`: `[N, D]` -> `[N, T, P*P*C_out]`
+    pub fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
+        let m = self.ada_ln.forward(silu(c)).chunk(2, 1); // 2 x [N, D]
+        self.linear
+            .forward(modulate(layer_norm(x), m[0].clone(), m[1].clone()))
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The model
+// ------------------------------------------------------------------------------------------------
+
+/// A DiT's hyper-parameters, in the PyTorch reference's vocabulary (the JSON of
+/// `../shared/reference/*.config.json` parses as this).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiTConfig {
+    /// Image side S (images are S x S).
+    pub input_size: usize,
+    /// Patch side P; T = (S / P)^2 tokens.
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub hidden_size: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    /// 0: unconditional. Otherwise classes 0..num_classes, plus a null class (id num_classes) for
+    /// classifier-free guidance when `class_dropout_prob > 0`.
+    #[serde(default)]
+    pub num_classes: usize,
+    #[serde(default = "default_class_dropout")]
+    pub class_dropout_prob: f64,
+    /// The reference's option to also predict a variance: outputs 2C channels, the first C are
+    /// the prediction.
+    #[serde(default)]
+    pub learn_sigma: bool,
+    #[serde(default = "default_freq")]
+    pub frequency_embedding_size: usize,
+    /// The network sees `t_scale * t` in its timestep embedding (DiT's 1000 steps).
+    #[serde(default = "default_t_scale")]
+    pub t_scale: f64,
+}
+
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+fn default_class_dropout() -> f64 {
+    0.1
+}
+fn default_freq() -> usize {
+    256
+}
+fn default_t_scale() -> f64 {
+    1000.0
+}
+
+impl DiTConfig {
+    /// A config from a named size (`DiT-S/2`, `DiT-T/4`, ...; see [`DIT_SIZES`]) for images of
+    /// `channels x input_size x input_size`.
+    pub fn named(name: &str, input_size: usize, in_channels: usize) -> Result<Self> {
+        let (size, patch) = parse_size_name(name)?;
+        let &(_, hidden_size, depth, num_heads) = DIT_SIZES
+            .iter()
+            .find(|s| s.0.eq_ignore_ascii_case(size))
+            .expect("parse_size_name only returns known sizes");
+        let config = Self {
+            input_size,
+            patch_size: patch,
+            in_channels,
+            hidden_size,
+            depth,
+            num_heads,
+            mlp_ratio: 4.0,
+            num_classes: 0,
+            class_dropout_prob: 0.1,
+            learn_sigma: false,
+            frequency_embedding_size: 256,
+            t_scale: 1000.0,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.patch_size == 0 || !self.input_size.is_multiple_of(self.patch_size) {
+            return bad(format!(
+                "input_size {} is not a multiple of patch_size {}",
+                self.input_size, self.patch_size
+            ));
+        }
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
+            return bad(format!(
+                "hidden_size {} is not a multiple of num_heads {}",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        if !self.hidden_size.is_multiple_of(4) {
+            return bad(format!(
+                "hidden_size {} must be a multiple of 4 (2-D sin-cos position embedding)",
+                self.hidden_size
+            ));
+        }
+        if !self.frequency_embedding_size.is_multiple_of(2) || self.frequency_embedding_size == 0 {
+            return bad(format!(
+                "frequency_embedding_size {} must be even",
+                self.frequency_embedding_size
+            ));
+        }
+        if self.depth == 0 || self.in_channels == 0 {
+            return bad("depth and in_channels must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.class_dropout_prob) {
+            return bad(format!(
+                "class_dropout_prob {} must be in [0, 1)",
+                self.class_dropout_prob
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn grid(&self) -> usize {
+        self.input_size / self.patch_size
+    }
+
+    pub fn out_channels(&self) -> usize {
+        if self.learn_sigma {
+            2 * self.in_channels
+        } else {
+            self.in_channels
+        }
+    }
+
+    /// Rows of the class embedding table: the classes, plus the null class when CFG dropout is on.
+    pub fn class_rows(&self) -> usize {
+        self.num_classes + usize::from(self.class_dropout_prob > 0.0)
+    }
+
+    /// Forward FLOPs per sample (multiply-adds count 2), for training-cost accounting.
+    pub fn flops_per_sample(&self) -> f64 {
+        let (t, d) = ((self.grid() * self.grid()) as f64, self.hidden_size as f64);
+        let mlp = (d * self.mlp_ratio).floor();
+        let per_block = 2.0 * t * (d * 3.0 * d + d * d + 2.0 * d * mlp) // qkv, proj, mlp
+            + 2.0 * 2.0 * t * t * d // q k^T and attn v
+            + 2.0 * d * 6.0 * d; // adaLN modulation
+        let p2c = (self.patch_size * self.patch_size) as f64;
+        let embed = 2.0 * t * p2c * self.in_channels as f64 * d
+            + 2.0 * (self.frequency_embedding_size as f64 * d + d * d);
+        let fin = 2.0 * (d * 2.0 * d + t * d * p2c * self.out_channels() as f64);
+        embed + self.depth as f64 * per_block + fin
+    }
+
+    /// Build the model from `src` (fresh initialisation or a state dict).
+    pub fn build(&self, src: &mut impl ParamSource) -> Result<DiT> {
+        self.validate()?;
+        let d = self.hidden_size;
+        let mlp_hidden = (d as f64 * self.mlp_ratio) as usize;
+        let pos = src.buffer("pos_embed", pos_embed_2d(d, self.grid()))?;
+        Ok(DiT {
+            // The reference initialises the patch conv like a Linear (xavier over [D, C*P*P]).
+            x_embedder: src.patch_conv(
+                "x_embedder.proj",
+                self.in_channels,
+                d,
+                self.patch_size,
+                Init::Xavier,
+            )?,
+            t_embedder: TimestepEmbedder::build(
+                src,
+                "t_embedder",
+                d,
+                self.frequency_embedding_size,
+                self.t_scale,
+            )?,
+            y_embedder: if self.num_classes > 0 {
+                Some(src.embedding(
+                    "y_embedder.embedding_table",
+                    self.class_rows(),
+                    d,
+                    Init::Normal(0.02),
+                )?)
+            } else {
+                None
+            },
+            pos_embed: pos.to_tensor::<3>(src.device()),
+            blocks: (0..self.depth)
+                .map(|i| DiTBlock::build(src, &format!("blocks.{i}"), d, self.num_heads, mlp_hidden))
+                .collect::<Result<_>>()?,
+            final_layer: FinalLayer {
+                ada_ln: src.linear("final_layer.adaLN_modulation.1", d, 2 * d, Init::Zeros)?,
+                linear: src.linear(
+                    "final_layer.linear",
+                    d,
+                    self.patch_size * self.patch_size * self.out_channels(),
+                    Init::Zeros,
+                )?,
+            },
+            config: self.clone(),
+        })
+    }
+}
+
+/// The named sizes: (name, hidden D, depth, heads). S/B/L/XL are the DiT paper's; T ("tiny") and
+/// Bench (the `../shared/bench` peer's "bench-dit") train on a CPU.
+pub const DIT_SIZES: &[(&str, usize, usize, usize)] = &[
+    ("T", 128, 4, 4),
+    ("Bench", 256, 6, 4),
+    ("S", 384, 12, 6),
+    ("B", 768, 12, 12),
+    ("L", 1024, 24, 16),
+    ("XL", 1152, 28, 16),
+];
+
+/// Parse `DiT-S/2` (case-insensitive; the `DiT-` prefix optional) into (size, patch).
+pub fn parse_size_name(name: &str) -> Result<(&str, usize)> {
+    let err = || {
+        let sizes: Vec<_> = DIT_SIZES.iter().map(|s| s.0).collect();
+        Error::InvalidConfig(format!(
+            "unknown DiT size `{name}`: expected DiT-<size>/<patch> with size one of {} and patch 2, 4 or 8 (e.g. DiT-S/2)",
+            sizes.join(", ")
+        ))
+    };
+    let rest = name
+        .strip_prefix("DiT-")
+        .or_else(|| name.strip_prefix("dit-"))
+        .unwrap_or(name);
+    let (size, patch) = rest.split_once('/').ok_or_else(err)?;
+    let patch: usize = patch.parse().map_err(|_| err())?;
+    if !DIT_SIZES.iter().any(|s| s.0.eq_ignore_ascii_case(size)) || ![2, 4, 8].contains(&patch) {
+        return Err(err());
+    }
+    Ok((size, patch))
+}
+
+/// The Diffusion Transformer: patchify, add positions, condition on time (and class), N adaLN-Zero
+/// blocks, final layer, unpatchify.
+#[derive(Module, Debug)]
+pub struct DiT {
+    x_embedder: Conv2d,
+    t_embedder: TimestepEmbedder,
+    y_embedder: Option<Embedding>,
+    /// Fixed 2-D sin-cos position embedding `[1, T, D]`; not trained.
+    pos_embed: Tensor<3>,
+    blocks: Vec<DiTBlock>,
+    final_layer: FinalLayer,
+    #[module(skip)]
+    config: DiTConfig,
+}
+
+impl DiT {
+    pub fn config(&self) -> &DiTConfig {
+        &self.config
+    }
+
+    /// The trunk shared by the velocity head and (later) the router's head: tokens after the last
+    /// block and the conditioning vector.
+    ///
+    /// # Shapes
+    /// - `x`: `[N, C, S, S]`, `t`: `[N]`, `y`: `[N]` -> (`[N, T, D]`, `[N, D]`)
+    pub fn trunk(&self, x: Tensor<4>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> (Tensor<3>, Tensor<2>) {
+        let [n, _, _, _] = x.dims();
+        let (g, d) = (self.config.grid(), self.config.hidden_size);
+        let x = self.x_embedder.forward(x); // [N, D, S/P, S/P]
+        let x = x.reshape([n, d, g * g]).swap_dims(1, 2) + self.pos_embed.clone(); // [N, T, D]
+        let mut c = self.t_embedder.forward(t); // [N, D]
+        if let (Some(emb), Some(y)) = (&self.y_embedder, y) {
+            c = c + emb.weight.val().select(0, y); // [N, D]
+        }
+        let mut x = x;
+        for block in &self.blocks {
+            x = block.forward(x, c.clone()); // [N, T, D]
+        }
+        (x, c)
+    }
+
+    /// Predict the velocity (or, for an epsilon expert, the noise).
+    ///
+    /// # Shapes
+    /// - `x`: `[N, C, S, S]`, `t`: `[N]` in [0, 1], `y`: `[N]` class ids (null class = num_classes)
+    /// - returns `[N, C, S, S]` (with `learn_sigma`, the first C of the 2C output channels)
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<4> {
+        let (x, c) = self.trunk(x, t, y);
+        let x = self.final_layer.forward(x, c); // [N, T, P*P*C_out]
+        let x = self.unpatchify(x); // [N, C_out, S, S]
+        if self.config.learn_sigma {
+            x.narrow(1, 0, self.config.in_channels)
+        } else {
+            x
+        }
+    }
+
+    /// `[N, T, P*P*C]` -> `[N, C, S, S]` ("nhwpqc -> nchpwq").
+    fn unpatchify(&self, x: Tensor<3>) -> Tensor<4> {
+        let [n, _, _] = x.dims();
+        let (g, p, c) = (
+            self.config.grid(),
+            self.config.patch_size,
+            self.config.out_channels(),
+        );
+        x.reshape([n, g, g, p, p, c])
+            .permute([0, 5, 1, 3, 2, 4]) // [N, C, g, P, g, P]
+            .reshape([n, c, g * p, g * p])
+    }
+
+    /// All tensors under their PyTorch reference names.
+    pub fn state_dict(&self) -> StateDict {
+        let mut sd = StateDict::default();
+        sd.conv("x_embedder.proj", &self.x_embedder);
+        self.t_embedder.export("t_embedder", &mut sd);
+        if let Some(e) = &self.y_embedder {
+            sd.embedding("y_embedder.embedding_table", e);
+        }
+        sd.tensor("pos_embed", &self.pos_embed);
+        for (i, b) in self.blocks.iter().enumerate() {
+            b.export(&format!("blocks.{i}"), &mut sd);
+        }
+        sd.linear("final_layer.adaLN_modulation.1", &self.final_layer.ada_ln);
+        sd.linear("final_layer.linear", &self.final_layer.linear);
+        sd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::RandomInit;
+
+    #[test]
+    fn named_sizes_parse() {
+        let c = DiTConfig::named("DiT-S/2", 32, 4).unwrap();
+        assert_eq!(
+            (c.hidden_size, c.depth, c.num_heads, c.patch_size),
+            (384, 12, 6, 2)
+        );
+        assert_eq!(DiTConfig::named("dit-xl/8", 32, 4).unwrap().hidden_size, 1152);
+        assert!(
+            DiTConfig::named("DiT-Q/2", 32, 4)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown DiT size")
+        );
+        assert!(DiTConfig::named("DiT-S/3", 32, 4).is_err());
+        assert!(
+            DiTConfig::named("DiT-T/8", 28, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("multiple of patch_size")
+        );
+    }
+
+    /// adaLN-Zero: a freshly built DiT predicts exactly zero, whatever the input.
+    #[test]
+    fn fresh_dit_outputs_exactly_zero() {
+        let device = crate::device::cpu();
+        let mut config = DiTConfig::named("DiT-T/4", 16, 3).unwrap();
+        config.num_classes = 5;
+        let dit = config.build(&mut RandomInit::new(0, &device)).unwrap();
+        let x = Tensor::<4>::random(
+            [3, 3, 16, 16],
+            burn::tensor::Distribution::Normal(0.0, 3.0),
+            &device,
+        );
+        let t = Tensor::<1>::from_floats([0.0, 0.5, 1.0], &device);
+        let y = Tensor::<1, Int>::from_ints([0, 4, 5], &device);
+        let v = HostTensor::from_tensor(dit.forward(x, t, Some(y)));
+        assert_eq!(v.shape, vec![3, 3, 16, 16]);
+        assert!(v.data.iter().all(|&v| v == 0.0));
+        // ...and the block gates are zero too, so every block starts as the identity.
+        let sd = dit.state_dict().0;
+        assert!(
+            sd["blocks.0.adaLN_modulation.1.weight"]
+                .data
+                .iter()
+                .all(|&v| v == 0.0)
+        );
+        assert!(
+            sd["blocks.3.adaLN_modulation.1.bias"]
+                .data
+                .iter()
+                .all(|&v| v == 0.0)
+        );
+        assert!(sd["blocks.0.attn.qkv.weight"].data.iter().any(|&v| v != 0.0));
+    }
+
+    #[test]
+    fn same_seed_same_weights() {
+        let device = crate::device::cpu();
+        let config = DiTConfig::named("DiT-T/4", 8, 1).unwrap();
+        let a = config
+            .build(&mut RandomInit::new(5, &device))
+            .unwrap()
+            .state_dict()
+            .0;
+        let b = config
+            .build(&mut RandomInit::new(5, &device))
+            .unwrap()
+            .state_dict()
+            .0;
+        let c = config
+            .build(&mut RandomInit::new(6, &device))
+            .unwrap()
+            .state_dict()
+            .0;
+        assert_eq!(a, b);
+        assert_ne!(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"]);
+    }
+
+    #[test]
+    fn flops_are_about_twice_the_parameter_count_times_tokens() {
+        // For a DiT the matmul FLOPs dominate: ~2 * params_in_blocks * T.
+        let c = DiTConfig::named("DiT-XL/2", 32, 4).unwrap();
+        let gflops = c.flops_per_sample() / 1e9;
+        // The DiT paper lists DiT-XL/2 at 118.6 GFLOPs (counting a multiply-add as one FLOP).
+        assert!((gflops / 2.0 - 118.6).abs() / 118.6 < 0.05, "{gflops}");
+    }
+}

@@ -1,0 +1,436 @@
+//! Flow matching: the one home of ddm's math convention.
+//!
+//! - Data `x0` (images scaled to [-1, 1]), noise `e ~ N(0, I)`, time `t` in [0, 1]:
+//!   **t = 0 is data, t = 1 is noise.**
+//! - Path: `x_t = (1 - t) x0 + t e`. Velocity target: `v = e - x0`.
+//!   Loss: `|| v_theta(x_t, t) - (e - x0) ||^2`.
+//! - Sampling integrates `dx/dt = v(x, t)` from t = 1 (noise) down to t = 0 (data), with Euler
+//!   (`x_{t+h} = x_t + h v`, h < 0) or Heun (Euler plus a trapezoidal correction).
+//!
+//! Every other crate calls these functions; none re-derives them. See PAPER.md for how the global
+//! velocity decomposes over experts: `v(x_t, t) = sum_k p(k | x_t, t) v_k(x_t, t)`.
+//!
+//! Experts trained with the DDPM epsilon objective join through [`EpsilonToVelocity`].
+
+use burn::prelude::*;
+use rand::Rng;
+use rand_distr::{Distribution as _, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use crate::host::HostTensor;
+
+/// A velocity field `v(x_t, t [, y])`: what an expert is, to a sampler.
+///
+/// Local models, epsilon models behind [`EpsilonToVelocity`], closed-form fields (tests) and
+/// remote experts implement it.
+pub trait VelocityField<const D: usize> {
+    /// # Shapes
+    /// - `x_t`: `[N, ...]` (rank `D`)
+    /// - `t`: `[N]`, flow time in [0, 1]
+    /// - `y`: `[N]` class ids, for class-conditional fields
+    /// - returns `v`: the shape of `x_t`
+    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<D>;
+}
+
+impl<const D: usize, F: VelocityField<D> + ?Sized> VelocityField<D> for &F {
+    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<D> {
+        (**self).velocity(x_t, t, y)
+    }
+}
+
+/// Reshape per-sample times `[N]` to `[N, 1, ..., 1]` so they broadcast over a rank-`D` batch.
+pub fn expand_t<const D: usize>(t: Tensor<1>) -> Tensor<D> {
+    let mut shape = [1usize; D];
+    shape[0] = t.dims()[0];
+    t.reshape(shape)
+}
+
+/// `x_t = (1 - t) x0 + t e`.
+pub fn interpolate<const D: usize>(x0: Tensor<D>, e: Tensor<D>, t: Tensor<1>) -> Tensor<D> {
+    let t: Tensor<D> = expand_t(t);
+    x0 * (t.clone().neg() + 1.0) + e * t
+}
+
+/// The flow-matching regression target `v = e - x0`.
+pub fn velocity_target<const D: usize>(x0: Tensor<D>, e: Tensor<D>) -> Tensor<D> {
+    e - x0
+}
+
+/// Mean squared error between a predicted velocity and the target `e - x0` (a scalar `[1]`).
+pub fn flow_matching_loss<const D: usize>(v_pred: Tensor<D>, x0: Tensor<D>, e: Tensor<D>) -> Tensor<1> {
+    let diff = v_pred - velocity_target(x0, e);
+    (diff.clone() * diff).mean()
+}
+
+/// How training draws t.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum TimeSampler {
+    /// t ~ U(0, 1).
+    Uniform,
+    /// t = sigmoid(m + s z), z ~ N(0, 1) (SD3's logit-normal; m = 0, s = 1 is common).
+    LogitNormal { mean: f64, std: f64 },
+}
+
+impl TimeSampler {
+    pub fn sample(&self, n: usize, rng: &mut impl Rng) -> Vec<f32> {
+        (0..n)
+            .map(|_| match *self {
+                TimeSampler::Uniform => rng.random::<f32>(),
+                TimeSampler::LogitNormal { mean, std } => {
+                    let z: f64 = StandardNormal.sample(rng);
+                    (1.0 / (1.0 + (-(mean + std * z)).exp())) as f32
+                }
+            })
+            .collect()
+    }
+}
+
+/// Where the sampler places its steps between t = 1 and t = 0.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum StepSchedule {
+    /// t_i = 1 - i / n.
+    Uniform,
+    /// SD3's shifted schedule: t' = s t / (1 + (s - 1) t). s > 1 spends more steps near noise.
+    Shifted { shift: f64 },
+}
+
+impl StepSchedule {
+    /// The `steps + 1` times from 1 down to 0 (both included).
+    pub fn times(&self, steps: usize) -> Vec<f64> {
+        (0..=steps)
+            .map(|i| {
+                let t = 1.0 - i as f64 / steps as f64;
+                match *self {
+                    StepSchedule::Uniform => t,
+                    StepSchedule::Shifted { shift } => shift * t / (1.0 + (shift - 1.0) * t),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The ODE integrator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Solver {
+    /// One velocity evaluation per step.
+    Euler,
+    /// Two evaluations per step (Euler predictor, trapezoidal corrector); second order.
+    Heun,
+}
+
+/// Integrate `dx/dt = v(x, t)` over `times` (from 1 towards 0), starting from `x1` (noise).
+///
+/// # Shapes
+/// - `x1`: `[N, ...]`; `y`: `[N]`; returns the sample at `times.last()` (t = 0: data).
+pub fn integrate<const D: usize, F: VelocityField<D> + ?Sized>(
+    field: &F,
+    x1: Tensor<D>,
+    y: Option<Tensor<1, Int>>,
+    times: &[f64],
+    solver: Solver,
+) -> Tensor<D> {
+    let n = x1.dims()[0];
+    let device = x1.device();
+    let at = |t: f64| Tensor::<1>::full([n], t as f32, &device);
+    let mut x = x1;
+    for w in times.windows(2) {
+        let (t, t_next) = (w[0], w[1]);
+        let h = t_next - t; // negative: we move from noise towards data
+        let v = field.velocity(x.clone(), at(t), y.clone());
+        x = match solver {
+            Solver::Euler => x + v * h,
+            Solver::Heun => {
+                let x_pred = x.clone() + v.clone() * h;
+                let v_next = field.velocity(x_pred, at(t_next), y.clone());
+                x + (v + v_next) * (h / 2.0)
+            }
+        };
+    }
+    x
+}
+
+/// A standard-normal host tensor, drawn from a seeded RNG (backend-independent noise).
+pub fn randn(shape: Vec<usize>, rng: &mut impl Rng) -> HostTensor {
+    let n = shape.iter().product();
+    HostTensor::new(shape, (0..n).map(|_| StandardNormal.sample(rng)).collect())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Epsilon (DDPM) experts
+// ------------------------------------------------------------------------------------------------
+
+/// The noise schedule an epsilon-prediction (DDPM) expert was trained with, in continuous time
+/// u in [0, 1] (u = timestep / T).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DdpmSchedule {
+    /// DDPM's linear betas (beta_start..beta_end over `steps`), as the continuous VP-SDE:
+    /// alpha_bar(u) = exp(-(b0 u + (b1 - b0) u^2 / 2)), b0 = beta_start T, b1 = beta_end T.
+    Linear {
+        beta_start: f64,
+        beta_end: f64,
+        steps: usize,
+    },
+    /// Nichol & Dhariwal's cosine schedule: alpha_bar(u) = f(u) / f(0),
+    /// f(u) = cos^2(pi/2 (u + s) / (1 + s)).
+    Cosine { s: f64 },
+}
+
+impl DdpmSchedule {
+    /// DDPM's default: betas 1e-4..0.02 over 1000 steps.
+    pub fn linear_default() -> Self {
+        DdpmSchedule::Linear {
+            beta_start: 1e-4,
+            beta_end: 0.02,
+            steps: 1000,
+        }
+    }
+
+    pub fn alpha_bar(&self, u: f64) -> f64 {
+        match *self {
+            DdpmSchedule::Linear {
+                beta_start,
+                beta_end,
+                steps,
+            } => {
+                let (b0, b1) = (beta_start * steps as f64, beta_end * steps as f64);
+                (-(b0 * u + (b1 - b0) * u * u / 2.0)).exp()
+            }
+            DdpmSchedule::Cosine { s } => {
+                let f = |u: f64| ((u + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                f(u) / f(0.0)
+            }
+        }
+    }
+
+    /// The u in [0, 1] with `alpha_bar(u) = ab`, clamped to the schedule's range.
+    pub fn u_for_alpha_bar(&self, ab: f64) -> f64 {
+        let u = match *self {
+            DdpmSchedule::Linear {
+                beta_start,
+                beta_end,
+                steps,
+            } => {
+                let (b0, b1) = (beta_start * steps as f64, beta_end * steps as f64);
+                let (a, b, c) = ((b1 - b0) / 2.0, b0, ab.max(1e-300).ln());
+                if a.abs() < 1e-12 {
+                    -c / b
+                } else {
+                    (-b + (b * b - 4.0 * a * c).sqrt()) / (2.0 * a)
+                }
+            }
+            DdpmSchedule::Cosine { s } => {
+                let f0 = (s / (1.0 + s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                (ab * f0).sqrt().clamp(0.0, 1.0).acos() / std::f64::consts::FRAC_PI_2 * (1.0 + s) - s
+            }
+        };
+        u.clamp(0.0, 1.0)
+    }
+}
+
+/// Near t = 1 the data coefficient alpha_t = 1 - t vanishes; dividing by it is kept >= this.
+pub const MIN_ALPHA: f64 = 0.01;
+/// The predicted x0 is clamped to [-X0_CLAMP, X0_CLAMP] before forming the velocity.
+pub const X0_CLAMP: f64 = 20.0;
+
+/// An epsilon-prediction expert seen as a velocity field.
+///
+/// **Time mapping** (matched signal-to-noise ratio): flow time t has SNR (1-t)^2 / t^2; the DDPM
+/// time u with the same SNR has alpha_bar(u) = (1-t)^2 / ((1-t)^2 + t^2). With
+/// r = sqrt((1-t)^2 + t^2), the DDPM input is x_u = x_t / r (so x_u = sqrt(ab) x0 + sqrt(1-ab) e),
+/// and the inner model sees time u (it scales u internally, e.g. 1000 u for DiT: DDPM's step).
+/// Then x0_hat = (x_t - t e_hat) / max(1 - t, MIN_ALPHA), clamped to +-X0_CLAMP, and
+/// v = e_hat - x0_hat. Where u would leave [0, 1] it is clamped (the schedule's ends).
+///
+/// The mapping is computed on the host: one device sync per call.
+pub struct EpsilonToVelocity<M> {
+    pub inner: M,
+    pub schedule: DdpmSchedule,
+}
+
+impl<const D: usize, M: VelocityField<D>> VelocityField<D> for EpsilonToVelocity<M> {
+    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<D> {
+        let device = x_t.device();
+        let ts = HostTensor::from_tensor(t.clone()).data;
+        let (mut scale, mut u, mut inv_alpha) = (vec![], vec![], vec![]);
+        for &t in &ts {
+            let t = t as f64;
+            let (a, s) = (1.0 - t, t);
+            let r = (a * a + s * s).sqrt();
+            scale.push((1.0 / r) as f32);
+            u.push(self.schedule.u_for_alpha_bar(a * a / (r * r)) as f32);
+            inv_alpha.push((1.0 / a.max(MIN_ALPHA)) as f32);
+        }
+        let n = ts.len();
+        let col = |v: Vec<f32>| expand_t::<D>(Tensor::<1>::from_data(TensorData::new(v, [n]), &device));
+        let x_u = x_t.clone() * col(scale);
+        let e_hat = self
+            .inner
+            .velocity(x_u, Tensor::from_data(TensorData::new(u, [n]), &device), y);
+        let t_col: Tensor<D> = expand_t(t);
+        let x0_hat = ((x_t - e_hat.clone() * t_col) * col(inv_alpha)).clamp(-X0_CLAMP, X0_CLAMP);
+        e_hat - x0_hat
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gmm::GaussianMixture;
+    use rand::SeedableRng;
+
+    fn dev() -> Device {
+        crate::device::cpu()
+    }
+
+    #[test]
+    fn interpolation_hits_data_at_0_and_noise_at_1() {
+        let d = dev();
+        let x0 = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &d);
+        let e = Tensor::<2>::from_floats([[-1.0, 0.5], [0.0, 2.0]], &d);
+        let t = Tensor::<1>::from_floats([0.0, 1.0], &d);
+        let x_t = HostTensor::from_tensor(interpolate(x0, e, t)).data;
+        assert_eq!(x_t, vec![1.0, 2.0, 0.0, 2.0]);
+    }
+
+    #[test]
+    fn schedules_run_from_one_to_zero() {
+        for s in [StepSchedule::Uniform, StepSchedule::Shifted { shift: 3.0 }] {
+            let ts = s.times(10);
+            assert_eq!(ts.len(), 11);
+            assert!((ts[0] - 1.0).abs() < 1e-12 && ts[10].abs() < 1e-12);
+            assert!(ts.windows(2).all(|w| w[1] < w[0]));
+        }
+        // Shift > 1 puts the midpoint closer to noise.
+        assert!(StepSchedule::Shifted { shift: 3.0 }.times(2)[1] > 0.5);
+    }
+
+    #[test]
+    fn time_samplers_stay_in_unit_interval() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        for s in [
+            TimeSampler::Uniform,
+            TimeSampler::LogitNormal { mean: 0.0, std: 1.0 },
+        ] {
+            let t = s.sample(10_000, &mut rng);
+            assert!(t.iter().all(|&t| (0.0..=1.0).contains(&t)));
+            let mean = t.iter().sum::<f32>() / t.len() as f32;
+            assert!((mean - 0.5).abs() < 0.02, "{s:?} mean {mean}");
+        }
+    }
+
+    /// Integrating the exact velocity of a 2-D, two-component Gaussian mixture from N(0, I)
+    /// must land on the mixture: component weights, means and variances.
+    #[test]
+    fn euler_and_heun_transport_noise_to_the_mixture() {
+        let gmm = GaussianMixture {
+            weights: vec![0.3, 0.7],
+            means: vec![vec![-2.0, 1.0], vec![2.0, -1.0]],
+            vars: vec![vec![0.25, 0.1], vec![0.5, 0.2]],
+        };
+        let d = dev();
+        let n = 4000;
+        for (solver, steps) in [(Solver::Euler, 200), (Solver::Heun, 30)] {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+            let x1 = randn(vec![n, 2], &mut rng).to_tensor::<2>(&d);
+            let field = gmm.field(&d);
+            let x0 = integrate(&field, x1, None, &StepSchedule::Uniform.times(steps), solver);
+            let x0 = HostTensor::from_tensor(x0).data;
+            // Assign each sample to its most probable component (the exact posterior at t = 0).
+            let mut stats = [[0.0f64; 5]; 2]; // count, sum x, sum y, sum x^2, sum y^2
+            for p in x0.chunks(2) {
+                let post = gmm.posterior(&[p[0] as f64, p[1] as f64], 0.0);
+                let k = usize::from(post[1] > post[0]);
+                let (x, y) = (p[0] as f64, p[1] as f64);
+                let s = &mut stats[k];
+                s[0] += 1.0;
+                s[1] += x;
+                s[2] += y;
+                s[3] += x * x;
+                s[4] += y * y;
+            }
+            for (k, &s) in stats.iter().enumerate() {
+                let w = s[0] / n as f64;
+                let (mx, my) = (s[1] / s[0], s[2] / s[0]);
+                let (vx, vy) = (s[3] / s[0] - mx * mx, s[4] / s[0] - my * my);
+                let msg = format!("{solver:?} k={k}: w {w:.3} mean ({mx:.3},{my:.3}) var ({vx:.3},{vy:.3})");
+                assert!((w - gmm.weights[k]).abs() < 0.03, "{msg}");
+                assert!(
+                    (mx - gmm.means[k][0]).abs() < 0.06 && (my - gmm.means[k][1]).abs() < 0.06,
+                    "{msg}"
+                );
+                assert!((vx / gmm.vars[k][0] - 1.0).abs() < 0.12, "{msg}");
+                assert!((vy / gmm.vars[k][1] - 1.0).abs() < 0.12, "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn ddpm_schedules_invert() {
+        for s in [DdpmSchedule::linear_default(), DdpmSchedule::Cosine { s: 0.008 }] {
+            for u in [0.0, 0.1, 0.37, 0.8, 0.99] {
+                let back = s.u_for_alpha_bar(s.alpha_bar(u));
+                assert!((back - u).abs() < 1e-6, "{s:?} u={u} back={back}");
+            }
+        }
+    }
+
+    /// The exact epsilon of Gaussian data, converted to velocity, is the exact velocity.
+    #[test]
+    fn epsilon_of_the_exact_field_converts_to_the_exact_velocity() {
+        let gmm = GaussianMixture {
+            weights: vec![1.0],
+            means: vec![vec![0.7, -1.5]],
+            vars: vec![vec![0.3, 2.0]],
+        };
+        let d = dev();
+        for schedule in [DdpmSchedule::linear_default(), DdpmSchedule::Cosine { s: 0.008 }] {
+            let eps = ExactEpsilon { gmm: &gmm, schedule };
+            let field = EpsilonToVelocity { inner: eps, schedule };
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+            let ts: Vec<f32> = (0..64).map(|i| 0.05 + 0.85 * i as f32 / 63.0).collect();
+            let x = randn(vec![64, 2], &mut rng);
+            let got = field.velocity(x.to_tensor::<2>(&d), Tensor::from_floats(ts.as_slice(), &d), None);
+            let got = HostTensor::from_tensor(got).data;
+            for (i, &t) in ts.iter().enumerate() {
+                let want = gmm.velocity(&[x.data[2 * i] as f64, x.data[2 * i + 1] as f64], t as f64);
+                for j in 0..2 {
+                    assert!(
+                        (got[2 * i + j] as f64 - want[j]).abs() < 2e-3,
+                        "{schedule:?} t={t}: {} vs {}",
+                        got[2 * i + j],
+                        want[j]
+                    );
+                }
+            }
+        }
+    }
+
+    /// E[e | x_u] for VP-noised Gaussian data: the exact epsilon predictor, in DDPM time u.
+    struct ExactEpsilon<'a> {
+        gmm: &'a GaussianMixture,
+        schedule: DdpmSchedule,
+    }
+
+    impl VelocityField<2> for ExactEpsilon<'_> {
+        fn velocity(&self, x_u: Tensor<2>, u: Tensor<1>, _y: Option<Tensor<1, Int>>) -> Tensor<2> {
+            let device = x_u.device();
+            let x = HostTensor::from_tensor(x_u);
+            let u = HostTensor::from_tensor(u).data;
+            let (mu, var) = (&self.gmm.means[0], &self.gmm.vars[0]);
+            let mut out = vec![0.0f32; x.numel()];
+            for i in 0..u.len() {
+                let ab = self.schedule.alpha_bar(u[i] as f64);
+                let (a, s) = (ab.sqrt(), (1.0 - ab).sqrt());
+                for j in 0..2 {
+                    let xv = x.data[2 * i + j] as f64;
+                    out[2 * i + j] = (s / (a * a * var[j] + s * s) * (xv - a * mu[j])) as f32;
+                }
+            }
+            HostTensor::new(x.shape, out).to_tensor(&device)
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! Tensors on the host, and safetensors files of named tensors.
+//!
+//! `HostTensor` is the backend-neutral form a tensor takes at every file boundary (checkpoints,
+//! `ddm predict` inputs and outputs): a shape and row-major `f32` values. `TensorFile` reads a
+//! whole safetensors file, validates it, and hands out its tensors by name with errors that name
+//! the file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// A dense `f32` tensor on the host: shape and row-major values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape {shape:?} does not match {} values",
+            data.len()
+        );
+        Self { shape, data }
+    }
+
+    /// Copy a device tensor to the host (a device sync point).
+    pub fn from_tensor<const D: usize>(t: Tensor<D>) -> Self {
+        let shape = t.dims().to_vec();
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("converted tensor data is f32");
+        Self { shape, data }
+    }
+
+    /// Upload to `device`. Panics if the rank is not `D` (callers check shapes first).
+    pub fn to_tensor<const D: usize>(&self, device: &Device) -> Tensor<D> {
+        assert_eq!(
+            self.shape.len(),
+            D,
+            "rank mismatch: tensor of shape {:?} used as rank {D}",
+            self.shape
+        );
+        Tensor::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device)
+    }
+
+    /// Transpose a rank-2 tensor (PyTorch Linear weights are `[out, in]`, burn's are `[in, out]`).
+    pub fn transpose2(&self) -> Self {
+        let [r, c] = [self.shape[0], self.shape[1]];
+        let mut data = vec![0.0; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                data[j * r + i] = self.data[i * c + j];
+            }
+        }
+        Self {
+            shape: vec![c, r],
+            data,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    fn le_bytes(&self) -> Vec<u8> {
+        self.data.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+/// An integer tensor read from a file (class labels `y`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostIntTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<i64>,
+}
+
+/// A tensor as stored: dtype, shape and little-endian bytes.
+#[derive(Debug, Clone)]
+struct Stored {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+/// All tensors and the string metadata of one safetensors file.
+#[derive(Debug, Clone)]
+pub struct TensorFile {
+    pub path: PathBuf,
+    tensors: BTreeMap<String, Stored>,
+    pub metadata: HashMap<String, String>,
+    /// The file's bytes after the header, in file order: what the checkpoint checksum covers.
+    data_section: std::ops::Range<usize>,
+    raw: Vec<u8>,
+}
+
+impl TensorFile {
+    /// Read and validate a safetensors file. A truncated or corrupted file is an error naming it.
+    pub fn read(path: &Path) -> Result<Self> {
+        let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, raw)
+    }
+
+    pub fn from_bytes(path: &Path, raw: Vec<u8>) -> Result<Self> {
+        let bad = |reason: String| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (header_len, meta) = SafeTensors::read_metadata(&raw).map_err(|e| bad(e.to_string()))?;
+        let st = SafeTensors::deserialize(&raw).map_err(|e| bad(e.to_string()))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.iter() {
+            tensors.insert(
+                name.to_string(),
+                Stored {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    bytes: view.data().to_vec(),
+                },
+            );
+        }
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        let start = 8 + header_len;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+            metadata,
+            data_section: start..raw.len(),
+            raw,
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The bytes of the data section (all tensor bytes, in file order).
+    pub fn data_bytes(&self) -> &[u8] {
+        &self.raw[self.data_section.clone()]
+    }
+
+    /// A floating-point tensor by name, converted to `f32` (F32, F16, BF16 and F64 are read).
+    pub fn f32(&self, name: &str) -> Result<HostTensor> {
+        let s = self.get(name)?;
+        let data: Vec<f32> = match s.dtype {
+            Dtype::F32 => s
+                .bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F64 => s
+                .bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            Dtype::F16 => s
+                .bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => s
+                .bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => return Err(self.dtype_error(name, other, "a float (F32, F16, BF16, F64)")),
+        };
+        Ok(HostTensor {
+            shape: s.shape.clone(),
+            data,
+        })
+    }
+
+    /// An integer tensor by name (I64, I32, U8 are read).
+    pub fn i64(&self, name: &str) -> Result<HostIntTensor> {
+        let s = self.get(name)?;
+        let data: Vec<i64> = match s.dtype {
+            Dtype::I64 => s
+                .bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+            Dtype::I32 => s
+                .bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
+                .collect(),
+            Dtype::U8 => s.bytes.iter().map(|&b| b as i64).collect(),
+            other => return Err(self.dtype_error(name, other, "an integer (I64, I32, U8)")),
+        };
+        Ok(HostIntTensor {
+            shape: s.shape.clone(),
+            data,
+        })
+    }
+
+    fn get(&self, name: &str) -> Result<&Stored> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    fn dtype_error(&self, name: &str, dtype: Dtype, expected: &'static str) -> Error {
+        Error::Dtype {
+            path: self.path.clone(),
+            name: name.to_string(),
+            dtype: format!("{dtype:?}"),
+            expected,
+        }
+    }
+}
+
+/// Serialise named `f32` tensors (and optional int64 tensors) with string metadata to safetensors
+/// bytes. Tensors are laid out in name order, so the same tensors always give the same bytes.
+pub fn to_safetensors_bytes(
+    tensors: &BTreeMap<String, HostTensor>,
+    int_tensors: &BTreeMap<String, HostIntTensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), Dtype::F32, t.shape.clone(), t.le_bytes()))
+        .chain(int_tensors.iter().map(|(n, t)| {
+            (
+                n.clone(),
+                Dtype::I64,
+                t.shape.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        }))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| Error::InvalidConfig(format!("cannot serialise tensors: {e}")))?;
+    safetensors::serialize(views, metadata)
+        .map_err(|e| Error::InvalidConfig(format!("cannot serialise tensors: {e}")))
+}
+
+/// Data-section bytes of a serialised safetensors buffer (what the checkpoint checksum covers).
+pub(crate) fn data_section(bytes: &[u8]) -> &[u8] {
+    let n = u64::from_le_bytes(
+        bytes[..8]
+            .try_into()
+            .expect("safetensors buffer has an 8-byte header length"),
+    ) as usize;
+    &bytes[8 + n..]
+}
+
+/// Write named tensors to `path` atomically (used for `ddm predict` outputs and test inputs).
+pub fn write_tensors(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    int_tensors: &BTreeMap<String, HostIntTensor>,
+) -> Result<()> {
+    let bytes = to_safetensors_bytes(tensors, int_tensors, None)?;
+    crate::fsio::write_bytes_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose2_swaps_axes() {
+        let t = HostTensor::new(vec![2, 3], vec![1., 2., 3., 4., 5., 6.]);
+        let tt = t.transpose2();
+        assert_eq!(tt.shape, vec![3, 2]);
+        assert_eq!(tt.data, vec![1., 4., 2., 5., 3., 6.]);
+        assert_eq!(tt.transpose2(), t);
+    }
+
+    #[test]
+    fn file_round_trip_and_dtype_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        let mut f = BTreeMap::new();
+        f.insert(
+            "x".to_string(),
+            HostTensor::new(vec![2, 2], vec![1.5, -2.0, 0.25, 3.0]),
+        );
+        let mut i = BTreeMap::new();
+        i.insert(
+            "y".to_string(),
+            HostIntTensor {
+                shape: vec![2],
+                data: vec![3, -1],
+            },
+        );
+        write_tensors(&p, &f, &i).unwrap();
+        let tf = TensorFile::read(&p).unwrap();
+        assert_eq!(tf.f32("x").unwrap(), f["x"]);
+        assert_eq!(tf.i64("y").unwrap(), i["y"]);
+        assert!(tf.f32("y").unwrap_err().to_string().contains("dtype"));
+        assert!(
+            tf.f32("nope")
+                .unwrap_err()
+                .to_string()
+                .contains("`nope` is missing")
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! ddm-core: the pieces every other ddm crate stands on.
+//!
+//! - [`flow`]: the flow-matching convention (x_t = (1 - t) x0 + t e, t = 0 data), time samplers,
+//!   step schedules, Euler/Heun integration, the [`flow::VelocityField`] trait experts implement,
+//!   and the epsilon -> velocity adapter.
+//! - [`dit`], [`mlp`], [`model`]: the networks (DiT as the PyTorch reference; an MLP for vectors).
+//! - [`checkpoint`]: the checkpoint file format (safetensors + `ddm` metadata), [`host`] tensors
+//!   and files, [`params`] for PyTorch-named state dicts, [`fsio`] for atomic writes.
+//! - [`gmm`]: Gaussian mixtures with closed-form posteriors and velocities (the test oracle).
+//! - [`device`]: backend selection (`cpu` = burn flex; `wgpu`, `cuda` behind features).
+//!
+//! Depends on no other ddm crate.
+
+pub mod checkpoint;
+pub mod device;
+pub mod dit;
+pub mod error;
+pub mod flow;
+pub mod fsio;
+pub mod gmm;
+pub mod host;
+pub mod mlp;
+pub mod model;
+pub mod params;
+
+pub use burn;
+pub use error::{Error, Result};

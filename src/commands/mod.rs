@@ -1,0 +1,22 @@
+//! One module per `ddm` verb.
+
+pub mod import;
+pub mod info;
+pub mod predict;
+
+use clap::Args;
+
+/// Where tensors run.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Backend: `cpu` (burn flex), `wgpu` or `cuda` (the last two need a build with
+    /// `--features wgpu` / `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: ddm_core::device::DeviceChoice,
+}
+
+impl DeviceArgs {
+    pub fn device(&self) -> anyhow::Result<ddm_core::burn::prelude::Device> {
+        Ok(ddm_core::device::device(self.device)?)
+    }
+}

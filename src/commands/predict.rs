@@ -1,0 +1,107 @@
+//! `ddm predict`: run a checkpoint on tensors from a file.
+//!
+//! Input: a safetensors file with `x_t` `[N, ...]` (the model's data shape), `t` `[N]` (flow time in
+//! [0, 1], t = 0 data) and, for class-conditional models, `y` `[N]` (int; the null class is
+//! `num_classes`). Output: a safetensors file with `v`, the velocity. Epsilon experts are converted
+//! to velocity (see `ddm_core::flow::EpsilonToVelocity`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Args;
+use ddm_core::burn::prelude::*;
+use ddm_core::checkpoint::{self, Objective, Role};
+use ddm_core::flow::{EpsilonToVelocity, VelocityField};
+use ddm_core::host::{HostTensor, TensorFile, write_tensors};
+use ddm_core::model::check_data_shape;
+
+use super::DeviceArgs;
+
+/// Evaluate a checkpoint on inputs from a file (for debugging and for comparing with other
+/// frameworks).
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// The checkpoint (`ddm import`, or a trained expert).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Input tensors: `x_t` [N, ...], `t` [N] and optionally `y` [N] (int).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where to write the output tensors (`v`).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn run(args: PredictArgs) -> anyhow::Result<()> {
+    let device = args.device.device()?;
+    let (meta, model) = checkpoint::load(&args.checkpoint, &device)?;
+    if meta.role != Role::Expert {
+        bail!(
+            "{}: a {:?} checkpoint; predict runs experts",
+            args.checkpoint.display(),
+            meta.role
+        );
+    }
+    let input = TensorFile::read(&args.input)?;
+    let x = input.f32("x_t")?;
+    let t = input.f32("t")?;
+    let what = format!("{}: `x_t`", args.input.display());
+    check_data_shape(&meta.model, &x.shape, &what)?;
+    let n = x.shape[0];
+    if t.shape != [n] {
+        bail!(
+            "{}: `t` has shape {:?}, expected [{n}] (one time per sample)",
+            args.input.display(),
+            t.shape
+        );
+    }
+    let y = if input.contains("y") {
+        let y = input.i64("y")?;
+        let classes = meta.model.num_classes();
+        if y.shape != [n] {
+            bail!(
+                "{}: `y` has shape {:?}, expected [{n}]",
+                args.input.display(),
+                y.shape
+            );
+        }
+        if classes == 0 {
+            bail!(
+                "{}: has `y`, but the model is not class-conditional",
+                args.input.display()
+            );
+        }
+        if let Some(bad) = y.data.iter().find(|&&c| c < 0 || c as usize > classes) {
+            bail!(
+                "{}: class id {bad} out of range 0..={classes}",
+                args.input.display()
+            );
+        }
+        Some(Tensor::<1, Int>::from_data(TensorData::new(y.data, [n]), &device))
+    } else {
+        None
+    };
+
+    // Work on [N, X] whatever the data's rank; the model reshapes to what it needs.
+    let x_t = HostTensor::new(vec![n, x.numel() / n.max(1)], x.data).to_tensor::<2>(&device);
+    let t = t.to_tensor::<1>(&device);
+    let v = match meta.objective {
+        Objective::Velocity => model.velocity(x_t, t, y),
+        Objective::Epsilon { schedule } => EpsilonToVelocity {
+            inner: &model,
+            schedule,
+        }
+        .velocity(x_t, t, y),
+    };
+    let v = HostTensor::new(x.shape, HostTensor::from_tensor(v).data);
+    write_tensors(
+        &args.out,
+        &BTreeMap::from([("v".to_string(), v)]),
+        &BTreeMap::new(),
+    )?;
+    println!("wrote {} (v for {n} samples)", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! End-to-end tests of the `ddm` binary, each in a fresh temporary directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ddm_core::host::{HostTensor, TensorFile, write_tensors};
+
+fn ddm(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddm"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("ddm runs")
+}
+
+fn ok(out: Output) -> String {
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "ddm failed: {}\nstdout: {so}\nstderr: {se}",
+        out.status
+    );
+    so.into_owned()
+}
+
+fn fails(out: Output) -> String {
+    let se = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "expected exit 2; stderr: {se}");
+    se
+}
+
+fn reference(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/reference")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn help_lists_every_verb_and_each_has_help() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = ok(ddm(dir.path(), &["--help"]));
+    for verb in ["import", "predict", "info"] {
+        assert!(help.contains(verb), "`ddm --help` does not list {verb}:\n{help}");
+        let h = ok(ddm(dir.path(), &[verb, "--help"]));
+        assert!(
+            h.contains("Usage: ddm") && h.len() > 200,
+            "{verb} --help is too thin:\n{h}"
+        );
+    }
+}
+
+/// `ddm import` + `ddm predict` reproduce the PyTorch reference's output from the command line.
+#[test]
+fn import_then_predict_reproduces_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["dit-small", "dit-class"] {
+        let ckpt = format!("{name}.safetensors");
+        ok(ddm(
+            dir.path(),
+            &[
+                "import",
+                "--from",
+                "pytorch",
+                &reference(&format!("{name}.weights.safetensors")),
+                "--config",
+                &reference(&format!("{name}.config.json")),
+                "--out",
+                &ckpt,
+            ],
+        ));
+        let info = ok(ddm(dir.path(), &["info", &ckpt]));
+        assert!(
+            info.contains("imported from PyTorch") && info.contains("verified"),
+            "{info}"
+        );
+        let io = reference(&format!("{name}.io.safetensors"));
+        ok(ddm(
+            dir.path(),
+            &[
+                "predict",
+                "--checkpoint",
+                &ckpt,
+                "--input",
+                &io,
+                "--out",
+                "v.safetensors",
+            ],
+        ));
+        let got = TensorFile::read(&dir.path().join("v.safetensors"))
+            .unwrap()
+            .f32("v")
+            .unwrap();
+        let want = TensorFile::read(Path::new(&io)).unwrap().f32("v").unwrap();
+        assert_eq!(got.shape, want.shape);
+        let err = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err <= 1e-4, "{name}: max abs error {err}");
+    }
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A config that does not fit the weights: the missing tensor is named.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference("dit-small.config.json")).unwrap()).unwrap();
+    let mut deeper = config.clone();
+    deeper["depth"] = 3.into();
+    std::fs::write(dir.path().join("deeper.json"), deeper.to_string()).unwrap();
+    let weights = reference("dit-small.weights.safetensors");
+    let e = fails(ddm(
+        dir.path(),
+        &[
+            "import",
+            &weights,
+            "--config",
+            "deeper.json",
+            "--out",
+            "x.safetensors",
+        ],
+    ));
+    assert!(
+        e.contains("`blocks.2.") && e.contains("is missing") && e.contains("dit-small.weights"),
+        "{e}"
+    );
+    assert!(!dir.path().join("x.safetensors").exists());
+
+    // A truncated checkpoint.
+    ok(ddm(
+        dir.path(),
+        &[
+            "import",
+            &weights,
+            "--config",
+            &reference("dit-small.config.json"),
+            "--out",
+            "c.safetensors",
+        ],
+    ));
+    let bytes = std::fs::read(dir.path().join("c.safetensors")).unwrap();
+    std::fs::write(dir.path().join("cut.safetensors"), &bytes[..bytes.len() / 3]).unwrap();
+    let io = reference("dit-small.io.safetensors");
+    let e = fails(ddm(
+        dir.path(),
+        &[
+            "predict",
+            "--checkpoint",
+            "cut.safetensors",
+            "--input",
+            &io,
+            "--out",
+            "v.st",
+        ],
+    ));
+    assert!(
+        e.contains("cut.safetensors") && e.contains("truncated or corrupted"),
+        "{e}"
+    );
+
+    // Inputs of the wrong shape, and a device this build lacks.
+    let x = HostTensor::new(vec![2, 3, 5], vec![0.0; 30]);
+    let t = HostTensor::new(vec![2], vec![0.5; 2]);
+    write_tensors(
+        &dir.path().join("in.safetensors"),
+        &BTreeMap::from([("x_t".into(), x), ("t".into(), t)]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let e = fails(ddm(
+        dir.path(),
+        &[
+            "predict",
+            "--checkpoint",
+            "c.safetensors",
+            "--input",
+            "in.safetensors",
+            "--out",
+            "v.st",
+        ],
+    ));
+    assert!(
+        e.contains("`x_t` has shape [2, 3, 5]") && e.contains("[N, 1, 28, 28]"),
+        "{e}"
+    );
+    if !cfg!(feature = "cuda") {
+        let e = fails(ddm(
+            dir.path(),
+            &[
+                "predict",
+                "--checkpoint",
+                "c.safetensors",
+                "--input",
+                &io,
+                "--out",
+                "v.st",
+                "--device",
+                "cuda",
+            ],
+        ));
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+}
