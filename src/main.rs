@@ -26,6 +26,10 @@ enum Commands {
     Predict(commands::predict::PredictArgs),
     /// Show what a checkpoint holds: model, data, objective, provenance, parameter count.
     Info(commands::info::InfoArgs),
+    /// Cluster a dataset into K shards, one per island (or --describe an existing partition).
+    Partition(commands::partition::PartitionArgs),
+    /// Inspect or download datasets.
+    Data(commands::data::DataArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,8 @@ fn main() -> ExitCode {
         Commands::Import(args) => commands::import::run(args),
         Commands::Predict(args) => commands::predict::run(args),
         Commands::Info(args) => commands::info::run(args),
+        Commands::Partition(args) => commands::partition::run(args),
+        Commands::Data(args) => commands::data::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

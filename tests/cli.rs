@@ -45,7 +45,7 @@ fn reference(name: &str) -> String {
 fn help_lists_every_verb_and_each_has_help() {
     let dir = tempfile::tempdir().unwrap();
     let help = ok(ddm(dir.path(), &["--help"]));
-    for verb in ["import", "predict", "info"] {
+    for verb in ["import", "predict", "info", "partition", "data"] {
         assert!(help.contains(verb), "`ddm --help` does not list {verb}:\n{help}");
         let h = ok(ddm(dir.path(), &[verb, "--help"]));
         assert!(
@@ -209,4 +209,79 @@ fn bad_inputs_give_clear_errors() {
         ));
         assert!(e.contains("--features cuda"), "{e}");
     }
+}
+
+/// `ddm partition` on a Gaussian mixture, then `--describe`; bad arguments are refused.
+#[test]
+fn partition_and_describe() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("gmm.json"),
+        r#"{"weights": [0.5, 0.5], "means": [[-3, 0], [3, 0]], "vars": [[0.1, 0.1], [0.1, 0.1]], "n": 2000}"#,
+    )
+    .unwrap();
+    let out = ok(ddm(
+        dir.path(),
+        &[
+            "partition",
+            "--data",
+            "gmm:gmm.json",
+            "--k",
+            "2",
+            "--features",
+            "raw",
+            "--algorithm",
+            "kmeans",
+            "--out",
+            "p",
+        ],
+    ));
+    assert!(out.contains("wrote p") && out.contains("0.5"), "{out}");
+    for f in [
+        "partition.json",
+        "shard-0.safetensors",
+        "shard-1.safetensors",
+        "assignment.safetensors",
+    ] {
+        assert!(dir.path().join("p").join(f).exists(), "{f}");
+    }
+    let desc = ok(ddm(dir.path(), &["partition", "--describe", "p"]));
+    assert!(desc.contains("K = 2") && desc.contains("label 0 100%"), "{desc}");
+    let e = fails(ddm(
+        dir.path(),
+        &["partition", "--data", "gmm:gmm.json", "--k", "2", "--out", "p"],
+    ));
+    assert!(e.contains("already exists"), "{e}");
+    let e = fails(ddm(
+        dir.path(),
+        &["partition", "--data", "gmm:gmm.json", "--k", "5000", "--out", "q"],
+    ));
+    assert!(e.contains("K = 5000"), "{e}");
+    assert!(!dir.path().join("q").exists());
+}
+
+/// The embedded Fashion-MNIST subset needs no network and no package.
+#[test]
+fn embedded_data_info() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(ddm(
+        dir.path(),
+        &[
+            "data",
+            "info",
+            "--data",
+            "fashion-mnist-10k",
+            "--png",
+            "first.png",
+        ],
+    ));
+    assert!(
+        out.contains("10000") && out.contains("[1, 28, 28]") && out.contains("Ankle boot"),
+        "{out}"
+    );
+    assert!(
+        std::fs::read(dir.path().join("first.png"))
+            .unwrap()
+            .starts_with(b"\x89PNG")
+    );
 }

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use safetensors::{Dtype, SafeTensors};
+pub use safetensors::Dtype;
+use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
 
@@ -184,6 +185,21 @@ impl TensorFile {
         })
     }
 
+    /// A `u8` tensor by name (image data), with its shape.
+    pub fn u8(&self, name: &str) -> Result<(Vec<usize>, &[u8])> {
+        let s = self.get(name)?;
+        if s.dtype != Dtype::U8 {
+            return Err(self.dtype_error(name, s.dtype, "U8"));
+        }
+        Ok((s.shape.clone(), &s.bytes))
+    }
+
+    /// The dtype and shape of a tensor by name.
+    pub fn info(&self, name: &str) -> Result<(Dtype, Vec<usize>)> {
+        let s = self.get(name)?;
+        Ok((s.dtype, s.shape.clone()))
+    }
+
     /// An integer tensor by name (I64, I32, U8 are read).
     pub fn i64(&self, name: &str) -> Result<HostIntTensor> {
         let s = self.get(name)?;
@@ -224,32 +240,74 @@ impl TensorFile {
     }
 }
 
+/// A tensor in any safetensors dtype, as little-endian bytes (for u8 image shards and the like).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl RawTensor {
+    pub fn u8(shape: Vec<usize>, bytes: Vec<u8>) -> Self {
+        Self {
+            dtype: Dtype::U8,
+            shape,
+            bytes,
+        }
+    }
+
+    pub fn f32(t: &HostTensor) -> Self {
+        Self {
+            dtype: Dtype::F32,
+            shape: t.shape.clone(),
+            bytes: t.le_bytes(),
+        }
+    }
+
+    pub fn i64(shape: Vec<usize>, data: &[i64]) -> Self {
+        Self {
+            dtype: Dtype::I64,
+            shape,
+            bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Serialise named raw tensors with string metadata to safetensors bytes (deterministic).
+pub fn raw_to_safetensors_bytes(
+    tensors: &BTreeMap<String, RawTensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| Error::InvalidConfig(format!("cannot serialise tensors: {e}")))?;
+    safetensors::serialize(views, metadata)
+        .map_err(|e| Error::InvalidConfig(format!("cannot serialise tensors: {e}")))
+}
+
 /// Serialise named `f32` tensors (and optional int64 tensors) with string metadata to safetensors
-/// bytes. Tensors are laid out in name order, so the same tensors always give the same bytes.
+/// bytes. The same tensors always give the same bytes.
 pub fn to_safetensors_bytes(
     tensors: &BTreeMap<String, HostTensor>,
     int_tensors: &BTreeMap<String, HostIntTensor>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+    let mut raw: BTreeMap<String, RawTensor> = tensors
         .iter()
-        .map(|(n, t)| (n.clone(), Dtype::F32, t.shape.clone(), t.le_bytes()))
-        .chain(int_tensors.iter().map(|(n, t)| {
-            (
-                n.clone(),
-                Dtype::I64,
-                t.shape.clone(),
-                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        }))
+        .map(|(n, t)| (n.clone(), RawTensor::f32(t)))
         .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| Error::InvalidConfig(format!("cannot serialise tensors: {e}")))?;
-    safetensors::serialize(views, metadata)
-        .map_err(|e| Error::InvalidConfig(format!("cannot serialise tensors: {e}")))
+    for (n, t) in int_tensors {
+        raw.insert(n.clone(), RawTensor::i64(t.shape.clone(), &t.data));
+    }
+    raw_to_safetensors_bytes(&raw, metadata)
 }
 
 /// Data-section bytes of a serialised safetensors buffer (what the checkpoint checksum covers).

@@ -1,7 +1,9 @@
 //! One module per `ddm` verb.
 
+pub mod data;
 pub mod import;
 pub mod info;
+pub mod partition;
 pub mod predict;
 
 use clap::Args;

@@ -1,0 +1,221 @@
+//! `Dataset`: samples in memory, whatever source they came from, and the `Source` trait that every
+//! loader implements (IDX, embedded Fashion-MNIST, CIFAR-10, image folders, safetensors tensors,
+//! Gaussian mixtures). Trainer and router only ever see a `Dataset` (usually one island's shard).
+//!
+//! Images are kept as `u8` and scaled to [-1, 1] when a batch is gathered (`x / 127.5 - 1`);
+//! vector data is kept as `f32` as given.
+
+use ddm_core::gmm::GaussianMixture;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::Result;
+
+/// Sample values: images as bytes, anything else as floats.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    U8(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+/// What a dataset is, without its samples: travels in partition.json and shard headers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    /// Identity, e.g. `fashion-mnist/train`.
+    pub name: String,
+    /// sha256 over shape, values and labels: the same samples give the same fingerprint.
+    pub fingerprint: String,
+    pub len: usize,
+    /// Per-sample shape: `[C, H, W]` for images, `[X]` for vectors.
+    pub shape: Vec<usize>,
+    /// Value range the models see after scaling.
+    pub range: [f32; 2],
+    /// `u8` (images, scaled to [-1, 1]) or `f32`.
+    pub dtype: String,
+    #[serde(default)]
+    pub num_classes: Option<usize>,
+    #[serde(default)]
+    pub class_names: Option<Vec<String>>,
+    /// For Gaussian-mixture data: the mixture itself, so later stages compute exact answers.
+    #[serde(default)]
+    pub mixture: Option<GaussianMixture>,
+}
+
+/// Samples in memory.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub name: String,
+    /// Per-sample shape.
+    pub shape: Vec<usize>,
+    pub values: Values,
+    /// Labels (class ids), if the source has them.
+    pub labels: Option<Vec<u32>>,
+    pub num_classes: Option<usize>,
+    pub class_names: Option<Vec<String>>,
+    pub mixture: Option<GaussianMixture>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        let per = self.sample_size();
+        match &self.values {
+            Values::U8(v) => v.len() / per,
+            Values::F32(v) => v.len() / per,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values per sample.
+    pub fn sample_size(&self) -> usize {
+        self.shape.iter().product::<usize>().max(1)
+    }
+
+    pub fn range(&self) -> [f32; 2] {
+        match &self.values {
+            Values::U8(_) => [-1.0, 1.0],
+            Values::F32(v) => {
+                let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                    (a.min(x), b.max(x))
+                });
+                if v.is_empty() { [0.0, 0.0] } else { [lo, hi] }
+            }
+        }
+    }
+
+    /// sha256 over shape, values and labels.
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(format!("{:?}", self.shape).as_bytes());
+        match &self.values {
+            Values::U8(v) => {
+                h.update(b"u8");
+                h.update(v);
+            }
+            Values::F32(v) => {
+                h.update(b"f32");
+                for x in v {
+                    h.update(x.to_le_bytes());
+                }
+            }
+        }
+        if let Some(l) = &self.labels {
+            h.update(b"labels");
+            for x in l {
+                h.update(x.to_le_bytes());
+            }
+        }
+        hex(&h.finalize())
+    }
+
+    pub fn info(&self) -> DatasetInfo {
+        DatasetInfo {
+            name: self.name.clone(),
+            fingerprint: self.fingerprint(),
+            len: self.len(),
+            shape: self.shape.clone(),
+            range: self.range(),
+            dtype: match self.values {
+                Values::U8(_) => "u8".into(),
+                Values::F32(_) => "f32".into(),
+            },
+            num_classes: self.num_classes,
+            class_names: self.class_names.clone(),
+            mixture: self.mixture.clone(),
+        }
+    }
+
+    /// Samples `indices` scaled to the models' range, row-major `[indices.len(), ...]`.
+    pub fn gather(&self, indices: &[usize]) -> Vec<f32> {
+        let per = self.sample_size();
+        let mut out = Vec::with_capacity(indices.len() * per);
+        for &i in indices {
+            match &self.values {
+                Values::U8(v) => {
+                    out.extend(v[i * per..(i + 1) * per].iter().map(|&b| b as f32 / 127.5 - 1.0))
+                }
+                Values::F32(v) => out.extend_from_slice(&v[i * per..(i + 1) * per]),
+            }
+        }
+        out
+    }
+
+    /// The labels of `indices`, if any.
+    pub fn gather_labels(&self, indices: &[usize]) -> Option<Vec<u32>> {
+        self.labels
+            .as_ref()
+            .map(|l| indices.iter().map(|&i| l[i]).collect())
+    }
+
+    /// A new dataset of the samples at `indices` (in that order).
+    pub fn subset(&self, indices: &[usize]) -> Dataset {
+        let per = self.sample_size();
+        let values = match &self.values {
+            Values::U8(v) => Values::U8(
+                indices
+                    .iter()
+                    .flat_map(|&i| v[i * per..(i + 1) * per].iter().copied())
+                    .collect(),
+            ),
+            Values::F32(v) => Values::F32(
+                indices
+                    .iter()
+                    .flat_map(|&i| v[i * per..(i + 1) * per].iter().copied())
+                    .collect(),
+            ),
+        };
+        Dataset {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            values,
+            labels: self.gather_labels(indices),
+            num_classes: self.num_classes,
+            class_names: self.class_names.clone(),
+            mixture: self.mixture.clone(),
+        }
+    }
+
+    /// The raw `u8` bytes of sample `i` (images only).
+    pub fn image_bytes(&self, i: usize) -> Option<&[u8]> {
+        let per = self.sample_size();
+        match &self.values {
+            Values::U8(v) => Some(&v[i * per..(i + 1) * per]),
+            Values::F32(_) => None,
+        }
+    }
+}
+
+/// A place samples come from. `ddm --data` strings parse into one (see [`crate::source`]).
+pub trait Source {
+    /// A one-line description for progress messages and errors.
+    fn describe(&self) -> String;
+    /// Read all samples.
+    fn load(&self) -> Result<Dataset>;
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a byte slice, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// sha256 of a file, hex, streamed.
+pub fn sha256_file(path: &std::path::Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| crate::error::Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| crate::error::Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}

@@ -1,0 +1,74 @@
+//! Precomputed tensors in a safetensors file: latents to train on (`x`, f32 `[N, ...]`, or u8
+//! images), optional labels `y` `[N]`, and clustering embeddings computed elsewhere (DINOv2, CLIP),
+//! aligned by index (`embeddings` `[N, E]`, in this file or another).
+
+use std::path::PathBuf;
+
+use ddm_core::host::{Dtype, TensorFile};
+
+use crate::dataset::{Dataset, Source, Values};
+use crate::error::{Error, Result};
+
+pub struct TensorsFile {
+    pub path: PathBuf,
+}
+
+impl Source for TensorsFile {
+    fn describe(&self) -> String {
+        format!("tensors ({})", self.path.display())
+    }
+
+    fn load(&self) -> Result<Dataset> {
+        let f = TensorFile::read(&self.path)?;
+        let (dtype, shape) = f.info("x")?;
+        if shape.len() < 2 || shape[0] == 0 {
+            return Err(Error::bad(
+                &self.path,
+                format!("`x` has shape {shape:?}; expected [N, ...] with N > 0"),
+            ));
+        }
+        let values = match dtype {
+            Dtype::U8 => Values::U8(f.u8("x")?.1.to_vec()),
+            _ => Values::F32(f.f32("x")?.data),
+        };
+        let labels = if f.contains("y") {
+            let y = f.i64("y")?;
+            if y.data.len() != shape[0] || y.data.iter().any(|&v| v < 0) {
+                return Err(Error::bad(
+                    &self.path,
+                    format!("`y` must be {} non-negative labels", shape[0]),
+                ));
+            }
+            Some(y.data.iter().map(|&v| v as u32).collect::<Vec<_>>())
+        } else {
+            None
+        };
+        Ok(Dataset {
+            name: format!("tensors:{}", self.path.display()),
+            shape: shape[1..].to_vec(),
+            values,
+            num_classes: labels
+                .as_ref()
+                .map(|l| l.iter().max().map_or(0, |&m| m as usize + 1)),
+            labels,
+            class_names: None,
+            mixture: None,
+        })
+    }
+}
+
+/// Read an embeddings matrix `[N, E]` (tensor `embeddings`) for clustering, checking N.
+pub fn read_embeddings(path: &std::path::Path, n: usize) -> Result<(usize, Vec<f32>)> {
+    let f = TensorFile::read(path)?;
+    let e = f.f32("embeddings")?;
+    if e.shape.len() != 2 || e.shape[0] != n {
+        return Err(Error::bad(
+            path,
+            format!(
+                "`embeddings` has shape {:?}; expected [{n}, E] (one row per sample)",
+                e.shape
+            ),
+        ));
+    }
+    Ok((e.shape[1], e.data))
+}

@@ -1,0 +1,76 @@
+//! `ddm data`: look at and fetch datasets.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+/// Inspect or download datasets.
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    #[command(subcommand)]
+    pub command: DataCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Load a dataset and print its size, shape, labels and fingerprint.
+    Info {
+        /// The data (same forms as `ddm partition --data`).
+        #[arg(long, default_value = "default")]
+        data: String,
+        /// Also write a PNG grid of the first 64 samples (images only).
+        #[arg(long)]
+        png: Option<PathBuf>,
+    },
+    /// Download Fashion-MNIST into the cache ($DDM_CACHE, else ~/.cache/ddm), verifying sha256 sums.
+    Fetch {
+        /// Directory to download into (default: the cache).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Mirror base URL.
+        #[arg(long, default_value = ddm_datasets::idx::FASHION_MNIST_MIRROR)]
+        mirror: String,
+    },
+}
+
+pub fn run(args: DataArgs) -> anyhow::Result<()> {
+    match args.command {
+        DataCommand::Info { data, png } => {
+            let source = ddm_datasets::parse_source(&data, false)?;
+            let d = source.load()?;
+            let info = d.info();
+            println!("{}", source.describe());
+            println!("  samples      {}", info.len);
+            println!("  shape        {:?} ({})", info.shape, info.dtype);
+            println!("  range        {:?}", info.range);
+            if let Some(k) = info.num_classes {
+                println!(
+                    "  classes      {k}{}",
+                    info.class_names
+                        .map(|n| format!(": {}", n.join(", ")))
+                        .unwrap_or_default()
+                );
+            }
+            println!("  fingerprint  {}", info.fingerprint);
+            if let Some(png) = png {
+                if info.dtype != "u8" || info.shape.len() != 3 {
+                    anyhow::bail!(
+                        "--png needs image data; {} has samples of shape {:?}",
+                        info.name,
+                        info.shape
+                    );
+                }
+                let cells: Vec<Option<&[u8]>> = (0..d.len().min(64)).map(|i| d.image_bytes(i)).collect();
+                let s = &info.shape;
+                ddm_datasets::grid::write_grid_png(&png, &cells, [s[0], s[1], s[2]], 8, 2, 40)?;
+                println!("  grid         {}", png.display());
+            }
+        }
+        DataCommand::Fetch { dir, mirror } => {
+            let dir = dir.unwrap_or_else(|| ddm_datasets::idx::cache_dir().join("fashion-mnist"));
+            ddm_datasets::idx::download_fashion_mnist(&mirror, &dir)?;
+            println!("Fashion-MNIST is in {} (sha256 verified)", dir.display());
+        }
+    }
+    Ok(())
+}
