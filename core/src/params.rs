@@ -13,12 +13,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
 use burn::prelude::*;
 use rand::SeedableRng;
 use rand_distr::{Distribution as _, StandardNormal, Uniform};
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::host::HostTensor;
@@ -54,26 +55,43 @@ pub trait ParamSource {
     fn buffer(&mut self, name: &str, computed: HostTensor) -> Result<HostTensor>;
 }
 
-fn linear_from(w_out_in: &HostTensor, b: &HostTensor, device: &Device) -> Linear {
+/// A trainable parameter whose id is derived from its PyTorch name.
+///
+/// burn keys optimizer state by `ParamId`; ids that follow the name make a model rebuilt from a
+/// file line up with the optimizer state saved beside it, which is what makes resuming exact.
+pub fn named_param<const D: usize>(name: &str, value: Tensor<D>) -> Param<Tensor<D>> {
+    let h = Sha256::digest(name.as_bytes());
+    let id = ParamId::from(u64::from_le_bytes(
+        h[..8].try_into().expect("sha256 has 32 bytes"),
+    ));
+    // `consume` keeps from_tensor's trainable flag; `from_mapped_value` sets the id.
+    let (_, value, mapper) = Param::from_tensor(value).consume();
+    Param::from_mapped_value(id, value, mapper)
+}
+
+fn linear_from(name: &str, w_out_in: &HostTensor, b: &HostTensor, device: &Device) -> Linear {
     Linear {
-        weight: Param::from_tensor(w_out_in.transpose2().to_tensor::<2>(device)),
-        bias: Some(Param::from_tensor(b.to_tensor::<1>(device))),
+        weight: named_param(
+            &format!("{name}.weight"),
+            w_out_in.transpose2().to_tensor::<2>(device),
+        ),
+        bias: Some(named_param(&format!("{name}.bias"), b.to_tensor::<1>(device))),
     }
 }
 
-fn conv_from(w: &HostTensor, b: &HostTensor, patch: usize, device: &Device) -> Conv2d {
+fn conv_from(name: &str, w: &HostTensor, b: &HostTensor, patch: usize, device: &Device) -> Conv2d {
     let (c_out, c_in) = (w.shape[0], w.shape[1]);
     let mut conv = Conv2dConfig::new([c_in, c_out], [patch, patch])
         .with_stride([patch, patch])
         .init(device);
-    conv.weight = Param::from_tensor(w.to_tensor::<4>(device));
-    conv.bias = Some(Param::from_tensor(b.to_tensor::<1>(device)));
+    conv.weight = named_param(&format!("{name}.weight"), w.to_tensor::<4>(device));
+    conv.bias = Some(named_param(&format!("{name}.bias"), b.to_tensor::<1>(device)));
     conv
 }
 
-fn embedding_from(w: &HostTensor, device: &Device) -> Embedding {
+fn embedding_from(name: &str, w: &HostTensor, device: &Device) -> Embedding {
     let mut emb = EmbeddingConfig::new(w.shape[0], w.shape[1]).init(device);
-    emb.weight = Param::from_tensor(w.to_tensor::<2>(device));
+    emb.weight = named_param(&format!("{name}.weight"), w.to_tensor::<2>(device));
     emb
 }
 
@@ -117,15 +135,15 @@ impl ParamSource for RandomInit {
         &self.device
     }
 
-    fn linear(&mut self, _name: &str, d_in: usize, d_out: usize, init: Init) -> Result<Linear> {
+    fn linear(&mut self, name: &str, d_in: usize, d_out: usize, init: Init) -> Result<Linear> {
         let w = self.fill(vec![d_out, d_in], d_in, d_out, init);
         let b = HostTensor::new(vec![d_out], vec![0.0; d_out]);
-        Ok(linear_from(&w, &b, &self.device))
+        Ok(linear_from(name, &w, &b, &self.device))
     }
 
     fn patch_conv(
         &mut self,
-        _name: &str,
+        name: &str,
         c_in: usize,
         c_out: usize,
         patch: usize,
@@ -134,12 +152,12 @@ impl ParamSource for RandomInit {
         // DiT initialises the patch conv like a Linear over the flattened patch.
         let w = self.fill(vec![c_out, c_in, patch, patch], c_in * patch * patch, c_out, init);
         let b = HostTensor::new(vec![c_out], vec![0.0; c_out]);
-        Ok(conv_from(&w, &b, patch, &self.device))
+        Ok(conv_from(name, &w, &b, patch, &self.device))
     }
 
-    fn embedding(&mut self, _name: &str, n: usize, d: usize, init: Init) -> Result<Embedding> {
+    fn embedding(&mut self, name: &str, n: usize, d: usize, init: Init) -> Result<Embedding> {
         let w = self.fill(vec![n, d], n, d, init);
-        Ok(embedding_from(&w, &self.device))
+        Ok(embedding_from(name, &w, &self.device))
     }
 
     fn buffer(&mut self, _name: &str, computed: HostTensor) -> Result<HostTensor> {
@@ -209,7 +227,7 @@ impl ParamSource for StateLoader {
     fn linear(&mut self, name: &str, d_in: usize, d_out: usize, _init: Init) -> Result<Linear> {
         let w = self.take(&format!("{name}.weight"), &[d_out, d_in])?;
         let b = self.take(&format!("{name}.bias"), &[d_out])?;
-        Ok(linear_from(&w, &b, &self.device))
+        Ok(linear_from(name, &w, &b, &self.device))
     }
 
     fn patch_conv(
@@ -222,12 +240,12 @@ impl ParamSource for StateLoader {
     ) -> Result<Conv2d> {
         let w = self.take(&format!("{name}.weight"), &[c_out, c_in, patch, patch])?;
         let b = self.take(&format!("{name}.bias"), &[c_out])?;
-        Ok(conv_from(&w, &b, patch, &self.device))
+        Ok(conv_from(name, &w, &b, patch, &self.device))
     }
 
     fn embedding(&mut self, name: &str, n: usize, d: usize, _init: Init) -> Result<Embedding> {
         let w = self.take(&format!("{name}.weight"), &[n, d])?;
-        Ok(embedding_from(&w, &self.device))
+        Ok(embedding_from(name, &w, &self.device))
     }
 
     fn buffer(&mut self, name: &str, computed: HostTensor) -> Result<HostTensor> {
