@@ -30,16 +30,29 @@ enum Commands {
     Partition(commands::partition::PartitionArgs),
     /// Inspect or download datasets.
     Data(commands::data::DataArgs),
+    /// Train one expert on one island's shard (resumable; the same as the `ddm-trainer` binary).
+    Train(commands::train::TrainArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Commands::Train(args) = cli.command {
+        // The trainer has its own exit statuses (3: interrupted, resumable).
+        return match commands::train::run(args) {
+            Ok(code) => ExitCode::from(code),
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = match cli.command {
         Commands::Import(args) => commands::import::run(args),
         Commands::Predict(args) => commands::predict::run(args),
         Commands::Info(args) => commands::info::run(args),
         Commands::Partition(args) => commands::partition::run(args),
         Commands::Data(args) => commands::data::run(args),
+        Commands::Train(_) => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

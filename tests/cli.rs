@@ -45,7 +45,7 @@ fn reference(name: &str) -> String {
 fn help_lists_every_verb_and_each_has_help() {
     let dir = tempfile::tempdir().unwrap();
     let help = ok(ddm(dir.path(), &["--help"]));
-    for verb in ["import", "predict", "info", "partition", "data"] {
+    for verb in ["import", "predict", "info", "partition", "data", "train"] {
         assert!(help.contains(verb), "`ddm --help` does not list {verb}:\n{help}");
         let h = ok(ddm(dir.path(), &[verb, "--help"]));
         assert!(
@@ -284,4 +284,58 @@ fn embedded_data_info() {
             .unwrap()
             .starts_with(b"\x89PNG")
     );
+}
+
+/// partition -> `ddm train` (an island) -> the expert checkpoint names its cluster and partition.
+#[test]
+fn train_an_island_expert() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("gmm.json"),
+        r#"{"weights": [0.5, 0.5], "means": [[-3, 0], [3, 0]], "vars": [[0.1, 0.1], [0.1, 0.1]], "n": 1000}"#,
+    )
+    .unwrap();
+    ok(ddm(
+        dir.path(),
+        &[
+            "partition",
+            "--data",
+            "gmm:gmm.json",
+            "--k",
+            "2",
+            "--features",
+            "raw",
+            "--algorithm",
+            "kmeans",
+            "--out",
+            "p",
+        ],
+    ));
+    let out = ok(ddm(
+        dir.path(),
+        &[
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            "1",
+            "--out",
+            "e1",
+            "--model",
+            "mlp",
+            "--mlp-hidden",
+            "32",
+            "--steps",
+            "50",
+            "--quiet",
+        ],
+    ));
+    assert!(out.contains("e1/expert.safetensors"), "{out}");
+    let info = ok(ddm(dir.path(), &["info", "--json", "e1/expert.safetensors"]));
+    let meta: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(meta["cluster"], 1);
+    assert_eq!(meta["training"]["steps"], 50);
+    let fp = std::fs::read_to_string(dir.path().join("p/partition.json")).unwrap();
+    assert!(fp.contains(meta["partition"].as_str().unwrap()));
+    assert!(dir.path().join("e1/metrics.jsonl").exists());
 }

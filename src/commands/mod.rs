@@ -5,6 +5,7 @@ pub mod import;
 pub mod info;
 pub mod partition;
 pub mod predict;
+pub mod train;
 
 use clap::Args;
 

@@ -1,0 +1,107 @@
+//! Benchmark (not a test): one training step of a DiT on 1 x 28 x 28 data, by phase.
+//! Same model and settings as ../shared/bench/dit_fm.py `bench --model a` for `--size Bench`
+//! (hidden 256, depth 6, 4 heads, patch 4; AdamW lr 1e-4; batch 64).
+//!
+//! cargo run --release -p ddm-trainer --example bench_step -- [--size DiT-Bench/4] [--batch 64] [--steps 20]
+
+use std::time::Instant;
+
+use ddm_core::burn::optim::{AdamWConfig, GradientsParams};
+use ddm_core::burn::prelude::*;
+use ddm_core::dit::DiTConfig;
+use ddm_core::flow::{flow_matching_loss, interpolate, randn};
+use ddm_core::host::HostTensor;
+use ddm_core::model::ModelConfig;
+use rand::SeedableRng;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| default.into())
+    };
+    let size = arg("--size", "DiT-Bench/4");
+    let batch: usize = arg("--batch", "64").parse().unwrap();
+    let steps: usize = arg("--steps", "20").parse().unwrap();
+    let warmup = 3;
+    let plain = ddm_core::device::cpu();
+    let device = plain.clone().autodiff();
+    let config = ModelConfig::Dit(DiTConfig::named(&size, 28, 1).unwrap());
+    let params: usize = config
+        .init(0, &plain)
+        .unwrap()
+        .state_dict()
+        .values()
+        .map(|t| t.numel())
+        .sum();
+    let mut model = config.init(0, &device).unwrap();
+    let mut ema = model.valid();
+    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut times = [0f64; 5]; // data, forward, backward, optimizer, ema
+    let sync = |t: Tensor<1>| t.into_scalar::<f32>();
+    for step in 0..warmup + steps {
+        let t0 = Instant::now();
+        let x0 = randn(vec![batch, 784], &mut rng)
+            .to_tensor::<2>(&device)
+            .clamp(-1.0, 1.0);
+        let e = randn(vec![batch, 784], &mut rng).to_tensor::<2>(&device);
+        let t: Vec<f32> = (0..batch).map(|i| (i as f32 + 0.5) / batch as f32).collect();
+        let t = Tensor::<1>::from_data(TensorData::new(t, [batch]), &device);
+        let t1 = Instant::now();
+        let v = model.predict(interpolate(x0.clone(), e.clone(), t.clone()), t, None);
+        let loss = flow_matching_loss(v, x0, e);
+        let _ = sync(loss.clone());
+        let t2 = Instant::now();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let t3 = Instant::now();
+        model = optim.step(1e-4, model, grads);
+        let _ = HostTensor::from_tensor(model.valid().state_dict_first());
+        let t4 = Instant::now();
+        ema = ddm_trainer::ema::update(ema, &model.valid(), 0.999);
+        let _ = HostTensor::from_tensor(ema.state_dict_first());
+        let t5 = Instant::now();
+        if step >= warmup {
+            for (i, d) in [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4].iter().enumerate() {
+                times[i] += d.as_secs_f64() / steps as f64;
+            }
+        }
+    }
+    let total: f64 = times.iter().sum();
+    println!(
+        "{{\"impl\": \"ddm\", \"size\": \"{size}\", \"params\": {params}, \"batch\": {batch}, \"threads\": {}, \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
+        total * 1e3,
+        batch as f64 / total,
+        times[0] * 1e3,
+        times[1] * 1e3,
+        times[2] * 1e3,
+        times[3] * 1e3,
+        times[4] * 1e3
+    );
+}
+
+trait FirstTensor {
+    fn state_dict_first(&self) -> Tensor<1>;
+}
+
+impl FirstTensor for ddm_core::model::Model {
+    /// A tiny read-back that forces pending work to finish (a sync point).
+    fn state_dict_first(&self) -> Tensor<1> {
+        use ddm_core::burn::module::{Module, ModuleVisitor, Param};
+        struct First(Option<Tensor<1>>);
+        impl ModuleVisitor for First {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+                if self.0.is_none() {
+                    self.0 = Some(p.val().flatten::<1>(0, D - 1).narrow(0, 0, 1));
+                }
+            }
+        }
+        let mut f = First(None);
+        self.visit(&mut f);
+        f.0.expect("a model has parameters")
+    }
+}

@@ -1,0 +1,116 @@
+//! The training configuration: every value has a documented default. Read from a TOML file
+//! (`--config train.toml`), then overridden by flags. The resolved config is stored in the run's
+//! state; a resumed run uses the stored config (only `steps` may grow).
+
+use ddm_core::flow::TimeSampler;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The expert's network: a named DiT size (`DiT-T/4`, `DiT-Bench/4`, `DiT-S/2`, ...) for
+    /// images, or `mlp` for vector data.
+    pub model: String,
+    /// MLP width and depth (vector data only).
+    pub mlp_hidden: usize,
+    pub mlp_depth: usize,
+    /// Optimizer steps in total.
+    pub steps: u64,
+    pub batch_size: usize,
+    /// Peak AdamW learning rate (DiT uses 1e-4).
+    pub lr: f64,
+    /// Linear warm-up from 0 to `lr` over this many steps.
+    pub warmup_steps: u64,
+    /// AdamW decoupled weight decay (DiT uses 0).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub grad_clip: f64,
+    /// EMA decay of the weights; the expert checkpoint holds the EMA weights.
+    pub ema_decay: f64,
+    /// How training draws t.
+    pub time_sampler: TimeSampler,
+    /// Condition on class labels (when the data has them), with label dropout for guidance.
+    pub class_conditional: bool,
+    /// Probability of replacing a label by the null class (classifier-free guidance).
+    pub class_dropout: f64,
+    /// Save the whole training state every this many steps (and at the end).
+    pub checkpoint_every: u64,
+    /// Write a grid of EMA samples every this many steps (0: only at the end).
+    pub sample_every: u64,
+    /// Write a metrics line every this many steps.
+    pub log_every: u64,
+    /// Seeds initialisation, noise, times and data order.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: "DiT-T/4".into(),
+            mlp_hidden: 256,
+            mlp_depth: 3,
+            steps: 2000,
+            batch_size: 64,
+            lr: 1e-4,
+            warmup_steps: 100,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            ema_decay: 0.999,
+            time_sampler: TimeSampler::Uniform,
+            class_conditional: false,
+            class_dropout: 0.1,
+            checkpoint_every: 500,
+            sample_every: 0,
+            log_every: 10,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The learning rate at `step` (linear warm-up, then constant).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            self.lr * (step + 1) as f64 / self.warmup_steps as f64
+        } else {
+            self.lr
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch_size == 0 || self.steps == 0 || self.checkpoint_every == 0 || self.log_every == 0 {
+            return Err("steps, batch_size, checkpoint_every and log_every must be positive".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(format!("lr must be a positive number, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(format!("ema_decay must be in [0, 1), got {}", self.ema_decay));
+        }
+        if !(0.0..1.0).contains(&self.class_dropout) {
+            return Err(format!(
+                "class_dropout must be in [0, 1), got {}",
+                self.class_dropout
+            ));
+        }
+        Ok(())
+    }
+
+    /// Two configs describe the same run if they differ at most in what may change on resume:
+    /// `steps` (extend a run), `lr` (lower it after a divergence) and the checkpoint, sample and
+    /// log cadence. Everything that defines the model, the data stream or the optimizer must match.
+    pub fn same_run(&self, other: &TrainConfig) -> bool {
+        self.resumable_part() == other.resumable_part()
+    }
+
+    fn resumable_part(&self) -> TrainConfig {
+        TrainConfig {
+            steps: 0,
+            lr: 0.0,
+            checkpoint_every: 1,
+            sample_every: 0,
+            log_every: 1,
+            ..self.clone()
+        }
+    }
+}

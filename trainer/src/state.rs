@@ -1,0 +1,144 @@
+//! The whole state of a training run, in one file written atomically at every checkpoint:
+//! `OUT/train-state.safetensors` holds `model.<name>` and `ema.<name>` tensors (PyTorch names), the
+//! optimizer state (`optimizer`, burn's burnpack bytes, keyed by name-derived parameter ids), and
+//! under the header key `ddm-train-state` the loop's position: config, step, data order (epoch and
+//! position), RNG position, samples seen, wall time. Restarting the same command resumes exactly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use ddm_core::burn::optim::ModuleOptimizer;
+use ddm_core::burn::prelude::*;
+use ddm_core::burn::tensor::Bytes;
+use ddm_core::host::{HostTensor, RawTensor, TensorFile, raw_to_safetensors_bytes};
+use ddm_core::model::{Model, ModelConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+
+pub const STATE_FILE: &str = "train-state.safetensors";
+const META_KEY: &str = "ddm-train-state";
+const FORMAT: u32 = 1;
+
+/// Where the loop is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    pub format_version: u32,
+    pub config: TrainConfig,
+    pub model: ModelConfig,
+    /// `cluster:K` or `monolith`.
+    pub target: String,
+    pub partition: String,
+    pub step: u64,
+    /// Data order: epoch e visits the samples in a permutation seeded by (seed, e).
+    pub epoch: u64,
+    pub pos: usize,
+    /// Position of the noise/time RNG stream (as a decimal string: JSON has no u128).
+    pub rng_word_pos: String,
+    pub samples_seen: u64,
+    pub wall_time_s: f64,
+    pub last_loss: Option<f64>,
+}
+
+pub fn path(out: &Path) -> PathBuf {
+    out.join(STATE_FILE)
+}
+
+/// Save atomically.
+pub fn save(
+    out: &Path,
+    st: &LoopState,
+    model: &Model,
+    ema: &Model,
+    optim: &ModuleOptimizer,
+) -> anyhow::Result<()> {
+    let mut t: BTreeMap<String, RawTensor> = BTreeMap::new();
+    for (n, v) in model.valid().state_dict() {
+        t.insert(format!("model.{n}"), RawTensor::f32(&v));
+    }
+    for (n, v) in ema.state_dict() {
+        t.insert(format!("ema.{n}"), RawTensor::f32(&v));
+    }
+    let opt = optim
+        .into_bytes()
+        .map_err(|e| anyhow::anyhow!("cannot serialise the optimizer state: {e:?}"))?;
+    let opt: Vec<u8> = opt.to_vec();
+    t.insert("optimizer".into(), RawTensor::u8(vec![opt.len()], opt));
+    let md = HashMap::from([(META_KEY.to_string(), serde_json::to_string(st)?)]);
+    let bytes = raw_to_safetensors_bytes(&t, Some(md))?;
+    ddm_core::fsio::write_bytes_atomic(&path(out), &bytes)?;
+    Ok(())
+}
+
+/// What a saved state holds.
+pub struct Loaded {
+    pub state: LoopState,
+    pub model: Model,
+    pub ema: Model,
+    pub optim: ModuleOptimizer,
+}
+
+/// Read the loop state only (cheap: for checking what a directory holds).
+pub fn read_loop_state(out: &Path) -> anyhow::Result<Option<LoopState>> {
+    let p = path(out);
+    if !p.exists() {
+        return Ok(None);
+    }
+    let f = TensorFile::read(&p)?;
+    Ok(Some(parse_meta(&f)?))
+}
+
+fn parse_meta(f: &TensorFile) -> anyhow::Result<LoopState> {
+    let json = f
+        .metadata
+        .get(META_KEY)
+        .with_context(|| format!("{}: not a ddm training state", f.path.display()))?;
+    let st: LoopState =
+        serde_json::from_str(json).with_context(|| format!("{}: bad training state", f.path.display()))?;
+    if st.format_version != FORMAT {
+        bail!(
+            "{}: training-state version {} is not supported (this ddm reads {FORMAT})",
+            f.path.display(),
+            st.format_version
+        );
+    }
+    Ok(st)
+}
+
+/// Load everything: the model on `train_device` (autodiff), the EMA on `device`.
+pub fn load(
+    out: &Path,
+    device: &Device,
+    train_device: &Device,
+    optim: ModuleOptimizer,
+) -> anyhow::Result<Loaded> {
+    let p = path(out);
+    let f = TensorFile::read(&p)?;
+    let state = parse_meta(&f)?;
+    let (mut model_t, mut ema_t) = (BTreeMap::new(), BTreeMap::new());
+    for name in f.names() {
+        if let Some(n) = name.strip_prefix("model.") {
+            model_t.insert(n.to_string(), f.f32(name)?);
+        } else if let Some(n) = name.strip_prefix("ema.") {
+            ema_t.insert(n.to_string(), f.f32(name)?);
+        }
+    }
+    let model = state.model.load(model_t, &p, train_device)?;
+    let ema = state.model.load(ema_t, &p, device)?;
+    let (_, opt) = f.u8("optimizer")?;
+    let optim = optim
+        .from_bytes(Bytes::from_bytes_vec(opt.to_vec()))
+        .map_err(|e| anyhow::anyhow!("{}: cannot restore the optimizer state: {e:?}", p.display()))?;
+    Ok(Loaded {
+        state,
+        model,
+        ema,
+        optim,
+    })
+}
+
+/// The EMA weights as host tensors (what the expert checkpoint stores).
+pub fn host_weights(model: &Model) -> BTreeMap<String, HostTensor> {
+    model.state_dict()
+}

@@ -1,0 +1,337 @@
+//! The island binary under the conditions it must survive: SIGKILL and restart (bit-identical
+//! result), no network interface at all, a diverging loss, SIGTERM, and array-job indices.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ddm_core::checkpoint::Checkpoint;
+use ddm_core::host::TensorFile;
+use ddm_datasets::partition::{self, Algorithm, PartitionConfig};
+use ddm_datasets::{Dataset, Values};
+
+/// A small partition of 8 x 8 grayscale images with two random shards of 64 images.
+fn tiny_partition(dir: &Path) -> PathBuf {
+    let n = 128;
+    let pixels: Vec<u8> = (0..n * 64)
+        .map(|i| ((i * 37 + (i / 64) * 11) % 256) as u8)
+        .collect();
+    let d = Dataset {
+        name: "tiny".into(),
+        shape: vec![1, 8, 8],
+        values: Values::U8(pixels),
+        labels: Some((0..n as u32).map(|i| i % 3).collect()),
+        num_classes: Some(3),
+        class_names: None,
+        mixture: None,
+    };
+    let c = PartitionConfig {
+        k: 2,
+        features: ddm_datasets::features::FeatureMethod::Raw,
+        distance: ddm_datasets::features::Distance::L2,
+        algorithm: Algorithm::Random,
+        seed: 0,
+    };
+    let out = dir.join("partition");
+    partition::write(&out, &d, &c, &partition::cluster(&d, &c).unwrap(), 0.0, false).unwrap();
+    out
+}
+
+fn trainer(part: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ddm-trainer"));
+    c.args([
+        "--partition",
+        part.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    // Defaults for these tests, unless the test passes its own.
+    for (flag, value) in [
+        ("--model", "DiT-T/4"),
+        ("--batch-size", "8"),
+        ("--warmup-steps", "5"),
+        ("--lr", "1e-3"),
+    ] {
+        if !extra.contains(&flag) {
+            c.args([flag, value]);
+        }
+    }
+    c.args(extra)
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("JOB_COMPLETION_INDEX");
+    c
+}
+
+fn ok(out: Output) -> String {
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "ddm-trainer failed ({}): {so}\n{se}",
+        out.status
+    );
+    so.into_owned()
+}
+
+fn step_of(out: &Path) -> Option<u64> {
+    ddm_trainer::state::read_loop_state(out)
+        .ok()
+        .flatten()
+        .map(|s| s.step)
+}
+
+fn wait_for_step(child: &mut Child, out: &Path, at_least: u64) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = step_of(out).filter(|&s| s >= at_least) {
+            return s;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the trainer ended before step {at_least}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint at step {at_least}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Model and EMA tensors of a training state, bit for bit.
+fn state_tensors(out: &Path) -> Vec<(String, Vec<u32>)> {
+    let f = TensorFile::read(&out.join("train-state.safetensors")).unwrap();
+    f.names()
+        .filter(|n| n.starts_with("model.") || n.starts_with("ema."))
+        .map(|n| {
+            (
+                n.to_string(),
+                f.f32(n).unwrap().data.iter().map(|v| v.to_bits()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_and_restart_gives_bit_identical_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = tiny_partition(dir.path());
+    let args = ["--cluster", "1", "--steps", "300", "--checkpoint-every", "10"];
+    // Uninterrupted.
+    let a = dir.path().join("a");
+    ok(trainer(&part, &a, &args).output().unwrap());
+    // Killed part-way (after a checkpoint, between checkpoints), then restarted.
+    let b = dir.path().join("b");
+    let mut child = trainer(&part, &b, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let killed_at = wait_for_step(&mut child, &b, 40);
+    std::thread::sleep(Duration::from_millis(3));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let resumed_from = step_of(&b).unwrap();
+    assert!(
+        resumed_from >= killed_at && resumed_from < 300,
+        "killed at {resumed_from}"
+    );
+    ok(trainer(&part, &b, &args).output().unwrap());
+
+    let (ea, eb) = (
+        Checkpoint::read(&a.join("expert.safetensors")).unwrap(),
+        Checkpoint::read(&b.join("expert.safetensors")).unwrap(),
+    );
+    assert_eq!(
+        ea.meta.tensors_sha256, eb.meta.tensors_sha256,
+        "EMA expert weights differ after resume from {resumed_from}"
+    );
+    assert_eq!(state_tensors(&a), state_tensors(&b), "model/EMA state differs");
+    assert_eq!(ea.meta.cluster, Some(1));
+    assert_eq!(ea.meta.training.as_ref().unwrap().steps, 300);
+    // The metrics log has each step once.
+    let steps: Vec<u64> = std::fs::read_to_string(b.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=30).map(|i| i * 10).collect::<Vec<_>>());
+}
+
+/// The island needs no network: it completes inside a network namespace with no interfaces.
+#[test]
+fn trains_without_any_network_interface() {
+    let probe = Command::new("unshare").args(["-n", "true"]).output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        println!("skipped: `unshare -n` is not permitted here ({probe:?})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let part = tiny_partition(dir.path());
+    let out = dir.path().join("e");
+    let inner = trainer(&part, &out, &["--cluster", "0", "--steps", "20"]);
+    let mut c = Command::new("unshare");
+    c.arg("-n").arg(inner.get_program()).args(inner.get_args());
+    let so = ok(c.output().unwrap());
+    assert!(so.contains("expert.safetensors"), "{so}");
+    // Inside the namespace there really was no network: only a down loopback.
+    let ip = Command::new("unshare")
+        .args(["-n", "cat", "/proc/net/dev"])
+        .output()
+        .unwrap();
+    let ifaces = String::from_utf8_lossy(&ip.stdout).lines().skip(2).count();
+    assert_eq!(ifaces, 1, "only `lo` exists in the namespace");
+}
+
+#[test]
+fn diverging_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = tiny_partition(dir.path());
+    let out = dir.path().join("e");
+    ok(trainer(
+        &part,
+        &out,
+        &["--cluster", "0", "--steps", "10", "--checkpoint-every", "10"],
+    )
+    .output()
+    .unwrap());
+    let before = std::fs::read(out.join("train-state.safetensors")).unwrap();
+    let expert_before = std::fs::read(out.join("expert.safetensors")).unwrap();
+    // Resume with an absurd learning rate: the loss blows up to inf/NaN.
+    let r = trainer(
+        &part,
+        &out,
+        &[
+            "--cluster",
+            "0",
+            "--steps",
+            "200",
+            "--checkpoint-every",
+            "1000",
+            "--lr",
+            "1e30",
+        ],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the loss became") && err.contains("last good checkpoint (step 10)"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("train-state.safetensors")).unwrap(),
+        before,
+        "checkpoint untouched"
+    );
+    assert_eq!(
+        std::fs::read(out.join("expert.safetensors")).unwrap(),
+        expert_before,
+        "expert untouched"
+    );
+}
+
+#[test]
+fn sigterm_saves_a_resumable_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = tiny_partition(dir.path());
+    let out = dir.path().join("e");
+    let args = ["--cluster", "0", "--steps", "100000", "--checkpoint-every", "10"];
+    let mut child = trainer(&part, &out, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_step(&mut child, &out, 10);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let r = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(3), "{err}");
+    assert!(err.contains("rerun the same command to resume"), "{err}");
+    let step = step_of(&out).unwrap();
+    // The saved state resumes (finish right away by asking for the steps already done + 5).
+    let so = ok(trainer(
+        &part,
+        &out,
+        &[
+            "--cluster",
+            "0",
+            "--steps",
+            &(step + 5).to_string(),
+            "--checkpoint-every",
+            "10",
+        ],
+    )
+    .output()
+    .unwrap());
+    assert!(so.contains("expert.safetensors"));
+    assert_eq!(
+        Checkpoint::read(&out.join("expert.safetensors"))
+            .unwrap()
+            .meta
+            .training
+            .unwrap()
+            .steps,
+        step + 5
+    );
+}
+
+#[test]
+fn array_job_indices_select_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = tiny_partition(dir.path());
+    for (var, k) in [("SLURM_ARRAY_TASK_ID", 1usize), ("JOB_COMPLETION_INDEX", 0)] {
+        let out = dir.path().join(format!("e-{var}"));
+        ok(trainer(&part, &out, &["--steps", "3"])
+            .env(var, k.to_string())
+            .output()
+            .unwrap());
+        assert_eq!(
+            Checkpoint::read(&out.join("expert.safetensors"))
+                .unwrap()
+                .meta
+                .cluster,
+            Some(k),
+            "{var}"
+        );
+    }
+    let r = trainer(&part, &dir.path().join("none"), &["--steps", "3"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no cluster given"));
+    let r = trainer(&part, &dir.path().join("bad"), &["--steps", "3"])
+        .env("SLURM_ARRAY_TASK_ID", "7")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("cluster 7 is out of range") && err.contains("K = 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_different_run_in_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = tiny_partition(dir.path());
+    let out = dir.path().join("e");
+    ok(trainer(&part, &out, &["--cluster", "0", "--steps", "3"])
+        .output()
+        .unwrap());
+    let r = trainer(
+        &part,
+        &out,
+        &["--cluster", "0", "--steps", "6", "--batch-size", "4"],
+    )
+    .output()
+    .unwrap();
+    assert!(String::from_utf8_lossy(&r.stderr).contains("holds a different run"));
+}
