@@ -338,4 +338,9 @@ fn train_an_island_expert() {
     let fp = std::fs::read_to_string(dir.path().join("p/partition.json")).unwrap();
     assert!(fp.contains(meta["partition"].as_str().unwrap()));
     assert!(dir.path().join("e1/metrics.jsonl").exists());
+    let png = std::fs::read(dir.path().join("e1/loss.png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 5000,
+        "a loss curve with axes and labels"
+    );
 }

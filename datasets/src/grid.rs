@@ -52,6 +52,16 @@ pub fn write_grid_png(
     Ok(())
 }
 
+/// Write an RGB8 buffer (`w * h * 3` bytes, row-major) as a PNG, atomically.
+pub fn write_rgb_png(path: &Path, rgb: &[u8], w: usize, h: usize) -> Result<()> {
+    let mut png = Vec::new();
+    PngEncoder::new(&mut png)
+        .write_image(rgb, w as u32, h as u32, image::ExtendedColorType::Rgb8)
+        .map_err(|e| Error::bad(path, format!("cannot encode PNG: {e}")))?;
+    ddm_core::fsio::write_bytes_atomic(path, &png)?;
+    Ok(())
+}
+
 /// Map values in [-1, 1] to bytes (clamped): how generated samples become pixels.
 pub fn to_u8(values: &[f32]) -> Vec<u8> {
     values

@@ -10,5 +10,6 @@ pub mod config;
 pub mod ema;
 pub mod island;
 pub mod metrics;
+pub mod plot;
 pub mod state;
 pub mod train;

@@ -42,6 +42,16 @@ impl Metrics {
         Ok(Self { file, path })
     }
 
+    /// All (step, loss) pairs logged so far.
+    pub fn losses(out: &Path) -> Vec<(u64, f64)> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
+            .collect()
+    }
+
     pub fn write(&mut self, line: &Line) -> anyhow::Result<()> {
         writeln!(self.file, "{}", serde_json::to_string(line)?)
             .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))

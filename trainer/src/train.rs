@@ -320,6 +320,13 @@ pub fn run(run: Run) -> anyhow::Result<Outcome> {
         if st.step % config.checkpoint_every == 0 || st.step == config.steps || interrupted {
             state::save(&out, &st, &model, &ema, &optim)?;
             last_good_ckpt = st.step;
+            let title = format!(
+                "{} {} ({})",
+                target_name(target),
+                config.model,
+                manifest.dataset.name
+            );
+            crate::plot::loss_curve(&out.join("loss.png"), &title, &Metrics::losses(&out))?;
         }
         if config.sample_every > 0 && st.step % config.sample_every == 0 {
             write_samples(
