@@ -32,30 +32,27 @@ enum Commands {
     Data(commands::data::DataArgs),
     /// Train one expert on one island's shard (resumable; the same as the `ddm-trainer` binary).
     Train(commands::train::TrainArgs),
+    /// Train the router: which cluster did a noised sample come from? (p(k | x_t, t))
+    TrainRouter(ddm_router::cli::TrainRouterArgs),
+    /// Evaluate a router per noise level: accuracy, cross-entropy, calibration.
+    EvalRouter(ddm_router::cli::EvalRouterArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Commands::Train(args) = cli.command {
-        // The trainer has its own exit statuses (3: interrupted, resumable).
-        return match commands::train::run(args) {
-            Ok(code) => ExitCode::from(code),
-            Err(err) => {
-                eprintln!("error: {err:#}");
-                ExitCode::from(2)
-            }
-        };
-    }
-    let result = match cli.command {
-        Commands::Import(args) => commands::import::run(args),
-        Commands::Predict(args) => commands::predict::run(args),
-        Commands::Info(args) => commands::info::run(args),
-        Commands::Partition(args) => commands::partition::run(args),
-        Commands::Data(args) => commands::data::run(args),
-        Commands::Train(_) => unreachable!("handled above"),
+    // Each verb gives an exit status: 0 done; training verbs 3 when interrupted (resumable).
+    let result: anyhow::Result<u8> = match cli.command {
+        Commands::Import(args) => commands::import::run(args).map(|()| 0),
+        Commands::Predict(args) => commands::predict::run(args).map(|()| 0),
+        Commands::Info(args) => commands::info::run(args).map(|()| 0),
+        Commands::Partition(args) => commands::partition::run(args).map(|()| 0),
+        Commands::Data(args) => commands::data::run(args).map(|()| 0),
+        Commands::Train(args) => commands::train::run(args),
+        Commands::TrainRouter(args) => ddm_router::cli::train(args),
+        Commands::EvalRouter(args) => ddm_router::cli::eval(args).map(|()| 0),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::from(2)

@@ -45,7 +45,16 @@ fn reference(name: &str) -> String {
 fn help_lists_every_verb_and_each_has_help() {
     let dir = tempfile::tempdir().unwrap();
     let help = ok(ddm(dir.path(), &["--help"]));
-    for verb in ["import", "predict", "info", "partition", "data", "train"] {
+    for verb in [
+        "import",
+        "predict",
+        "info",
+        "partition",
+        "data",
+        "train",
+        "train-router",
+        "eval-router",
+    ] {
         assert!(help.contains(verb), "`ddm --help` does not list {verb}:\n{help}");
         let h = ok(ddm(dir.path(), &[verb, "--help"]));
         assert!(
@@ -343,4 +352,113 @@ fn train_an_island_expert() {
         png.starts_with(b"\x89PNG") && png.len() > 5000,
         "a loss curve with axes and labels"
     );
+}
+
+/// partition -> train-router -> eval-router and predict (logits); a router of another partition
+/// is refused.
+#[test]
+fn router_verbs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("gmm.json"),
+        r#"{"weights": [0.3, 0.7], "means": [[-3, 0], [3, 0]], "vars": [[0.1, 0.1], [0.1, 0.1]], "n": 1000}"#,
+    )
+    .unwrap();
+    for (name, seed) in [("p", "0"), ("q", "1")] {
+        ok(ddm(
+            dir.path(),
+            &[
+                "partition",
+                "--data",
+                "gmm:gmm.json",
+                "--k",
+                "2",
+                "--features",
+                "raw",
+                "--algorithm",
+                "random",
+                "--seed",
+                seed,
+                "--out",
+                name,
+            ],
+        ));
+    }
+    let out = ok(ddm(
+        dir.path(),
+        &[
+            "train-router",
+            "--partition",
+            "p",
+            "--out",
+            "r",
+            "--model",
+            "mlp",
+            "--mlp-hidden",
+            "32",
+            "--steps",
+            "30",
+            "--eval-samples",
+            "200",
+            "--quiet",
+        ],
+    ));
+    assert!(
+        out.contains("| t | accuracy") && out.contains("r/router.safetensors"),
+        "{out}"
+    );
+    let table = ok(ddm(
+        dir.path(),
+        &[
+            "eval-router",
+            "--router",
+            "r/router.safetensors",
+            "--partition",
+            "p",
+            "--samples",
+            "100",
+        ],
+    ));
+    assert!(table.contains("| 1.0 |"), "{table}");
+    let e = fails(ddm(
+        dir.path(),
+        &[
+            "eval-router",
+            "--router",
+            "r/router.safetensors",
+            "--partition",
+            "q",
+        ],
+    ));
+    assert!(e.contains("not this partition"), "{e}");
+    // predict on a router writes logits [N, K].
+    let x = HostTensor::new(vec![3, 2], vec![-3.0, 0.0, 3.0, 0.0, 0.0, 0.0]);
+    let t = HostTensor::new(vec![3], vec![0.1, 0.5, 1.0]);
+    write_tensors(
+        &dir.path().join("in.safetensors"),
+        &BTreeMap::from([("x_t".into(), x), ("t".into(), t)]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    ok(ddm(
+        dir.path(),
+        &[
+            "predict",
+            "--checkpoint",
+            "r/router.safetensors",
+            "--input",
+            "in.safetensors",
+            "--out",
+            "l.safetensors",
+        ],
+    ));
+    let logits = TensorFile::read(&dir.path().join("l.safetensors"))
+        .unwrap()
+        .f32("logits")
+        .unwrap();
+    assert_eq!(logits.shape, vec![3, 2]);
+    let info = ok(ddm(dir.path(), &["info", "--json", "r/router.safetensors"]));
+    let meta: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(meta["role"], "router");
+    assert_eq!(meta["num_clusters"], 2);
 }

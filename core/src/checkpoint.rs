@@ -90,6 +90,9 @@ pub struct CheckpointMeta {
     /// Free-form provenance, e.g. "imported from PyTorch weights x.safetensors".
     #[serde(default)]
     pub source: Option<String>,
+    /// Further facts about the model (e.g. a router's FLOPs as a fraction of one expert's).
+    #[serde(default)]
+    pub extra: BTreeMap<String, serde_json::Value>,
     /// sha256 (hex) of the file's data section; written by [`Checkpoint::save`].
     #[serde(default)]
     pub tensors_sha256: String,
@@ -113,6 +116,7 @@ impl CheckpointMeta {
             priors: None,
             training: None,
             source: None,
+            extra: BTreeMap::new(),
             tensors_sha256: String::new(),
         }
     }

@@ -411,6 +411,15 @@ impl DiTConfig {
 
     /// Build the model from `src` (fresh initialisation or a state dict).
     pub fn build(&self, src: &mut impl ParamSource) -> Result<DiT> {
+        self.build_inner(src, true)
+    }
+
+    /// Build only the trunk (embedders and blocks, no velocity head): what the router reuses.
+    pub fn build_trunk(&self, src: &mut impl ParamSource) -> Result<DiT> {
+        self.build_inner(src, false)
+    }
+
+    fn build_inner(&self, src: &mut impl ParamSource, head: bool) -> Result<DiT> {
         self.validate()?;
         let d = self.hidden_size;
         let mlp_hidden = (d as f64 * self.mlp_ratio) as usize;
@@ -445,23 +454,28 @@ impl DiTConfig {
             blocks: (0..self.depth)
                 .map(|i| DiTBlock::build(src, &format!("blocks.{i}"), d, self.num_heads, mlp_hidden))
                 .collect::<Result<_>>()?,
-            final_layer: FinalLayer {
-                ada_ln: src.linear("final_layer.adaLN_modulation.1", d, 2 * d, Init::Zeros)?,
-                linear: src.linear(
-                    "final_layer.linear",
-                    d,
-                    self.patch_size * self.patch_size * self.out_channels(),
-                    Init::Zeros,
-                )?,
+            final_layer: if head {
+                Some(FinalLayer {
+                    ada_ln: src.linear("final_layer.adaLN_modulation.1", d, 2 * d, Init::Zeros)?,
+                    linear: src.linear(
+                        "final_layer.linear",
+                        d,
+                        self.patch_size * self.patch_size * self.out_channels(),
+                        Init::Zeros,
+                    )?,
+                })
+            } else {
+                None
             },
             config: self.clone(),
         })
     }
 }
 
-/// The named sizes: (name, hidden D, depth, heads). S/B/L/XL are the DiT paper's; T ("tiny") and
-/// Bench (the `../shared/bench` peer's "bench-dit") train on a CPU.
+/// The named sizes: (name, hidden D, depth, heads). S/B/L/XL are the DiT paper's; XS (the default
+/// router trunk), T ("tiny") and Bench (the `../shared/bench` peer's "bench-dit") train on a CPU.
 pub const DIT_SIZES: &[(&str, usize, usize, usize)] = &[
+    ("XS", 64, 2, 2),
     ("T", 128, 4, 4),
     ("Bench", 256, 6, 4),
     ("S", 384, 12, 6),
@@ -501,7 +515,8 @@ pub struct DiT {
     /// Fixed 2-D sin-cos position embedding `[1, T, D]`; not trained.
     pos_embed: Tensor<3>,
     blocks: Vec<DiTBlock>,
-    final_layer: FinalLayer,
+    /// The velocity head; None for a trunk (`DiTConfig::build_trunk`).
+    final_layer: Option<FinalLayer>,
     #[module(skip)]
     config: DiTConfig,
 }
@@ -539,7 +554,11 @@ impl DiT {
     /// - returns `[N, C, S, S]` (with `learn_sigma`, the first C of the 2C output channels)
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<4> {
         let (x, c) = self.trunk(x, t, y);
-        let x = self.final_layer.forward(x, c); // [N, T, P*P*C_out]
+        let head = self
+            .final_layer
+            .as_ref()
+            .expect("forward needs the velocity head; trunks are for routers");
+        let x = head.forward(x, c); // [N, T, P*P*C_out]
         let x = self.unpatchify(x); // [N, C_out, S, S]
         if self.config.learn_sigma {
             x.narrow(1, 0, self.config.in_channels)
@@ -573,8 +592,10 @@ impl DiT {
         for (i, b) in self.blocks.iter().enumerate() {
             b.export(&format!("blocks.{i}"), &mut sd);
         }
-        sd.linear("final_layer.adaLN_modulation.1", &self.final_layer.ada_ln);
-        sd.linear("final_layer.linear", &self.final_layer.linear);
+        if let Some(f) = &self.final_layer {
+            sd.linear("final_layer.adaLN_modulation.1", &f.ada_ln);
+            sd.linear("final_layer.linear", &f.linear);
+        }
         sd
     }
 }

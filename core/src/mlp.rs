@@ -28,6 +28,9 @@ pub struct MlpConfig {
     pub frequency_embedding_size: usize,
     #[serde(default = "default_t_scale")]
     pub t_scale: f64,
+    /// Output width (default: `dim`, a velocity). The MLP router sets it to K (logits).
+    #[serde(default)]
+    pub out_dim: Option<usize>,
 }
 
 fn default_hidden() -> usize {
@@ -51,6 +54,7 @@ impl MlpConfig {
             depth: 3,
             frequency_embedding_size: 256,
             t_scale: 1000.0,
+            out_dim: None,
         }
     }
 
@@ -70,7 +74,8 @@ impl MlpConfig {
             self.hidden_size as f64,
             self.frequency_embedding_size as f64,
         );
-        2.0 * (x * d + f * d + d * d + self.depth as f64 * 2.0 * d * d + d * x)
+        let out = self.out_dim.unwrap_or(self.dim) as f64;
+        2.0 * (x * d + f * d + d * d + self.depth as f64 * 2.0 * d * d + d * out)
     }
 
     pub fn build(&self, src: &mut impl ParamSource) -> Result<Mlp> {
@@ -94,7 +99,7 @@ impl MlpConfig {
                 })
                 .collect::<Result<_>>()?,
             // Zero-initialised output: a fresh model predicts exactly zero velocity.
-            final_layer: src.linear("final_layer", d, x, Init::Zeros)?,
+            final_layer: src.linear("final_layer", d, self.out_dim.unwrap_or(x), Init::Zeros)?,
         })
     }
 }
@@ -116,7 +121,7 @@ pub struct Mlp {
 
 impl Mlp {
     /// # Shapes
-    /// - `x`: `[N, X]`, `t`: `[N]` in [0, 1] -> `[N, X]`
+    /// - `x`: `[N, X]`, `t`: `[N]` in [0, 1] -> `[N, out_dim]` (`[N, X]` for a velocity)
     pub fn forward(&self, x: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
         let c = self.t_embedder.forward(t); // [N, D]
         let mut h = self.x_embedder.forward(x); // [N, D]

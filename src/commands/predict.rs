@@ -19,7 +19,7 @@ use ddm_core::model::check_data_shape;
 use super::DeviceArgs;
 
 /// Evaluate a checkpoint on inputs from a file (for debugging and for comparing with other
-/// frameworks).
+/// frameworks). Experts write the velocity `v`; routers write cluster `logits` [N, K].
 #[derive(Args, Debug)]
 pub struct PredictArgs {
     /// The checkpoint (`ddm import`, or a trained expert).
@@ -37,14 +37,8 @@ pub struct PredictArgs {
 
 pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let device = args.device.device()?;
-    let (meta, model) = checkpoint::load(&args.checkpoint, &device)?;
-    if meta.role != Role::Expert {
-        bail!(
-            "{}: a {:?} checkpoint; predict runs experts",
-            args.checkpoint.display(),
-            meta.role
-        );
-    }
+    let ckpt = checkpoint::Checkpoint::read(&args.checkpoint)?;
+    let meta = ckpt.meta.clone();
     let input = TensorFile::read(&args.input)?;
     let x = input.f32("x_t")?;
     let t = input.f32("t")?;
@@ -88,6 +82,25 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     // Work on [N, X] whatever the data's rank; the model reshapes to what it needs.
     let x_t = HostTensor::new(vec![n, x.numel() / n.max(1)], x.data).to_tensor::<2>(&device);
     let t = t.to_tensor::<1>(&device);
+    if meta.role == Role::Router {
+        // A router: cluster logits for each sample.
+        let k = meta.num_clusters.unwrap_or(0);
+        let mut src = ddm_core::params::StateLoader::new(&args.checkpoint, ckpt.tensors, &device);
+        let net = ddm_router::net::RouterNet::build(&meta.model, k, &mut src)?;
+        src.finish("router")?;
+        let logits = HostTensor::from_tensor(net.logits(x_t, t));
+        write_tensors(
+            &args.out,
+            &BTreeMap::from([("logits".to_string(), logits)]),
+            &BTreeMap::new(),
+        )?;
+        println!(
+            "wrote {} (logits over K = {k} clusters for {n} samples)",
+            args.out.display()
+        );
+        return Ok(());
+    }
+    let model = ckpt.model(&args.checkpoint, &device)?;
     let v = match meta.objective {
         Objective::Velocity => model.velocity(x_t, t, y),
         Objective::Epsilon { schedule } => EpsilonToVelocity {

@@ -8,7 +8,7 @@ use ddm_core::flow::TimeSampler;
 
 use crate::config::TrainConfig;
 use crate::island::{self, Target};
-use crate::train::{Outcome, Run};
+use crate::train::{ExpertTask, Outcome, Run};
 
 /// Train one expert on one island: reads the partition's partition.json and this island's shard
 /// (verified by sha256), trains with flow matching, and writes OUT/expert.safetensors (EMA weights)
@@ -33,6 +33,13 @@ pub struct TrainArgs {
     /// Output directory (checkpoints, metrics, samples).
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub settings: TrainSettings,
+}
+
+/// The training settings shared by experts (`ddm train`) and routers (`ddm train-router`).
+#[derive(Args, Debug, Clone)]
+pub struct TrainSettings {
     /// A TOML file of training settings (keys as the flags below, with underscores); flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -110,7 +117,7 @@ fn parse_time_sampler(s: &str) -> anyhow::Result<TimeSampler> {
     }
 }
 
-impl TrainArgs {
+impl TrainSettings {
     /// Defaults, then the TOML file, then the flags.
     pub fn resolve_config(&self) -> anyhow::Result<TrainConfig> {
         let mut c = match &self.config {
@@ -153,24 +160,50 @@ impl TrainArgs {
 /// Exit status of an interrupted (resumable) run.
 pub const EXIT_INTERRUPTED: u8 = 3;
 
+/// Print how a run ended; returns the process exit status (0 done, 3 interrupted).
+pub fn report(outcome: Outcome, out: &std::path::Path) -> u8 {
+    match outcome {
+        Outcome::Finished {
+            checkpoint,
+            final_loss,
+        } => {
+            println!(
+                "wrote {} (final loss {:.4})",
+                checkpoint.display(),
+                final_loss.unwrap_or(f64::NAN)
+            );
+            0
+        }
+        Outcome::Interrupted { step } => {
+            eprintln!(
+                "interrupted: state saved at step {step} in {}; rerun the same command to resume",
+                out.display()
+            );
+            EXIT_INTERRUPTED
+        }
+    }
+}
+
 /// Run an island from its arguments; returns the process exit status.
 pub fn run(args: TrainArgs) -> anyhow::Result<u8> {
-    let config = args.resolve_config()?;
+    let config = args.settings.resolve_config()?;
     let manifest = ddm_datasets::partition::read_manifest(&args.partition)?;
     let target = if args.monolith {
         Target::Monolith
     } else {
         Target::Cluster(island::resolve_cluster(args.cluster)?)
     };
-    let outcome = crate::train::run(Run {
-        partition_dir: args.partition.clone(),
-        manifest,
-        target,
-        out: args.out.clone(),
-        config,
-        device: args.device,
-        progress: !args.quiet,
-    })?;
+    let outcome = crate::train::run(
+        &ExpertTask { target },
+        Run {
+            partition_dir: args.partition.clone(),
+            manifest,
+            out: args.out.clone(),
+            config,
+            device: args.settings.device,
+            progress: !args.settings.quiet,
+        },
+    )?;
     Ok(match outcome {
         Outcome::Finished {
             checkpoint,

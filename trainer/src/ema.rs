@@ -5,7 +5,6 @@ use std::collections::HashMap;
 
 use ddm_core::burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use ddm_core::burn::prelude::*;
-use ddm_core::model::Model;
 
 /// Collects every float parameter, flattened.
 struct Collect(HashMap<ParamId, Tensor<1>>);
@@ -34,7 +33,7 @@ impl ModuleMapper for Blend {
 }
 
 /// One EMA step. `model` is the trained model's detached copy (`model.valid()`).
-pub fn update(ema: Model, model: &Model, decay: f64) -> Model {
+pub fn update<M: Module>(ema: M, model: &M, decay: f64) -> M {
     let mut c = Collect(HashMap::new());
     model.visit(&mut c);
     ema.map(&mut Blend { current: c.0, decay })

@@ -51,6 +51,25 @@ pub fn load(dir: &Path, manifest: &PartitionManifest, target: Target) -> anyhow:
     })
 }
 
+/// Every shard, concatenated, with each sample's cluster id (what a router trains on).
+pub fn load_all_with_clusters(
+    dir: &Path,
+    manifest: &PartitionManifest,
+) -> anyhow::Result<(Dataset, Vec<u32>)> {
+    let shards = (0..manifest.k)
+        .map(|k| partition::load_shard(dir, manifest, k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let clusters: Vec<u32> = shards
+        .iter()
+        .enumerate()
+        .flat_map(|(k, s)| std::iter::repeat_n(k as u32, s.len()))
+        .collect();
+    Ok((
+        concat(shards, format!("{}[all clusters]", manifest.dataset.name)),
+        clusters,
+    ))
+}
+
 fn concat(shards: Vec<Dataset>, name: String) -> Dataset {
     use ddm_datasets::Values;
     let mut it = shards.into_iter();

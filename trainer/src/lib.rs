@@ -12,4 +12,6 @@ pub mod island;
 pub mod metrics;
 pub mod plot;
 pub mod state;
+pub mod stats;
+pub mod task;
 pub mod train;

@@ -11,11 +11,13 @@ use anyhow::{Context, bail};
 use ddm_core::burn::optim::ModuleOptimizer;
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::Bytes;
-use ddm_core::host::{HostTensor, RawTensor, TensorFile, raw_to_safetensors_bytes};
-use ddm_core::model::{Model, ModelConfig};
+use ddm_core::host::{RawTensor, TensorFile, raw_to_safetensors_bytes};
+use ddm_core::model::ModelConfig;
+use ddm_core::params::StateLoader;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::task::{Net, Task};
 
 pub const STATE_FILE: &str = "train-state.safetensors";
 const META_KEY: &str = "ddm-train-state";
@@ -46,11 +48,11 @@ pub fn path(out: &Path) -> PathBuf {
 }
 
 /// Save atomically.
-pub fn save(
+pub fn save<N: Net>(
     out: &Path,
     st: &LoopState,
-    model: &Model,
-    ema: &Model,
+    model: &N,
+    ema: &N,
     optim: &ModuleOptimizer,
 ) -> anyhow::Result<()> {
     let mut t: BTreeMap<String, RawTensor> = BTreeMap::new();
@@ -72,10 +74,10 @@ pub fn save(
 }
 
 /// What a saved state holds.
-pub struct Loaded {
+pub struct Loaded<N> {
     pub state: LoopState,
-    pub model: Model,
-    pub ema: Model,
+    pub model: N,
+    pub ema: N,
     pub optim: ModuleOptimizer,
 }
 
@@ -107,12 +109,13 @@ fn parse_meta(f: &TensorFile) -> anyhow::Result<LoopState> {
 }
 
 /// Load everything: the model on `train_device` (autodiff), the EMA on `device`.
-pub fn load(
+pub fn load<T: Task>(
+    task: &T,
     out: &Path,
     device: &Device,
     train_device: &Device,
     optim: ModuleOptimizer,
-) -> anyhow::Result<Loaded> {
+) -> anyhow::Result<Loaded<T::Net>> {
     let p = path(out);
     let f = TensorFile::read(&p)?;
     let state = parse_meta(&f)?;
@@ -124,8 +127,14 @@ pub fn load(
             ema_t.insert(n.to_string(), f.f32(name)?);
         }
     }
-    let model = state.model.load(model_t, &p, train_device)?;
-    let ema = state.model.load(ema_t, &p, device)?;
+    let build = |tensors, device: &Device| -> anyhow::Result<T::Net> {
+        let mut src = StateLoader::new(&p, tensors, device);
+        let net = task.build(&state.model, &mut src)?;
+        src.finish(state.model.arch())?;
+        Ok(net)
+    };
+    let model = build(model_t, train_device)?;
+    let ema = build(ema_t, device)?;
     let (_, opt) = f.u8("optimizer")?;
     let optim = optim
         .from_bytes(Bytes::from_bytes_vec(opt.to_vec()))
@@ -136,9 +145,4 @@ pub fn load(
         ema,
         optim,
     })
-}
-
-/// The EMA weights as host tensors (what the expert checkpoint stores).
-pub fn host_weights(model: &Model) -> BTreeMap<String, HostTensor> {
-    model.state_dict()
 }

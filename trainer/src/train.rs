@@ -1,7 +1,8 @@
-//! The expert training loop, top to bottom: draw a batch, t and noise; x_t; flow-matching loss;
-//! backward; AdamW (warm-up, gradient clipping); EMA; log; checkpoint. One island, one shard, no
-//! network. The state saved at each checkpoint is the loop's whole state, so a restart of the same
-//! command continues exactly where the last checkpoint left off (bit-identical on the CPU backend).
+//! The training loop, top to bottom: draw a batch; the task's loss (for an expert: t and noise,
+//! x_t, flow-matching loss); backward; AdamW (warm-up, gradient clipping); EMA; log; checkpoint.
+//! One island, one shard, no network. The state saved at each checkpoint is the loop's whole
+//! state, so a restart of the same command continues exactly where the last checkpoint left off
+//! (bit-identical on the CPU backend).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use ddm_core::flow::{self, Solver, StepSchedule};
 use ddm_core::host::HostTensor;
 use ddm_core::mlp::MlpConfig;
 use ddm_core::model::{Model, ModelConfig};
+use ddm_core::params::{ParamSource, RandomInit};
 use ddm_datasets::Dataset;
 use ddm_datasets::partition::PartitionManifest;
 use rand::{Rng, SeedableRng, seq::SliceRandom};
@@ -29,12 +31,12 @@ use crate::config::TrainConfig;
 use crate::island::{self, Target};
 use crate::metrics::{Line, Metrics};
 use crate::state::{self, LoopState};
+use crate::task::{Batch, Task};
 
 /// Everything one run needs, validated.
 pub struct Run {
     pub partition_dir: PathBuf,
     pub manifest: PartitionManifest,
-    pub target: Target,
     pub out: PathBuf,
     pub config: TrainConfig,
     pub device: DeviceChoice,
@@ -44,7 +46,7 @@ pub struct Run {
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// All steps done; the expert checkpoint is written.
+    /// All steps done; the final checkpoint is written.
     Finished {
         checkpoint: PathBuf,
         final_loss: Option<f64>,
@@ -53,42 +55,7 @@ pub enum Outcome {
     Interrupted { step: u64 },
 }
 
-pub const EXPERT_FILE: &str = "expert.safetensors";
-
-fn target_name(t: Target) -> String {
-    match t {
-        Target::Cluster(k) => format!("cluster:{k}"),
-        Target::Monolith => "monolith".into(),
-    }
-}
-
-/// The expert's network for this data.
-pub fn model_config(config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
-    let s = &data.shape;
-    if config.model.eq_ignore_ascii_case("mlp") {
-        let mut m = MlpConfig::new(data.sample_size());
-        (m.hidden_size, m.depth) = (config.mlp_hidden, config.mlp_depth);
-        return Ok(ModelConfig::Mlp(m));
-    }
-    if s.len() != 3 || s[1] != s[2] {
-        bail!(
-            "a DiT needs square images [C, S, S]; {} has samples of shape {s:?} (use --model mlp for vectors)",
-            data.name
-        );
-    }
-    let mut dit = DiTConfig::named(&config.model, s[1], s[0])?;
-    if config.class_conditional {
-        dit.num_classes = data
-            .num_classes
-            .context("--class-conditional needs labelled data; this data has no labels")?;
-        dit.class_dropout_prob = config.class_dropout;
-    } else {
-        dit.class_dropout_prob = 0.0;
-    }
-    Ok(ModelConfig::Dit(dit))
-}
-
-fn optimizer(config: &TrainConfig) -> ModuleOptimizer {
+pub fn optimizer(config: &TrainConfig) -> ModuleOptimizer {
     let mut adamw = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
     if config.grad_clip > 0.0 {
         adamw = adamw.with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip as f32)));
@@ -110,12 +77,11 @@ impl ModuleVisitor for GradNorm<'_> {
     }
 }
 
-/// Run (or resume) training.
-pub fn run(run: Run) -> anyhow::Result<Outcome> {
+/// Run (or resume) training for `task`.
+pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     let Run {
         partition_dir,
         manifest,
-        target,
         out,
         config,
         device,
@@ -130,9 +96,7 @@ pub fn run(run: Run) -> anyhow::Result<Outcome> {
         .with_context(|| format!("cannot create the output directory {}", out.display()))?;
     let saved = state::read_loop_state(&out)?;
     if let Some(s) = &saved
-        && (!s.config.same_run(&config)
-            || s.target != target_name(target)
-            || s.partition != manifest.fingerprint)
+        && (!s.config.same_run(&config) || s.target != task.name() || s.partition != manifest.fingerprint)
     {
         bail!(
             "{} holds a different run ({}, partition {}, config {:?}); use a new --out or the same flags to resume",
@@ -146,29 +110,29 @@ pub fn run(run: Run) -> anyhow::Result<Outcome> {
     ddm_core::fsio::write_bytes_atomic(&out.join("config.toml"), resolved.as_bytes())
         .with_context(|| format!("the output directory {} is not writable", out.display()))?;
 
-    let data = island::load(&partition_dir, &manifest, target)?;
+    let (data, targets) = task.data(&partition_dir, &manifest)?;
     let n = data.len();
-    let model_config = model_config(&config, &data)?;
+    let net_config = task.net_config(&config, &data)?;
     let plain = ddm_core::device::device(device)?;
     let train_device = plain.clone().autodiff();
 
     // Fresh state, or the saved one.
     let (mut st, mut model, mut ema, mut optim) = match saved {
         Some(_) => {
-            let l = state::load(&out, &plain, &train_device, optimizer(&config))?;
+            let l = state::load(task, &out, &plain, &train_device, optimizer(&config))?;
             let mut st = l.state;
             st.config = config.clone(); // steps, lr and cadences may change on resume
             eprintln!("resuming {} at step {}", out.display(), st.step);
             (st, l.model, l.ema, l.optim)
         }
         None => {
-            let model = model_config.init(config.seed, &train_device)?;
+            let model = task.build(&net_config, &mut RandomInit::new(config.seed, &train_device))?;
             let ema = model.valid();
             let st = LoopState {
                 format_version: 1,
                 config: config.clone(),
-                model: model_config.clone(),
-                target: target_name(target),
+                model: net_config.clone(),
+                target: task.name(),
                 partition: manifest.fingerprint.clone(),
                 step: 0,
                 epoch: 0,
@@ -197,10 +161,6 @@ pub fn run(run: Run) -> anyhow::Result<Outcome> {
     let mut perm = order(st.epoch);
     let mut metrics = Metrics::open(&out, st.step)?;
     let per_sample = data.sample_size();
-    let classes = match &model_config {
-        ModelConfig::Dit(c) if c.num_classes > 0 => Some(c.num_classes),
-        _ => None,
-    };
 
     // SIGINT/SIGTERM set a flag; the loop saves and stops at the next step boundary.
     let stop = Arc::new(AtomicBool::new(false));
@@ -217,7 +177,7 @@ pub fn run(run: Run) -> anyhow::Result<Outcome> {
             .expect("static template")
             .progress_chars("=> "),
     );
-    bar.set_prefix(format!("{} {}", target_name(target), config.model));
+    bar.set_prefix(format!("{} {}", task.name(), config.model));
     bar.set_position(st.step);
     let started = Instant::now();
     let wall_before = st.wall_time_s;
@@ -239,32 +199,15 @@ pub fn run(run: Run) -> anyhow::Result<Outcome> {
             st.pos += take;
         }
         let x0 = HostTensor::new(vec![b, per_sample], data.gather(&idx)).to_tensor::<2>(&train_device);
-        // 2. Noise, times and (dropped-out) labels from the run's RNG.
-        let e = flow::randn(vec![b, per_sample], &mut rng).to_tensor::<2>(&train_device);
-        let t = Tensor::<1>::from_data(
-            TensorData::new(config.time_sampler.sample(b, &mut rng), [b]),
-            &train_device,
-        );
-        let y = classes.map(|k| {
-            let labels = data
-                .gather_labels(&idx)
-                .expect("class-conditional data has labels");
-            let y: Vec<i64> = labels
-                .iter()
-                .map(|&l| {
-                    if rng.random::<f64>() < config.class_dropout {
-                        k as i64
-                    } else {
-                        l as i64
-                    }
-                })
-                .collect();
-            Tensor::<1, Int>::from_data(TensorData::new(y, [b]), &train_device)
-        });
-        // 3. Flow matching: x_t, predicted velocity, loss against e - x0.
-        let x_t = flow::interpolate(x0.clone(), e.clone(), t.clone());
-        let v = model.predict(x_t, t, y);
-        let loss = flow::flow_matching_loss(v, x0, e);
+        let labels = data.gather_labels(&idx);
+        let batch_targets: Option<Vec<u32>> = targets.as_ref().map(|t| idx.iter().map(|&i| t[i]).collect());
+        // 2. The task's loss (noise, times, labels drawn from the run's RNG).
+        let batch = Batch {
+            x0,
+            labels: labels.as_deref(),
+            targets: batch_targets.as_deref(),
+        };
+        let loss = task.loss(&model, batch, &config, &net_config, &mut rng);
         let loss_value = loss.clone().into_scalar::<f32>() as f64; // device sync point
         if !loss_value.is_finite() {
             bar.abandon();
@@ -276,7 +219,7 @@ pub fn run(run: Run) -> anyhow::Result<Outcome> {
                 state::path(&out).display()
             );
         }
-        // 4. Backward, optimizer step (AdamW with warm-up and clipping), EMA.
+        // 3. Backward, optimizer step (AdamW with warm-up and clipping), EMA.
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let log_now = (st.step + 1) % config.log_every == 0;
         let grad_norm = if log_now {
@@ -297,7 +240,7 @@ pub fn run(run: Run) -> anyhow::Result<Outcome> {
         st.last_loss = Some(loss_value);
         st.rng_word_pos = rng.get_word_pos().to_string();
         bar.set_position(st.step);
-        // 5. Log.
+        // 4. Log.
         window.1 += b as u64;
         if log_now {
             let secs = window.0.elapsed().as_secs_f64();
@@ -314,24 +257,19 @@ pub fn run(run: Run) -> anyhow::Result<Outcome> {
                 wall_time_s: wall_before + started.elapsed().as_secs_f64(),
             })?;
         }
-        // 6. Checkpoint (and samples).
+        // 5. Checkpoint, loss curve, snapshots.
         st.wall_time_s = wall_before + started.elapsed().as_secs_f64();
         let interrupted = stop.load(Ordering::Relaxed);
         if st.step % config.checkpoint_every == 0 || st.step == config.steps || interrupted {
             state::save(&out, &st, &model, &ema, &optim)?;
             last_good_ckpt = st.step;
-            let title = format!(
-                "{} {} ({})",
-                target_name(target),
-                config.model,
-                manifest.dataset.name
-            );
+            let title = format!("{} {} ({})", task.name(), config.model, manifest.dataset.name);
             crate::plot::loss_curve(&out.join("loss.png"), &title, &Metrics::losses(&out))?;
         }
         if config.sample_every > 0 && st.step % config.sample_every == 0 {
-            write_samples(
+            task.snapshot(
                 &ema,
-                &model_config,
+                &net_config,
                 &out.join(format!("samples-{:07}.png", st.step)),
                 config.seed,
             )?;
@@ -343,40 +281,168 @@ pub fn run(run: Run) -> anyhow::Result<Outcome> {
     }
     bar.finish();
 
-    // The expert: EMA weights with the contract metadata.
-    let mut meta = CheckpointMeta::expert(model_config.clone(), data.range(), Objective::Velocity);
-    meta.partition = Some(manifest.fingerprint.clone());
-    meta.cluster = match target {
-        Target::Cluster(k) => Some(k),
-        Target::Monolith => None,
-    };
-    meta.source = Some(format!(
-        "ddm-trainer {} on {}",
-        target_name(target),
-        manifest.dataset.name
-    ));
-    meta.training = Some(TrainingSummary {
+    let summary = TrainingSummary {
         steps: st.step,
         samples_seen: st.samples_seen,
         // forward + backward ~ 3x the forward pass
-        flops: 3.0 * model_config.flops_per_sample() * st.samples_seen as f64,
+        flops: 3.0 * net_config.flops_per_sample() * st.samples_seen as f64,
         seed: config.seed,
         wall_time_s: st.wall_time_s,
         final_loss: st.last_loss,
         backend: device.to_string(),
         ema: Some(config.ema_decay),
-    });
-    let ckpt_path = out.join(EXPERT_FILE);
-    Checkpoint {
-        meta,
-        tensors: state::host_weights(&ema),
-    }
-    .save(&ckpt_path)?;
-    write_samples(&ema, &model_config, &out.join("samples.png"), config.seed)?;
+    };
+    let checkpoint = task.finish(
+        &out,
+        &ema,
+        &net_config,
+        summary,
+        &data,
+        targets.as_deref(),
+        &manifest,
+    )?;
     Ok(Outcome::Finished {
-        checkpoint: ckpt_path,
+        checkpoint,
         final_loss: st.last_loss,
     })
+}
+
+// ------------------------------------------------------------------------------------------------
+// The expert task
+// ------------------------------------------------------------------------------------------------
+
+pub const EXPERT_FILE: &str = "expert.safetensors";
+
+/// Train a flow-matching expert on one cluster (or the monolith on all of them).
+pub struct ExpertTask {
+    pub target: Target,
+}
+
+impl Task for ExpertTask {
+    type Net = Model;
+
+    fn name(&self) -> String {
+        match self.target {
+            Target::Cluster(k) => format!("cluster:{k}"),
+            Target::Monolith => "monolith".into(),
+        }
+    }
+
+    fn data(&self, dir: &Path, manifest: &PartitionManifest) -> anyhow::Result<(Dataset, Option<Vec<u32>>)> {
+        Ok((island::load(dir, manifest, self.target)?, None))
+    }
+
+    fn net_config(&self, config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
+        model_config(config, data)
+    }
+
+    fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<Model> {
+        Ok(net.build(src)?)
+    }
+
+    fn loss(
+        &self,
+        net: &Model,
+        batch: Batch<'_>,
+        config: &TrainConfig,
+        net_config: &ModelConfig,
+        rng: &mut ChaCha8Rng,
+    ) -> Tensor<1> {
+        let device = batch.x0.device();
+        let [b, x] = batch.x0.dims();
+        let e = flow::randn(vec![b, x], rng).to_tensor::<2>(&device);
+        let t = Tensor::<1>::from_data(TensorData::new(config.time_sampler.sample(b, rng), [b]), &device);
+        let y = match net_config {
+            ModelConfig::Dit(c) if c.num_classes > 0 => {
+                let labels = batch.labels.expect("class-conditional data has labels");
+                let null = c.num_classes as i64;
+                let y: Vec<i64> = labels
+                    .iter()
+                    .map(|&l| {
+                        if rng.random::<f64>() < config.class_dropout {
+                            null
+                        } else {
+                            l as i64
+                        }
+                    })
+                    .collect();
+                Some(Tensor::<1, Int>::from_data(TensorData::new(y, [b]), &device))
+            }
+            _ => None,
+        };
+        let x_t = flow::interpolate(batch.x0.clone(), e.clone(), t.clone());
+        let v = net.predict(x_t, t, y);
+        flow::flow_matching_loss(v, batch.x0, e)
+    }
+
+    fn finish(
+        &self,
+        out: &Path,
+        ema: &Model,
+        net_config: &ModelConfig,
+        summary: TrainingSummary,
+        data: &Dataset,
+        _targets: Option<&[u32]>,
+        manifest: &PartitionManifest,
+    ) -> anyhow::Result<PathBuf> {
+        let mut meta = CheckpointMeta::expert(net_config.clone(), data.range(), Objective::Velocity);
+        meta.partition = Some(manifest.fingerprint.clone());
+        meta.cluster = match self.target {
+            Target::Cluster(k) => Some(k),
+            Target::Monolith => None,
+        };
+        meta.source = Some(format!(
+            "ddm-trainer {} on {}",
+            self.name(),
+            manifest.dataset.name
+        ));
+        let seed = summary.seed;
+        meta.training = Some(summary);
+        let path = out.join(EXPERT_FILE);
+        Checkpoint {
+            meta,
+            tensors: ema.state_dict(),
+        }
+        .save(&path)?;
+        // The statistics the analytic router needs: count, mean and diagonal variance of the shard.
+        crate::stats::ClusterStats::of(data).save(
+            &out.join(crate::stats::STATS_FILE),
+            manifest,
+            self.target,
+        )?;
+        write_samples(ema, net_config, &out.join("samples.png"), seed)?;
+        Ok(path)
+    }
+
+    fn snapshot(&self, ema: &Model, net_config: &ModelConfig, path: &Path, seed: u64) -> anyhow::Result<()> {
+        write_samples(ema, net_config, path, seed)
+    }
+}
+
+/// The expert's network for this data.
+pub fn model_config(config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
+    let s = &data.shape;
+    if config.model.eq_ignore_ascii_case("mlp") {
+        let mut m = MlpConfig::new(data.sample_size());
+        (m.hidden_size, m.depth) = (config.mlp_hidden, config.mlp_depth);
+        return Ok(ModelConfig::Mlp(m));
+    }
+    if s.len() != 3 || s[1] != s[2] {
+        bail!(
+            "a DiT needs square images [C, S, S]; {} has samples of shape {s:?} (use --model mlp for vectors)",
+            data.name
+        );
+    }
+    let mut dit = DiTConfig::named(&config.model, s[1], s[0])?;
+    if config.class_conditional {
+        dit.num_classes = data
+            .num_classes
+            .context("--class-conditional needs labelled data; this data has no labels")?;
+        dit.class_dropout_prob = config.class_dropout;
+    } else {
+        dit.class_dropout_prob = 0.0;
+    }
+    Ok(ModelConfig::Dit(dit))
 }
 
 /// A grid of 16 EMA samples (Euler, 32 steps), for images.

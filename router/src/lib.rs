@@ -1,0 +1,44 @@
+//! ddm-router: the router learns the cluster posterior p(k | x_t, t), which is exactly how the
+//! ensemble weights its experts (PAPER.md). Trained ([`task`]: cross-entropy in the trainer's
+//! loop, on the DiT trunk or an MLP, [`net`]) or analytic ([`analytic`]: from per-cluster
+//! statistics, no training). [`eval`] measures it per noise level.
+
+pub mod analytic;
+pub mod cli;
+pub mod eval;
+pub mod net;
+pub mod task;
+
+/// The router checkpoint at `path`, checked against a partition: same fingerprint, same K.
+pub fn load_checked(
+    path: &std::path::Path,
+    manifest: &ddm_datasets::partition::PartitionManifest,
+    device: &ddm_core::burn::prelude::Device,
+) -> anyhow::Result<(ddm_core::checkpoint::CheckpointMeta, net::RouterNet)> {
+    use anyhow::bail;
+    let ckpt = ddm_core::checkpoint::Checkpoint::read(path)?;
+    let m = &ckpt.meta;
+    if m.role != ddm_core::checkpoint::Role::Router {
+        bail!("{}: an {:?} checkpoint, not a router", path.display(), m.role);
+    }
+    let k = m.num_clusters.unwrap_or(0);
+    if k != manifest.k {
+        bail!(
+            "{}: a router for K = {k} clusters, but the partition has K = {}",
+            path.display(),
+            manifest.k
+        );
+    }
+    if m.partition.as_deref() != Some(manifest.fingerprint.as_str()) {
+        bail!(
+            "{}: trained on partition {}, not this partition ({}): its cluster ids mean other clusters",
+            path.display(),
+            m.partition.as_deref().unwrap_or("(none)"),
+            manifest.fingerprint
+        );
+    }
+    let mut src = ddm_core::params::StateLoader::new(path, ckpt.tensors.clone(), device);
+    let net = net::RouterNet::build(&m.model, k, &mut src)?;
+    src.finish("router")?;
+    Ok((ckpt.meta, net))
+}

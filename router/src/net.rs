@@ -1,0 +1,104 @@
+//! The router network: the DiT trunk of `ddm-core` (reused, not copied) with mean pooling over
+//! tokens, a LayerNorm and a linear head to K logits; or, for vector data, the MLP with K outputs.
+//! Both take x_t and t (no class) and start at uniform logits (zero-initialised head).
+//!
+//! Parameter names: the trunk keeps the PyTorch DiT names; the head is `head.weight`/`head.bias`.
+
+use std::collections::BTreeMap;
+
+use ddm_core::burn;
+use ddm_core::burn::nn::Linear;
+use ddm_core::burn::prelude::*;
+use ddm_core::dit::{DiT, layer_norm};
+use ddm_core::host::HostTensor;
+use ddm_core::mlp::Mlp;
+use ddm_core::model::ModelConfig;
+use ddm_core::params::{Init, ParamSource, StateDict};
+
+/// DiT trunk + mean pool + LayerNorm + linear head.
+#[derive(Module, Debug)]
+pub struct DitRouter {
+    trunk: DiT,
+    head: Linear,
+}
+
+/// A router network.
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum RouterNet {
+    Dit(DitRouter),
+    Mlp(Mlp),
+}
+
+/// The trunk config of a router with `k` outputs (an MLP's `out_dim` is K).
+pub fn router_config(trunk: ModelConfig, k: usize) -> ModelConfig {
+    match trunk {
+        ModelConfig::Mlp(mut m) => {
+            m.out_dim = Some(k);
+            ModelConfig::Mlp(m)
+        }
+        dit => dit,
+    }
+}
+
+impl RouterNet {
+    /// Build from `config` (a DiT trunk config, or an MLP with `out_dim` = K) for `k` clusters.
+    pub fn build(config: &ModelConfig, k: usize, src: &mut impl ParamSource) -> ddm_core::Result<Self> {
+        Ok(match config {
+            ModelConfig::Dit(c) => {
+                let mut c = c.clone();
+                c.num_classes = 0;
+                let trunk = c.build_trunk(src)?;
+                // Zero-initialised head: a fresh router predicts the uniform distribution.
+                let head = src.linear("head", c.hidden_size, k, Init::Zeros)?;
+                RouterNet::Dit(DitRouter { trunk, head })
+            }
+            ModelConfig::Mlp(m) => {
+                if m.out_dim != Some(k) {
+                    return Err(ddm_core::Error::InvalidConfig(format!(
+                        "an MLP router for K = {k} needs out_dim {k}, got {:?}",
+                        m.out_dim
+                    )));
+                }
+                RouterNet::Mlp(m.build(src)?)
+            }
+        })
+    }
+
+    /// Cluster logits.
+    ///
+    /// # Shapes
+    /// - `x_t`: `[N, X]` (flattened samples), `t`: `[N]` -> `[N, K]`
+    pub fn logits(&self, x_t: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
+        let [n, _] = x_t.dims();
+        match self {
+            RouterNet::Dit(r) => {
+                let c = r.trunk.config();
+                let x = x_t.reshape([n, c.in_channels, c.input_size, c.input_size]);
+                let (tokens, _) = r.trunk.trunk(x, t, None); // [N, T, D]
+                let pooled = tokens.mean_dim(1).reshape([n, c.hidden_size]); // [N, D]
+                r.head.forward(layer_norm(pooled)) // [N, K]
+            }
+            RouterNet::Mlp(m) => m.forward(x_t, t),
+        }
+    }
+
+    pub fn state_dict(&self) -> BTreeMap<String, HostTensor> {
+        match self {
+            RouterNet::Dit(r) => {
+                let mut sd = r.trunk.state_dict();
+                let mut head = StateDict::default();
+                head.linear("head", &r.head);
+                sd.0.extend(head.0);
+                sd.0
+            }
+            RouterNet::Mlp(m) => m.state_dict().0,
+        }
+    }
+}
+
+impl ddm_trainer::task::Net for RouterNet {
+    fn state_dict(&self) -> BTreeMap<String, HostTensor> {
+        RouterNet::state_dict(self)
+    }
+}

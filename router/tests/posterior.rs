@@ -1,0 +1,259 @@
+//! The router against the exact posterior of a Gaussian mixture (K = 4 well-separated clusters).
+
+use std::path::{Path, PathBuf};
+
+use ddm_core::burn::prelude::*;
+use ddm_core::burn::tensor::activation::softmax;
+use ddm_core::gmm::GaussianMixture;
+use ddm_core::host::HostTensor;
+use ddm_datasets::features::{Distance, FeatureMethod};
+use ddm_datasets::partition::{self, Algorithm, PartitionConfig, PartitionManifest};
+use ddm_router::analytic::AnalyticRouter;
+use ddm_router::task::RouterTask;
+use ddm_trainer::config::TrainConfig;
+use ddm_trainer::stats::ClusterStats;
+use ddm_trainer::train::Run;
+use rand::SeedableRng;
+
+fn mixture() -> GaussianMixture {
+    GaussianMixture {
+        weights: vec![0.1, 0.2, 0.3, 0.4],
+        means: vec![vec![-3.0, 0.0], vec![3.0, 0.0], vec![0.0, 3.0], vec![0.0, -3.0]],
+        vars: vec![vec![0.3, 0.3]; 4],
+    }
+}
+
+/// A k-means partition of mixture samples, and the component behind each cluster.
+fn partition_of(dir: &Path, n: usize) -> (PathBuf, PartitionManifest, Vec<usize>) {
+    let spec: ddm_datasets::mixture::MixtureSpec =
+        serde_json::from_value(serde_json::json!({"weights": [0.1, 0.2, 0.3, 0.4],
+            "means": [[-3, 0], [3, 0], [0, 3], [0, -3]], "vars": [[0.3, 0.3], [0.3, 0.3], [0.3, 0.3], [0.3, 0.3]],
+            "n": n, "seed": 5}))
+        .unwrap();
+    let d = spec.dataset("gmm:test".into());
+    let c = PartitionConfig {
+        k: 4,
+        features: FeatureMethod::Raw,
+        distance: Distance::L2,
+        algorithm: Algorithm::Kmeans {
+            max_iter: 100,
+            n_init: 1,
+            batch_size: None,
+            balanced: false,
+        },
+        seed: 0,
+    };
+    let out = dir.join("partition");
+    let m = partition::write(&out, &d, &c, &partition::cluster(&d, &c).unwrap(), 0.0, false).unwrap();
+    let component: Vec<usize> = m
+        .clusters
+        .iter()
+        .map(|c| {
+            let lc = c.label_counts.as_ref().unwrap();
+            (0..4).max_by_key(|&j| lc[j]).unwrap()
+        })
+        .collect();
+    (out, m, component)
+}
+
+/// The analytic router built from the mixture's own parameters is the closed-form posterior.
+#[test]
+fn analytic_router_is_the_exact_posterior() {
+    let g = mixture();
+    let stats: Vec<ClusterStats> = (0..4)
+        .map(|k| ClusterStats {
+            count: (g.weights[k] * 1000.0) as usize,
+            mean: g.means[k].clone(),
+            var: g.vars[k].clone(),
+        })
+        .collect();
+    let r = AnalyticRouter::from_stats(&stats);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut worst = 0f64;
+    for i in 0..2000 {
+        let t = i as f64 / 1999.0;
+        let x = ddm_core::flow::randn(vec![2], &mut rng)
+            .data
+            .iter()
+            .map(|&v| 3.0 * v as f64)
+            .collect::<Vec<_>>();
+        for (a, b) in r.posterior(&x, t).iter().zip(g.posterior(&x, t)) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    assert!(worst < 1e-5, "max |analytic - exact| = {worst}");
+}
+
+fn kl(p: &[f64], q: &[f64]) -> f64 {
+    p.iter()
+        .zip(q)
+        .filter(|(a, _)| **a > 1e-12)
+        .map(|(a, b)| a * (a / b.max(1e-12)).ln())
+        .sum()
+}
+
+/// Mean KL(exact || router) per t bin (10 bins), over samples x_t of the mixture.
+fn kl_by_bin(router: &dyn Fn(&[f64], f64) -> Vec<f64>, g: &GaussianMixture) -> Vec<f64> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    (0..10)
+        .map(|b| {
+            let (x0, _) = g.sample(400, &mut rng);
+            let e = ddm_core::flow::randn(vec![400, 2], &mut rng);
+            let mut total = 0.0;
+            for i in 0..400 {
+                let t = (b as f64 + (i as f64 + 0.5) / 400.0) / 10.0;
+                let x: Vec<f64> = (0..2)
+                    .map(|j| (1.0 - t) * x0.data[2 * i + j] as f64 + t * e.data[2 * i + j] as f64)
+                    .collect();
+                total += kl(&g.posterior(&x, t), &router(&x, t));
+            }
+            total / 400.0
+        })
+        .collect()
+}
+
+/// A trained MLP router is close to the exact posterior at every noise level; a router that
+/// ignores t, or one with the wrong prior, is not (the same tolerance catches both).
+#[test]
+fn trained_router_matches_the_posterior_and_broken_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (part, manifest, component) = partition_of(dir.path(), 8000);
+    let g = mixture();
+    let config = TrainConfig {
+        model: "mlp".into(),
+        mlp_hidden: 128,
+        mlp_depth: 3,
+        steps: 2500,
+        batch_size: 256,
+        lr: 2e-3,
+        warmup_steps: 100,
+        ema_decay: 0.99,
+        checkpoint_every: 2500,
+        ..TrainConfig::default()
+    };
+    let out = dir.path().join("router");
+    let task = RouterTask {
+        k: 4,
+        expert_model: "mlp".into(),
+        eval_samples: 500,
+    };
+    let run = Run {
+        partition_dir: part.clone(),
+        manifest: manifest.clone(),
+        out: out.clone(),
+        config,
+        device: ddm_core::device::DeviceChoice::Cpu,
+        progress: false,
+    };
+    ddm_trainer::train::run(&task, run).unwrap();
+
+    let device = ddm_core::device::cpu();
+    let (meta, net) = ddm_router::load_checked(&out.join("router.safetensors"), &manifest, &device).unwrap();
+    assert_eq!(meta.priors.as_ref().unwrap().len(), 4);
+    // The router's clusters are the mixture's components, relabelled.
+    let trained = |x: &[f64], t: f64| -> Vec<f64> {
+        let xt = HostTensor::new(vec![1, 2], x.iter().map(|&v| v as f32).collect()).to_tensor::<2>(&device);
+        let tt = Tensor::<1>::from_floats([t as f32], &device);
+        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt), 1)).data;
+        let mut q = vec![0.0; 4];
+        for (k, &c) in component.iter().enumerate() {
+            q[c] = p[k] as f64;
+        }
+        q
+    };
+    let ignores_t = |x: &[f64], _t: f64| g.posterior(x, 0.5);
+    let uniform_prior = GaussianMixture {
+        weights: vec![0.25; 4],
+        ..g.clone()
+    };
+    let wrong_prior = |x: &[f64], t: f64| uniform_prior.posterior(x, t);
+
+    const TOL: f64 = 0.04;
+    let good = kl_by_bin(&trained, &g);
+    println!("trained router, mean KL per t bin: {good:.4?}");
+    assert!(good.iter().all(|&k| k < TOL), "trained router: {good:?}");
+    for (name, bad) in [
+        ("ignores t", kl_by_bin(&ignores_t, &g)),
+        ("wrong prior", kl_by_bin(&wrong_prior, &g)),
+    ] {
+        println!("{name}: {bad:.4?}");
+        assert!(
+            bad.iter().any(|&k| k > TOL),
+            "{name} should fail the tolerance: {bad:?}"
+        );
+    }
+    // At pure noise the router predicts the prior.
+    let at_noise = trained(&[0.3, -0.2], 1.0);
+    for (a, w) in at_noise.iter().zip(&g.weights) {
+        assert!((a - w).abs() < 0.05, "{at_noise:?} vs prior {:?}", g.weights);
+    }
+}
+
+/// Statistics computed on each island's shard give an analytic router close to the exact one.
+#[test]
+fn analytic_router_from_shard_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (part, manifest, component) = partition_of(dir.path(), 8000);
+    let stats: Vec<ClusterStats> = (0..4)
+        .map(|k| ClusterStats::of(&partition::load_shard(&part, &manifest, k).unwrap()))
+        .collect();
+    let r = AnalyticRouter::from_stats(&stats);
+    let g = mixture();
+    let relabelled = |x: &[f64], t: f64| {
+        let p = r.posterior(x, t);
+        let mut q = vec![0.0; 4];
+        for (k, &c) in component.iter().enumerate() {
+            q[c] = p[k];
+        }
+        q
+    };
+    let kl = kl_by_bin(&relabelled, &g);
+    assert!(kl.iter().all(|&k| k < 0.01), "{kl:?}");
+}
+
+#[test]
+fn a_router_of_another_partition_or_k_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (part, manifest, _) = partition_of(dir.path(), 1000);
+    let config = TrainConfig {
+        model: "mlp".into(),
+        mlp_hidden: 16,
+        steps: 5,
+        batch_size: 32,
+        ..TrainConfig::default()
+    };
+    let out = dir.path().join("router");
+    let task = RouterTask {
+        k: 4,
+        expert_model: "mlp".into(),
+        eval_samples: 100,
+    };
+    let run = Run {
+        partition_dir: part,
+        manifest: manifest.clone(),
+        out: out.clone(),
+        config,
+        device: ddm_core::device::DeviceChoice::Cpu,
+        progress: false,
+    };
+    ddm_trainer::train::run(&task, run).unwrap();
+    let device = ddm_core::device::cpu();
+    let path = out.join("router.safetensors");
+    let mut other = manifest.clone();
+    other.fingerprint = "f".repeat(64);
+    let e = ddm_router::load_checked(&path, &other, &device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("router.safetensors") && e.contains("not this partition"),
+        "{e}"
+    );
+    let mut fewer = manifest.clone();
+    fewer.k = 3;
+    let e = ddm_router::load_checked(&path, &fewer, &device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("K = 4") && e.contains("K = 3"), "{e}");
+}

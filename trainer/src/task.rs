@@ -1,0 +1,91 @@
+//! What a training run optimises: one loop (`train::run`), several tasks. An expert regresses the
+//! flow-matching velocity; a router (crate `ddm-router`) classifies which cluster a noised sample
+//! came from. A task says what data it reads, which network it trains, its loss, and what it
+//! writes at the end; the loop owns batching, randomness, the optimizer, EMA, checkpoints,
+//! metrics and plots.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ddm_core::burn::module::Module;
+use ddm_core::burn::prelude::*;
+use ddm_core::checkpoint::TrainingSummary;
+use ddm_core::host::HostTensor;
+use ddm_core::model::{Model, ModelConfig};
+use ddm_core::params::ParamSource;
+use ddm_datasets::Dataset;
+use ddm_datasets::partition::PartitionManifest;
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::TrainConfig;
+
+/// A trainable network whose tensors have (PyTorch-style) names.
+pub trait Net: Module + Sized {
+    fn state_dict(&self) -> BTreeMap<String, HostTensor>;
+}
+
+impl Net for Model {
+    fn state_dict(&self) -> BTreeMap<String, HostTensor> {
+        Model::state_dict(self)
+    }
+}
+
+/// One batch as the loss sees it.
+pub struct Batch<'a> {
+    /// Samples in the models' range, `[B, X]` (flattened).
+    pub x0: Tensor<2>,
+    /// Class labels of the samples, if the data has them.
+    pub labels: Option<&'a [u32]>,
+    /// Per-sample targets of the task (a router's cluster ids).
+    pub targets: Option<&'a [u32]>,
+}
+
+pub trait Task {
+    type Net: Net;
+
+    /// Short name, recorded in the state (`cluster:2`, `monolith`, `router`).
+    fn name(&self) -> String;
+
+    /// The samples to train on, and per-sample targets if the task has them.
+    fn data(&self, dir: &Path, manifest: &PartitionManifest) -> anyhow::Result<(Dataset, Option<Vec<u32>>)>;
+
+    /// The network's configuration for this data.
+    fn net_config(&self, config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig>;
+
+    /// Build the network (fresh, or from saved tensors).
+    fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<Self::Net>;
+
+    /// The loss of one batch. All randomness comes from `rng`, in a fixed order.
+    fn loss(
+        &self,
+        net: &Self::Net,
+        batch: Batch<'_>,
+        config: &TrainConfig,
+        net_config: &ModelConfig,
+        rng: &mut ChaCha8Rng,
+    ) -> Tensor<1>;
+
+    /// Write the final artefact from the EMA weights; returns its path.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        out: &Path,
+        ema: &Self::Net,
+        net_config: &ModelConfig,
+        summary: TrainingSummary,
+        data: &Dataset,
+        targets: Option<&[u32]>,
+        manifest: &PartitionManifest,
+    ) -> anyhow::Result<PathBuf>;
+
+    /// Something to look at every `sample_every` steps (an expert's sample grid).
+    fn snapshot(
+        &self,
+        _ema: &Self::Net,
+        _net_config: &ModelConfig,
+        _path: &Path,
+        _seed: u64,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
