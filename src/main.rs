@@ -36,6 +36,14 @@ enum Commands {
     TrainRouter(ddm_router::cli::TrainRouterArgs),
     /// Evaluate a router per noise level: accuracy, cross-entropy, calibration.
     EvalRouter(ddm_router::cli::EvalRouterArgs),
+    /// Add experts and a router to a registry (verified; concurrent-safe).
+    Register(commands::register::RegisterArgs),
+    /// List, verify or edit a registry.
+    Registry(commands::register::RegistryArgs),
+    /// Sample from the routed ensemble of a registry.
+    Sample(commands::sample::SampleArgs),
+    /// The whole mission on the default data: partition, 4 island trainers, router, registry, samples.
+    Quickstart(commands::quickstart::QuickstartArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +58,10 @@ fn main() -> ExitCode {
         Commands::Train(args) => commands::train::run(args),
         Commands::TrainRouter(args) => ddm_router::cli::train(args),
         Commands::EvalRouter(args) => ddm_router::cli::eval(args).map(|()| 0),
+        Commands::Register(args) => commands::register::register(args).map(|()| 0),
+        Commands::Registry(args) => commands::register::registry_cmd(args).map(|()| 0),
+        Commands::Sample(args) => commands::sample::run(args).map(|()| 0),
+        Commands::Quickstart(args) => commands::quickstart::run(args).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -462,3 +462,342 @@ fn router_verbs() {
     assert_eq!(meta["role"], "router");
     assert_eq!(meta["num_clusters"], 2);
 }
+
+/// A K-cluster random partition of a small Gaussian mixture, and one MLP expert checkpoint per
+/// cluster made directly (no training needed to test the registry).
+fn registry_fixture(dir: &Path, k: usize) -> Vec<PathBuf> {
+    std::fs::write(
+        dir.join("gmm.json"),
+        r#"{"weights": [0.5, 0.5], "means": [[-3, 0], [3, 0]], "vars": [[0.1, 0.1], [0.1, 0.1]], "n": 400}"#,
+    )
+    .unwrap();
+    ok(ddm(
+        dir,
+        &[
+            "partition",
+            "--data",
+            "gmm:gmm.json",
+            "--k",
+            &k.to_string(),
+            "--algorithm",
+            "random",
+            "--out",
+            "p",
+        ],
+    ));
+    let fp = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(dir.join("p/partition.json")).unwrap(),
+    )
+    .unwrap()["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let device = ddm_core::device::cpu();
+    let config = ddm_core::model::ModelConfig::Mlp(ddm_core::mlp::MlpConfig {
+        hidden_size: 8,
+        depth: 1,
+        ..ddm_core::mlp::MlpConfig::new(2)
+    });
+    (0..k)
+        .map(|c| {
+            let model = config.init(c as u64, &device).unwrap();
+            let mut meta = ddm_core::checkpoint::CheckpointMeta::expert(
+                config.clone(),
+                [-4.0, 4.0],
+                ddm_core::checkpoint::Objective::Velocity,
+            );
+            meta.partition = Some(fp.clone());
+            meta.cluster = Some(c);
+            let path = dir.join(format!("expert-{c}.safetensors"));
+            ddm_core::checkpoint::Checkpoint::from_model(&model, meta)
+                .save(&path)
+                .unwrap();
+            path
+        })
+        .collect()
+}
+
+#[test]
+fn eight_concurrent_registrations_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let experts = registry_fixture(dir.path(), 8);
+    // One at a time into `reg`, all 8 at once into `reg2`: both end with all 8 experts.
+    for e in &experts {
+        ok(ddm(
+            dir.path(),
+            &[
+                "register",
+                "--registry",
+                "reg",
+                "--partition",
+                "p",
+                e.to_str().unwrap(),
+            ],
+        ));
+    }
+    let handles: Vec<_> = experts
+        .iter()
+        .map(|e| {
+            Command::new(env!("CARGO_BIN_EXE_ddm"))
+                .args([
+                    "register",
+                    "--registry",
+                    "reg2",
+                    "--partition",
+                    "p",
+                    e.to_str().unwrap(),
+                ])
+                .current_dir(dir.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut h in handles {
+        assert!(h.wait().unwrap().success());
+    }
+    for reg in ["reg", "reg2"] {
+        let list = ok(ddm(dir.path(), &["registry", "--registry", reg, "list"]));
+        assert_eq!(list.matches("  expert ").count(), 8, "{list}");
+        assert!(!list.contains("missing"), "{list}");
+    }
+}
+
+#[test]
+fn corrupted_checkpoints_are_refused_and_verify_finds_flipped_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let experts = registry_fixture(dir.path(), 2);
+    ok(ddm(
+        dir.path(),
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            experts[0].to_str().unwrap(),
+        ],
+    ));
+    let before: Vec<(PathBuf, Vec<u8>)> = walk(&dir.path().join("reg"));
+    // A corrupted checkpoint: refused, and not one byte of the registry changes.
+    let mut b = std::fs::read(&experts[1]).unwrap();
+    let at = b.len() - 5;
+    b[at] ^= 0x10;
+    std::fs::write(dir.path().join("bad.safetensors"), &b).unwrap();
+    let e = fails(ddm(
+        dir.path(),
+        &["register", "--registry", "reg", "bad.safetensors"],
+    ));
+    assert!(e.contains("bad.safetensors") && e.contains("checksum"), "{e}");
+    // Other weights for an already registered cluster need --replace.
+    let mut other = ddm_core::checkpoint::Checkpoint::read(&experts[1]).unwrap();
+    other.meta.cluster = Some(0);
+    other.save(&dir.path().join("other-0.safetensors")).unwrap();
+    let e = fails(ddm(
+        dir.path(),
+        &["register", "--registry", "reg", "other-0.safetensors"],
+    ));
+    assert!(
+        e.contains("cluster 0 already has an expert") && e.contains("--replace"),
+        "{e}"
+    );
+    assert_eq!(walk(&dir.path().join("reg")), before, "registry bytes unchanged");
+    // verify: every blob re-hashed; a flipped byte is found.
+    ok(ddm(dir.path(), &["registry", "--registry", "reg", "verify"]));
+    let blob = std::fs::read_dir(dir.path().join("reg/blobs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut b = std::fs::read(&blob).unwrap();
+    b[100] ^= 1;
+    std::fs::write(&blob, b).unwrap();
+    let e = fails(ddm(dir.path(), &["registry", "--registry", "reg", "verify"]));
+    assert!(e.contains("expert 0") && e.contains("1 problem"), "{e}");
+}
+
+fn walk(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if !p.ends_with("registry.lock") {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A tiny 8 x 8 image dataset as IDX files.
+fn tiny_images(dir: &Path) {
+    let n = 96u32;
+    let mut img = vec![];
+    for v in [0x803u32, n, 8, 8] {
+        img.extend(v.to_be_bytes());
+    }
+    for i in 0..n {
+        for p in 0..64u32 {
+            // Two kinds of images: bright left half or bright top half.
+            let on = if i % 2 == 0 { p % 8 < 4 } else { p / 8 < 4 };
+            img.push(if on { 200 + (i % 50) as u8 } else { 10 });
+        }
+    }
+    let mut lab = vec![];
+    lab.extend(0x801u32.to_be_bytes());
+    lab.extend(n.to_be_bytes());
+    lab.extend((0..n).map(|i| (i % 2) as u8));
+    std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
+}
+
+/// The whole mission in seconds: partition -> 2 island trainers -> router -> register -> sample.
+#[test]
+fn end_to_end_tiny_ensemble() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    tiny_images(&dir.path().join("data"));
+    ok(ddm(
+        dir.path(),
+        &[
+            "partition",
+            "--data",
+            "idx:data",
+            "--k",
+            "2",
+            "--features",
+            "raw",
+            "--algorithm",
+            "kmeans",
+            "--out",
+            "p",
+        ],
+    ));
+    let common = [
+        "--model",
+        "DiT-XS/4",
+        "--steps",
+        "20",
+        "--batch-size",
+        "16",
+        "--quiet",
+    ];
+    for k in ["0", "1"] {
+        let out = format!("e{k}");
+        let mut args = vec!["train", "--partition", "p", "--cluster", k, "--out", &out];
+        args.extend(common);
+        ok(ddm(dir.path(), &args));
+    }
+    let mut args = vec![
+        "train-router",
+        "--partition",
+        "p",
+        "--out",
+        "r",
+        "--eval-samples",
+        "50",
+    ];
+    args.extend(common);
+    ok(ddm(dir.path(), &args));
+    ok(ddm(
+        dir.path(),
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "e0/expert.safetensors",
+            "e1/expert.safetensors",
+            "r/router.safetensors",
+        ],
+    ));
+    for strategy in ["top-1", "full"] {
+        let png = format!("s-{strategy}.png");
+        ok(ddm(
+            dir.path(),
+            &[
+                "sample",
+                "--registry",
+                "reg",
+                "--strategy",
+                strategy,
+                "--n",
+                "8",
+                "--steps",
+                "5",
+                "--out",
+                &png,
+            ],
+        ));
+        assert!(
+            std::fs::read(dir.path().join(&png))
+                .unwrap()
+                .starts_with(b"\x89PNG")
+        );
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(format!("s-{strategy}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["experts_present"], serde_json::json!([0, 1]), "{report}");
+        assert_eq!(report["steps"], 5);
+        assert!(!report["usage"].as_array().unwrap().is_empty());
+    }
+    // The analytic router works from the statistics the islands registered.
+    ok(ddm(
+        dir.path(),
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--router",
+            "analytic",
+            "--strategy",
+            "full",
+            "--n",
+            "4",
+            "--steps",
+            "3",
+            "--out",
+            "a.png",
+        ],
+    ));
+    // An island that failed: refused without --allow-missing, renormalised with it.
+    ok(ddm(
+        dir.path(),
+        &["registry", "--registry", "reg", "remove", "--cluster", "1"],
+    ));
+    let e = fails(ddm(
+        dir.path(),
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--n",
+            "4",
+            "--steps",
+            "3",
+            "--out",
+            "m.png",
+        ],
+    ));
+    assert!(
+        e.contains("missing for clusters [1]") && e.contains("--allow-missing"),
+        "{e}"
+    );
+    ok(ddm(
+        dir.path(),
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--n",
+            "4",
+            "--steps",
+            "3",
+            "--allow-missing",
+            "--out",
+            "m.png",
+        ],
+    ));
+}

@@ -5,6 +5,9 @@ pub mod import;
 pub mod info;
 pub mod partition;
 pub mod predict;
+pub mod quickstart;
+pub mod register;
+pub mod sample;
 pub mod train;
 
 use clap::Args;

@@ -1,0 +1,8 @@
+//! ddm-ensemble: jobs 2 and 3 of the mission. [`registry`] collects experts and the router into a
+//! verified, content-addressed directory; [`sampler`] mixes them at every denoising step through a
+//! routing [`strategy`], with grouped dispatch (each expert runs once per step).
+
+pub mod registry;
+pub mod sample;
+pub mod sampler;
+pub mod strategy;

@@ -1,0 +1,193 @@
+//! `ddm sample`: load the registry, build the routed ensemble, integrate from noise to data, and
+//! write a PNG grid, the samples as safetensors, and a JSON report (expert usage per step range,
+//! time per step, peak memory).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use ddm_core::burn::prelude::*;
+use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
+use ddm_core::host::{HostTensor, write_tensors};
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::registry::Registry;
+use crate::sampler::{Ensemble, ExpertSlot, LearnedRouter, Posterior};
+use crate::strategy::Strategy;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterChoice {
+    /// The registered, trained router.
+    Learned,
+    /// The analytic router from the registered per-cluster statistics.
+    Analytic,
+}
+
+pub struct SampleOptions {
+    pub registry: PathBuf,
+    pub n: usize,
+    pub steps: usize,
+    pub solver: Solver,
+    pub strategy: Strategy,
+    pub router: RouterChoice,
+    pub allow_missing: bool,
+    pub seed: u64,
+    /// The PNG grid; `.safetensors` and `.json` are written beside it with the same stem.
+    pub out: PathBuf,
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRange {
+    pub t_from: f64,
+    pub t_to: f64,
+    /// Samples routed to each expert, summed over the steps of the range.
+    pub rows_per_expert: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub strategy: String,
+    pub router: String,
+    pub n: usize,
+    pub steps: usize,
+    pub solver: String,
+    pub experts_present: Vec<usize>,
+    pub experts_missing: Vec<usize>,
+    pub experts_loaded: Vec<usize>,
+    pub seconds: f64,
+    pub seconds_per_step: f64,
+    pub expert_evaluations: usize,
+    pub usage: Vec<StepRange>,
+    pub peak_rss_mib: Option<f64>,
+    pub png: String,
+    pub tensors: String,
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn sample(o: &SampleOptions) -> anyhow::Result<Report> {
+    let reg = Registry::open(&o.registry)?;
+    let k = reg.index.k;
+    let missing: Vec<usize> = (0..k).filter(|c| !reg.index.experts.contains_key(c)).collect();
+    if !missing.is_empty() && !o.allow_missing {
+        bail!(
+            "experts missing for clusters {missing:?} (their islands have not registered); pass --allow-missing to sample \
+             with the {} present, the router's weights renormalised over them",
+            k - missing.len()
+        );
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: sampling without the experts of clusters {missing:?}; the router's weights are renormalised"
+        );
+    }
+    let device = o.device.clone();
+    let experts: Vec<ExpertSlot> = (0..k)
+        .map(|c| {
+            if reg.index.experts.contains_key(&c) {
+                let (reg, device) = (&reg, device.clone());
+                ExpertSlot::lazy(move || reg.expert(c, &device))
+            } else {
+                ExpertSlot::missing()
+            }
+        })
+        .collect();
+    let router: Option<Box<dyn Posterior>> = if !o.strategy.uses_router() {
+        None
+    } else {
+        Some(match o.router {
+            RouterChoice::Learned => Box::new(LearnedRouter {
+                net: reg.router(&device)?,
+                k,
+            }),
+            RouterChoice::Analytic => Box::new(reg.analytic_router()?),
+        })
+    };
+    let ensemble = Ensemble::new(experts, router, o.strategy, o.seed)?;
+    let shape = reg.index.data.shape.clone();
+    let per: usize = shape.iter().product();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
+    let x1 = flow::randn(vec![o.n, per], &mut rng).to_tensor::<2>(&device);
+    let times = StepSchedule::Uniform.times(o.steps);
+    let t0 = Instant::now();
+    let x0 = flow::integrate(&ensemble as &dyn VelocityField<2>, x1, None, &times, o.solver);
+    let x0 = HostTensor::from_tensor(x0); // device sync: the timing includes all the work
+    let seconds = t0.elapsed().as_secs_f64();
+    if let Some(e) = ensemble.take_error() {
+        return Err(e);
+    }
+
+    // Outputs: tensors, PNG grid (images), report.
+    let stem = o.out.with_extension("");
+    let tensors_path = stem.with_extension("safetensors");
+    let mut full_shape = vec![o.n];
+    full_shape.extend(&shape);
+    write_tensors(
+        &tensors_path,
+        &BTreeMap::from([("x0".to_string(), HostTensor::new(full_shape, x0.data.clone()))]),
+        &BTreeMap::new(),
+    )?;
+    if shape.len() == 3 && (shape[0] == 1 || shape[0] == 3) {
+        let px = ddm_datasets::grid::to_u8(&x0.data);
+        let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
+        let cols = (o.n as f64).sqrt().ceil() as usize;
+        ddm_datasets::grid::write_grid_png(&o.out, &cells, [shape[0], shape[1], shape[2]], cols, 2, 40)?;
+    }
+    let usage = ensemble.usage.borrow();
+    let evaluations: usize = usage
+        .iter()
+        .map(|u| u.rows_per_expert.iter().filter(|&&r| r > 0).count())
+        .sum();
+    let ranges = 5.min(usage.len()).max(1);
+    let per_range = usage.len().div_ceil(ranges).max(1);
+    let usage_ranges: Vec<StepRange> = usage
+        .chunks(per_range)
+        .map(|c| StepRange {
+            t_from: c[0].t,
+            t_to: c[c.len() - 1].t,
+            rows_per_expert: (0..k)
+                .map(|e| c.iter().map(|u| u.rows_per_expert[e]).sum())
+                .collect(),
+        })
+        .collect();
+    let report = Report {
+        strategy: o.strategy.to_string(),
+        router: match (o.strategy.uses_router(), o.router) {
+            (false, _) => "none".into(),
+            (true, RouterChoice::Learned) => "learned".into(),
+            (true, RouterChoice::Analytic) => "analytic".into(),
+        },
+        n: o.n,
+        steps: o.steps,
+        solver: format!("{:?}", o.solver).to_lowercase(),
+        experts_present: (0..k).filter(|c| !missing.contains(c)).collect(),
+        experts_missing: missing,
+        experts_loaded: (0..k).filter(|&c| ensemble.experts[c].is_loaded()).collect(),
+        seconds,
+        seconds_per_step: seconds / o.steps as f64,
+        expert_evaluations: evaluations,
+        usage: usage_ranges,
+        peak_rss_mib: peak_rss_mib(),
+        png: o.out.display().to_string(),
+        tensors: tensors_path.display().to_string(),
+    };
+    ddm_core::fsio::write_bytes_atomic(
+        &stem.with_extension("json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    Ok(report)
+}

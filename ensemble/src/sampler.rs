@@ -1,0 +1,235 @@
+//! The routed ensemble as one velocity field: at every step, for every sample, the router gives
+//! p(k | x_t, t), the strategy picks and weights experts, and
+//!
+//!   v(x_t, t) = sum over selected k of w_k v_k(x_t, t).
+//!
+//! Dispatch is grouped: the rows that chose expert k are gathered, expert k runs once on them, and
+//! its weighted velocity is scatter-added back. Each expert runs at most once per evaluation.
+//! Experts are loaded lazily, on first use. A missing expert (an island that failed) is
+//! renormalised away by the strategy.
+
+use std::cell::RefCell;
+
+use ddm_core::burn::prelude::*;
+use ddm_core::burn::tensor::IndexingUpdateOp;
+use ddm_core::burn::tensor::activation::softmax;
+use ddm_core::flow::VelocityField;
+use ddm_core::host::HostTensor;
+use ddm_router::analytic::AnalyticRouter;
+use ddm_router::net::RouterNet;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::strategy::Strategy;
+
+/// Anything that gives the cluster posterior p(k | x_t, t) per sample.
+pub trait Posterior {
+    fn k(&self) -> usize;
+    /// # Shapes
+    /// - `x_t`: `[N, X]`, `t`: `[N]` -> N rows of K probabilities
+    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>) -> Vec<Vec<f64>>;
+}
+
+/// A trained router network.
+pub struct LearnedRouter {
+    pub net: RouterNet,
+    pub k: usize,
+}
+
+impl Posterior for LearnedRouter {
+    fn k(&self) -> usize {
+        self.k
+    }
+
+    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>) -> Vec<Vec<f64>> {
+        let p = HostTensor::from_tensor(softmax(self.net.logits(x_t.clone(), t.clone()), 1)); // device sync
+        p.data
+            .chunks(self.k)
+            .map(|r| r.iter().map(|&v| v as f64).collect())
+            .collect()
+    }
+}
+
+impl Posterior for AnalyticRouter {
+    fn k(&self) -> usize {
+        AnalyticRouter::k(self)
+    }
+
+    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>) -> Vec<Vec<f64>> {
+        let x = HostTensor::from_tensor(x_t.clone());
+        let t = HostTensor::from_tensor(t.clone()).data;
+        let d = x.shape[1];
+        x.data
+            .chunks(d)
+            .zip(t)
+            .map(|(r, t)| self.posterior(&r.iter().map(|&v| v as f64).collect::<Vec<_>>(), t as f64))
+            .collect()
+    }
+}
+
+type Loader<'a> = Box<dyn Fn() -> anyhow::Result<Box<dyn VelocityField<2> + 'a>> + 'a>;
+
+/// One expert: loaded on first use.
+pub struct ExpertSlot<'a> {
+    loader: Option<Loader<'a>>,
+    loaded: RefCell<Option<Box<dyn VelocityField<2> + 'a>>>,
+}
+
+impl<'a> ExpertSlot<'a> {
+    /// An expert loaded by `loader` the first time it is selected.
+    pub fn lazy(loader: impl Fn() -> anyhow::Result<Box<dyn VelocityField<2> + 'a>> + 'a) -> Self {
+        Self {
+            loader: Some(Box::new(loader)),
+            loaded: RefCell::new(None),
+        }
+    }
+
+    /// An expert already in memory.
+    pub fn ready(field: Box<dyn VelocityField<2> + 'a>) -> Self {
+        Self {
+            loader: None,
+            loaded: RefCell::new(Some(field)),
+        }
+    }
+
+    /// A missing expert (its island failed or was never registered).
+    pub fn missing() -> Self {
+        Self {
+            loader: None,
+            loaded: RefCell::new(None),
+        }
+    }
+
+    pub fn is_present(&self) -> bool {
+        self.loader.is_some() || self.loaded.borrow().is_some()
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.borrow().is_some()
+    }
+}
+
+/// What one evaluation did: rows per expert.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub t: f64,
+    pub rows_per_expert: Vec<usize>,
+}
+
+/// The routed ensemble.
+pub struct Ensemble<'a> {
+    pub experts: Vec<ExpertSlot<'a>>,
+    pub router: Option<Box<dyn Posterior + 'a>>,
+    pub strategy: Strategy,
+    rng: RefCell<ChaCha8Rng>,
+    pub usage: RefCell<Vec<Usage>>,
+    /// First expert-loading error (surfaced by `take_error` after sampling).
+    error: RefCell<Option<anyhow::Error>>,
+}
+
+impl<'a> Ensemble<'a> {
+    pub fn new(
+        experts: Vec<ExpertSlot<'a>>,
+        router: Option<Box<dyn Posterior + 'a>>,
+        strategy: Strategy,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        let k = experts.len();
+        if !experts.iter().any(|e| e.is_present()) {
+            anyhow::bail!("no expert is present");
+        }
+        match (&router, strategy) {
+            (_, Strategy::Oracle { cluster }) if cluster >= k || !experts[cluster].is_present() => {
+                anyhow::bail!("oracle cluster {cluster} has no expert (K = {k})")
+            }
+            (None, s) if s.uses_router() => anyhow::bail!("strategy {s} needs a router"),
+            (Some(r), _) if r.k() != k => {
+                anyhow::bail!("the router has K = {}, but there are {k} expert slots", r.k())
+            }
+            _ => {}
+        }
+        Ok(Self {
+            experts,
+            router,
+            strategy,
+            rng: RefCell::new(ChaCha8Rng::seed_from_u64(seed)),
+            usage: RefCell::new(vec![]),
+            error: RefCell::new(None),
+        })
+    }
+
+    pub fn present(&self) -> Vec<bool> {
+        self.experts.iter().map(|e| e.is_present()).collect()
+    }
+
+    /// An expert-loading error that happened during sampling, if any.
+    pub fn take_error(&self) -> Option<anyhow::Error> {
+        self.error.borrow_mut().take()
+    }
+
+    fn ensure_loaded(&self, k: usize) -> bool {
+        let slot = &self.experts[k];
+        if slot.is_loaded() {
+            return true;
+        }
+        match slot.loader.as_ref().map(|l| l()) {
+            Some(Ok(field)) => {
+                *slot.loaded.borrow_mut() = Some(field);
+                true
+            }
+            Some(Err(e)) => {
+                self.error
+                    .borrow_mut()
+                    .get_or_insert(e.context(format!("loading expert {k}")));
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+impl VelocityField<2> for Ensemble<'_> {
+    fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
+        let [n, _] = x_t.dims();
+        let device = x_t.device();
+        let k = self.experts.len();
+        let present = self.present();
+        let probs = match &self.router {
+            Some(r) if self.strategy.uses_router() => r.probs(&x_t, &t),
+            _ => vec![vec![1.0 / k as f64; k]; n],
+        };
+        // Per sample: which experts, with which weights. Then group rows by expert.
+        let mut rows: Vec<Vec<i64>> = vec![vec![]; k];
+        let mut weights: Vec<Vec<f32>> = vec![vec![]; k];
+        {
+            let mut rng = self.rng.borrow_mut();
+            for (i, p) in probs.iter().enumerate() {
+                for (e, w) in self.strategy.select(p, &present, &mut *rng) {
+                    rows[e].push(i as i64);
+                    weights[e].push(w as f32);
+                }
+            }
+        }
+        let mut out = x_t.zeros_like(); // [N, X]
+        for e in 0..k {
+            if rows[e].is_empty() || !self.ensure_loaded(e) {
+                continue;
+            }
+            let m = rows[e].len();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(rows[e].clone(), [m]), &device);
+            let xe = x_t.clone().select(0, idx.clone()); // [M, X]
+            let te = t.clone().select(0, idx.clone()); // [M]
+            let ye = y.clone().map(|y| y.select(0, idx.clone()));
+            let field = self.experts[e].loaded.borrow();
+            let v = field.as_ref().expect("loaded above").velocity(xe, te, ye); // expert e runs once
+            let w = Tensor::<2>::from_data(TensorData::new(weights[e].clone(), [m, 1]), &device);
+            out = out.select_assign(0, idx, v * w, IndexingUpdateOp::Add);
+        }
+        let t0 = HostTensor::from_tensor(t.narrow(0, 0, 1)).data[0] as f64;
+        self.usage.borrow_mut().push(Usage {
+            t: t0,
+            rows_per_expert: rows.iter().map(|r| r.len()).collect(),
+        });
+        out
+    }
+}

@@ -1,0 +1,243 @@
+//! `ddm quickstart`: the whole mission on the default data, in minutes on a laptop CPU.
+//!
+//! 1. partition Fashion-MNIST (the Debian package if installed, else the 10,000 images embedded in
+//!    ddm) into K = 4 clusters;
+//! 2. train the 4 experts as 4 separate `ddm-trainer` processes (islands; 2 at a time, one thread
+//!    each) that share nothing but the partition directory;
+//! 3. train the router; 4. register everything; 5. sample 64 images with top-1 and with full;
+//! 6. print where everything is.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+/// Run partition -> 4 island trainers -> router -> registry -> samples on the default data.
+#[derive(Args, Debug)]
+pub struct QuickstartArgs {
+    /// Where everything goes.
+    #[arg(long, default_value = "runs/quickstart")]
+    pub out: PathBuf,
+    /// The data (see `ddm partition --data`).
+    #[arg(long, default_value = "default")]
+    pub data: String,
+    /// Number of clusters / islands.
+    #[arg(long, default_value_t = 4)]
+    pub k: usize,
+    /// The experts' network.
+    #[arg(long, default_value = "DiT-T/4")]
+    pub expert_model: String,
+    /// Training steps per expert.
+    #[arg(long, default_value_t = 600)]
+    pub expert_steps: u64,
+    /// The router's network.
+    #[arg(long, default_value = "DiT-XS/4")]
+    pub router_model: String,
+    /// Router training steps.
+    #[arg(long, default_value_t = 400)]
+    pub router_steps: u64,
+    /// Batch size of experts and router.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Islands training at the same time.
+    #[arg(long, default_value_t = 2)]
+    pub parallel: usize,
+    /// Samples per strategy.
+    #[arg(long, default_value_t = 64)]
+    pub n: usize,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+}
+
+fn ddm_exe() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("cannot find the ddm executable")
+}
+
+/// The island binary: `ddm-trainer` beside `ddm`, else `ddm train` (the same code).
+fn island_command() -> anyhow::Result<Command> {
+    let exe = ddm_exe()?;
+    let trainer = exe.with_file_name("ddm-trainer");
+    Ok(if trainer.exists() {
+        Command::new(trainer)
+    } else {
+        let mut c = Command::new(exe);
+        c.arg("train");
+        c
+    })
+}
+
+fn run_ok(mut c: Command, what: &str) -> anyhow::Result<()> {
+    let status = c.status().with_context(|| format!("cannot start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
+    let t_all = Instant::now();
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let p = |s: &str| a.out.join(s);
+    let s = |p: &Path| p.display().to_string();
+    let exe = ddm_exe()?;
+
+    // 1. Partition (kept if it is already there: rerunning the quickstart resumes).
+    let part = p("partition");
+    if !part.join("partition.json").exists() {
+        eprintln!("== 1/5 partition {} into K = {}", a.data, a.k);
+        let mut c = Command::new(&exe);
+        c.args([
+            "partition",
+            "--data",
+            &a.data,
+            "--k",
+            &a.k.to_string(),
+            "--out",
+            &s(&part),
+        ]);
+        run_ok(c, "ddm partition")?;
+    }
+
+    // 2. Islands: separate processes, `parallel` at a time, one thread each.
+    eprintln!(
+        "== 2/5 train {} experts ({}, {} steps) as separate island processes, {} at a time",
+        a.k, a.expert_model, a.expert_steps, a.parallel
+    );
+    let t_islands = Instant::now();
+    let threads =
+        (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) / a.parallel.max(1)).max(1);
+    let mut pending: Vec<usize> = (0..a.k).rev().collect();
+    let mut running: Vec<(usize, std::process::Child)> = vec![];
+    while !pending.is_empty() || !running.is_empty() {
+        while running.len() < a.parallel.max(1) {
+            let Some(k) = pending.pop() else { break };
+            let mut c = island_command()?;
+            c.args([
+                "--partition",
+                &s(&part),
+                "--cluster",
+                &k.to_string(),
+                "--out",
+                &s(&p(&format!("expert-{k}"))),
+            ])
+            .args(["--model", &a.expert_model, "--steps", &a.expert_steps.to_string()])
+            .args([
+                "--batch-size",
+                &a.batch_size.to_string(),
+                "--lr",
+                "5e-4",
+                "--checkpoint-every",
+                "200",
+                "--quiet",
+            ])
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .stdout(std::process::Stdio::null());
+            eprintln!("   island {k}: started");
+            running.push((k, c.spawn().context("cannot start an island trainer")?));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut still = vec![];
+        for (k, mut child) in running {
+            match child.try_wait()? {
+                Some(st) if st.success() => eprintln!(
+                    "   island {k}: done ({:.0} s so far)",
+                    t_islands.elapsed().as_secs_f64()
+                ),
+                Some(st) => bail!("island {k} failed ({st}); see {}", s(&p(&format!("expert-{k}")))),
+                None => still.push((k, child)),
+            }
+        }
+        running = still;
+    }
+
+    // 3. Router.
+    eprintln!(
+        "== 3/5 train the router ({}, {} steps)",
+        a.router_model, a.router_steps
+    );
+    let mut c = Command::new(&exe);
+    c.args([
+        "train-router",
+        "--partition",
+        &s(&part),
+        "--out",
+        &s(&p("router")),
+    ])
+    .args([
+        "--model",
+        &a.router_model,
+        "--steps",
+        &a.router_steps.to_string(),
+        "--batch-size",
+        &a.batch_size.to_string(),
+    ])
+    .args([
+        "--lr",
+        "1e-3",
+        "--expert-model",
+        &a.expert_model,
+        "--eval-samples",
+        "1000",
+        "--quiet",
+    ]);
+    run_ok(c, "ddm train-router")?;
+
+    // 4. Registry.
+    eprintln!("== 4/5 register");
+    let reg = p("registry");
+    let mut c = Command::new(&exe);
+    c.args([
+        "register",
+        "--registry",
+        &s(&reg),
+        "--partition",
+        &s(&part),
+        "--replace",
+    ]);
+    for k in 0..a.k {
+        c.arg(p(&format!("expert-{k}/expert.safetensors")));
+    }
+    c.arg(p("router/router.safetensors"));
+    run_ok(c, "ddm register")?;
+
+    // 5. Samples.
+    for strategy in ["top-1", "full"] {
+        eprintln!("== 5/5 sample {} images with {strategy}", a.n);
+        let mut c = Command::new(&exe);
+        c.args([
+            "sample",
+            "--registry",
+            &s(&reg),
+            "--strategy",
+            strategy,
+            "--n",
+            &a.n.to_string(),
+        ])
+        .args([
+            "--steps",
+            &a.steps.to_string(),
+            "--out",
+            &s(&p(&format!("samples-{strategy}.png"))),
+        ]);
+        run_ok(c, "ddm sample")?;
+    }
+    println!(
+        "\nquickstart done in {:.1} min. Outputs in {}:",
+        t_all.elapsed().as_secs_f64() / 60.0,
+        a.out.display()
+    );
+    println!("  partition/clusters.png   what each island got (ddm partition --describe)");
+    println!("  expert-K/                each island's expert, loss.png, samples.png, metrics.jsonl");
+    println!("  router/                  router.safetensors, router-eval.json (accuracy per noise level)");
+    println!("  registry/                the verified registry (ddm registry --registry ... list)");
+    println!("  samples-top-1.png        64 samples, top-1 routing (+ .json report, .safetensors)");
+    println!("  samples-full.png         64 samples, full mixture");
+    let mut c = Command::new(&exe);
+    c.args(["partition", "--describe", &s(&part)])
+        .stdout(std::process::Stdio::null());
+    let _ = c.status();
+    Ok(())
+}
