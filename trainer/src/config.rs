@@ -25,7 +25,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (0: no clipping).
     pub grad_clip: f64,
-    /// EMA decay of the weights; the expert checkpoint holds the EMA weights.
+    /// EMA decay of the weights (reached after a warm-up, see `ema_decay_at`); the expert
+    /// checkpoint holds the EMA weights.
     pub ema_decay: f64,
     /// How training draws t.
     pub time_sampler: TimeSampler,
@@ -75,6 +76,13 @@ impl TrainConfig {
         } else {
             self.lr
         }
+    }
+
+    /// The EMA decay at `step`: min(ema_decay, (1 + step) / (10 + step)). Without the warm-up a
+    /// short run's EMA would still be mostly its initial weights (0.999^300 = 0.74), which for
+    /// adaLN-Zero means a model that predicts nearly zero.
+    pub fn ema_decay_at(&self, step: u64) -> f64 {
+        self.ema_decay.min((1 + step) as f64 / (10 + step) as f64)
     }
 
     pub fn validate(&self) -> Result<(), String> {

@@ -234,7 +234,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         };
         let lr = config.lr_at(st.step);
         model = optim.step(lr, model, grads);
-        ema = crate::ema::update(ema, &model.valid(), config.ema_decay);
+        ema = crate::ema::update(ema, &model.valid(), config.ema_decay_at(st.step));
         st.step += 1;
         st.samples_seen += b as u64;
         st.last_loss = Some(loss_value);
