@@ -801,3 +801,76 @@ fn end_to_end_tiny_ensemble() {
         ],
     ));
 }
+
+/// `registry export` writes the published layout and `register` takes it back; experts can be
+/// registered by URL, verified by sha256 before use.
+#[test]
+fn export_folder_and_url_registration() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let experts = registry_fixture(dir.path(), 2);
+    let files: Vec<&str> = experts.iter().map(|e| e.to_str().unwrap()).collect();
+    let mut args = vec!["register", "--registry", "reg", "--partition", "p"];
+    args.extend(&files);
+    ok(ddm(dir.path(), &args));
+    ok(ddm(
+        dir.path(),
+        &["registry", "--registry", "reg", "export", "--out", "published"],
+    ));
+    for f in [
+        "index.json",
+        "expert_0/config.json",
+        "expert_0/model.safetensors",
+        "expert_1/model.safetensors",
+    ] {
+        assert!(dir.path().join("published").join(f).exists(), "{f}");
+    }
+    ok(ddm(
+        dir.path(),
+        &["register", "--registry", "reg2", "--partition", "p", "published"],
+    ));
+    assert_eq!(
+        ok(ddm(dir.path(), &["registry", "--registry", "reg2", "list"]))
+            .matches("  expert ")
+            .count(),
+        2
+    );
+
+    // A loopback HTTP server serving expert-1.
+    let body = std::fs::read(&experts[1]).unwrap();
+    let sha = ddm_datasets::dataset::sha256_hex(&body);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(2) {
+            let mut s = s.unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            s.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            s.write_all(&body).unwrap();
+        }
+    });
+    let env_cache = dir.path().join("cache");
+    let run = |url: String| {
+        Command::new(env!("CARGO_BIN_EXE_ddm"))
+            .args(["register", "--registry", "reg3", "--partition", "p", &url])
+            .env("DDM_CACHE", &env_cache)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let e = fails(run(format!(
+        "http://{addr}/expert-1.safetensors#sha256={}",
+        "0".repeat(64)
+    )));
+    assert!(e.contains("does not match the expected"), "{e}");
+    ok(run(format!("http://{addr}/expert-1.safetensors#sha256={sha}")));
+    assert!(ok(ddm(dir.path(), &["registry", "--registry", "reg3", "list"])).contains(&sha[..12]));
+}

@@ -15,8 +15,16 @@ use rand::SeedableRng;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let reg_dir = args.get(1).expect("usage: bench_sampling REGISTRY [--batch N] [--reps R]");
-    let flag = |name: &str, d: usize| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(d);
+    let reg_dir = args
+        .get(1)
+        .expect("usage: bench_sampling REGISTRY [--batch N] [--reps R]");
+    let flag = |name: &str, d: usize| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let (batch, reps) = (flag("--batch", 64), flag("--reps", 10));
     let device = ddm_core::device::cpu();
     let reg = Registry::open(std::path::Path::new(reg_dir)).unwrap();
@@ -26,7 +34,13 @@ fn main() {
     let x = flow::randn(vec![batch, per], &mut rng);
     let t: Vec<f32> = (0..batch).map(|i| 0.2 + 0.6 * i as f32 / batch as f32).collect();
     let run = |f: &dyn VelocityField<2>| -> f64 {
-        let go = || HostTensor::from_tensor(f.velocity(x.to_tensor::<2>(&device), Tensor::from_floats(t.as_slice(), &device), None));
+        let go = || {
+            HostTensor::from_tensor(f.velocity(
+                x.to_tensor::<2>(&device),
+                Tensor::from_floats(t.as_slice(), &device),
+                None,
+            ))
+        };
         go(); // warm-up (and lazy loading)
         let mut times: Vec<f64> = (0..reps)
             .map(|_| {
@@ -41,9 +55,16 @@ fn main() {
     let experts: Vec<_> = (0..k).map(|c| reg.expert(c, &device).unwrap()).collect();
     let single: Vec<f64> = experts.iter().map(|e| run(e.as_ref())).collect();
     let one = single.iter().sum::<f64>() / k as f64;
-    let router = || Box::new(LearnedRouter { net: reg.router(&device).unwrap(), k }) as Box<dyn ddm_ensemble::sampler::Posterior>;
+    let router = || {
+        Box::new(LearnedRouter {
+            net: reg.router(&device).unwrap(),
+            k,
+        }) as Box<dyn ddm_ensemble::sampler::Posterior>
+    };
     let mk = |s: Strategy| {
-        let slots = (0..k).map(|c| ExpertSlot::ready(reg.expert(c, &device).unwrap())).collect();
+        let slots = (0..k)
+            .map(|c| ExpertSlot::ready(reg.expert(c, &device).unwrap()))
+            .collect();
         Ensemble::new(slots, Some(router()), s, 0).unwrap()
     };
     let top1 = run(&mk(Strategy::TopK { k: 1 }));
@@ -52,6 +73,11 @@ fn main() {
     println!(
         "{{\"batch\": {batch}, \"k\": {k}, \"threads\": \"{}\", \"single_expert_ms\": {:.1}, \"top1_ms\": {:.1}, \"top2_ms\": {:.1}, \"full_ms\": {:.1}, \"top1_over_single\": {:.3}, \"full_over_k_single\": {:.3}}}",
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
-        one * 1e3, top1 * 1e3, top2 * 1e3, full * 1e3, top1 / one, full / (k as f64 * one)
+        one * 1e3,
+        top1 * 1e3,
+        top2 * 1e3,
+        full * 1e3,
+        top1 / one,
+        full / (k as f64 * one)
     );
 }

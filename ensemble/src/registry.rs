@@ -330,6 +330,90 @@ pub fn verify(dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(problems)
 }
 
+/// Write the published folder layout: `expert_K/{config.json, model.safetensors}` per expert,
+/// `router/{config.json, model.safetensors}`, and `index.json` (the registry's index). `config.json`
+/// is the checkpoint's ddm metadata; `model.safetensors` is the checkpoint itself.
+pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
+    let mut written = vec![];
+    let mut put = |folder: String, e: &Entry| -> anyhow::Result<()> {
+        let f = out.join(&folder);
+        std::fs::create_dir_all(&f).with_context(|| format!("creating {}", f.display()))?;
+        let blob = e.blob(dir);
+        let ckpt = Checkpoint::read(&blob)?;
+        ddm_core::fsio::write_bytes_atomic(&f.join("config.json"), &serde_json::to_vec_pretty(&ckpt.meta)?)?;
+        let bytes = std::fs::read(&blob).with_context(|| format!("reading {}", blob.display()))?;
+        ddm_core::fsio::write_bytes_atomic(&f.join("model.safetensors"), &bytes)?;
+        written.push(f);
+        Ok(())
+    };
+    for (k, e) in &idx.experts {
+        put(format!("expert_{k}"), e)?;
+    }
+    if let Some(e) = &idx.router {
+        put("router".into(), e)?;
+    }
+    ddm_core::fsio::write_bytes_atomic(&out.join("index.json"), &serde_json::to_vec_pretty(&idx)?)?;
+    Ok(written)
+}
+
+/// Expand what `ddm register` was given: an exported folder (with `index.json`) becomes its
+/// `*/model.safetensors` files; an `http://` URL is downloaded into `cache` (with `#sha256=HEX`,
+/// the file must hash to HEX before it is used); anything else is a path.
+pub fn expand_sources(sources: &[String], cache: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = vec![];
+    for s in sources {
+        if let Some(rest) = s
+            .strip_prefix("http://")
+            .or_else(|| s.strip_prefix("https://").map(|_| ""))
+        {
+            if rest.is_empty() {
+                bail!(
+                    "{s}: https needs a TLS-enabled build; ddm fetches plain http:// (integrity comes from sha256)"
+                );
+            }
+            let (url, want) = match s.split_once("#sha256=") {
+                Some((u, h)) => (u.to_string(), Some(h.to_ascii_lowercase())),
+                None => (s.clone(), None),
+            };
+            let bytes = reqwest::blocking::get(&url)
+                .and_then(|r| r.error_for_status())
+                .and_then(|r| r.bytes())
+                .with_context(|| format!("downloading {url}"))?;
+            let got = ddm_datasets::dataset::sha256_hex(&bytes);
+            if let Some(want) = want
+                && want != got
+            {
+                bail!("{url}: sha256 {got} does not match the expected {want}; not used");
+            }
+            std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+            let p = cache.join(format!("{got}.safetensors"));
+            ddm_core::fsio::write_bytes_atomic(&p, &bytes)?;
+            out.push(p);
+            continue;
+        }
+        let p = PathBuf::from(s);
+        if p.is_dir() {
+            if !p.join("index.json").exists() {
+                bail!(
+                    "{}: a directory, but not an exported registry (no index.json)",
+                    p.display()
+                );
+            }
+            let mut models: Vec<PathBuf> = std::fs::read_dir(&p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path().join("model.safetensors")))
+                .filter(|m| m.exists())
+                .collect();
+            models.sort();
+            out.extend(models);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
 /// A loaded registry, ready to hand experts to the sampler.
 pub struct Registry {
     pub dir: PathBuf,

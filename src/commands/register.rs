@@ -21,9 +21,10 @@ pub struct RegisterArgs {
     /// Replace an already registered expert of the same cluster (or the router).
     #[arg(long)]
     pub replace: bool,
-    /// Checkpoints: expert.safetensors files and/or a router.safetensors.
+    /// Checkpoints: expert.safetensors and router.safetensors files, folders written by
+    /// `ddm registry export`, or http:// URLs (append `#sha256=HEX` to verify the download).
     #[arg(required = true)]
-    pub checkpoints: Vec<PathBuf>,
+    pub checkpoints: Vec<String>,
 }
 
 pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
@@ -31,7 +32,11 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
         Some(p) => Some(ddm_datasets::partition::read_manifest(p)?),
         None => None,
     };
-    for line in registry::register(&args.registry, &args.checkpoints, manifest.as_ref(), args.replace)? {
+    let files = registry::expand_sources(
+        &args.checkpoints,
+        &ddm_datasets::env::cache_dir().join("downloads"),
+    )?;
+    for line in registry::register(&args.registry, &files, manifest.as_ref(), args.replace)? {
         println!("registered {line}");
     }
     Ok(())
@@ -53,6 +58,12 @@ pub enum RegistryCommand {
     List,
     /// Re-hash every blob and report each problem (keeps going after the first).
     Verify,
+    /// Write the published layout: expert_K/{config.json, model.safetensors}, router/, index.json.
+    Export {
+        /// The folder to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Remove the expert of a cluster, or the router.
     Remove {
         #[arg(long)]
@@ -74,6 +85,15 @@ pub fn registry_cmd(args: RegistryArgs) -> anyhow::Result<()> {
                 bail!("{} problem(s) in {}", problems.len(), args.registry.display());
             }
             println!("{}: every blob matches its sha256", args.registry.display());
+        }
+        RegistryCommand::Export { out } => {
+            let written = registry::export(&args.registry, &out)?;
+            println!(
+                "exported {} models to {} (register them elsewhere with `ddm register {}`)",
+                written.len(),
+                out.display(),
+                out.display()
+            );
         }
         RegistryCommand::Remove { cluster, router } => {
             if cluster.is_none() && !router {
