@@ -762,6 +762,24 @@ fn end_to_end_tiny_ensemble() {
             "a.png",
         ],
     ));
+    // Unconditional experts cannot be sampled by class.
+    let e = fails(ddm(
+        dir.path(),
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--class",
+            "0",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            "c.png",
+        ],
+    ));
+    assert!(e.contains("not class-conditional"), "{e}");
     // An island that failed: refused without --allow-missing, renormalised with it.
     ok(ddm(
         dir.path(),
@@ -873,4 +891,93 @@ fn export_folder_and_url_registration() {
     assert!(e.contains("does not match the expected"), "{e}");
     ok(run(format!("http://{addr}/expert-1.safetensors#sha256={sha}")));
     assert!(ok(ddm(dir.path(), &["registry", "--registry", "reg3", "list"])).contains(&sha[..12]));
+}
+
+/// Class-conditional islands, sampled with a class and classifier-free guidance.
+#[test]
+fn class_conditional_guided_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    tiny_images(&dir.path().join("data"));
+    ok(ddm(
+        dir.path(),
+        &[
+            "partition",
+            "--data",
+            "idx:data",
+            "--k",
+            "2",
+            "--features",
+            "raw",
+            "--algorithm",
+            "random",
+            "--out",
+            "p",
+        ],
+    ));
+    let common = [
+        "--model",
+        "DiT-XS/4",
+        "--steps",
+        "10",
+        "--batch-size",
+        "16",
+        "--quiet",
+    ];
+    for k in ["0", "1"] {
+        let out = format!("e{k}");
+        let mut args = vec![
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            k,
+            "--out",
+            &out,
+            "--class-conditional",
+        ];
+        args.extend(common);
+        ok(ddm(dir.path(), &args));
+    }
+    let mut args = vec![
+        "train-router",
+        "--partition",
+        "p",
+        "--out",
+        "r",
+        "--eval-samples",
+        "20",
+    ];
+    args.extend(common);
+    ok(ddm(dir.path(), &args));
+    ok(ddm(
+        dir.path(),
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "e0/expert.safetensors",
+            "e1/expert.safetensors",
+            "r/router.safetensors",
+        ],
+    ));
+    let sample = |extra: &[&str]| {
+        let mut a = vec![
+            "sample",
+            "--registry",
+            "reg",
+            "--n",
+            "4",
+            "--steps",
+            "3",
+            "--out",
+            "s.png",
+        ];
+        a.extend(extra);
+        ddm(dir.path(), &a)
+    };
+    ok(sample(&["--class", "1", "--guidance", "2.0"]));
+    ok(sample(&["--class", "0"]));
+    let e = fails(sample(&["--class", "5"]));
+    assert!(e.contains("class 5 is out of range"), "{e}");
 }

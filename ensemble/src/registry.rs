@@ -432,19 +432,59 @@ impl Registry {
 
     /// Expert `k` as a velocity field on `device` (epsilon experts are converted).
     pub fn expert(&self, k: usize, device: &Device) -> anyhow::Result<Box<dyn VelocityField<2>>> {
+        self.expert_guided(k, device, None)
+    }
+
+    /// Expert `k`, with classifier-free guidance at `guidance` (class id, scale) if given; the
+    /// expert must be class-conditional.
+    pub fn expert_guided(
+        &self,
+        k: usize,
+        device: &Device,
+        guidance: Option<(usize, f64)>,
+    ) -> anyhow::Result<Box<dyn VelocityField<2>>> {
         let e = self
             .index
             .experts
             .get(&k)
             .with_context(|| format!("no expert registered for cluster {k}"))?;
         let (meta, model) = ddm_core::checkpoint::load(&e.blob(&self.dir), device)?;
-        Ok(match meta.objective {
+        let conditional = match &meta.model {
+            ddm_core::model::ModelConfig::Dit(c) if c.num_classes > 0 => Some(c.clone()),
+            _ => None,
+        };
+        let field: Box<dyn VelocityField<2>> = match meta.objective {
             Objective::Velocity => Box::new(model),
             Objective::Epsilon { schedule } => Box::new(EpsilonToVelocity {
                 inner: model,
                 schedule,
             }),
-        })
+        };
+        let Some((class, scale)) = guidance else {
+            return Ok(field);
+        };
+        let Some(c) = conditional else {
+            bail!(
+                "expert {k} ({}) is not class-conditional (train with --class-conditional); sample without --class",
+                e.source
+            );
+        };
+        if class >= c.num_classes {
+            bail!(
+                "class {class} is out of range: expert {k} knows classes 0..={}",
+                c.num_classes - 1
+            );
+        }
+        if scale != 1.0 && c.class_rows() == c.num_classes {
+            bail!(
+                "expert {k} was trained without label dropout (no null class), so it cannot use --guidance other than 1"
+            );
+        }
+        Ok(Box::new(ddm_core::flow::ClassifierFreeGuidance {
+            inner: field,
+            null_class: c.num_classes,
+            scale,
+        }))
     }
 
     pub fn router(&self, device: &Device) -> anyhow::Result<RouterNet> {

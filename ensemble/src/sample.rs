@@ -33,6 +33,8 @@ pub struct SampleOptions {
     pub strategy: Strategy,
     pub router: RouterChoice,
     pub allow_missing: bool,
+    /// Class-conditional sampling: (class id, guidance scale).
+    pub class: Option<(usize, f64)>,
     pub seed: u64,
     /// The PNG grid; `.safetensors` and `.json` are written beside it with the same stem.
     pub out: PathBuf,
@@ -99,8 +101,8 @@ pub fn sample(o: &SampleOptions) -> anyhow::Result<Report> {
     let experts: Vec<ExpertSlot> = (0..k)
         .map(|c| {
             if reg.index.experts.contains_key(&c) {
-                let (reg, device) = (&reg, device.clone());
-                ExpertSlot::lazy(move || reg.expert(c, &device))
+                let (reg, device, class) = (&reg, device.clone(), o.class);
+                ExpertSlot::lazy(move || reg.expert_guided(c, &device, class))
             } else {
                 ExpertSlot::missing()
             }
@@ -124,7 +126,10 @@ pub fn sample(o: &SampleOptions) -> anyhow::Result<Report> {
     let x1 = flow::randn(vec![o.n, per], &mut rng).to_tensor::<2>(&device);
     let times = StepSchedule::Uniform.times(o.steps);
     let t0 = Instant::now();
-    let x0 = flow::integrate(&ensemble as &dyn VelocityField<2>, x1, None, &times, o.solver);
+    let y = o
+        .class
+        .map(|(c, _)| Tensor::<1, Int>::full([o.n], c as i64, &device));
+    let x0 = flow::integrate(&ensemble as &dyn VelocityField<2>, x1, y, &times, o.solver);
     let x0 = HostTensor::from_tensor(x0); // device sync: the timing includes all the work
     let seconds = t0.elapsed().as_secs_f64();
     if let Some(e) = ensemble.take_error() {

@@ -10,7 +10,6 @@ use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::activation::log_softmax;
 use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Objective, Role, TrainingSummary};
 use ddm_core::dit::DiTConfig;
-use ddm_core::flow;
 use ddm_core::mlp::MlpConfig;
 use ddm_core::model::ModelConfig;
 use ddm_core::params::ParamSource;
@@ -77,10 +76,8 @@ impl Task for RouterTask {
         rng: &mut ChaCha8Rng,
     ) -> Tensor<1> {
         let device = batch.x0.device();
-        let [b, x] = batch.x0.dims();
-        let e = flow::randn(vec![b, x], rng).to_tensor::<2>(&device);
-        let t = Tensor::<1>::from_data(TensorData::new(config.time_sampler.sample(b, rng), [b]), &device);
-        let x_t = flow::interpolate(batch.x0, e, t.clone());
+        let [b, _] = batch.x0.dims();
+        let (_, t, x_t) = ddm_trainer::task::noise(&batch.x0, config, rng);
         let targets: Vec<i64> = batch
             .targets
             .expect("router batches carry cluster ids")

@@ -30,13 +30,13 @@ pub struct QuickstartArgs {
     #[arg(long, default_value = "DiT-T/4")]
     pub expert_model: String,
     /// Training steps per expert.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1200)]
     pub expert_steps: u64,
     /// The router's network.
     #[arg(long, default_value = "DiT-XS/4")]
     pub router_model: String,
     /// Router training steps.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 600)]
     pub router_steps: u64,
     /// Batch size of experts and router.
     #[arg(long, default_value_t = 32)]

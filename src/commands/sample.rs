@@ -49,6 +49,12 @@ pub struct SampleArgs {
     /// renormalised over the experts present.
     #[arg(long)]
     pub allow_missing: bool,
+    /// Sample this class (class-conditional experts only).
+    #[arg(long)]
+    pub class: Option<usize>,
+    /// Classifier-free guidance scale with --class (1 = none).
+    #[arg(long, default_value_t = 1.0, requires = "class")]
+    pub guidance: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The PNG grid to write.
@@ -74,6 +80,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
             RouterArg::Analytic => RouterChoice::Analytic,
         },
         allow_missing: args.allow_missing,
+        class: args.class.map(|c| (c, args.guidance)),
         seed: args.seed,
         out: args.out,
         device: args.device.device()?,

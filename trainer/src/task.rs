@@ -30,6 +30,24 @@ impl Net for Model {
     }
 }
 
+/// The noised batch both tasks start from: e ~ N(0, I) then t from the config's time sampler,
+/// drawn from `rng` in that order, and x_t = (1 - t) x0 + t e.
+///
+/// # Shapes
+/// - `x0`: `[B, X]` -> (`e` `[B, X]`, `t` `[B]`, `x_t` `[B, X]`)
+pub fn noise(
+    x0: &Tensor<2>,
+    config: &TrainConfig,
+    rng: &mut ChaCha8Rng,
+) -> (Tensor<2>, Tensor<1>, Tensor<2>) {
+    let device = x0.device();
+    let [b, x] = x0.dims();
+    let e = ddm_core::flow::randn(vec![b, x], rng).to_tensor::<2>(&device);
+    let t = Tensor::<1>::from_data(TensorData::new(config.time_sampler.sample(b, rng), [b]), &device);
+    let x_t = ddm_core::flow::interpolate(x0.clone(), e.clone(), t.clone());
+    (e, t, x_t)
+}
+
 /// One batch as the loss sees it.
 pub struct Batch<'a> {
     /// Samples in the models' range, `[B, X]` (flattened).

@@ -349,9 +349,8 @@ impl Task for ExpertTask {
         rng: &mut ChaCha8Rng,
     ) -> Tensor<1> {
         let device = batch.x0.device();
-        let [b, x] = batch.x0.dims();
-        let e = flow::randn(vec![b, x], rng).to_tensor::<2>(&device);
-        let t = Tensor::<1>::from_data(TensorData::new(config.time_sampler.sample(b, rng), [b]), &device);
+        let [b, _] = batch.x0.dims();
+        let (e, t, x_t) = crate::task::noise(&batch.x0, config, rng);
         let y = match net_config {
             ModelConfig::Dit(c) if c.num_classes > 0 => {
                 let labels = batch.labels.expect("class-conditional data has labels");
@@ -370,7 +369,6 @@ impl Task for ExpertTask {
             }
             _ => None,
         };
-        let x_t = flow::interpolate(batch.x0.clone(), e.clone(), t.clone());
         let v = net.predict(x_t, t, y);
         flow::flow_matching_loss(v, batch.x0, e)
     }
