@@ -102,22 +102,37 @@ pub struct Pca {
 
 impl Pca {
     /// Fit the top `d` directions of `x` `[n, dim]` (eigenvectors of the covariance).
+    ///
+    /// The covariance comes from one pass over the data without a centred copy:
+    /// C = (X^T X - n mu mu^T) / (n - 1), the Gram matrix accumulated in f64 across row blocks.
     pub fn fit(x: &[f32], n: usize, dim: usize, d: usize) -> Pca {
         let d = d.min(dim);
-        let mut mean = vec![0f64; dim];
-        for row in x.chunks(dim) {
-            for (m, &v) in mean.iter_mut().zip(row) {
-                *m += v as f64;
+        let sums = x
+            .par_chunks(dim * 4096)
+            .map(|blk| {
+                let mut s = vec![0f64; dim];
+                for row in blk.chunks(dim) {
+                    for (a, &v) in s.iter_mut().zip(row) {
+                        *a += v as f64;
+                    }
+                }
+                s
+            })
+            .reduce(
+                || vec![0f64; dim],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        let mean: Vec<f64> = sums.iter().map(|s| s / n as f64).collect();
+        let g = gram(x, n, dim);
+        let mut cov = DMatrix::from_row_slice(dim, dim, &g);
+        for i in 0..dim {
+            for j in 0..dim {
+                cov[(i, j)] = (cov[(i, j)] - n as f64 * mean[i] * mean[j]) / (n.max(2) - 1) as f64;
             }
         }
-        mean.iter_mut().for_each(|m| *m /= n as f64);
-        let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-        let centered: Vec<f32> = x
-            .par_chunks(dim)
-            .flat_map_iter(|r| r.iter().zip(&mean32).map(|(a, b)| a - b))
-            .collect();
-        let cov = gram(&centered, n, dim);
-        let cov = DMatrix::from_row_slice(dim, dim, &cov) / (n.max(2) - 1) as f64;
         let eig = SymmetricEigen::new(cov);
         let mut order: Vec<usize> = (0..dim).collect();
         order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
@@ -129,7 +144,7 @@ impl Pca {
         }
         let explained_variance = order.iter().take(d).map(|&c| eig.eigenvalues[c]).collect();
         Pca {
-            mean: mean32,
+            mean: mean.iter().map(|&m| m as f32).collect(),
             components,
             dim,
             d,
@@ -137,20 +152,20 @@ impl Pca {
         }
     }
 
-    /// Project `x` `[n, dim]` to `[n, d]`.
+    /// Project `x` `[n, dim]` to `[n, d]`: x W - mu W, without a centred copy of x.
     pub fn project(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let centered: Vec<f32> = x
-            .par_chunks(self.dim)
-            .flat_map_iter(|r| r.iter().zip(&self.mean).map(|(a, b)| a - b))
-            .collect();
-        // components^T is [d, dim]: out = centered · (components^T)^T.
+        // components^T is [d, dim]: x W = x · (components^T)^T.
         let mut ct = vec![0f32; self.d * self.dim];
         for i in 0..self.dim {
             for j in 0..self.d {
                 ct[j * self.dim + i] = self.components[i * self.d + j];
             }
         }
-        matmul_abt(&centered, &ct, n, self.d, self.dim)
+        let mut out = matmul_abt(x, &ct, n, self.d, self.dim);
+        let shift = matmul_abt(&self.mean, &ct, 1, self.d, self.dim); // mu W, [1, d]
+        out.par_chunks_mut(self.d)
+            .for_each(|r| r.iter_mut().zip(&shift).for_each(|(v, s)| *v -= s));
+        out
     }
 }
 
