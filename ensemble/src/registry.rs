@@ -494,11 +494,11 @@ impl Registry {
             .as_ref()
             .context("no router registered (use --router analytic, or register one)")?;
         let path = e.blob(&self.dir);
-        let ckpt = Checkpoint::read(&path)?;
-        let mut src = ddm_core::params::StateLoader::new(&path, ckpt.tensors, device);
-        let net = RouterNet::build(&ckpt.meta.model, self.index.k, &mut src)?;
-        src.finish("router")?;
-        Ok(net)
+        Ok(RouterNet::from_checkpoint(
+            &path,
+            Checkpoint::read(&path)?,
+            device,
+        )?)
     }
 
     /// The analytic router from the registered per-cluster statistics.

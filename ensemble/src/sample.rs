@@ -157,13 +157,17 @@ pub fn sample(o: &SampleOptions) -> anyhow::Result<Report> {
         .iter()
         .map(|u| u.rows_per_expert.iter().filter(|&&r| r > 0).count())
         .sum();
+    // Evaluation i belongs to step i / (evaluations per step), which starts at times[step].
+    let evals_per_step = if o.solver == Solver::Heun { 2 } else { 1 };
+    let t_of = |i: usize| times[(i / evals_per_step).min(o.steps.saturating_sub(1))];
     let ranges = 5.min(usage.len()).max(1);
     let per_range = usage.len().div_ceil(ranges).max(1);
     let usage_ranges: Vec<StepRange> = usage
         .chunks(per_range)
-        .map(|c| StepRange {
-            t_from: c[0].t,
-            t_to: c[c.len() - 1].t,
+        .enumerate()
+        .map(|(r, c)| StepRange {
+            t_from: t_of(r * per_range),
+            t_to: t_of(r * per_range + c.len() - 1),
             rows_per_expert: (0..k)
                 .map(|e| c.iter().map(|u| u.rows_per_expert[e]).sum())
                 .collect(),

@@ -109,10 +109,9 @@ impl<'a> ExpertSlot<'a> {
     }
 }
 
-/// What one evaluation did: rows per expert.
+/// What one evaluation did: rows per expert (in evaluation order; the caller knows the times).
 #[derive(Debug, Clone, Default)]
 pub struct Usage {
-    pub t: f64,
     pub rows_per_expert: Vec<usize>,
 }
 
@@ -225,9 +224,7 @@ impl VelocityField<2> for Ensemble<'_> {
             let w = Tensor::<2>::from_data(TensorData::new(weights[e].clone(), [m, 1]), &device);
             out = out.select_assign(0, idx, v * w, IndexingUpdateOp::Add);
         }
-        let t0 = HostTensor::from_tensor(t.narrow(0, 0, 1)).data[0] as f64;
         self.usage.borrow_mut().push(Usage {
-            t: t0,
             rows_per_expert: rows.iter().map(|r| r.len()).collect(),
         });
         out

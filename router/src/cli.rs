@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 use ddm_trainer::cli::TrainSettings;
-use ddm_trainer::train::Run;
 
 use crate::task::RouterTask;
 
@@ -45,18 +44,14 @@ pub fn train(args: TrainRouterArgs) -> anyhow::Result<u8> {
         expert_model: args.expert_model.clone(),
         eval_samples: args.eval_samples,
     };
-    let outcome = ddm_trainer::train::run(
+    ddm_trainer::cli::run_task(
         &task,
-        Run {
-            partition_dir: args.partition.clone(),
-            manifest,
-            out: args.out.clone(),
-            config,
-            device: args.settings.device,
-            progress: !args.settings.quiet,
-        },
-    )?;
-    Ok(ddm_trainer::cli::report(outcome, &args.out))
+        &args.settings,
+        config,
+        &args.partition,
+        manifest,
+        &args.out,
+    )
 }
 
 /// Evaluate a trained router on a partition's data: accuracy, cross-entropy and calibration per t

@@ -37,8 +37,7 @@ pub fn load_checked(
             manifest.fingerprint
         );
     }
-    let mut src = ddm_core::params::StateLoader::new(path, ckpt.tensors.clone(), device);
-    let net = net::RouterNet::build(&m.model, k, &mut src)?;
-    src.finish("router")?;
-    Ok((ckpt.meta, net))
+    let meta = ckpt.meta.clone();
+    let net = net::RouterNet::from_checkpoint(path, ckpt, device)?;
+    Ok((meta, net))
 }

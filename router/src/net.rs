@@ -65,6 +65,19 @@ impl RouterNet {
         })
     }
 
+    /// The router stored in `ckpt` (read from `path`, named in errors), every tensor checked.
+    pub fn from_checkpoint(
+        path: &std::path::Path,
+        ckpt: ddm_core::checkpoint::Checkpoint,
+        device: &Device,
+    ) -> ddm_core::Result<Self> {
+        let k = ckpt.meta.num_clusters.unwrap_or(0);
+        let mut src = ddm_core::params::StateLoader::new(path, ckpt.tensors, device);
+        let net = RouterNet::build(&ckpt.meta.model, k, &mut src)?;
+        src.finish("router")?;
+        Ok(net)
+    }
+
     /// Cluster logits.
     ///
     /// # Shapes

@@ -85,9 +85,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     if meta.role == Role::Router {
         // A router: cluster logits for each sample.
         let k = meta.num_clusters.unwrap_or(0);
-        let mut src = ddm_core::params::StateLoader::new(&args.checkpoint, ckpt.tensors, &device);
-        let net = ddm_router::net::RouterNet::build(&meta.model, k, &mut src)?;
-        src.finish("router")?;
+        let net = ddm_router::net::RouterNet::from_checkpoint(&args.checkpoint, ckpt, &device)?;
         let logits = HostTensor::from_tensor(net.logits(x_t, t));
         write_tensors(
             &args.out,

@@ -184,6 +184,29 @@ pub fn report(outcome: Outcome, out: &std::path::Path) -> u8 {
     }
 }
 
+/// Run `task` on a partition with these settings; prints the outcome, returns the exit status.
+pub fn run_task<T: crate::task::Task>(
+    task: &T,
+    settings: &TrainSettings,
+    config: crate::config::TrainConfig,
+    partition: &std::path::Path,
+    manifest: ddm_datasets::partition::PartitionManifest,
+    out: &std::path::Path,
+) -> anyhow::Result<u8> {
+    let outcome = crate::train::run(
+        task,
+        Run {
+            partition_dir: partition.to_path_buf(),
+            manifest,
+            out: out.to_path_buf(),
+            config,
+            device: settings.device,
+            progress: !settings.quiet,
+        },
+    )?;
+    Ok(report(outcome, out))
+}
+
 /// Run an island from its arguments; returns the process exit status.
 pub fn run(args: TrainArgs) -> anyhow::Result<u8> {
     let config = args.settings.resolve_config()?;
@@ -193,35 +216,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<u8> {
     } else {
         Target::Cluster(island::resolve_cluster(args.cluster)?)
     };
-    let outcome = crate::train::run(
+    run_task(
         &ExpertTask { target },
-        Run {
-            partition_dir: args.partition.clone(),
-            manifest,
-            out: args.out.clone(),
-            config,
-            device: args.settings.device,
-            progress: !args.settings.quiet,
-        },
-    )?;
-    Ok(match outcome {
-        Outcome::Finished {
-            checkpoint,
-            final_loss,
-        } => {
-            println!(
-                "wrote {} (final loss {:.4})",
-                checkpoint.display(),
-                final_loss.unwrap_or(f64::NAN)
-            );
-            0
-        }
-        Outcome::Interrupted { step } => {
-            eprintln!(
-                "interrupted: state saved at step {step} in {}; rerun the same command to resume",
-                args.out.display()
-            );
-            EXIT_INTERRUPTED
-        }
-    })
+        &args.settings,
+        config,
+        &args.partition,
+        manifest,
+        &args.out,
+    )
 }

@@ -42,12 +42,7 @@ pub fn resolve_cluster(flag: Option<usize>) -> anyhow::Result<usize> {
 pub fn load(dir: &Path, manifest: &PartitionManifest, target: Target) -> anyhow::Result<Dataset> {
     Ok(match target {
         Target::Cluster(k) => partition::load_shard(dir, manifest, k)?,
-        Target::Monolith => {
-            let shards = (0..manifest.k)
-                .map(|k| partition::load_shard(dir, manifest, k))
-                .collect::<Result<Vec<_>, _>>()?;
-            concat(shards, format!("{}[all clusters]", manifest.dataset.name))
-        }
+        Target::Monolith => load_all_with_clusters(dir, manifest)?.0,
     })
 }
 

@@ -20,39 +20,44 @@ pub struct Line {
 pub struct Metrics {
     file: std::fs::File,
     path: PathBuf,
+    /// Every (step, loss) logged, for the loss curve.
+    losses: Vec<(u64, f64)>,
 }
 
 impl Metrics {
     /// Open `OUT/metrics.jsonl`, keeping only lines with `step <= keep_until`.
     pub fn open(out: &Path, keep_until: u64) -> anyhow::Result<Self> {
         let path = out.join("metrics.jsonl");
-        let kept: String = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                    .is_some_and(|s| s <= keep_until)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let (mut kept, mut losses) = (String::new(), vec![]);
+        for l in std::fs::read_to_string(&path).unwrap_or_default().lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+                continue;
+            };
+            let Some(step) = v
+                .get("step")
+                .and_then(|s| s.as_u64())
+                .filter(|&s| s <= keep_until)
+            else {
+                continue;
+            };
+            kept.push_str(l);
+            kept.push('\n');
+            if let Some(loss) = v.get("loss").and_then(|x| x.as_f64()) {
+                losses.push((step, loss));
+            }
+        }
         ddm_core::fsio::write_bytes_atomic(&path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok(Self { file, path })
+        Ok(Self { file, path, losses })
     }
 
-    /// All (step, loss) pairs logged so far.
-    pub fn losses(out: &Path) -> Vec<(u64, f64)> {
-        std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
-            .collect()
+    /// Every (step, loss) logged so far (this run and the part of earlier runs it continues).
+    pub fn losses(&self) -> &[(u64, f64)] {
+        &self.losses
     }
 
     pub fn write(&mut self, line: &Line) -> anyhow::Result<()> {
+        self.losses.push((line.step, line.loss));
         writeln!(self.file, "{}", serde_json::to_string(line)?)
             .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))
     }

@@ -264,7 +264,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             state::save(&out, &st, &model, &ema, &optim)?;
             last_good_ckpt = st.step;
             let title = format!("{} {} ({})", task.name(), config.model, manifest.dataset.name);
-            crate::plot::loss_curve(&out.join("loss.png"), &title, &Metrics::losses(&out))?;
+            crate::plot::loss_curve(&out.join("loss.png"), &title, metrics.losses())?;
         }
         if config.sample_every > 0 && st.step % config.sample_every == 0 {
             task.snapshot(
