@@ -100,7 +100,8 @@ impl Task for RouterTask {
         manifest: &PartitionManifest,
     ) -> anyhow::Result<PathBuf> {
         let priors = manifest.priors();
-        let mut meta = CheckpointMeta::expert(net_config.clone(), data.range(), Objective::Velocity);
+        let mut meta =
+            CheckpointMeta::expert(net_config.clone(), manifest.dataset.range, Objective::Velocity);
         meta.role = Role::Router;
         meta.partition = Some(manifest.fingerprint.clone());
         meta.num_clusters = Some(self.k);

@@ -383,7 +383,10 @@ impl Task for ExpertTask {
         _targets: Option<&[u32]>,
         manifest: &PartitionManifest,
     ) -> anyhow::Result<PathBuf> {
-        let mut meta = CheckpointMeta::expert(net_config.clone(), data.range(), Objective::Velocity);
+        // The range of the whole dataset, not of this shard: every expert of a partition (and the
+        // registry) must agree on it, and for vector data each shard's min/max differ.
+        let mut meta =
+            CheckpointMeta::expert(net_config.clone(), manifest.dataset.range, Objective::Velocity);
         meta.partition = Some(manifest.fingerprint.clone());
         meta.cluster = match self.target {
             Target::Cluster(k) => Some(k),
