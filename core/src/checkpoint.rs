@@ -29,6 +29,8 @@ pub const METADATA_KEY: &str = "ddm";
 pub enum Role {
     Expert,
     Router,
+    /// The image classifier whose features `ddm eval` measures samples in.
+    Classifier,
 }
 
 /// What the network predicts.

@@ -123,12 +123,20 @@ impl Mlp {
     /// # Shapes
     /// - `x`: `[N, X]`, `t`: `[N]` in [0, 1] -> `[N, out_dim]` (`[N, X]` for a velocity)
     pub fn forward(&self, x: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
+        self.final_layer.forward(self.features(x, t)) // [N, X]
+    }
+
+    /// The last hidden layer, what the output layer reads (a classifier's feature space).
+    ///
+    /// # Shapes
+    /// - `x`: `[N, X]`, `t`: `[N]` -> `[N, D]`
+    pub fn features(&self, x: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
         let c = self.t_embedder.forward(t); // [N, D]
         let mut h = self.x_embedder.forward(x); // [N, D]
         for b in &self.blocks {
             h = h.clone() + b.fc2.forward(silu(b.fc1.forward(silu(h + c.clone())))); // [N, D]
         }
-        self.final_layer.forward(silu(h)) // [N, X]
+        silu(h)
     }
 
     pub fn state_dict(&self) -> StateDict {

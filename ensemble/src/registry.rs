@@ -219,6 +219,9 @@ pub fn register(
                     bytes,
                 });
             }
+            Role::Classifier => {
+                bail!("{name}: a classifier (used by ddm eval) cannot join an ensemble")
+            }
             Role::Router => {
                 let k = m.num_clusters.unwrap_or(0);
                 if k != idx.k {

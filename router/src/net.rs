@@ -83,16 +83,27 @@ impl RouterNet {
     /// # Shapes
     /// - `x_t`: `[N, X]` (flattened samples), `t`: `[N]` -> `[N, K]`
     pub fn logits(&self, x_t: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
+        match self {
+            RouterNet::Dit(r) => r.head.forward(self.features(x_t, t)), // [N, K]
+            RouterNet::Mlp(m) => m.forward(x_t, t),
+        }
+    }
+
+    /// What the head reads: the pooled, normalised tokens (DiT), or the MLP's last hidden layer.
+    /// An image classifier built like a router uses these as its feature space.
+    ///
+    /// # Shapes
+    /// - `x_t`: `[N, X]`, `t`: `[N]` -> `[N, D]`
+    pub fn features(&self, x_t: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
         let [n, _] = x_t.dims();
         match self {
             RouterNet::Dit(r) => {
                 let c = r.trunk.config();
                 let x = x_t.reshape([n, c.in_channels, c.input_size, c.input_size]);
                 let (tokens, _) = r.trunk.trunk(x, t, None); // [N, T, D]
-                let pooled = tokens.mean_dim(1).reshape([n, c.hidden_size]); // [N, D]
-                r.head.forward(layer_norm(pooled)) // [N, K]
+                layer_norm(tokens.mean_dim(1).reshape([n, c.hidden_size])) // [N, D]
             }
-            RouterNet::Mlp(m) => m.forward(x_t, t),
+            RouterNet::Mlp(m) => m.features(x_t, t),
         }
     }
 

@@ -10,7 +10,7 @@ use plotters::prelude::*;
 /// machines without fonts.
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
-fn register_font() {
+pub fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // A font that fails to register only costs the labels, never the run.
