@@ -44,6 +44,11 @@ enum Commands {
     Sample(commands::sample::SampleArgs),
     /// The whole mission on the default data: partition, 4 island trainers, router, registry, samples.
     Quickstart(commands::quickstart::QuickstartArgs),
+    /// Score samples: FD / precision / recall in a Fashion-MNIST classifier's features, exact
+    /// Gaussian-mixture metrics; or train that classifier.
+    Eval(ddm_eval::cli::EvalArgs),
+    /// Reproducible experiments: `paper-table` (ensemble vs FLOP-matched monolith).
+    Experiment(ddm_eval::cli::ExperimentArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,8 @@ fn main() -> ExitCode {
         Commands::Registry(args) => commands::register::registry_cmd(args).map(|()| 0),
         Commands::Sample(args) => commands::sample::run(args).map(|()| 0),
         Commands::Quickstart(args) => commands::quickstart::run(args).map(|()| 0),
+        Commands::Eval(args) => ddm_eval::cli::eval(args),
+        Commands::Experiment(args) => ddm_eval::cli::experiment(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

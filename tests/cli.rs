@@ -54,6 +54,8 @@ fn help_lists_every_verb_and_each_has_help() {
         "train",
         "train-router",
         "eval-router",
+        "eval",
+        "experiment",
     ] {
         assert!(help.contains(verb), "`ddm --help` does not list {verb}:\n{help}");
         let h = ok(ddm(dir.path(), &[verb, "--help"]));
@@ -980,4 +982,90 @@ fn class_conditional_guided_sampling() {
     ok(sample(&["--class", "0"]));
     let e = fails(sample(&["--class", "5"]));
     assert!(e.contains("class 5 is out of range"), "{e}");
+}
+
+/// `ddm eval images` on real test images (as a `ddm sample` output would hold them) scores them
+/// near the real-vs-real floor; on noise, far from it; bad files get a clear error.
+#[test]
+fn eval_images_scores_samples_against_the_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let test = ddm_datasets::parse_source("fashion-mnist:test", false)
+        .unwrap()
+        .load()
+        .unwrap();
+    let n = 300;
+    let idx: Vec<usize> = (0..n).map(|i| 5000 + i).collect();
+    let write = |name: &str, data: Vec<f32>| {
+        write_tensors(
+            &dir.path().join(name),
+            &BTreeMap::from([("x0".to_string(), HostTensor::new(vec![n, 1, 28, 28], data))]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+    };
+    write("real.safetensors", test.gather(&idx));
+    write(
+        "flat.safetensors",
+        (0..n * 784).map(|i| ((i % 784) as f32 / 392.0) - 1.0).collect(),
+    );
+    let out = ok(Command::new(env!("CARGO_BIN_EXE_ddm"))
+        .args([
+            "eval",
+            "images",
+            "real.safetensors",
+            "flat.safetensors",
+            "--json",
+            "r.json",
+        ])
+        .current_dir(dir.path())
+        .env("DDM_CACHE", dir.path().join("cache"))
+        .output()
+        .unwrap());
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("r.json")).unwrap()).unwrap();
+    let fd = |k: &str| r[k]["fd"].as_f64().unwrap();
+    assert!(fd("real.safetensors") < 2.0 * fd("floor"), "{out}");
+    assert!(fd("flat.safetensors") > 10.0 * fd("floor"), "{out}");
+    assert!(out.contains("precision") && out.contains("floor"), "{out}");
+    // The reference statistics were cached.
+    assert!(dir.path().join("cache/eval").read_dir().unwrap().count() == 1);
+
+    std::fs::write(dir.path().join("junk.safetensors"), b"not a file").unwrap();
+    let e = fails(ddm(dir.path(), &["eval", "images", "junk.safetensors"]));
+    assert!(e.contains("junk.safetensors"), "{e}");
+}
+
+/// `ddm eval gmm` scores a checkpoint on its mixture exactly: a fresh (zero-velocity) expert has
+/// the velocity error of predicting 0, and its samples collapse onto the noise's scale.
+#[test]
+fn eval_gmm_scores_a_checkpoint_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let experts = registry_fixture(dir.path(), 2);
+    let out = ok(ddm(
+        dir.path(),
+        &[
+            "eval",
+            "gmm",
+            "--mixture",
+            "gmm.json",
+            "--checkpoint",
+            experts[0].to_str().unwrap(),
+            "--n",
+            "300",
+            "--steps",
+            "5",
+        ],
+    ));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mse = r["velocity_mse"].as_f64().unwrap();
+    // E|v|^2 per dimension of the true velocity is several units here; a zero field misses all of it.
+    assert!(mse > 1.0, "{out}");
+    assert_eq!(r["velocity_mse_by_bin"].as_array().unwrap().len(), 10);
+    assert_eq!(r["mode_weights"].as_array().unwrap().len(), 2);
+    assert!(r["energy_distance"].as_f64().unwrap() > 0.1, "{out}");
+    let e = fails(ddm(
+        dir.path(),
+        &["eval", "gmm", "--mixture", "missing.json", "--checkpoint", "x"],
+    ));
+    assert!(e.contains("missing.json"), "{e}");
 }
