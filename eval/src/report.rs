@@ -60,14 +60,14 @@ pub fn markdown(title: &str, rows: &[Row], floor: Option<&ImageReport>, header: 
     let images = final_rows.iter().any(|r| r.images.is_some());
     s.push_str(&format!("### At {last}% of the training budget\n\n"));
     if images {
-        s.push_str("| system | train PFLOPs | FD ↓ | precision ↑ | recall ↑ | class TV ↓ | nn-train RMS | sample GFLOPs/img | sample ms/img |\n");
+        s.push_str("| system | train TFLOPs | FD ↓ | precision ↑ | recall ↑ | class TV ↓ | nn-train RMS | sample GFLOPs/img | sample ms/img |\n");
         s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &final_rows {
             let i = r.images.as_ref().unwrap();
             s.push_str(&format!(
                 "| {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.4} | {:.2} | {:.1} |\n",
                 r.system,
-                r.train_flops / 1e15,
+                r.train_flops / 1e12,
                 i.fd,
                 i.precision,
                 i.recall,
