@@ -1,7 +1,6 @@
 //! `ddm eval ...` and `ddm experiment paper-table`.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -416,7 +415,6 @@ fn paper_table(a: PaperTableArgs) -> anyhow::Result<()> {
         a.device
     );
     if !a.gmm_only {
-        let t0 = Instant::now();
         let data = load(&a.data, false)?;
         let net = FeatureNet::open(a.classifier.as_deref(), &device)?;
         let sha = net.sha256.clone();
@@ -464,7 +462,7 @@ fn paper_table(a: PaperTableArgs) -> anyhow::Result<()> {
             "{} ({} training images), K = {}. Experts and monolith {} ({:.3} GFLOPs/forward), lr {}, {} steps; \
              monolith batch {}, experts batch {}. Router {} ({} steps, batch {}). Samples: N = {} per system \
              from the same noise, {} Euler steps. Scores in the features of the committed classifier \
-             (sha256 {}…) against the {} test images. Wall time of this setting (this invocation): {:.1} min.",
+             (sha256 {}…) against the {} test images. Wall time of this setting, all invocations: {:.1} min.",
             data.name,
             data.len(),
             a.k,
@@ -481,7 +479,7 @@ fn paper_table(a: PaperTableArgs) -> anyhow::Result<()> {
             a.sample_steps,
             &sha[..16],
             reference_len,
-            t0.elapsed().as_secs_f64() / 60.0
+            experiment::wall_seconds(&dir) / 60.0
         );
         doc.push_str(&crate::report::markdown(
             "Fashion-MNIST",
@@ -499,7 +497,6 @@ fn paper_table(a: PaperTableArgs) -> anyhow::Result<()> {
         doc.push_str("\n![FD vs training FLOPs](fashion-mnist/fd.png)\n\n");
     }
     if !a.skip_gmm {
-        let t0 = Instant::now();
         let g = ring_mixture();
         let dir = a.out.join("gmm");
         std::fs::create_dir_all(&dir)?;
@@ -565,11 +562,11 @@ fn paper_table(a: PaperTableArgs) -> anyhow::Result<()> {
         let header = format!(
             "8 Gaussians on a ring (weights 1..8 / 36, variance 0.15), 20,000 training points, K = {}. \
              MLP 256 x 3 experts and monolith, {} steps, monolith batch 256, experts batch {}; MLP 64 x 2 \
-             router (batch 256, same steps). N = 2000 samples, 50 Euler steps. Wall time (this invocation): {:.1} min.",
+             router (batch 256, same steps). N = 2000 samples, 50 Euler steps. Wall time, all invocations: {:.1} min.",
             a.k,
             a.gmm_steps,
             256 / a.k,
-            t0.elapsed().as_secs_f64() / 60.0
+            experiment::wall_seconds(&dir) / 60.0
         );
         doc.push_str(&crate::report::markdown("Gaussian mixture", &rows, None, &header));
         let plot_rows: Vec<Row> = rows.iter().filter(|r| r.train_flops > 0.0).cloned().collect();

@@ -457,6 +457,7 @@ fn append_row(path: &Path, row: &Row) -> anyhow::Result<()> {
 /// Run (or resume) the experiment for one setting; returns every row.
 pub fn run(setting: &Setting, dir: &Path, data: &Dataset, judge_with: &Judge) -> anyhow::Result<Vec<Row>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let t0 = Instant::now();
     let mut manifests = BTreeMap::new();
     for which in PARTITIONS {
         manifests.insert(which, ensure_partition(setting, dir, which, data)?);
@@ -490,7 +491,24 @@ pub fn run(setting: &Setting, dir: &Path, data: &Dataset, judge_with: &Judge) ->
             rows.push(row);
         }
     }
+    add_wall_seconds(dir, t0.elapsed().as_secs_f64())?;
     Ok(rows)
+}
+
+const WALL_FILE: &str = "wall-seconds.txt";
+
+/// Seconds spent in [`run`] on this setting, over every invocation (a resumed run adds its own).
+pub fn wall_seconds(dir: &Path) -> f64 {
+    std::fs::read_to_string(dir.join(WALL_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn add_wall_seconds(dir: &Path, seconds: f64) -> anyhow::Result<()> {
+    let total = wall_seconds(dir) + seconds;
+    ddm_core::fsio::write_bytes_atomic(&dir.join(WALL_FILE), format!("{total:.6}\n").as_bytes())?;
+    Ok(())
 }
 
 /// The default clustering of `ddm partition` (PCA-64 features, k-means++), or raw features for

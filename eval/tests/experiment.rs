@@ -70,8 +70,11 @@ fn paper_table_runs_and_resumes_on_a_mixture() {
     assert!(dir.path().join("registry/clustered-50/registry.json").exists());
     assert!(dir.path().join("registry/monolith-100.safetensors").exists());
 
-    // A rerun finds every row and trains nothing more.
+    // A rerun finds every row and trains nothing more; the wall time accumulates.
+    let first = experiment::wall_seconds(dir.path());
+    assert!(first > 0.0);
     let again = experiment::run(&setting, dir.path(), &data, &judge).unwrap();
+    assert!(experiment::wall_seconds(dir.path()) > first);
     assert_eq!(again.len(), rows.len());
     assert_eq!(
         read_rows(&dir.path().join("results.jsonl")).unwrap().len(),
