@@ -13,16 +13,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use ddm_core::burn;
 use ddm_core::burn::prelude::*;
-use ddm_core::burn::tensor::activation::log_softmax;
 use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Objective, Role, TrainingSummary};
-use ddm_core::dit::DiTConfig;
 use ddm_core::host::{HostTensor, TensorFile};
-use ddm_core::mlp::MlpConfig;
 use ddm_core::model::ModelConfig;
 use ddm_core::params::{ParamSource, StateLoader};
 use ddm_datasets::Dataset;
 use ddm_datasets::partition::PartitionManifest;
-use ddm_router::net::{RouterNet, router_config};
+use ddm_router::net::RouterNet;
+use ddm_router::task::{cross_entropy, network_config};
 use ddm_trainer::config::TrainConfig;
 use ddm_trainer::island::{self, Target};
 use ddm_trainer::task::{Batch, Task};
@@ -72,29 +70,21 @@ impl ddm_trainer::task::Net for Classifier {
     }
 }
 
-/// The classifier's network for `data` with these settings (`model`: a DiT size or `mlp`).
+/// The classifier's network for `data` with these settings (`model`: a DiT size or `mlp`): the
+/// router's, with the class count as its output width.
 pub fn classifier_config(
     config: &TrainConfig,
     data: &Dataset,
     classes: usize,
 ) -> anyhow::Result<ModelConfig> {
-    if config.model.eq_ignore_ascii_case("mlp") {
-        let mut m = MlpConfig::new(data.sample_size());
-        (m.hidden_size, m.depth) = (config.mlp_hidden, config.mlp_depth);
-        return Ok(router_config(ModelConfig::Mlp(m), classes));
-    }
-    let s = &data.shape;
-    if s.len() != 3 || s[1] != s[2] {
-        bail!(
-            "a DiT classifier needs square images; {} has shape {s:?}",
-            data.name
-        );
-    }
-    let mut dit = DiTConfig::named(&config.model, s[1], s[0])?;
-    dit.class_dropout_prob = 0.0;
-    // The head's width is the class count, carried like a router's K.
-    dit.num_classes = classes;
-    Ok(ModelConfig::Dit(dit))
+    Ok(match network_config(config, data, classes, "classifier")? {
+        // The head's width is the class count, carried like a router's K.
+        ModelConfig::Dit(mut dit) => {
+            dit.num_classes = classes;
+            ModelConfig::Dit(dit)
+        }
+        mlp => mlp,
+    })
 }
 
 fn classes_of(config: &ModelConfig) -> usize {
@@ -152,17 +142,8 @@ impl Task for ClassifierTask {
         _: &ModelConfig,
         _: &mut ChaCha8Rng,
     ) -> Tensor<1> {
-        let device = batch.x0.device();
-        let [b, _] = batch.x0.dims();
-        let targets: Vec<i64> = batch
-            .targets
-            .expect("classifier batches carry labels")
-            .iter()
-            .map(|&c| c as i64)
-            .collect();
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, 1]), &device);
-        let logp = log_softmax(net.logits(batch.x0), 1); // [B, classes]
-        logp.gather(1, targets).mean().neg() // cross-entropy
+        let labels = batch.targets.expect("classifier batches carry labels");
+        cross_entropy(net.logits(batch.x0), labels)
     }
 
     fn finish(

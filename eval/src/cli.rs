@@ -437,7 +437,6 @@ fn paper_table(a: PaperTableArgs) -> anyhow::Result<()> {
         };
         let setting = Setting {
             name: "fashion-mnist".into(),
-            data: a.data.clone(),
             k: a.k,
             clustering: experiment::default_clustering(a.k, &data, a.seed),
             expert: expert.clone(),
@@ -523,7 +522,6 @@ fn paper_table(a: PaperTableArgs) -> anyhow::Result<()> {
         };
         let setting = Setting {
             name: "gmm".into(),
-            data: "gmm:ring-8".into(),
             k: a.k,
             clustering: experiment::default_clustering(a.k, &data, a.seed),
             expert: expert.clone(),

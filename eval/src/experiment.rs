@@ -51,7 +51,6 @@ pub const PARTITIONS: [&str; 2] = ["clustered", "random"];
 pub struct Setting {
     /// `fashion-mnist` or `gmm`: names the run's sub-directory and tables.
     pub name: String,
-    pub data: String,
     pub k: usize,
     pub clustering: PartitionConfig,
     /// The expert (and monolith) training config; `batch_size` is the monolith's B.
@@ -286,14 +285,6 @@ fn stage_snapshot_complete(dir: &Path, pct: u32, k: usize) -> anyhow::Result<boo
     Ok(true)
 }
 
-fn training_flops(path: &Path) -> anyhow::Result<f64> {
-    Ok(Checkpoint::read(path)?
-        .meta
-        .training
-        .map(|t| t.flops)
-        .unwrap_or(0.0))
-}
-
 /// Integrate N samples from the seeded noise with `field`; returns them and the seconds taken.
 fn integrate(
     field: &dyn VelocityField<2>,
@@ -356,7 +347,7 @@ fn evaluate_system(
             setting: setting.name.clone(),
             stage_pct: pct,
             system: sys.name.clone(),
-            train_flops: training_flops(&path)?,
+            train_flops: meta.training.as_ref().map(|t| t.flops).unwrap_or(0.0),
             sample_gflops: setting.sample_steps as f64 * meta.model.flops_per_sample() / 1e9,
             sample_seconds: secs / setting.n as f64,
             images,

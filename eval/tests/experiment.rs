@@ -27,7 +27,6 @@ fn paper_table_runs_and_resumes_on_a_mixture() {
     };
     let setting = Setting {
         name: "gmm".into(),
-        data: "gmm:ring".into(),
         k: 4,
         clustering: experiment::default_clustering(4, &data, 0),
         expert: train.clone(),

@@ -25,6 +25,39 @@ use crate::net::{RouterNet, router_config};
 pub const ROUTER_FILE: &str = "router.safetensors";
 pub const EVAL_FILE: &str = "router-eval.json";
 
+/// The network of a router-shaped classifier with `k` outputs for `data`: a named DiT trunk for
+/// square images, or (`model = "mlp"`) the MLP with K outputs. `what` names it in errors.
+pub fn network_config(
+    config: &TrainConfig,
+    data: &Dataset,
+    k: usize,
+    what: &str,
+) -> anyhow::Result<ModelConfig> {
+    if config.model.eq_ignore_ascii_case("mlp") {
+        let mut m = MlpConfig::new(data.sample_size());
+        (m.hidden_size, m.depth) = (config.mlp_hidden, config.mlp_depth);
+        return Ok(router_config(ModelConfig::Mlp(m), k));
+    }
+    let s = &data.shape;
+    if s.len() != 3 || s[1] != s[2] {
+        bail!(
+            "a DiT {what} needs square images [C, S, S]; {} has shape {s:?} (use --model mlp)",
+            data.name
+        );
+    }
+    let mut dit = DiTConfig::named(&config.model, s[1], s[0])?;
+    dit.class_dropout_prob = 0.0;
+    Ok(ModelConfig::Dit(dit))
+}
+
+/// Mean cross-entropy of `logits` (`[B, K]`) against the ids `targets` (`B` of them).
+pub fn cross_entropy(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
+    let device = logits.device();
+    let ids: Vec<i64> = targets.iter().map(|&c| c as i64).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [targets.len(), 1]), &device);
+    log_softmax(logits, 1).gather(1, ids).mean().neg()
+}
+
 pub struct RouterTask {
     pub k: usize,
     /// The experts' network, to state the router's cost as a fraction of one expert's.
@@ -46,21 +79,7 @@ impl Task for RouterTask {
     }
 
     fn net_config(&self, config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
-        let s = &data.shape;
-        if config.model.eq_ignore_ascii_case("mlp") {
-            let mut m = MlpConfig::new(data.sample_size());
-            (m.hidden_size, m.depth) = (config.mlp_hidden, config.mlp_depth);
-            return Ok(router_config(ModelConfig::Mlp(m), self.k));
-        }
-        if s.len() != 3 || s[1] != s[2] {
-            bail!(
-                "a DiT router needs square images [C, S, S]; {} has shape {s:?} (use --model mlp)",
-                data.name
-            );
-        }
-        let mut dit = DiTConfig::named(&config.model, s[1], s[0])?;
-        dit.class_dropout_prob = 0.0;
-        Ok(ModelConfig::Dit(dit))
+        network_config(config, data, self.k, "router")
     }
 
     fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<RouterNet> {
@@ -75,18 +94,9 @@ impl Task for RouterTask {
         _: &ModelConfig,
         rng: &mut ChaCha8Rng,
     ) -> Tensor<1> {
-        let device = batch.x0.device();
-        let [b, _] = batch.x0.dims();
         let (_, t, x_t) = ddm_trainer::task::noise(&batch.x0, config, rng);
-        let targets: Vec<i64> = batch
-            .targets
-            .expect("router batches carry cluster ids")
-            .iter()
-            .map(|&c| c as i64)
-            .collect();
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, 1]), &device);
-        let logp = log_softmax(net.logits(x_t, t), 1); // [B, K]
-        logp.gather(1, targets).mean().neg() // cross-entropy
+        let targets = batch.targets.expect("router batches carry cluster ids");
+        cross_entropy(net.logits(x_t, t), targets)
     }
 
     fn finish(
