@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod commands;
+use ddm::commands;
 
 /// Decentralized Diffusion Models: diffusion experts trained on isolated compute islands, mixed by a
 /// router at every denoising step.
@@ -33,9 +33,9 @@ enum Commands {
     /// Train one expert on one island's shard (resumable; the same as the `ddm-trainer` binary).
     Train(commands::train::TrainArgs),
     /// Train the router: which cluster did a noised sample come from? (p(k | x_t, t))
-    TrainRouter(ddm_router::cli::TrainRouterArgs),
+    TrainRouter(commands::train_router::TrainRouterArgs),
     /// Evaluate a router per noise level: accuracy, cross-entropy, calibration.
-    EvalRouter(ddm_router::cli::EvalRouterArgs),
+    EvalRouter(commands::eval_router::EvalRouterArgs),
     /// Add experts and a router to a registry (verified; concurrent-safe).
     Register(commands::register::RegisterArgs),
     /// List, verify or edit a registry.
@@ -46,13 +46,14 @@ enum Commands {
     Quickstart(commands::quickstart::QuickstartArgs),
     /// Score samples: FD / precision / recall in a Fashion-MNIST classifier's features, exact
     /// Gaussian-mixture metrics; or train that classifier.
-    Eval(ddm_eval::cli::EvalArgs),
+    Eval(commands::eval::EvalArgs),
     /// Reproducible experiments: `paper-table` (ensemble vs FLOP-matched monolith).
-    Experiment(ddm_eval::cli::ExperimentArgs),
+    Experiment(commands::experiment::ExperimentArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    ddm::ui::init_logging();
     // Each verb gives an exit status: 0 done; training verbs 3 when interrupted (resumable).
     let result: anyhow::Result<u8> = match cli.command {
         Commands::Import(args) => commands::import::run(args).map(|()| 0),
@@ -61,14 +62,14 @@ fn main() -> ExitCode {
         Commands::Partition(args) => commands::partition::run(args).map(|()| 0),
         Commands::Data(args) => commands::data::run(args).map(|()| 0),
         Commands::Train(args) => commands::train::run(args),
-        Commands::TrainRouter(args) => ddm_router::cli::train(args),
-        Commands::EvalRouter(args) => ddm_router::cli::eval(args).map(|()| 0),
+        Commands::TrainRouter(args) => commands::train_router::run(args),
+        Commands::EvalRouter(args) => commands::eval_router::run(args).map(|()| 0),
         Commands::Register(args) => commands::register::register(args).map(|()| 0),
         Commands::Registry(args) => commands::register::registry_cmd(args).map(|()| 0),
         Commands::Sample(args) => commands::sample::run(args).map(|()| 0),
         Commands::Quickstart(args) => commands::quickstart::run(args).map(|()| 0),
-        Commands::Eval(args) => ddm_eval::cli::eval(args),
-        Commands::Experiment(args) => ddm_eval::cli::experiment(args),
+        Commands::Eval(args) => commands::eval::run(args),
+        Commands::Experiment(args) => commands::experiment::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

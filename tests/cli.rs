@@ -858,7 +858,7 @@ fn export_folder_and_url_registration() {
 
     // A loopback HTTP server serving expert-1.
     let body = std::fs::read(&experts[1]).unwrap();
-    let sha = ddm_datasets::dataset::sha256_hex(&body);
+    let sha = ddm_core::digest::sha256_hex(&body);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {

@@ -1,4 +1,4 @@
-//! The checkpoint file (a contract; see DESIGN.md): one `.safetensors` file holding the model's
+//! The checkpoint file (a contract; see docs/ARCHITECTURE.md): one `.safetensors` file holding the model's
 //! tensors under PyTorch DiT names, with a JSON document under the header's `__metadata__` key
 //! `ddm` that says what the model is, what data it models and where it came from.
 //!
@@ -12,7 +12,6 @@ use std::path::Path;
 
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::flow::DdpmSchedule;
@@ -103,9 +102,29 @@ pub struct CheckpointMeta {
 impl CheckpointMeta {
     /// Metadata for an expert with no partition or training history yet.
     pub fn expert(model: ModelConfig, range: [f32; 2], objective: Objective) -> Self {
+        Self::new(Role::Expert, model, range, objective)
+    }
+
+    /// Metadata for the router of partition `partition` (K = `priors.len()` clusters with these
+    /// priors w_k). A router predicts cluster logits; `objective` is not read for it.
+    pub fn router(model: ModelConfig, range: [f32; 2], partition: &str, priors: Vec<f64>) -> Self {
+        let mut m = Self::new(Role::Router, model, range, Objective::Velocity);
+        m.partition = Some(partition.to_string());
+        m.num_clusters = Some(priors.len());
+        m.priors = Some(priors);
+        m
+    }
+
+    /// Metadata for an image classifier (the feature space of `ddm eval`); `objective` is not read
+    /// for it.
+    pub fn classifier(model: ModelConfig, range: [f32; 2]) -> Self {
+        Self::new(Role::Classifier, model, range, Objective::Velocity)
+    }
+
+    fn new(role: Role, model: ModelConfig, range: [f32; 2], objective: Objective) -> Self {
         Self {
             format_version: FORMAT_VERSION,
-            role: Role::Expert,
+            role,
             data: DataSpec {
                 shape: model.data_shape(),
                 range,
@@ -131,10 +150,6 @@ pub struct Checkpoint {
     pub tensors: BTreeMap<String, HostTensor>,
 }
 
-fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl Checkpoint {
     pub fn from_model(model: &Model, meta: CheckpointMeta) -> Self {
         Self {
@@ -149,7 +164,7 @@ impl Checkpoint {
         // The data section does not depend on the metadata, so hash it from a first pass.
         let first = crate::host::to_safetensors_bytes(&self.tensors, &no_ints, None)?;
         let mut meta = self.meta.clone();
-        meta.tensors_sha256 = hex_sha256(crate::host::data_section(&first));
+        meta.tensors_sha256 = crate::digest::sha256_hex(crate::host::data_section(&first));
         let json = serde_json::to_string(&meta).map_err(|e| Error::InvalidConfig(e.to_string()))?;
         let md = HashMap::from([(METADATA_KEY.to_string(), json)]);
         crate::host::to_safetensors_bytes(&self.tensors, &no_ints, Some(md))
@@ -191,7 +206,7 @@ impl Checkpoint {
             });
         }
         let meta: CheckpointMeta = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-        let actual = hex_sha256(file.data_bytes());
+        let actual = crate::digest::sha256_hex(file.data_bytes());
         if actual != meta.tensors_sha256 {
             return Err(Error::Checksum {
                 path,

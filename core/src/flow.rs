@@ -7,7 +7,7 @@
 //! - Sampling integrates `dx/dt = v(x, t)` from t = 1 (noise) down to t = 0 (data), with Euler
 //!   (`x_{t+h} = x_t + h v`, h < 0) or Heun (Euler plus a trapezoidal correction).
 //!
-//! Every other crate calls these functions; none re-derives them. See PAPER.md for how the global
+//! Every other crate calls these functions; none re-derives them. See docs/ARCHITECTURE.md for how the global
 //! velocity decomposes over experts: `v(x_t, t) = sum_k p(k | x_t, t) v_k(x_t, t)`.
 //!
 //! Experts trained with the DDPM epsilon objective join through [`EpsilonToVelocity`].

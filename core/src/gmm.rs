@@ -1,7 +1,7 @@
 //! Gaussian mixtures with diagonal covariances: the project's closed-form oracle.
 //!
 //! For data x0 ~ sum_k w_k N(mu_k, diag(s_k^2)) on the path x_t = (1 - t) x0 + t e, everything the
-//! method needs has a closed form (PAPER.md):
+//! method needs has a closed form (docs/ARCHITECTURE.md, "The math convention"):
 //! - the marginal of component k: x_t | k ~ N((1 - t) mu_k, (1 - t)^2 s_k^2 + t^2);
 //! - the posterior (the ideal router): p(k | x_t) ∝ w_k N(x_t; (1 - t) mu_k, (1 - t)^2 s_k^2 + t^2);
 //! - the velocity of the expert trained on component k alone:

@@ -5,14 +5,17 @@
 //!   and the epsilon -> velocity adapter.
 //! - [`dit`], [`mlp`], [`model`]: the networks (DiT as the PyTorch reference; an MLP for vectors).
 //! - [`checkpoint`]: the checkpoint file format (safetensors + `ddm` metadata), [`host`] tensors
-//!   and files, [`params`] for PyTorch-named state dicts, [`fsio`] for atomic writes.
+//!   and files, [`params`] for PyTorch-named state dicts, [`fsio`] for atomic writes, [`digest`]
+//!   for sha256 fingerprints, [`stats`] for the per-cluster statistics file.
 //! - [`gmm`]: Gaussian mixtures with closed-form posteriors and velocities (the test oracle).
+//! - [`progress`]: how long steps report progress (shown by the command line, not here).
 //! - [`device`]: backend selection (`cpu` = burn flex; `wgpu`, `cuda` behind features).
 //!
 //! Depends on no other ddm crate.
 
 pub mod checkpoint;
 pub mod device;
+pub mod digest;
 pub mod dit;
 pub mod error;
 pub mod flow;
@@ -22,6 +25,8 @@ pub mod host;
 pub mod mlp;
 pub mod model;
 pub mod params;
+pub mod progress;
+pub mod stats;
 
 pub use burn;
 pub use error::{Error, Result};

@@ -25,6 +25,48 @@ pub enum ModelConfig {
 }
 
 impl ModelConfig {
+    /// The unconditional network called `name` for samples of `shape` (of the data `data_name`,
+    /// named in errors): `mlp` (an MLP of `mlp_hidden` x `mlp_depth` over the flattened sample),
+    /// or a DiT size (`DiT-T/4`, `DiT-S/2`, ...) for square images `[C, S, S]`. What `--model`
+    /// means for experts, routers and classifiers alike.
+    pub fn named(
+        name: &str,
+        data_name: &str,
+        shape: &[usize],
+        mlp_hidden: usize,
+        mlp_depth: usize,
+    ) -> Result<Self> {
+        if name.eq_ignore_ascii_case("mlp") {
+            let mut m = MlpConfig::new(shape.iter().product());
+            (m.hidden_size, m.depth) = (mlp_hidden, mlp_depth);
+            return Ok(ModelConfig::Mlp(m));
+        }
+        if shape.len() != 3 || shape[1] != shape[2] {
+            return Err(Error::InvalidConfig(format!(
+                "a DiT needs square images [C, S, S]; {data_name} has samples of shape {shape:?} (use --model mlp for vectors)"
+            )));
+        }
+        let mut dit = DiTConfig::named(name, shape[1], shape[0])?;
+        dit.class_dropout_prob = 0.0;
+        Ok(ModelConfig::Dit(dit))
+    }
+
+    /// This network conditioned on `classes` classes, with label dropout `dropout` (> 0 gives the
+    /// null class classifier-free guidance needs).
+    pub fn with_classes(self, classes: usize, dropout: f64) -> Result<Self> {
+        match self {
+            ModelConfig::Dit(mut c) => {
+                c.num_classes = classes;
+                c.class_dropout_prob = dropout;
+                Ok(ModelConfig::Dit(c))
+            }
+            other => Err(Error::InvalidConfig(format!(
+                "a {} cannot be class-conditional (use a DiT)",
+                other.arch()
+            ))),
+        }
+    }
+
     pub fn arch(&self) -> &'static str {
         match self {
             ModelConfig::Dit(_) => "dit",
@@ -40,10 +82,21 @@ impl ModelConfig {
         }
     }
 
+    /// Classes the model is conditioned on (0: unconditional). Ask this, not the variant: a new
+    /// architecture that takes classes answers here and every caller follows.
     pub fn num_classes(&self) -> usize {
         match self {
             ModelConfig::Dit(c) => c.num_classes,
             ModelConfig::Mlp(_) => 0,
+        }
+    }
+
+    /// Whether the model was trained with label dropout, so it has a null class (id
+    /// `num_classes`) for classifier-free guidance.
+    pub fn has_null_class(&self) -> bool {
+        match self {
+            ModelConfig::Dit(c) => c.class_rows() > c.num_classes,
+            ModelConfig::Mlp(_) => false,
         }
     }
 

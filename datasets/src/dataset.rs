@@ -5,6 +5,7 @@
 //! Images are kept as `u8` and scaled to [-1, 1] when a batch is gathered (`x / 127.5 - 1`);
 //! vector data is kept as `f32` as given.
 
+use ddm_core::digest::hex;
 use ddm_core::gmm::GaussianMixture;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -143,10 +144,57 @@ impl Dataset {
     }
 
     /// The labels of `indices`, if any.
+    /// Count, mean and diagonal variance of every sample (what an island publishes for the
+    /// analytic router), read in pieces of 4096 samples.
+    pub fn cluster_stats(&self) -> ddm_core::stats::ClusterStats {
+        let (n, d) = (self.len(), self.sample_size());
+        let mut acc = ddm_core::stats::Accumulator::new(d);
+        for piece in (0..n).collect::<Vec<_>>().chunks(4096) {
+            self.gather(piece).chunks(d).for_each(|row| acc.add(row));
+        }
+        acc.finish()
+    }
+
     pub fn gather_labels(&self, indices: &[usize]) -> Option<Vec<u32>> {
         self.labels
             .as_ref()
             .map(|l| indices.iter().map(|&i| l[i]).collect())
+    }
+
+    /// The samples of `parts`, in order, as one dataset named `name`. The parts must share shape
+    /// and value type (the shards of one partition do); labels are kept only if every part has them.
+    pub fn concat(parts: Vec<Dataset>, name: String) -> Result<Dataset> {
+        let mut it = parts.into_iter();
+        let mut all = it
+            .next()
+            .ok_or_else(|| crate::error::Error::Invalid(format!("{name}: nothing to concatenate")))?;
+        for p in it {
+            if p.shape != all.shape {
+                return Err(crate::error::Error::Invalid(format!(
+                    "{name}: samples of shape {:?} ({}) and {:?} ({}) cannot be one dataset",
+                    all.shape, all.name, p.shape, p.name
+                )));
+            }
+            match (&mut all.values, p.values) {
+                (Values::U8(a), Values::U8(b)) => a.extend(b),
+                (Values::F32(a), Values::F32(b)) => a.extend(b),
+                _ => {
+                    return Err(crate::error::Error::Invalid(format!(
+                        "{name}: u8 and f32 samples cannot be one dataset ({} and {})",
+                        all.name, p.name
+                    )));
+                }
+            }
+            all.labels = match (all.labels.take(), p.labels) {
+                (Some(mut a), Some(b)) => {
+                    a.extend(b);
+                    Some(a)
+                }
+                _ => None,
+            };
+        }
+        all.name = name;
+        Ok(all)
     }
 
     /// A new dataset of the samples at `indices` (in that order).
@@ -193,29 +241,4 @@ pub trait Source {
     fn describe(&self) -> String;
     /// Read all samples.
     fn load(&self) -> Result<Dataset>;
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// sha256 of a byte slice, hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-/// sha256 of a file, hex, streamed.
-pub fn sha256_file(path: &std::path::Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| crate::error::Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| crate::error::Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
 }

@@ -7,9 +7,10 @@
 
 use std::path::Path;
 
-use crate::dataset::{Dataset, Source, sha256_hex};
+use crate::dataset::{Dataset, Source};
 use crate::error::{Error, Result};
 use crate::idx::{FASHION_MNIST_CLASSES, idx_dataset};
+use ddm_core::digest::sha256_hex;
 
 const IMAGES: &[u8] = include_bytes!("../data/fashion-mnist-train-10k-images-idx3-ubyte.gz");
 const LABELS: &[u8] = include_bytes!("../data/fashion-mnist-train-10k-labels-idx1-ubyte.gz");

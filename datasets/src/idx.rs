@@ -10,8 +10,10 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::dataset::{Dataset, Source, Values, sha256_hex};
+use crate::dataset::{Dataset, Source, Values};
 use crate::error::{Error, Result};
+use ddm_core::digest::sha256_hex;
+use ddm_core::progress::Progress;
 
 /// The Fashion-MNIST class names, in label order.
 pub const FASHION_MNIST_CLASSES: [&str; 10] = [
@@ -286,7 +288,7 @@ impl FashionMnist {
                 ),
             });
         }
-        download_fashion_mnist(FASHION_MNIST_MIRROR, &cache)?;
+        download_fashion_mnist(FASHION_MNIST_MIRROR, &cache, &())?;
         Ok(cache)
     }
 }
@@ -316,7 +318,8 @@ impl Source for FashionMnist {
 
 /// Download the four Fashion-MNIST files from `base_url` into `dir`, verifying each against its
 /// pinned sum before it is put in place (atomically). Files already there and valid are kept.
-pub fn download_fashion_mnist(base_url: &str, dir: &Path) -> Result<()> {
+/// Each download's bytes are reported to `progress`.
+pub fn download_fashion_mnist(base_url: &str, dir: &Path, progress: &dyn Progress) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let client = reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(300))
@@ -332,13 +335,25 @@ pub fn download_fashion_mnist(base_url: &str, dir: &Path) -> Result<()> {
             continue;
         }
         let url = format!("{}/{file}", base_url.trim_end_matches('/'));
-        eprintln!("downloading {url}");
+        tracing::info!("downloading {url}");
         let fetch = |url: &str| -> std::result::Result<Vec<u8>, String> {
-            let resp = client.get(url).send().map_err(|e| e.to_string())?;
+            use std::io::Read;
+            let mut resp = client.get(url).send().map_err(|e| e.to_string())?;
             if !resp.status().is_success() {
                 return Err(format!("HTTP {}", resp.status()));
             }
-            resp.bytes().map(|b| b.to_vec()).map_err(|e| e.to_string())
+            progress.begin(file, resp.content_length().unwrap_or(0));
+            let (mut bytes, mut chunk) = (vec![], vec![0u8; 1 << 16]);
+            loop {
+                let n = resp.read(&mut chunk).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    break;
+                }
+                bytes.extend_from_slice(&chunk[..n]);
+                progress.advance(n as u64);
+            }
+            progress.finish();
+            Ok(bytes)
         };
         let bytes = fetch(&url).map_err(|e| Error::NotFound {
             what: url.clone(),

@@ -29,6 +29,15 @@ fn default_n() -> usize {
 }
 
 impl MixtureSpec {
+    /// Read and validate a spec file (JSON).
+    pub fn read(path: &std::path::Path) -> Result<MixtureSpec> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let spec: MixtureSpec =
+            serde_json::from_str(&text).map_err(|e| Error::bad(path, format!("not a mixture spec: {e}")))?;
+        spec.validate().map_err(|e| Error::bad(path, e))?;
+        Ok(spec)
+    }
+
     pub fn validate(&self) -> std::result::Result<(), String> {
         let m = &self.mixture;
         let k = m.weights.len();
@@ -80,10 +89,7 @@ impl Source for MixtureFile {
     }
 
     fn load(&self) -> Result<Dataset> {
-        let text = std::fs::read_to_string(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        let spec: MixtureSpec = serde_json::from_str(&text)
-            .map_err(|e| Error::bad(&self.path, format!("not a mixture spec: {e}")))?;
-        spec.validate().map_err(|e| Error::bad(&self.path, e))?;
+        let spec = MixtureSpec::read(&self.path)?;
         Ok(spec.dataset(format!("gmm:{}", self.path.display())))
     }
 }

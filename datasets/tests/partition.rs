@@ -240,3 +240,48 @@ fn fashion_mnist_k4_on_the_debian_data() {
         "it holds most of the 12,000 sandals and sneakers: {lc:?}"
     );
 }
+
+/// A partition.json that lists no clusters (`"k": 0, "clusters": []`) is refused on open with the
+/// file named, instead of reaching code that assumes at least one cluster.
+#[test]
+fn a_partition_of_zero_clusters_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p");
+    make(&out, &mixture(300), &config(2, kmeans()));
+    let path = out.join(partition::MANIFEST);
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["k"] = 0.into();
+    v["clusters"] = serde_json::json!([]);
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    let e = partition::Partition::open(&out).unwrap_err().to_string();
+    assert!(e.contains("partition.json") && e.contains("K = 0"), "{e}");
+}
+
+/// The Partition handle: K, fingerprint, verified shards, and all shards with their cluster ids.
+#[test]
+fn the_partition_handle_reads_shards_and_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p");
+    let m = make(&out, &mixture(900), &config(3, kmeans()));
+    let p = partition::Partition::open(&out).unwrap();
+    assert_eq!((p.k(), p.fingerprint()), (3, m.fingerprint.as_str()));
+    let (all, clusters) = p.all().unwrap();
+    assert_eq!((all.len(), clusters.len()), (900, 900));
+    let mut start = 0;
+    for k in 0..3 {
+        let shard = p.shard(k).unwrap();
+        assert_eq!(shard.len(), m.clusters[k].count);
+        let rows: Vec<usize> = (start..start + shard.len()).collect();
+        assert_eq!(
+            all.gather(&rows),
+            shard.gather(&(0..shard.len()).collect::<Vec<_>>())
+        );
+        assert!(
+            clusters[start..start + shard.len()]
+                .iter()
+                .all(|&c| c == k as u32)
+        );
+        start += shard.len();
+    }
+    assert!(p.shard(3).is_err());
+}

@@ -259,7 +259,7 @@ fn download_verifies_checksums() {
         format!("http://{addr}")
     };
     let dir = tempfile::tempdir().unwrap();
-    let e = ddm_datasets::idx::download_fashion_mnist(&serve(true), dir.path())
+    let e = ddm_datasets::idx::download_fashion_mnist(&serve(true), dir.path(), &())
         .unwrap_err()
         .to_string();
     assert!(
@@ -275,7 +275,7 @@ fn download_verifies_checksums() {
         println!("skipped the successful-download half: Debian's dataset-fashion-mnist is not installed");
         return;
     }
-    ddm_datasets::idx::download_fashion_mnist(&serve(false), dir.path()).unwrap();
+    ddm_datasets::idx::download_fashion_mnist(&serve(false), dir.path(), &()).unwrap();
     let d = ddm_datasets::idx::FashionMnist {
         dir: Some(dir.path().into()),
         split: ddm_datasets::idx::Split::Test,

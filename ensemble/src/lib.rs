@@ -2,6 +2,7 @@
 //! verified, content-addressed directory; [`sampler`] mixes them at every denoising step through a
 //! routing [`strategy`], with grouped dispatch (each expert runs once per step).
 
+pub mod experts;
 pub mod registry;
 pub mod sample;
 pub mod sampler;

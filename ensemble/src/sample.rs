@@ -10,6 +10,7 @@ use anyhow::bail;
 use ddm_core::burn::prelude::*;
 use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
 use ddm_core::host::{HostTensor, write_tensors};
+use ddm_core::progress::Progress;
 use rand::SeedableRng;
 use serde::Serialize;
 
@@ -81,7 +82,23 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-pub fn sample(o: &SampleOptions) -> anyhow::Result<Report> {
+/// A velocity field that reports each evaluation to a [`Progress`].
+struct Counted<'a> {
+    inner: &'a dyn VelocityField<2>,
+    progress: &'a dyn Progress,
+}
+
+impl VelocityField<2> for Counted<'_> {
+    fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
+        let v = self.inner.velocity(x_t, t, y);
+        self.progress.advance(1);
+        v
+    }
+}
+
+/// Sample as `o` says, reporting each ensemble evaluation (one per Euler step, two per Heun
+/// step) to `progress`.
+pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Report> {
     let reg = Registry::open(&o.registry)?;
     let k = reg.index.k;
     let missing: Vec<usize> = (0..k).filter(|c| !reg.index.experts.contains_key(c)).collect();
@@ -93,8 +110,8 @@ pub fn sample(o: &SampleOptions) -> anyhow::Result<Report> {
         );
     }
     if !missing.is_empty() {
-        eprintln!(
-            "warning: sampling without the experts of clusters {missing:?}; the router's weights are renormalised"
+        tracing::warn!(
+            "sampling without the experts of clusters {missing:?}; the router's weights are renormalised"
         );
     }
     let device = o.device.clone();
@@ -129,8 +146,18 @@ pub fn sample(o: &SampleOptions) -> anyhow::Result<Report> {
     let y = o
         .class
         .map(|(c, _)| Tensor::<1, Int>::full([o.n], c as i64, &device));
-    let x0 = flow::integrate(&ensemble as &dyn VelocityField<2>, x1, y, &times, o.solver);
+    let evaluations = match o.solver {
+        Solver::Euler => o.steps,
+        Solver::Heun => 2 * o.steps,
+    };
+    progress.begin(&format!("sample {} ({})", o.n, o.strategy), evaluations as u64);
+    let counted = Counted {
+        inner: &ensemble,
+        progress,
+    };
+    let x0 = flow::integrate(&counted as &dyn VelocityField<2>, x1, y, &times, o.solver);
     let x0 = HostTensor::from_tensor(x0); // device sync: the timing includes all the work
+    progress.finish();
     let seconds = t0.elapsed().as_secs_f64();
     if let Some(e) = ensemble.take_error() {
         return Err(e);

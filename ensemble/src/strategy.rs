@@ -1,6 +1,7 @@
 //! Inference strategies: how the router's weights p(k | x_t, t) pick and weight experts, per
-//! sample and per step (PAPER.md). Every strategy returns (expert, weight) pairs whose weights sum
-//! to 1 over the experts that are present (an island that failed is renormalised away).
+//! sample and per step (docs/ARCHITECTURE.md, "The math convention"). Every strategy returns
+//! (expert, weight) pairs whose weights sum to 1 over the experts that are present (an island
+//! that failed is renormalised away).
 
 use std::str::FromStr;
 

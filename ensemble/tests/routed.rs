@@ -5,10 +5,10 @@ use ddm_core::burn::prelude::*;
 use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
+use ddm_core::stats::ClusterStats;
 use ddm_ensemble::sampler::{Ensemble, ExpertSlot, Posterior};
 use ddm_ensemble::strategy::Strategy;
 use ddm_router::analytic::AnalyticRouter;
-use ddm_trainer::stats::ClusterStats;
 use rand::SeedableRng;
 
 fn mixture() -> GaussianMixture {

@@ -13,17 +13,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use ddm_core::burn;
 use ddm_core::burn::prelude::*;
-use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Objective, Role, TrainingSummary};
+use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Role, TrainingSummary};
 use ddm_core::host::{HostTensor, TensorFile};
 use ddm_core::model::ModelConfig;
 use ddm_core::params::{ParamSource, StateLoader};
 use ddm_datasets::Dataset;
-use ddm_datasets::partition::PartitionManifest;
 use ddm_router::net::RouterNet;
-use ddm_router::task::{cross_entropy, network_config};
 use ddm_trainer::config::TrainConfig;
-use ddm_trainer::island::{self, Target};
-use ddm_trainer::task::{Batch, Task};
+use ddm_trainer::router::{cross_entropy, network_config};
+use ddm_trainer::task::{Batch, Task, TrainData};
 use rand_chacha::ChaCha8Rng;
 
 pub const CLASSIFIER_FILE: &str = "classifier.safetensors";
@@ -77,7 +75,7 @@ pub fn classifier_config(
     data: &Dataset,
     classes: usize,
 ) -> anyhow::Result<ModelConfig> {
-    Ok(match network_config(config, data, classes, "classifier")? {
+    Ok(match network_config(config, data, classes)? {
         // The head's width is the class count, carried like a router's K.
         ModelConfig::Dit(mut dit) => {
             dit.num_classes = classes;
@@ -105,7 +103,10 @@ fn build(config: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<Cla
 }
 
 /// Classifier training as a task of the trainer's loop: cross-entropy on clean labelled images.
-pub struct ClassifierTask;
+/// Its data is a labelled dataset, not a partition.
+pub struct ClassifierTask {
+    pub data: Dataset,
+}
 
 impl Task for ClassifierTask {
     type Net = Classifier;
@@ -114,13 +115,17 @@ impl Task for ClassifierTask {
         "classifier".into()
     }
 
-    fn data(&self, dir: &Path, manifest: &PartitionManifest) -> anyhow::Result<(Dataset, Option<Vec<u32>>)> {
-        let d = island::load(dir, manifest, Target::Monolith)?;
+    fn data(&self) -> anyhow::Result<TrainData> {
+        let d = &self.data;
         let labels = d
             .labels
             .clone()
             .with_context(|| format!("{}: a classifier needs labelled data", d.name))?;
-        Ok((d, Some(labels)))
+        Ok(TrainData {
+            data: d.clone(),
+            targets: Some(labels),
+            fingerprint: d.fingerprint(),
+        })
     }
 
     fn net_config(&self, config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
@@ -152,13 +157,11 @@ impl Task for ClassifierTask {
         ema: &Classifier,
         net_config: &ModelConfig,
         summary: TrainingSummary,
-        data: &Dataset,
-        _targets: Option<&[u32]>,
-        manifest: &PartitionManifest,
+        train: &TrainData,
     ) -> anyhow::Result<PathBuf> {
-        let mut meta = CheckpointMeta::expert(net_config.clone(), data.range(), Objective::Velocity);
-        meta.role = Role::Classifier;
-        meta.source = Some(format!("ddm eval train-classifier on {}", manifest.dataset.name));
+        let data = &train.data;
+        let mut meta = CheckpointMeta::classifier(net_config.clone(), data.range());
+        meta.source = Some(format!("ddm eval train-classifier on {}", data.name));
         if let Some(names) = &data.class_names {
             meta.extra
                 .insert("class_names".into(), serde_json::to_value(names)?);
@@ -308,4 +311,32 @@ impl FeatureNet {
         let pred = self.predict(&data.gather(&all))?;
         Ok(pred.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / labels.len() as f64)
     }
+}
+
+/// The committed classifier's network and length of training.
+pub const DEFAULT_MODEL: &str = "DiT-XS/4";
+pub const DEFAULT_STEPS: u64 = 4000;
+
+/// Train the classifier on the labelled images of `data` (a `--data` source) into `out`,
+/// resumably, with the trainer's loop.
+pub fn train(
+    data: &str,
+    out: &Path,
+    config: TrainConfig,
+    device: ddm_core::device::DeviceChoice,
+    progress: bool,
+) -> anyhow::Result<ddm_trainer::train::Outcome> {
+    let source = ddm_datasets::parse_source(data, false)?;
+    let data = source
+        .load()
+        .with_context(|| format!("loading {}", source.describe()))?;
+    ddm_trainer::train::run(
+        &ClassifierTask { data },
+        ddm_trainer::train::Run {
+            out: out.to_path_buf(),
+            config,
+            device,
+            progress,
+        },
+    )
 }

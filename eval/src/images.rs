@@ -9,7 +9,7 @@
 //! would get at the same N (FD is biased upwards at small N, so compare against it).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use ddm_core::host::{HostTensor, TensorFile, write_tensors};
@@ -70,7 +70,10 @@ impl RealSet {
                     features: features.data,
                 });
             }
-            eprintln!("warning: ignoring {} (unexpected shapes)", path.display());
+            tracing::warn!(
+                "ignoring the cached statistics {} (unexpected shapes)",
+                path.display()
+            );
         }
         let all: Vec<usize> = (0..data.len()).collect();
         let x = data.gather(&all);
@@ -237,4 +240,23 @@ pub fn format_report(name: &str, r: &ImageReport, class_names: Option<&[String]>
     }
     s.push('\n');
     s
+}
+
+/// The samples of a `ddm sample` output (`x0`) or any safetensors with `x`, flattened to [N, X].
+pub fn read_samples(path: &Path) -> anyhow::Result<HostTensor> {
+    let f = TensorFile::read(path)?;
+    let name = ["x0", "x"]
+        .into_iter()
+        .find(|n| f.contains(n))
+        .with_context(|| format!("{}: no tensor named x0 or x", path.display()))?;
+    let t = f.f32(name)?;
+    if t.shape.len() < 2 {
+        bail!(
+            "{}: `{name}` has shape {:?}; expected [N, ...]",
+            path.display(),
+            t.shape
+        );
+    }
+    let n = t.shape[0];
+    Ok(HostTensor::new(vec![n, t.numel() / n], t.data))
 }

@@ -6,14 +6,14 @@
 //!   trainer's loop; the committed weights are compiled in);
 //! - [`images`]: all image metrics of a sample set, and the real-vs-real floor;
 //! - [`mixture`]: exact metrics on Gaussian mixtures;
-//! - [`experiment`] and [`report`]: `ddm experiment paper-table`, its table and plot;
-//! - [`cli`]: the `ddm eval` and `ddm experiment` verbs.
+//! - [`experiment`], [`paper_table`] and [`report`]: `ddm experiment paper-table`, its runs,
+//!   table and plot.
 
 pub mod classifier;
-pub mod cli;
 pub mod experiment;
 pub mod fd;
 pub mod images;
 pub mod knn;
 pub mod mixture;
+pub mod paper_table;
 pub mod report;

@@ -33,20 +33,13 @@ pub fn velocity_mse_by_bin(
             let ts: Vec<f64> = (0..per_bin)
                 .map(|i| (b as f64 + (i as f64 + rng.random::<f64>()) / per_bin as f64) / bins as f64)
                 .collect();
-            let mut xt = Vec::with_capacity(per_bin * d);
-            for (i, &t) in ts.iter().enumerate() {
-                for j in 0..d {
-                    xt.push(((1.0 - t) * x0.data[i * d + j] as f64 + t * e.data[i * d + j] as f64) as f32);
-                }
-            }
-            let v = HostTensor::from_tensor(field.velocity(
-                HostTensor::new(vec![per_bin, d], xt.clone()).to_tensor::<2>(device),
-                Tensor::<1>::from_data(
-                    TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), [per_bin]),
-                    device,
-                ),
-                None,
-            ));
+            let t = Tensor::<1>::from_data(
+                TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), [per_bin]),
+                device,
+            );
+            let x_t = flow::interpolate(x0.to_tensor::<2>(device), e.to_tensor::<2>(device), t.clone());
+            let xt = HostTensor::from_tensor(x_t.clone()).data; // [per_bin * d]
+            let v = HostTensor::from_tensor(field.velocity(x_t, t, None));
             let mut total = 0.0;
             for (i, &t) in ts.iter().enumerate() {
                 let x: Vec<f64> = xt[i * d..(i + 1) * d].iter().map(|&v| v as f64).collect();

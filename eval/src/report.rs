@@ -63,7 +63,7 @@ pub fn markdown(title: &str, rows: &[Row], floor: Option<&ImageReport>, header: 
         s.push_str("| system | train TFLOPs | FD ↓ | precision ↑ | recall ↑ | class TV ↓ | nn-train RMS | sample GFLOPs/img | sample ms/img |\n");
         s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &final_rows {
-            let i = r.images.as_ref().unwrap();
+            let Some(i) = r.images.as_ref() else { continue };
             s.push_str(&format!(
                 "| {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.4} | {:.2} | {:.1} |\n",
                 r.system,
@@ -87,7 +87,7 @@ pub fn markdown(title: &str, rows: &[Row], floor: Option<&ImageReport>, header: 
         s.push_str("| system | train GFLOPs | velocity MSE ↓ | energy dist. ↓ | mode-weight TV ↓ | mode weights | sample MFLOPs/sample | sample µs/sample |\n");
         s.push_str("|---|---:|---:|---:|---:|---|---:|---:|\n");
         for r in &final_rows {
-            let m = r.mixture.as_ref().unwrap();
+            let Some(m) = r.mixture.as_ref() else { continue };
             let w: Vec<String> = m.mode_weights.iter().map(|v| format!("{v:.3}")).collect();
             s.push_str(&format!(
                 "| {} | {:.1} | {:.4} | {:.4} | {:.3} | {} | {:.2} | {:.1} |\n",
@@ -133,7 +133,7 @@ pub fn markdown(title: &str, rows: &[Row], floor: Option<&ImageReport>, header: 
         s.push_str(&"---:|".repeat(10));
         s.push('\n');
         for r in &final_rows {
-            let m = r.mixture.as_ref().unwrap();
+            let Some(m) = r.mixture.as_ref() else { continue };
             s.push_str(&format!("| {} |", r.system));
             for v in &m.velocity_mse_by_bin {
                 s.push_str(&format!(" {v:.4} |"));

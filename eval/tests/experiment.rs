@@ -7,7 +7,7 @@ use ddm_trainer::config::TrainConfig;
 #[test]
 fn paper_table_runs_and_resumes_on_a_mixture() {
     let dir = tempfile::tempdir().unwrap();
-    let g = ddm_eval::cli::ring_mixture();
+    let g = ddm_eval::paper_table::ring_mixture();
     let spec = ddm_datasets::mixture::MixtureSpec {
         mixture: g.clone(),
         n: 2000,
@@ -87,4 +87,41 @@ fn paper_table_runs_and_resumes_on_a_mixture() {
     let png = dir.path().join("plot.png");
     ddm_eval::report::plot(&png, "toy", &rows, None).unwrap();
     assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+}
+
+/// A results.jsonl that mixes image and mixture rows (or has a row with neither) is refused with
+/// the file and line named; before, the table writer panicked on such a file.
+#[test]
+fn a_results_file_mixing_image_and_mixture_rows_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("results.jsonl");
+    let base = serde_json::json!({
+        "setting": "s", "stage_pct": 100, "system": "monolith",
+        "train_flops": 1.0, "sample_gflops": 1.0, "sample_seconds": 1.0,
+    });
+    let mut mixture = base.clone();
+    mixture["mixture"] = serde_json::json!({
+        "n": 10, "velocity_mse_by_bin": [0.1], "velocity_mse": 0.1, "energy_distance": 0.2,
+        "mode_weights": [1.0], "mode_weight_tv": 0.0,
+    });
+    let mut image = base.clone();
+    image["images"] = serde_json::json!({
+        "n": 10, "fd": 1.0, "precision": 0.5, "recall": 0.5, "class_histogram": [1.0],
+        "class_tv": 0.0, "nn_train_rms": 0.1,
+    });
+    let write = |rows: &[&serde_json::Value]| {
+        let text: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+        std::fs::write(&path, text.join("\n")).unwrap();
+    };
+    write(&[&mixture, &mixture]);
+    assert_eq!(read_rows(&path).unwrap().len(), 2);
+    write(&[&mixture, &image]);
+    let e = read_rows(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("results.jsonl line 2") && e.contains("image row"),
+        "{e}"
+    );
+    write(&[&base]);
+    let e = read_rows(&path).unwrap_err().to_string();
+    assert!(e.contains("line 1") && e.contains("exactly one"), "{e}");
 }

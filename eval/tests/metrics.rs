@@ -86,7 +86,7 @@ fn precision_and_recall_of_identical_sets_are_one_and_drop_for_disjoint_ones() {
 }
 
 fn ring() -> GaussianMixture {
-    ddm_eval::cli::ring_mixture()
+    ddm_eval::paper_table::ring_mixture()
 }
 
 #[test]

@@ -3,20 +3,20 @@
 //!
 //!   p(k | x_t, t) ∝ w_k N(x_t; (1 - t) mu_k, (1 - t)^2 Sigma_k + t^2 I),   w_k = n_k / sum n.
 //!
-//! No training; a new expert joins by publishing its statistics. For a mixture of Gaussian clusters
-//! it is exact (the test oracle). Computed in f64 with log-sum-exp.
+//! No training; a new expert joins by publishing its statistics. This is the posterior of the
+//! Gaussian mixture with those weights, means and variances, so the formula has one home:
+//! [`ddm_core::gmm::GaussianMixture::posterior`] (f64, exact for Gaussian clusters).
 
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use ddm_trainer::stats::ClusterStats;
+use ddm_core::gmm::GaussianMixture;
+use ddm_core::stats::ClusterStats;
 
-/// Per-cluster Gaussians and priors.
+/// Per-cluster Gaussians and priors: the mixture the clusters would form if each were Gaussian.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnalyticRouter {
-    pub priors: Vec<f64>,
-    pub means: Vec<Vec<f64>>,
-    pub vars: Vec<Vec<f64>>,
+    pub mixture: GaussianMixture,
 }
 
 impl AnalyticRouter {
@@ -24,9 +24,11 @@ impl AnalyticRouter {
     pub fn from_stats(stats: &[ClusterStats]) -> Self {
         let total: f64 = stats.iter().map(|s| s.count as f64).sum();
         Self {
-            priors: stats.iter().map(|s| s.count as f64 / total).collect(),
-            means: stats.iter().map(|s| s.mean.clone()).collect(),
-            vars: stats.iter().map(|s| s.var.clone()).collect(),
+            mixture: GaussianMixture {
+                weights: stats.iter().map(|s| s.count as f64 / total).collect(),
+                means: stats.iter().map(|s| s.mean.clone()).collect(),
+                vars: stats.iter().map(|s| s.var.clone()).collect(),
+            },
         }
     }
 
@@ -61,28 +63,11 @@ impl AnalyticRouter {
     }
 
     pub fn k(&self) -> usize {
-        self.priors.len()
+        self.mixture.k()
     }
 
-    /// log p(k | x_t, t) for every k.
-    pub fn log_posterior(&self, x: &[f64], t: f64) -> Vec<f64> {
-        let lj: Vec<f64> = (0..self.k())
-            .map(|k| {
-                let mut lp = self.priors[k].ln();
-                for (j, &xj) in x.iter().enumerate() {
-                    let var = (1.0 - t).powi(2) * self.vars[k][j] + t * t;
-                    let r = xj - (1.0 - t) * self.means[k][j];
-                    lp -= 0.5 * (r * r / var + var.ln());
-                }
-                lp
-            })
-            .collect();
-        let m = lj.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let lse = m + lj.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
-        lj.into_iter().map(|l| l - lse).collect()
-    }
-
+    /// p(k | x_t, t) for every k.
     pub fn posterior(&self, x: &[f64], t: f64) -> Vec<f64> {
-        self.log_posterior(x, t).into_iter().map(f64::exp).collect()
+        self.mixture.posterior(x, t)
     }
 }

@@ -1,13 +1,12 @@
-//! ddm-router: the router learns the cluster posterior p(k | x_t, t), which is exactly how the
-//! ensemble weights its experts (PAPER.md). Trained ([`task`]: cross-entropy in the trainer's
-//! loop, on the DiT trunk or an MLP, [`net`]) or analytic ([`analytic`]: from per-cluster
-//! statistics, no training). [`eval`] measures it per noise level.
+//! ddm-router: the router predicts the cluster posterior p(k | x_t, t), which is exactly how the
+//! ensemble weights its experts (docs/ARCHITECTURE.md). Learned ([`net`]: the DiT trunk or an MLP
+//! with a K-way head; trained by `ddm_trainer::router`) or analytic ([`analytic`]: from
+//! per-cluster statistics, no training). [`eval`] measures it per noise level. Inference only:
+//! this crate is what the sampler needs, and it does not depend on the trainer.
 
 pub mod analytic;
-pub mod cli;
 pub mod eval;
 pub mod net;
-pub mod task;
 
 /// The router checkpoint at `path`, checked against a partition: same fingerprint, same K.
 pub fn load_checked(

@@ -120,9 +120,3 @@ impl RouterNet {
         }
     }
 }
-
-impl ddm_trainer::task::Net for RouterNet {
-    fn state_dict(&self) -> BTreeMap<String, HostTensor> {
-        RouterNet::state_dict(self)
-    }
-}

@@ -6,6 +6,9 @@ use clap::{Args, Subcommand};
 
 /// Inspect or download datasets.
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  ddm data info --data fashion-mnist:test --png first-64.png\n  ddm data fetch --dir ~/data/fashion-mnist"
+)]
 pub struct DataArgs {
     #[command(subcommand)]
     pub command: DataCommand,
@@ -30,6 +33,9 @@ pub enum DataCommand {
         /// Mirror base URL.
         #[arg(long, default_value = ddm_datasets::idx::FASHION_MNIST_MIRROR)]
         mirror: String,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
     },
 }
 
@@ -66,9 +72,9 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                 println!("  grid         {}", png.display());
             }
         }
-        DataCommand::Fetch { dir, mirror } => {
+        DataCommand::Fetch { dir, mirror, quiet } => {
             let dir = dir.unwrap_or_else(|| ddm_datasets::idx::cache_dir().join("fashion-mnist"));
-            ddm_datasets::idx::download_fashion_mnist(&mirror, &dir)?;
+            ddm_datasets::idx::download_fashion_mnist(&mirror, &dir, &crate::ui::Bar::new(quiet))?;
             println!("Fashion-MNIST is in {} (sha256 verified)", dir.display());
         }
     }

@@ -33,6 +33,9 @@ pub enum ObjectiveArg {
 
 /// Import a model trained elsewhere as a ddm expert checkpoint.
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  ddm import --from pytorch dit.safetensors --config dit.json --out expert.safetensors\n  ddm import --from pytorch ddpm.safetensors --config dit.json --objective epsilon-linear --out e.safetensors"
+)]
 pub struct ImportArgs {
     /// Where the weights come from.
     #[arg(long, value_enum, default_value = "pytorch")]

@@ -8,6 +8,7 @@ use ddm_core::checkpoint::Checkpoint;
 /// Print a checkpoint's metadata (role, model, data, objective, provenance, training summary)
 /// after verifying its checksum.
 #[derive(Args, Debug)]
+#[command(after_help = "Example:\n  ddm info expert-0/expert.safetensors")]
 pub struct InfoArgs {
     /// The checkpoint file.
     pub checkpoint: PathBuf,

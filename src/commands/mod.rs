@@ -1,6 +1,9 @@
 //! One module per `ddm` verb.
 
 pub mod data;
+pub mod eval;
+pub mod eval_router;
+pub mod experiment;
 pub mod import;
 pub mod info;
 pub mod partition;
@@ -8,7 +11,9 @@ pub mod predict;
 pub mod quickstart;
 pub mod register;
 pub mod sample;
+pub mod settings;
 pub mod train;
+pub mod train_router;
 
 use clap::Args;
 

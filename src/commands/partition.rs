@@ -24,6 +24,7 @@ pub enum AlgorithmArg {
 /// With --describe DIR, print the clusters of an existing partition (count, prior, dominant labels)
 /// and write a PNG with a row of example images per cluster.
 #[derive(Args, Debug)]
+#[command(after_help = EXAMPLES)]
 pub struct PartitionArgs {
     /// Describe an existing partition directory instead of making one.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["out"])]
@@ -75,12 +76,30 @@ pub struct PartitionArgs {
     /// Allow downloading Fashion-MNIST when it is not on disk.
     #[arg(long)]
     pub download: bool,
+    /// Print partition.json's summary as JSON (on stdout) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
+
+const EXAMPLES: &str = "Examples:
+  ddm partition --data fashion-mnist --k 8 --out part
+  ddm partition --data images:photos@64 --k 4 --features pca:128 --algorithm kmeans --out part
+  ddm partition --describe part --png part/clusters.png";
 
 pub fn run(args: PartitionArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.describe {
         let png = args.png.clone().unwrap_or_else(|| dir.join("clusters.png"));
-        print!("{}", partition::describe(dir, Some(&png), 12)?);
+        let table = partition::describe(dir, Some(&png), 12)?;
+        match args.json {
+            true => println!(
+                "{}",
+                serde_json::to_string_pretty(&partition::read_manifest(dir)?)?
+            ),
+            false => print!("{table}"),
+        }
         return Ok(());
     }
     let out = args.out.clone().expect("clap requires --out without --describe");
@@ -113,11 +132,11 @@ pub fn run(args: PartitionArgs) -> anyhow::Result<()> {
         bail!("{} already exists (pass --force to replace it)", out.display());
     }
     let source = ddm_datasets::parse_source(&args.data, args.download)?;
-    eprintln!("loading {}", source.describe());
+    tracing::info!("loading {}", source.describe());
     let dataset = source
         .load()
         .with_context(|| format!("loading {}", source.describe()))?;
-    eprintln!(
+    tracing::info!(
         "clustering {} samples into K = {} ({:?}, features {})",
         dataset.len(),
         args.k,
@@ -125,10 +144,14 @@ pub fn run(args: PartitionArgs) -> anyhow::Result<()> {
         config.features
     );
     let t0 = Instant::now();
-    let clustering = partition::cluster(&dataset, &config)?;
+    let clustering = partition::cluster_with(&dataset, &config, &crate::ui::Bar::new(args.quiet))?;
     let seconds = t0.elapsed().as_secs_f64();
     let m = partition::write(&out, &dataset, &config, &clustering, seconds, args.force)?;
-    eprintln!("clustered in {seconds:.2} s");
+    tracing::info!("clustered in {seconds:.2} s");
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
     println!("wrote {} (fingerprint {})", out.display(), &m.fingerprint[..12]);
     print!("{}", partition::describe(&out, None, 0)?);
     Ok(())

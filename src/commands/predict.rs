@@ -21,6 +21,9 @@ use super::DeviceArgs;
 /// Evaluate a checkpoint on inputs from a file (for debugging and for comparing with other
 /// frameworks). Experts write the velocity `v`; routers write cluster `logits` [N, K].
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  ddm predict --checkpoint expert.safetensors --input batch.safetensors --out v.safetensors\n  ddm predict --checkpoint router/router.safetensors --input batch.safetensors --out logits.safetensors"
+)]
 pub struct PredictArgs {
     /// The checkpoint (`ddm import`, or a trained expert).
     #[arg(long)]

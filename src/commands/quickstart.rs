@@ -16,6 +16,9 @@ use clap::Args;
 
 /// Run partition -> 4 island trainers -> router -> registry -> samples on the default data.
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  ddm quickstart\n  ddm quickstart --data fashion-mnist --k 8 --expert-steps 4000 --out runs/k8"
+)]
 pub struct QuickstartArgs {
     /// Where everything goes.
     #[arg(long, default_value = "runs/quickstart")]
@@ -69,6 +72,96 @@ fn island_command() -> anyhow::Result<Command> {
     })
 }
 
+/// Each island's step, loss and ETA while the islands run, read from the metrics.jsonl each
+/// island writes (the islands stay separate processes that share nothing): one bar per island on
+/// a terminal, a log line per island every 30 s elsewhere.
+struct IslandProgress {
+    multi: indicatif::MultiProgress,
+    bars: Vec<indicatif::ProgressBar>,
+    terminal: bool,
+    last_log: Vec<Instant>,
+}
+
+impl IslandProgress {
+    fn new(k: usize, steps: u64) -> Self {
+        use std::io::IsTerminal;
+        let multi = indicatif::MultiProgress::new();
+        let style =
+            indicatif::ProgressStyle::with_template("   {prefix} [{bar:30}] {pos}/{len} eta {eta} {msg}")
+                .expect("static template")
+                .progress_chars("=> ");
+        let bars = (0..k)
+            .map(|i| {
+                // Hidden until `started` adds it to the MultiProgress (which draws it).
+                let b = indicatif::ProgressBar::with_draw_target(
+                    Some(steps),
+                    indicatif::ProgressDrawTarget::hidden(),
+                )
+                .with_style(style.clone());
+                b.set_prefix(format!("island {i}"));
+                b.set_message("waiting");
+                b
+            })
+            .collect();
+        Self {
+            multi,
+            bars,
+            terminal: std::io::stderr().is_terminal(),
+            last_log: vec![Instant::now(); k],
+        }
+    }
+
+    fn say(&self, line: String) {
+        match self.terminal {
+            true => {
+                let _ = self.multi.println(line);
+            }
+            false => tracing::info!("{}", line.trim_start()),
+        }
+    }
+
+    fn started(&mut self, k: usize) {
+        let bar = self.multi.add(self.bars[k].clone());
+        bar.set_message("started");
+        bar.reset_eta();
+        self.say(format!("   island {k}: started"));
+    }
+
+    /// The island's last metrics line: step and loss.
+    fn update(&mut self, k: usize, out: &Path) {
+        let Ok(text) = std::fs::read_to_string(out.join("metrics.jsonl")) else {
+            return;
+        };
+        let Some(line) = text.lines().rev().find(|l| !l.trim().is_empty()) else {
+            return;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            return; // a line being written
+        };
+        let step = v.get("step").and_then(|s| s.as_u64()).unwrap_or(0);
+        let loss = v.get("loss").and_then(|l| l.as_f64()).unwrap_or(f64::NAN);
+        let bar = &self.bars[k];
+        if step > bar.position() {
+            bar.set_position(step);
+            bar.set_message(format!("loss {loss:.4}"));
+        }
+        if !self.terminal && self.last_log[k].elapsed().as_secs() >= 30 {
+            self.last_log[k] = Instant::now();
+            tracing::info!(
+                "island {k}: step {step}/{} loss {loss:.4}",
+                bar.length().unwrap_or(0)
+            );
+        }
+    }
+
+    fn done(&mut self, k: usize, seconds: f64) {
+        let bar = &self.bars[k];
+        bar.set_position(bar.length().unwrap_or(0));
+        bar.finish_with_message("done");
+        self.say(format!("   island {k}: done ({seconds:.0} s so far)"));
+    }
+}
+
 fn run_ok(mut c: Command, what: &str) -> anyhow::Result<()> {
     let status = c.status().with_context(|| format!("cannot start {what}"))?;
     if !status.success() {
@@ -111,6 +204,7 @@ pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
         (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) / a.parallel.max(1)).max(1);
     let mut pending: Vec<usize> = (0..a.k).rev().collect();
     let mut running: Vec<(usize, std::process::Child)> = vec![];
+    let mut islands = IslandProgress::new(a.k, a.expert_steps);
     while !pending.is_empty() || !running.is_empty() {
         while running.len() < a.parallel.max(1) {
             let Some(k) = pending.pop() else { break };
@@ -134,18 +228,17 @@ pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
                 "--quiet",
             ])
             .env("RAYON_NUM_THREADS", threads.to_string())
+            .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null());
-            eprintln!("   island {k}: started");
+            islands.started(k);
             running.push((k, c.spawn().context("cannot start an island trainer")?));
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
         let mut still = vec![];
         for (k, mut child) in running {
+            islands.update(k, &p(&format!("expert-{k}")));
             match child.try_wait()? {
-                Some(st) if st.success() => eprintln!(
-                    "   island {k}: done ({:.0} s so far)",
-                    t_islands.elapsed().as_secs_f64()
-                ),
+                Some(st) if st.success() => islands.done(k, t_islands.elapsed().as_secs_f64()),
                 Some(st) => bail!("island {k} failed ({st}); see {}", s(&p(&format!("expert-{k}")))),
                 None => still.push((k, child)),
             }

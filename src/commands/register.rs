@@ -11,6 +11,7 @@ use ddm_ensemble::registry;
 /// run from several processes at once (file lock). An expert's cluster-stats.safetensors, if beside
 /// it, is registered too (for `ddm sample --router analytic`).
 #[derive(Args, Debug)]
+#[command(after_help = REGISTER_EXAMPLES)]
 pub struct RegisterArgs {
     /// The registry directory (created if new).
     #[arg(long)]
@@ -25,7 +26,15 @@ pub struct RegisterArgs {
     /// `ddm registry export`, or http:// URLs (append `#sha256=HEX` to verify the download).
     #[arg(required = true)]
     pub checkpoints: Vec<String>,
+    /// Print what was registered as JSON lines (role, cluster, k, source, sha256).
+    #[arg(long)]
+    pub json: bool,
 }
+
+const REGISTER_EXAMPLES: &str = "Examples:
+  ddm register --registry reg --partition part expert-*/expert.safetensors router/router.safetensors
+  ddm register --registry reg --replace expert-3/expert.safetensors
+  ddm register --registry reg 'http://host:8000/expert-2.safetensors#sha256=HEX'";
 
 pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
     let manifest = match &args.partition {
@@ -36,18 +45,27 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
         &args.checkpoints,
         &ddm_datasets::env::cache_dir().join("downloads"),
     )?;
-    for line in registry::register(&args.registry, &files, manifest.as_ref(), args.replace)? {
-        println!("registered {line}");
+    for r in registry::register(&args.registry, &files, manifest.as_ref(), args.replace)? {
+        match args.json {
+            true => println!("{}", serde_json::to_string(&r)?),
+            false => println!("registered {r}"),
+        }
     }
     Ok(())
 }
 
 /// Look at, check or edit a registry.
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  ddm registry --registry reg list\n  ddm registry --registry reg verify --json\n  ddm registry --registry reg export --out published\n  ddm registry --registry reg remove --cluster 2"
+)]
 pub struct RegistryArgs {
     /// The registry directory.
     #[arg(long)]
     pub registry: PathBuf,
+    /// `list` prints registry.json; `verify` prints {"ok": .., "problems": [..]}.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: RegistryCommand,
 }
@@ -75,16 +93,28 @@ pub enum RegistryCommand {
 
 pub fn registry_cmd(args: RegistryArgs) -> anyhow::Result<()> {
     match args.command {
-        RegistryCommand::List => print!("{}", registry::Registry::open(&args.registry)?.list()),
+        RegistryCommand::List => {
+            let reg = registry::Registry::open(&args.registry)?;
+            match args.json {
+                true => println!("{}", serde_json::to_string_pretty(&reg.index)?),
+                false => print!("{}", reg.list()),
+            }
+        }
         RegistryCommand::Verify => {
             let problems = registry::verify(&args.registry)?;
+            if args.json {
+                let v = serde_json::json!({ "ok": problems.is_empty(), "problems": problems });
+                println!("{v}");
+            }
             for p in &problems {
                 eprintln!("problem: {p}");
             }
             if !problems.is_empty() {
                 bail!("{} problem(s) in {}", problems.len(), args.registry.display());
             }
-            println!("{}: every blob matches its sha256", args.registry.display());
+            if !args.json {
+                println!("{}: every blob matches its sha256", args.registry.display());
+            }
         }
         RegistryCommand::Export { out } => {
             let written = registry::export(&args.registry, &out)?;

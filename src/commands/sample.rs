@@ -28,6 +28,7 @@ pub enum SolverArg {
 /// (OUT), the samples (OUT with .safetensors) and a report (OUT with .json: expert usage per step
 /// range, time per step, peak memory).
 #[derive(Args, Debug)]
+#[command(after_help = EXAMPLES)]
 pub struct SampleArgs {
     /// The registry directory.
     #[arg(long)]
@@ -62,11 +63,20 @@ pub struct SampleArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
+
+const EXAMPLES: &str = "Examples:
+  ddm sample --registry reg --strategy top-1 --n 64 --out samples.png
+  ddm sample --registry reg --strategy sample --router analytic --n 500 --steps 16 --out s.png
+  ddm sample --registry reg --class 3 --guidance 2 --allow-missing";
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let strategy: Strategy = args.strategy.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    let report = ddm_ensemble::sample::sample(&SampleOptions {
+    let bar = crate::ui::Bar::new(args.quiet);
+    let options = SampleOptions {
         registry: args.registry,
         n: args.n,
         steps: args.steps,
@@ -84,7 +94,8 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         seed: args.seed,
         out: args.out,
         device: args.device.device()?,
-    })?;
+    };
+    let report = ddm_ensemble::sample::sample(&options, &bar)?;
     println!(
         "wrote {} ({} samples, {} steps, {:.3} s/step, strategy {}, experts used {:?})",
         report.png, report.n, report.steps, report.seconds_per_step, report.strategy, report.experts_loaded

@@ -1,3 +1,59 @@
-//! `ddm train`: the island trainer (the same code as the `ddm-trainer` binary).
+//! `ddm train` and the `ddm-trainer` binary: one expert on one island.
 
-pub use ddm_trainer::cli::{TrainArgs, run};
+use std::path::PathBuf;
+
+use clap::Args;
+use ddm_datasets::partition::Partition;
+use ddm_trainer::expert::ExpertTask;
+use ddm_trainer::island::{self, Target};
+
+use super::settings::{TrainSettings, run_task};
+
+/// Train one expert on one island: reads the partition's partition.json and this island's shard
+/// (verified by sha256), trains with flow matching, and writes OUT/expert.safetensors (EMA weights)
+/// plus OUT/train-state.safetensors (the whole loop state, saved every --checkpoint-every steps),
+/// OUT/metrics.jsonl and sample grids. Opens no network connection.
+///
+/// Rerunning the same command resumes from the last checkpoint. SIGINT/SIGTERM save the state and
+/// exit with status 3 (resumable). A non-finite loss stops the run with status 2 and keeps the last
+/// good checkpoint.
+#[derive(Args, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct TrainArgs {
+    /// The partition directory (`ddm partition --out`); only partition.json and this island's
+    /// shard are read.
+    #[arg(long)]
+    pub partition: PathBuf,
+    /// The cluster to train (default: $SLURM_ARRAY_TASK_ID, else $JOB_COMPLETION_INDEX).
+    #[arg(long, conflicts_with = "monolith")]
+    pub cluster: Option<usize>,
+    /// Train on all shards together: the monolith baseline.
+    #[arg(long)]
+    pub monolith: bool,
+    /// Output directory (checkpoints, metrics, samples).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub settings: TrainSettings,
+}
+
+const EXAMPLES: &str = "Examples:
+  ddm train --partition part --cluster 2 --out expert-2
+  sbatch --array=0-7 --wrap 'ddm-trainer --partition part --out expert-$SLURM_ARRAY_TASK_ID --model DiT-S/2'";
+
+/// Run an island from its arguments; returns the process exit status.
+pub fn run(args: TrainArgs) -> anyhow::Result<u8> {
+    let config = args.settings.resolve_config()?;
+    let partition = Partition::open(&args.partition)?;
+    let target = if args.monolith {
+        Target::Monolith
+    } else {
+        Target::Cluster(island::resolve_cluster(args.cluster)?)
+    };
+    run_task(
+        &ExpertTask { partition, target },
+        &args.settings,
+        config,
+        &args.out,
+    )
+}

@@ -1,5 +1,5 @@
 //! What a training run optimises: one loop (`train::run`), several tasks. An expert regresses the
-//! flow-matching velocity; a router (crate `ddm-router`) classifies which cluster a noised sample
+//! flow-matching velocity ([`crate::expert`]); a router ([`crate::router`]) classifies which cluster a noised sample
 //! came from. A task says what data it reads, which network it trains, its loss, and what it
 //! writes at the end; the loop owns batching, randomness, the optimizer, EMA, checkpoints,
 //! metrics and plots.
@@ -14,7 +14,6 @@ use ddm_core::host::HostTensor;
 use ddm_core::model::{Model, ModelConfig};
 use ddm_core::params::ParamSource;
 use ddm_datasets::Dataset;
-use ddm_datasets::partition::PartitionManifest;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::TrainConfig;
@@ -48,6 +47,16 @@ pub fn noise(
     (e, t, x_t)
 }
 
+/// What a task trains on.
+pub struct TrainData {
+    pub data: Dataset,
+    /// Per-sample targets of the task (a router's cluster ids, a classifier's labels).
+    pub targets: Option<Vec<u32>>,
+    /// Names the source (a partition's fingerprint, or the dataset's): a resumed run must see the
+    /// same one.
+    pub fingerprint: String,
+}
+
 /// One batch as the loss sees it.
 pub struct Batch<'a> {
     /// Samples in the models' range, `[B, X]` (flattened).
@@ -64,8 +73,9 @@ pub trait Task {
     /// Short name, recorded in the state (`cluster:2`, `monolith`, `router`).
     fn name(&self) -> String;
 
-    /// The samples to train on, and per-sample targets if the task has them.
-    fn data(&self, dir: &Path, manifest: &PartitionManifest) -> anyhow::Result<(Dataset, Option<Vec<u32>>)>;
+    /// The samples to train on (from the task's own source: a partition's shard, all shards, a
+    /// labelled dataset), per-sample targets if the task has them, and the source's fingerprint.
+    fn data(&self) -> anyhow::Result<TrainData>;
 
     /// The network's configuration for this data.
     fn net_config(&self, config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig>;
@@ -84,16 +94,13 @@ pub trait Task {
     ) -> Tensor<1>;
 
     /// Write the final artefact from the EMA weights; returns its path.
-    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         out: &Path,
         ema: &Self::Net,
         net_config: &ModelConfig,
         summary: TrainingSummary,
-        data: &Dataset,
-        targets: Option<&[u32]>,
-        manifest: &PartitionManifest,
+        data: &TrainData,
     ) -> anyhow::Result<PathBuf>;
 
     /// Something to look at every `sample_every` steps (an expert's sample grid).

@@ -4,7 +4,7 @@
 //! state, so a restart of the same command continues exactly where the last checkpoint left off
 //! (bit-identical on the CPU backend).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -14,29 +14,20 @@ use ddm_core::burn::grad_clipping::GradientClippingConfig;
 use ddm_core::burn::module::{Module, ModuleVisitor, Param};
 use ddm_core::burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use ddm_core::burn::prelude::*;
-use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Objective, TrainingSummary};
+use ddm_core::checkpoint::TrainingSummary;
 use ddm_core::device::DeviceChoice;
-use ddm_core::dit::DiTConfig;
-use ddm_core::flow::{self, Solver, StepSchedule};
 use ddm_core::host::HostTensor;
-use ddm_core::mlp::MlpConfig;
-use ddm_core::model::{Model, ModelConfig};
-use ddm_core::params::{ParamSource, RandomInit};
-use ddm_datasets::Dataset;
-use ddm_datasets::partition::PartitionManifest;
-use rand::{Rng, SeedableRng, seq::SliceRandom};
+use ddm_core::params::RandomInit;
+use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::TrainConfig;
-use crate::island::{self, Target};
 use crate::metrics::{Line, Metrics};
 use crate::state::{self, LoopState};
 use crate::task::{Batch, Task};
 
 /// Everything one run needs, validated.
 pub struct Run {
-    pub partition_dir: PathBuf,
-    pub manifest: PartitionManifest,
     pub out: PathBuf,
     pub config: TrainConfig,
     pub device: DeviceChoice,
@@ -80,8 +71,6 @@ impl ModuleVisitor for GradNorm<'_> {
 /// Run (or resume) training for `task`.
 pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     let Run {
-        partition_dir,
-        manifest,
         out,
         config,
         device,
@@ -91,12 +80,13 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         .validate()
         .map_err(|e| anyhow::anyhow!("bad training config: {e}"))?;
 
+    let train_data = task.data()?;
     // Fail before any work if the output directory is not writable.
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create the output directory {}", out.display()))?;
     let saved = state::read_loop_state(&out)?;
     if let Some(s) = &saved
-        && (!s.config.same_run(&config) || s.target != task.name() || s.partition != manifest.fingerprint)
+        && (!s.config.same_run(&config) || s.target != task.name() || s.partition != train_data.fingerprint)
     {
         bail!(
             "{} holds a different run ({}, partition {}, config {:?}); use a new --out or the same flags to resume",
@@ -110,9 +100,9 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     ddm_core::fsio::write_bytes_atomic(&out.join("config.toml"), resolved.as_bytes())
         .with_context(|| format!("the output directory {} is not writable", out.display()))?;
 
-    let (data, targets) = task.data(&partition_dir, &manifest)?;
+    let (data, targets) = (&train_data.data, &train_data.targets);
     let n = data.len();
-    let net_config = task.net_config(&config, &data)?;
+    let net_config = task.net_config(&config, data)?;
     let plain = ddm_core::device::device(device)?;
     let train_device = plain.clone().autodiff();
 
@@ -122,7 +112,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             let l = state::load(task, &out, &plain, &train_device, optimizer(&config))?;
             let mut st = l.state;
             st.config = config.clone(); // steps, lr and cadences may change on resume
-            eprintln!("resuming {} at step {}", out.display(), st.step);
+            tracing::info!("resuming {} at step {}", out.display(), st.step);
             (st, l.model, l.ema, l.optim)
         }
         None => {
@@ -133,7 +123,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
                 config: config.clone(),
                 model: net_config.clone(),
                 target: task.name(),
-                partition: manifest.fingerprint.clone(),
+                partition: train_data.fingerprint.clone(),
                 step: 0,
                 epoch: 0,
                 pos: 0,
@@ -263,7 +253,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         if st.step % config.checkpoint_every == 0 || st.step == config.steps || interrupted {
             state::save(&out, &st, &model, &ema, &optim)?;
             last_good_ckpt = st.step;
-            let title = format!("{} {} ({})", task.name(), config.model, manifest.dataset.name);
+            let title = format!("{} {} ({})", task.name(), config.model, data.name);
             crate::plot::loss_curve(&out.join("loss.png"), &title, metrics.losses())?;
         }
         if config.sample_every > 0 && st.step % config.sample_every == 0 {
@@ -292,190 +282,9 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         backend: device.to_string(),
         ema: Some(config.ema_decay),
     };
-    let checkpoint = task.finish(
-        &out,
-        &ema,
-        &net_config,
-        summary,
-        &data,
-        targets.as_deref(),
-        &manifest,
-    )?;
+    let checkpoint = task.finish(&out, &ema, &net_config, summary, &train_data)?;
     Ok(Outcome::Finished {
         checkpoint,
         final_loss: st.last_loss,
     })
-}
-
-// ------------------------------------------------------------------------------------------------
-// The expert task
-// ------------------------------------------------------------------------------------------------
-
-pub const EXPERT_FILE: &str = "expert.safetensors";
-
-/// Train a flow-matching expert on one cluster (or the monolith on all of them).
-pub struct ExpertTask {
-    pub target: Target,
-}
-
-impl Task for ExpertTask {
-    type Net = Model;
-
-    fn name(&self) -> String {
-        match self.target {
-            Target::Cluster(k) => format!("cluster:{k}"),
-            Target::Monolith => "monolith".into(),
-        }
-    }
-
-    fn data(&self, dir: &Path, manifest: &PartitionManifest) -> anyhow::Result<(Dataset, Option<Vec<u32>>)> {
-        Ok((island::load(dir, manifest, self.target)?, None))
-    }
-
-    fn net_config(&self, config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
-        model_config(config, data)
-    }
-
-    fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<Model> {
-        Ok(net.build(src)?)
-    }
-
-    fn loss(
-        &self,
-        net: &Model,
-        batch: Batch<'_>,
-        config: &TrainConfig,
-        net_config: &ModelConfig,
-        rng: &mut ChaCha8Rng,
-    ) -> Tensor<1> {
-        let device = batch.x0.device();
-        let [b, _] = batch.x0.dims();
-        let (e, t, x_t) = crate::task::noise(&batch.x0, config, rng);
-        let y = match net_config {
-            ModelConfig::Dit(c) if c.num_classes > 0 => {
-                let labels = batch.labels.expect("class-conditional data has labels");
-                let null = c.num_classes as i64;
-                let y: Vec<i64> = labels
-                    .iter()
-                    .map(|&l| {
-                        if rng.random::<f64>() < config.class_dropout {
-                            null
-                        } else {
-                            l as i64
-                        }
-                    })
-                    .collect();
-                Some(Tensor::<1, Int>::from_data(TensorData::new(y, [b]), &device))
-            }
-            _ => None,
-        };
-        let v = net.predict(x_t, t, y);
-        flow::flow_matching_loss(v, batch.x0, e)
-    }
-
-    fn finish(
-        &self,
-        out: &Path,
-        ema: &Model,
-        net_config: &ModelConfig,
-        summary: TrainingSummary,
-        data: &Dataset,
-        _targets: Option<&[u32]>,
-        manifest: &PartitionManifest,
-    ) -> anyhow::Result<PathBuf> {
-        // The range of the whole dataset, not of this shard: every expert of a partition (and the
-        // registry) must agree on it, and for vector data each shard's min/max differ.
-        let mut meta =
-            CheckpointMeta::expert(net_config.clone(), manifest.dataset.range, Objective::Velocity);
-        meta.partition = Some(manifest.fingerprint.clone());
-        meta.cluster = match self.target {
-            Target::Cluster(k) => Some(k),
-            Target::Monolith => None,
-        };
-        meta.source = Some(format!(
-            "ddm-trainer {} on {}",
-            self.name(),
-            manifest.dataset.name
-        ));
-        let seed = summary.seed;
-        meta.training = Some(summary);
-        let path = out.join(EXPERT_FILE);
-        Checkpoint {
-            meta,
-            tensors: ema.state_dict(),
-        }
-        .save(&path)?;
-        // The statistics the analytic router needs: count, mean and diagonal variance of the shard.
-        crate::stats::ClusterStats::of(data).save(
-            &out.join(crate::stats::STATS_FILE),
-            manifest,
-            self.target,
-        )?;
-        write_samples(ema, net_config, &out.join("samples.png"), seed)?;
-        Ok(path)
-    }
-
-    fn snapshot(&self, ema: &Model, net_config: &ModelConfig, path: &Path, seed: u64) -> anyhow::Result<()> {
-        write_samples(ema, net_config, path, seed)
-    }
-}
-
-/// The expert's network for this data.
-pub fn model_config(config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
-    let s = &data.shape;
-    if config.model.eq_ignore_ascii_case("mlp") {
-        let mut m = MlpConfig::new(data.sample_size());
-        (m.hidden_size, m.depth) = (config.mlp_hidden, config.mlp_depth);
-        return Ok(ModelConfig::Mlp(m));
-    }
-    if s.len() != 3 || s[1] != s[2] {
-        bail!(
-            "a DiT needs square images [C, S, S]; {} has samples of shape {s:?} (use --model mlp for vectors)",
-            data.name
-        );
-    }
-    let mut dit = DiTConfig::named(&config.model, s[1], s[0])?;
-    if config.class_conditional {
-        dit.num_classes = data
-            .num_classes
-            .context("--class-conditional needs labelled data; this data has no labels")?;
-        dit.class_dropout_prob = config.class_dropout;
-    } else {
-        dit.class_dropout_prob = 0.0;
-    }
-    Ok(ModelConfig::Dit(dit))
-}
-
-/// A grid of 16 EMA samples (Euler, 32 steps), for images.
-pub fn write_samples(ema: &Model, config: &ModelConfig, path: &Path, seed: u64) -> anyhow::Result<()> {
-    let shape = config.data_shape();
-    if shape.len() != 3 || !(shape[0] == 1 || shape[0] == 3) {
-        return Ok(());
-    }
-    let device = ema
-        .devices()
-        .first()
-        .cloned()
-        .unwrap_or_else(ddm_core::device::cpu);
-    let n = 16;
-    let per: usize = shape.iter().product();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5a5a);
-    let x1 = flow::randn(vec![n, per], &mut rng).to_tensor::<2>(&device);
-    let y = match config {
-        ModelConfig::Dit(c) if c.num_classes > 0 => Some(Tensor::<1, Int>::from_data(
-            TensorData::new(
-                (0..n as i64)
-                    .map(|i| i % c.num_classes as i64)
-                    .collect::<Vec<_>>(),
-                [n],
-            ),
-            &device,
-        )),
-        _ => None,
-    };
-    let x0 = flow::integrate(ema, x1, y, &StepSchedule::Uniform.times(32), Solver::Euler);
-    let px = ddm_datasets::grid::to_u8(&HostTensor::from_tensor(x0).data);
-    let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
-    ddm_datasets::grid::write_grid_png(path, &cells, [shape[0], shape[1], shape[2]], 8, 2, 40)?;
-    Ok(())
 }

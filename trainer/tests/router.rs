@@ -1,4 +1,5 @@
-//! The router against the exact posterior of a Gaussian mixture (K = 4 well-separated clusters).
+//! The router (trained by the router task, and analytic) against the exact posterior of a Gaussian
+//! mixture (K = 4 well-separated clusters).
 
 use std::path::{Path, PathBuf};
 
@@ -6,12 +7,12 @@ use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::activation::softmax;
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
+use ddm_core::stats::ClusterStats;
 use ddm_datasets::features::{Distance, FeatureMethod};
-use ddm_datasets::partition::{self, Algorithm, PartitionConfig, PartitionManifest};
+use ddm_datasets::partition::{self, Algorithm, Partition, PartitionConfig, PartitionManifest};
 use ddm_router::analytic::AnalyticRouter;
-use ddm_router::task::RouterTask;
 use ddm_trainer::config::TrainConfig;
-use ddm_trainer::stats::ClusterStats;
+use ddm_trainer::router::RouterTask;
 use ddm_trainer::train::Run;
 use rand::SeedableRng;
 
@@ -133,13 +134,11 @@ fn trained_router_matches_the_posterior_and_broken_ones_do_not() {
     };
     let out = dir.path().join("router");
     let task = RouterTask {
-        k: 4,
+        partition: Partition::open(&part).unwrap(),
         expert_model: "mlp".into(),
         eval_samples: 500,
     };
     let run = Run {
-        partition_dir: part.clone(),
-        manifest: manifest.clone(),
         out: out.clone(),
         config,
         device: ddm_core::device::DeviceChoice::Cpu,
@@ -195,7 +194,11 @@ fn analytic_router_from_shard_statistics() {
     let dir = tempfile::tempdir().unwrap();
     let (part, manifest, component) = partition_of(dir.path(), 8000);
     let stats: Vec<ClusterStats> = (0..4)
-        .map(|k| ClusterStats::of(&partition::load_shard(&part, &manifest, k).unwrap()))
+        .map(|k| {
+            partition::load_shard(&part, &manifest, k)
+                .unwrap()
+                .cluster_stats()
+        })
         .collect();
     let r = AnalyticRouter::from_stats(&stats);
     let g = mixture();
@@ -224,13 +227,11 @@ fn a_router_of_another_partition_or_k_is_refused() {
     };
     let out = dir.path().join("router");
     let task = RouterTask {
-        k: 4,
+        partition: Partition::open(&part).unwrap(),
         expert_model: "mlp".into(),
         eval_samples: 100,
     };
     let run = Run {
-        partition_dir: part,
-        manifest: manifest.clone(),
         out: out.clone(),
         config,
         device: ddm_core::device::DeviceChoice::Cpu,

@@ -1,53 +1,40 @@
-//! Router training as a task of the trainer's loop (one loop, two losses): cross-entropy between
+//! The router task (one loop, two losses): cross-entropy between
 //! the router's logits for a noised sample x_t and the cluster id of its clean sample, with t drawn
 //! like the experts' and clusters at their natural frequencies, so the prior w_k is learned. The
 //! router needs only images and cluster ids; it never touches an expert.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::activation::log_softmax;
-use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Objective, Role, TrainingSummary};
-use ddm_core::dit::DiTConfig;
-use ddm_core::mlp::MlpConfig;
+use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, TrainingSummary};
 use ddm_core::model::ModelConfig;
 use ddm_core::params::ParamSource;
 use ddm_datasets::Dataset;
-use ddm_datasets::partition::PartitionManifest;
-use ddm_trainer::config::TrainConfig;
-use ddm_trainer::task::{Batch, Task};
+use ddm_datasets::partition::Partition;
+use ddm_router::eval;
+use ddm_router::net::{RouterNet, router_config};
 use rand_chacha::ChaCha8Rng;
 
-use crate::eval;
-use crate::net::{RouterNet, router_config};
+use crate::config::TrainConfig;
+use crate::task::{Batch, Net, Task, TrainData};
 
 pub const ROUTER_FILE: &str = "router.safetensors";
+/// The default router trunk: a DiT-XS (about a tenth of a DiT-T expert's forward FLOPs).
+pub const DEFAULT_ROUTER_MODEL: &str = "DiT-XS/4";
 pub const EVAL_FILE: &str = "router-eval.json";
 
 /// The network of a router-shaped classifier with `k` outputs for `data`: a named DiT trunk for
-/// square images, or (`model = "mlp"`) the MLP with K outputs. `what` names it in errors.
-pub fn network_config(
-    config: &TrainConfig,
-    data: &Dataset,
-    k: usize,
-    what: &str,
-) -> anyhow::Result<ModelConfig> {
-    if config.model.eq_ignore_ascii_case("mlp") {
-        let mut m = MlpConfig::new(data.sample_size());
-        (m.hidden_size, m.depth) = (config.mlp_hidden, config.mlp_depth);
-        return Ok(router_config(ModelConfig::Mlp(m), k));
-    }
-    let s = &data.shape;
-    if s.len() != 3 || s[1] != s[2] {
-        bail!(
-            "a DiT {what} needs square images [C, S, S]; {} has shape {s:?} (use --model mlp)",
-            data.name
-        );
-    }
-    let mut dit = DiTConfig::named(&config.model, s[1], s[0])?;
-    dit.class_dropout_prob = 0.0;
-    Ok(ModelConfig::Dit(dit))
+/// square images, or (`model = "mlp"`) the MLP with K outputs.
+pub fn network_config(config: &TrainConfig, data: &Dataset, k: usize) -> anyhow::Result<ModelConfig> {
+    let net = ModelConfig::named(
+        &config.model,
+        &data.name,
+        &data.shape,
+        config.mlp_hidden,
+        config.mlp_depth,
+    )?;
+    Ok(router_config(net, k))
 }
 
 /// Mean cross-entropy of `logits` (`[B, K]`) against the ids `targets` (`B` of them).
@@ -59,7 +46,8 @@ pub fn cross_entropy(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
 }
 
 pub struct RouterTask {
-    pub k: usize,
+    /// The partition whose cluster ids the router learns (every shard is read).
+    pub partition: Partition,
     /// The experts' network, to state the router's cost as a fraction of one expert's.
     pub expert_model: String,
     /// Samples for the evaluation printed at the end.
@@ -73,17 +61,21 @@ impl Task for RouterTask {
         "router".into()
     }
 
-    fn data(&self, dir: &Path, manifest: &PartitionManifest) -> anyhow::Result<(Dataset, Option<Vec<u32>>)> {
-        let (d, c) = ddm_trainer::island::load_all_with_clusters(dir, manifest)?;
-        Ok((d, Some(c)))
+    fn data(&self) -> anyhow::Result<TrainData> {
+        let (data, clusters) = self.partition.all()?;
+        Ok(TrainData {
+            data,
+            targets: Some(clusters),
+            fingerprint: self.partition.fingerprint().to_string(),
+        })
     }
 
     fn net_config(&self, config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
-        network_config(config, data, self.k, "router")
+        network_config(config, data, self.partition.k())
     }
 
     fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<RouterNet> {
-        Ok(RouterNet::build(net, self.k, src)?)
+        Ok(RouterNet::build(net, self.partition.k(), src)?)
     }
 
     fn loss(
@@ -94,7 +86,7 @@ impl Task for RouterTask {
         _: &ModelConfig,
         rng: &mut ChaCha8Rng,
     ) -> Tensor<1> {
-        let (_, t, x_t) = ddm_trainer::task::noise(&batch.x0, config, rng);
+        let (_, t, x_t) = crate::task::noise(&batch.x0, config, rng);
         let targets = batch.targets.expect("router batches carry cluster ids");
         cross_entropy(net.logits(x_t, t), targets)
     }
@@ -105,26 +97,23 @@ impl Task for RouterTask {
         ema: &RouterNet,
         net_config: &ModelConfig,
         summary: TrainingSummary,
-        data: &Dataset,
-        targets: Option<&[u32]>,
-        manifest: &PartitionManifest,
+        train: &TrainData,
     ) -> anyhow::Result<PathBuf> {
+        let (manifest, data) = (self.partition.manifest(), &train.data);
         let priors = manifest.priors();
-        let mut meta =
-            CheckpointMeta::expert(net_config.clone(), manifest.dataset.range, Objective::Velocity);
-        meta.role = Role::Router;
-        meta.partition = Some(manifest.fingerprint.clone());
-        meta.num_clusters = Some(self.k);
-        meta.priors = Some(priors.clone());
+        let mut meta = CheckpointMeta::router(
+            net_config.clone(),
+            manifest.dataset.range,
+            &manifest.fingerprint,
+            priors.clone(),
+        );
         meta.source = Some(format!("ddm train-router on {}", manifest.dataset.name));
         // Cost relative to one expert (per forward pass).
-        if let Ok(expert) = ddm_trainer::train::model_config(
-            &TrainConfig {
-                model: self.expert_model.clone(),
-                ..TrainConfig::default()
-            },
-            data,
-        ) {
+        let expert = TrainConfig {
+            model: self.expert_model.clone(),
+            ..TrainConfig::default()
+        };
+        if let Ok(expert) = crate::expert::model_config(&expert, data) {
             let frac = net_config.flops_per_sample() / expert.flops_per_sample();
             meta.extra
                 .insert("expert_model".into(), self.expert_model.clone().into());
@@ -139,7 +128,7 @@ impl Task for RouterTask {
         let reports = eval::evaluate(
             ema,
             data,
-            targets.expect("router data has cluster ids"),
+            train.targets.as_deref().expect("router data has cluster ids"),
             &priors,
             self.eval_samples,
             summary.seed ^ 0xe7a1,
@@ -157,7 +146,12 @@ impl Task for RouterTask {
             &out.join(EVAL_FILE),
             serde_json::to_string_pretty(&reports)?.as_bytes(),
         )?;
-        println!("{}", eval::table(&reports, &priors));
         Ok(path)
+    }
+}
+
+impl Net for RouterNet {
+    fn state_dict(&self) -> std::collections::BTreeMap<String, ddm_core::host::HostTensor> {
+        RouterNet::state_dict(self)
     }
 }

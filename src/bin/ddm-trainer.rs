@@ -1,4 +1,6 @@
-//! `ddm-trainer`: the binary an island runs (the same code as `ddm train`).
+//! `ddm-trainer`: the binary an island runs (the same code as `ddm train`). It is its own binary so
+//! a scheduler's job script names one small command; `cargo install --path .` installs it beside
+//! `ddm`.
 
 use std::process::ExitCode;
 
@@ -12,11 +14,13 @@ use clap::Parser;
 )]
 struct Cli {
     #[command(flatten)]
-    args: ddm_trainer::cli::TrainArgs,
+    args: ddm::commands::train::TrainArgs,
 }
 
 fn main() -> ExitCode {
-    match ddm_trainer::cli::run(Cli::parse().args) {
+    let cli = Cli::parse();
+    ddm::ui::init_logging();
+    match ddm::commands::train::run(cli.args) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {err:#}");

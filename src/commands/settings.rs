@@ -1,98 +1,69 @@
-//! The command line of an island: shared by the `ddm-trainer` binary and `ddm train`.
+//! The training settings every training verb shares (`ddm train`, `ddm-trainer`,
+//! `ddm train-router`, `ddm eval train-classifier`): flags over a TOML file over
+//! [`TrainConfig::default`], which is also where every `[default: ...]` in `--help` comes from.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 use ddm_core::flow::TimeSampler;
+use ddm_trainer::config::TrainConfig;
+use ddm_trainer::task::Task;
+use ddm_trainer::train::{Outcome, Run};
 
-use crate::config::TrainConfig;
-use crate::island::{self, Target};
-use crate::train::{ExpertTask, Outcome, Run};
+/// `WHAT [default: VALUE]`, the value read from [`TrainConfig::default`].
+fn default_help(what: &str, value: impl std::fmt::Display) -> String {
+    format!("{what} [default: {value}]")
+}
 
-/// Train one expert on one island: reads the partition's partition.json and this island's shard
-/// (verified by sha256), trains with flow matching, and writes OUT/expert.safetensors (EMA weights)
-/// plus OUT/train-state.safetensors (the whole loop state, saved every --checkpoint-every steps),
-/// OUT/metrics.jsonl and sample grids. Opens no network connection.
-///
-/// Rerunning the same command resumes from the last checkpoint. SIGINT/SIGTERM save the state and
-/// exit with status 3 (resumable). A non-finite loss stops the run with status 2 and keeps the last
-/// good checkpoint.
-#[derive(Args, Debug)]
-pub struct TrainArgs {
-    /// The partition directory (`ddm partition --out`); only partition.json and this island's
-    /// shard are read.
-    #[arg(long)]
-    pub partition: PathBuf,
-    /// The cluster to train (default: $SLURM_ARRAY_TASK_ID, else $JOB_COMPLETION_INDEX).
-    #[arg(long, conflicts_with = "monolith")]
-    pub cluster: Option<usize>,
-    /// Train on all shards together: the monolith baseline.
-    #[arg(long)]
-    pub monolith: bool,
-    /// Output directory (checkpoints, metrics, samples).
-    #[arg(long)]
-    pub out: PathBuf,
-    #[command(flatten)]
-    pub settings: TrainSettings,
+fn time_sampler_name(t: &TimeSampler) -> String {
+    match t {
+        TimeSampler::Uniform => "uniform".into(),
+        TimeSampler::LogitNormal { mean, std } => format!("logit-normal:{mean}:{std}"),
+    }
 }
 
 /// The training settings shared by experts (`ddm train`) and routers (`ddm train-router`).
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Training settings")]
 pub struct TrainSettings {
     /// A TOML file of training settings (keys as the flags below, with underscores); flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Network: a DiT size (DiT-T/4, DiT-Bench/4, DiT-S/2, DiT-B/2, ...) or `mlp` [default: DiT-T/4].
-    #[arg(long)]
+    #[arg(long, help = default_help("Network: a DiT size (DiT-T/4, DiT-Bench/4, DiT-S/2, DiT-B/2, ...) or `mlp`", TrainConfig::default().model))]
     pub model: Option<String>,
-    /// MLP width (vector data) [default: 256].
-    #[arg(long)]
+    #[arg(long, help = default_help("MLP width (vector data)", TrainConfig::default().mlp_hidden))]
     pub mlp_hidden: Option<usize>,
-    /// MLP residual blocks (vector data) [default: 3].
-    #[arg(long)]
+    #[arg(long, help = default_help("MLP residual blocks (vector data)", TrainConfig::default().mlp_depth))]
     pub mlp_depth: Option<usize>,
-    /// Optimizer steps [default: 2000].
-    #[arg(long)]
+    #[arg(long, help = default_help("Optimizer steps", TrainConfig::default().steps))]
     pub steps: Option<u64>,
-    /// Batch size [default: 64].
-    #[arg(long)]
+    #[arg(long, help = default_help("Batch size", TrainConfig::default().batch_size))]
     pub batch_size: Option<usize>,
-    /// Peak learning rate [default: 1e-4].
-    #[arg(long)]
+    #[arg(long, help = default_help("Peak learning rate", TrainConfig::default().lr))]
     pub lr: Option<f64>,
-    /// Warm-up steps [default: 100].
-    #[arg(long)]
+    #[arg(long, help = default_help("Warm-up steps", TrainConfig::default().warmup_steps))]
     pub warmup_steps: Option<u64>,
-    /// AdamW weight decay [default: 0].
-    #[arg(long)]
+    #[arg(long, help = default_help("AdamW weight decay", TrainConfig::default().weight_decay))]
     pub weight_decay: Option<f64>,
-    /// Gradient-norm clipping, 0 = off [default: 1.0].
-    #[arg(long)]
+    #[arg(long, help = default_help("Gradient-norm clipping, 0 = off", TrainConfig::default().grad_clip))]
     pub grad_clip: Option<f64>,
-    /// EMA decay [default: 0.999].
-    #[arg(long)]
+    #[arg(long, help = default_help("EMA decay", TrainConfig::default().ema_decay))]
     pub ema_decay: Option<f64>,
-    /// Time sampler: uniform, or logit-normal:MEAN:STD [default: uniform].
-    #[arg(long)]
+    #[arg(long, help = default_help("Time sampler: uniform, or logit-normal:MEAN:STD", time_sampler_name(&TrainConfig::default().time_sampler)))]
     pub time_sampler: Option<String>,
     /// Condition on class labels (with label dropout for guidance).
     #[arg(long)]
     pub class_conditional: bool,
-    /// Label dropout probability for guidance [default: 0.1].
-    #[arg(long)]
+    #[arg(long, help = default_help("Label dropout probability for guidance", TrainConfig::default().class_dropout))]
     pub class_dropout: Option<f64>,
-    /// Save the training state every N steps [default: 500].
-    #[arg(long)]
+    #[arg(long, help = default_help("Save the training state every N steps", TrainConfig::default().checkpoint_every))]
     pub checkpoint_every: Option<u64>,
-    /// Write a grid of samples every N steps, 0 = only at the end [default: 0].
-    #[arg(long)]
+    #[arg(long, help = default_help("Write a grid of samples every N steps, 0 = only at the end", TrainConfig::default().sample_every))]
     pub sample_every: Option<u64>,
-    /// Metrics line every N steps [default: 10].
-    #[arg(long)]
+    #[arg(long, help = default_help("Metrics line every N steps", TrainConfig::default().log_every))]
     pub log_every: Option<u64>,
-    /// Seed [default: 0].
-    #[arg(long)]
+    #[arg(long, help = default_help("Seed", TrainConfig::default().seed))]
     pub seed: Option<u64>,
     /// Backend: cpu, wgpu, cuda.
     #[arg(long, default_value = "cpu")]
@@ -161,7 +132,7 @@ impl TrainSettings {
 pub const EXIT_INTERRUPTED: u8 = 3;
 
 /// Print how a run ended; returns the process exit status (0 done, 3 interrupted).
-pub fn report(outcome: Outcome, out: &std::path::Path) -> u8 {
+pub fn report(outcome: Outcome, out: &Path) -> u8 {
     match outcome {
         Outcome::Finished {
             checkpoint,
@@ -184,44 +155,30 @@ pub fn report(outcome: Outcome, out: &std::path::Path) -> u8 {
     }
 }
 
-/// Run `task` on a partition with these settings; prints the outcome, returns the exit status.
-pub fn run_task<T: crate::task::Task>(
+/// Run `task` with these settings (the bar hidden with `--quiet`).
+pub fn train<T: Task>(
     task: &T,
     settings: &TrainSettings,
-    config: crate::config::TrainConfig,
-    partition: &std::path::Path,
-    manifest: ddm_datasets::partition::PartitionManifest,
-    out: &std::path::Path,
-) -> anyhow::Result<u8> {
-    let outcome = crate::train::run(
+    config: TrainConfig,
+    out: &Path,
+) -> anyhow::Result<Outcome> {
+    ddm_trainer::train::run(
         task,
         Run {
-            partition_dir: partition.to_path_buf(),
-            manifest,
             out: out.to_path_buf(),
             config,
             device: settings.device,
             progress: !settings.quiet,
         },
-    )?;
-    Ok(report(outcome, out))
+    )
 }
 
-/// Run an island from its arguments; returns the process exit status.
-pub fn run(args: TrainArgs) -> anyhow::Result<u8> {
-    let config = args.settings.resolve_config()?;
-    let manifest = ddm_datasets::partition::read_manifest(&args.partition)?;
-    let target = if args.monolith {
-        Target::Monolith
-    } else {
-        Target::Cluster(island::resolve_cluster(args.cluster)?)
-    };
-    run_task(
-        &ExpertTask { target },
-        &args.settings,
-        config,
-        &args.partition,
-        manifest,
-        &args.out,
-    )
+/// Run `task` with these settings; prints the outcome, returns the exit status.
+pub fn run_task<T: Task>(
+    task: &T,
+    settings: &TrainSettings,
+    config: TrainConfig,
+    out: &Path,
+) -> anyhow::Result<u8> {
+    Ok(report(train(task, settings, config, out)?, out))
 }

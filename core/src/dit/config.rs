@@ -1,0 +1,240 @@
+//! A DiT's hyper-parameters (the PyTorch reference's config JSON), its named sizes (`DiT-S/2`),
+//! its FLOPs, and how it is built from named parameters. The network itself is the parent module.
+
+use super::*;
+
+/// A DiT's hyper-parameters, in the PyTorch reference's vocabulary (the JSON of
+/// `../shared/reference/*.config.json` parses as this).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiTConfig {
+    /// Image side S (images are S x S).
+    pub input_size: usize,
+    /// Patch side P; T = (S / P)^2 tokens.
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub hidden_size: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    /// 0: unconditional. Otherwise classes 0..num_classes, plus a null class (id num_classes) for
+    /// classifier-free guidance when `class_dropout_prob > 0`.
+    #[serde(default)]
+    pub num_classes: usize,
+    #[serde(default = "default_class_dropout")]
+    pub class_dropout_prob: f64,
+    /// The reference's option to also predict a variance: outputs 2C channels, the first C are
+    /// the prediction.
+    #[serde(default)]
+    pub learn_sigma: bool,
+    #[serde(default = "default_freq")]
+    pub frequency_embedding_size: usize,
+    /// The network sees `t_scale * t` in its timestep embedding (DiT's 1000 steps).
+    #[serde(default = "default_t_scale")]
+    pub t_scale: f64,
+}
+
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+fn default_class_dropout() -> f64 {
+    0.1
+}
+fn default_freq() -> usize {
+    256
+}
+fn default_t_scale() -> f64 {
+    1000.0
+}
+
+impl DiTConfig {
+    /// A config from a named size (`DiT-S/2`, `DiT-T/4`, ...; see [`DIT_SIZES`]) for images of
+    /// `channels x input_size x input_size`.
+    pub fn named(name: &str, input_size: usize, in_channels: usize) -> Result<Self> {
+        let (size, patch) = parse_size_name(name)?;
+        let &(_, hidden_size, depth, num_heads) = DIT_SIZES
+            .iter()
+            .find(|s| s.0.eq_ignore_ascii_case(size))
+            .expect("parse_size_name only returns known sizes");
+        let config = Self {
+            input_size,
+            patch_size: patch,
+            in_channels,
+            hidden_size,
+            depth,
+            num_heads,
+            mlp_ratio: 4.0,
+            num_classes: 0,
+            class_dropout_prob: 0.1,
+            learn_sigma: false,
+            frequency_embedding_size: 256,
+            t_scale: 1000.0,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.patch_size == 0 || !self.input_size.is_multiple_of(self.patch_size) {
+            return bad(format!(
+                "input_size {} is not a multiple of patch_size {}",
+                self.input_size, self.patch_size
+            ));
+        }
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
+            return bad(format!(
+                "hidden_size {} is not a multiple of num_heads {}",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        if !self.hidden_size.is_multiple_of(4) {
+            return bad(format!(
+                "hidden_size {} must be a multiple of 4 (2-D sin-cos position embedding)",
+                self.hidden_size
+            ));
+        }
+        if !self.frequency_embedding_size.is_multiple_of(2) || self.frequency_embedding_size == 0 {
+            return bad(format!(
+                "frequency_embedding_size {} must be even",
+                self.frequency_embedding_size
+            ));
+        }
+        if self.depth == 0 || self.in_channels == 0 {
+            return bad("depth and in_channels must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.class_dropout_prob) {
+            return bad(format!(
+                "class_dropout_prob {} must be in [0, 1)",
+                self.class_dropout_prob
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn grid(&self) -> usize {
+        self.input_size / self.patch_size
+    }
+
+    pub fn out_channels(&self) -> usize {
+        if self.learn_sigma {
+            2 * self.in_channels
+        } else {
+            self.in_channels
+        }
+    }
+
+    /// Rows of the class embedding table: the classes, plus the null class when CFG dropout is on.
+    pub fn class_rows(&self) -> usize {
+        self.num_classes + usize::from(self.class_dropout_prob > 0.0)
+    }
+
+    /// Forward FLOPs per sample (multiply-adds count 2), for training-cost accounting.
+    pub fn flops_per_sample(&self) -> f64 {
+        let (t, d) = ((self.grid() * self.grid()) as f64, self.hidden_size as f64);
+        let mlp = (d * self.mlp_ratio).floor();
+        let per_block = 2.0 * t * (d * 3.0 * d + d * d + 2.0 * d * mlp) // qkv, proj, mlp
+            + 2.0 * 2.0 * t * t * d // q k^T and attn v
+            + 2.0 * d * 6.0 * d; // adaLN modulation
+        let p2c = (self.patch_size * self.patch_size) as f64;
+        let embed = 2.0 * t * p2c * self.in_channels as f64 * d
+            + 2.0 * (self.frequency_embedding_size as f64 * d + d * d);
+        let fin = 2.0 * (d * 2.0 * d + t * d * p2c * self.out_channels() as f64);
+        embed + self.depth as f64 * per_block + fin
+    }
+
+    /// Build the model from `src` (fresh initialisation or a state dict).
+    pub fn build(&self, src: &mut impl ParamSource) -> Result<DiT> {
+        self.build_inner(src, true)
+    }
+
+    /// Build only the trunk (embedders and blocks, no velocity head): what the router reuses.
+    pub fn build_trunk(&self, src: &mut impl ParamSource) -> Result<DiT> {
+        self.build_inner(src, false)
+    }
+
+    fn build_inner(&self, src: &mut impl ParamSource, head: bool) -> Result<DiT> {
+        self.validate()?;
+        let d = self.hidden_size;
+        let mlp_hidden = (d as f64 * self.mlp_ratio) as usize;
+        let pos = src.buffer("pos_embed", pos_embed_2d(d, self.grid()))?;
+        Ok(DiT {
+            // The reference initialises the patch conv like a Linear (xavier over [D, C*P*P]).
+            x_embedder: src.patch_conv(
+                "x_embedder.proj",
+                self.in_channels,
+                d,
+                self.patch_size,
+                Init::Xavier,
+            )?,
+            t_embedder: TimestepEmbedder::build(
+                src,
+                "t_embedder",
+                d,
+                self.frequency_embedding_size,
+                self.t_scale,
+            )?,
+            y_embedder: if self.num_classes > 0 {
+                Some(src.embedding(
+                    "y_embedder.embedding_table",
+                    self.class_rows(),
+                    d,
+                    Init::Normal(0.02),
+                )?)
+            } else {
+                None
+            },
+            pos_embed: pos.to_tensor::<3>(src.device()),
+            blocks: (0..self.depth)
+                .map(|i| DiTBlock::build(src, &format!("blocks.{i}"), d, self.num_heads, mlp_hidden))
+                .collect::<Result<_>>()?,
+            final_layer: if head {
+                Some(FinalLayer {
+                    ada_ln: src.linear("final_layer.adaLN_modulation.1", d, 2 * d, Init::Zeros)?,
+                    linear: src.linear(
+                        "final_layer.linear",
+                        d,
+                        self.patch_size * self.patch_size * self.out_channels(),
+                        Init::Zeros,
+                    )?,
+                })
+            } else {
+                None
+            },
+            config: self.clone(),
+        })
+    }
+}
+
+/// The named sizes: (name, hidden D, depth, heads). S/B/L/XL are the DiT paper's; XS (the default
+/// router trunk), T ("tiny") and Bench (the `../shared/bench` peer's "bench-dit") train on a CPU.
+pub const DIT_SIZES: &[(&str, usize, usize, usize)] = &[
+    ("XS", 64, 2, 2),
+    ("T", 128, 4, 4),
+    ("Bench", 256, 6, 4),
+    ("S", 384, 12, 6),
+    ("B", 768, 12, 12),
+    ("L", 1024, 24, 16),
+    ("XL", 1152, 28, 16),
+];
+
+/// Parse `DiT-S/2` (case-insensitive; the `DiT-` prefix optional) into (size, patch).
+pub fn parse_size_name(name: &str) -> Result<(&str, usize)> {
+    let err = || {
+        let sizes: Vec<_> = DIT_SIZES.iter().map(|s| s.0).collect();
+        Error::InvalidConfig(format!(
+            "unknown DiT size `{name}`: expected DiT-<size>/<patch> with size one of {} and patch 2, 4 or 8 (e.g. DiT-S/2)",
+            sizes.join(", ")
+        ))
+    };
+    let rest = name
+        .strip_prefix("DiT-")
+        .or_else(|| name.strip_prefix("dit-"))
+        .unwrap_or(name);
+    let (size, patch) = rest.split_once('/').ok_or_else(err)?;
+    let patch: usize = patch.parse().map_err(|_| err())?;
+    if !DIT_SIZES.iter().any(|s| s.0.eq_ignore_ascii_case(size)) || ![2, 4, 8].contains(&patch) {
+        return Err(err());
+    }
+    Ok((size, patch))
+}

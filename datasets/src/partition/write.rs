@@ -1,0 +1,183 @@
+//! Writing a partition directory: every shard and partition.json into a temporary directory,
+//! renamed into place at the end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use ddm_core::digest::sha256_hex;
+use ddm_core::host::{HostTensor, RawTensor, raw_to_safetensors_bytes};
+
+use super::cluster::{Clustering, fingerprint};
+use super::*;
+use crate::dataset::{Dataset, Values};
+use crate::error::{Error, Result};
+
+fn shard_bytes(dataset: &Dataset, idx: &[usize], meta: &ShardMeta) -> Result<Vec<u8>> {
+    let sub = dataset.subset(idx);
+    let mut shape = vec![idx.len()];
+    shape.extend(&dataset.shape);
+    let mut t = BTreeMap::new();
+    t.insert(
+        "x".to_string(),
+        match &sub.values {
+            Values::U8(v) => RawTensor::u8(shape, v.clone()),
+            Values::F32(v) => RawTensor::f32(&HostTensor::new(shape, v.clone())),
+        },
+    );
+    if let Some(l) = &sub.labels {
+        t.insert(
+            "y".into(),
+            RawTensor::i64(vec![idx.len()], &l.iter().map(|&v| v as i64).collect::<Vec<_>>()),
+        );
+    }
+    t.insert(
+        "index".into(),
+        RawTensor::i64(
+            vec![idx.len()],
+            &idx.iter().map(|&v| v as i64).collect::<Vec<_>>(),
+        ),
+    );
+    let md = HashMap::from([(
+        SHARD_META_KEY.to_string(),
+        serde_json::to_string(meta).expect("serialises"),
+    )]);
+    Ok(raw_to_safetensors_bytes(&t, Some(md))?)
+}
+
+/// Write the partition directory `out` for `dataset` clustered as `clustering`. Refuses an
+/// existing `out` unless `force`. Nothing is left behind on failure.
+pub fn write(
+    out: &Path,
+    dataset: &Dataset,
+    config: &PartitionConfig,
+    clustering: &Clustering,
+    seconds: f64,
+    force: bool,
+) -> Result<PartitionManifest> {
+    if out.exists() && !force {
+        return Err(Error::Invalid(format!(
+            "{} already exists (pass --force to replace it)",
+            out.display()
+        )));
+    }
+    let k = config.k;
+    let info = dataset.info();
+    let mut members: Vec<Vec<usize>> = vec![vec![]; k];
+    for (i, &c) in clustering.assignment.iter().enumerate() {
+        members[c as usize].push(i);
+    }
+    if let Some(empty) = members.iter().position(|m| m.is_empty()) {
+        return Err(Error::Invalid(format!(
+            "cluster {empty} of {k} is empty: use a smaller K, other features, or --balanced"
+        )));
+    }
+    let fp = fingerprint(&info, config, &clustering.assignment);
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".ddm-partition-");
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    let tmp = builder.tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let mut files = BTreeMap::new();
+    let mut put = |name: &str, bytes: &[u8]| -> Result<()> {
+        let p = tmp.path().join(name);
+        ddm_core::fsio::write_bytes_atomic(&p, bytes)?;
+        files.insert(
+            name.to_string(),
+            FileEntry {
+                sha256: sha256_hex(bytes),
+                bytes: bytes.len() as u64,
+            },
+        );
+        Ok(())
+    };
+    // Centroids (and the PCA that maps samples to their feature space).
+    let mut c = BTreeMap::new();
+    if !clustering.centroids.is_empty() {
+        c.insert(
+            "centroids".into(),
+            RawTensor::f32(&HostTensor::new(
+                vec![k, clustering.feature_dim],
+                clustering.centroids.clone(),
+            )),
+        );
+    }
+    if let Some(p) = &clustering.pca {
+        c.insert(
+            "pca_mean".into(),
+            RawTensor::f32(&HostTensor::new(vec![p.dim], p.mean.clone())),
+        );
+        c.insert(
+            "pca_components".into(),
+            RawTensor::f32(&HostTensor::new(vec![p.dim, p.d], p.components.clone())),
+        );
+    }
+    if !c.is_empty() {
+        put("centroids.safetensors", &raw_to_safetensors_bytes(&c, None)?)?;
+    }
+    let a: Vec<i64> = clustering.assignment.iter().map(|&v| v as i64).collect();
+    put(
+        "assignment.safetensors",
+        &raw_to_safetensors_bytes(
+            &BTreeMap::from([("cluster".to_string(), RawTensor::i64(vec![a.len()], &a))]),
+            None,
+        )?,
+    )?;
+    let n = dataset.len();
+    let mut clusters = vec![];
+    for (j, idx) in members.iter().enumerate() {
+        let meta = ShardMeta {
+            format_version: PARTITION_FORMAT,
+            partition: fp.clone(),
+            cluster: j,
+            dataset: info.clone(),
+        };
+        put(&shard_name(j), &shard_bytes(dataset, idx, &meta)?)?;
+        let label_counts = dataset.labels.as_ref().map(|l| {
+            let mut counts = vec![
+                0usize;
+                dataset
+                    .num_classes
+                    .unwrap_or(0)
+                    .max(1 + *l.iter().max().unwrap_or(&0) as usize)
+            ];
+            idx.iter().for_each(|&i| counts[l[i] as usize] += 1);
+            counts
+        });
+        clusters.push(ClusterEntry {
+            id: j,
+            count: idx.len(),
+            prior: idx.len() as f64 / n as f64,
+            shard: shard_name(j),
+            label_counts,
+        });
+    }
+    let manifest = PartitionManifest {
+        format_version: PARTITION_FORMAT,
+        fingerprint: fp,
+        dataset: info,
+        k,
+        config: config.clone(),
+        clusters,
+        files,
+        inertia: clustering.inertia,
+        seconds,
+    };
+    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+    ddm_core::fsio::write_bytes_atomic(&tmp.path().join(MANIFEST), &json)?;
+    // Move into place: the directory appears whole or not at all.
+    let tmp_path = tmp.keep();
+    if out.exists() {
+        let old = parent.join(format!(".ddm-old-{}", std::process::id()));
+        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+        std::fs::rename(&tmp_path, out).map_err(|e| Error::io(out, e))?;
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    } else {
+        std::fs::rename(&tmp_path, out).map_err(|e| Error::io(out, e))?;
+    }
+    Ok(manifest)
+}

@@ -1,0 +1,98 @@
+//! The sampler's side of a registry: its entries built into what the sampler runs. Experts become
+//! velocity fields (epsilon experts converted, classifier-free guidance wrapped around
+//! class-conditional ones), the router blob a [`RouterNet`], the statistics an [`AnalyticRouter`].
+
+use anyhow::{Context, bail};
+use ddm_core::burn::prelude::*;
+use ddm_core::checkpoint::{Checkpoint, Objective};
+use ddm_core::flow::{EpsilonToVelocity, VelocityField};
+use ddm_core::stats::ClusterStats;
+use ddm_router::analytic::AnalyticRouter;
+use ddm_router::net::RouterNet;
+
+use crate::registry::Registry;
+
+impl Registry {
+    /// Expert `k` as a velocity field on `device` (epsilon experts are converted).
+    pub fn expert(&self, k: usize, device: &Device) -> anyhow::Result<Box<dyn VelocityField<2>>> {
+        self.expert_guided(k, device, None)
+    }
+
+    /// Expert `k`, with classifier-free guidance at `guidance` (class id, scale) if given; the
+    /// expert must be class-conditional.
+    pub fn expert_guided(
+        &self,
+        k: usize,
+        device: &Device,
+        guidance: Option<(usize, f64)>,
+    ) -> anyhow::Result<Box<dyn VelocityField<2>>> {
+        let e = self
+            .index
+            .experts
+            .get(&k)
+            .with_context(|| format!("no expert registered for cluster {k}"))?;
+        let (meta, model) = ddm_core::checkpoint::load(&e.blob(&self.dir), device)?;
+        let (classes, null_class) = (meta.model.num_classes(), meta.model.has_null_class());
+        let field: Box<dyn VelocityField<2>> = match meta.objective {
+            Objective::Velocity => Box::new(model),
+            Objective::Epsilon { schedule } => Box::new(EpsilonToVelocity {
+                inner: model,
+                schedule,
+            }),
+        };
+        let Some((class, scale)) = guidance else {
+            return Ok(field);
+        };
+        if classes == 0 {
+            bail!(
+                "expert {k} ({}) is not class-conditional (train with --class-conditional); sample without --class",
+                e.source
+            );
+        }
+        if class >= classes {
+            bail!(
+                "class {class} is out of range: expert {k} knows classes 0..={}",
+                classes - 1
+            );
+        }
+        if scale != 1.0 && !null_class {
+            bail!(
+                "expert {k} was trained without label dropout (no null class), so it cannot use --guidance other than 1"
+            );
+        }
+        Ok(Box::new(ddm_core::flow::ClassifierFreeGuidance {
+            inner: field,
+            null_class: classes,
+            scale,
+        }))
+    }
+
+    pub fn router(&self, device: &Device) -> anyhow::Result<RouterNet> {
+        let e = self
+            .index
+            .router
+            .as_ref()
+            .context("no router registered (use --router analytic, or register one)")?;
+        let path = e.blob(&self.dir);
+        Ok(RouterNet::from_checkpoint(
+            &path,
+            Checkpoint::read(&path)?,
+            device,
+        )?)
+    }
+
+    /// The analytic router from the registered per-cluster statistics.
+    pub fn analytic_router(&self) -> anyhow::Result<AnalyticRouter> {
+        let stats = (0..self.index.k)
+            .map(|k| {
+                let e = self
+                    .index
+                    .stats
+                    .get(&k)
+                    .with_context(|| format!("no statistics registered for cluster {k}"))?;
+                Ok(ClusterStats::load(&e.blob(&self.dir))?.1)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(AnalyticRouter::from_stats(&stats))
+    }
+}

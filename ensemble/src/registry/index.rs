@@ -1,0 +1,75 @@
+//! `registry.json`: the index of a registry directory, and its content-addressed blobs
+//! (`blobs/<sha256>.safetensors`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use ddm_core::checkpoint::DataSpec;
+use serde::{Deserialize, Serialize};
+
+pub const INDEX: &str = "registry.json";
+pub(crate) const LOCK: &str = "registry.lock";
+pub(crate) const FORMAT: u32 = 1;
+
+/// One registered file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub sha256: String,
+    pub bytes: u64,
+    /// Where it was registered from.
+    pub source: String,
+    /// Unix time of registration.
+    pub registered_at: u64,
+}
+
+impl Entry {
+    pub fn blob(&self, dir: &Path) -> PathBuf {
+        dir.join("blobs").join(format!("{}.safetensors", self.sha256))
+    }
+}
+
+/// registry.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Index {
+    pub format_version: u32,
+    /// The partition every entry belongs to.
+    pub partition: String,
+    pub k: usize,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub priors: Option<Vec<f64>>,
+    #[serde(default)]
+    pub router: Option<Entry>,
+    /// Experts by cluster id.
+    #[serde(default)]
+    pub experts: BTreeMap<usize, Entry>,
+    /// Per-cluster statistics (for the analytic router), by cluster id.
+    #[serde(default)]
+    pub stats: BTreeMap<usize, Entry>,
+}
+
+pub fn read_index(dir: &Path) -> anyhow::Result<Option<Index>> {
+    let p = dir.join(INDEX);
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let idx: Index =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a ddm registry index", p.display()))?;
+    if idx.format_version != FORMAT {
+        bail!(
+            "{}: registry format {} is not supported (this ddm reads {FORMAT})",
+            p.display(),
+            idx.format_version
+        );
+    }
+    Ok(Some(idx))
+}
+
+pub(crate) fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,79 @@
+//! The registry (a contract; see docs/ARCHITECTURE.md): a directory with `registry.json` and content-addressed
+//! blobs (`blobs/<sha256>.safetensors`). Registering verifies each checkpoint (its own checksum,
+//! role, partition fingerprint, data spec, cluster id in range, K) and refuses anything else with a
+//! clear message, leaving the registry untouched: every check runs before anything is written,
+//! blobs are written before the index, and the index is replaced atomically. An exclusive file lock
+//! around the read-modify-write makes concurrent registrations from several processes lose nothing.
+
+//!
+//! [`index`] is the file format, [`register`] adds and removes entries, [`publish`] verifies and
+//! exports, [`fetch`] turns URLs and exported folders into local files. Building the sampler's
+//! experts and routers from a registry is the sampler side's job (`crate::experts`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+pub mod fetch;
+pub mod index;
+pub mod publish;
+pub mod register;
+
+pub use fetch::expand_sources;
+pub use index::{Entry, INDEX, Index, read_index};
+pub use publish::{export, verify};
+pub use register::{Registered, register, remove};
+
+/// A loaded registry, ready to hand experts to the sampler.
+pub struct Registry {
+    pub dir: PathBuf,
+    pub index: Index,
+}
+
+impl Registry {
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let index = read_index(dir)?
+            .with_context(|| format!("{}: no registry here (ddm register creates one)", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            index,
+        })
+    }
+
+    pub fn list(&self) -> String {
+        let i = &self.index;
+        let mut s = format!(
+            "registry {} (partition {}, K = {}, data {:?})\n",
+            self.dir.display(),
+            &i.partition[..12.min(i.partition.len())],
+            i.k,
+            i.data.shape
+        );
+        for k in 0..i.k {
+            match i.experts.get(&k) {
+                Some(e) => s.push_str(&format!(
+                    "  expert {k}: {} ({} bytes) from {}\n",
+                    &e.sha256[..12],
+                    e.bytes,
+                    e.source
+                )),
+                None => s.push_str(&format!("  expert {k}: missing\n")),
+            }
+        }
+        match &i.router {
+            Some(e) => s.push_str(&format!(
+                "  router:   {} ({} bytes) from {}\n",
+                &e.sha256[..12],
+                e.bytes,
+                e.source
+            )),
+            None => s.push_str("  router:   none\n"),
+        }
+        s.push_str(&format!(
+            "  statistics for the analytic router: {} of {}\n",
+            i.stats.len(),
+            i.k
+        ));
+        s
+    }
+}

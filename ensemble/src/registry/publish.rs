@@ -1,0 +1,62 @@
+//! Checking a registry's blobs against their recorded hashes, and exporting the published folder
+//! layout other tools read.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ddm_core::checkpoint::Checkpoint;
+use ddm_core::digest::sha256_file;
+
+use super::index::{Entry, read_index};
+
+/// Re-hash every blob; every problem found (it keeps going after the first).
+pub fn verify(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
+    let mut problems = vec![];
+    let entries = idx
+        .experts
+        .iter()
+        .map(|(k, e)| (format!("expert {k}"), e))
+        .chain(idx.router.iter().map(|e| ("router".to_string(), e)))
+        .chain(idx.stats.iter().map(|(k, e)| (format!("statistics {k}"), e)));
+    for (what, e) in entries {
+        let blob = e.blob(dir);
+        match sha256_file(&blob) {
+            Ok(h) if h == e.sha256 => {}
+            Ok(h) => problems.push(format!(
+                "{what}: {} hashes to {h}, expected {}",
+                blob.display(),
+                e.sha256
+            )),
+            Err(err) => problems.push(format!("{what}: {err}")),
+        }
+    }
+    Ok(problems)
+}
+
+/// Write the published folder layout: `expert_K/{config.json, model.safetensors}` per expert,
+/// `router/{config.json, model.safetensors}`, and `index.json` (the registry's index). `config.json`
+/// is the checkpoint's ddm metadata; `model.safetensors` is the checkpoint itself.
+pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
+    let mut written = vec![];
+    let mut put = |folder: String, e: &Entry| -> anyhow::Result<()> {
+        let f = out.join(&folder);
+        std::fs::create_dir_all(&f).with_context(|| format!("creating {}", f.display()))?;
+        let blob = e.blob(dir);
+        let ckpt = Checkpoint::read(&blob)?;
+        ddm_core::fsio::write_bytes_atomic(&f.join("config.json"), &serde_json::to_vec_pretty(&ckpt.meta)?)?;
+        let bytes = std::fs::read(&blob).with_context(|| format!("reading {}", blob.display()))?;
+        ddm_core::fsio::write_bytes_atomic(&f.join("model.safetensors"), &bytes)?;
+        written.push(f);
+        Ok(())
+    };
+    for (k, e) in &idx.experts {
+        put(format!("expert_{k}"), e)?;
+    }
+    if let Some(e) = &idx.router {
+        put("router".into(), e)?;
+    }
+    ddm_core::fsio::write_bytes_atomic(&out.join("index.json"), &serde_json::to_vec_pretty(&idx)?)?;
+    Ok(written)
+}

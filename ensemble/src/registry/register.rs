@@ -1,0 +1,277 @@
+//! Adding checkpoints to a registry and removing them: every check before any write, blobs
+//! before the index, the index replaced atomically, all under an exclusive file lock.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Role};
+use ddm_core::digest::{sha256_file, sha256_hex};
+use ddm_core::stats::{ClusterStats, STATS_FILE};
+use ddm_datasets::partition::PartitionManifest;
+use serde::Serialize;
+
+use super::index::{Entry, FORMAT, INDEX, Index, LOCK, now, read_index};
+
+/// What one registration would add.
+enum Item {
+    Expert {
+        cluster: usize,
+        path: PathBuf,
+        sha: String,
+        bytes: u64,
+    },
+    Router {
+        path: PathBuf,
+        sha: String,
+        bytes: u64,
+        k: usize,
+        priors: Option<Vec<f64>>,
+    },
+    Stats {
+        cluster: usize,
+        path: PathBuf,
+        sha: String,
+        bytes: u64,
+    },
+}
+
+/// One file a registration added (an expert's statistics come along unlisted).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Registered {
+    /// `expert` or `router`.
+    pub role: &'static str,
+    /// The expert's cluster.
+    pub cluster: Option<usize>,
+    /// The router's K.
+    pub k: Option<usize>,
+    pub source: String,
+    pub sha256: String,
+}
+
+impl std::fmt::Display for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.cluster, self.k) {
+            (Some(c), _) => write!(f, "expert {c}: {} ({})", self.source, &self.sha256[..12]),
+            (_, k) => write!(
+                f,
+                "router (K = {}): {} ({})",
+                k.unwrap_or(0),
+                self.source,
+                &self.sha256[..12]
+            ),
+        }
+    }
+}
+
+/// Register checkpoints (experts, a router; an expert's `cluster-stats.safetensors` beside it
+/// comes along). `partition` gives K and the data spec when the registry is new (a router gives K
+/// too). Returns what was registered, in order.
+pub fn register(
+    dir: &Path,
+    paths: &[PathBuf],
+    partition: Option<&PartitionManifest>,
+    replace: bool,
+) -> anyhow::Result<Vec<Registered>> {
+    std::fs::create_dir_all(dir.join("blobs"))
+        .with_context(|| format!("creating the registry {}", dir.display()))?;
+    let lock =
+        File::create(dir.join(LOCK)).with_context(|| format!("creating {}", dir.join(LOCK).display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", dir.join(LOCK).display()))?;
+
+    let mut idx = read_index(dir)?;
+    // 1. Read and check everything first.
+    let mut items = vec![];
+    let mut metas: Vec<(PathBuf, CheckpointMeta)> = vec![];
+    for p in paths {
+        let ckpt = Checkpoint::read(p)?; // verifies the file's own checksum
+        metas.push((p.clone(), ckpt.meta));
+    }
+    if idx.is_none() {
+        let (partition_fp, k, priors) = match partition {
+            Some(m) => (m.fingerprint.clone(), m.k, Some(m.priors())),
+            None => match metas.iter().find(|(_, m)| m.role == Role::Router) {
+                Some((_, m)) => (
+                    m.partition.clone().context("the router names no partition")?,
+                    m.num_clusters.context("the router names no K")?,
+                    m.priors.clone(),
+                ),
+                None => bail!(
+                    "a new registry needs --partition DIR (or a router among the files) to know K and the partition"
+                ),
+            },
+        };
+        let data = metas
+            .first()
+            .map(|(_, m)| m.data.clone())
+            .context("nothing to register")?;
+        idx = Some(Index {
+            format_version: FORMAT,
+            partition: partition_fp,
+            k,
+            data,
+            priors,
+            router: None,
+            experts: BTreeMap::new(),
+            stats: BTreeMap::new(),
+        });
+    }
+    let mut idx = idx.expect("set above");
+    for (p, m) in &metas {
+        let name = p.display();
+        if m.partition.as_deref() != Some(idx.partition.as_str()) {
+            bail!(
+                "{name}: trained on partition {}, but this registry is for partition {}",
+                m.partition.as_deref().unwrap_or("(none)"),
+                idx.partition
+            );
+        }
+        if m.data != idx.data {
+            bail!(
+                "{name}: data spec {:?} does not match the registry's {:?}",
+                m.data,
+                idx.data
+            );
+        }
+        let sha = sha256_file(p)?;
+        let bytes = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        match m.role {
+            Role::Expert => {
+                let cluster = m.cluster.with_context(|| {
+                    format!("{name}: an expert with no cluster id (a monolith cannot join an ensemble)")
+                })?;
+                if cluster >= idx.k {
+                    bail!("{name}: cluster {cluster} is out of range for K = {}", idx.k);
+                }
+                if let Some(old) = idx.experts.get(&cluster)
+                    && old.sha256 != sha
+                    && !replace
+                {
+                    bail!(
+                        "{name}: cluster {cluster} already has an expert ({}); pass --replace to replace it",
+                        &old.sha256[..12]
+                    );
+                }
+                let stats = p.with_file_name(STATS_FILE);
+                if stats.exists() {
+                    let (sm, _) = ClusterStats::load(&stats)?;
+                    if sm.partition == idx.partition && sm.cluster == Some(cluster) {
+                        let s = sha256_file(&stats)?;
+                        let b = std::fs::metadata(&stats).map(|m| m.len()).unwrap_or(0);
+                        items.push(Item::Stats {
+                            cluster,
+                            path: stats,
+                            sha: s,
+                            bytes: b,
+                        });
+                    }
+                }
+                items.push(Item::Expert {
+                    cluster,
+                    path: p.clone(),
+                    sha,
+                    bytes,
+                });
+            }
+            Role::Classifier => {
+                bail!("{name}: a classifier (used by ddm eval) cannot join an ensemble")
+            }
+            Role::Router => {
+                let k = m.num_clusters.unwrap_or(0);
+                if k != idx.k {
+                    bail!("{name}: a router for K = {k}, but the registry has K = {}", idx.k);
+                }
+                if let Some(old) = &idx.router
+                    && old.sha256 != sha
+                    && !replace
+                {
+                    bail!(
+                        "{name}: the registry already has a router ({}); pass --replace",
+                        &old.sha256[..12]
+                    );
+                }
+                items.push(Item::Router {
+                    path: p.clone(),
+                    sha,
+                    bytes,
+                    k,
+                    priors: m.priors.clone(),
+                });
+            }
+        }
+    }
+    // 2. Blobs (content-addressed; atomic), then the index (atomic).
+    let mut lines = vec![];
+    for item in items {
+        let (path, sha, bytes) = match &item {
+            Item::Expert { path, sha, bytes, .. }
+            | Item::Router { path, sha, bytes, .. }
+            | Item::Stats { path, sha, bytes, .. } => (path.clone(), sha.clone(), *bytes),
+        };
+        let entry = Entry {
+            sha256: sha.clone(),
+            bytes,
+            source: path.display().to_string(),
+            registered_at: now(),
+        };
+        let blob = entry.blob(dir);
+        if !blob.exists() {
+            let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            if sha256_hex(&data) != sha {
+                bail!("{}: changed while being registered", path.display());
+            }
+            ddm_core::fsio::write_bytes_atomic(&blob, &data)?;
+        }
+        match item {
+            Item::Expert { cluster, .. } => {
+                lines.push(Registered {
+                    role: "expert",
+                    cluster: Some(cluster),
+                    k: None,
+                    source: path.display().to_string(),
+                    sha256: sha.clone(),
+                });
+                idx.experts.insert(cluster, entry);
+            }
+            Item::Router { priors, k, .. } => {
+                lines.push(Registered {
+                    role: "router",
+                    cluster: None,
+                    k: Some(k),
+                    source: path.display().to_string(),
+                    sha256: sha.clone(),
+                });
+                if idx.priors.is_none() {
+                    idx.priors = priors;
+                }
+                idx.router = Some(entry);
+            }
+            Item::Stats { cluster, .. } => {
+                idx.stats.insert(cluster, entry);
+            }
+        }
+    }
+    let json = serde_json::to_vec_pretty(&idx)?;
+    ddm_core::fsio::write_bytes_atomic(&dir.join(INDEX), &json)?;
+    Ok(lines)
+}
+
+/// Remove an expert (by cluster) or the router.
+pub fn remove(dir: &Path, cluster: Option<usize>, router: bool) -> anyhow::Result<()> {
+    let lock = File::create(dir.join(LOCK))?;
+    lock.lock()?;
+    let mut idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
+    if let Some(k) = cluster {
+        idx.experts
+            .remove(&k)
+            .with_context(|| format!("no expert for cluster {k}"))?;
+        idx.stats.remove(&k);
+    }
+    if router {
+        idx.router.take().context("no router registered")?;
+    }
+    ddm_core::fsio::write_bytes_atomic(&dir.join(INDEX), &serde_json::to_vec_pretty(&idx)?)?;
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! `ddm experiment paper-table`: does the routed ensemble of isolated experts match a monolith
+//! trained with the same FLOPs? (the paper's central claim, at a size this machine can run.)
+//!
+//! For one dataset (Fashion-MNIST, scored in the committed classifier's features; or a Gaussian
+//! mixture, scored exactly):
+//! 1. two partitions of the training set into K: clustered (ddm partition's defaults) and random;
+//! 2. FLOP-matched training: the monolith with batch B, each of the K experts with batch B / K,
+//!    the same number of steps; a router per partition (its FLOPs count on the ensemble's side);
+//! 3. training in C stages (25/50/75/100% of the steps by default); after each, the experts and
+//!    router are registered in a registry of that stage, and every system samples N images from
+//!    the same noise with the same solver and steps, and is scored;
+//! 4. rows go to `results.jsonl` (a rerun skips what is there: the experiment resumes), then
+//!    `table.md` and `fd.png` / `mixture.png` are rewritten from all rows.
+//!
+//! [`stages`](mod@stages) trains, [`score`](mod@score) samples and judges.
+//!
+//! Staged training is exact: the learning rate is constant after warm-up and a resumed run
+//! continues bit-identically, so the 25% checkpoint is the 25% point of the full run.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use ddm_core::device::DeviceChoice;
+use ddm_core::gmm::GaussianMixture;
+use ddm_core::model::ModelConfig;
+use ddm_datasets::Dataset;
+use ddm_datasets::features::{Distance, FeatureMethod};
+use ddm_datasets::partition::{Algorithm, PartitionConfig};
+use ddm_ensemble::strategy::Strategy;
+use ddm_trainer::config::TrainConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::images::{ImageEval, ImageReport};
+use crate::mixture::MixtureReport;
+
+mod score;
+mod stages;
+
+pub use score::read_rows;
+use score::{append_row, evaluate_system};
+use stages::{ensure_partition, stage_snapshot_complete, train_stage};
+
+/// The two partitions every experiment compares.
+pub const PARTITIONS: [&str; 2] = ["clustered", "random"];
+
+/// Everything one setting (images or a mixture) needs.
+#[derive(Debug, Clone)]
+pub struct Setting {
+    /// `fashion-mnist` or `gmm`: names the run's sub-directory and tables.
+    pub name: String,
+    pub k: usize,
+    pub clustering: PartitionConfig,
+    /// The expert (and monolith) training config; `batch_size` is the monolith's B.
+    pub expert: TrainConfig,
+    pub router: TrainConfig,
+    /// Training stages (checkpoints at s / stages of the steps).
+    pub stages: u64,
+    /// Samples per system and stage.
+    pub n: usize,
+    pub sample_steps: usize,
+    pub threshold: f64,
+    pub device: DeviceChoice,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+/// A system being compared: the monolith, or an ensemble strategy on one partition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct System {
+    pub name: String,
+    /// None: the monolith.
+    pub partition: Option<&'static str>,
+    pub strategy: Option<Strategy>,
+    pub analytic: bool,
+}
+
+pub fn systems(threshold: f64) -> Vec<System> {
+    let ens = |name: &str, partition, strategy: &str, analytic| System {
+        name: name.to_string(),
+        partition: Some(partition),
+        strategy: Some(strategy.parse().expect("known strategy")),
+        analytic,
+    };
+    vec![
+        System {
+            name: "monolith".into(),
+            partition: None,
+            strategy: None,
+            analytic: false,
+        },
+        ens("clustered top-1", "clustered", "top-1", false),
+        ens("clustered top-2", "clustered", "top-2", false),
+        ens("clustered full", "clustered", "full", false),
+        ens("clustered sample T=1", "clustered", "sample:1", false),
+        ens(
+            &format!("clustered threshold {threshold}"),
+            "clustered",
+            &format!("threshold:{threshold}"),
+            false,
+        ),
+        ens("clustered top-1 analytic", "clustered", "top-1", true),
+        ens("random top-1", "random", "top-1", false),
+    ]
+}
+
+/// One row of results.jsonl.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    pub setting: String,
+    pub stage_pct: u32,
+    pub system: String,
+    /// Training FLOPs of everything the system needs (experts + router, or the monolith).
+    pub train_flops: f64,
+    /// Sampling cost per sample: forward FLOPs of all expert rows and router calls.
+    pub sample_gflops: f64,
+    pub sample_seconds: f64,
+    #[serde(default)]
+    pub images: Option<ImageReport>,
+    #[serde(default)]
+    pub mixture: Option<MixtureReport>,
+}
+
+/// How samples are judged.
+pub enum Judge {
+    Images(Box<ImageEval>),
+    Mixture(GaussianMixture),
+}
+
+fn stage_pct(s: u64, stages: u64) -> u32 {
+    (100 * s / stages) as u32
+}
+
+/// Run (or resume) the experiment for one setting; returns every row.
+pub fn run(setting: &Setting, dir: &Path, data: &Dataset, judge_with: &Judge) -> anyhow::Result<Vec<Row>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let t0 = Instant::now();
+    let mut partitions = BTreeMap::new();
+    for which in PARTITIONS {
+        partitions.insert(which, ensure_partition(setting, dir, which, data)?);
+    }
+    let results = dir.join("results.jsonl");
+    let mut rows = read_rows(&results)?;
+    let systems = systems(setting.threshold);
+    for s in 1..=setting.stages {
+        let pct = stage_pct(s, setting.stages);
+        let done = |name: &str, rows: &[Row]| rows.iter().any(|r| r.stage_pct == pct && r.system == name);
+        if systems.iter().all(|sys| done(&sys.name, &rows)) {
+            continue;
+        }
+        if !stage_snapshot_complete(dir, pct, setting.k)? {
+            train_stage(setting, dir, s, &partitions)?;
+        }
+        for sys in &systems {
+            if done(&sys.name, &rows) {
+                continue;
+            }
+            let t0 = Instant::now();
+            let row = evaluate_system(setting, dir, pct, sys, judge_with)
+                .with_context(|| format!("evaluating {} at {pct}%", sys.name))?;
+            tracing::info!(
+                "{pct:>3}% {:<28} {}  ({:.0} s)",
+                sys.name,
+                crate::report::headline(&row),
+                t0.elapsed().as_secs_f64()
+            );
+            append_row(&results, &row)?;
+            rows.push(row);
+        }
+    }
+    add_wall_seconds(dir, t0.elapsed().as_secs_f64())?;
+    Ok(rows)
+}
+
+const WALL_FILE: &str = "wall-seconds.txt";
+
+/// Seconds spent in [`run`] on this setting, over every invocation (a resumed run adds its own).
+pub fn wall_seconds(dir: &Path) -> f64 {
+    std::fs::read_to_string(dir.join(WALL_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn add_wall_seconds(dir: &Path, seconds: f64) -> anyhow::Result<()> {
+    let total = wall_seconds(dir) + seconds;
+    ddm_core::fsio::write_bytes_atomic(&dir.join(WALL_FILE), format!("{total:.6}\n").as_bytes())?;
+    Ok(())
+}
+
+/// The default clustering of `ddm partition` (PCA-64 features, k-means++), or raw features for
+/// low-dimensional vectors.
+pub fn default_clustering(k: usize, data: &Dataset, seed: u64) -> PartitionConfig {
+    PartitionConfig {
+        k,
+        features: if data.sample_size() > 64 {
+            FeatureMethod::Pca { dims: 64 }
+        } else {
+            FeatureMethod::Raw
+        },
+        distance: Distance::L2,
+        algorithm: Algorithm::Kmeans {
+            max_iter: 100,
+            n_init: 1,
+            batch_size: None,
+            balanced: false,
+        },
+        seed,
+    }
+}
+
+/// The expert network's forward FLOPs per sample, for reports.
+pub fn expert_flops(config: &TrainConfig, data: &Dataset) -> anyhow::Result<f64> {
+    let m: ModelConfig = ddm_trainer::expert::model_config(config, data)?;
+    Ok(m.flops_per_sample())
+}

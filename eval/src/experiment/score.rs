@@ -1,0 +1,202 @@
+//! Scoring side of the experiment: every system samples from the same noise and is judged
+//! (image metrics or exact mixture metrics); rows go to results.jsonl.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use ddm_core::burn::prelude::*;
+use ddm_core::checkpoint::Checkpoint;
+use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
+use ddm_core::host::HostTensor;
+use ddm_ensemble::registry::Registry;
+use ddm_ensemble::sampler::{Ensemble, ExpertSlot, LearnedRouter, Posterior};
+use rand::SeedableRng;
+
+use super::{Judge, Row, Setting, System};
+use crate::images::ImageReport;
+use crate::mixture::MixtureReport;
+
+/// Integrate N samples from the seeded noise with `field`; returns them and the seconds taken.
+fn integrate(
+    field: &dyn VelocityField<2>,
+    setting: &Setting,
+    shape: &[usize],
+    device: &Device,
+) -> (Vec<f32>, f64) {
+    let per: usize = shape.iter().product();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(setting.seed);
+    let x1 = flow::randn(vec![setting.n, per], &mut rng).to_tensor::<2>(device);
+    let times = StepSchedule::Uniform.times(setting.sample_steps);
+    let t0 = Instant::now();
+    let x0 = HostTensor::from_tensor(flow::integrate(field, x1, None, &times, Solver::Euler));
+    (x0.data, t0.elapsed().as_secs_f64())
+}
+
+fn write_grid(path: &Path, x: &[f32], shape: &[usize]) -> anyhow::Result<()> {
+    if shape.len() != 3 || !(shape[0] == 1 || shape[0] == 3) {
+        return Ok(());
+    }
+    let per: usize = shape.iter().product();
+    let shown = &x[..(100 * per).min(x.len())];
+    let px = ddm_datasets::grid::to_u8(shown);
+    let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    ddm_datasets::grid::write_grid_png(path, &cells, [shape[0], shape[1], shape[2]], 10, 2, 40)?;
+    Ok(())
+}
+
+fn judge(
+    j: &Judge,
+    field: &dyn VelocityField<2>,
+    x: &[f32],
+    seed: u64,
+    device: &Device,
+) -> anyhow::Result<(Option<ImageReport>, Option<MixtureReport>)> {
+    Ok(match j {
+        Judge::Images(e) => (Some(e.evaluate(x, seed)?), None),
+        Judge::Mixture(g) => (None, Some(crate::mixture::evaluate(field, x, g, seed, device))),
+    })
+}
+
+/// Sample and score one system at one stage.
+pub(super) fn evaluate_system(
+    setting: &Setting,
+    dir: &Path,
+    pct: u32,
+    sys: &System,
+    judge_with: &Judge,
+) -> anyhow::Result<Row> {
+    let device = ddm_core::device::device(setting.device)?;
+    let samples_png = dir.join(format!("samples/{pct}/{}.png", sys.name.replace(' ', "_")));
+    let Some(which) = sys.partition else {
+        let path = dir.join(format!("registry/monolith-{pct}.safetensors"));
+        let (meta, model) = ddm_core::checkpoint::load(&path, &device)?;
+        let (x, secs) = integrate(&model, setting, &meta.data.shape, &device);
+        write_grid(&samples_png, &x, &meta.data.shape)?;
+        let (images, mixture) = judge(judge_with, &model, &x, setting.seed, &device)?;
+        return Ok(Row {
+            setting: setting.name.clone(),
+            stage_pct: pct,
+            system: sys.name.clone(),
+            train_flops: meta.training.as_ref().map(|t| t.flops).unwrap_or(0.0),
+            sample_gflops: setting.sample_steps as f64 * meta.model.flops_per_sample() / 1e9,
+            sample_seconds: secs / setting.n as f64,
+            images,
+            mixture,
+        });
+    };
+    let reg = Registry::open(&dir.join(format!("registry/{which}-{pct}")))?;
+    let k = reg.index.k;
+    let strategy = sys.strategy.expect("an ensemble has a strategy");
+    let experts: Vec<ExpertSlot> = (0..k)
+        .map(|c| {
+            let (reg, device) = (&reg, device.clone());
+            ExpertSlot::lazy(move || reg.expert(c, &device))
+        })
+        .collect();
+    let router_entry = reg
+        .index
+        .router
+        .as_ref()
+        .context("the stage registry has no router")?;
+    let router_ckpt = Checkpoint::read(&router_entry.blob(&reg.dir))?;
+    let router_flops = router_ckpt.meta.model.flops_per_sample();
+    let mut train_flops = router_ckpt.meta.training.as_ref().map(|t| t.flops).unwrap_or(0.0);
+    let mut expert_flops = 0.0;
+    for e in reg.index.experts.values() {
+        let c = Checkpoint::read(&e.blob(&reg.dir))?;
+        train_flops += c.meta.training.as_ref().map(|t| t.flops).unwrap_or(0.0);
+        expert_flops = c.meta.model.flops_per_sample();
+    }
+    let router: Option<Box<dyn Posterior>> = if sys.analytic {
+        Some(Box::new(reg.analytic_router()?))
+    } else {
+        Some(Box::new(LearnedRouter {
+            net: reg.router(&device)?,
+            k,
+        }))
+    };
+    let ensemble = Ensemble::new(experts, router, strategy, setting.seed)?;
+    let shape = reg.index.data.shape.clone();
+    let (x, secs) = integrate(&ensemble, setting, &shape, &device);
+    if let Some(e) = ensemble.take_error() {
+        return Err(e);
+    }
+    let rows: usize = ensemble
+        .usage
+        .borrow()
+        .iter()
+        .map(|u| u.rows_per_expert.iter().sum::<usize>())
+        .sum();
+    // The analytic router's cost is a few dot products per cluster: not counted.
+    let router_cost = if sys.analytic || !strategy.uses_router() {
+        0.0
+    } else {
+        setting.sample_steps as f64 * router_flops
+    };
+    let sample_gflops = (rows as f64 / setting.n as f64 * expert_flops + router_cost) / 1e9;
+    write_grid(&samples_png, &x, &shape)?;
+    let (images, mixture) = judge(judge_with, &ensemble, &x, setting.seed, &device)?;
+    Ok(Row {
+        setting: setting.name.clone(),
+        stage_pct: pct,
+        system: sys.name.clone(),
+        train_flops,
+        sample_gflops,
+        sample_seconds: secs / setting.n as f64,
+        images,
+        mixture,
+    })
+}
+
+/// The rows of a results.jsonl. Every row must carry exactly one kind of score (images or
+/// mixture), all rows the same kind: a file that mixes them is refused, naming the line.
+pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Row>> {
+    if !path.exists() {
+        return Ok(vec![]);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut rows: Vec<Row> = vec![];
+    for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let row: Row = serde_json::from_str(l)
+            .with_context(|| format!("{} line {}: not a result row", path.display(), i + 1))?;
+        let kind = match (&row.images, &row.mixture) {
+            (Some(_), None) => "image",
+            (None, Some(_)) => "mixture",
+            _ => bail!(
+                "{} line {}: a row needs exactly one of `images` and `mixture`",
+                path.display(),
+                i + 1
+            ),
+        };
+        if let Some(first) = rows.first()
+            && first.images.is_some() != row.images.is_some()
+        {
+            bail!(
+                "{} line {}: a {kind} row in a file of {} rows; one results.jsonl holds one setting",
+                path.display(),
+                i + 1,
+                if first.images.is_some() {
+                    "image"
+                } else {
+                    "mixture"
+                }
+            );
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+pub(super) fn append_row(path: &Path, row: &Row) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(row)?)?;
+    f.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,328 @@
+//! `ddm experiment paper-table`: the paper's comparison at a size this machine can afford.
+//! FLOP-matched monolith vs routed ensembles of a clustered and a random partition, at 25/50/75/100%
+//! of the training budget, on Fashion-MNIST (FD etc. in the committed classifier's features) and on
+//! a Gaussian mixture (exact metrics). Writes OUT/table.md, OUT/fashion-mnist/fd.png,
+//! OUT/gmm/mixture.png and every row to OUT/*/results.jsonl; rerunning resumes ([`experiment`]).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ddm_core::flow::{self, Solver, StepSchedule};
+use ddm_core::gmm::GaussianMixture;
+use ddm_core::host::HostTensor;
+use ddm_datasets::Dataset;
+use ddm_datasets::mixture::MixtureSpec;
+use ddm_trainer::config::TrainConfig;
+use ddm_trainer::expert::EXPERT_FILE;
+use rand::SeedableRng;
+
+use crate::classifier::FeatureNet;
+use crate::experiment::{self, Judge, Row, Setting};
+use crate::images::ImageEval;
+use crate::{mixture, report};
+
+/// Every setting of the experiment (the command line's defaults are in `ddm experiment --help`).
+#[derive(Debug, Clone)]
+pub struct PaperTableConfig {
+    pub out: PathBuf,
+    /// Training images (a `--data` source).
+    pub data: String,
+    /// Real images the samples are compared with.
+    pub reference: String,
+    /// Islands / clusters.
+    pub k: usize,
+    /// Expert and monolith network.
+    pub model: String,
+    /// The monolith's batch B; each expert trains with B / K.
+    pub batch_size: usize,
+    /// Training steps of the monolith and of every expert.
+    pub steps: u64,
+    pub lr: f64,
+    /// Router network.
+    pub router_model: String,
+    /// Router steps (`None`: `steps`).
+    pub router_steps: Option<u64>,
+    /// Router batch (`None`: `batch_size`).
+    pub router_batch_size: Option<usize>,
+    /// Evaluate after each 1/C of the steps.
+    pub checkpoints: u64,
+    /// Samples per system and checkpoint (same noise for every system).
+    pub n: usize,
+    /// Euler steps per sample.
+    pub sample_steps: usize,
+    /// tau of the threshold strategy.
+    pub threshold: f64,
+    /// A classifier checkpoint (`None`: the committed one).
+    pub classifier: Option<PathBuf>,
+    /// Gaussian-mixture setting: steps (monolith batch 256, experts 256 / K, MLP 256 x 3).
+    pub gmm_steps: u64,
+    pub gmm_only: bool,
+    pub skip_gmm: bool,
+    pub device: ddm_core::device::DeviceChoice,
+    pub seed: u64,
+    pub quiet: bool,
+}
+
+fn load(data: &str) -> anyhow::Result<Dataset> {
+    let source = ddm_datasets::parse_source(data, false)?;
+    source
+        .load()
+        .with_context(|| format!("loading {}", source.describe()))
+}
+
+/// The mixture of the Gaussian-mixture setting: 8 modes on a ring of radius 4, weights 1..8 / 36
+/// (so clusters of K = 4 hold unequal mass and small modes are easy to lose).
+pub fn ring_mixture() -> GaussianMixture {
+    let m = 8;
+    let total: f64 = (1..=m).map(|i| i as f64).sum();
+    GaussianMixture {
+        weights: (1..=m).map(|i| i as f64 / total).collect(),
+        means: (0..m)
+            .map(|i| {
+                let a = std::f64::consts::TAU * i as f64 / m as f64;
+                vec![4.0 * a.cos(), 4.0 * a.sin()]
+            })
+            .collect(),
+        vars: vec![vec![0.15, 0.15]; m],
+    }
+}
+
+/// The CPU model and the thread count, for the table's header.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let threads = rayon_threads();
+    format!("{cpu}, {threads} threads")
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// Run (or resume) the experiment; returns the markdown table and where it was written.
+pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let device = ddm_core::device::device(a.device)?;
+    let command: Vec<String> = std::env::args().collect();
+    let mut doc = format!(
+        "# Paper table: ensemble vs FLOP-matched monolith\n\nCommand: `{}`  \nMachine: {}, device {:?}\n\n",
+        command.join(" "),
+        machine(),
+        a.device
+    );
+    if !a.gmm_only {
+        let data = load(&a.data)?;
+        let net = FeatureNet::open(a.classifier.as_deref(), &device)?;
+        let sha = net.sha256.clone();
+        let eval = ImageEval::new(net, load(&a.reference)?, data.clone())?;
+        let expert = TrainConfig {
+            model: a.model.clone(),
+            steps: a.steps,
+            batch_size: a.batch_size,
+            lr: a.lr,
+            checkpoint_every: 200,
+            ..TrainConfig::default()
+        };
+        let router = TrainConfig {
+            model: a.router_model.clone(),
+            steps: a.router_steps.unwrap_or(a.steps),
+            batch_size: a.router_batch_size.unwrap_or(a.batch_size),
+            lr: 1e-3,
+            checkpoint_every: 200,
+            ..TrainConfig::default()
+        };
+        let setting = Setting {
+            name: "fashion-mnist".into(),
+            k: a.k,
+            clustering: experiment::default_clustering(a.k, &data, a.seed),
+            expert: expert.clone(),
+            router: router.clone(),
+            stages: a.checkpoints,
+            n: a.n,
+            sample_steps: a.sample_steps,
+            threshold: a.threshold,
+            device: a.device,
+            seed: a.seed,
+            progress: !a.quiet,
+        };
+        let dir = a.out.join("fashion-mnist");
+        let reference_len = eval.reference_data.len();
+        let judge = Judge::Images(Box::new(eval));
+        let rows = experiment::run(&setting, &dir, &data, &judge)?;
+        let Judge::Images(eval) = &judge else {
+            unreachable!("built above")
+        };
+        let floor = eval.floor(a.n, a.seed)?;
+        let header = format!(
+            "{} ({} training images), K = {}. Experts and monolith {} ({:.3} GFLOPs/forward), lr {}, {} steps; \
+             monolith batch {}, experts batch {}. Router {} ({} steps, batch {}). Samples: N = {} per system \
+             from the same noise, {} Euler steps. Scores in the features of the committed classifier \
+             (sha256 {}…) against the {} test images. Wall time of this setting, all invocations: {:.1} min.",
+            data.name,
+            data.len(),
+            a.k,
+            a.model,
+            experiment::expert_flops(&expert, &data)? / 1e9,
+            a.lr,
+            a.steps,
+            a.batch_size,
+            (a.batch_size / a.k).max(1),
+            a.router_model,
+            router.steps,
+            router.batch_size,
+            a.n,
+            a.sample_steps,
+            &sha[..16],
+            reference_len,
+            experiment::wall_seconds(&dir) / 60.0
+        );
+        doc.push_str(&report::markdown("Fashion-MNIST", &rows, Some(&floor), &header));
+        doc.push_str(&diagnostics(&dir, a.k)?);
+        report::plot(
+            &dir.join("fd.png"),
+            "Fashion-MNIST: FD vs training FLOPs",
+            &rows,
+            Some(floor.fd),
+        )?;
+        doc.push_str("\n![FD vs training FLOPs](fashion-mnist/fd.png)\n\n");
+    }
+    if !a.skip_gmm {
+        let g = ring_mixture();
+        let dir = a.out.join("gmm");
+        std::fs::create_dir_all(&dir)?;
+        let spec = MixtureSpec {
+            mixture: g.clone(),
+            n: 20_000,
+            seed: a.seed,
+        };
+        let data = spec.dataset("gmm:ring-8".into());
+        let expert = TrainConfig {
+            model: "mlp".into(),
+            steps: a.gmm_steps,
+            batch_size: 256,
+            lr: 1e-3,
+            checkpoint_every: 1000,
+            ..TrainConfig::default()
+        };
+        // The router is a smaller MLP (about 6% of an expert's FLOPs, like DiT-XS/4 next to DiT-T/4
+        // experts), at the monolith's batch.
+        let router = TrainConfig {
+            mlp_hidden: 64,
+            mlp_depth: 2,
+            ..expert.clone()
+        };
+        let setting = Setting {
+            name: "gmm".into(),
+            k: a.k,
+            clustering: experiment::default_clustering(a.k, &data, a.seed),
+            expert: expert.clone(),
+            router,
+            stages: a.checkpoints,
+            n: 2000,
+            sample_steps: 50,
+            threshold: a.threshold,
+            device: a.device,
+            seed: a.seed,
+            progress: !a.quiet,
+        };
+        let mut rows = experiment::run(&setting, &dir, &data, &Judge::Mixture(g.clone()))?;
+        // The closed-form field as the floor row: what a perfect model scores with these samplers.
+        let exact = g.field(&device);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
+        let x1 = flow::randn(vec![setting.n, 2], &mut rng).to_tensor::<2>(&device);
+        let x = HostTensor::from_tensor(flow::integrate(
+            &exact,
+            x1,
+            None,
+            &StepSchedule::Uniform.times(setting.sample_steps),
+            Solver::Euler,
+        ));
+        let last = rows.iter().map(|r| r.stage_pct).max().unwrap_or(100);
+        rows.push(Row {
+            setting: "gmm".into(),
+            stage_pct: last,
+            system: "exact velocity (floor)".into(),
+            train_flops: 0.0,
+            sample_gflops: 0.0,
+            sample_seconds: 0.0,
+            images: None,
+            mixture: Some(mixture::evaluate(&exact, &x.data, &g, a.seed, &device)),
+        });
+        let header = format!(
+            "8 Gaussians on a ring (weights 1..8 / 36, variance 0.15), 20,000 training points, K = {}. \
+             MLP 256 x 3 experts and monolith, {} steps, monolith batch 256, experts batch {}; MLP 64 x 2 \
+             router (batch 256, same steps). N = 2000 samples, 50 Euler steps. Wall time, all invocations: {:.1} min.",
+            a.k,
+            a.gmm_steps,
+            256 / a.k,
+            experiment::wall_seconds(&dir) / 60.0
+        );
+        doc.push_str(&report::markdown("Gaussian mixture", &rows, None, &header));
+        let plot_rows: Vec<Row> = rows.iter().filter(|r| r.train_flops > 0.0).cloned().collect();
+        report::plot(
+            &dir.join("mixture.png"),
+            "Gaussian mixture: energy distance vs training FLOPs",
+            &plot_rows,
+            None,
+        )?;
+        doc.push_str("\n![energy distance vs training FLOPs](gmm/mixture.png)\n");
+    }
+    let path = a.out.join("table.md");
+    ddm_core::fsio::write_bytes_atomic(&path, doc.as_bytes())?;
+    Ok((doc, path))
+}
+
+/// What explains the result: cluster balance, each expert's final loss, the router's accuracy by
+/// noise level (from the runs of the final stage).
+fn diagnostics(dir: &Path, k: usize) -> anyhow::Result<String> {
+    let mut s = String::from("\n### Diagnostics (final stage)\n\n");
+    for which in experiment::PARTITIONS {
+        let m = ddm_datasets::partition::read_manifest(&dir.join(format!("partition-{which}")))?;
+        s.push_str(&format!("**{which} partition**: cluster sizes"));
+        for c in &m.clusters {
+            s.push_str(&format!(" {} ({:.0}%)", c.count, 100.0 * c.prior));
+        }
+        s.push_str("; expert final losses");
+        for c in 0..k {
+            let p = dir.join(format!("train/{which}-expert-{c}/{}", EXPERT_FILE));
+            let loss = ddm_core::checkpoint::Checkpoint::read(&p)
+                .ok()
+                .and_then(|ck| ck.meta.training.and_then(|t| t.final_loss));
+            s.push_str(&match loss {
+                Some(l) => format!(" {l:.4}"),
+                None => " –".into(),
+            });
+        }
+        let mono = dir.join(format!("train/monolith/{}", EXPERT_FILE));
+        if which == "clustered"
+            && let Some(l) = ddm_core::checkpoint::Checkpoint::read(&mono)
+                .ok()
+                .and_then(|ck| ck.meta.training.and_then(|t| t.final_loss))
+        {
+            s.push_str(&format!(" (monolith {l:.4})"));
+        }
+        let eval = dir.join(format!("train/{which}-router/{}", ddm_trainer::router::EVAL_FILE));
+        if let Ok(text) = std::fs::read_to_string(&eval)
+            && let Ok(bins) = serde_json::from_str::<Vec<serde_json::Value>>(&text)
+        {
+            s.push_str("; router accuracy by t bin");
+            for b in bins {
+                if let Some(acc) = b.get("accuracy").and_then(|v| v.as_f64()) {
+                    s.push_str(&format!(" {acc:.2}"));
+                }
+            }
+        }
+        s.push_str(".\n\n");
+    }
+    Ok(s)
+}

@@ -1,0 +1,63 @@
+//! `ddm train-router`: the router, trained by the trainer's loop on every shard's images and
+//! cluster ids (never an expert).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use ddm_datasets::partition::Partition;
+use ddm_router::eval::{BinReport, table};
+use ddm_trainer::router::{DEFAULT_ROUTER_MODEL, EVAL_FILE, RouterTask};
+use ddm_trainer::train::Outcome;
+
+use super::settings::{TrainSettings, report, train};
+
+/// Train the router: a classifier of which cluster a noised sample x_t came from (its posterior
+/// p(k | x_t, t)). Reads every shard of the partition (images and cluster ids only; never an
+/// expert), trains with the same loop as the experts (resumable, EMA, metrics, loss curve), and
+/// writes OUT/router.safetensors and OUT/router-eval.json (accuracy, cross-entropy and calibration
+/// per t bin), printing that table.
+#[derive(Args, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct TrainRouterArgs {
+    /// The partition directory.
+    #[arg(long)]
+    pub partition: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The experts' network, to state the router's cost as a fraction of one expert's.
+    #[arg(long, default_value = "DiT-T/4")]
+    pub expert_model: String,
+    /// Samples in the final evaluation.
+    #[arg(long, default_value_t = 2000)]
+    pub eval_samples: usize,
+    #[command(flatten)]
+    pub settings: TrainSettings,
+}
+
+const EXAMPLES: &str = "Examples:
+  ddm train-router --partition part --out router
+  ddm train-router --partition part --out router --model DiT-T/4 --steps 4000";
+
+pub fn run(args: TrainRouterArgs) -> anyhow::Result<u8> {
+    let mut config = args.settings.resolve_config()?;
+    if args.settings.model.is_none() && args.settings.config.is_none() {
+        config.model = DEFAULT_ROUTER_MODEL.into();
+    }
+    let task = RouterTask {
+        partition: Partition::open(&args.partition)?,
+        expert_model: args.expert_model.clone(),
+        eval_samples: args.eval_samples,
+    };
+    let outcome = train(&task, &args.settings, config, &args.out)?;
+    if let Outcome::Finished { .. } = outcome {
+        // The evaluation the task wrote: accuracy, cross-entropy, calibration per t bin.
+        let path = args.out.join(EVAL_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let bins: Vec<BinReport> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a router evaluation", path.display()))?;
+        println!("{}", table(&bins, &task.partition.manifest().priors()));
+    }
+    Ok(report(outcome, &args.out))
+}

@@ -1,0 +1,185 @@
+//! The expert task: regress the flow-matching velocity on one cluster's shard (or, for the
+//! monolith baseline, on all of them). At the end it writes the EMA weights as the expert's
+//! checkpoint, the shard's statistics for the analytic router, and a grid of samples.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ddm_core::burn::module::Module;
+use ddm_core::burn::prelude::*;
+use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Objective, TrainingSummary};
+use ddm_core::flow::{self, Solver, StepSchedule};
+use ddm_core::host::HostTensor;
+use ddm_core::model::{Model, ModelConfig};
+use ddm_core::params::ParamSource;
+use ddm_core::stats::STATS_FILE;
+use ddm_datasets::Dataset;
+use ddm_datasets::partition::Partition;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::TrainConfig;
+use crate::island::{self, Target};
+use crate::task::{Batch, Task, TrainData};
+
+pub const EXPERT_FILE: &str = "expert.safetensors";
+
+/// Train a flow-matching expert on one cluster (or the monolith on all of them).
+pub struct ExpertTask {
+    pub partition: Partition,
+    pub target: Target,
+}
+
+impl Task for ExpertTask {
+    type Net = Model;
+
+    fn name(&self) -> String {
+        match self.target {
+            Target::Cluster(k) => format!("cluster:{k}"),
+            Target::Monolith => "monolith".into(),
+        }
+    }
+
+    fn data(&self) -> anyhow::Result<TrainData> {
+        Ok(TrainData {
+            data: island::load(&self.partition, self.target)?,
+            targets: None,
+            fingerprint: self.partition.fingerprint().to_string(),
+        })
+    }
+
+    fn net_config(&self, config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
+        model_config(config, data)
+    }
+
+    fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<Model> {
+        Ok(net.build(src)?)
+    }
+
+    fn loss(
+        &self,
+        net: &Model,
+        batch: Batch<'_>,
+        config: &TrainConfig,
+        net_config: &ModelConfig,
+        rng: &mut ChaCha8Rng,
+    ) -> Tensor<1> {
+        let device = batch.x0.device();
+        let [b, _] = batch.x0.dims();
+        let (e, t, x_t) = crate::task::noise(&batch.x0, config, rng);
+        let classes = net_config.num_classes();
+        let y = match classes {
+            0 => None,
+            _ => {
+                let labels = batch.labels.expect("class-conditional data has labels");
+                let null = classes as i64;
+                let y: Vec<i64> = labels
+                    .iter()
+                    .map(|&l| {
+                        if rng.random::<f64>() < config.class_dropout {
+                            null
+                        } else {
+                            l as i64
+                        }
+                    })
+                    .collect();
+                Some(Tensor::<1, Int>::from_data(TensorData::new(y, [b]), &device))
+            }
+        };
+        let v = net.predict(x_t, t, y);
+        flow::flow_matching_loss(v, batch.x0, e)
+    }
+
+    fn finish(
+        &self,
+        out: &Path,
+        ema: &Model,
+        net_config: &ModelConfig,
+        summary: TrainingSummary,
+        data: &TrainData,
+    ) -> anyhow::Result<PathBuf> {
+        let manifest = self.partition.manifest();
+        // The range of the whole dataset, not of this shard: every expert of a partition (and the
+        // registry) must agree on it, and for vector data each shard's min/max differ.
+        let mut meta =
+            CheckpointMeta::expert(net_config.clone(), manifest.dataset.range, Objective::Velocity);
+        meta.partition = Some(manifest.fingerprint.clone());
+        meta.cluster = match self.target {
+            Target::Cluster(k) => Some(k),
+            Target::Monolith => None,
+        };
+        meta.source = Some(format!(
+            "ddm-trainer {} on {}",
+            self.name(),
+            manifest.dataset.name
+        ));
+        let seed = summary.seed;
+        meta.training = Some(summary);
+        let path = out.join(EXPERT_FILE);
+        Checkpoint {
+            meta,
+            tensors: ema.state_dict(),
+        }
+        .save(&path)?;
+        // The statistics the analytic router needs: count, mean and diagonal variance of the shard.
+        let cluster = match self.target {
+            Target::Cluster(k) => Some(k),
+            Target::Monolith => None,
+        };
+        data.data
+            .cluster_stats()
+            .save(&out.join(STATS_FILE), cluster, &manifest.fingerprint)?;
+        write_samples(ema, net_config, &out.join("samples.png"), seed)?;
+        Ok(path)
+    }
+
+    fn snapshot(&self, ema: &Model, net_config: &ModelConfig, path: &Path, seed: u64) -> anyhow::Result<()> {
+        write_samples(ema, net_config, path, seed)
+    }
+}
+
+/// The expert's network for this data (`--model`, conditioned on the labels with
+/// `--class-conditional`).
+pub fn model_config(config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
+    let net = ModelConfig::named(
+        &config.model,
+        &data.name,
+        &data.shape,
+        config.mlp_hidden,
+        config.mlp_depth,
+    )?;
+    if !config.class_conditional {
+        return Ok(net);
+    }
+    let classes = data
+        .num_classes
+        .context("--class-conditional needs labelled data; this data has no labels")?;
+    Ok(net.with_classes(classes, config.class_dropout)?)
+}
+
+/// A grid of 16 EMA samples (Euler, 32 steps), for images.
+pub fn write_samples(ema: &Model, config: &ModelConfig, path: &Path, seed: u64) -> anyhow::Result<()> {
+    let shape = config.data_shape();
+    if shape.len() != 3 || !(shape[0] == 1 || shape[0] == 3) {
+        return Ok(());
+    }
+    let device = ema
+        .devices()
+        .first()
+        .cloned()
+        .unwrap_or_else(ddm_core::device::cpu);
+    let n = 16;
+    let per: usize = shape.iter().product();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5a5a);
+    let x1 = flow::randn(vec![n, per], &mut rng).to_tensor::<2>(&device);
+    let classes = config.num_classes() as i64;
+    let y = (classes > 0).then(|| {
+        let ids: Vec<i64> = (0..n as i64).map(|i| i % classes).collect();
+        Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &device)
+    });
+    let x0 = flow::integrate(ema, x1, y, &StepSchedule::Uniform.times(32), Solver::Euler);
+    let px = ddm_datasets::grid::to_u8(&HostTensor::from_tensor(x0).data);
+    let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
+    ddm_datasets::grid::write_grid_png(path, &cells, [shape[0], shape[1], shape[2]], 8, 2, 40)?;
+    Ok(())
+}
