@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
 use ddm_core::host::HostTensor;
+use ddm_core::progress::Progress;
 use ddm_datasets::Dataset;
 use ddm_datasets::mixture::MixtureSpec;
 use ddm_eval::classifier::{self, CLASSIFIER_FILE, FeatureNet};
@@ -64,6 +65,9 @@ pub struct EvalImagesArgs {
     /// Allow downloading Fashion-MNIST when it is not on disk.
     #[arg(long)]
     pub download: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -125,7 +129,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<u8> {
 fn eval_images(a: EvalImagesArgs) -> anyhow::Result<()> {
     let device = ddm_core::device::cpu();
     let net = FeatureNet::open(a.classifier.as_deref(), &device)?;
-    eprintln!(
+    tracing::info!(
         "classifier {} (feature dim {})",
         &net.sha256[..16],
         net.feature_dim()
@@ -135,12 +139,17 @@ fn eval_images(a: EvalImagesArgs) -> anyhow::Result<()> {
         .extra
         .get("class_names")
         .and_then(|v| serde_json::from_value(v.clone()).ok());
+    // Steps: the reference statistics (cached after the first run), each sample file, the floor.
+    let bar = crate::ui::Bar::new(a.quiet);
+    bar.begin("eval images", a.samples.len() as u64 + 2);
     let eval = ImageEval::new(net, load(&a.reference, a.download)?, load(&a.train, a.download)?)?;
+    bar.advance(1);
     let mut reports = serde_json::Map::new();
     let mut floor_n = None;
     for p in &a.samples {
         let x = ddm_eval::images::read_samples(p)?;
         let r = eval.evaluate(&x.data, a.seed)?;
+        bar.advance(1);
         print!(
             "{}",
             format_report(&p.display().to_string(), &r, names.as_deref())
@@ -150,6 +159,7 @@ fn eval_images(a: EvalImagesArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = floor_n {
         let f = eval.floor(n, a.seed)?;
+        bar.finish();
         print!(
             "{}",
             format_report(
