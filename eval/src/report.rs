@@ -9,29 +9,6 @@ use plotters::prelude::*;
 use crate::experiment::Row;
 use crate::images::ImageReport;
 
-/// The score a row is ranked by: FD (images) or energy distance (mixtures).
-pub fn score(r: &Row) -> f64 {
-    match (&r.images, &r.mixture) {
-        (Some(i), _) => i.fd,
-        (_, Some(m)) => m.energy_distance,
-        _ => f64::NAN,
-    }
-}
-
-pub fn headline(r: &Row) -> String {
-    match (&r.images, &r.mixture) {
-        (Some(i), _) => format!(
-            "FD {:>7.3}  P {:.3}  R {:.3}  cls-TV {:.3}",
-            i.fd, i.precision, i.recall, i.class_tv
-        ),
-        (_, Some(m)) => format!(
-            "vel-MSE {:.4}  energy {:.4}  mode-TV {:.3}",
-            m.velocity_mse, m.energy_distance, m.mode_weight_tv
-        ),
-        _ => String::new(),
-    }
-}
-
 fn systems_in_order(rows: &[Row]) -> Vec<String> {
     let mut names: Vec<String> = vec![];
     for r in rows {
@@ -114,7 +91,7 @@ pub fn markdown(title: &str, rows: &[Row], floor: Option<&ImageReport>, header: 
         s.push_str(&format!("| {name} |"));
         for p in &st {
             match rows.iter().find(|r| r.system == name && r.stage_pct == *p) {
-                Some(r) => s.push_str(&format!(" {:.3} |", score(r))),
+                Some(r) => s.push_str(&format!(" {:.3} |", r.score())),
                 None => s.push_str(" – |"),
             }
         }
@@ -152,7 +129,7 @@ pub fn plot(path: &Path, title: &str, rows: &[Row], floor: Option<f64>) -> anyho
         lines
             .entry(r.system.clone())
             .or_default()
-            .push((r.train_flops / 1e12, score(r)));
+            .push((r.train_flops / 1e12, r.score()));
     }
     let xs: Vec<f64> = lines.values().flatten().map(|p| p.0).collect();
     let ys: Vec<f64> = lines

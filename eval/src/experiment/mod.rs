@@ -122,6 +122,32 @@ pub struct Row {
     pub mixture: Option<MixtureReport>,
 }
 
+impl Row {
+    /// The score a row is ranked by: FD (images) or energy distance (mixtures).
+    pub fn score(&self) -> f64 {
+        match (&self.images, &self.mixture) {
+            (Some(i), _) => i.fd,
+            (_, Some(m)) => m.energy_distance,
+            _ => f64::NAN,
+        }
+    }
+
+    /// One line of the row's main scores, for logs.
+    pub fn headline(&self) -> String {
+        match (&self.images, &self.mixture) {
+            (Some(i), _) => format!(
+                "FD {:>7.3}  P {:.3}  R {:.3}  cls-TV {:.3}",
+                i.fd, i.precision, i.recall, i.class_tv
+            ),
+            (_, Some(m)) => format!(
+                "vel-MSE {:.4}  energy {:.4}  mode-TV {:.3}",
+                m.velocity_mse, m.energy_distance, m.mode_weight_tv
+            ),
+            _ => String::new(),
+        }
+    }
+}
+
 /// How samples are judged.
 pub enum Judge {
     Images(Box<ImageEval>),
@@ -162,7 +188,7 @@ pub fn run(setting: &Setting, dir: &Path, data: &Dataset, judge_with: &Judge) ->
             tracing::info!(
                 "{pct:>3}% {:<28} {}  ({:.0} s)",
                 sys.name,
-                crate::report::headline(&row),
+                row.headline(),
                 t0.elapsed().as_secs_f64()
             );
             append_row(&results, &row)?;
