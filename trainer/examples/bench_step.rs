@@ -2,7 +2,9 @@
 //! Same model and settings as ../shared/bench/dit_fm.py `bench --model a` for `--size Bench`
 //! (hidden 256, depth 6, 4 heads, patch 4; AdamW lr 1e-4; batch 64).
 //!
-//! cargo run --release -p ddm-trainer --example bench_step -- [--size DiT-Bench/4] [--batch 64] [--steps 20]
+//! Then, like the peer's `fwd256` phase, the median time of an inference forward of 256 samples.
+//!
+//! cargo run --release -p ddm-trainer --example bench_step -- [--size DiT-Bench/4] [--batch 64] [--steps 20] [--fwd-iters 5]
 
 use std::time::Instant;
 
@@ -26,6 +28,7 @@ fn main() {
     let size = arg("--size", "DiT-Bench/4");
     let batch: usize = arg("--batch", "64").parse().unwrap();
     let steps: usize = arg("--steps", "20").parse().unwrap();
+    let fwd_iters: usize = arg("--fwd-iters", "5").parse().unwrap();
     let warmup = 3;
     let plain = ddm_core::device::cpu();
     let device = plain.clone().autodiff();
@@ -71,11 +74,27 @@ fn main() {
         }
     }
     let total: f64 = times.iter().sum();
+    // Inference: a forward of 256 samples on the plain (non-autodiff) device, as a sampler runs.
+    let net = model.valid();
+    let mut fwd = vec![];
+    for i in 0..fwd_iters + 1 {
+        let x = randn(vec![256, 784], &mut rng).to_tensor::<2>(&plain);
+        let t: Vec<f32> = (0..256).map(|i| (i as f32 + 0.5) / 256.0).collect();
+        let t = Tensor::<1>::from_data(TensorData::new(t, [256]), &plain);
+        let t0 = Instant::now();
+        let _ = HostTensor::from_tensor(net.predict(x, t, None));
+        if i > 0 {
+            fwd.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    fwd.sort_by(f64::total_cmp);
+    let fwd256 = fwd.get(fwd.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
-        "{{\"impl\": \"ddm\", \"size\": \"{size}\", \"params\": {params}, \"batch\": {batch}, \"threads\": {}, \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
+        "{{\"impl\": \"ddm\", \"size\": \"{size}\", \"params\": {params}, \"batch\": {batch}, \"threads\": {}, \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
         total * 1e3,
         batch as f64 / total,
+        fwd256 * 1e3,
         times[0] * 1e3,
         times[1] * 1e3,
         times[2] * 1e3,

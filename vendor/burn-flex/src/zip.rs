@@ -200,9 +200,10 @@ pub(crate) fn zip_map<L, R, Out, F>(
     op: F,
 ) -> Option<Vec<Out>>
 where
-    L: Copy,
-    R: Copy,
-    F: Fn(L, R) -> Out,
+    L: Copy + Sync,
+    R: Copy + Sync,
+    Out: Send,
+    F: Fn(L, R) -> Out + Sync,
 {
     let numel = lhs_layout.num_elements();
     if numel == 0 {
@@ -217,32 +218,59 @@ where
         return Some(out);
     }
 
-    let (len, l_st, r_st) = nest.inner();
-    match (l_st, r_st) {
-        (1, 1) => nest.for_each_run(|lb, rb| {
-            out.extend(
-                lhs[lb..lb + len]
-                    .iter()
-                    .zip(&rhs[rb..rb + len])
-                    .map(|(&a, &b)| op(a, b)),
-            );
-        }),
-        (1, 0) => nest.for_each_run(|lb, rb| {
-            let b = rhs[rb];
-            out.extend(lhs[lb..lb + len].iter().map(|&a| op(a, b)));
-        }),
-        (0, 1) => nest.for_each_run(|lb, rb| {
-            let a = lhs[lb];
-            out.extend(rhs[rb..rb + len].iter().map(|&b| op(a, b)));
-        }),
-        _ => nest.for_each_run(|lb, rb| {
-            out.extend(
-                (0..len).map(|i| op(lhs[lb + i * l_st as usize], rhs[rb + i * r_st as usize])),
-            );
-        }),
+    // ddm patch: large outputs are filled in blocks of whole outer rows on rayon's threads.
+    let row_len: usize = nest.shape[1..nest.ndim].iter().product();
+    let split = crate::par::fill_rows(&mut out.spare_capacity_mut()[..numel], row_len, |r0, piece| {
+        let mut sub = nest;
+        sub.shape[0] = piece.len() / row_len;
+        sub.lhs_offset = (nest.lhs_offset as isize + r0 as isize * nest.lhs_strides[0]) as usize;
+        sub.rhs_offset = (nest.rhs_offset as isize + r0 as isize * nest.rhs_strides[0]) as usize;
+        let mut i = 0;
+        zip_map_runs(&sub, lhs, rhs, &op, |v| {
+            piece[i].write(v);
+            i += 1;
+        });
+        debug_assert_eq!(i, piece.len());
+    });
+    if split {
+        // SAFETY: `fill_rows` handed every element of `out[..numel]` to exactly one piece, and
+        // each piece was written element by element above.
+        unsafe { out.set_len(numel) };
+    } else {
+        zip_map_runs(&nest, lhs, rhs, &op, |v| out.push(v));
     }
     debug_assert_eq!(out.len(), numel);
     Some(out)
+}
+
+/// The loop of [`zip_map`]: every `op(lhs, rhs)` of the nest, in row-major order, to `emit`.
+fn zip_map_runs<L: Copy, R: Copy, Out>(
+    nest: &ZipNest,
+    lhs: &[L],
+    rhs: &[R],
+    op: &impl Fn(L, R) -> Out,
+    mut emit: impl FnMut(Out),
+) {
+    let (len, l_st, r_st) = nest.inner();
+    match (l_st, r_st) {
+        (1, 1) => nest.for_each_run(|lb, rb| {
+            lhs[lb..lb + len]
+                .iter()
+                .zip(&rhs[rb..rb + len])
+                .for_each(|(&a, &b)| emit(op(a, b)));
+        }),
+        (1, 0) => nest.for_each_run(|lb, rb| {
+            let b = rhs[rb];
+            lhs[lb..lb + len].iter().for_each(|&a| emit(op(a, b)));
+        }),
+        (0, 1) => nest.for_each_run(|lb, rb| {
+            let a = lhs[lb];
+            rhs[rb..rb + len].iter().for_each(|&b| emit(op(a, b)));
+        }),
+        _ => nest.for_each_run(|lb, rb| {
+            (0..len).for_each(|i| emit(op(lhs[lb + i * l_st as usize], rhs[rb + i * r_st as usize])));
+        }),
+    }
 }
 
 /// Apply `op` over a collapsed nest *in place*, writing the result back
@@ -261,6 +289,30 @@ where
 /// innermost src stride — contiguous, broadcast-scalar, or general
 /// strided — and monomorphized per call site so LLVM autovectorizes it.
 pub(crate) fn zip_apply_inplace<D, S, F>(nest: &ZipNest, dst: &mut [D], src: &[S], op: F)
+where
+    D: Copy + Send,
+    S: Copy + Sync,
+    F: Fn(D, S) -> D + Sync,
+{
+    // ddm patch: a large dense destination starting at 0 is split into blocks of whole outer
+    // rows, each done by the sequential loop on rayon's threads.
+    if nest.ndim >= 1 && nest.lhs_offset == 0 && !nest.shape[..nest.ndim].contains(&0) {
+        let row_len: usize = nest.shape[1..nest.ndim].iter().product();
+        let numel = row_len * nest.shape[0];
+        let split = crate::par::rows_inplace(&mut dst[..numel], row_len, |r0, piece| {
+            let mut sub = *nest;
+            sub.shape[0] = piece.len() / row_len;
+            sub.rhs_offset = (nest.rhs_offset as isize + r0 as isize * nest.rhs_strides[0]) as usize;
+            zip_apply_inplace_seq(&sub, piece, src, &op);
+        });
+        if split {
+            return;
+        }
+    }
+    zip_apply_inplace_seq(nest, dst, src, op)
+}
+
+fn zip_apply_inplace_seq<D, S, F>(nest: &ZipNest, dst: &mut [D], src: &[S], op: F)
 where
     D: Copy,
     S: Copy,

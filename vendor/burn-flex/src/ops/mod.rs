@@ -121,3 +121,4 @@ pub mod sort;
 mod transaction;
 pub mod unary;
 pub mod unfold;
+pub(crate) mod vexp;

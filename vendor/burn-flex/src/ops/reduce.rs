@@ -140,6 +140,10 @@ fn sum_f32_parallel(data: &[f32]) -> f32 {
                 chunk.iter().copied().sum::<f32>()
             }
         })
+        // ddm patch: add the chunk sums in chunk order. rayon's `sum` adds them in a tree shaped by
+        // work stealing, so the rounding (and the result) could change from run to run.
+        .collect::<Vec<f32>>()
+        .into_iter()
         .sum()
 }
 
