@@ -90,7 +90,7 @@ fn main() {
     fwd.sort_by(f64::total_cmp);
     let fwd256 = fwd.get(fwd.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
-        "{{\"impl\": \"ddm\", \"size\": \"{size}\", \"params\": {params}, \"batch\": {batch}, \"threads\": {}, \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
+        "{{\"impl\": \"ddm\", \"size\": \"{size}\", \"params\": {params}, \"batch\": {batch}, \"threads\": \"{}\", \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
         total * 1e3,
         batch as f64 / total,
