@@ -326,10 +326,7 @@ pub fn train(
     device: ddm_core::device::DeviceChoice,
     progress: bool,
 ) -> anyhow::Result<ddm_trainer::train::Outcome> {
-    let source = ddm_datasets::parse_source(data, false)?;
-    let data = source
-        .load()
-        .with_context(|| format!("loading {}", source.describe()))?;
+    let data = crate::load_data(data, false)?;
     ddm_trainer::train::run(
         &ClassifierTask { data },
         ddm_trainer::train::Run {

@@ -17,3 +17,12 @@ pub mod knn;
 pub mod mixture;
 pub mod paper_table;
 pub mod report;
+
+/// The dataset a `--data` argument names (`download`: fetch Fashion-MNIST if it is missing).
+pub fn load_data(data: &str, download: bool) -> anyhow::Result<ddm_datasets::Dataset> {
+    use anyhow::Context;
+    let source = ddm_datasets::parse_source(data, download)?;
+    source
+        .load()
+        .with_context(|| format!("loading {}", source.describe()))
+}

@@ -10,7 +10,6 @@ use anyhow::Context;
 use ddm_core::flow::{self, Solver, StepSchedule};
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
-use ddm_datasets::Dataset;
 use ddm_datasets::mixture::MixtureSpec;
 use ddm_trainer::config::TrainConfig;
 use ddm_trainer::expert::EXPERT_FILE;
@@ -61,13 +60,6 @@ pub struct PaperTableConfig {
     pub device: ddm_core::device::DeviceChoice,
     pub seed: u64,
     pub quiet: bool,
-}
-
-fn load(data: &str) -> anyhow::Result<Dataset> {
-    let source = ddm_datasets::parse_source(data, false)?;
-    source
-        .load()
-        .with_context(|| format!("loading {}", source.describe()))
 }
 
 /// The mixture of the Gaussian-mixture setting: 8 modes on a ring of radius 4, weights 1..8 / 36
@@ -121,10 +113,10 @@ pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
         a.device
     );
     if !a.gmm_only {
-        let data = load(&a.data)?;
+        let data = crate::load_data(&a.data, false)?;
         let net = FeatureNet::open(a.classifier.as_deref(), &device)?;
         let sha = net.sha256.clone();
-        let eval = ImageEval::new(net, load(&a.reference)?, data.clone())?;
+        let eval = ImageEval::new(net, crate::load_data(&a.reference, false)?, data.clone())?;
         let expert = TrainConfig {
             model: a.model.clone(),
             steps: a.steps,

@@ -2,15 +2,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
 use ddm_core::host::HostTensor;
 use ddm_core::progress::Progress;
-use ddm_datasets::Dataset;
 use ddm_datasets::mixture::MixtureSpec;
 use ddm_eval::classifier::{self, CLASSIFIER_FILE, FeatureNet};
 use ddm_eval::images::{ImageEval, format_report};
+use ddm_eval::load_data as load;
 use rand::SeedableRng;
 
 use super::settings::{TrainSettings, report};
@@ -109,13 +109,6 @@ pub struct TrainClassifierArgs {
     /// (the committed classifier's).
     #[command(flatten)]
     pub settings: TrainSettings,
-}
-
-fn load(data: &str, download: bool) -> anyhow::Result<Dataset> {
-    let source = ddm_datasets::parse_source(data, download)?;
-    source
-        .load()
-        .with_context(|| format!("loading {}", source.describe()))
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<u8> {

@@ -104,10 +104,7 @@ impl Task for ExpertTask {
         let mut meta =
             CheckpointMeta::expert(net_config.clone(), manifest.dataset.range, Objective::Velocity);
         meta.partition = Some(manifest.fingerprint.clone());
-        meta.cluster = match self.target {
-            Target::Cluster(k) => Some(k),
-            Target::Monolith => None,
-        };
+        meta.cluster = self.target.cluster();
         meta.source = Some(format!(
             "ddm-trainer {} on {}",
             self.name(),
@@ -122,13 +119,11 @@ impl Task for ExpertTask {
         }
         .save(&path)?;
         // The statistics the analytic router needs: count, mean and diagonal variance of the shard.
-        let cluster = match self.target {
-            Target::Cluster(k) => Some(k),
-            Target::Monolith => None,
-        };
-        data.data
-            .cluster_stats()
-            .save(&out.join(STATS_FILE), cluster, &manifest.fingerprint)?;
+        data.data.cluster_stats().save(
+            &out.join(STATS_FILE),
+            self.target.cluster(),
+            &manifest.fingerprint,
+        )?;
         write_samples(ema, net_config, &out.join("samples.png"), seed)?;
         Ok(path)
     }

@@ -18,6 +18,16 @@ pub enum Target {
     Monolith,
 }
 
+impl Target {
+    /// The cluster an expert trains on; `None` for the monolith.
+    pub fn cluster(self) -> Option<usize> {
+        match self {
+            Target::Cluster(k) => Some(k),
+            Target::Monolith => None,
+        }
+    }
+}
+
 /// `--cluster`, else `SLURM_ARRAY_TASK_ID`, else `JOB_COMPLETION_INDEX`.
 pub fn resolve_cluster(flag: Option<usize>) -> anyhow::Result<usize> {
     if let Some(k) = flag {

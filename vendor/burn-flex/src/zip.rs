@@ -23,6 +23,7 @@
 
 use crate::layout::Layout;
 use alloc::vec::Vec;
+use core::mem::MaybeUninit;
 
 /// Max rank we're willing to handle without falling back to the
 /// strided iterator. Burn tensors are capped at 8 dims in practice.
@@ -218,59 +219,67 @@ where
         return Some(out);
     }
 
-    // ddm patch: large outputs are filled in blocks of whole outer rows on rayon's threads.
+    // ddm patch: the output is written in place (no per-element `push`); large outputs are
+    // filled in blocks of whole outer rows on rayon's threads.
     let row_len: usize = nest.shape[1..nest.ndim].iter().product();
-    let split = crate::par::fill_rows(&mut out.spare_capacity_mut()[..numel], row_len, |r0, piece| {
+    let fill = |r0: usize, piece: &mut [MaybeUninit<Out>]| {
         let mut sub = nest;
         sub.shape[0] = piece.len() / row_len;
         sub.lhs_offset = (nest.lhs_offset as isize + r0 as isize * nest.lhs_strides[0]) as usize;
         sub.rhs_offset = (nest.rhs_offset as isize + r0 as isize * nest.rhs_strides[0]) as usize;
-        let mut i = 0;
-        zip_map_runs(&sub, lhs, rhs, &op, |v| {
-            piece[i].write(v);
-            i += 1;
-        });
-        debug_assert_eq!(i, piece.len());
-    });
-    if split {
-        // SAFETY: `fill_rows` handed every element of `out[..numel]` to exactly one piece, and
-        // each piece was written element by element above.
-        unsafe { out.set_len(numel) };
-    } else {
-        zip_map_runs(&nest, lhs, rhs, &op, |v| out.push(v));
+        zip_map_runs(&sub, lhs, rhs, &op, piece);
+    };
+    let spare = &mut out.spare_capacity_mut()[..numel];
+    if !crate::par::fill_rows(spare, row_len, &fill) {
+        fill(0, spare);
     }
-    debug_assert_eq!(out.len(), numel);
+    // SAFETY: every element of `out[..numel]` was written exactly once above.
+    unsafe { out.set_len(numel) };
     Some(out)
 }
 
-/// The loop of [`zip_map`]: every `op(lhs, rhs)` of the nest, in row-major order, to `emit`.
+/// The loop of [`zip_map`]: `op(lhs, rhs)` over the nest, in row-major order, into `out` (exactly
+/// the nest's size).
 fn zip_map_runs<L: Copy, R: Copy, Out>(
     nest: &ZipNest,
     lhs: &[L],
     rhs: &[R],
     op: &impl Fn(L, R) -> Out,
-    mut emit: impl FnMut(Out),
+    out: &mut [MaybeUninit<Out>],
 ) {
     let (len, l_st, r_st) = nest.inner();
+    let mut at = 0;
+    // The next run's piece of `out`.
+    let mut next = || {
+        at += len;
+        at - len..at
+    };
     match (l_st, r_st) {
         (1, 1) => nest.for_each_run(|lb, rb| {
-            lhs[lb..lb + len]
-                .iter()
-                .zip(&rhs[rb..rb + len])
-                .for_each(|(&a, &b)| emit(op(a, b)));
+            let o = &mut out[next()];
+            for ((o, &a), &b) in o.iter_mut().zip(&lhs[lb..lb + len]).zip(&rhs[rb..rb + len]) {
+                o.write(op(a, b));
+            }
         }),
         (1, 0) => nest.for_each_run(|lb, rb| {
-            let b = rhs[rb];
-            lhs[lb..lb + len].iter().for_each(|&a| emit(op(a, b)));
+            let (o, b) = (&mut out[next()], rhs[rb]);
+            for (o, &a) in o.iter_mut().zip(&lhs[lb..lb + len]) {
+                o.write(op(a, b));
+            }
         }),
         (0, 1) => nest.for_each_run(|lb, rb| {
-            let a = lhs[lb];
-            rhs[rb..rb + len].iter().for_each(|&b| emit(op(a, b)));
+            let (o, a) = (&mut out[next()], lhs[lb]);
+            for (o, &b) in o.iter_mut().zip(&rhs[rb..rb + len]) {
+                o.write(op(a, b));
+            }
         }),
         _ => nest.for_each_run(|lb, rb| {
-            (0..len).for_each(|i| emit(op(lhs[lb + i * l_st as usize], rhs[rb + i * r_st as usize])));
+            for (i, o) in out[next()].iter_mut().enumerate() {
+                o.write(op(lhs[lb + i * l_st as usize], rhs[rb + i * r_st as usize]));
+            }
         }),
     }
+    debug_assert_eq!(next().start, out.len());
 }
 
 /// Apply `op` over a collapsed nest *in place*, writing the result back
