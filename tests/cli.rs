@@ -982,6 +982,98 @@ fn class_conditional_guided_sampling() {
     ok(sample(&["--class", "0"]));
     let e = fails(sample(&["--class", "5"]));
     assert!(e.contains("class 5 is out of range"), "{e}");
+    let report = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("s.json")).unwrap()).unwrap()
+    };
+    // The unconditioned router serves conditional experts, and says it does not see the class.
+    ok(sample(&["--class", "all", "--strategy", "trajectory"]));
+    let r = report(dir.path());
+    assert_eq!(
+        (r["class"].as_str(), r["router_sees_class"].as_bool()),
+        (Some("all"), Some(false))
+    );
+    assert_eq!(r["router_calls_per_sample"].as_f64(), Some(1.0));
+
+    // A conditioned router (with condition dropout): registered beside the conditional experts,
+    // it sees the class.
+    let mut args = vec![
+        "train-router",
+        "--partition",
+        "p",
+        "--out",
+        "rc",
+        "--eval-samples",
+        "20",
+        "--class-conditional",
+        "--class-dropout",
+        "0.2",
+    ];
+    args.extend(common);
+    let printed = ok(ddm(dir.path(), &args));
+    assert!(printed.contains("With the class"), "{printed}");
+    ok(ddm(
+        dir.path(),
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--replace",
+            "rc/router.safetensors",
+        ],
+    ));
+    ok(sample(&["--class", "all", "--strategy", "top-1"]));
+    let r = report(dir.path());
+    assert_eq!(r["router_sees_class"].as_bool(), Some(true));
+    assert_eq!(r["router_calls_per_sample"].as_f64(), Some(3.0));
+    ok(sample(&[])); // unconditional sampling: the router's null class
+    let eval = ok(ddm(
+        dir.path(),
+        &[
+            "eval-router",
+            "--router",
+            "rc/router.safetensors",
+            "--partition",
+            "p",
+            "--samples",
+            "20",
+        ],
+    ));
+    assert!(
+        eval.contains("Without the class") && eval.contains("With the class"),
+        "{eval}"
+    );
+
+    // The same router for unconditional experts is refused, naming both sides.
+    let mut args = vec!["train", "--partition", "p", "--cluster", "0", "--out", "u0"];
+    args.extend(common);
+    ok(ddm(dir.path(), &args));
+    let e = fails(ddm(
+        dir.path(),
+        &[
+            "register",
+            "--registry",
+            "reg2",
+            "u0/expert.safetensors",
+            "rc/router.safetensors",
+        ],
+    ));
+    assert!(e.contains("conditioned on") && e.contains("unconditional"), "{e}");
+    assert!(
+        !dir.path().join("reg2/registry.json").exists(),
+        "nothing registered"
+    );
+    // Experts of different conditioning cannot share a registry.
+    let e = fails(ddm(
+        dir.path(),
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--replace",
+            "u0/expert.safetensors",
+        ],
+    ));
+    assert!(e.contains("share their conditioning"), "{e}");
 }
 
 /// `ddm eval images` on real test images (as a `ddm sample` output would hold them) scores them

@@ -57,10 +57,10 @@ impl GaussianMixture {
     }
 
     /// log w_k + log N(x_t; (1 - t) mu_k, var_k(t)) for every k.
-    fn log_joint(&self, x: &[f64], t: f64) -> Vec<f64> {
+    fn log_joint(&self, x: &[f64], t: f64, weights: &[f64]) -> Vec<f64> {
         (0..self.k())
             .map(|k| {
-                let mut lp = self.weights[k].ln();
+                let mut lp = weights[k].ln();
                 for (j, &xj) in x.iter().enumerate() {
                     let var = (1.0 - t).powi(2) * self.vars[k][j] + t * t;
                     let r = xj - (1.0 - t) * self.means[k][j];
@@ -73,7 +73,14 @@ impl GaussianMixture {
 
     /// The posterior p(k | x_t, t): the ideal router.
     pub fn posterior(&self, x: &[f64], t: f64) -> Vec<f64> {
-        let lj = self.log_joint(x, t);
+        self.posterior_with_weights(x, t, &self.weights)
+    }
+
+    /// The posterior with other component weights `weights` in place of w_k (they sum to 1; a
+    /// zero weight gives probability 0): with p(k | c), the class-conditional posterior
+    /// p(k | x_t, c) of components whose shape does not depend on c.
+    pub fn posterior_with_weights(&self, x: &[f64], t: f64, weights: &[f64]) -> Vec<f64> {
+        let lj = self.log_joint(x, t, weights);
         let m = lj.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let p: Vec<f64> = lj.iter().map(|l| (l - m).exp()).collect();
         let z: f64 = p.iter().sum();

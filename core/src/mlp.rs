@@ -1,12 +1,13 @@
 //! An MLP denoiser for vector data (the 2-D and N-D Gaussian-mixture sets).
 //!
-//! Same timestep embedding as DiT (sinusoid of 1000 t, then an MLP). Residual blocks add the
-//! time embedding before each block; the output layer is zero-initialised, so a fresh model
-//! predicts exactly zero, like DiT.
+//! Same timestep embedding as DiT (sinusoid of 1000 t, then an MLP), and, when class-conditional,
+//! DiT's class embedding (a table with a null row for classifier-free guidance) added to it.
+//! Residual blocks add this conditioning vector before each block; the output layer is
+//! zero-initialised, so a fresh model predicts exactly zero, like DiT.
 //!
 //! Letters in shape comments: N batch, X data dimension, D hidden.
 
-use burn::nn::Linear;
+use burn::nn::{Embedding, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,12 @@ pub struct MlpConfig {
     /// Output width (default: `dim`, a velocity). The MLP router sets it to K (logits).
     #[serde(default)]
     pub out_dim: Option<usize>,
+    /// 0: unconditional. Otherwise classes 0..num_classes, plus a null class (id num_classes)
+    /// when `class_dropout_prob > 0`, as in [`crate::dit::DiTConfig`].
+    #[serde(default)]
+    pub num_classes: usize,
+    #[serde(default)]
+    pub class_dropout_prob: f64,
 }
 
 fn default_hidden() -> usize {
@@ -55,13 +62,27 @@ impl MlpConfig {
             frequency_embedding_size: 256,
             t_scale: 1000.0,
             out_dim: None,
+            num_classes: 0,
+            class_dropout_prob: 0.0,
         }
+    }
+
+    /// Rows of the class-embedding table: the classes, plus the null class if trained with
+    /// label dropout.
+    pub fn class_rows(&self) -> usize {
+        self.num_classes + usize::from(self.num_classes > 0 && self.class_dropout_prob > 0.0)
     }
 
     pub fn validate(&self) -> Result<()> {
         if self.dim == 0 || self.hidden_size == 0 || !self.frequency_embedding_size.is_multiple_of(2) {
             return Err(Error::InvalidConfig(format!(
                 "MLP needs dim > 0, hidden_size > 0 and an even frequency_embedding_size, got {self:?}"
+            )));
+        }
+        if !(0.0..1.0).contains(&self.class_dropout_prob) {
+            return Err(Error::InvalidConfig(format!(
+                "class_dropout_prob {} must be in [0, 1)",
+                self.class_dropout_prob
             )));
         }
         Ok(())
@@ -90,6 +111,16 @@ impl MlpConfig {
                 self.frequency_embedding_size,
                 self.t_scale,
             )?,
+            y_embedder: if self.num_classes > 0 {
+                Some(src.embedding(
+                    "y_embedder.embedding_table",
+                    self.class_rows(),
+                    d,
+                    Init::Normal(0.02),
+                )?)
+            } else {
+                None
+            },
             blocks: (0..self.depth)
                 .map(|i| {
                     Ok(MlpBlock {
@@ -100,6 +131,7 @@ impl MlpConfig {
                 .collect::<Result<_>>()?,
             // Zero-initialised output: a fresh model predicts exactly zero velocity.
             final_layer: src.linear("final_layer", d, self.out_dim.unwrap_or(x), Init::Zeros)?,
+            config: self.clone(),
         })
     }
 }
@@ -115,23 +147,34 @@ pub struct MlpBlock {
 pub struct Mlp {
     x_embedder: Linear,
     t_embedder: TimestepEmbedder,
+    y_embedder: Option<Embedding>,
     blocks: Vec<MlpBlock>,
     final_layer: Linear,
+    #[module(skip)]
+    config: MlpConfig,
 }
 
 impl Mlp {
+    pub fn config(&self) -> &MlpConfig {
+        &self.config
+    }
+
     /// # Shapes
-    /// - `x`: `[N, X]`, `t`: `[N]` in [0, 1] -> `[N, out_dim]` (`[N, X]` for a velocity)
-    pub fn forward(&self, x: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
-        self.final_layer.forward(self.features(x, t)) // [N, X]
+    /// - `x`: `[N, X]`, `t`: `[N]` in [0, 1], `y`: `[N]` class ids (null class = num_classes;
+    ///   ignored by an unconditional model) -> `[N, out_dim]` (`[N, X]` for a velocity)
+    pub fn forward(&self, x: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
+        self.final_layer.forward(self.features(x, t, y)) // [N, X]
     }
 
     /// The last hidden layer, what the output layer reads (a classifier's feature space).
     ///
     /// # Shapes
-    /// - `x`: `[N, X]`, `t`: `[N]` -> `[N, D]`
-    pub fn features(&self, x: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
-        let c = self.t_embedder.forward(t); // [N, D]
+    /// - `x`: `[N, X]`, `t`: `[N]`, `y`: `[N]` -> `[N, D]`
+    pub fn features(&self, x: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
+        let mut c = self.t_embedder.forward(t); // [N, D]
+        if let (Some(emb), Some(y)) = (&self.y_embedder, y) {
+            c = c + emb.weight.val().select(0, y); // [N, D]
+        }
         let mut h = self.x_embedder.forward(x); // [N, D]
         for b in &self.blocks {
             h = h.clone() + b.fc2.forward(silu(b.fc1.forward(silu(h + c.clone())))); // [N, D]
@@ -143,6 +186,9 @@ impl Mlp {
         let mut sd = StateDict::default();
         sd.linear("x_embedder", &self.x_embedder);
         self.t_embedder.export("t_embedder", &mut sd);
+        if let Some(e) = &self.y_embedder {
+            sd.embedding("y_embedder.embedding_table", e);
+        }
         for (i, b) in self.blocks.iter().enumerate() {
             sd.linear(&format!("blocks.{i}.fc1"), &b.fc1);
             sd.linear(&format!("blocks.{i}.fc2"), &b.fc2);

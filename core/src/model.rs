@@ -58,12 +58,15 @@ impl ModelConfig {
             ModelConfig::Dit(mut c) => {
                 c.num_classes = classes;
                 c.class_dropout_prob = dropout;
+                c.validate()?;
                 Ok(ModelConfig::Dit(c))
             }
-            other => Err(Error::InvalidConfig(format!(
-                "a {} cannot be class-conditional (use a DiT)",
-                other.arch()
-            ))),
+            ModelConfig::Mlp(mut c) => {
+                c.num_classes = classes;
+                c.class_dropout_prob = dropout;
+                c.validate()?;
+                Ok(ModelConfig::Mlp(c))
+            }
         }
     }
 
@@ -87,7 +90,7 @@ impl ModelConfig {
     pub fn num_classes(&self) -> usize {
         match self {
             ModelConfig::Dit(c) => c.num_classes,
-            ModelConfig::Mlp(_) => 0,
+            ModelConfig::Mlp(c) => c.num_classes,
         }
     }
 
@@ -96,7 +99,7 @@ impl ModelConfig {
     pub fn has_null_class(&self) -> bool {
         match self {
             ModelConfig::Dit(c) => c.class_rows() > c.num_classes,
-            ModelConfig::Mlp(_) => false,
+            ModelConfig::Mlp(c) => c.class_rows() > c.num_classes,
         }
     }
 
@@ -169,7 +172,7 @@ impl Model {
             }
             Model::Mlp(m) => {
                 let x = x.reshape([n as i64, -1]);
-                m.forward(x, t).reshape(shape)
+                m.forward(x, t, y).reshape(shape)
             }
         }
     }

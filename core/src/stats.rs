@@ -4,7 +4,8 @@
 //! training, and a new expert joins by publishing its statistics.
 //!
 //! File: `OUT/cluster-stats.safetensors` with `mean` [X], `var` [X] and header JSON under the key
-//! `ddm-stats`: count, cluster (absent for a monolith), partition fingerprint. Written by the
+//! `ddm-stats`: count, cluster (absent for a monolith), partition fingerprint, and for labelled
+//! data the count of each class (what the conditioned analytic router's p(k | c) is made of). Written by the
 //! trainer, read by the registry and the analytic router: a contract, so it lives here.
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,14 +27,19 @@ pub struct StatsMeta {
     pub cluster: Option<usize>,
     /// The fingerprint of the partition the cluster belongs to.
     pub partition: String,
+    /// Samples of each class 0..C in the cluster (labelled data only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_counts: Option<Vec<usize>>,
 }
 
-/// Count, mean and diagonal variance of a set of samples (f64 accumulation).
+/// Count, mean and diagonal variance of a set of samples (f64 accumulation), and for labelled data
+/// how many samples of each class there are.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterStats {
     pub count: usize,
     pub mean: Vec<f64>,
     pub var: Vec<f64>,
+    pub label_counts: Option<Vec<usize>>,
 }
 
 /// Sums and sums of squares, fed one sample at a time (data too large to hold at once).
@@ -75,6 +81,7 @@ impl Accumulator {
             count: self.n,
             mean,
             var,
+            label_counts: None,
         }
     }
 }
@@ -99,6 +106,7 @@ impl ClusterStats {
             count: self.count,
             cluster,
             partition: partition.to_string(),
+            label_counts: self.label_counts.clone(),
         };
         let json = serde_json::to_string(&meta).expect("statistics metadata serialises");
         let md = HashMap::from([(META_KEY.to_string(), json)]);
@@ -122,12 +130,22 @@ impl ClusterStats {
         if mean.len() != var.len() {
             return Err(bad(format!("mean has {} values, var {}", mean.len(), var.len())));
         }
+        if let Some(l) = &meta.label_counts
+            && l.iter().sum::<usize>() != meta.count
+        {
+            return Err(bad(format!(
+                "label counts sum to {}, but the cluster has {} samples",
+                l.iter().sum::<usize>(),
+                meta.count
+            )));
+        }
         Ok((
             meta.clone(),
             Self {
                 count: meta.count,
                 mean,
                 var,
+                label_counts: meta.label_counts,
             },
         ))
     }
@@ -140,7 +158,8 @@ mod tests {
     #[test]
     fn moments_and_round_trip() {
         let rows: [&[f32]; 3] = [&[1.0, 0.0], &[2.0, 0.0], &[3.0, 3.0]];
-        let s = ClusterStats::of_rows(2, rows);
+        let mut s = ClusterStats::of_rows(2, rows);
+        s.label_counts = Some(vec![2, 0, 1]);
         assert_eq!(s.count, 3);
         assert_eq!(s.mean, vec![2.0, 1.0]);
         assert!((s.var[0] - 2.0 / 3.0).abs() < 1e-12 && (s.var[1] - 2.0).abs() < 1e-12);
@@ -153,6 +172,7 @@ mod tests {
             (3, Some(1), "abc")
         );
         assert_eq!(back.mean, s.mean);
+        assert_eq!(back.label_counts, Some(vec![2, 0, 1]));
         // Written as f32: equal to f32 precision.
         assert!((back.var[0] - s.var[0]).abs() < 1e-6);
     }

@@ -144,15 +144,22 @@ impl Dataset {
     }
 
     /// The labels of `indices`, if any.
-    /// Count, mean and diagonal variance of every sample (what an island publishes for the
-    /// analytic router), read in pieces of 4096 samples.
+    /// Count, mean and diagonal variance of every sample, and the count of each class for
+    /// labelled data (what an island publishes for the analytic router), read in pieces of 4096
+    /// samples.
     pub fn cluster_stats(&self) -> ddm_core::stats::ClusterStats {
         let (n, d) = (self.len(), self.sample_size());
         let mut acc = ddm_core::stats::Accumulator::new(d);
         for piece in (0..n).collect::<Vec<_>>().chunks(4096) {
             self.gather(piece).chunks(d).for_each(|row| acc.add(row));
         }
-        acc.finish()
+        let mut stats = acc.finish();
+        if let (Some(labels), Some(classes)) = (&self.labels, self.num_classes) {
+            let mut counts = vec![0usize; classes];
+            labels.iter().for_each(|&l| counts[l as usize] += 1);
+            stats.label_counts = Some(counts);
+        }
+        stats
     }
 
     pub fn gather_labels(&self, indices: &[usize]) -> Option<Vec<u32>> {

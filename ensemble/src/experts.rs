@@ -18,8 +18,17 @@ impl Registry {
         self.expert_guided(k, device, None)
     }
 
-    /// Expert `k`, with classifier-free guidance at `guidance` (class id, scale) if given; the
-    /// expert must be class-conditional.
+    /// Classes the registry's experts are conditioned on (0: unconditional; registration keeps
+    /// them equal).
+    pub fn expert_classes(&self) -> anyhow::Result<usize> {
+        match self.index.experts.values().next() {
+            Some(e) => e.classes(&self.dir),
+            None => Ok(0),
+        }
+    }
+
+    /// Expert `k`, with classifier-free guidance at `guidance` (the largest class id that will
+    /// be asked for, scale) if given; the expert must be class-conditional.
     pub fn expert_guided(
         &self,
         k: usize,

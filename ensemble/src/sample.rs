@@ -18,6 +18,58 @@ use crate::registry::Registry;
 use crate::sampler::{Ensemble, ExpertSlot, LearnedRouter, Posterior};
 use crate::strategy::Strategy;
 
+/// Which classes a class-conditional sample draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Classes {
+    /// Every sample of this class.
+    One(usize),
+    /// Class-balanced: sample i of class i mod C, so every class gets N / C samples (the whole
+    /// distribution, for scoring a conditional system).
+    All,
+}
+
+impl std::str::FromStr for Classes {
+    type Err = String;
+
+    /// A class id, or `all`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Classes::All),
+            id => id
+                .parse()
+                .map(Classes::One)
+                .map_err(|_| format!("bad class `{s}`: expected a class id or `all`")),
+        }
+    }
+}
+
+impl std::fmt::Display for Classes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Classes::One(c) => write!(f, "{c}"),
+            Classes::All => write!(f, "all"),
+        }
+    }
+}
+
+impl Classes {
+    /// The class of each of `n` samples, for experts conditioned on `classes` classes.
+    pub fn ids(&self, n: usize, classes: usize) -> Vec<i64> {
+        match *self {
+            Classes::One(c) => vec![c as i64; n],
+            Classes::All => (0..n).map(|i| (i % classes) as i64).collect(),
+        }
+    }
+
+    /// The largest class id asked for.
+    pub fn max_id(&self, classes: usize) -> usize {
+        match *self {
+            Classes::One(c) => c,
+            Classes::All => classes.saturating_sub(1),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterChoice {
     /// The registered, trained router.
@@ -34,8 +86,8 @@ pub struct SampleOptions {
     pub strategy: Strategy,
     pub router: RouterChoice,
     pub allow_missing: bool,
-    /// Class-conditional sampling: (class id, guidance scale).
-    pub class: Option<(usize, f64)>,
+    /// Class-conditional sampling: which classes, and the guidance scale.
+    pub class: Option<(Classes, f64)>,
     pub seed: u64,
     /// The PNG grid; `.safetensors` and `.json` are written beside it with the same stem.
     pub out: PathBuf,
@@ -54,6 +106,13 @@ pub struct StepRange {
 pub struct Report {
     pub strategy: String,
     pub router: String,
+    /// The classes sampled (`3`, `all`), if conditional.
+    pub class: Option<String>,
+    pub guidance: Option<f64>,
+    /// Whether the router saw the class (a conditioned router given a class).
+    pub router_sees_class: bool,
+    /// Router evaluations per sample (steps for most strategies, 1 for `trajectory`).
+    pub router_calls_per_sample: f64,
     pub n: usize,
     pub steps: usize,
     pub solver: String,
@@ -115,11 +174,19 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         );
     }
     let device = o.device.clone();
+    let classes = reg.expert_classes()?;
+    let guidance = match o.class {
+        Some((which, _)) if classes == 0 => bail!(
+            "--class {which}: the experts are not class-conditional (train them with --class-conditional)"
+        ),
+        Some((which, scale)) => Some((which.max_id(classes), scale)),
+        None => None,
+    };
     let experts: Vec<ExpertSlot> = (0..k)
         .map(|c| {
             if reg.index.experts.contains_key(&c) {
-                let (reg, device, class) = (&reg, device.clone(), o.class);
-                ExpertSlot::lazy(move || reg.expert_guided(c, &device, class))
+                let (reg, device) = (&reg, device.clone());
+                ExpertSlot::lazy(move || reg.expert_guided(c, &device, guidance))
             } else {
                 ExpertSlot::missing()
             }
@@ -129,23 +196,46 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         None
     } else {
         Some(match o.router {
-            RouterChoice::Learned => Box::new(LearnedRouter {
-                net: reg.router(&device)?,
-                k,
-            }),
+            RouterChoice::Learned => {
+                let net = reg.router(&device)?;
+                if o.class.is_none() && !net.routes_without_class() {
+                    bail!(
+                        "the router is conditioned on the class and was trained without condition dropout (no null class): sample with --class"
+                    );
+                }
+                Box::new(LearnedRouter { net, k })
+            }
             RouterChoice::Analytic => Box::new(reg.analytic_router()?),
         })
     };
-    let ensemble = Ensemble::new(experts, router, o.strategy, o.seed)?;
+    // A learned router's classes are the experts' (registration checks it; an index written by
+    // hand may not). The analytic router knows the classes its statistics counted: it is told the
+    // class only when those are the experts'.
+    let router_classes = router.as_ref().map_or(0, |r| r.classes());
+    if o.router == RouterChoice::Learned && router_classes > 0 && router_classes != classes {
+        bail!(
+            "the router knows {router_classes} classes, the experts {classes}: they were trained on different labels"
+        );
+    }
+    let router_sees_class = o.class.is_some() && router_classes == classes;
+    if o.class.is_some() && router.is_some() && !router_sees_class {
+        tracing::warn!(
+            "the router is not conditioned on the class: it weights the experts by p(k | x_t) (the prior at t = 1), not p(k | x_t, c)"
+        );
+    }
+    let mut ensemble = Ensemble::new(experts, router, o.strategy, o.seed)?;
+    if !router_sees_class {
+        ensemble = ensemble.route_without_class();
+    }
     let shape = reg.index.data.shape.clone();
     let per: usize = shape.iter().product();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
     let x1 = flow::randn(vec![o.n, per], &mut rng).to_tensor::<2>(&device);
     let times = StepSchedule::Uniform.times(o.steps);
     let t0 = Instant::now();
-    let y = o
-        .class
-        .map(|(c, _)| Tensor::<1, Int>::full([o.n], c as i64, &device));
+    let y = o.class.map(|(which, _)| {
+        Tensor::<1, Int>::from_data(TensorData::new(which.ids(o.n, classes), [o.n]), &device)
+    });
     let evaluations = match o.solver {
         Solver::Euler => o.steps,
         Solver::Heun => 2 * o.steps,
@@ -200,7 +290,12 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
                 .collect(),
         })
         .collect();
+    let router_rows: usize = usage.iter().map(|u| u.router_rows).sum();
     let report = Report {
+        class: o.class.map(|(c, _)| c.to_string()),
+        guidance: o.class.map(|(_, g)| g),
+        router_sees_class,
+        router_calls_per_sample: router_rows as f64 / o.n.max(1) as f64,
         strategy: o.strategy.to_string(),
         router: match (o.strategy.uses_router(), o.router) {
             (false, _) => "none".into(),

@@ -1,7 +1,13 @@
 //! The routed ensemble as one velocity field: at every step, for every sample, the router gives
-//! p(k | x_t, t), the strategy picks and weights experts, and
+//! p(k | x_t, t) (p(k | x_t, t, c) for a conditioned router told the class c), the strategy picks
+//! and weights experts, and
 //!
 //!   v(x_t, t) = sum over selected k of w_k v_k(x_t, t).
+//!
+//! The `trajectory` strategy routes once: at the first evaluation of an integration it draws one
+//! expert per sample from the router's posterior and keeps it for the whole trajectory (a new
+//! integration is recognised by a new batch size or by t rising again; [`Ensemble::restart`]
+//! forces one).
 //!
 //! Dispatch is grouped: the rows that chose expert k are gathered, expert k runs once on them, and
 //! its weighted velocity is scatter-added back. Each expert runs at most once per evaluation.
@@ -22,12 +28,16 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::strategy::Strategy;
 
-/// Anything that gives the cluster posterior p(k | x_t, t) per sample.
+/// Anything that gives the cluster posterior per sample: p(k | x_t, t), or p(k | x_t, t, c) when
+/// it is conditioned and given classes.
 pub trait Posterior {
     fn k(&self) -> usize;
+    /// Classes the posterior is conditioned on (0: it ignores any class it is given).
+    fn classes(&self) -> usize;
     /// # Shapes
-    /// - `x_t`: `[N, X]`, `t`: `[N]` -> N rows of K probabilities
-    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>) -> Vec<Vec<f64>>;
+    /// - `x_t`: `[N, X]`, `t`: `[N]`, `y`: `[N]` class ids (null class = `classes()`)
+    ///   -> N rows of K probabilities
+    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, y: Option<&Tensor<1, Int>>) -> Vec<Vec<f64>>;
 }
 
 /// A trained router network.
@@ -41,8 +51,13 @@ impl Posterior for LearnedRouter {
         self.k
     }
 
-    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>) -> Vec<Vec<f64>> {
-        let p = HostTensor::from_tensor(softmax(self.net.logits(x_t.clone(), t.clone()), 1)); // device sync
+    fn classes(&self) -> usize {
+        self.net.classes()
+    }
+
+    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, y: Option<&Tensor<1, Int>>) -> Vec<Vec<f64>> {
+        let logits = self.net.logits(x_t.clone(), t.clone(), y.cloned());
+        let p = HostTensor::from_tensor(softmax(logits, 1)); // device sync
         p.data
             .chunks(self.k)
             .map(|r| r.iter().map(|&v| v as f64).collect())
@@ -55,14 +70,33 @@ impl Posterior for AnalyticRouter {
         AnalyticRouter::k(self)
     }
 
-    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>) -> Vec<Vec<f64>> {
+    fn classes(&self) -> usize {
+        AnalyticRouter::classes(self)
+    }
+
+    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, y: Option<&Tensor<1, Int>>) -> Vec<Vec<f64>> {
         let x = HostTensor::from_tensor(x_t.clone());
         let t = HostTensor::from_tensor(t.clone()).data;
+        let classes = AnalyticRouter::classes(self);
+        // Class ids per row; the null class (and any id of an unconditioned router) is None.
+        let y: Vec<Option<usize>> = match y {
+            Some(y) if classes > 0 => {
+                let ids = y.clone().into_data().convert::<i64>();
+                ids.iter::<i64>()
+                    .map(|c| (c >= 0 && (c as usize) < classes).then_some(c as usize))
+                    .collect()
+            }
+            _ => vec![None; t.len()],
+        };
         let d = x.shape[1];
         x.data
             .chunks(d)
             .zip(t)
-            .map(|(r, t)| self.posterior(&r.iter().map(|&v| v as f64).collect::<Vec<_>>(), t as f64))
+            .zip(y)
+            .map(|((r, t), c)| {
+                let r: Vec<f64> = r.iter().map(|&v| v as f64).collect();
+                self.posterior_given(&r, t as f64, c)
+            })
             .collect()
     }
 }
@@ -109,10 +143,18 @@ impl<'a> ExpertSlot<'a> {
     }
 }
 
-/// What one evaluation did: rows per expert (in evaluation order; the caller knows the times).
+/// What one evaluation did: rows per expert, and rows the router saw (in evaluation order; the
+/// caller knows the times).
 #[derive(Debug, Clone, Default)]
 pub struct Usage {
     pub rows_per_expert: Vec<usize>,
+    pub router_rows: usize,
+}
+
+/// The `trajectory` strategy's draw: one expert per sample, and the t of the last evaluation.
+struct Assignment {
+    experts: Vec<usize>,
+    t_last: f32,
 }
 
 /// The routed ensemble.
@@ -122,6 +164,9 @@ pub struct Ensemble<'a> {
     pub strategy: Strategy,
     rng: RefCell<ChaCha8Rng>,
     pub usage: RefCell<Vec<Usage>>,
+    assignment: RefCell<Option<Assignment>>,
+    /// Whether the router is given the samples' classes (when there are any).
+    router_sees_class: bool,
     /// First expert-loading error (surfaced by `take_error` after sampling).
     error: RefCell<Option<anyhow::Error>>,
 }
@@ -153,8 +198,28 @@ impl<'a> Ensemble<'a> {
             strategy,
             rng: RefCell::new(ChaCha8Rng::seed_from_u64(seed)),
             usage: RefCell::new(vec![]),
+            assignment: RefCell::new(None),
+            router_sees_class: true,
             error: RefCell::new(None),
         })
+    }
+
+    /// Route without telling the router the class (its classes are not the experts').
+    pub fn route_without_class(mut self) -> Self {
+        self.router_sees_class = false;
+        self
+    }
+
+    /// The `trajectory` strategy's current draw: the expert of each sample (None before the
+    /// first evaluation).
+    pub fn assigned_experts(&self) -> Option<Vec<usize>> {
+        self.assignment.borrow().as_ref().map(|a| a.experts.clone())
+    }
+
+    /// Start new trajectories: the `trajectory` strategy draws its experts again at the next
+    /// evaluation.
+    pub fn restart(&self) {
+        *self.assignment.borrow_mut() = None;
     }
 
     pub fn present(&self) -> Vec<bool> {
@@ -193,14 +258,18 @@ impl VelocityField<2> for Ensemble<'_> {
         let device = x_t.device();
         let k = self.experts.len();
         let present = self.present();
-        let probs = match &self.router {
-            Some(r) if self.strategy.uses_router() => r.probs(&x_t, &t),
-            _ => vec![vec![1.0 / k as f64; k]; n],
-        };
         // Per sample: which experts, with which weights. Then group rows by expert.
         let mut rows: Vec<Vec<i64>> = vec![vec![]; k];
         let mut weights: Vec<Vec<f32>> = vec![vec![]; k];
-        {
+        let mut router_rows = 0;
+        let mut route = |rows: &mut Vec<Vec<i64>>, weights: &mut Vec<Vec<f32>>| {
+            let probs = match &self.router {
+                Some(r) if self.strategy.uses_router() => {
+                    router_rows += n;
+                    r.probs(&x_t, &t, y.as_ref().filter(|_| self.router_sees_class))
+                }
+                _ => vec![vec![1.0 / k as f64; k]; n],
+            };
             let mut rng = self.rng.borrow_mut();
             for (i, p) in probs.iter().enumerate() {
                 for (e, w) in self.strategy.select(p, &present, &mut *rng) {
@@ -208,6 +277,34 @@ impl VelocityField<2> for Ensemble<'_> {
                     weights[e].push(w as f32);
                 }
             }
+        };
+        if self.strategy == Strategy::Trajectory {
+            let t_now = HostTensor::from_tensor(t.clone().slice(0..1)).data[0]; // device sync (1 value)
+            let mut assignment = self.assignment.borrow_mut();
+            let fresh = match &*assignment {
+                Some(a) => a.experts.len() != n || t_now > a.t_last,
+                None => true,
+            };
+            if fresh {
+                route(&mut rows, &mut weights); // one expert per sample, drawn from the posterior
+                let mut experts = vec![0; n];
+                for (e, r) in rows.iter().enumerate() {
+                    r.iter().for_each(|&i| experts[i as usize] = e);
+                }
+                *assignment = Some(Assignment {
+                    experts,
+                    t_last: t_now,
+                });
+            } else {
+                let a = assignment.as_mut().expect("checked above");
+                a.t_last = t_now;
+                for (i, &e) in a.experts.iter().enumerate() {
+                    rows[e].push(i as i64);
+                    weights[e].push(1.0);
+                }
+            }
+        } else {
+            route(&mut rows, &mut weights);
         }
         let mut out = x_t.zeros_like(); // [N, X]
         for e in 0..k {
@@ -226,6 +323,7 @@ impl VelocityField<2> for Ensemble<'_> {
         }
         self.usage.borrow_mut().push(Usage {
             rows_per_expert: rows.iter().map(|r| r.len()).collect(),
+            router_rows,
         });
         out
     }

@@ -21,6 +21,10 @@ pub enum Strategy {
     Nucleus { p: f64, temperature: f64 },
     /// Experts with weight >= tau, renormalised (the most probable one if none reaches tau).
     Threshold { tau: f64 },
+    /// One expert per sample, drawn from the router's posterior at the first step (at t = 1:
+    /// p(k | c), or the prior) and kept for the whole trajectory: with perfect experts this
+    /// samples the mixture exactly, at one expert per step and one router call per sample.
+    Trajectory,
     /// The cluster the sample is known to belong to (evaluation only).
     Oracle { cluster: usize },
 }
@@ -28,7 +32,8 @@ pub enum Strategy {
 impl FromStr for Strategy {
     type Err = String;
 
-    /// `full`, `top-1`, `top-K`, `sample[:T]`, `nucleus:P[:T]`, `threshold:TAU`, `oracle:K`.
+    /// `full`, `top-1`, `top-K`, `sample[:T]`, `nucleus:P[:T]`, `threshold:TAU`, `trajectory`,
+    /// `oracle:K`.
     fn from_str(s: &str) -> Result<Self, String> {
         let parts: Vec<&str> = s.split(':').collect();
         let num = |v: &str| {
@@ -37,6 +42,7 @@ impl FromStr for Strategy {
         };
         let st = match parts.as_slice() {
             ["full"] => Strategy::Full,
+            ["trajectory"] => Strategy::Trajectory,
             [top] if top.starts_with("top-") => {
                 let k = top[4..]
                     .parse()
@@ -62,7 +68,7 @@ impl FromStr for Strategy {
             },
             _ => {
                 return Err(format!(
-                    "unknown strategy `{s}`: expected full, top-1, top-K, sample[:T], nucleus:P[:T], threshold:TAU or oracle:K"
+                    "unknown strategy `{s}`: expected full, top-1, top-K, sample[:T], nucleus:P[:T], threshold:TAU, trajectory or oracle:K"
                 ));
             }
         };
@@ -78,6 +84,7 @@ impl std::fmt::Display for Strategy {
             Strategy::Sample { temperature } => write!(f, "sample:{temperature}"),
             Strategy::Nucleus { p, temperature } => write!(f, "nucleus:{p}:{temperature}"),
             Strategy::Threshold { tau } => write!(f, "threshold:{tau}"),
+            Strategy::Trajectory => write!(f, "trajectory"),
             Strategy::Oracle { cluster } => write!(f, "oracle:{cluster}"),
         }
     }
@@ -162,6 +169,8 @@ impl Strategy {
                 renorm(order)
             }
             Strategy::Sample { temperature } => vec![(draw(&tempered(&p, temperature), rng), 1.0)],
+            // The draw; the ensemble keeps it for the rest of the trajectory.
+            Strategy::Trajectory => vec![(draw(&p, rng), 1.0)],
             Strategy::Nucleus { p: mass, temperature } => {
                 let q = tempered(&p, temperature);
                 let mut nucleus = vec![];
@@ -223,6 +232,7 @@ mod tests {
             "nucleus:0.9",
             "nucleus:0.9:2",
             "threshold:0.1",
+            "trajectory",
             "oracle:3",
         ] {
             let st: Strategy = s.parse().unwrap();

@@ -25,6 +25,7 @@ fn analytic(g: &GaussianMixture) -> AnalyticRouter {
             count: (g.weights[k] * 1e6) as usize,
             mean: g.means[k].clone(),
             var: g.vars[k].clone(),
+            label_counts: None,
         })
         .collect();
     AnalyticRouter::from_stats(&stats)
@@ -236,4 +237,121 @@ fn a_strategy_that_needs_a_router_without_one_is_refused() {
     assert!(e.contains("needs a router"), "{e}");
     let r: &dyn Posterior = &analytic(&g);
     assert_eq!(r.k(), 4);
+}
+
+/// Integrate `n` samples of class `class` (if any) with `e`, Euler, `steps` steps, one
+/// evaluation at a time; returns the final samples and the trajectory draw after each evaluation.
+fn integrate_watching(
+    e: &Ensemble,
+    n: usize,
+    class: Option<i64>,
+    steps: usize,
+    seed: u64,
+) -> (Vec<f32>, Vec<Option<Vec<usize>>>) {
+    let device = ddm_core::device::cpu();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut x = flow::randn(vec![n, 2], &mut rng).to_tensor::<2>(&device);
+    let y = class.map(|c| Tensor::<1, Int>::full([n], c, &device));
+    let times = StepSchedule::Uniform.times(steps);
+    let mut draws = vec![];
+    for w in times.windows(2) {
+        let t = Tensor::<1>::full([n], w[0] as f32, &device);
+        let v = e.velocity(x.clone(), t, y.clone());
+        x = x + v * ((w[1] - w[0]) as f32);
+        draws.push(e.assigned_experts());
+    }
+    (HostTensor::from_tensor(x).data, draws)
+}
+
+/// The nearest mode of each sample.
+fn modes(g: &GaussianMixture, x: &[f32]) -> Vec<usize> {
+    x.chunks(2)
+        .map(|p| {
+            let post = g.posterior(&[p[0] as f64, p[1] as f64], 0.0);
+            (0..g.k()).max_by(|&a, &b| post[a].total_cmp(&post[b])).unwrap()
+        })
+        .collect()
+}
+
+/// Mode frequencies within 5 standard deviations of `want`, plus 0.01 for the samples a mode's
+/// Gaussian tail puts nearer another mode (the components overlap a little).
+fn assert_frequencies(found: &[usize], want: &[f64], what: &str) {
+    let n = found.len() as f64;
+    for (k, &p) in want.iter().enumerate() {
+        let f = found.iter().filter(|&&m| m == k).count() as f64 / n;
+        let sd = (p * (1.0 - p) / n).sqrt();
+        assert!(
+            (f - p).abs() < 5.0 * sd + 0.01,
+            "{what}: mode {k} has {f:.4}, want {p:.4}"
+        );
+    }
+}
+
+/// With exact experts, the per-trajectory strategy samples the mixture exactly: one expert per
+/// sample drawn at the first step (at t = 1, the prior), kept to the end, so the mode weights are
+/// the mixture's and every sample lands in the mode of its expert. The router is asked once.
+#[test]
+fn trajectory_strategy_reproduces_the_mode_weights_and_never_switches() {
+    let (g, device) = (mixture(), ddm_core::device::cpu());
+    let e = ensemble(&g, &device, Strategy::Trajectory, None);
+    let n = 4000;
+    let (x0, draws) = integrate_watching(&e, n, None, 40, 5);
+    let first = draws[0].clone().expect("drawn at the first evaluation");
+    assert!(
+        draws.iter().all(|d| d.as_ref() == Some(&first)),
+        "an expert switched mid-trajectory"
+    );
+    let landed = modes(&g, &x0);
+    let home = landed.iter().zip(&first).filter(|(a, b)| a == b).count() as f64 / n as f64;
+    assert!(home > 0.99, "samples end in the mode of their expert: {home}");
+    assert_frequencies(&landed, &g.weights, "trajectory");
+    let usage = e.usage.borrow().clone();
+    assert_eq!(usage[0].router_rows, n);
+    assert!(
+        usage[1..].iter().all(|u| u.router_rows == 0),
+        "the router runs once per sample"
+    );
+    assert!(usage.iter().all(
+        |u| u.rows_per_expert == usage[0].rows_per_expert && u.rows_per_expert.iter().sum::<usize>() == n
+    ));
+    drop(usage);
+    // A new integration (t back at 1) draws again.
+    let (_, again) = integrate_watching(&e, n, None, 40, 6);
+    assert_ne!(again[0].as_ref(), Some(&first));
+    // ... and so does an explicit restart at any t.
+    e.restart();
+    assert_eq!(e.assigned_experts(), None);
+}
+
+/// p(c | k) for 3 classes over the 4 components: classes span clusters.
+const CLASS_GIVEN_COMPONENT: [[f64; 3]; 4] =
+    [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]];
+
+/// Told the class, the conditioned analytic router draws each trajectory's expert from p(k | c):
+/// the samples of class c follow the modes of class c, not the prior.
+#[test]
+fn trajectory_with_a_conditioned_router_follows_p_k_given_c() {
+    let (g, device) = (mixture(), ddm_core::device::cpu());
+    let stats: Vec<ClusterStats> = (0..4)
+        .map(|k| ClusterStats {
+            count: 1_000_000,
+            mean: g.means[k].clone(),
+            var: g.vars[k].clone(),
+            label_counts: Some(
+                (0..3)
+                    .map(|c| (g.weights[k] * CLASS_GIVEN_COMPONENT[k][c] * 1e7).round() as usize)
+                    .collect(),
+            ),
+        })
+        .collect();
+    let router = AnalyticRouter::from_stats(&stats);
+    let experts = (0..4)
+        .map(|k| ExpertSlot::ready(Box::new(g.component_field(k, &device))))
+        .collect();
+    let e = Ensemble::new(experts, Some(Box::new(router.clone())), Strategy::Trajectory, 1).unwrap();
+    for class in 0..3 {
+        let want = router.class_priors.as_ref().unwrap()[class].clone();
+        let (x0, _) = integrate_watching(&e, 3000, Some(class as i64), 30, 10 + class as u64);
+        assert_frequencies(&modes(&g, &x0), &want, &format!("class {class}"));
+    }
 }

@@ -50,7 +50,7 @@ impl Classifier {
     pub fn logits(&self, x: Tensor<2>) -> Tensor<2> {
         let [n, _] = x.dims();
         let t = self.t_zero(n, &x.device());
-        self.net.logits(x, t)
+        self.net.logits(x, t, None)
     }
 
     /// # Shapes
@@ -58,7 +58,7 @@ impl Classifier {
     pub fn features(&self, x: Tensor<2>) -> Tensor<2> {
         let [n, _] = x.dims();
         let t = self.t_zero(n, &x.device());
-        self.net.features(x, t)
+        self.net.features(x, t, None)
     }
 }
 
@@ -97,8 +97,17 @@ fn build(config: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<Cla
     if classes == 0 {
         bail!("a classifier config needs its class count, got {config:?}");
     }
+    // A classifier's DiT config carries the class count in `num_classes` as its head width;
+    // the network itself is not conditioned on a class (it predicts one).
+    let trunk = match config {
+        ModelConfig::Dit(c) => ModelConfig::Dit(ddm_core::dit::DiTConfig {
+            num_classes: 0,
+            ..c.clone()
+        }),
+        mlp => mlp.clone(),
+    };
     Ok(Classifier {
-        net: RouterNet::build(config, classes, src)?,
+        net: RouterNet::build(&trunk, classes, src)?,
     })
 }
 

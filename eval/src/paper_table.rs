@@ -57,6 +57,11 @@ pub struct PaperTableConfig {
     pub gmm_steps: u64,
     pub gmm_only: bool,
     pub skip_gmm: bool,
+    /// Run the class-conditional Fashion-MNIST setting (in `OUT/fashion-mnist-conditional`)
+    /// instead of the unconditional one.
+    pub conditional: bool,
+    /// The guided rows' scale in the class-conditional setting.
+    pub guidance: f64,
     pub device: ddm_core::device::DeviceChoice,
     pub seed: u64,
     pub quiet: bool,
@@ -123,6 +128,7 @@ pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
             batch_size: a.batch_size,
             lr: a.lr,
             checkpoint_every: 200,
+            class_conditional: a.conditional,
             ..TrainConfig::default()
         };
         let router = TrainConfig {
@@ -131,10 +137,25 @@ pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
             batch_size: a.router_batch_size.unwrap_or(a.batch_size),
             lr: 1e-3,
             checkpoint_every: 200,
+            class_conditional: a.conditional,
             ..TrainConfig::default()
         };
+        let conditional = match a.conditional {
+            true => Some(experiment::Conditional {
+                classes: data
+                    .num_classes
+                    .context("the class-conditional setting needs labelled data")?,
+                guidance: a.guidance,
+            }),
+            false => None,
+        };
+        let name = match a.conditional {
+            true => "fashion-mnist-conditional",
+            false => "fashion-mnist",
+        };
         let setting = Setting {
-            name: "fashion-mnist".into(),
+            conditional,
+            name: name.into(),
             k: a.k,
             clustering: experiment::default_clustering(a.k, &data, a.seed),
             expert: expert.clone(),
@@ -147,7 +168,7 @@ pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
             seed: a.seed,
             progress: !a.quiet,
         };
-        let dir = a.out.join("fashion-mnist");
+        let dir = a.out.join(name);
         let reference_len = eval.reference_data.len();
         let judge = Judge::Images(Box::new(eval));
         let rows = experiment::run(&setting, &dir, &data, &judge)?;
@@ -178,15 +199,28 @@ pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
             reference_len,
             experiment::wall_seconds(&dir) / 60.0
         );
-        doc.push_str(&report::markdown("Fashion-MNIST", &rows, Some(&floor), &header));
-        doc.push_str(&diagnostics(&dir, a.k)?);
+        let (title, header) = match conditional {
+            Some(c) => (
+                "Fashion-MNIST, class-conditional",
+                format!(
+                    "{header} Class-conditional: experts, monolith and router see the class (label dropout 0.1; \
+                     the `router without c` rows use an unconditioned router beside the same experts); samples are \
+                     class-balanced (N / {} per class); guided rows use classifier-free guidance {} (2 model rows \
+                     per sample per step).",
+                    c.classes, c.guidance
+                ),
+            ),
+            None => ("Fashion-MNIST", header),
+        };
+        doc.push_str(&report::markdown(title, &rows, Some(&floor), &header));
+        doc.push_str(&diagnostics(&dir, a.k, &setting)?);
         report::plot(
             &dir.join("fd.png"),
-            "Fashion-MNIST: FD vs training FLOPs",
+            &format!("{title}: FD vs training FLOPs"),
             &rows,
             Some(floor.fd),
         )?;
-        doc.push_str("\n![FD vs training FLOPs](fashion-mnist/fd.png)\n\n");
+        doc.push_str(&format!("\n![FD vs training FLOPs]({name}/fd.png)\n\n"));
     }
     if !a.skip_gmm {
         let g = ring_mixture();
@@ -226,6 +260,7 @@ pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
             device: a.device,
             seed: a.seed,
             progress: !a.quiet,
+            conditional: None,
         };
         let mut rows = experiment::run(&setting, &dir, &data, &Judge::Mixture(g.clone()))?;
         // The closed-form field as the floor row: what a perfect model scores with these samplers.
@@ -276,9 +311,9 @@ pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
 
 /// What explains the result: cluster balance, each expert's final loss, the router's accuracy by
 /// noise level (from the runs of the final stage).
-fn diagnostics(dir: &Path, k: usize) -> anyhow::Result<String> {
+fn diagnostics(dir: &Path, k: usize, setting: &Setting) -> anyhow::Result<String> {
     let mut s = String::from("\n### Diagnostics (final stage)\n\n");
-    for which in experiment::PARTITIONS {
+    for &which in setting.partitions() {
         let m = ddm_datasets::partition::read_manifest(&dir.join(format!("partition-{which}")))?;
         s.push_str(&format!("**{which} partition**: cluster sizes"));
         for c in &m.clusters {
@@ -303,14 +338,20 @@ fn diagnostics(dir: &Path, k: usize) -> anyhow::Result<String> {
         {
             s.push_str(&format!(" (monolith {l:.4})"));
         }
-        let eval = dir.join(format!("train/{which}-router/{}", ddm_trainer::router::EVAL_FILE));
-        if let Ok(text) = std::fs::read_to_string(&eval)
-            && let Ok(bins) = serde_json::from_str::<Vec<serde_json::Value>>(&text)
-        {
-            s.push_str("; router accuracy by t bin");
-            for b in bins {
-                if let Some(acc) = b.get("accuracy").and_then(|v| v.as_f64()) {
-                    s.push_str(&format!(" {acc:.2}"));
+        for name in setting.registries().iter().filter(|r| r.starts_with(which)) {
+            let eval = dir.join(format!("train/{name}-router/{}", ddm_trainer::router::EVAL_FILE));
+            if let Ok(text) = std::fs::read_to_string(&eval)
+                && let Ok(e) = ddm_router::eval::RouterEval::parse(&text)
+            {
+                s.push_str(&format!("; {name} router accuracy by t bin"));
+                for b in &e.without_class {
+                    s.push_str(&format!(" {:.2}", b.accuracy));
+                }
+                if let Some(w) = &e.with_class {
+                    s.push_str(", given the class");
+                    for b in w {
+                        s.push_str(&format!(" {:.2}", b.accuracy));
+                    }
                 }
             }
         }

@@ -38,10 +38,11 @@ fn paper_table_runs_and_resumes_on_a_mixture() {
         device: ddm_core::device::DeviceChoice::Cpu,
         seed: 0,
         progress: false,
+        conditional: None,
     };
     let judge = Judge::Mixture(g);
     let rows = experiment::run(&setting, dir.path(), &data, &judge).unwrap();
-    let names = systems(0.1);
+    let names = systems(&setting);
     assert_eq!(rows.len(), 2 * names.len());
     for pct in [50, 100] {
         for s in &names {
@@ -124,4 +125,68 @@ fn a_results_file_mixing_image_and_mixture_rows_is_refused() {
     write(&[&base]);
     let e = read_rows(&path).unwrap_err().to_string();
     assert!(e.contains("line 1") && e.contains("exactly one"), "{e}");
+}
+
+/// The class-conditional setting at toy size (mixture components as classes): conditional experts
+/// and monolith, a registry with a conditioned router and one with an unconditioned router beside
+/// the same experts, every row including the guided ones and the per-trajectory strategy.
+#[test]
+fn class_conditional_paper_table_on_a_mixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = ddm_eval::paper_table::ring_mixture();
+    let spec = ddm_datasets::mixture::MixtureSpec {
+        mixture: g.clone(),
+        n: 2000,
+        seed: 0,
+    };
+    let data = spec.dataset("gmm:ring".into());
+    let train = TrainConfig {
+        model: "mlp".into(),
+        mlp_hidden: 64,
+        mlp_depth: 2,
+        steps: 40,
+        batch_size: 64,
+        lr: 1e-3,
+        warmup_steps: 10,
+        checkpoint_every: 1000,
+        class_conditional: true,
+        ..TrainConfig::default()
+    };
+    let setting = Setting {
+        name: "gmm-conditional".into(),
+        k: 4,
+        clustering: experiment::default_clustering(4, &data, 0),
+        expert: train.clone(),
+        router: train,
+        stages: 1,
+        n: 160,
+        sample_steps: 8,
+        threshold: 0.1,
+        device: ddm_core::device::DeviceChoice::Cpu,
+        seed: 0,
+        progress: false,
+        conditional: Some(experiment::Conditional {
+            classes: 8,
+            guidance: 2.0,
+        }),
+    };
+    let rows = experiment::run(&setting, dir.path(), &data, &Judge::Mixture(g)).unwrap();
+    let names = systems(&setting);
+    assert_eq!(rows.len(), names.len());
+    for s in &names {
+        assert!(rows.iter().any(|r| r.system == s.name), "no row for {}", s.name);
+    }
+    let at = |name: &str| rows.iter().find(|r| r.system == name).unwrap();
+    // Guidance doubles the model rows; the per-trajectory strategy asks the router once.
+    let (top1, guided) = (at("clustered top-1"), at("clustered top-1, guidance 2"));
+    assert!(guided.sample_gflops > 1.4 * top1.sample_gflops); // here the router costs what an expert does
+    let (traj, top1) = (at("clustered trajectory"), at("clustered top-1"));
+    assert!(traj.sample_gflops < top1.sample_gflops);
+    let device = ddm_core::device::cpu();
+    for (reg, classes) in [("clustered-100", 8), ("clustered-plain-100", 0)] {
+        let r = ddm_ensemble::registry::Registry::open(&dir.path().join("registry").join(reg)).unwrap();
+        assert_eq!(r.router(&device).unwrap().classes(), classes, "{reg}");
+        assert_eq!(r.expert_classes().unwrap(), 8);
+    }
+    assert!(!dir.path().join("partition-random").exists());
 }

@@ -6,6 +6,14 @@
 //! No training; a new expert joins by publishing its statistics. This is the posterior of the
 //! Gaussian mixture with those weights, means and variances, so the formula has one home:
 //! [`ddm_core::gmm::GaussianMixture::posterior`] (f64, exact for Gaussian clusters).
+//!
+//! Conditioned on a class c (when the islands published their label counts n_{k,c}), the prior
+//! w_k becomes p(k | c) = n_{k,c} / sum_j n_{j,c}:
+//!
+//!   p(k | x_t, t, c) ∝ p(k | c) N(x_t; (1 - t) mu_k, (1 - t)^2 Sigma_k + t^2 I),
+//!
+//! exact at t = 1 (where the likelihood is the same for every k) and exact for all t when every
+//! class lives in one cluster; otherwise the cluster's Gaussian stands in for its class-c part.
 
 use std::path::Path;
 
@@ -17,18 +25,42 @@ use ddm_core::stats::ClusterStats;
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnalyticRouter {
     pub mixture: GaussianMixture,
+    /// p(k | c): row c holds the K cluster probabilities of class c (None: unconditioned, some
+    /// island published no label counts).
+    pub class_priors: Option<Vec<Vec<f64>>>,
 }
 
 impl AnalyticRouter {
-    /// From each cluster's statistics (in cluster order); priors from the counts.
+    /// From each cluster's statistics (in cluster order); priors from the counts, class priors
+    /// from the label counts when every cluster has them (for the same number of classes).
     pub fn from_stats(stats: &[ClusterStats]) -> Self {
         let total: f64 = stats.iter().map(|s| s.count as f64).sum();
+        let labels: Option<Vec<&Vec<usize>>> = stats.iter().map(|s| s.label_counts.as_ref()).collect();
+        let class_priors = labels
+            .filter(|l| l.iter().all(|c| c.len() == l[0].len()))
+            .map(|l| {
+                (0..l[0].len())
+                    .map(|c| {
+                        let z: f64 = l.iter().map(|counts| counts[c] as f64).sum();
+                        l.iter()
+                            .map(|counts| {
+                                if z > 0.0 {
+                                    counts[c] as f64 / z
+                                } else {
+                                    1.0 / l.len() as f64
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect()
+            });
         Self {
             mixture: GaussianMixture {
                 weights: stats.iter().map(|s| s.count as f64 / total).collect(),
                 means: stats.iter().map(|s| s.mean.clone()).collect(),
                 vars: stats.iter().map(|s| s.var.clone()).collect(),
             },
+            class_priors,
         }
     }
 
@@ -66,8 +98,22 @@ impl AnalyticRouter {
         self.mixture.k()
     }
 
+    /// Classes the router can condition on (0: the islands published no label counts).
+    pub fn classes(&self) -> usize {
+        self.class_priors.as_ref().map_or(0, |p| p.len())
+    }
+
     /// p(k | x_t, t) for every k.
     pub fn posterior(&self, x: &[f64], t: f64) -> Vec<f64> {
         self.mixture.posterior(x, t)
+    }
+
+    /// p(k | x_t, t, c) for every k; `class` None (or a router without class priors) gives
+    /// p(k | x_t, t). Panics on a class out of range (callers check against [`Self::classes`]).
+    pub fn posterior_given(&self, x: &[f64], t: f64, class: Option<usize>) -> Vec<f64> {
+        match (&self.class_priors, class) {
+            (Some(p), Some(c)) => self.mixture.posterior_with_weights(x, t, &p[c]),
+            _ => self.posterior(x, t),
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! How good is a router, by noise level: accuracy, cross-entropy and expected calibration error
-//! (ECE, 10 confidence bins) per t bin, and at t = 1 how far its prediction is from the prior w_k
-//! (mean total-variation distance; the ideal router predicts exactly w_k there).
+//! (ECE, 10 confidence bins) per t bin, and how far its prediction is from what the ideal router
+//! returns at t = 1 (mean total-variation distance): the prior w_k, or p(k | c) when the router is
+//! told the class c. A conditioned router is evaluated both ways: without the class (the null
+//! class) and with it.
 
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::activation::softmax;
@@ -19,16 +21,100 @@ pub struct BinReport {
     pub accuracy: f64,
     pub cross_entropy: f64,
     pub ece: f64,
-    /// Mean total-variation distance between the prediction and the prior.
+    /// Mean total-variation distance between the prediction and the t = 1 ideal: the prior
+    /// w_k, or p(k | c) when the router was given the class.
     pub tv_to_prior: f64,
 }
 
-/// Evaluate on `n_eval` samples (seeded), 10 t bins plus t = 1 exactly.
+/// A router's evaluation: without the class, and (a conditioned router on labelled data) with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterEval {
+    pub without_class: Vec<BinReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with_class: Option<Vec<BinReport>>,
+}
+
+impl RouterEval {
+    /// Parse a `router-eval.json`: this format, or the earlier one (a list of bins, without
+    /// the class).
+    pub fn parse(text: &str) -> serde_json::Result<Self> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Now(RouterEval),
+            Before(Vec<BinReport>),
+        }
+        Ok(match serde_json::from_str(text)? {
+            Either::Now(e) => e,
+            Either::Before(bins) => RouterEval {
+                without_class: bins,
+                with_class: None,
+            },
+        })
+    }
+}
+
+/// p(k | c) for every class c, from the clusters and labels of the same samples: row c sums to 1
+/// (rows of absent classes are uniform).
+pub fn class_priors(clusters: &[u32], labels: &[u32], k: usize, classes: usize) -> Vec<Vec<f64>> {
+    let mut counts = vec![vec![0f64; k]; classes];
+    for (&c, &l) in clusters.iter().zip(labels) {
+        counts[l as usize][c as usize] += 1.0;
+    }
+    counts
+        .into_iter()
+        .map(|row| {
+            let z: f64 = row.iter().sum();
+            row.iter()
+                .map(|v| if z > 0.0 { v / z } else { 1.0 / k as f64 })
+                .collect()
+        })
+        .collect()
+}
+
+/// Evaluate `net` without the class, and also with it if the router is conditioned and `data`
+/// has labels. `n_eval` samples (seeded), 10 t bins plus t = 1 exactly.
 pub fn evaluate(
     net: &RouterNet,
     data: &Dataset,
     clusters: &[u32],
-    priors: &[f64],
+    k: usize,
+    n_eval: usize,
+    seed: u64,
+    device: &Device,
+) -> RouterEval {
+    let with_class = match (&data.labels, net.classes()) {
+        (Some(labels), classes) if classes > 0 => Some(evaluate_given(
+            net,
+            data,
+            clusters,
+            k,
+            Some(labels),
+            n_eval,
+            seed,
+            device,
+        )),
+        _ => None,
+    };
+    let without_class = if net.routes_without_class() {
+        evaluate_given(net, data, clusters, k, None, n_eval, seed, device)
+    } else {
+        vec![]
+    };
+    RouterEval {
+        without_class,
+        with_class,
+    }
+}
+
+/// Evaluate with the classes `labels` given to the router (None: not given).
+#[allow(clippy::too_many_arguments)]
+fn evaluate_given(
+    net: &RouterNet,
+    data: &Dataset,
+    clusters: &[u32],
+    k: usize,
+    labels: Option<&Vec<u32>>,
     n_eval: usize,
     seed: u64,
     device: &Device,
@@ -38,7 +124,12 @@ pub fn evaluate(
     let idx: Vec<usize> = rand::seq::index::sample(&mut rng, n, n_eval.min(n)).into_vec();
     let x0 = data.gather(&idx);
     let per = data.sample_size();
-    let k = priors.len();
+    // The t = 1 ideal per sample: p(k | c_i), or the prior.
+    let ideal: Vec<Vec<f64>> = match labels {
+        Some(l) => class_priors(clusters, l, k, net.classes()),
+        None => class_priors(clusters, &vec![0; clusters.len()], k, 1),
+    };
+    let ideal_of = |s: usize| &ideal[labels.map_or(0, |l| l[s] as usize)];
     let mut bins: Vec<(f64, f64)> = (0..10)
         .map(|b| (b as f64 / 10.0, (b + 1) as f64 / 10.0))
         .collect();
@@ -59,8 +150,12 @@ pub fn evaluate(
             let eb = HostTensor::new(vec![b, per], e.data[r.start * per..r.end * per].to_vec())
                 .to_tensor::<2>(device);
             let tb = Tensor::<1>::from_data(TensorData::new(t[r.clone()].to_vec(), [b]), device);
+            let yb = labels.map(|l| {
+                let y: Vec<i64> = idx[r.clone()].iter().map(|&s| l[s] as i64).collect();
+                Tensor::<1, Int>::from_data(TensorData::new(y, [b]), device)
+            });
             let x_t = flow::interpolate(x0b, eb, tb.clone());
-            probs.extend(HostTensor::from_tensor(softmax(net.logits(x_t, tb), 1)).data);
+            probs.extend(HostTensor::from_tensor(softmax(net.logits(x_t, tb, yb), 1)).data);
         }
         let (mut correct, mut ce, mut tv) = (0usize, 0f64, 0f64);
         let mut conf_bins = vec![(0f64, 0f64, 0usize); 10]; // (sum conf, sum correct, count)
@@ -76,7 +171,7 @@ pub fn evaluate(
             ce -= (p[target] as f64).max(1e-12).ln();
             tv += 0.5
                 * p.iter()
-                    .zip(priors)
+                    .zip(ideal_of(s))
                     .map(|(a, b)| (*a as f64 - b).abs())
                     .sum::<f64>();
             let cb = ((conf as f64 * 10.0) as usize).min(9);
@@ -102,10 +197,25 @@ pub fn evaluate(
     out
 }
 
+/// Markdown tables of an evaluation: without the class, and with it.
+pub fn tables(e: &RouterEval, priors: &[f64]) -> String {
+    let mut s = String::new();
+    if !e.without_class.is_empty() {
+        s.push_str("Without the class (TV to the prior w_k):\n\n");
+        s.push_str(&table(&e.without_class, priors));
+    }
+    if let Some(w) = &e.with_class {
+        s.push_str("\nWith the class (TV to p(k | c)):\n\n");
+        s.push_str(&table(w, priors));
+    }
+    s
+}
+
 /// A markdown table of the reports.
 pub fn table(reports: &[BinReport], priors: &[f64]) -> String {
     let max_prior = priors.iter().cloned().fold(0.0, f64::max);
-    let mut s = "| t | accuracy | cross-entropy | ECE | TV to prior |\n|---|---|---|---|---|\n".to_string();
+    let mut s =
+        "| t | accuracy | cross-entropy | ECE | TV to ideal at t = 1 |\n|---|---|---|---|---|\n".to_string();
     for r in reports {
         let t = if r.t_lo == r.t_hi {
             format!("{:.1}", r.t_lo)

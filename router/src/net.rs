@@ -1,6 +1,8 @@
 //! The router network: the DiT trunk of `ddm-core` (reused, not copied) with mean pooling over
 //! tokens, a LayerNorm and a linear head to K logits; or, for vector data, the MLP with K outputs.
-//! Both take x_t and t (no class) and start at uniform logits (zero-initialised head).
+//! Both take x_t and t, and a conditioned router also the class c (DiT's class embedding, with a
+//! null class so one router serves conditional and unconditional sampling): p(k | x_t, t, c).
+//! Both start at uniform logits (zero-initialised head).
 //!
 //! Parameter names: the trunk keeps the PyTorch DiT names; the head is `head.weight`/`head.bias`.
 
@@ -46,8 +48,6 @@ impl RouterNet {
     pub fn build(config: &ModelConfig, k: usize, src: &mut impl ParamSource) -> ddm_core::Result<Self> {
         Ok(match config {
             ModelConfig::Dit(c) => {
-                let mut c = c.clone();
-                c.num_classes = 0;
                 let trunk = c.build_trunk(src)?;
                 // Zero-initialised head: a fresh router predicts the uniform distribution.
                 let head = src.linear("head", c.hidden_size, k, Init::Zeros)?;
@@ -78,14 +78,46 @@ impl RouterNet {
         Ok(net)
     }
 
-    /// Cluster logits.
+    /// The network's configuration.
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            RouterNet::Dit(r) => ModelConfig::Dit(r.trunk.config().clone()),
+            RouterNet::Mlp(m) => ModelConfig::Mlp(m.config().clone()),
+        }
+    }
+
+    /// Classes the router is conditioned on (0: it sees only x_t and t).
+    pub fn classes(&self) -> usize {
+        self.config().num_classes()
+    }
+
+    /// Whether the router can route without a class (a conditioned router trained with condition
+    /// dropout has a null class; an unconditioned one never needs a class).
+    pub fn routes_without_class(&self) -> bool {
+        let c = self.config();
+        c.num_classes() == 0 || c.has_null_class()
+    }
+
+    /// The class input the network reads: `y` for a conditioned router (the null class when
+    /// `y` is None), nothing for an unconditioned one (which ignores any `y`).
+    fn condition(&self, y: Option<Tensor<1, Int>>, n: usize, device: &Device) -> Option<Tensor<1, Int>> {
+        match self.classes() {
+            0 => None,
+            classes => Some(y.unwrap_or_else(|| Tensor::full([n], classes as i64, device))),
+        }
+    }
+
+    /// Cluster logits: of p(k | x_t, t, c) for a conditioned router, p(k | x_t, t) otherwise.
     ///
     /// # Shapes
-    /// - `x_t`: `[N, X]` (flattened samples), `t`: `[N]` -> `[N, K]`
-    pub fn logits(&self, x_t: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
+    /// - `x_t`: `[N, X]` (flattened samples), `t`: `[N]`, `y`: `[N]` class ids -> `[N, K]`
+    pub fn logits(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
         match self {
-            RouterNet::Dit(r) => r.head.forward(self.features(x_t, t)), // [N, K]
-            RouterNet::Mlp(m) => m.forward(x_t, t),
+            RouterNet::Dit(r) => r.head.forward(self.features(x_t, t, y)), // [N, K]
+            RouterNet::Mlp(m) => {
+                let y = self.condition(y, x_t.dims()[0], &x_t.device());
+                m.forward(x_t, t, y)
+            }
         }
     }
 
@@ -93,17 +125,18 @@ impl RouterNet {
     /// An image classifier built like a router uses these as its feature space.
     ///
     /// # Shapes
-    /// - `x_t`: `[N, X]`, `t`: `[N]` -> `[N, D]`
-    pub fn features(&self, x_t: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
+    /// - `x_t`: `[N, X]`, `t`: `[N]`, `y`: `[N]` -> `[N, D]`
+    pub fn features(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
         let [n, _] = x_t.dims();
+        let y = self.condition(y, n, &x_t.device());
         match self {
             RouterNet::Dit(r) => {
                 let c = r.trunk.config();
                 let x = x_t.reshape([n, c.in_channels, c.input_size, c.input_size]);
-                let (tokens, _) = r.trunk.trunk(x, t, None); // [N, T, D]
+                let (tokens, _) = r.trunk.trunk(x, t, y); // [N, T, D]
                 layer_norm(tokens.mean_dim(1).reshape([n, c.hidden_size])) // [N, D]
             }
-            RouterNet::Mlp(m) => m.features(x_t, t),
+            RouterNet::Mlp(m) => m.features(x_t, t, y),
         }
     }
 

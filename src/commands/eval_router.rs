@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 /// Evaluate a trained router on a partition's data: accuracy, cross-entropy and calibration per t
-/// bin. The router must belong to this partition (same fingerprint and K).
+/// bin, without the class and (a conditioned router) with it. The router must belong to this
+/// partition (same fingerprint and K).
 #[derive(Args, Debug)]
 #[command(
     after_help = "Example:\n  ddm eval-router --router router/router.safetensors --partition part --samples 5000"
@@ -35,10 +36,11 @@ pub fn run(args: EvalRouterArgs) -> anyhow::Result<()> {
     let (_, net) = ddm_router::load_checked(&args.router, partition.manifest(), &device)?;
     let (data, clusters) = partition.all()?;
     let priors = partition.manifest().priors();
-    let r = ddm_router::eval::evaluate(&net, &data, &clusters, &priors, args.samples, args.seed, &device);
+    let k = partition.k();
+    let r = ddm_router::eval::evaluate(&net, &data, &clusters, k, args.samples, args.seed, &device);
     match args.json {
         true => println!("{}", serde_json::to_string_pretty(&r)?),
-        false => print!("{}", ddm_router::eval::table(&r, &priors)),
+        false => print!("{}", ddm_router::eval::tables(&r, &priors)),
     }
     Ok(())
 }

@@ -83,6 +83,14 @@ pub struct PaperTableArgs {
     /// Skip the Gaussian-mixture setting.
     #[arg(long)]
     pub skip_gmm: bool,
+    /// Run the class-conditional Fashion-MNIST setting (OUT/fashion-mnist-conditional) instead of
+    /// the unconditional one: conditional experts and monolith, a router with and one without the
+    /// class, class-balanced samples, guided rows.
+    #[arg(long)]
+    pub conditional: bool,
+    /// Classifier-free guidance scale of the guided rows (with --conditional).
+    #[arg(long, default_value_t = 2.0)]
+    pub guidance: f64,
     #[arg(long, default_value = "cpu")]
     pub device: ddm_core::device::DeviceChoice,
     #[arg(long, default_value_t = 0)]
@@ -114,6 +122,8 @@ impl From<PaperTableArgs> for PaperTableConfig {
             gmm_steps: a.gmm_steps,
             gmm_only: a.gmm_only,
             skip_gmm: a.skip_gmm,
+            conditional: a.conditional,
+            guidance: a.guidance,
             device: a.device,
             seed: a.seed,
             quiet: a.quiet,

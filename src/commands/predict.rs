@@ -19,7 +19,8 @@ use ddm_core::model::check_data_shape;
 use super::DeviceArgs;
 
 /// Evaluate a checkpoint on inputs from a file (for debugging and for comparing with other
-/// frameworks). Experts write the velocity `v`; routers write cluster `logits` [N, K].
+/// frameworks). Experts write the velocity `v`; routers write cluster `logits` [N, K] (a
+/// conditioned router reads `y`, or routes without the class when it is absent).
 #[derive(Args, Debug)]
 #[command(
     after_help = "Examples:\n  ddm predict --checkpoint expert.safetensors --input batch.safetensors --out v.safetensors\n  ddm predict --checkpoint router/router.safetensors --input batch.safetensors --out logits.safetensors"
@@ -71,10 +72,17 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
                 args.input.display()
             );
         }
-        if let Some(bad) = y.data.iter().find(|&&c| c < 0 || c as usize > classes) {
+        // The null class (id `classes`) exists only in a model trained with label dropout.
+        let last = classes - usize::from(!meta.model.has_null_class());
+        if let Some(bad) = y.data.iter().find(|&&c| c < 0 || c as usize > last) {
             bail!(
-                "{}: class id {bad} out of range 0..={classes}",
-                args.input.display()
+                "{}: class id {bad} out of range 0..={last}{}",
+                args.input.display(),
+                if last < classes {
+                    " (this model has no null class: it was trained without label dropout)"
+                } else {
+                    ""
+                }
             );
         }
         Some(Tensor::<1, Int>::from_data(TensorData::new(y.data, [n]), &device))
@@ -89,7 +97,14 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         // A router: cluster logits for each sample.
         let k = meta.num_clusters.unwrap_or(0);
         let net = ddm_router::net::RouterNet::from_checkpoint(&args.checkpoint, ckpt, &device)?;
-        let logits = HostTensor::from_tensor(net.logits(x_t, t));
+        if y.is_none() && !net.routes_without_class() {
+            bail!(
+                "{}: the router is conditioned on the class and has no null class; give `y` in {}",
+                args.checkpoint.display(),
+                args.input.display()
+            );
+        }
+        let logits = HostTensor::from_tensor(net.logits(x_t, t, y));
         write_tensors(
             &args.out,
             &BTreeMap::from([("logits".to_string(), logits)]),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use ddm_core::flow::Solver;
-use ddm_ensemble::sample::{RouterChoice, SampleOptions};
+use ddm_ensemble::sample::{Classes, RouterChoice, SampleOptions};
 use ddm_ensemble::strategy::Strategy;
 
 use super::DeviceArgs;
@@ -39,7 +39,7 @@ pub struct SampleArgs {
     /// Integration steps from t = 1 to 0.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
-    /// full, top-1, top-K, sample[:T], nucleus:P[:T], threshold:TAU, oracle:K.
+    /// full, top-1, top-K, sample[:T], nucleus:P[:T], threshold:TAU, trajectory, oracle:K.
     #[arg(long, default_value = "top-1")]
     pub strategy: String,
     #[arg(long, value_enum, default_value = "learned")]
@@ -50,9 +50,10 @@ pub struct SampleArgs {
     /// renormalised over the experts present.
     #[arg(long)]
     pub allow_missing: bool,
-    /// Sample this class (class-conditional experts only).
+    /// Sample this class, or `all` for equal counts of every class (class-conditional experts
+    /// only).
     #[arg(long)]
-    pub class: Option<usize>,
+    pub class: Option<Classes>,
     /// Classifier-free guidance scale with --class (1 = none).
     #[arg(long, default_value_t = 1.0, requires = "class")]
     pub guidance: f64,
@@ -71,7 +72,8 @@ pub struct SampleArgs {
 const EXAMPLES: &str = "Examples:
   ddm sample --registry reg --strategy top-1 --n 64 --out samples.png
   ddm sample --registry reg --strategy sample --router analytic --n 500 --steps 16 --out s.png
-  ddm sample --registry reg --class 3 --guidance 2 --allow-missing";
+  ddm sample --registry reg --class 3 --guidance 2 --allow-missing
+  ddm sample --registry reg --class all --strategy trajectory --n 100 --out balanced.png";
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let strategy: Strategy = args.strategy.parse().map_err(|e: String| anyhow::anyhow!(e))?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use ddm_datasets::partition::Partition;
-use ddm_router::eval::{BinReport, table};
+use ddm_router::eval::{RouterEval, tables};
 use ddm_trainer::router::{DEFAULT_ROUTER_MODEL, EVAL_FILE, RouterTask};
 use ddm_trainer::train::Outcome;
 
@@ -16,7 +16,9 @@ use super::settings::{TrainSettings, report, train};
 /// p(k | x_t, t)). Reads every shard of the partition (images and cluster ids only; never an
 /// expert), trains with the same loop as the experts (resumable, EMA, metrics, loss curve), and
 /// writes OUT/router.safetensors and OUT/router-eval.json (accuracy, cross-entropy and calibration
-/// per t bin), printing that table.
+/// per t bin), printing that table. With --class-conditional the router also sees the class c
+/// (p(k | x_t, t, c); label dropout --class-dropout teaches it the unconditional case too), as the
+/// DDM paper's router does: then p(k | c) is sharp from the first step.
 #[derive(Args, Debug)]
 #[command(after_help = EXAMPLES)]
 pub struct TrainRouterArgs {
@@ -38,7 +40,8 @@ pub struct TrainRouterArgs {
 
 const EXAMPLES: &str = "Examples:
   ddm train-router --partition part --out router
-  ddm train-router --partition part --out router --model DiT-T/4 --steps 4000";
+  ddm train-router --partition part --out router --model DiT-T/4 --steps 4000
+  ddm train-router --partition part --out router --class-conditional --class-dropout 0.2";
 
 pub fn run(args: TrainRouterArgs) -> anyhow::Result<u8> {
     let mut config = args.settings.resolve_config()?;
@@ -55,9 +58,9 @@ pub fn run(args: TrainRouterArgs) -> anyhow::Result<u8> {
         // The evaluation the task wrote: accuracy, cross-entropy, calibration per t bin.
         let path = args.out.join(EVAL_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let bins: Vec<BinReport> = serde_json::from_str(&text)
+        let eval = RouterEval::parse(&text)
             .with_context(|| format!("{}: not a router evaluation", path.display()))?;
-        println!("{}", table(&bins, &task.partition.manifest().priors()));
+        println!("{}", tables(&eval, &task.partition.manifest().priors()));
     }
     Ok(report(outcome, &args.out))
 }

@@ -1,10 +1,13 @@
 //! The router task (one loop, two losses): cross-entropy between
 //! the router's logits for a noised sample x_t and the cluster id of its clean sample, with t drawn
 //! like the experts' and clusters at their natural frequencies, so the prior w_k is learned. The
-//! router needs only images and cluster ids; it never touches an expert.
+//! router needs only images and cluster ids (and, conditioned with `--class-conditional`, the
+//! labels, each replaced by the null class with the label-dropout probability, so one router
+//! learns both p(k | x_t, t, c) and p(k | x_t, t)); it never touches an expert.
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::activation::log_softmax;
 use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, TrainingSummary};
@@ -35,6 +38,19 @@ pub fn network_config(config: &TrainConfig, data: &Dataset, k: usize) -> anyhow:
         config.mlp_depth,
     )?;
     Ok(router_config(net, k))
+}
+
+/// The router's network: [`network_config`], conditioned on the labels with
+/// `--class-conditional` (label dropout `--class-dropout` gives the null class).
+pub fn router_network(config: &TrainConfig, data: &Dataset, k: usize) -> anyhow::Result<ModelConfig> {
+    let net = network_config(config, data, k)?;
+    if !config.class_conditional {
+        return Ok(net);
+    }
+    let classes = data
+        .num_classes
+        .context("a class-conditional router needs labelled data; this partition's data has no labels")?;
+    Ok(net.with_classes(classes, config.class_dropout)?)
 }
 
 /// Mean cross-entropy of `logits` (`[B, K]`) against the ids `targets` (`B` of them).
@@ -71,7 +87,7 @@ impl Task for RouterTask {
     }
 
     fn net_config(&self, config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
-        network_config(config, data, self.partition.k())
+        router_network(config, data, self.partition.k())
     }
 
     fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<RouterNet> {
@@ -83,12 +99,13 @@ impl Task for RouterTask {
         net: &RouterNet,
         batch: Batch<'_>,
         config: &TrainConfig,
-        _: &ModelConfig,
+        net_config: &ModelConfig,
         rng: &mut ChaCha8Rng,
     ) -> Tensor<1> {
         let (_, t, x_t) = crate::task::noise(&batch.x0, config, rng);
         let targets = batch.targets.expect("router batches carry cluster ids");
-        cross_entropy(net.logits(x_t, t), targets)
+        let y = crate::expert::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
+        cross_entropy(net.logits(x_t, t, y), targets)
     }
 
     fn finish(
@@ -129,7 +146,7 @@ impl Task for RouterTask {
             ema,
             data,
             train.targets.as_deref().expect("router data has cluster ids"),
-            &priors,
+            manifest.k,
             self.eval_samples,
             summary.seed ^ 0xe7a1,
             &device,

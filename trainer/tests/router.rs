@@ -66,6 +66,7 @@ fn analytic_router_is_the_exact_posterior() {
             count: (g.weights[k] * 1000.0) as usize,
             mean: g.means[k].clone(),
             var: g.vars[k].clone(),
+            label_counts: None,
         })
         .collect();
     let r = AnalyticRouter::from_stats(&stats);
@@ -153,7 +154,7 @@ fn trained_router_matches_the_posterior_and_broken_ones_do_not() {
     let trained = |x: &[f64], t: f64| -> Vec<f64> {
         let xt = HostTensor::new(vec![1, 2], x.iter().map(|&v| v as f32).collect()).to_tensor::<2>(&device);
         let tt = Tensor::<1>::from_floats([t as f32], &device);
-        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt), 1)).data;
+        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, None), 1)).data;
         let mut q = vec![0.0; 4];
         for (k, &c) in component.iter().enumerate() {
             q[c] = p[k] as f64;
@@ -257,4 +258,243 @@ fn a_router_of_another_partition_or_k_is_refused() {
         .unwrap()
         .to_string();
     assert!(e.contains("K = 4") && e.contains("K = 3"), "{e}");
+}
+
+/// p(c | k) of the labelled mixture below: classes span clusters, and within a cluster the class
+/// does not depend on x, so the class-conditional posterior has the closed form
+/// p(k | x_t, c) ∝ w_k p(c | k) N_k(x_t) = p(k | c) N_k(x_t) (normalised over k).
+const CLASS_GIVEN_COMPONENT: [[f64; 3]; 4] =
+    [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]];
+
+/// p(k | c) of that mixture, exactly.
+fn exact_class_priors(g: &GaussianMixture) -> Vec<Vec<f64>> {
+    (0..3)
+        .map(|c| {
+            let joint: Vec<f64> = (0..4)
+                .map(|k| g.weights[k] * CLASS_GIVEN_COMPONENT[k][c])
+                .collect();
+            let z: f64 = joint.iter().sum();
+            joint.iter().map(|j| j / z).collect()
+        })
+        .collect()
+}
+
+/// A k-means partition of mixture samples labelled with 3 classes drawn from p(c | k), and the
+/// component behind each cluster (the mixture mean nearest the cluster's mean).
+fn labelled_partition(dir: &Path, n: usize) -> (PathBuf, PartitionManifest, Vec<usize>) {
+    use rand::Rng;
+    let spec: ddm_datasets::mixture::MixtureSpec =
+        serde_json::from_value(serde_json::json!({"weights": [0.1, 0.2, 0.3, 0.4],
+            "means": [[-3, 0], [3, 0], [0, 3], [0, -3]], "vars": [[0.3, 0.3], [0.3, 0.3], [0.3, 0.3], [0.3, 0.3]],
+            "n": n, "seed": 6}))
+        .unwrap();
+    let mut d = spec.dataset("gmm:labelled".into());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let labels = d.labels.as_ref().unwrap().iter().map(|&k| {
+        let u: f64 = rng.random();
+        let p = CLASS_GIVEN_COMPONENT[k as usize];
+        if u < p[0] {
+            0
+        } else if u < p[0] + p[1] {
+            1
+        } else {
+            2
+        }
+    });
+    d.labels = Some(labels.collect());
+    d.num_classes = Some(3);
+    d.class_names = None;
+    let c = PartitionConfig {
+        k: 4,
+        features: FeatureMethod::Raw,
+        distance: Distance::L2,
+        algorithm: Algorithm::Kmeans {
+            max_iter: 100,
+            n_init: 1,
+            batch_size: None,
+            balanced: false,
+        },
+        seed: 0,
+    };
+    let out = dir.join("partition");
+    let m = partition::write(&out, &d, &c, &partition::cluster(&d, &c).unwrap(), 0.0, false).unwrap();
+    let g = mixture();
+    let component = (0..4)
+        .map(|k| {
+            let mean = partition::load_shard(&out, &m, k).unwrap().cluster_stats().mean;
+            (0..4)
+                .min_by(|&a, &b| {
+                    let dist = |j: usize| (0..2).map(|i| (mean[i] - g.means[j][i]).powi(2)).sum::<f64>();
+                    dist(a).total_cmp(&dist(b))
+                })
+                .unwrap()
+        })
+        .collect();
+    (out, m, component)
+}
+
+/// The conditioned analytic router (label counts from each island) is the closed-form
+/// class-conditional posterior at every t; at t = 1 it is p(k | c).
+#[test]
+fn conditioned_analytic_router_is_the_exact_class_posterior() {
+    let g = mixture();
+    let pkc = exact_class_priors(&g);
+    // Label counts proportional to w_k p(c | k), as an island of 10^6 samples would count them.
+    let stats: Vec<ClusterStats> = (0..4)
+        .map(|k| ClusterStats {
+            count: 1_000_000,
+            mean: g.means[k].clone(),
+            var: g.vars[k].clone(),
+            label_counts: Some(
+                (0..3)
+                    .map(|c| (g.weights[k] * CLASS_GIVEN_COMPONENT[k][c] * 1e7).round() as usize)
+                    .collect(),
+            ),
+        })
+        .collect();
+    let r = AnalyticRouter::from_stats(&stats);
+    assert_eq!(r.classes(), 3);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut worst = 0f64;
+    for i in 0..1000 {
+        let t = i as f64 / 999.0;
+        let x: Vec<f64> = ddm_core::flow::randn(vec![2], &mut rng)
+            .data
+            .iter()
+            .map(|&v| 3.0 * v as f64)
+            .collect();
+        for (c, prior) in pkc.iter().enumerate() {
+            let exact = g.posterior_with_weights(&x, t, prior);
+            for (a, b) in r.posterior_given(&x, t, Some(c)).iter().zip(&exact) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-6, "max |analytic - exact| = {worst}");
+    for (c, prior) in pkc.iter().enumerate() {
+        let at_noise = r.posterior_given(&[0.7, -1.1], 1.0, Some(c));
+        for (a, b) in at_noise.iter().zip(prior) {
+            assert!(
+                (a - b).abs() < 1e-9,
+                "class {c}: {at_noise:?} vs p(k | c) {prior:?}"
+            );
+        }
+    }
+    // Without the class: the unconditioned posterior.
+    assert_eq!(
+        r.posterior_given(&[0.7, -1.1], 0.4, None),
+        r.posterior(&[0.7, -1.1], 0.4)
+    );
+}
+
+/// A router trained with the class (and condition dropout) predicts p(k | c) at t = 1 and the
+/// prior without the class; given the class, it is close to the exact class posterior at every
+/// noise level. The analytic router built from the islands' real label counts agrees.
+#[test]
+fn conditioned_router_learns_p_k_given_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let (part, manifest, component) = labelled_partition(dir.path(), 8000);
+    let g = mixture();
+    let pkc = exact_class_priors(&g);
+    let config = TrainConfig {
+        model: "mlp".into(),
+        mlp_hidden: 128,
+        mlp_depth: 3,
+        steps: 2500,
+        batch_size: 256,
+        lr: 2e-3,
+        warmup_steps: 100,
+        ema_decay: 0.99,
+        checkpoint_every: 2500,
+        class_conditional: true,
+        class_dropout: 0.2,
+        ..TrainConfig::default()
+    };
+    let out = dir.path().join("router");
+    let task = RouterTask {
+        partition: Partition::open(&part).unwrap(),
+        expert_model: "mlp".into(),
+        eval_samples: 500,
+    };
+    let run = Run {
+        out: out.clone(),
+        config,
+        device: ddm_core::device::DeviceChoice::Cpu,
+        progress: false,
+    };
+    ddm_trainer::train::run(&task, run).unwrap();
+    let device = ddm_core::device::cpu();
+    let (meta, net) = ddm_router::load_checked(&out.join("router.safetensors"), &manifest, &device).unwrap();
+    assert_eq!(meta.model.num_classes(), 3);
+    assert!(net.routes_without_class());
+    let routed = |x: &[f64], t: f64, c: Option<i64>| -> Vec<f64> {
+        let xt = HostTensor::new(vec![1, 2], x.iter().map(|&v| v as f32).collect()).to_tensor::<2>(&device);
+        let tt = Tensor::<1>::from_floats([t as f32], &device);
+        let y = c.map(|c| Tensor::<1, Int>::from_data(TensorData::new(vec![c], [1]), &device));
+        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, y), 1)).data;
+        let mut q = vec![0.0; 4];
+        for (k, &comp) in component.iter().enumerate() {
+            q[comp] = p[k] as f64;
+        }
+        q
+    };
+    for (c, prior) in pkc.iter().enumerate() {
+        let at_noise = routed(&[0.3, -0.2], 1.0, Some(c as i64));
+        for (a, b) in at_noise.iter().zip(prior) {
+            assert!(
+                (a - b).abs() < 0.06,
+                "class {c} at t = 1: {at_noise:?} vs p(k | c) {prior:?}"
+            );
+        }
+        let given = |x: &[f64], t: f64| routed(x, t, Some(c as i64));
+        // KL to the exact class posterior, over x_t of the whole mixture, per t bin.
+        let exact = GaussianMixture {
+            weights: prior.iter().map(|p| p.max(1e-300)).collect(),
+            ..g.clone()
+        };
+        let kl = kl_by_bin(&given, &exact);
+        println!("class {c}: mean KL to the exact class posterior per t bin: {kl:.4?}");
+        assert!(kl.iter().all(|&k| k < 0.05), "class {c}: {kl:?}");
+    }
+    let unconditioned = routed(&[0.3, -0.2], 1.0, None);
+    for (a, w) in unconditioned.iter().zip(&g.weights) {
+        assert!((a - w).abs() < 0.06, "{unconditioned:?} vs prior {:?}", g.weights);
+    }
+    // The router's own evaluation, with the class: near-zero distance to p(k | c) at t = 1.
+    let report = ddm_router::eval::evaluate(
+        &net,
+        &Partition::open(&part).unwrap().all().unwrap().0,
+        &Partition::open(&part).unwrap().all().unwrap().1,
+        4,
+        1000,
+        0,
+        &device,
+    );
+    let with = report
+        .with_class
+        .as_ref()
+        .expect("a conditioned router is evaluated with the class");
+    let without = &report.without_class;
+    assert!(
+        with[10].tv_to_prior < 0.06 && without[10].tv_to_prior < 0.06,
+        "{report:?}"
+    );
+    // At t = 1 the class carries information the noise does not.
+    assert!(with[10].accuracy > without[10].accuracy + 0.1, "{report:?}");
+
+    // The analytic router from the shards' own label counts: p(k | c) within sampling error.
+    let stats: Vec<ClusterStats> = (0..4)
+        .map(|k| {
+            partition::load_shard(&part, &manifest, k)
+                .unwrap()
+                .cluster_stats()
+        })
+        .collect();
+    let analytic = AnalyticRouter::from_stats(&stats);
+    for (c, prior) in pkc.iter().enumerate() {
+        let p = analytic.posterior_given(&[0.0, 0.0], 1.0, Some(c));
+        for (k, &comp) in component.iter().enumerate() {
+            assert!((p[k] - prior[comp]).abs() < 0.03, "class {c}: {p:?} vs {prior:?}");
+        }
+    }
 }

@@ -21,11 +21,26 @@ pub struct Entry {
     pub source: String,
     /// Unix time of registration.
     pub registered_at: u64,
+    /// Classes an expert or router is conditioned on (0: unconditioned). Absent for statistics
+    /// and in entries registered before ddm recorded it (then read from the blob).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<usize>,
 }
 
 impl Entry {
     pub fn blob(&self, dir: &Path) -> PathBuf {
         dir.join("blobs").join(format!("{}.safetensors", self.sha256))
+    }
+
+    /// Classes the checkpoint is conditioned on: recorded in the entry, or read from its blob.
+    pub fn classes(&self, dir: &Path) -> anyhow::Result<usize> {
+        match self.classes {
+            Some(c) => Ok(c),
+            None => Ok(ddm_core::checkpoint::Checkpoint::read(&self.blob(dir))?
+                .meta
+                .model
+                .num_classes()),
+        }
     }
 }
 

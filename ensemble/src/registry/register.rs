@@ -21,6 +21,7 @@ enum Item {
         path: PathBuf,
         sha: String,
         bytes: u64,
+        classes: usize,
     },
     Router {
         path: PathBuf,
@@ -28,6 +29,7 @@ enum Item {
         bytes: u64,
         k: usize,
         priors: Option<Vec<f64>>,
+        classes: usize,
     },
     Stats {
         cluster: usize,
@@ -173,6 +175,7 @@ pub fn register(
                     path: p.clone(),
                     sha,
                     bytes,
+                    classes: m.model.num_classes(),
                 });
             }
             Role::Classifier => {
@@ -198,10 +201,12 @@ pub fn register(
                     bytes,
                     k,
                     priors: m.priors.clone(),
+                    classes: m.model.num_classes(),
                 });
             }
         }
     }
+    check_conditioning(dir, &idx, &items)?;
     // 2. Blobs (content-addressed; atomic), then the index (atomic).
     let mut lines = vec![];
     for item in items {
@@ -210,11 +215,16 @@ pub fn register(
             | Item::Router { path, sha, bytes, .. }
             | Item::Stats { path, sha, bytes, .. } => (path.clone(), sha.clone(), *bytes),
         };
+        let classes = match &item {
+            Item::Expert { classes, .. } | Item::Router { classes, .. } => Some(*classes),
+            Item::Stats { .. } => None,
+        };
         let entry = Entry {
             sha256: sha.clone(),
             bytes,
             source: path.display().to_string(),
             registered_at: now(),
+            classes,
         };
         let blob = entry.blob(dir);
         if !blob.exists() {
@@ -256,6 +266,68 @@ pub fn register(
     let json = serde_json::to_vec_pretty(&idx)?;
     ddm_core::fsio::write_bytes_atomic(&dir.join(INDEX), &json)?;
     Ok(lines)
+}
+
+/// The experts of one registry share their conditioning (all unconditional, or all on the same C
+/// classes), and a class-conditioned router serves experts conditioned on the same classes. An
+/// unconditioned router may serve conditional experts: it routes on x_t alone, so at t = 1 it
+/// returns the prior, not p(k | c) (allowed, with a warning here and in `ddm sample`).
+fn check_conditioning(dir: &Path, idx: &Index, items: &[Item]) -> anyhow::Result<()> {
+    // Every expert after this registration, with its classes.
+    let mut experts: BTreeMap<usize, (usize, String)> = BTreeMap::new();
+    for (&c, e) in &idx.experts {
+        experts.insert(c, (e.classes(dir)?, e.source.clone()));
+    }
+    let mut router = match &idx.router {
+        Some(e) => Some((e.classes(dir)?, e.source.clone())),
+        None => None,
+    };
+    for item in items {
+        match item {
+            Item::Expert {
+                cluster,
+                path,
+                classes,
+                ..
+            } => {
+                experts.insert(*cluster, (*classes, path.display().to_string()));
+            }
+            Item::Router { path, classes, .. } => router = Some((*classes, path.display().to_string())),
+            Item::Stats { .. } => {}
+        }
+    }
+    let describe = |c: usize| match c {
+        0 => "unconditional".to_string(),
+        c => format!("conditioned on {c} classes"),
+    };
+    let mut first: Option<(usize, usize, &String)> = None;
+    for (&cluster, (classes, source)) in &experts {
+        match first {
+            None => first = Some((cluster, *classes, source)),
+            Some((c0, classes0, source0)) if classes0 != *classes => bail!(
+                "{source}: expert {cluster} is {}, but expert {c0} ({source0}) is {}; one ensemble's experts share their conditioning",
+                describe(*classes),
+                describe(classes0)
+            ),
+            Some(_) => {}
+        }
+    }
+    if let (Some((r, source)), Some((_, e, _))) = (&router, first) {
+        if *r > 0 && *r != e {
+            bail!(
+                "{source}: the router is {}, but the experts are {}; train the router with the experts' conditioning",
+                describe(*r),
+                describe(e)
+            );
+        }
+        if *r == 0 && e > 0 {
+            tracing::warn!(
+                "{source}: an unconditioned router for experts {}: it routes on x_t alone (the prior at t = 1, not p(k | c)); train it with --class-conditional for class-aware routing",
+                describe(e)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Remove an expert (by cluster) or the router.

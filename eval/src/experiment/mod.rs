@@ -42,8 +42,17 @@ pub use score::read_rows;
 use score::{append_row, evaluate_system};
 use stages::{ensure_partition, stage_snapshot_complete, train_stage};
 
-/// The two partitions every experiment compares.
+/// The two partitions the unconditional experiment compares.
 pub const PARTITIONS: [&str; 2] = ["clustered", "random"];
+
+/// A class-conditional setting: experts, monolith and one router see the class; samples are
+/// class-balanced (sample i of class i mod C).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Conditional {
+    pub classes: usize,
+    /// The guided rows' classifier-free guidance scale (the others use 1).
+    pub guidance: f64,
+}
 
 /// Everything one setting (images or a mixture) needs.
 #[derive(Debug, Clone)]
@@ -64,6 +73,27 @@ pub struct Setting {
     pub device: DeviceChoice,
     pub seed: u64,
     pub progress: bool,
+    /// Class-conditional: only the clustered partition, a conditioned router (registry
+    /// `clustered`) and an unconditioned one (registry `clustered-plain`, same experts).
+    pub conditional: Option<Conditional>,
+}
+
+impl Setting {
+    /// The partitions trained.
+    pub fn partitions(&self) -> &'static [&'static str] {
+        match self.conditional {
+            None => &PARTITIONS,
+            Some(_) => &["clustered"],
+        }
+    }
+
+    /// The registries of each stage (`registry/<name>-<pct>`).
+    pub fn registries(&self) -> &'static [&'static str] {
+        match self.conditional {
+            None => &PARTITIONS,
+            Some(_) => &["clustered", "clustered-plain"],
+        }
+    }
 }
 
 /// A system being compared: the monolith, or an ensemble strategy on one partition.
@@ -74,22 +104,72 @@ pub struct System {
     pub partition: Option<&'static str>,
     pub strategy: Option<Strategy>,
     pub analytic: bool,
+    /// Classifier-free guidance scale (class-conditional settings; 1: none).
+    pub guidance: f64,
 }
 
-pub fn systems(threshold: f64) -> Vec<System> {
+/// The systems of a setting, in table order.
+pub fn systems(setting: &Setting) -> Vec<System> {
     let ens = |name: &str, partition, strategy: &str, analytic| System {
         name: name.to_string(),
         partition: Some(partition),
         strategy: Some(strategy.parse().expect("known strategy")),
         analytic,
+        guidance: 1.0,
     };
+    let monolith = System {
+        name: "monolith".into(),
+        partition: None,
+        strategy: None,
+        analytic: false,
+        guidance: 1.0,
+    };
+    let threshold = setting.threshold;
+    if let Some(c) = setting.conditional {
+        let g = c.guidance;
+        let guided = |s: System| System {
+            name: format!("{}, guidance {g}", s.name),
+            guidance: g,
+            ..s
+        };
+        return vec![
+            monolith.clone(),
+            ens("clustered top-1", "clustered", "top-1", false),
+            ens("clustered top-2", "clustered", "top-2", false),
+            ens("clustered full", "clustered", "full", false),
+            ens("clustered sample T=1", "clustered", "sample:1", false),
+            ens(
+                &format!("clustered threshold {threshold}"),
+                "clustered",
+                &format!("threshold:{threshold}"),
+                false,
+            ),
+            ens("clustered trajectory", "clustered", "trajectory", false),
+            ens(
+                "clustered top-1, router without c",
+                "clustered-plain",
+                "top-1",
+                false,
+            ),
+            ens(
+                "clustered trajectory, router without c",
+                "clustered-plain",
+                "trajectory",
+                false,
+            ),
+            ens(
+                "clustered trajectory, analytic router",
+                "clustered",
+                "trajectory",
+                true,
+            ),
+            guided(monolith),
+            guided(ens("clustered top-1", "clustered", "top-1", false)),
+            guided(ens("clustered trajectory", "clustered", "trajectory", false)),
+        ];
+    }
     vec![
-        System {
-            name: "monolith".into(),
-            partition: None,
-            strategy: None,
-            analytic: false,
-        },
+        monolith,
         ens("clustered top-1", "clustered", "top-1", false),
         ens("clustered top-2", "clustered", "top-2", false),
         ens("clustered full", "clustered", "full", false),
@@ -163,19 +243,19 @@ pub fn run(setting: &Setting, dir: &Path, data: &Dataset, judge_with: &Judge) ->
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let t0 = Instant::now();
     let mut partitions = BTreeMap::new();
-    for which in PARTITIONS {
+    for &which in setting.partitions() {
         partitions.insert(which, ensure_partition(setting, dir, which, data)?);
     }
     let results = dir.join("results.jsonl");
     let mut rows = read_rows(&results)?;
-    let systems = systems(setting.threshold);
+    let systems = systems(setting);
     for s in 1..=setting.stages {
         let pct = stage_pct(s, setting.stages);
         let done = |name: &str, rows: &[Row]| rows.iter().any(|r| r.stage_pct == pct && r.system == name);
         if systems.iter().all(|sys| done(&sys.name, &rows)) {
             continue;
         }
-        if !stage_snapshot_complete(dir, pct, setting.k)? {
+        if !stage_snapshot_complete(setting, dir, pct)? {
             train_stage(setting, dir, s, &partitions)?;
         }
         for sys in &systems {

@@ -10,6 +10,7 @@ use ddm_core::checkpoint::Checkpoint;
 use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
 use ddm_core::host::HostTensor;
 use ddm_ensemble::registry::Registry;
+use ddm_ensemble::sample::Classes;
 use ddm_ensemble::sampler::{Ensemble, ExpertSlot, LearnedRouter, Posterior};
 use rand::SeedableRng;
 
@@ -17,7 +18,8 @@ use super::{Judge, Row, Setting, System};
 use crate::images::ImageReport;
 use crate::mixture::MixtureReport;
 
-/// Integrate N samples from the seeded noise with `field`; returns them and the seconds taken.
+/// Integrate N samples from the seeded noise with `field` (class-balanced in a conditional
+/// setting); returns them and the seconds taken.
 fn integrate(
     field: &dyn VelocityField<2>,
     setting: &Setting,
@@ -27,9 +29,13 @@ fn integrate(
     let per: usize = shape.iter().product();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(setting.seed);
     let x1 = flow::randn(vec![setting.n, per], &mut rng).to_tensor::<2>(device);
+    let y = setting.conditional.map(|c| {
+        let ids = Classes::All.ids(setting.n, c.classes);
+        Tensor::<1, Int>::from_data(TensorData::new(ids, [setting.n]), device)
+    });
     let times = StepSchedule::Uniform.times(setting.sample_steps);
     let t0 = Instant::now();
-    let x0 = HostTensor::from_tensor(flow::integrate(field, x1, None, &times, Solver::Euler));
+    let x0 = HostTensor::from_tensor(flow::integrate(field, x1, y, &times, Solver::Euler));
     (x0.data, t0.elapsed().as_secs_f64())
 }
 
@@ -59,6 +65,11 @@ fn judge(
     })
 }
 
+/// Classifier-free guidance evaluates every model row twice (with the class and the null class).
+fn cfg_factor(sys: &System) -> f64 {
+    if sys.guidance == 1.0 { 1.0 } else { 2.0 }
+}
+
 /// Sample and score one system at one stage.
 pub(super) fn evaluate_system(
     setting: &Setting,
@@ -72,15 +83,25 @@ pub(super) fn evaluate_system(
     let Some(which) = sys.partition else {
         let path = dir.join(format!("registry/monolith-{pct}.safetensors"));
         let (meta, model) = ddm_core::checkpoint::load(&path, &device)?;
-        let (x, secs) = integrate(&model, setting, &meta.data.shape, &device);
+        let field: Box<dyn VelocityField<2>> = match setting.conditional {
+            Some(c) => Box::new(ddm_core::flow::ClassifierFreeGuidance {
+                inner: model,
+                null_class: c.classes,
+                scale: sys.guidance,
+            }),
+            None => Box::new(model),
+        };
+        let model = field;
+        let (x, secs) = integrate(model.as_ref(), setting, &meta.data.shape, &device);
         write_grid(&samples_png, &x, &meta.data.shape)?;
-        let (images, mixture) = judge(judge_with, &model, &x, setting.seed, &device)?;
+        let (images, mixture) = judge(judge_with, model.as_ref(), &x, setting.seed, &device)?;
         return Ok(Row {
             setting: setting.name.clone(),
             stage_pct: pct,
             system: sys.name.clone(),
             train_flops: meta.training.as_ref().map(|t| t.flops).unwrap_or(0.0),
-            sample_gflops: setting.sample_steps as f64 * meta.model.flops_per_sample() / 1e9,
+            sample_gflops: setting.sample_steps as f64 * meta.model.flops_per_sample() * cfg_factor(sys)
+                / 1e9,
             sample_seconds: secs / setting.n as f64,
             images,
             mixture,
@@ -89,10 +110,11 @@ pub(super) fn evaluate_system(
     let reg = Registry::open(&dir.join(format!("registry/{which}-{pct}")))?;
     let k = reg.index.k;
     let strategy = sys.strategy.expect("an ensemble has a strategy");
+    let guidance = setting.conditional.map(|c| (c.classes - 1, sys.guidance));
     let experts: Vec<ExpertSlot> = (0..k)
         .map(|c| {
             let (reg, device) = (&reg, device.clone());
-            ExpertSlot::lazy(move || reg.expert(c, &device))
+            ExpertSlot::lazy(move || reg.expert_guided(c, &device, guidance))
         })
         .collect();
     let router_entry = reg
@@ -123,19 +145,16 @@ pub(super) fn evaluate_system(
     if let Some(e) = ensemble.take_error() {
         return Err(e);
     }
-    let rows: usize = ensemble
-        .usage
-        .borrow()
-        .iter()
-        .map(|u| u.rows_per_expert.iter().sum::<usize>())
-        .sum();
+    let (rows, router_rows) = ensemble.usage.borrow().iter().fold((0, 0), |(r, q), u| {
+        (r + u.rows_per_expert.iter().sum::<usize>(), q + u.router_rows)
+    });
     // The analytic router's cost is a few dot products per cluster: not counted.
-    let router_cost = if sys.analytic || !strategy.uses_router() {
+    let router_cost = if sys.analytic {
         0.0
     } else {
-        setting.sample_steps as f64 * router_flops
+        router_rows as f64 / setting.n as f64 * router_flops
     };
-    let sample_gflops = (rows as f64 / setting.n as f64 * expert_flops + router_cost) / 1e9;
+    let sample_gflops = (rows as f64 / setting.n as f64 * expert_flops * cfg_factor(sys) + router_cost) / 1e9;
     write_grid(&samples_png, &x, &shape)?;
     let (images, mixture) = judge(judge_with, &ensemble, &x, setting.seed, &device)?;
     Ok(Row {

@@ -15,7 +15,7 @@ use ddm_trainer::island::Target;
 use ddm_trainer::router::{ROUTER_FILE, RouterTask};
 use ddm_trainer::train::Run;
 
-use super::{PARTITIONS, Setting, stage_pct};
+use super::{Setting, stage_pct};
 
 /// The partition directory for `which`, made if missing.
 pub(super) fn ensure_partition(
@@ -97,7 +97,7 @@ pub(super) fn train_stage(
             ..setting.expert.clone()
         },
     )?;
-    for which in PARTITIONS {
+    for &which in setting.partitions() {
         let mut runs = vec![];
         for c in 0..k {
             let out = train.join(format!("{which}-expert-{c}"));
@@ -116,25 +116,34 @@ pub(super) fn train_stage(
             )?;
             runs.push(out);
         }
-        let rout = train.join(format!("{which}-router"));
-        train_to(
-            setting,
-            &RouterTask {
-                partition: partitions[which].clone(),
-                expert_model: setting.expert.model.clone(),
-                eval_samples: 1000,
-            },
-            &rout,
-            TrainConfig {
-                steps: router_steps,
-                ..setting.router.clone()
-            },
-        )?;
-        // This stage's snapshot: a registry of its own.
-        let reg = dir.join(format!("registry/{which}-{pct}"));
-        let mut files: Vec<PathBuf> = runs.iter().map(|r| r.join(EXPERT_FILE)).collect();
-        files.push(rout.join(ROUTER_FILE));
-        registry::register(&reg, &files, Some(partitions[which].manifest()), true)?;
+        // The router (conditioned on the class in a conditional setting), and there also one
+        // without the class, registered beside the same experts as `<which>-plain`.
+        let mut routers = vec![(which.to_string(), setting.router.class_conditional)];
+        if setting.conditional.is_some() {
+            routers.push((format!("{which}-plain"), false));
+        }
+        for (name, conditioned) in routers {
+            let rout = train.join(format!("{name}-router"));
+            train_to(
+                setting,
+                &RouterTask {
+                    partition: partitions[which].clone(),
+                    expert_model: setting.expert.model.clone(),
+                    eval_samples: 1000,
+                },
+                &rout,
+                TrainConfig {
+                    steps: router_steps,
+                    class_conditional: conditioned,
+                    ..setting.router.clone()
+                },
+            )?;
+            // This stage's snapshot: a registry of its own.
+            let reg = dir.join(format!("registry/{name}-{pct}"));
+            let mut files: Vec<PathBuf> = runs.iter().map(|r| r.join(EXPERT_FILE)).collect();
+            files.push(rout.join(ROUTER_FILE));
+            registry::register(&reg, &files, Some(partitions[which].manifest()), true)?;
+        }
     }
     let snap = dir.join(format!("registry/monolith-{pct}.safetensors"));
     std::fs::create_dir_all(snap.parent().unwrap())?;
@@ -146,11 +155,12 @@ pub(super) fn train_stage(
 
 /// Whether stage `pct` was trained and registered already (a resumed experiment then only
 /// evaluates; the training runs may have moved on to later stages since).
-pub(super) fn stage_snapshot_complete(dir: &Path, pct: u32, k: usize) -> anyhow::Result<bool> {
+pub(super) fn stage_snapshot_complete(setting: &Setting, dir: &Path, pct: u32) -> anyhow::Result<bool> {
+    let k = setting.k;
     if !dir.join(format!("registry/monolith-{pct}.safetensors")).exists() {
         return Ok(false);
     }
-    for which in PARTITIONS {
+    for which in setting.registries() {
         match registry::read_index(&dir.join(format!("registry/{which}-{pct}")))? {
             Some(i) if i.experts.len() == k && i.router.is_some() => {}
             _ => return Ok(false),
