@@ -982,6 +982,20 @@ fn class_conditional_guided_sampling() {
     ok(sample(&["--class", "0"]));
     let e = fails(sample(&["--class", "5"]));
     assert!(e.contains("class 5 is out of range"), "{e}");
+    // Out-of-range settings are refused before anything runs.
+    for (args, says) in [
+        (&["--n", "0"][..], "--n must be at least 1"),
+        (&["--steps", "0"][..], "--steps and --n"),
+        (&["--class", "1", "--guidance", "NaN"][..], "--guidance NaN"),
+        (&["--strategy", "top-9"][..], "more experts than the K = 2"),
+        (&["--strategy", "threshold:2"][..], "must be in (0, 1]"),
+        (&["--strategy", "sample:0"][..], "positive number"),
+    ] {
+        let mut a = vec!["sample", "--registry", "reg", "--out", "bad.png"];
+        a.extend(args);
+        let e = fails(ddm(dir.path(), &a));
+        assert!(e.contains(says), "{args:?}: {e}");
+    }
     let report = |dir: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(dir.join("s.json")).unwrap()).unwrap()
     };

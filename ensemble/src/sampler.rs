@@ -187,6 +187,9 @@ impl<'a> Ensemble<'a> {
                 anyhow::bail!("oracle cluster {cluster} has no expert (K = {k})")
             }
             (None, s) if s.uses_router() => anyhow::bail!("strategy {s} needs a router"),
+            (_, Strategy::TopK { k: top }) if top > k => {
+                anyhow::bail!("strategy top-{top} asks for more experts than the K = {k} there are")
+            }
             (Some(r), _) if r.k() != k => {
                 anyhow::bail!("the router has K = {}, but there are {k} expert slots", r.k())
             }

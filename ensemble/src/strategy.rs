@@ -72,6 +72,7 @@ impl FromStr for Strategy {
                 ));
             }
         };
+        st.validate().map_err(|e| format!("strategy `{s}`: {e}"))?;
         Ok(st)
     }
 }
@@ -148,6 +149,25 @@ fn by_weight(p: &[f64]) -> Vec<usize> {
 }
 
 impl Strategy {
+    /// Parameters in range: a temperature T > 0, a nucleus mass P and a threshold TAU in (0, 1]
+    /// (finite numbers; NaN is refused).
+    pub fn validate(&self) -> Result<(), String> {
+        let temperature = |t: f64| match t.is_finite() && t > 0.0 {
+            true => Ok(()),
+            false => Err(format!("temperature {t} must be a positive number")),
+        };
+        let unit = |what: &str, v: f64| match v > 0.0 && v <= 1.0 {
+            true => Ok(()),
+            false => Err(format!("{what} {v} must be in (0, 1]")),
+        };
+        match *self {
+            Strategy::Sample { temperature: t } => temperature(t),
+            Strategy::Nucleus { p, temperature: t } => unit("nucleus mass", p).and(temperature(t)),
+            Strategy::Threshold { tau } => unit("threshold", tau),
+            _ => Ok(()),
+        }
+    }
+
     /// The experts to run for one sample, with weights summing to 1.
     /// `probs`: the router's p(k | x_t, t); `present`: which experts exist (at least one).
     pub fn select(&self, probs: &[f64], present: &[bool], rng: &mut impl Rng) -> Vec<(usize, f64)> {
@@ -239,6 +259,19 @@ mod tests {
             assert_eq!(st.to_string().parse::<Strategy>().unwrap(), st, "{s}");
         }
         assert!("top-0".parse::<Strategy>().is_err());
+        for bad in [
+            "threshold:2",
+            "threshold:0",
+            "threshold:nan",
+            "nucleus:0",
+            "nucleus:0.9:0",
+            "sample:0",
+            "sample:-1",
+            "sample:inf",
+        ] {
+            let e = bad.parse::<Strategy>().unwrap_err();
+            assert!(e.contains(bad) && (e.contains("must be")), "{bad}: {e}");
+        }
         assert!("best".parse::<Strategy>().unwrap_err().contains("expected full"));
     }
 

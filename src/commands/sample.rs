@@ -77,6 +77,16 @@ const EXAMPLES: &str = "Examples:
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let strategy: Strategy = args.strategy.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    if args.steps == 0 || args.n == 0 {
+        anyhow::bail!(
+            "--steps and --n must be at least 1 (got {} and {})",
+            args.steps,
+            args.n
+        );
+    }
+    if !(args.guidance.is_finite() && args.guidance >= 0.0) {
+        anyhow::bail!("--guidance {} must be a finite number >= 0", args.guidance);
+    }
     let bar = crate::ui::Bar::new(args.quiet);
     let options = SampleOptions {
         registry: args.registry,

@@ -24,6 +24,14 @@ pub use index::{Entry, INDEX, Index, read_index};
 pub use publish::{export, verify};
 pub use register::{Registered, register, remove};
 
+/// `, conditioned on C classes` for an entry that records it.
+fn conditioning(e: &Entry) -> String {
+    match e.classes {
+        Some(c) if c > 0 => format!(", conditioned on {c} classes"),
+        _ => String::new(),
+    }
+}
+
 /// A loaded registry, ready to hand experts to the sampler.
 pub struct Registry {
     pub dir: PathBuf,
@@ -52,20 +60,22 @@ impl Registry {
         for k in 0..i.k {
             match i.experts.get(&k) {
                 Some(e) => s.push_str(&format!(
-                    "  expert {k}: {} ({} bytes) from {}\n",
+                    "  expert {k}: {} ({} bytes) from {}{}\n",
                     &e.sha256[..12],
                     e.bytes,
-                    e.source
+                    e.source,
+                    conditioning(e)
                 )),
                 None => s.push_str(&format!("  expert {k}: missing\n")),
             }
         }
         match &i.router {
             Some(e) => s.push_str(&format!(
-                "  router:   {} ({} bytes) from {}\n",
+                "  router:   {} ({} bytes) from {}{}\n",
                 &e.sha256[..12],
                 e.bytes,
-                e.source
+                e.source,
+                conditioning(e)
             )),
             None => s.push_str("  router:   none\n"),
         }
