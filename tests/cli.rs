@@ -1175,3 +1175,172 @@ fn eval_gmm_scores_a_checkpoint_exactly() {
     ));
     assert!(e.contains("missing.json"), "{e}");
 }
+
+/// Per-sample conditioning vectors from a `tensors:` file reach the router: partition keeps them
+/// in the shards, `train-router --condition-vectors` reads them, `eval-router` reports accuracy
+/// with them, and `sample --condition` hands them to the router (checked against its length).
+#[test]
+fn conditioning_vectors_reach_the_router() {
+    use ddm_core::host::HostIntTensor;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 400;
+    // Two clusters of 2-D points; c is a noisy one-hot of the cluster, y the cluster.
+    let mut x = vec![];
+    let mut c = vec![];
+    let mut y = vec![];
+    for i in 0..n {
+        let k = i % 2;
+        let j = (i as f32 * 0.37).sin() * 0.3;
+        x.extend([if k == 0 { -2.0 + j } else { 2.0 + j }, j]);
+        c.extend([(k == 0) as u8 as f32 + 0.1 * j, (k == 1) as u8 as f32 - 0.1 * j]);
+        y.push(k as i64);
+    }
+    write_tensors(
+        &dir.path().join("data.safetensors"),
+        &BTreeMap::from([
+            ("x".into(), HostTensor::new(vec![n, 2], x)),
+            ("c".into(), HostTensor::new(vec![n, 2], c)),
+        ]),
+        &BTreeMap::from([(
+            "y".into(),
+            HostIntTensor {
+                shape: vec![n],
+                data: y,
+            },
+        )]),
+    )
+    .unwrap();
+    ok(ddm(
+        dir.path(),
+        &[
+            "partition",
+            "--data",
+            "tensors:data.safetensors",
+            "--k",
+            "2",
+            "--features",
+            "raw",
+            "--out",
+            "p",
+        ],
+    ));
+    let common = [
+        "--model",
+        "mlp",
+        "--mlp-hidden",
+        "16",
+        "--steps",
+        "10",
+        "--batch-size",
+        "32",
+        "--quiet",
+    ];
+    for k in ["0", "1"] {
+        let out = format!("e{k}");
+        let mut args = vec!["train", "--partition", "p", "--cluster", k, "--out", &out];
+        args.extend(common);
+        ok(ddm(dir.path(), &args));
+    }
+    let mut args = vec![
+        "train-router",
+        "--partition",
+        "p",
+        "--out",
+        "r",
+        "--eval-samples",
+        "50",
+        "--condition-vectors",
+    ];
+    args.extend(common);
+    let printed = ok(ddm(dir.path(), &args));
+    assert!(printed.contains("With the vector"), "{printed}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&ok(ddm(dir.path(), &["info", "--json", "r/router.safetensors"]))).unwrap();
+    assert_eq!(meta["condition_dim"], 2);
+    ok(ddm(
+        dir.path(),
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "e0/expert.safetensors",
+            "e1/expert.safetensors",
+            "r/router.safetensors",
+        ],
+    ));
+    let cond = |rows: usize| {
+        let c: Vec<f32> = (0..rows)
+            .flat_map(|i| [(i % 2) as f32, 1.0 - (i % 2) as f32])
+            .collect();
+        write_tensors(
+            &dir.path().join("c.safetensors"),
+            &BTreeMap::from([("c".into(), HostTensor::new(vec![rows, 2], c))]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+    };
+    let sample = |n: &str| {
+        ddm(
+            dir.path(),
+            &[
+                "sample",
+                "--registry",
+                "reg",
+                "--n",
+                n,
+                "--steps",
+                "3",
+                "--condition",
+                "c.safetensors",
+                "--out",
+                "s.png",
+            ],
+        )
+    };
+    cond(6);
+    ok(sample("6"));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
+    assert_eq!(report["router_sees_vectors"].as_bool(), Some(true));
+    let e = fails(sample("4"));
+    assert!(e.contains("c.safetensors") && e.contains("[4, 2]"), "{e}");
+    // Without --condition the router routes on the null (zero) vector.
+    ok(ddm(
+        dir.path(),
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--n",
+            "4",
+            "--steps",
+            "3",
+            "--out",
+            "s.png",
+        ],
+    ));
+    // A router that reads no vectors refuses them.
+    let mut args = vec![
+        "train-router",
+        "--partition",
+        "p",
+        "--out",
+        "plain",
+        "--eval-samples",
+        "50",
+    ];
+    args.extend(common);
+    ok(ddm(dir.path(), &args));
+    ok(ddm(
+        dir.path(),
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--replace",
+            "plain/router.safetensors",
+        ],
+    ));
+    let e = fails(sample("6"));
+    assert!(e.contains("the router reads none"), "{e}");
+}

@@ -24,6 +24,7 @@ fn tiny_partition(dir: &Path) -> PathBuf {
         num_classes: Some(3),
         class_names: None,
         mixture: None,
+        cond: None,
     };
     let c = PartitionConfig {
         k: 2,

@@ -86,6 +86,9 @@ pub struct CheckpointMeta {
     /// A router's cluster priors w_k.
     #[serde(default)]
     pub priors: Option<Vec<f64>>,
+    /// A router conditioned on per-sample conditioning vectors: their length (the data's `c`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition_dim: Option<usize>,
     #[serde(default)]
     pub training: Option<TrainingSummary>,
     /// Free-form provenance, e.g. "imported from PyTorch weights x.safetensors".
@@ -138,6 +141,7 @@ impl CheckpointMeta {
             training: None,
             source: None,
             extra: BTreeMap::new(),
+            condition_dim: None,
             tensors_sha256: String::new(),
         }
     }

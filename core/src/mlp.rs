@@ -166,12 +166,32 @@ impl Mlp {
         self.final_layer.forward(self.features(x, t, y)) // [N, X]
     }
 
+    /// The output layer on features (a router's logits from [`Self::features_with`]).
+    pub fn head(&self, features: Tensor<2>) -> Tensor<2> {
+        self.final_layer.forward(features)
+    }
+
     /// The last hidden layer, what the output layer reads (a classifier's feature space).
     ///
     /// # Shapes
     /// - `x`: `[N, X]`, `t`: `[N]`, `y`: `[N]` -> `[N, D]`
     pub fn features(&self, x: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
+        self.features_with(x, t, y, None)
+    }
+
+    /// [`Self::features`] with `extra` `[N, D]` added to the conditioning vector (a router's
+    /// projection of a per-sample conditioning vector).
+    pub fn features_with(
+        &self,
+        x: Tensor<2>,
+        t: Tensor<1>,
+        y: Option<Tensor<1, Int>>,
+        extra: Option<Tensor<2>>,
+    ) -> Tensor<2> {
         let mut c = self.t_embedder.forward(t); // [N, D]
+        if let Some(extra) = extra {
+            c = c + extra; // [N, D]
+        }
         if let (Some(emb), Some(y)) = (&self.y_embedder, y) {
             c = c + emb.weight.val().select(0, y); // [N, D]
         }

@@ -7,6 +7,7 @@
 
 use ddm_core::digest::hex;
 use ddm_core::gmm::GaussianMixture;
+use ddm_core::host::HostTensor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -54,6 +55,9 @@ pub struct Dataset {
     pub num_classes: Option<usize>,
     pub class_names: Option<Vec<String>>,
     pub mixture: Option<GaussianMixture>,
+    /// Per-sample conditioning vectors `c` `[N, Dc]` (a `tensors:` file's `c`), if any: what a
+    /// router conditioned on vectors reads.
+    pub cond: Option<HostTensor>,
 }
 
 impl Dataset {
@@ -105,6 +109,12 @@ impl Dataset {
         if let Some(l) = &self.labels {
             h.update(b"labels");
             for x in l {
+                h.update(x.to_le_bytes());
+            }
+        }
+        if let Some(c) = &self.cond {
+            h.update(format!("cond {:?}", c.shape).as_bytes());
+            for x in &c.data {
                 h.update(x.to_le_bytes());
             }
         }
@@ -162,6 +172,18 @@ impl Dataset {
         stats
     }
 
+    /// The conditioning vectors of `indices` `[indices.len(), Dc]`, if any.
+    pub fn gather_cond(&self, indices: &[usize]) -> Option<HostTensor> {
+        self.cond.as_ref().map(|c| {
+            let d = c.shape[1];
+            let data = indices
+                .iter()
+                .flat_map(|&i| c.data[i * d..(i + 1) * d].iter().copied())
+                .collect();
+            HostTensor::new(vec![indices.len(), d], data)
+        })
+    }
+
     pub fn gather_labels(&self, indices: &[usize]) -> Option<Vec<u32>> {
         self.labels
             .as_ref()
@@ -199,6 +221,14 @@ impl Dataset {
                 }
                 _ => None,
             };
+            all.cond = match (all.cond.take(), p.cond) {
+                (Some(mut a), Some(b)) if a.shape[1] == b.shape[1] => {
+                    a.shape[0] += b.shape[0];
+                    a.data.extend(b.data);
+                    Some(a)
+                }
+                _ => None,
+            };
         }
         all.name = name;
         Ok(all)
@@ -229,6 +259,7 @@ impl Dataset {
             num_classes: self.num_classes,
             class_names: self.class_names.clone(),
             mixture: self.mixture.clone(),
+            cond: self.gather_cond(indices),
         }
     }
 

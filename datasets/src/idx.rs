@@ -167,6 +167,7 @@ pub fn idx_dataset(
         num_classes,
         class_names,
         mixture: None,
+        cond: None,
     })
 }
 

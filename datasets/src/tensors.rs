@@ -1,5 +1,6 @@
 //! Precomputed tensors in a safetensors file: latents to train on (`x`, f32 `[N, ...]`, or u8
-//! images), optional labels `y` `[N]`, and clustering embeddings computed elsewhere (DINOv2, CLIP),
+//! images), optional labels `y` `[N]`, optional per-sample conditioning vectors `c` `[N, Dc]`
+//! (e.g. text embeddings; what a vector-conditioned router reads), and clustering embeddings computed elsewhere (DINOv2, CLIP),
 //! aligned by index (`embeddings` `[N, E]`, in this file or another).
 
 use std::path::PathBuf;
@@ -43,7 +44,26 @@ impl Source for TensorsFile {
         } else {
             None
         };
+        let cond = if f.contains("c") {
+            let c = f.f32("c")?;
+            if c.shape.len() != 2 || c.shape[0] != shape[0] || c.shape[1] == 0 {
+                return Err(Error::bad(
+                    &self.path,
+                    format!(
+                        "`c` has shape {:?}; expected [{}, Dc] (one conditioning vector per sample)",
+                        c.shape, shape[0]
+                    ),
+                ));
+            }
+            if c.data.iter().any(|v| !v.is_finite()) {
+                return Err(Error::bad(&self.path, "`c` has non-finite values"));
+            }
+            Some(c)
+        } else {
+            None
+        };
         Ok(Dataset {
+            cond,
             name: format!("tensors:{}", self.path.display()),
             shape: shape[1..].to_vec(),
             values,

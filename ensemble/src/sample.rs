@@ -88,6 +88,9 @@ pub struct SampleOptions {
     pub allow_missing: bool,
     /// Class-conditional sampling: which classes, and the guidance scale.
     pub class: Option<(Classes, f64)>,
+    /// Per-sample conditioning vectors for a vector-conditioned router: a safetensors file with
+    /// `c` `[N, Dc]`, row i for sample i.
+    pub condition: Option<PathBuf>,
     pub seed: u64,
     /// The PNG grid; `.safetensors` and `.json` are written beside it with the same stem.
     pub out: PathBuf,
@@ -111,6 +114,8 @@ pub struct Report {
     pub guidance: Option<f64>,
     /// Whether the router saw the class (a conditioned router given a class).
     pub router_sees_class: bool,
+    /// Whether the router saw per-sample conditioning vectors (`--condition`).
+    pub router_sees_vectors: bool,
     /// Router evaluations per sample (steps for most strategies, 1 for `trajectory`).
     pub router_calls_per_sample: f64,
     pub n: usize,
@@ -223,9 +228,34 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             "the router is not conditioned on the class: it weights the experts by p(k | x_t) (the prior at t = 1), not p(k | x_t, c)"
         );
     }
+    let condition = match &o.condition {
+        None => None,
+        Some(path) => {
+            let want = router.as_ref().and_then(|r| r.condition_dim());
+            let c = ddm_core::host::TensorFile::read(path)?.f32("c")?;
+            match want {
+                None => bail!(
+                    "{}: conditioning vectors given, but the router reads none (train it with --condition-vectors)",
+                    path.display()
+                ),
+                Some(d) if c.shape != [o.n, d] => bail!(
+                    "{}: `c` has shape {:?}; the router reads [{}, {d}] (one vector per sample, --n {})",
+                    path.display(),
+                    c.shape,
+                    o.n,
+                    o.n
+                ),
+                Some(_) => Some(c.to_tensor::<2>(&device)),
+            }
+        }
+    };
+    let router_sees_vectors = condition.is_some();
     let mut ensemble = Ensemble::new(experts, router, o.strategy, o.seed)?;
     if !router_sees_class {
         ensemble = ensemble.route_without_class();
+    }
+    if let Some(c) = condition {
+        ensemble = ensemble.with_condition_vectors(c);
     }
     let shape = reg.index.data.shape.clone();
     let per: usize = shape.iter().product();
@@ -295,6 +325,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         class: o.class.map(|(c, _)| c.to_string()),
         guidance: o.class.map(|(_, g)| g),
         router_sees_class,
+        router_sees_vectors,
         router_calls_per_sample: router_rows as f64 / o.n.max(1) as f64,
         strategy: o.strategy.to_string(),
         router: match (o.strategy.uses_router(), o.router) {

@@ -34,10 +34,20 @@ pub trait Posterior {
     fn k(&self) -> usize;
     /// Classes the posterior is conditioned on (0: it ignores any class it is given).
     fn classes(&self) -> usize;
+    /// The length of the conditioning vectors it reads (None: it reads none).
+    fn condition_dim(&self) -> Option<usize> {
+        None
+    }
     /// # Shapes
-    /// - `x_t`: `[N, X]`, `t`: `[N]`, `y`: `[N]` class ids (null class = `classes()`)
-    ///   -> N rows of K probabilities
-    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, y: Option<&Tensor<1, Int>>) -> Vec<Vec<f64>>;
+    /// - `x_t`: `[N, X]`, `t`: `[N]`, `y`: `[N]` class ids (null class = `classes()`),
+    ///   `c`: `[N, Dc]` conditioning vectors -> N rows of K probabilities
+    fn probs(
+        &self,
+        x_t: &Tensor<2>,
+        t: &Tensor<1>,
+        y: Option<&Tensor<1, Int>>,
+        c: Option<&Tensor<2>>,
+    ) -> Vec<Vec<f64>>;
 }
 
 /// A trained router network.
@@ -55,8 +65,18 @@ impl Posterior for LearnedRouter {
         self.net.classes()
     }
 
-    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, y: Option<&Tensor<1, Int>>) -> Vec<Vec<f64>> {
-        let logits = self.net.logits(x_t.clone(), t.clone(), y.cloned());
+    fn condition_dim(&self) -> Option<usize> {
+        self.net.condition_dim()
+    }
+
+    fn probs(
+        &self,
+        x_t: &Tensor<2>,
+        t: &Tensor<1>,
+        y: Option<&Tensor<1, Int>>,
+        c: Option<&Tensor<2>>,
+    ) -> Vec<Vec<f64>> {
+        let logits = self.net.logits(x_t.clone(), t.clone(), y.cloned(), c.cloned());
         let p = HostTensor::from_tensor(softmax(logits, 1)); // device sync
         p.data
             .chunks(self.k)
@@ -74,7 +94,14 @@ impl Posterior for AnalyticRouter {
         AnalyticRouter::classes(self)
     }
 
-    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, y: Option<&Tensor<1, Int>>) -> Vec<Vec<f64>> {
+    /// Conditioning vectors are ignored: the analytic router has no model of p(k | c) for them.
+    fn probs(
+        &self,
+        x_t: &Tensor<2>,
+        t: &Tensor<1>,
+        y: Option<&Tensor<1, Int>>,
+        _c: Option<&Tensor<2>>,
+    ) -> Vec<Vec<f64>> {
         let x = HostTensor::from_tensor(x_t.clone());
         let t = HostTensor::from_tensor(t.clone()).data;
         let classes = AnalyticRouter::classes(self);
@@ -167,6 +194,8 @@ pub struct Ensemble<'a> {
     assignment: RefCell<Option<Assignment>>,
     /// Whether the router is given the samples' classes (when there are any).
     router_sees_class: bool,
+    /// Per-sample conditioning vectors for the router `[N, Dc]`, row i for sample i.
+    condition: Option<Tensor<2>>,
     /// First expert-loading error (surfaced by `take_error` after sampling).
     error: RefCell<Option<anyhow::Error>>,
 }
@@ -203,8 +232,16 @@ impl<'a> Ensemble<'a> {
             usage: RefCell::new(vec![]),
             assignment: RefCell::new(None),
             router_sees_class: true,
+            condition: None,
             error: RefCell::new(None),
         })
+    }
+
+    /// Give the router these conditioning vectors `[N, Dc]`, one per sample of every evaluation
+    /// (so every evaluation must be of N samples).
+    pub fn with_condition_vectors(mut self, c: Tensor<2>) -> Self {
+        self.condition = Some(c);
+        self
     }
 
     /// Route without telling the router the class (its classes are not the experts').
@@ -269,7 +306,10 @@ impl VelocityField<2> for Ensemble<'_> {
             let probs = match &self.router {
                 Some(r) if self.strategy.uses_router() => {
                     router_rows += n;
-                    r.probs(&x_t, &t, y.as_ref().filter(|_| self.router_sees_class))
+                    let c = self.condition.as_ref().inspect(|c| {
+                        assert_eq!(c.dims()[0], n, "one conditioning vector per sample");
+                    });
+                    r.probs(&x_t, &t, y.as_ref().filter(|_| self.router_sees_class), c)
                 }
                 _ => vec![vec![1.0 / k as f64; k]; n],
             };

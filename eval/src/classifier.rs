@@ -50,7 +50,7 @@ impl Classifier {
     pub fn logits(&self, x: Tensor<2>) -> Tensor<2> {
         let [n, _] = x.dims();
         let t = self.t_zero(n, &x.device());
-        self.net.logits(x, t, None)
+        self.net.logits(x, t, None, None)
     }
 
     /// # Shapes
@@ -58,7 +58,7 @@ impl Classifier {
     pub fn features(&self, x: Tensor<2>) -> Tensor<2> {
         let [n, _] = x.dims();
         let t = self.t_zero(n, &x.device());
-        self.net.features(x, t, None)
+        self.net.features(x, t, None, None)
     }
 }
 
@@ -107,7 +107,7 @@ fn build(config: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<Cla
         mlp => mlp.clone(),
     };
     Ok(Classifier {
-        net: RouterNet::build(&trunk, classes, src)?,
+        net: RouterNet::build(&trunk, classes, None, src)?,
     })
 }
 

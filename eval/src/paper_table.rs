@@ -347,8 +347,8 @@ fn diagnostics(dir: &Path, k: usize, setting: &Setting) -> anyhow::Result<String
                 for b in &e.without_class {
                     s.push_str(&format!(" {:.2}", b.accuracy));
                 }
-                if let Some(w) = &e.with_class {
-                    s.push_str(", given the class");
+                if let (Some(w), Some(given)) = (&e.with_condition, &e.given) {
+                    s.push_str(&format!(", given the {given}"));
                     for b in w {
                         s.push_str(&format!(" {:.2}", b.accuracy));
                     }

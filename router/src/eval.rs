@@ -22,16 +22,21 @@ pub struct BinReport {
     pub cross_entropy: f64,
     pub ece: f64,
     /// Mean total-variation distance between the prediction and the t = 1 ideal: the prior
-    /// w_k, or p(k | c) when the router was given the class.
-    pub tv_to_prior: f64,
+    /// w_k, or p(k | c) when the router was given the class (None when it was given
+    /// conditioning vectors: their p(k | c) has no count to compare with).
+    pub tv_to_prior: Option<f64>,
 }
 
-/// A router's evaluation: without the class, and (a conditioned router on labelled data) with it.
+/// A router's evaluation: without the condition, and (a conditioned router on data that has the
+/// condition: labels, conditioning vectors) with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouterEval {
     pub without_class: Vec<BinReport>,
+    /// Given the condition: `class`, `vector` or `class and vector`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub with_class: Option<Vec<BinReport>>,
+    pub given: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with_condition: Option<Vec<BinReport>>,
 }
 
 impl RouterEval {
@@ -48,7 +53,8 @@ impl RouterEval {
             Either::Now(e) => e,
             Either::Before(bins) => RouterEval {
                 without_class: bins,
-                with_class: None,
+                given: None,
+                with_condition: None,
             },
         })
     }
@@ -72,8 +78,9 @@ pub fn class_priors(clusters: &[u32], labels: &[u32], k: usize, classes: usize) 
         .collect()
 }
 
-/// Evaluate `net` without the class, and also with it if the router is conditioned and `data`
-/// has labels. `n_eval` samples (seeded), 10 t bins plus t = 1 exactly.
+/// Evaluate `net` without the condition, and also with it if the router is conditioned and `data`
+/// has what it reads (labels, conditioning vectors). `n_eval` samples (seeded), 10 t bins plus
+/// t = 1 exactly.
 pub fn evaluate(
     net: &RouterNet,
     data: &Dataset,
@@ -83,31 +90,30 @@ pub fn evaluate(
     seed: u64,
     device: &Device,
 ) -> RouterEval {
-    let with_class = match (&data.labels, net.classes()) {
-        (Some(labels), classes) if classes > 0 => Some(evaluate_given(
-            net,
-            data,
-            clusters,
-            k,
-            Some(labels),
-            n_eval,
-            seed,
-            device,
-        )),
-        _ => None,
+    let labels = data.labels.as_ref().filter(|_| net.classes() > 0);
+    let cond = data.cond.as_ref().filter(|_| net.condition_dim().is_some());
+    let given = match (labels.is_some(), cond.is_some()) {
+        (true, false) => Some("class"),
+        (false, true) => Some("vector"),
+        (true, true) => Some("class and vector"),
+        (false, false) => None,
     };
+    let with_condition =
+        given.map(|_| evaluate_given(net, data, clusters, k, labels, cond, n_eval, seed, device));
     let without_class = if net.routes_without_class() {
-        evaluate_given(net, data, clusters, k, None, n_eval, seed, device)
+        evaluate_given(net, data, clusters, k, None, None, n_eval, seed, device)
     } else {
         vec![]
     };
     RouterEval {
         without_class,
-        with_class,
+        given: given.map(String::from),
+        with_condition,
     }
 }
 
-/// Evaluate with the classes `labels` given to the router (None: not given).
+/// Evaluate with the classes `labels` and the conditioning vectors `cond` given to the router
+/// (None: not given).
 #[allow(clippy::too_many_arguments)]
 fn evaluate_given(
     net: &RouterNet,
@@ -115,6 +121,7 @@ fn evaluate_given(
     clusters: &[u32],
     k: usize,
     labels: Option<&Vec<u32>>,
+    cond: Option<&HostTensor>,
     n_eval: usize,
     seed: u64,
     device: &Device,
@@ -154,8 +161,13 @@ fn evaluate_given(
                 let y: Vec<i64> = idx[r.clone()].iter().map(|&s| l[s] as i64).collect();
                 Tensor::<1, Int>::from_data(TensorData::new(y, [b]), device)
             });
+            let cb = cond.map(|_| {
+                data.gather_cond(&idx[r.clone()])
+                    .expect("the data has conditioning vectors")
+                    .to_tensor::<2>(device)
+            });
             let x_t = flow::interpolate(x0b, eb, tb.clone());
-            probs.extend(HostTensor::from_tensor(softmax(net.logits(x_t, tb, yb), 1)).data);
+            probs.extend(HostTensor::from_tensor(softmax(net.logits(x_t, tb, yb, cb), 1)).data);
         }
         let (mut correct, mut ce, mut tv) = (0usize, 0f64, 0f64);
         let mut conf_bins = vec![(0f64, 0f64, 0usize); 10]; // (sum conf, sum correct, count)
@@ -191,7 +203,7 @@ fn evaluate_given(
             accuracy: correct as f64 / m,
             cross_entropy: ce / m,
             ece,
-            tv_to_prior: tv / m,
+            tv_to_prior: cond.is_none().then_some(tv / m),
         });
     }
     out
@@ -204,8 +216,12 @@ pub fn tables(e: &RouterEval, priors: &[f64]) -> String {
         s.push_str("Without the class (TV to the prior w_k):\n\n");
         s.push_str(&table(&e.without_class, priors));
     }
-    if let Some(w) = &e.with_class {
-        s.push_str("\nWith the class (TV to p(k | c)):\n\n");
+    if let (Some(w), Some(given)) = (&e.with_condition, &e.given) {
+        let tv = match given.as_str() {
+            "class" => " (TV to p(k | c))",
+            _ => "",
+        };
+        s.push_str(&format!("\nWith the {given}{tv}:\n\n"));
         s.push_str(&table(w, priors));
     }
     s
@@ -223,8 +239,11 @@ pub fn table(reports: &[BinReport], priors: &[f64]) -> String {
             format!("{:.1}-{:.1}", r.t_lo, r.t_hi)
         };
         s.push_str(&format!(
-            "| {t} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
-            r.accuracy, r.cross_entropy, r.ece, r.tv_to_prior
+            "| {t} | {:.3} | {:.3} | {:.3} | {} |\n",
+            r.accuracy,
+            r.cross_entropy,
+            r.ece,
+            r.tv_to_prior.map_or("–".to_string(), |v| format!("{v:.3}"))
         ));
     }
     s.push_str(&format!(

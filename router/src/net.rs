@@ -1,10 +1,13 @@
 //! The router network: the DiT trunk of `ddm-core` (reused, not copied) with mean pooling over
 //! tokens, a LayerNorm and a linear head to K logits; or, for vector data, the MLP with K outputs.
-//! Both take x_t and t, and a conditioned router also the class c (DiT's class embedding, with a
-//! null class so one router serves conditional and unconditional sampling): p(k | x_t, t, c).
-//! Both start at uniform logits (zero-initialised head).
+//! Both take x_t and t, and a conditioned router also the condition: a class (DiT's class
+//! embedding, with a null class so one router serves conditional and unconditional sampling)
+//! and/or a per-sample conditioning vector c (a linear projection `c_embedder` added to the
+//! conditioning vector; the zero vector is its null, as condition dropout trains it):
+//! p(k | x_t, t, c). All start at uniform logits (zero-initialised head).
 //!
-//! Parameter names: the trunk keeps the PyTorch DiT names; the head is `head.weight`/`head.bias`.
+//! Parameter names: the trunk keeps the PyTorch DiT names; the head is `head.weight`/`head.bias`,
+//! the projection `c_embedder.weight`/`c_embedder.bias`.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +18,7 @@ use ddm_core::dit::{DiT, layer_norm};
 use ddm_core::host::HostTensor;
 use ddm_core::mlp::Mlp;
 use ddm_core::model::ModelConfig;
-use ddm_core::params::{Init, ParamSource, StateDict};
+use ddm_core::params::{Init, ParamSource};
 
 /// DiT trunk + mean pool + LayerNorm + linear head.
 #[derive(Module, Debug)]
@@ -24,12 +27,20 @@ pub struct DitRouter {
     head: Linear,
 }
 
-/// A router network.
+/// The network under the head: a DiT trunk or an MLP.
 #[derive(Module, Debug)]
 #[allow(clippy::large_enum_variant)]
-pub enum RouterNet {
+pub enum RouterBody {
     Dit(DitRouter),
     Mlp(Mlp),
+}
+
+/// A router network.
+#[derive(Module, Debug)]
+pub struct RouterNet {
+    body: RouterBody,
+    /// Projection of the conditioning vector c `[Dc] -> [D]` (vector-conditioned routers).
+    c_embedder: Option<Linear>,
 }
 
 /// The trunk config of a router with `k` outputs (an MLP's `out_dim` is K).
@@ -44,14 +55,20 @@ pub fn router_config(trunk: ModelConfig, k: usize) -> ModelConfig {
 }
 
 impl RouterNet {
-    /// Build from `config` (a DiT trunk config, or an MLP with `out_dim` = K) for `k` clusters.
-    pub fn build(config: &ModelConfig, k: usize, src: &mut impl ParamSource) -> ddm_core::Result<Self> {
-        Ok(match config {
+    /// Build from `config` (a DiT trunk config, or an MLP with `out_dim` = K) for `k` clusters,
+    /// conditioned on vectors of length `condition_dim` if given.
+    pub fn build(
+        config: &ModelConfig,
+        k: usize,
+        condition_dim: Option<usize>,
+        src: &mut impl ParamSource,
+    ) -> ddm_core::Result<Self> {
+        let (body, hidden) = match config {
             ModelConfig::Dit(c) => {
                 let trunk = c.build_trunk(src)?;
                 // Zero-initialised head: a fresh router predicts the uniform distribution.
                 let head = src.linear("head", c.hidden_size, k, Init::Zeros)?;
-                RouterNet::Dit(DitRouter { trunk, head })
+                (RouterBody::Dit(DitRouter { trunk, head }), c.hidden_size)
             }
             ModelConfig::Mlp(m) => {
                 if m.out_dim != Some(k) {
@@ -60,9 +77,19 @@ impl RouterNet {
                         m.out_dim
                     )));
                 }
-                RouterNet::Mlp(m.build(src)?)
+                (RouterBody::Mlp(m.build(src)?), m.hidden_size)
             }
-        })
+        };
+        let c_embedder = match condition_dim {
+            Some(0) => {
+                return Err(ddm_core::Error::InvalidConfig(
+                    "a conditioning vector needs at least one value".into(),
+                ));
+            }
+            Some(dc) => Some(src.linear("c_embedder", dc, hidden, Init::Xavier)?),
+            None => None,
+        };
+        Ok(Self { body, c_embedder })
     }
 
     /// The router stored in `ckpt` (read from `path`, named in errors), every tensor checked.
@@ -72,23 +99,29 @@ impl RouterNet {
         device: &Device,
     ) -> ddm_core::Result<Self> {
         let k = ckpt.meta.num_clusters.unwrap_or(0);
+        let condition_dim = ckpt.meta.condition_dim;
         let mut src = ddm_core::params::StateLoader::new(path, ckpt.tensors, device);
-        let net = RouterNet::build(&ckpt.meta.model, k, &mut src)?;
+        let net = RouterNet::build(&ckpt.meta.model, k, condition_dim, &mut src)?;
         src.finish("router")?;
         Ok(net)
     }
 
     /// The network's configuration.
     pub fn config(&self) -> ModelConfig {
-        match self {
-            RouterNet::Dit(r) => ModelConfig::Dit(r.trunk.config().clone()),
-            RouterNet::Mlp(m) => ModelConfig::Mlp(m.config().clone()),
+        match &self.body {
+            RouterBody::Dit(r) => ModelConfig::Dit(r.trunk.config().clone()),
+            RouterBody::Mlp(m) => ModelConfig::Mlp(m.config().clone()),
         }
     }
 
-    /// Classes the router is conditioned on (0: it sees only x_t and t).
+    /// Classes the router is conditioned on (0: it does not see a class).
     pub fn classes(&self) -> usize {
         self.config().num_classes()
+    }
+
+    /// The length of the conditioning vectors it reads (None: it reads none).
+    pub fn condition_dim(&self) -> Option<usize> {
+        self.c_embedder.as_ref().map(|l| l.weight.dims()[0])
     }
 
     /// Whether the router can route without a class (a conditioned router trained with condition
@@ -98,26 +131,39 @@ impl RouterNet {
         c.num_classes() == 0 || c.has_null_class()
     }
 
-    /// The class input the network reads: `y` for a conditioned router (the null class when
-    /// `y` is None), nothing for an unconditioned one (which ignores any `y`).
-    fn condition(&self, y: Option<Tensor<1, Int>>, n: usize, device: &Device) -> Option<Tensor<1, Int>> {
+    /// The class input the network reads: `y` for a class-conditioned router (the null class
+    /// when `y` is None), nothing for one without classes (which ignores any `y`).
+    fn class_input(&self, y: Option<Tensor<1, Int>>, n: usize, device: &Device) -> Option<Tensor<1, Int>> {
         match self.classes() {
             0 => None,
             classes => Some(y.unwrap_or_else(|| Tensor::full([n], classes as i64, device))),
         }
     }
 
-    /// Cluster logits: of p(k | x_t, t, c) for a conditioned router, p(k | x_t, t) otherwise.
+    /// The projected conditioning vector `[N, D]` for a vector-conditioned router (the zero
+    /// vector, the null condition, when `c` is None); None for a router that reads no vectors.
+    fn vector_input(&self, c: Option<Tensor<2>>, n: usize, device: &Device) -> Option<Tensor<2>> {
+        let proj = self.c_embedder.as_ref()?;
+        let dc = proj.weight.dims()[0];
+        Some(proj.forward(c.unwrap_or_else(|| Tensor::zeros([n, dc], device)))) // [N, D]
+    }
+
+    /// Cluster logits: of p(k | x_t, t, y, c) for a conditioned router, p(k | x_t, t) otherwise.
     ///
     /// # Shapes
-    /// - `x_t`: `[N, X]` (flattened samples), `t`: `[N]`, `y`: `[N]` class ids -> `[N, K]`
-    pub fn logits(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
-        match self {
-            RouterNet::Dit(r) => r.head.forward(self.features(x_t, t, y)), // [N, K]
-            RouterNet::Mlp(m) => {
-                let y = self.condition(y, x_t.dims()[0], &x_t.device());
-                m.forward(x_t, t, y)
-            }
+    /// - `x_t`: `[N, X]` (flattened samples), `t`: `[N]`, `y`: `[N]` class ids, `c`: `[N, Dc]`
+    ///   -> `[N, K]`
+    pub fn logits(
+        &self,
+        x_t: Tensor<2>,
+        t: Tensor<1>,
+        y: Option<Tensor<1, Int>>,
+        c: Option<Tensor<2>>,
+    ) -> Tensor<2> {
+        let h = self.features(x_t, t, y, c);
+        match &self.body {
+            RouterBody::Dit(r) => r.head.forward(h), // [N, K]
+            RouterBody::Mlp(m) => m.head(h),
         }
     }
 
@@ -125,31 +171,41 @@ impl RouterNet {
     /// An image classifier built like a router uses these as its feature space.
     ///
     /// # Shapes
-    /// - `x_t`: `[N, X]`, `t`: `[N]`, `y`: `[N]` -> `[N, D]`
-    pub fn features(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
+    /// - `x_t`: `[N, X]`, `t`: `[N]`, `y`: `[N]`, `c`: `[N, Dc]` -> `[N, D]`
+    pub fn features(
+        &self,
+        x_t: Tensor<2>,
+        t: Tensor<1>,
+        y: Option<Tensor<1, Int>>,
+        c: Option<Tensor<2>>,
+    ) -> Tensor<2> {
         let [n, _] = x_t.dims();
-        let y = self.condition(y, n, &x_t.device());
-        match self {
-            RouterNet::Dit(r) => {
-                let c = r.trunk.config();
-                let x = x_t.reshape([n, c.in_channels, c.input_size, c.input_size]);
-                let (tokens, _) = r.trunk.trunk(x, t, y); // [N, T, D]
-                layer_norm(tokens.mean_dim(1).reshape([n, c.hidden_size])) // [N, D]
+        let device = x_t.device();
+        let y = self.class_input(y, n, &device);
+        let extra = self.vector_input(c, n, &device);
+        match &self.body {
+            RouterBody::Dit(r) => {
+                let cfg = r.trunk.config();
+                let x = x_t.reshape([n, cfg.in_channels, cfg.input_size, cfg.input_size]);
+                let (tokens, _) = r.trunk.trunk(x, t, y, extra); // [N, T, D]
+                layer_norm(tokens.mean_dim(1).reshape([n, cfg.hidden_size])) // [N, D]
             }
-            RouterNet::Mlp(m) => m.features(x_t, t, y),
+            RouterBody::Mlp(m) => m.features_with(x_t, t, y, extra),
         }
     }
 
     pub fn state_dict(&self) -> BTreeMap<String, HostTensor> {
-        match self {
-            RouterNet::Dit(r) => {
+        let mut sd = match &self.body {
+            RouterBody::Dit(r) => {
                 let mut sd = r.trunk.state_dict();
-                let mut head = StateDict::default();
-                head.linear("head", &r.head);
-                sd.0.extend(head.0);
-                sd.0
+                sd.linear("head", &r.head);
+                sd
             }
-            RouterNet::Mlp(m) => m.state_dict().0,
+            RouterBody::Mlp(m) => m.state_dict(),
+        };
+        if let Some(p) = &self.c_embedder {
+            sd.linear("c_embedder", p);
         }
+        sd.0
     }
 }

@@ -104,7 +104,22 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
                 args.input.display()
             );
         }
-        let logits = HostTensor::from_tensor(net.logits(x_t, t, y));
+        let c = if input.contains("c") {
+            let c = input.f32("c")?;
+            let want = net.condition_dim();
+            if want.is_none() || c.shape != [n, want.unwrap_or(0)] {
+                bail!(
+                    "{}: `c` has shape {:?}, but the router reads {}",
+                    args.input.display(),
+                    c.shape,
+                    want.map_or("no conditioning vectors".to_string(), |d| format!("[{n}, {d}]"))
+                );
+            }
+            Some(c.to_tensor::<2>(&device))
+        } else {
+            None
+        };
+        let logits = HostTensor::from_tensor(net.logits(x_t, t, y, c));
         write_tensors(
             &args.out,
             &BTreeMap::from([("logits".to_string(), logits)]),

@@ -54,6 +54,10 @@ pub struct SampleArgs {
     /// only).
     #[arg(long)]
     pub class: Option<Classes>,
+    /// Conditioning vectors for a router trained with --condition-vectors: a safetensors file
+    /// with `c` [N, Dc], row i for sample i.
+    #[arg(long)]
+    pub condition: Option<PathBuf>,
     /// Classifier-free guidance scale with --class (1 = none).
     #[arg(long, default_value_t = 1.0, requires = "class")]
     pub guidance: f64,
@@ -103,6 +107,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         },
         allow_missing: args.allow_missing,
         class: args.class.map(|c| (c, args.guidance)),
+        condition: args.condition,
         seed: args.seed,
         out: args.out,
         device: args.device.device()?,

@@ -34,6 +34,11 @@ pub struct TrainRouterArgs {
     /// Samples in the final evaluation.
     #[arg(long, default_value_t = 2000)]
     pub eval_samples: usize,
+    /// Condition on the data's per-sample conditioning vectors `c` (a `tensors:` file's `c`
+    /// [N, Dc], e.g. text embeddings): a linear projection of c joins the router's conditioning;
+    /// --class-dropout also zeroes c, so the router learns the unconditional case too.
+    #[arg(long)]
+    pub condition_vectors: bool,
     #[command(flatten)]
     pub settings: TrainSettings,
 }
@@ -41,17 +46,29 @@ pub struct TrainRouterArgs {
 const EXAMPLES: &str = "Examples:
   ddm train-router --partition part --out router
   ddm train-router --partition part --out router --model DiT-T/4 --steps 4000
-  ddm train-router --partition part --out router --class-conditional --class-dropout 0.2";
+  ddm train-router --partition part --out router --class-conditional --class-dropout 0.2
+  ddm train-router --partition part-of-tensors --out router --condition-vectors --model mlp";
 
 pub fn run(args: TrainRouterArgs) -> anyhow::Result<u8> {
     let mut config = args.settings.resolve_config()?;
     if args.settings.model.is_none() && args.settings.config.is_none() {
         config.model = DEFAULT_ROUTER_MODEL.into();
     }
+    let partition = Partition::open(&args.partition)?;
+    let condition_dim = match args.condition_vectors {
+        false => None,
+        true => Some(partition.condition_dim()?.with_context(|| {
+            format!(
+                "{}: --condition-vectors, but the partition's data has no conditioning vectors (`c` in a tensors: file)",
+                args.partition.display()
+            )
+        })?),
+    };
     let task = RouterTask {
-        partition: Partition::open(&args.partition)?,
+        partition,
         expert_model: args.expert_model.clone(),
         eval_samples: args.eval_samples,
+        condition_dim,
     };
     let outcome = train(&task, &args.settings, config, &args.out)?;
     if let Outcome::Finished { .. } = outcome {

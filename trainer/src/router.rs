@@ -61,6 +61,25 @@ pub fn cross_entropy(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
     log_softmax(logits, 1).gather(1, ids).mean().neg()
 }
 
+/// The batch's conditioning vectors, each replaced by the zero vector (the null condition) with
+/// probability `dropout`, one draw from `rng` per sample.
+///
+/// # Shapes
+/// - `batch.cond`: `[B, Dc]` -> `[B, Dc]`
+pub fn dropped_vectors(batch: &Batch<'_>, dropout: f64, rng: &mut ChaCha8Rng) -> Tensor<2> {
+    use rand::Rng;
+    let c = batch
+        .cond
+        .clone()
+        .expect("a vector-conditioned router's data has conditioning vectors");
+    let [b, _] = c.dims();
+    let keep: Vec<f32> = (0..b)
+        .map(|_| if rng.random::<f64>() < dropout { 0.0 } else { 1.0 })
+        .collect();
+    let keep = Tensor::<2>::from_data(TensorData::new(keep, [b, 1]), &c.device());
+    c * keep
+}
+
 pub struct RouterTask {
     /// The partition whose cluster ids the router learns (every shard is read).
     pub partition: Partition,
@@ -68,6 +87,9 @@ pub struct RouterTask {
     pub expert_model: String,
     /// Samples for the evaluation printed at the end.
     pub eval_samples: usize,
+    /// Condition on the data's per-sample conditioning vectors `c` of this length
+    /// ([`Partition::condition_dim`]); None: the router does not read them.
+    pub condition_dim: Option<usize>,
 }
 
 impl Task for RouterTask {
@@ -79,6 +101,15 @@ impl Task for RouterTask {
 
     fn data(&self) -> anyhow::Result<TrainData> {
         let (data, clusters) = self.partition.all()?;
+        let found = data.cond.as_ref().map(|c| c.shape[1]);
+        if self.condition_dim.is_some() && found != self.condition_dim {
+            anyhow::bail!(
+                "{}: the router is to read conditioning vectors of length {}, but the partition's data has {}",
+                self.partition.dir().display(),
+                self.condition_dim.unwrap_or(0),
+                found.map_or("none".to_string(), |d| format!("vectors of length {d}"))
+            );
+        }
         Ok(TrainData {
             data,
             targets: Some(clusters),
@@ -91,7 +122,12 @@ impl Task for RouterTask {
     }
 
     fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<RouterNet> {
-        Ok(RouterNet::build(net, self.partition.k(), src)?)
+        Ok(RouterNet::build(
+            net,
+            self.partition.k(),
+            self.condition_dim,
+            src,
+        )?)
     }
 
     fn loss(
@@ -105,7 +141,10 @@ impl Task for RouterTask {
         let (_, t, x_t) = crate::task::noise(&batch.x0, config, rng);
         let targets = batch.targets.expect("router batches carry cluster ids");
         let y = crate::expert::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
-        cross_entropy(net.logits(x_t, t, y), targets)
+        let c = self
+            .condition_dim
+            .map(|_| dropped_vectors(&batch, config.class_dropout, rng));
+        cross_entropy(net.logits(x_t, t, y, c), targets)
     }
 
     fn finish(
@@ -125,6 +164,7 @@ impl Task for RouterTask {
             priors.clone(),
         );
         meta.source = Some(format!("ddm train-router on {}", manifest.dataset.name));
+        meta.condition_dim = self.condition_dim;
         // Cost relative to one expert (per forward pass).
         let expert = TrainConfig {
             model: self.expert_model.clone(),

@@ -65,6 +65,8 @@ pub struct Batch<'a> {
     pub labels: Option<&'a [u32]>,
     /// Per-sample targets of the task (a router's cluster ids).
     pub targets: Option<&'a [u32]>,
+    /// Per-sample conditioning vectors `[B, Dc]`, if the data has them.
+    pub cond: Option<Tensor<2>>,
 }
 
 pub trait Task {

@@ -138,6 +138,7 @@ fn trained_router_matches_the_posterior_and_broken_ones_do_not() {
         partition: Partition::open(&part).unwrap(),
         expert_model: "mlp".into(),
         eval_samples: 500,
+        condition_dim: None,
     };
     let run = Run {
         out: out.clone(),
@@ -154,7 +155,7 @@ fn trained_router_matches_the_posterior_and_broken_ones_do_not() {
     let trained = |x: &[f64], t: f64| -> Vec<f64> {
         let xt = HostTensor::new(vec![1, 2], x.iter().map(|&v| v as f32).collect()).to_tensor::<2>(&device);
         let tt = Tensor::<1>::from_floats([t as f32], &device);
-        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, None), 1)).data;
+        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, None, None), 1)).data;
         let mut q = vec![0.0; 4];
         for (k, &c) in component.iter().enumerate() {
             q[c] = p[k] as f64;
@@ -231,6 +232,7 @@ fn a_router_of_another_partition_or_k_is_refused() {
         partition: Partition::open(&part).unwrap(),
         expert_model: "mlp".into(),
         eval_samples: 100,
+        condition_dim: None,
     };
     let run = Run {
         out: out.clone(),
@@ -282,6 +284,12 @@ fn exact_class_priors(g: &GaussianMixture) -> Vec<Vec<f64>> {
 /// A k-means partition of mixture samples labelled with 3 classes drawn from p(c | k), and the
 /// component behind each cluster (the mixture mean nearest the cluster's mean).
 fn labelled_partition(dir: &Path, n: usize) -> (PathBuf, PartitionManifest, Vec<usize>) {
+    labelled_partition_with(dir, n, false)
+}
+
+/// [`labelled_partition`], and with `vectors` each sample also carries a conditioning vector:
+/// its class one-hot plus N(0, 0.1^2) noise (`c` `[N, 3]`).
+fn labelled_partition_with(dir: &Path, n: usize, vectors: bool) -> (PathBuf, PartitionManifest, Vec<usize>) {
     use rand::Rng;
     let spec: ddm_datasets::mixture::MixtureSpec =
         serde_json::from_value(serde_json::json!({"weights": [0.1, 0.2, 0.3, 0.4],
@@ -304,6 +312,18 @@ fn labelled_partition(dir: &Path, n: usize) -> (PathBuf, PartitionManifest, Vec<
     d.labels = Some(labels.collect());
     d.num_classes = Some(3);
     d.class_names = None;
+    if vectors {
+        let noise = ddm_core::flow::randn(vec![n, 3], &mut rng);
+        let c: Vec<f32> = d
+            .labels
+            .as_ref()
+            .unwrap()
+            .iter()
+            .zip(noise.data.chunks(3))
+            .flat_map(|(&l, e)| (0..3).map(move |j| (j == l as usize) as u8 as f32 + 0.1 * e[j]))
+            .collect();
+        d.cond = Some(HostTensor::new(vec![n, 3], c));
+    }
     let c = PartitionConfig {
         k: 4,
         features: FeatureMethod::Raw,
@@ -415,6 +435,7 @@ fn conditioned_router_learns_p_k_given_c() {
         partition: Partition::open(&part).unwrap(),
         expert_model: "mlp".into(),
         eval_samples: 500,
+        condition_dim: None,
     };
     let run = Run {
         out: out.clone(),
@@ -431,7 +452,7 @@ fn conditioned_router_learns_p_k_given_c() {
         let xt = HostTensor::new(vec![1, 2], x.iter().map(|&v| v as f32).collect()).to_tensor::<2>(&device);
         let tt = Tensor::<1>::from_floats([t as f32], &device);
         let y = c.map(|c| Tensor::<1, Int>::from_data(TensorData::new(vec![c], [1]), &device));
-        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, y), 1)).data;
+        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, y, None), 1)).data;
         let mut q = vec![0.0; 4];
         for (k, &comp) in component.iter().enumerate() {
             q[comp] = p[k] as f64;
@@ -471,12 +492,13 @@ fn conditioned_router_learns_p_k_given_c() {
         &device,
     );
     let with = report
-        .with_class
+        .with_condition
         .as_ref()
         .expect("a conditioned router is evaluated with the class");
+    assert_eq!(report.given.as_deref(), Some("class"));
     let without = &report.without_class;
     assert!(
-        with[10].tv_to_prior < 0.06 && without[10].tv_to_prior < 0.06,
+        with[10].tv_to_prior.unwrap() < 0.06 && without[10].tv_to_prior.unwrap() < 0.06,
         "{report:?}"
     );
     // At t = 1 the class carries information the noise does not.
@@ -497,4 +519,90 @@ fn conditioned_router_learns_p_k_given_c() {
             assert!((p[k] - prior[comp]).abs() < 0.03, "class {c}: {p:?} vs {prior:?}");
         }
     }
+}
+
+/// A router conditioned on per-sample conditioning vectors (noisy class one-hots; no labels
+/// given): at t = 1 it predicts p(k | c) for a class's vector and the prior for the zero vector
+/// (the null condition condition-dropout trains).
+#[test]
+fn vector_conditioned_router_learns_p_k_given_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let (part, manifest, component) = labelled_partition_with(dir.path(), 8000, true);
+    let g = mixture();
+    let pkc = exact_class_priors(&g);
+    let partition = Partition::open(&part).unwrap();
+    assert_eq!(partition.condition_dim().unwrap(), Some(3));
+    let config = TrainConfig {
+        model: "mlp".into(),
+        mlp_hidden: 128,
+        mlp_depth: 3,
+        steps: 2500,
+        batch_size: 256,
+        lr: 2e-3,
+        warmup_steps: 100,
+        ema_decay: 0.99,
+        checkpoint_every: 2500,
+        class_dropout: 0.2,
+        ..TrainConfig::default()
+    };
+    let out = dir.path().join("router");
+    let task = RouterTask {
+        partition,
+        expert_model: "mlp".into(),
+        eval_samples: 500,
+        condition_dim: Some(3),
+    };
+    let run = Run {
+        out: out.clone(),
+        config,
+        device: ddm_core::device::DeviceChoice::Cpu,
+        progress: false,
+    };
+    ddm_trainer::train::run(&task, run).unwrap();
+    let device = ddm_core::device::cpu();
+    let (meta, net) = ddm_router::load_checked(&out.join("router.safetensors"), &manifest, &device).unwrap();
+    assert_eq!(
+        (meta.condition_dim, net.condition_dim(), net.classes()),
+        (Some(3), Some(3), 0)
+    );
+    let at_noise = |c: [f32; 3]| -> Vec<f64> {
+        let xt = Tensor::<2>::from_floats([[0.3, -0.2]], &device);
+        let tt = Tensor::<1>::from_floats([1.0], &device);
+        let c = Tensor::<2>::from_floats([c], &device);
+        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, None, Some(c)), 1)).data;
+        let mut q = vec![0.0; 4];
+        for (k, &comp) in component.iter().enumerate() {
+            q[comp] = p[k] as f64;
+        }
+        q
+    };
+    for (class, prior) in pkc.iter().enumerate() {
+        let mut c = [0.0; 3];
+        c[class] = 1.0;
+        let p = at_noise(c);
+        for (a, b) in p.iter().zip(prior) {
+            assert!(
+                (a - b).abs() < 0.06,
+                "class {class} at t = 1: {p:?} vs p(k | c) {prior:?}"
+            );
+        }
+    }
+    let null = at_noise([0.0; 3]);
+    for (a, w) in null.iter().zip(&g.weights) {
+        assert!(
+            (a - w).abs() < 0.06,
+            "zero vector: {null:?} vs prior {:?}",
+            g.weights
+        );
+    }
+    // Its evaluation reports accuracy with the vectors (no closed-form TV for vectors).
+    let (data, clusters) = Partition::open(&part).unwrap().all().unwrap();
+    let report = ddm_router::eval::evaluate(&net, &data, &clusters, 4, 1000, 0, &device);
+    assert_eq!(report.given.as_deref(), Some("vector"));
+    let with = report.with_condition.as_ref().unwrap();
+    assert!(with[10].tv_to_prior.is_none());
+    assert!(
+        with[10].accuracy > report.without_class[10].accuracy + 0.1,
+        "{report:?}"
+    );
 }

@@ -297,9 +297,18 @@ impl DiT {
     /// The trunk shared by the velocity head and (later) the router's head: tokens after the last
     /// block and the conditioning vector.
     ///
+    /// `extra`, if given, is added to the conditioning vector (a router's projection of a
+    /// per-sample conditioning vector).
+    ///
     /// # Shapes
-    /// - `x`: `[N, C, S, S]`, `t`: `[N]`, `y`: `[N]` -> (`[N, T, D]`, `[N, D]`)
-    pub fn trunk(&self, x: Tensor<4>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> (Tensor<3>, Tensor<2>) {
+    /// - `x`: `[N, C, S, S]`, `t`: `[N]`, `y`: `[N]`, `extra`: `[N, D]` -> (`[N, T, D]`, `[N, D]`)
+    pub fn trunk(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        y: Option<Tensor<1, Int>>,
+        extra: Option<Tensor<2>>,
+    ) -> (Tensor<3>, Tensor<2>) {
         let [n, _, _, _] = x.dims();
         let (g, d) = (self.config.grid(), self.config.hidden_size);
         let x = self.x_embedder.forward(x); // [N, D, S/P, S/P]
@@ -307,6 +316,9 @@ impl DiT {
         let mut c = self.t_embedder.forward(t); // [N, D]
         if let (Some(emb), Some(y)) = (&self.y_embedder, y) {
             c = c + emb.weight.val().select(0, y); // [N, D]
+        }
+        if let Some(extra) = extra {
+            c = c + extra; // [N, D]
         }
         let mut x = x;
         for block in &self.blocks {
@@ -321,7 +333,7 @@ impl DiT {
     /// - `x`: `[N, C, S, S]`, `t`: `[N]` in [0, 1], `y`: `[N]` class ids (null class = num_classes)
     /// - returns `[N, C, S, S]` (with `learn_sigma`, the first C of the 2C output channels)
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<4> {
-        let (x, c) = self.trunk(x, t, y);
+        let (x, c) = self.trunk(x, t, y, None);
         let head = self
             .final_layer
             .as_ref()

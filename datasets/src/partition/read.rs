@@ -52,6 +52,18 @@ impl Partition {
 
     /// Every shard, concatenated in cluster order, with each sample's cluster id (what a router
     /// and the monolith baseline train on).
+    /// The length of the data's per-sample conditioning vectors `c` (None: the data has none),
+    /// read from the first non-empty shard.
+    pub fn condition_dim(&self) -> Result<Option<usize>> {
+        for k in 0..self.k() {
+            let shard = self.shard(k)?;
+            if !shard.is_empty() {
+                return Ok(shard.cond.map(|c| c.shape[1]));
+            }
+        }
+        Ok(None)
+    }
+
     pub fn all(&self) -> Result<(Dataset, Vec<u32>)> {
         let shards = (0..self.k()).map(|k| self.shard(k)).collect::<Result<Vec<_>>>()?;
         let clusters: Vec<u32> = shards
@@ -144,6 +156,18 @@ pub fn load_shard(dir: &Path, manifest: &PartitionManifest, k: usize) -> Result<
     } else {
         None
     };
+    let cond = if f.contains("c") {
+        let c = f.f32("c")?;
+        if c.shape.len() != 2 || c.shape[0] != entry.count {
+            return Err(Error::bad(
+                &p,
+                format!("`c` has shape {:?}, expected [{}, Dc]", c.shape, entry.count),
+            ));
+        }
+        Some(c)
+    } else {
+        None
+    };
     let d = &manifest.dataset;
     if shape.len() < 2 || shape[0] != entry.count || shape[1..] != d.shape[..] {
         return Err(Error::bad(
@@ -162,6 +186,7 @@ pub fn load_shard(dir: &Path, manifest: &PartitionManifest, k: usize) -> Result<
         num_classes: d.num_classes,
         class_names: d.class_names.clone(),
         mixture: d.mixture.clone(),
+        cond,
     })
 }
 

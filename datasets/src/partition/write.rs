@@ -24,6 +24,9 @@ fn shard_bytes(dataset: &Dataset, idx: &[usize], meta: &ShardMeta) -> Result<Vec
             Values::F32(v) => RawTensor::f32(&HostTensor::new(shape, v.clone())),
         },
     );
+    if let Some(c) = &sub.cond {
+        t.insert("c".into(), RawTensor::f32(c));
+    }
     if let Some(l) = &sub.labels {
         t.insert(
             "y".into(),

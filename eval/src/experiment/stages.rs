@@ -130,6 +130,7 @@ pub(super) fn train_stage(
                     partition: partitions[which].clone(),
                     expert_model: setting.expert.model.clone(),
                     eval_samples: 1000,
+                    condition_dim: None,
                 },
                 &rout,
                 TrainConfig {
