@@ -180,6 +180,7 @@ pub fn systems(setting: &Setting) -> Vec<System> {
             &format!("threshold:{threshold}"),
             false,
         ),
+        ens("clustered trajectory", "clustered", "trajectory", false),
         ens("clustered top-1 analytic", "clustered", "top-1", true),
         ens("random top-1", "random", "top-1", false),
     ]
