@@ -1007,6 +1007,9 @@ fn class_conditional_guided_sampling() {
         (Some("all"), Some(false))
     );
     assert_eq!(r["router_calls_per_sample"].as_f64(), Some(1.0));
+    // The default strategy: per trajectory when the router does not see the class.
+    ok(sample(&["--class", "all"]));
+    assert_eq!(report(dir.path())["strategy"], "trajectory");
 
     // A conditioned router (with condition dropout): registered beside the conditional experts,
     // it sees the class.
@@ -1039,6 +1042,9 @@ fn class_conditional_guided_sampling() {
     let r = report(dir.path());
     assert_eq!(r["router_sees_class"].as_bool(), Some(true));
     assert_eq!(r["router_calls_per_sample"].as_f64(), Some(3.0));
+    // ... and top-1 when it does.
+    ok(sample(&["--class", "all"]));
+    assert_eq!(report(dir.path())["strategy"], "top-1");
     ok(sample(&[])); // unconditional sampling: the router's null class
     let eval = ok(ddm(
         dir.path(),

@@ -83,7 +83,8 @@ pub struct SampleOptions {
     pub n: usize,
     pub steps: usize,
     pub solver: Solver,
-    pub strategy: Strategy,
+    /// The strategy; None: [`Strategy::default_for`] (chosen by whether the router sees the class).
+    pub strategy: Option<Strategy>,
     pub router: RouterChoice,
     pub allow_missing: bool,
     /// Class-conditional sampling: which classes, and the guidance scale.
@@ -197,7 +198,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             }
         })
         .collect();
-    let router: Option<Box<dyn Posterior>> = if !o.strategy.uses_router() {
+    let router: Option<Box<dyn Posterior>> = if !o.strategy.is_none_or(|s| s.uses_router()) {
         None
     } else {
         Some(match o.router {
@@ -250,7 +251,10 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         }
     };
     let router_sees_vectors = condition.is_some();
-    let mut ensemble = Ensemble::new(experts, router, o.strategy, o.seed)?;
+    let strategy = o
+        .strategy
+        .unwrap_or_else(|| Strategy::default_for(router_sees_class));
+    let mut ensemble = Ensemble::new(experts, router, strategy, o.seed)?;
     if !router_sees_class {
         ensemble = ensemble.route_without_class();
     }
@@ -270,7 +274,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         Solver::Euler => o.steps,
         Solver::Heun => 2 * o.steps,
     };
-    progress.begin(&format!("sample {} ({})", o.n, o.strategy), evaluations as u64);
+    progress.begin(&format!("sample {} ({strategy})", o.n), evaluations as u64);
     let counted = Counted {
         inner: &ensemble,
         progress,
@@ -327,8 +331,8 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         router_sees_class,
         router_sees_vectors,
         router_calls_per_sample: router_rows as f64 / o.n.max(1) as f64,
-        strategy: o.strategy.to_string(),
-        router: match (o.strategy.uses_router(), o.router) {
+        strategy: strategy.to_string(),
+        router: match (strategy.uses_router(), o.router) {
             (false, _) => "none".into(),
             (true, RouterChoice::Learned) => "learned".into(),
             (true, RouterChoice::Analytic) => "analytic".into(),

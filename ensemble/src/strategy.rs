@@ -149,6 +149,18 @@ fn by_weight(p: &[f64]) -> Vec<usize> {
 }
 
 impl Strategy {
+    /// `ddm sample`'s default, chosen from the paper table (README): when the router sees the
+    /// class, top-1 (class-conditional Fashion-MNIST: the best FD at the lowest cost, beating the
+    /// FLOP-matched monolith, as in the DDM paper); otherwise one expert per trajectory, which
+    /// costs what top-1 costs but is not biased toward the largest cluster (top-1 with a router
+    /// that cannot tell the clusters apart at t = 1 sends every sample there first).
+    pub fn default_for(router_sees_class: bool) -> Self {
+        match router_sees_class {
+            true => Strategy::TopK { k: 1 },
+            false => Strategy::Trajectory,
+        }
+    }
+
     /// Parameters in range: a temperature T > 0, a nucleus mass P and a threshold TAU in (0, 1]
     /// (finite numbers; NaN is refused).
     pub fn validate(&self) -> Result<(), String> {

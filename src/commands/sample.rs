@@ -40,8 +40,10 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
     /// full, top-1, top-K, sample[:T], nucleus:P[:T], threshold:TAU, trajectory, oracle:K.
-    #[arg(long, default_value = "top-1")]
-    pub strategy: String,
+    /// Default: top-1 when the router sees the class (--class with a class-conditioned router),
+    /// else trajectory (the paper table in README measured both).
+    #[arg(long)]
+    pub strategy: Option<String>,
     #[arg(long, value_enum, default_value = "learned")]
     pub router: RouterArg,
     #[arg(long, value_enum, default_value = "euler")]
@@ -80,7 +82,10 @@ const EXAMPLES: &str = "Examples:
   ddm sample --registry reg --class all --strategy trajectory --n 100 --out balanced.png";
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
-    let strategy: Strategy = args.strategy.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let strategy: Option<Strategy> = match &args.strategy {
+        Some(s) => Some(s.parse().map_err(|e: String| anyhow::anyhow!(e))?),
+        None => None,
+    };
     if args.steps == 0 || args.n == 0 {
         anyhow::bail!(
             "--steps and --n must be at least 1 (got {} and {})",
