@@ -4,7 +4,9 @@
 //!    ddm) into K = 4 clusters;
 //! 2. train the 4 experts as 4 separate `ddm-trainer` processes (islands; 2 at a time, one thread
 //!    each) that share nothing but the partition directory;
-//! 3. train the router; 4. register everything; 5. sample 64 images with top-1 and with full;
+//! 3. train the router; 4. register everything; 5. sample 64 images with one expert per
+//!    trajectory (`ddm sample`'s unconditional default, the best in README's paper table) and
+//!    with full;
 //! 6. print where everything is.
 
 use std::path::{Path, PathBuf};
@@ -297,7 +299,7 @@ pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
     run_ok(c, "ddm register")?;
 
     // 5. Samples.
-    for strategy in ["top-1", "full"] {
+    for strategy in ["trajectory", "full"] {
         eprintln!("== 5/5 sample {} images with {strategy}", a.n);
         let mut c = Command::new(&exe);
         c.args([
@@ -326,8 +328,11 @@ pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
     println!("  expert-K/                each island's expert, loss.png, samples.png, metrics.jsonl");
     println!("  router/                  router.safetensors, router-eval.json (accuracy per noise level)");
     println!("  registry/                the verified registry (ddm registry --registry ... list)");
-    println!("  samples-top-1.png        64 samples, top-1 routing (+ .json report, .safetensors)");
-    println!("  samples-full.png         64 samples, full mixture");
+    println!(
+        "  samples-trajectory.png   {} samples, one expert per trajectory (+ .json report, .safetensors)",
+        a.n
+    );
+    println!("  samples-full.png         {} samples, full mixture", a.n);
     let mut c = Command::new(&exe);
     c.args(["partition", "--describe", &s(&part)])
         .stdout(std::process::Stdio::null());
