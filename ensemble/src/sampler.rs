@@ -292,62 +292,76 @@ impl<'a> Ensemble<'a> {
     }
 }
 
+/// Per sample, the experts to run and their weights.
+type Selection = Vec<Vec<(usize, f64)>>;
+
+impl Ensemble<'_> {
+    /// Ask the router (when the strategy uses it) and let the strategy pick, per sample.
+    fn route(&self, x_t: &Tensor<2>, t: &Tensor<1>, y: Option<&Tensor<1, Int>>) -> Selection {
+        let [n, _] = x_t.dims();
+        let k = self.experts.len();
+        let probs = match &self.router {
+            Some(r) if self.strategy.uses_router() => {
+                let c = self.condition.as_ref().inspect(|c| {
+                    assert_eq!(c.dims()[0], n, "one conditioning vector per sample");
+                });
+                r.probs(x_t, t, y.filter(|_| self.router_sees_class), c)
+            }
+            _ => vec![vec![1.0 / k as f64; k]; n],
+        };
+        let present = self.present();
+        let mut rng = self.rng.borrow_mut();
+        probs
+            .iter()
+            .map(|p| self.strategy.select(p, &present, &mut *rng))
+            .collect()
+    }
+
+    /// The `trajectory` strategy: the experts drawn at the first evaluation of an integration,
+    /// kept for the rest of it. Returns the selection and whether the router was asked.
+    fn trajectory(&self, x_t: &Tensor<2>, t: &Tensor<1>, y: Option<&Tensor<1, Int>>) -> (Selection, bool) {
+        let n = x_t.dims()[0];
+        let t_now = HostTensor::from_tensor(t.clone().slice(0..1)).data[0]; // device sync (1 value)
+        let mut assignment = self.assignment.borrow_mut();
+        if let Some(a) = assignment.as_mut()
+            && a.experts.len() == n
+            && t_now <= a.t_last
+        {
+            a.t_last = t_now;
+            return (a.experts.iter().map(|&e| vec![(e, 1.0)]).collect(), false);
+        }
+        // A new integration: one expert per sample, drawn from the posterior.
+        let selection = self.route(x_t, t, y);
+        *assignment = Some(Assignment {
+            experts: selection.iter().map(|s| s[0].0).collect(),
+            t_last: t_now,
+        });
+        (selection, true)
+    }
+}
+
 impl VelocityField<2> for Ensemble<'_> {
     fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
         let [n, _] = x_t.dims();
         let device = x_t.device();
         let k = self.experts.len();
-        let present = self.present();
-        // Per sample: which experts, with which weights. Then group rows by expert.
+        let (selection, asked) = match self.strategy {
+            Strategy::Trajectory => self.trajectory(&x_t, &t, y.as_ref()),
+            _ => (self.route(&x_t, &t, y.as_ref()), true),
+        };
+        let router_rows = if asked && self.router.is_some() && self.strategy.uses_router() {
+            n
+        } else {
+            0
+        };
+        // Group rows by expert.
         let mut rows: Vec<Vec<i64>> = vec![vec![]; k];
         let mut weights: Vec<Vec<f32>> = vec![vec![]; k];
-        let mut router_rows = 0;
-        let mut route = |rows: &mut Vec<Vec<i64>>, weights: &mut Vec<Vec<f32>>| {
-            let probs = match &self.router {
-                Some(r) if self.strategy.uses_router() => {
-                    router_rows += n;
-                    let c = self.condition.as_ref().inspect(|c| {
-                        assert_eq!(c.dims()[0], n, "one conditioning vector per sample");
-                    });
-                    r.probs(&x_t, &t, y.as_ref().filter(|_| self.router_sees_class), c)
-                }
-                _ => vec![vec![1.0 / k as f64; k]; n],
-            };
-            let mut rng = self.rng.borrow_mut();
-            for (i, p) in probs.iter().enumerate() {
-                for (e, w) in self.strategy.select(p, &present, &mut *rng) {
-                    rows[e].push(i as i64);
-                    weights[e].push(w as f32);
-                }
+        for (i, picks) in selection.into_iter().enumerate() {
+            for (e, w) in picks {
+                rows[e].push(i as i64);
+                weights[e].push(w as f32);
             }
-        };
-        if self.strategy == Strategy::Trajectory {
-            let t_now = HostTensor::from_tensor(t.clone().slice(0..1)).data[0]; // device sync (1 value)
-            let mut assignment = self.assignment.borrow_mut();
-            let fresh = match &*assignment {
-                Some(a) => a.experts.len() != n || t_now > a.t_last,
-                None => true,
-            };
-            if fresh {
-                route(&mut rows, &mut weights); // one expert per sample, drawn from the posterior
-                let mut experts = vec![0; n];
-                for (e, r) in rows.iter().enumerate() {
-                    r.iter().for_each(|&i| experts[i as usize] = e);
-                }
-                *assignment = Some(Assignment {
-                    experts,
-                    t_last: t_now,
-                });
-            } else {
-                let a = assignment.as_mut().expect("checked above");
-                a.t_last = t_now;
-                for (i, &e) in a.experts.iter().enumerate() {
-                    rows[e].push(i as i64);
-                    weights[e].push(1.0);
-                }
-            }
-        } else {
-            route(&mut rows, &mut weights);
         }
         let mut out = x_t.zeros_like(); // [N, X]
         for e in 0..k {
