@@ -1350,3 +1350,84 @@ fn conditioning_vectors_reach_the_router() {
     let e = fails(sample("6"));
     assert!(e.contains("the router reads none"), "{e}");
 }
+
+/// A registration waits for another one's lock, but not forever: it says which file is locked.
+/// Empty inputs and negative training knobs get messages, not panics.
+#[test]
+fn held_locks_and_degenerate_inputs_end_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let experts = registry_fixture(dir.path(), 2);
+    std::fs::create_dir(dir.path().join("reg")).unwrap();
+    let held = std::fs::File::create(dir.path().join("reg/registry.lock")).unwrap();
+    held.lock().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ddm"))
+        .args([
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            experts[0].to_str().unwrap(),
+        ])
+        .env("DDM_REGISTRY_LOCK_WAIT", "0.3")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let e = fails(out);
+    assert!(e.contains("registry.lock") && e.contains("still locked"), "{e}");
+    assert!(!dir.path().join("reg/registry.json").exists());
+    // Released: the same registration goes through.
+    drop(held);
+    ok(ddm(
+        dir.path(),
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            experts[0].to_str().unwrap(),
+        ],
+    ));
+
+    // ddm predict on zero rows.
+    write_tensors(
+        &dir.path().join("empty.safetensors"),
+        &BTreeMap::from([
+            ("x_t".into(), HostTensor::new(vec![0, 2], vec![])),
+            ("t".into(), HostTensor::new(vec![0], vec![])),
+        ]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let e = fails(ddm(
+        dir.path(),
+        &[
+            "predict",
+            "--checkpoint",
+            experts[0].to_str().unwrap(),
+            "--input",
+            "empty.safetensors",
+            "--out",
+            "v.safetensors",
+        ],
+    ));
+    assert!(e.contains("empty.safetensors") && e.contains("no rows"), "{e}");
+    // Negative gradient clipping.
+    let e = fails(ddm(
+        dir.path(),
+        &[
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            "0",
+            "--out",
+            "x",
+            "--model",
+            "mlp",
+            "--grad-clip=-1",
+        ],
+    ));
+    assert!(e.contains("grad_clip") && e.contains("-1"), "{e}");
+}

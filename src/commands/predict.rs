@@ -49,6 +49,13 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let what = format!("{}: `x_t`", args.input.display());
     check_data_shape(&meta.model, &x.shape, &what)?;
     let n = x.shape[0];
+    if n == 0 {
+        bail!(
+            "{}: `x_t` has no rows (shape {:?})",
+            args.input.display(),
+            x.shape
+        );
+    }
     if t.shape != [n] {
         bail!(
             "{}: `t` has shape {:?}, expected [{n}] (one time per sample)",

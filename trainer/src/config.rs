@@ -95,6 +95,18 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.ema_decay) {
             return Err(format!("ema_decay must be in [0, 1), got {}", self.ema_decay));
         }
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return Err(format!(
+                "grad_clip must be a number >= 0 (0: no clipping), got {}",
+                self.grad_clip
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(format!(
+                "weight_decay must be a number >= 0, got {}",
+                self.weight_decay
+            ));
+        }
         if !(0.0..1.0).contains(&self.class_dropout) {
             return Err(format!(
                 "class_dropout must be in [0, 1), got {}",

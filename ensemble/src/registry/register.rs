@@ -78,10 +78,7 @@ pub fn register(
 ) -> anyhow::Result<Vec<Registered>> {
     std::fs::create_dir_all(dir.join("blobs"))
         .with_context(|| format!("creating the registry {}", dir.display()))?;
-    let lock =
-        File::create(dir.join(LOCK)).with_context(|| format!("creating {}", dir.join(LOCK).display()))?;
-    lock.lock()
-        .with_context(|| format!("locking {}", dir.join(LOCK).display()))?;
+    let _lock = lock_registry(dir)?;
 
     let mut idx = read_index(dir)?;
     // 1. Read and check everything first.
@@ -330,10 +327,51 @@ fn check_conditioning(dir: &Path, idx: &Index, items: &[Item]) -> anyhow::Result
     Ok(())
 }
 
+/// How long a registration waits for another one's lock (`DDM_REGISTRY_LOCK_WAIT`, seconds).
+const DEFAULT_LOCK_WAIT_S: f64 = 300.0;
+
+/// The registry's exclusive lock (released when the file is dropped). Waits for another process
+/// that holds it, saying so once, and gives up with an error naming the lock file after
+/// `DDM_REGISTRY_LOCK_WAIT` seconds (default 300) rather than waiting forever on a hung one.
+fn lock_registry(dir: &Path) -> anyhow::Result<File> {
+    let path = dir.join(LOCK);
+    let lock = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let wait = std::env::var("DDM_REGISTRY_LOCK_WAIT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .unwrap_or(DEFAULT_LOCK_WAIT_S);
+    let start = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(lock),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if start.elapsed().as_secs_f64() >= wait {
+                    bail!(
+                        "{}: still locked by another process after {wait:.0} s (another `ddm register` or `registry remove` is running, or hung); set DDM_REGISTRY_LOCK_WAIT to wait longer",
+                        path.display()
+                    );
+                }
+                if !said {
+                    tracing::warn!(
+                        "{}: locked by another registration; waiting up to {wait:.0} s",
+                        path.display()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+    }
+}
+
 /// Remove an expert (by cluster) or the router.
 pub fn remove(dir: &Path, cluster: Option<usize>, router: bool) -> anyhow::Result<()> {
-    let lock = File::create(dir.join(LOCK))?;
-    lock.lock()?;
+    let _lock = lock_registry(dir)?;
     let mut idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
     if let Some(k) = cluster {
         idx.experts
