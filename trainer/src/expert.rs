@@ -15,7 +15,7 @@ use ddm_core::params::ParamSource;
 use ddm_core::stats::STATS_FILE;
 use ddm_datasets::Dataset;
 use ddm_datasets::partition::Partition;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::TrainConfig;
@@ -65,7 +65,7 @@ impl Task for ExpertTask {
         rng: &mut ChaCha8Rng,
     ) -> Tensor<1> {
         let (e, t, x_t) = crate::task::noise(&batch.x0, config, rng);
-        let y = dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
+        let y = crate::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
         let v = net.predict(x_t, t, y);
         flow::flow_matching_loss(v, batch.x0, e)
     }
@@ -111,35 +111,6 @@ impl Task for ExpertTask {
     fn snapshot(&self, ema: &Model, net_config: &ModelConfig, path: &Path, seed: u64) -> anyhow::Result<()> {
         write_samples(ema, net_config, path, seed)
     }
-}
-
-/// The class input of a training batch for a network conditioned on `classes` classes (None for
-/// an unconditional one): each label replaced by the null class (id `classes`) with probability
-/// `dropout`, one draw from `rng` per sample.
-pub fn dropped_labels(
-    batch: &Batch<'_>,
-    classes: usize,
-    dropout: f64,
-    rng: &mut ChaCha8Rng,
-) -> Option<Tensor<1, Int>> {
-    if classes == 0 {
-        return None;
-    }
-    let labels = batch.labels.expect("class-conditional data has labels");
-    let y: Vec<i64> = labels
-        .iter()
-        .map(|&l| {
-            if rng.random::<f64>() < dropout {
-                classes as i64
-            } else {
-                l as i64
-            }
-        })
-        .collect();
-    Some(Tensor::<1, Int>::from_data(
-        TensorData::new(y, [labels.len()]),
-        &batch.x0.device(),
-    ))
 }
 
 /// The expert's network for this data (`--model`, conditioned on the labels with

@@ -61,25 +61,6 @@ pub fn cross_entropy(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
     log_softmax(logits, 1).gather(1, ids).mean().neg()
 }
 
-/// The batch's conditioning vectors, each replaced by the zero vector (the null condition) with
-/// probability `dropout`, one draw from `rng` per sample.
-///
-/// # Shapes
-/// - `batch.cond`: `[B, Dc]` -> `[B, Dc]`
-pub fn dropped_vectors(batch: &Batch<'_>, dropout: f64, rng: &mut ChaCha8Rng) -> Tensor<2> {
-    use rand::Rng;
-    let c = batch
-        .cond
-        .clone()
-        .expect("a vector-conditioned router's data has conditioning vectors");
-    let [b, _] = c.dims();
-    let keep: Vec<f32> = (0..b)
-        .map(|_| if rng.random::<f64>() < dropout { 0.0 } else { 1.0 })
-        .collect();
-    let keep = Tensor::<2>::from_data(TensorData::new(keep, [b, 1]), &c.device());
-    c * keep
-}
-
 pub struct RouterTask {
     /// The partition whose cluster ids the router learns (every shard is read).
     pub partition: Partition,
@@ -140,10 +121,10 @@ impl Task for RouterTask {
     ) -> Tensor<1> {
         let (_, t, x_t) = crate::task::noise(&batch.x0, config, rng);
         let targets = batch.targets.expect("router batches carry cluster ids");
-        let y = crate::expert::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
+        let y = crate::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
         let c = self
             .condition_dim
-            .map(|_| dropped_vectors(&batch, config.class_dropout, rng));
+            .map(|_| crate::task::dropped_vectors(&batch, config.class_dropout, rng));
         cross_entropy(net.logits(x_t, t, y, c), targets)
     }
 

@@ -14,6 +14,7 @@ use ddm_core::host::HostTensor;
 use ddm_core::model::{Model, ModelConfig};
 use ddm_core::params::ParamSource;
 use ddm_datasets::Dataset;
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::TrainConfig;
@@ -45,6 +46,53 @@ pub fn noise(
     let t = Tensor::<1>::from_data(TensorData::new(config.time_sampler.sample(b, rng), [b]), &device);
     let x_t = ddm_core::flow::interpolate(x0.clone(), e.clone(), t.clone());
     (e, t, x_t)
+}
+
+/// The class input of a training batch for a network conditioned on `classes` classes (None for
+/// an unconditional one): each label replaced by the null class (id `classes`) with probability
+/// `dropout`, one draw from `rng` per sample.
+pub fn dropped_labels(
+    batch: &Batch<'_>,
+    classes: usize,
+    dropout: f64,
+    rng: &mut ChaCha8Rng,
+) -> Option<Tensor<1, Int>> {
+    if classes == 0 {
+        return None;
+    }
+    let labels = batch.labels.expect("class-conditional data has labels");
+    let y: Vec<i64> = labels
+        .iter()
+        .map(|&l| {
+            if rng.random::<f64>() < dropout {
+                classes as i64
+            } else {
+                l as i64
+            }
+        })
+        .collect();
+    Some(Tensor::<1, Int>::from_data(
+        TensorData::new(y, [labels.len()]),
+        &batch.x0.device(),
+    ))
+}
+
+/// The batch's conditioning vectors, each replaced by the zero vector (the null condition) with
+/// probability `dropout`, one draw from `rng` per sample.
+///
+/// # Shapes
+/// - `batch.cond`: `[B, Dc]` -> `[B, Dc]`
+pub fn dropped_vectors(batch: &Batch<'_>, dropout: f64, rng: &mut ChaCha8Rng) -> Tensor<2> {
+    let c = batch
+        .cond
+        .clone()
+        .expect("a vector-conditioned router's data has conditioning vectors");
+    let [b, _] = c.dims();
+    let keep: Vec<f32> = (0..b)
+        .map(|_| if rng.random::<f64>() < dropout { 0.0 } else { 1.0 })
+        .collect();
+    let keep = Tensor::<2>::from_data(TensorData::new(keep, [b, 1]), &c.device());
+    c * keep
 }
 
 /// What a task trains on.

@@ -203,7 +203,7 @@ pub fn register(
             }
         }
     }
-    check_conditioning(dir, &idx, &items)?;
+    check_conditioning(dir, &mut idx, &items)?;
     // 2. Blobs (content-addressed; atomic), then the index (atomic).
     let mut lines = vec![];
     for item in items {
@@ -269,7 +269,15 @@ pub fn register(
 /// classes), and a class-conditioned router serves experts conditioned on the same classes. An
 /// unconditioned router may serve conditional experts: it routes on x_t alone, so at t = 1 it
 /// returns the prior, not p(k | c) (allowed, with a warning here and in `ddm sample`).
-fn check_conditioning(dir: &Path, idx: &Index, items: &[Item]) -> anyhow::Result<()> {
+///
+/// Entries registered before ddm recorded their classes get them filled in (read once from the
+/// blob), so later registrations do not read those blobs again.
+fn check_conditioning(dir: &Path, idx: &mut Index, items: &[Item]) -> anyhow::Result<()> {
+    for e in idx.experts.values_mut().chain(idx.router.as_mut()) {
+        if e.classes.is_none() {
+            e.classes = Some(e.classes(dir)?);
+        }
+    }
     // Every expert after this registration, with its classes.
     let mut experts: BTreeMap<usize, (usize, String)> = BTreeMap::new();
     for (&c, e) in &idx.experts {

@@ -125,51 +125,9 @@ pub fn systems(setting: &Setting) -> Vec<System> {
         guidance: 1.0,
     };
     let threshold = setting.threshold;
-    if let Some(c) = setting.conditional {
-        let g = c.guidance;
-        let guided = |s: System| System {
-            name: format!("{}, guidance {g}", s.name),
-            guidance: g,
-            ..s
-        };
-        return vec![
-            monolith.clone(),
-            ens("clustered top-1", "clustered", "top-1", false),
-            ens("clustered top-2", "clustered", "top-2", false),
-            ens("clustered full", "clustered", "full", false),
-            ens("clustered sample T=1", "clustered", "sample:1", false),
-            ens(
-                &format!("clustered threshold {threshold}"),
-                "clustered",
-                &format!("threshold:{threshold}"),
-                false,
-            ),
-            ens("clustered trajectory", "clustered", "trajectory", false),
-            ens(
-                "clustered top-1, router without c",
-                "clustered-plain",
-                "top-1",
-                false,
-            ),
-            ens(
-                "clustered trajectory, router without c",
-                "clustered-plain",
-                "trajectory",
-                false,
-            ),
-            ens(
-                "clustered trajectory, analytic router",
-                "clustered",
-                "trajectory",
-                true,
-            ),
-            guided(monolith),
-            guided(ens("clustered top-1", "clustered", "top-1", false)),
-            guided(ens("clustered trajectory", "clustered", "trajectory", false)),
-        ];
-    }
-    vec![
-        monolith,
+    // Both settings compare these, in this order, after the monolith.
+    let mut systems = vec![
+        monolith.clone(),
         ens("clustered top-1", "clustered", "top-1", false),
         ens("clustered top-2", "clustered", "top-2", false),
         ens("clustered full", "clustered", "full", false),
@@ -181,9 +139,45 @@ pub fn systems(setting: &Setting) -> Vec<System> {
             false,
         ),
         ens("clustered trajectory", "clustered", "trajectory", false),
-        ens("clustered top-1 analytic", "clustered", "top-1", true),
-        ens("random top-1", "random", "top-1", false),
-    ]
+    ];
+    match setting.conditional {
+        Some(c) => {
+            let g = c.guidance;
+            let guided = |s: System| System {
+                name: format!("{}, guidance {g}", s.name),
+                guidance: g,
+                ..s
+            };
+            systems.extend([
+                ens(
+                    "clustered top-1, router without c",
+                    "clustered-plain",
+                    "top-1",
+                    false,
+                ),
+                ens(
+                    "clustered trajectory, router without c",
+                    "clustered-plain",
+                    "trajectory",
+                    false,
+                ),
+                ens(
+                    "clustered trajectory, analytic router",
+                    "clustered",
+                    "trajectory",
+                    true,
+                ),
+                guided(monolith),
+                guided(ens("clustered top-1", "clustered", "top-1", false)),
+                guided(ens("clustered trajectory", "clustered", "trajectory", false)),
+            ]);
+        }
+        None => systems.extend([
+            ens("clustered top-1 analytic", "clustered", "top-1", true),
+            ens("random top-1", "random", "top-1", false),
+        ]),
+    }
+    systems
 }
 
 /// One row of results.jsonl.

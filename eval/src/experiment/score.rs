@@ -82,16 +82,15 @@ pub(super) fn evaluate_system(
     let samples_png = dir.join(format!("samples/{pct}/{}.png", sys.name.replace(' ', "_")));
     let Some(which) = sys.partition else {
         let path = dir.join(format!("registry/monolith-{pct}.safetensors"));
-        let (meta, model) = ddm_core::checkpoint::load(&path, &device)?;
-        let field: Box<dyn VelocityField<2>> = match setting.conditional {
+        let (meta, net) = ddm_core::checkpoint::load(&path, &device)?;
+        let model: Box<dyn VelocityField<2>> = match setting.conditional {
             Some(c) => Box::new(ddm_core::flow::ClassifierFreeGuidance {
-                inner: model,
+                inner: net,
                 null_class: c.classes,
                 scale: sys.guidance,
             }),
-            None => Box::new(model),
+            None => Box::new(net),
         };
-        let model = field;
         let (x, secs) = integrate(model.as_ref(), setting, &meta.data.shape, &device);
         write_grid(&samples_png, &x, &meta.data.shape)?;
         let (images, mixture) = judge(judge_with, model.as_ref(), &x, setting.seed, &device)?;
