@@ -2,36 +2,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use ddm_core::host::{HostTensor, TensorFile, write_tensors};
 
-fn ddm(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddm"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("ddm runs")
-}
-
-fn ok(out: Output) -> String {
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success(),
-        "ddm failed: {}\nstdout: {so}\nstderr: {se}",
-        out.status
-    );
-    so.into_owned()
-}
-
-fn fails(out: Output) -> String {
-    let se = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(2), "expected exit 2; stderr: {se}");
-    se
-}
+mod common;
+use common::{ddm, fails, ok, registry_fixture};
 
 fn reference(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -54,6 +30,10 @@ fn help_lists_every_verb_and_each_has_help() {
         "train",
         "train-router",
         "eval-router",
+        "register",
+        "registry",
+        "sample",
+        "serve",
         "eval",
         "experiment",
     ] {
@@ -463,60 +443,6 @@ fn router_verbs() {
     let meta: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(meta["role"], "router");
     assert_eq!(meta["num_clusters"], 2);
-}
-
-/// A K-cluster random partition of a small Gaussian mixture, and one MLP expert checkpoint per
-/// cluster made directly (no training needed to test the registry).
-fn registry_fixture(dir: &Path, k: usize) -> Vec<PathBuf> {
-    std::fs::write(
-        dir.join("gmm.json"),
-        r#"{"weights": [0.5, 0.5], "means": [[-3, 0], [3, 0]], "vars": [[0.1, 0.1], [0.1, 0.1]], "n": 400}"#,
-    )
-    .unwrap();
-    ok(ddm(
-        dir,
-        &[
-            "partition",
-            "--data",
-            "gmm:gmm.json",
-            "--k",
-            &k.to_string(),
-            "--algorithm",
-            "random",
-            "--out",
-            "p",
-        ],
-    ));
-    let fp = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(dir.join("p/partition.json")).unwrap(),
-    )
-    .unwrap()["fingerprint"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let device = ddm_core::device::cpu();
-    let config = ddm_core::model::ModelConfig::Mlp(ddm_core::mlp::MlpConfig {
-        hidden_size: 8,
-        depth: 1,
-        ..ddm_core::mlp::MlpConfig::new(2)
-    });
-    (0..k)
-        .map(|c| {
-            let model = config.init(c as u64, &device).unwrap();
-            let mut meta = ddm_core::checkpoint::CheckpointMeta::expert(
-                config.clone(),
-                [-4.0, 4.0],
-                ddm_core::checkpoint::Objective::Velocity,
-            );
-            meta.partition = Some(fp.clone());
-            meta.cluster = Some(c);
-            let path = dir.join(format!("expert-{c}.safetensors"));
-            ddm_core::checkpoint::Checkpoint::from_model(&model, meta)
-                .save(&path)
-                .unwrap();
-            path
-        })
-        .collect()
 }
 
 #[test]

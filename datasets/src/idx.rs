@@ -322,10 +322,7 @@ impl Source for FashionMnist {
 /// Each download's bytes are reported to `progress`.
 pub fn download_fashion_mnist(base_url: &str, dir: &Path, progress: &dyn Progress) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let client = reqwest::blocking::Client::builder()
-        .timeout(std::time::Duration::from_secs(300))
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start an HTTP client: {e}")))?;
+    let client = crate::download::client()?;
     for (file, want) in FASHION_MNIST_FILES {
         let dest = dir.join(file);
         if dest.exists()

@@ -9,6 +9,7 @@
 
 pub mod cifar;
 pub mod dataset;
+pub mod download;
 pub mod embedded;
 pub mod env;
 pub mod error;

@@ -11,11 +11,49 @@ use ddm_router::analytic::AnalyticRouter;
 use ddm_router::net::RouterNet;
 
 use crate::registry::Registry;
+use crate::remote::{Client, RemoteExpert};
+use crate::sampler::ExpertSlot;
 
 impl Registry {
     /// Expert `k` as a velocity field on `device` (epsilon experts are converted).
     pub fn expert(&self, k: usize, device: &Device) -> anyhow::Result<Box<dyn VelocityField<2>>> {
         self.expert_guided(k, device, None)
+    }
+
+    /// Expert `k` as the sampler holds it: a local checkpoint loaded on first use, or a client of
+    /// the server it is registered at; guidance as in [`Registry::expert_guided`]. An expert that
+    /// is not registered is missing.
+    pub fn expert_slot<'a>(
+        &'a self,
+        k: usize,
+        device: &Device,
+        guidance: Option<(usize, f64)>,
+    ) -> anyhow::Result<ExpertSlot<'a>> {
+        let Some(e) = self.index.experts.get(&k) else {
+            return Ok(ExpertSlot::missing());
+        };
+        let Some(url) = &e.remote else {
+            let device = device.clone();
+            return Ok(ExpertSlot::lazy(move || self.expert_guided(k, &device, guidance)));
+        };
+        let classes = e.classes(&self.dir)?;
+        let guidance = match guidance {
+            None if classes > 0 => Some((classes, 1.0)), // no class given: the null class
+            None => None,
+            Some((class, _)) if classes == 0 => bail!(
+                "expert {k} ({url}) is not class-conditional; sample without --class (asked for class {class})"
+            ),
+            Some((class, _)) if class >= classes => bail!(
+                "class {class} is out of range: expert {k} ({url}) knows classes 0..={}",
+                classes - 1
+            ),
+            Some((_, scale)) => Some((classes, scale)),
+        };
+        Ok(ExpertSlot::remote(RemoteExpert {
+            client: Client::new(url)?,
+            cluster: k,
+            guidance,
+        }))
     }
 
     /// Classes the registry's experts are conditioned on (0: unconditional; registration keeps

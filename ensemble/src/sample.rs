@@ -106,6 +106,17 @@ pub struct StepRange {
     pub rows_per_expert: Vec<usize>,
 }
 
+/// A served expert lost during sampling.
+#[derive(Debug, Clone, Serialize)]
+pub struct LostReport {
+    pub expert: usize,
+    pub url: String,
+    /// The first step (0-based) sampled without it, and that step's t.
+    pub from_step: usize,
+    pub t: f64,
+    pub error: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub strategy: String,
@@ -125,6 +136,10 @@ pub struct Report {
     pub experts_present: Vec<usize>,
     pub experts_missing: Vec<usize>,
     pub experts_loaded: Vec<usize>,
+    /// Experts served elsewhere (`ddm serve`) that the sampler called over the network.
+    pub experts_remote: Vec<usize>,
+    /// Served experts that stopped answering (with --allow-missing): left out from `from_step` on.
+    pub experts_lost: Vec<LostReport>,
     pub seconds: f64,
     pub seconds_per_step: f64,
     pub expert_evaluations: usize,
@@ -189,15 +204,8 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         None => None,
     };
     let experts: Vec<ExpertSlot> = (0..k)
-        .map(|c| {
-            if reg.index.experts.contains_key(&c) {
-                let (reg, device) = (&reg, device.clone());
-                ExpertSlot::lazy(move || reg.expert_guided(c, &device, guidance))
-            } else {
-                ExpertSlot::missing()
-            }
-        })
-        .collect();
+        .map(|c| reg.expert_slot(c, &device, guidance))
+        .collect::<anyhow::Result<_>>()?;
     let router: Option<Box<dyn Posterior>> = if !o.strategy.is_none_or(|s| s.uses_router()) {
         None
     } else {
@@ -260,6 +268,9 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     }
     if let Some(c) = condition {
         ensemble = ensemble.with_condition_vectors(c);
+    }
+    if o.allow_missing {
+        ensemble = ensemble.tolerate_lost_experts();
     }
     let shape = reg.index.data.shape.clone();
     let per: usize = shape.iter().product();
@@ -343,6 +354,18 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         experts_present: (0..k).filter(|c| !missing.contains(c)).collect(),
         experts_missing: missing,
         experts_loaded: (0..k).filter(|&c| ensemble.experts[c].is_loaded()).collect(),
+        experts_remote: (0..k).filter(|&c| ensemble.experts[c].is_remote()).collect(),
+        experts_lost: ensemble
+            .lost_experts()
+            .into_iter()
+            .map(|l| LostReport {
+                expert: l.expert,
+                url: l.url,
+                from_step: l.evaluation / evals_per_step,
+                t: t_of(l.evaluation),
+                error: l.error,
+            })
+            .collect(),
         seconds,
         seconds_per_step: seconds / o.steps as f64,
         expert_evaluations: evaluations,

@@ -11,10 +11,14 @@
 //!
 //! Dispatch is grouped: the rows that chose expert k are gathered, expert k runs once on them, and
 //! its weighted velocity is scatter-added back. Each expert runs at most once per evaluation.
-//! Experts are loaded lazily, on first use. A missing expert (an island that failed) is
-//! renormalised away by the strategy.
+//! Experts served elsewhere ([`RemoteExpert`]) are called concurrently, each from its own thread,
+//! while the local ones compute, so a step costs about its slowest expert, not the sum.
+//! Local experts are loaded lazily, on first use. A missing expert (an island that failed) is
+//! renormalised away by the strategy; so is a served expert that stops answering, from the step it
+//! failed, when the ensemble is told to [`Ensemble::tolerate_lost_experts`] (otherwise its failure
+//! is the sampling's error).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::IndexingUpdateOp;
@@ -26,6 +30,7 @@ use ddm_router::net::RouterNet;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::remote::RemoteExpert;
 use crate::strategy::Strategy;
 
 /// Anything that gives the cluster posterior per sample: p(k | x_t, t), or p(k | x_t, t, c) when
@@ -130,10 +135,15 @@ impl Posterior for AnalyticRouter {
 
 type Loader<'a> = Box<dyn Fn() -> anyhow::Result<Box<dyn VelocityField<2> + 'a>> + 'a>;
 
-/// One expert: loaded on first use.
+/// One expert: local (loaded on first use) or served elsewhere.
 pub struct ExpertSlot<'a> {
     loader: Option<Loader<'a>>,
     loaded: RefCell<Option<Box<dyn VelocityField<2> + 'a>>>,
+    remote: Option<RemoteExpert>,
+    /// A served expert that was called.
+    called: Cell<bool>,
+    /// A served expert that stopped answering (and was renormalised away).
+    lost: Cell<bool>,
 }
 
 impl<'a> ExpertSlot<'a> {
@@ -141,15 +151,23 @@ impl<'a> ExpertSlot<'a> {
     pub fn lazy(loader: impl Fn() -> anyhow::Result<Box<dyn VelocityField<2> + 'a>> + 'a) -> Self {
         Self {
             loader: Some(Box::new(loader)),
-            loaded: RefCell::new(None),
+            ..Self::missing()
         }
     }
 
     /// An expert already in memory.
     pub fn ready(field: Box<dyn VelocityField<2> + 'a>) -> Self {
         Self {
-            loader: None,
             loaded: RefCell::new(Some(field)),
+            ..Self::missing()
+        }
+    }
+
+    /// An expert served elsewhere (`ddm serve`).
+    pub fn remote(expert: RemoteExpert) -> Self {
+        Self {
+            remote: Some(expert),
+            ..Self::missing()
         }
     }
 
@@ -158,15 +176,23 @@ impl<'a> ExpertSlot<'a> {
         Self {
             loader: None,
             loaded: RefCell::new(None),
+            remote: None,
+            called: Cell::new(false),
+            lost: Cell::new(false),
         }
     }
 
     pub fn is_present(&self) -> bool {
-        self.loader.is_some() || self.loaded.borrow().is_some()
+        !self.lost.get() && (self.loader.is_some() || self.loaded.borrow().is_some() || self.remote.is_some())
     }
 
+    /// Loaded into this process, or (served elsewhere) called.
     pub fn is_loaded(&self) -> bool {
-        self.loaded.borrow().is_some()
+        self.loaded.borrow().is_some() || self.called.get()
+    }
+
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
     }
 }
 
@@ -176,6 +202,16 @@ impl<'a> ExpertSlot<'a> {
 pub struct Usage {
     pub rows_per_expert: Vec<usize>,
     pub router_rows: usize,
+}
+
+/// A served expert that stopped answering during sampling and was renormalised away.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LostExpert {
+    pub expert: usize,
+    pub url: String,
+    /// The evaluation (0-based) from which it was left out.
+    pub evaluation: usize,
+    pub error: String,
 }
 
 /// The `trajectory` strategy's draw: one expert per sample, and the t of the last evaluation.
@@ -198,6 +234,9 @@ pub struct Ensemble<'a> {
     condition: Option<Tensor<2>>,
     /// First expert-loading error (surfaced by `take_error` after sampling).
     error: RefCell<Option<anyhow::Error>>,
+    /// Whether a served expert that fails is renormalised away (else it is an error).
+    tolerate_lost: bool,
+    lost: RefCell<Vec<LostExpert>>,
 }
 
 impl<'a> Ensemble<'a> {
@@ -234,6 +273,8 @@ impl<'a> Ensemble<'a> {
             router_sees_class: true,
             condition: None,
             error: RefCell::new(None),
+            tolerate_lost: false,
+            lost: RefCell::new(vec![]),
         })
     }
 
@@ -242,6 +283,19 @@ impl<'a> Ensemble<'a> {
     pub fn with_condition_vectors(mut self, c: Tensor<2>) -> Self {
         self.condition = Some(c);
         self
+    }
+
+    /// A served expert that fails (after its retries) is left out from that evaluation on, its
+    /// weight renormalised over the others, and recorded in [`Ensemble::lost_experts`]; without
+    /// this its failure is the sampling's error.
+    pub fn tolerate_lost_experts(mut self) -> Self {
+        self.tolerate_lost = true;
+        self
+    }
+
+    /// Served experts left out after they failed.
+    pub fn lost_experts(&self) -> Vec<LostExpert> {
+        self.lost.borrow().clone()
     }
 
     /// Route without telling the router the class (its classes are not the experts').
@@ -328,7 +382,18 @@ impl Ensemble<'_> {
             && t_now <= a.t_last
         {
             a.t_last = t_now;
-            return (a.experts.iter().map(|&e| vec![(e, 1.0)]).collect(), false);
+            let present = self.present();
+            let asked = a.experts.iter().any(|&e| !present[e]);
+            if asked {
+                // An expert was lost mid-trajectory: its samples draw again, from now on.
+                let fresh = self.route(x_t, t, y);
+                for (e, f) in a.experts.iter_mut().zip(fresh) {
+                    if !present[*e] {
+                        *e = f[0].0;
+                    }
+                }
+            }
+            return (a.experts.iter().map(|&e| vec![(e, 1.0)]).collect(), asked);
         }
         // A new integration: one expert per sample, drawn from the posterior.
         let selection = self.route(x_t, t, y);
@@ -340,14 +405,27 @@ impl Ensemble<'_> {
     }
 }
 
-impl VelocityField<2> for Ensemble<'_> {
-    fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
+/// A served expert's failure in one evaluation.
+struct RemoteFailure {
+    expert: usize,
+    error: anyhow::Error,
+}
+
+impl Ensemble<'_> {
+    /// One evaluation: route, then run every selected expert once on its rows (served ones
+    /// concurrently, from their own threads, while the local ones compute).
+    fn evaluate(
+        &self,
+        x_t: &Tensor<2>,
+        t: &Tensor<1>,
+        y: Option<&Tensor<1, Int>>,
+    ) -> Result<Tensor<2>, RemoteFailure> {
         let [n, _] = x_t.dims();
         let device = x_t.device();
         let k = self.experts.len();
         let (selection, asked) = match self.strategy {
-            Strategy::Trajectory => self.trajectory(&x_t, &t, y.as_ref()),
-            _ => (self.route(&x_t, &t, y.as_ref()), true),
+            Strategy::Trajectory => self.trajectory(x_t, t, y),
+            _ => (self.route(x_t, t, y), true),
         };
         let router_rows = if asked && self.router.is_some() && self.strategy.uses_router() {
             n
@@ -363,25 +441,116 @@ impl VelocityField<2> for Ensemble<'_> {
                 weights[e].push(w as f32);
             }
         }
-        let mut out = x_t.zeros_like(); // [N, X]
-        for e in 0..k {
-            if rows[e].is_empty() || !self.ensure_loaded(e) {
-                continue;
-            }
+        let gather = |e: usize| {
             let m = rows[e].len();
             let idx = Tensor::<1, Int>::from_data(TensorData::new(rows[e].clone(), [m]), &device);
             let xe = x_t.clone().select(0, idx.clone()); // [M, X]
             let te = t.clone().select(0, idx.clone()); // [M]
-            let ye = y.clone().map(|y| y.select(0, idx.clone()));
-            let field = self.experts[e].loaded.borrow();
-            let v = field.as_ref().expect("loaded above").velocity(xe, te, ye); // expert e runs once
+            let ye = y.cloned().map(|y| y.select(0, idx.clone()));
+            (idx, xe, te, ye)
+        };
+        let active: Vec<usize> = (0..k).filter(|&e| !rows[e].is_empty()).collect();
+        // Served experts' requests, on the host.
+        let mut calls = vec![];
+        for &e in &active {
+            if let Some(remote) = &self.experts[e].remote {
+                let (_, xe, te, ye) = gather(e);
+                let ye = ye.map(|y| y.into_data().convert::<i64>().iter::<i64>().collect::<Vec<i64>>());
+                calls.push((
+                    e,
+                    remote,
+                    HostTensor::from_tensor(xe),
+                    HostTensor::from_tensor(te).data,
+                    ye,
+                ));
+            }
+        }
+        let mut out = x_t.zeros_like(); // [N, X]
+        let add = |out: Tensor<2>, e: usize, v: Tensor<2>| {
+            let m = rows[e].len();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(rows[e].clone(), [m]), &device);
             let w = Tensor::<2>::from_data(TensorData::new(weights[e].clone(), [m, 1]), &device);
-            out = out.select_assign(0, idx, v * w, IndexingUpdateOp::Add);
+            out.select_assign(0, idx, v * w, IndexingUpdateOp::Add)
+        };
+        let answers = std::thread::scope(|s| {
+            let handles: Vec<_> = calls
+                .into_iter()
+                .map(|(e, remote, xe, te, ye)| (e, s.spawn(move || remote.velocity(xe, te, ye))))
+                .collect();
+            for &e in &active {
+                if self.experts[e].remote.is_some() || !self.ensure_loaded(e) {
+                    continue;
+                }
+                let (_, xe, te, ye) = gather(e);
+                let field = self.experts[e].loaded.borrow();
+                let v = field.as_ref().expect("loaded above").velocity(xe, te, ye); // expert e runs once
+                out = add(out.clone(), e, v);
+            }
+            handles
+                .into_iter()
+                .map(|(e, h)| {
+                    (
+                        e,
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("the request thread panicked"))),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        for (e, answer) in answers {
+            self.experts[e].called.set(true);
+            match answer {
+                Ok(v) => out = add(out, e, v.to_tensor::<2>(&device)),
+                Err(error) => return Err(RemoteFailure { expert: e, error }),
+            }
         }
         self.usage.borrow_mut().push(Usage {
             rows_per_expert: rows.iter().map(|r| r.len()).collect(),
             router_rows,
         });
-        out
+        Ok(out)
+    }
+}
+
+impl VelocityField<2> for Ensemble<'_> {
+    fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
+        loop {
+            if self.error.borrow().is_some() {
+                // Sampling has already failed (the error is returned after it): finish cheaply.
+                return x_t.zeros_like();
+            }
+            let RemoteFailure { expert, error } = match self.evaluate(&x_t, &t, y.as_ref()) {
+                Ok(v) => return v,
+                Err(f) => f,
+            };
+            let url = self.experts[expert]
+                .remote
+                .as_ref()
+                .map(|r| r.client.base.clone())
+                .unwrap_or_default();
+            if !self.tolerate_lost {
+                self.error
+                    .borrow_mut()
+                    .get_or_insert(error.context(format!("expert {expert}, served at {url}")));
+                continue;
+            }
+            // Leave it out and evaluate again without it.
+            let evaluation = self.usage.borrow().len();
+            tracing::warn!(
+                "expert {expert} (served at {url}) failed at evaluation {evaluation}: {error:#}; renormalising over the others from here on"
+            );
+            self.experts[expert].lost.set(true);
+            self.lost.borrow_mut().push(LostExpert {
+                expert,
+                url,
+                evaluation,
+                error: format!("{error:#}"),
+            });
+            if !self.experts.iter().any(|e| e.is_present()) {
+                self.error.borrow_mut().get_or_insert(anyhow::anyhow!(
+                    "every expert is lost: nothing left to sample with"
+                ));
+            }
+        }
     }
 }

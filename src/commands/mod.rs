@@ -11,6 +11,7 @@ pub mod predict;
 pub mod quickstart;
 pub mod register;
 pub mod sample;
+pub mod serve;
 pub mod settings;
 pub mod train;
 pub mod train_router;

@@ -23,9 +23,17 @@ pub struct RegisterArgs {
     #[arg(long)]
     pub replace: bool,
     /// Checkpoints: expert.safetensors and router.safetensors files, folders written by
-    /// `ddm registry export`, or http:// URLs (append `#sha256=HEX` to verify the download).
-    #[arg(required = true)]
+    /// `ddm registry export`, or http(s):// URLs (append `#sha256=HEX` to verify the download;
+    /// DDM_CA_CERT names extra trusted root certificates, PEM).
+    #[arg(required_unless_present = "remote")]
     pub checkpoints: Vec<String>,
+    /// Register the experts a `ddm serve` at this URL serves (checked against the registry's
+    /// partition; sampling calls them over the network). DDM_SERVE_TOKEN is sent if set.
+    #[arg(long, conflicts_with = "checkpoints")]
+    pub remote: Option<String>,
+    /// With --remote: only these experts (comma-separated cluster ids).
+    #[arg(long, value_delimiter = ',', requires = "remote")]
+    pub clusters: Option<Vec<usize>>,
     /// Print what was registered as JSON lines (role, cluster, k, source, sha256).
     #[arg(long)]
     pub json: bool,
@@ -34,18 +42,31 @@ pub struct RegisterArgs {
 const REGISTER_EXAMPLES: &str = "Examples:
   ddm register --registry reg --partition part expert-*/expert.safetensors router/router.safetensors
   ddm register --registry reg --replace expert-3/expert.safetensors
-  ddm register --registry reg 'http://host:8000/expert-2.safetensors#sha256=HEX'";
+  ddm register --registry reg 'https://host/expert-2.safetensors#sha256=HEX'
+  ddm register --registry reg --remote http://island-2:8470 --clusters 2";
 
 pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
     let manifest = match &args.partition {
         Some(p) => Some(ddm_datasets::partition::read_manifest(p)?),
         None => None,
     };
-    let files = registry::expand_sources(
-        &args.checkpoints,
-        &ddm_datasets::env::cache_dir().join("downloads"),
-    )?;
-    for r in registry::register(&args.registry, &files, manifest.as_ref(), args.replace)? {
+    let registered = match &args.remote {
+        Some(url) => registry::register_remote(
+            &args.registry,
+            url,
+            args.clusters.as_deref(),
+            manifest.as_ref(),
+            args.replace,
+        )?,
+        None => {
+            let files = registry::expand_sources(
+                &args.checkpoints,
+                &ddm_datasets::env::cache_dir().join("downloads"),
+            )?;
+            registry::register(&args.registry, &files, manifest.as_ref(), args.replace)?
+        }
+    };
+    for r in registered {
         match args.json {
             true => println!("{}", serde_json::to_string(&r)?),
             false => println!("registered {r}"),

@@ -1,43 +1,41 @@
-//! What `ddm register` accepts besides local files: exported registry folders and http:// URLs
-//! (downloaded into a cache, checked against `#sha256=` when given).
+//! What `ddm register` accepts besides local files: exported registry folders and http(s):// URLs
+//! (streamed into a cache, resumed when interrupted, checked against `#sha256=` when given).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use ddm_core::digest::sha256_hex;
+use ddm_core::digest::{sha256_file, sha256_hex};
 
 /// Expand what `ddm register` was given: an exported folder (with `index.json`) becomes its
-/// `*/model.safetensors` files; an `http://` URL is downloaded into `cache` (with `#sha256=HEX`,
-/// the file must hash to HEX before it is used); anything else is a path.
+/// `*/model.safetensors` files; an `http://` or `https://` URL is downloaded into `cache` (with
+/// `#sha256=HEX`, the file must hash to HEX before it is used, and a cached copy that does is not
+/// fetched again); anything else is a path.
 pub fn expand_sources(sources: &[String], cache: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = vec![];
+    let mut client = None;
     for s in sources {
-        if let Some(rest) = s
-            .strip_prefix("http://")
-            .or_else(|| s.strip_prefix("https://").map(|_| ""))
-        {
-            if rest.is_empty() {
-                bail!(
-                    "{s}: https needs a TLS-enabled build; ddm fetches plain http:// (integrity comes from sha256)"
-                );
-            }
+        if s.starts_with("http://") || s.starts_with("https://") {
             let (url, want) = match s.split_once("#sha256=") {
                 Some((u, h)) => (u.to_string(), Some(h.to_ascii_lowercase())),
                 None => (s.clone(), None),
             };
-            let bytes = reqwest::blocking::get(&url)
-                .and_then(|r| r.error_for_status())
-                .and_then(|r| r.bytes())
-                .with_context(|| format!("downloading {url}"))?;
-            let got = sha256_hex(&bytes);
-            if let Some(want) = want
-                && want != got
-            {
-                bail!("{url}: sha256 {got} does not match the expected {want}; not used");
+            if let Some(w) = &want {
+                let cached = cache.join(format!("{w}.safetensors"));
+                if cached.exists() && sha256_file(&cached)? == *w {
+                    out.push(cached);
+                    continue;
+                }
             }
-            std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+            let client = match &client {
+                Some(c) => c,
+                None => client.insert(ddm_datasets::download::client()?),
+            };
+            // Streamed to a partial file named after the URL (so an interrupted download resumes),
+            // then filed under its sha256.
+            let partial = cache.join(format!("url-{}.safetensors", &sha256_hex(url.as_bytes())[..16]));
+            let got = ddm_datasets::download::download(client, &url, &partial, want.as_deref(), &())?;
             let p = cache.join(format!("{got}.safetensors"));
-            ddm_core::fsio::write_bytes_atomic(&p, &bytes)?;
+            std::fs::rename(&partial, &p).with_context(|| format!("moving {} into place", p.display()))?;
             out.push(p);
             continue;
         }

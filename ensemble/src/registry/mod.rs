@@ -22,7 +22,7 @@ pub mod register;
 pub use fetch::expand_sources;
 pub use index::{Entry, INDEX, Index, read_index};
 pub use publish::{export, verify};
-pub use register::{Registered, register, remove};
+pub use register::{Registered, register, register_remote, remove};
 
 /// `, conditioned on C classes` for an entry that records it.
 fn conditioning(e: &Entry) -> String {
@@ -60,9 +60,10 @@ impl Registry {
         for k in 0..i.k {
             match i.experts.get(&k) {
                 Some(e) => s.push_str(&format!(
-                    "  expert {k}: {} ({} bytes) from {}{}\n",
+                    "  expert {k}: {} ({} bytes) {} {}{}\n",
                     &e.sha256[..12],
                     e.bytes,
+                    if e.remote.is_some() { "served at" } else { "from" },
                     e.source,
                     conditioning(e)
                 )),

@@ -9,7 +9,8 @@ use ddm_core::digest::sha256_file;
 
 use super::index::{Entry, read_index};
 
-/// Re-hash every blob; every problem found (it keeps going after the first).
+/// Re-hash every blob, and ask every server of a remote expert whether it still serves that
+/// checkpoint (same sha256); every problem found (it keeps going after the first).
 pub fn verify(dir: &Path) -> anyhow::Result<Vec<String>> {
     let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
     let mut problems = vec![];
@@ -20,6 +21,21 @@ pub fn verify(dir: &Path) -> anyhow::Result<Vec<String>> {
         .chain(idx.router.iter().map(|e| ("router".to_string(), e)))
         .chain(idx.stats.iter().map(|(k, e)| (format!("statistics {k}"), e)));
     for (what, e) in entries {
+        if let Some(url) = &e.remote {
+            let k: usize = what.trim_start_matches("expert ").parse().unwrap_or(usize::MAX);
+            match crate::remote::Client::new(url).and_then(|c| c.metadata()) {
+                Err(err) => problems.push(format!("{what}: {url}: {err:#}")),
+                Ok(m) => match m.experts.get(&k) {
+                    None => problems.push(format!("{what}: {url} no longer serves expert {k}")),
+                    Some(s) if s.sha256 != e.sha256 => problems.push(format!(
+                        "{what}: {url} serves checkpoint {}, but {} was registered",
+                        s.sha256, e.sha256
+                    )),
+                    Some(_) => {}
+                },
+            }
+            continue;
+        }
         let blob = e.blob(dir);
         match sha256_file(&blob) {
             Ok(h) if h == e.sha256 => {}
@@ -36,7 +52,8 @@ pub fn verify(dir: &Path) -> anyhow::Result<Vec<String>> {
 
 /// Write the published folder layout: `expert_K/{config.json, model.safetensors}` per expert,
 /// `router/{config.json, model.safetensors}`, and `index.json` (the registry's index). `config.json`
-/// is the checkpoint's ddm metadata; `model.safetensors` is the checkpoint itself.
+/// is the checkpoint's ddm metadata; `model.safetensors` is the checkpoint itself. Experts served
+/// elsewhere have no file to export: `index.json` keeps their URLs.
 pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
     let mut written = vec![];
@@ -51,7 +68,7 @@ pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         written.push(f);
         Ok(())
     };
-    for (k, e) in &idx.experts {
+    for (k, e) in idx.experts.iter().filter(|(_, e)| e.remote.is_none()) {
         put(format!("expert_{k}"), e)?;
     }
     if let Some(e) = &idx.router {

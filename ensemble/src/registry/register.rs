@@ -14,6 +14,21 @@ use serde::Serialize;
 
 use super::index::{Entry, FORMAT, INDEX, Index, LOCK, now, read_index};
 
+/// Where a checkpoint to register is: a file, or a server that serves it.
+enum Origin {
+    File(PathBuf),
+    Served { url: String, sha256: String, bytes: u64 },
+}
+
+impl Origin {
+    fn name(&self) -> String {
+        match self {
+            Origin::File(p) => p.display().to_string(),
+            Origin::Served { url, .. } => url.clone(),
+        }
+    }
+}
+
 /// What one registration would add.
 enum Item {
     Expert {
@@ -22,6 +37,8 @@ enum Item {
         sha: String,
         bytes: u64,
         classes: usize,
+        /// Served at this URL (no blob).
+        remote: Option<String>,
     },
     Router {
         path: PathBuf,
@@ -79,15 +96,73 @@ pub fn register(
     std::fs::create_dir_all(dir.join("blobs"))
         .with_context(|| format!("creating the registry {}", dir.display()))?;
     let _lock = lock_registry(dir)?;
-
-    let mut idx = read_index(dir)?;
-    // 1. Read and check everything first.
-    let mut items = vec![];
-    let mut metas: Vec<(PathBuf, CheckpointMeta)> = vec![];
+    let mut metas: Vec<(Origin, CheckpointMeta)> = vec![];
     for p in paths {
         let ckpt = Checkpoint::read(p)?; // verifies the file's own checksum
-        metas.push((p.clone(), ckpt.meta));
+        metas.push((Origin::File(p.clone()), ckpt.meta));
     }
+    register_locked(dir, metas, partition, replace)
+}
+
+/// Register experts served by a `ddm serve` at `url` (those of `clusters`, or all it serves):
+/// their metadata (partition fingerprint, data spec, cluster, conditioning) is checked as a
+/// file's would be, and each entry records the URL and the served checkpoint's sha256.
+pub fn register_remote(
+    dir: &Path,
+    url: &str,
+    clusters: Option<&[usize]>,
+    partition: Option<&PartitionManifest>,
+    replace: bool,
+) -> anyhow::Result<Vec<Registered>> {
+    let client = crate::remote::Client::new(url)?;
+    let served = client.metadata()?;
+    let mut metas: Vec<(Origin, CheckpointMeta)> = vec![];
+    for (&k, ck) in &served.experts {
+        if clusters.is_some_and(|c| !c.contains(&k)) {
+            continue;
+        }
+        if ck.meta.cluster != Some(k) {
+            bail!(
+                "{url}: serves as expert {k} a checkpoint of cluster {:?}",
+                ck.meta.cluster
+            );
+        }
+        metas.push((
+            Origin::Served {
+                url: client.base.clone(),
+                sha256: ck.sha256.clone(),
+                bytes: ck.bytes,
+            },
+            ck.meta.clone(),
+        ));
+    }
+    if let Some(want) = clusters
+        && let Some(k) = want.iter().find(|k| !served.experts.contains_key(k))
+    {
+        bail!(
+            "{url}: serves no expert for cluster {k} (it serves {:?})",
+            served.experts.keys().collect::<Vec<_>>()
+        );
+    }
+    if metas.is_empty() {
+        bail!("{url}: serves no expert");
+    }
+    std::fs::create_dir_all(dir.join("blobs"))
+        .with_context(|| format!("creating the registry {}", dir.display()))?;
+    let _lock = lock_registry(dir)?;
+    register_locked(dir, metas, partition, replace)
+}
+
+/// The registration itself, under the lock: check everything, then write blobs, then the index.
+fn register_locked(
+    dir: &Path,
+    metas: Vec<(Origin, CheckpointMeta)>,
+    partition: Option<&PartitionManifest>,
+    replace: bool,
+) -> anyhow::Result<Vec<Registered>> {
+    let mut idx = read_index(dir)?;
+    // 1. Check everything first.
+    let mut items = vec![];
     if idx.is_none() {
         let (partition_fp, k, priors) = match partition {
             Some(m) => (m.fingerprint.clone(), m.k, Some(m.priors())),
@@ -118,8 +193,8 @@ pub fn register(
         });
     }
     let mut idx = idx.expect("set above");
-    for (p, m) in &metas {
-        let name = p.display();
+    for (origin, m) in &metas {
+        let name = origin.name();
         if m.partition.as_deref() != Some(idx.partition.as_str()) {
             bail!(
                 "{name}: trained on partition {}, but this registry is for partition {}",
@@ -134,8 +209,17 @@ pub fn register(
                 idx.data
             );
         }
-        let sha = sha256_file(p)?;
-        let bytes = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let (p, remote) = match origin {
+            Origin::File(p) => (p.clone(), None),
+            Origin::Served { url, .. } => (PathBuf::from(url), Some(url.clone())),
+        };
+        let (sha, bytes) = match origin {
+            Origin::File(p) => (
+                sha256_file(p)?,
+                std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+            ),
+            Origin::Served { sha256, bytes, .. } => (sha256.clone(), *bytes),
+        };
         match m.role {
             Role::Expert => {
                 let cluster = m.cluster.with_context(|| {
@@ -154,7 +238,7 @@ pub fn register(
                     );
                 }
                 let stats = p.with_file_name(STATS_FILE);
-                if stats.exists() {
+                if remote.is_none() && stats.exists() {
                     let (sm, _) = ClusterStats::load(&stats)?;
                     if sm.partition == idx.partition && sm.cluster == Some(cluster) {
                         let s = sha256_file(&stats)?;
@@ -173,10 +257,14 @@ pub fn register(
                     sha,
                     bytes,
                     classes: m.model.num_classes(),
+                    remote,
                 });
             }
             Role::Classifier => {
                 bail!("{name}: a classifier (used by ddm eval) cannot join an ensemble")
+            }
+            Role::Router if remote.is_some() => {
+                bail!("{name}: a served router cannot be registered; register its checkpoint file")
             }
             Role::Router => {
                 let k = m.num_clusters.unwrap_or(0);
@@ -216,15 +304,20 @@ pub fn register(
             Item::Expert { classes, .. } | Item::Router { classes, .. } => Some(*classes),
             Item::Stats { .. } => None,
         };
+        let remote = match &item {
+            Item::Expert { remote, .. } => remote.clone(),
+            _ => None,
+        };
         let entry = Entry {
             sha256: sha.clone(),
             bytes,
             source: path.display().to_string(),
             registered_at: now(),
             classes,
+            remote: remote.clone(),
         };
         let blob = entry.blob(dir);
-        if !blob.exists() {
+        if remote.is_none() && !blob.exists() {
             let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             if sha256_hex(&data) != sha {
                 bail!("{}: changed while being registered", path.display());

@@ -1,0 +1,360 @@
+//! Experts served over the network (`ddm serve`): the wire format both sides share and the
+//! sampler's client.
+//!
+//! A server exposes, under its base URL:
+//!
+//! | endpoint | in | out |
+//! |---|---|---|
+//! | `GET /health` | | `ok` (no token needed) |
+//! | `GET /v1/metadata` | | JSON [`ServedMetadata`] |
+//! | `GET /metrics` | | Prometheus text |
+//! | `POST /v1/experts/{k}/velocity` | safetensors `x_t` F32 `[N, ...]`, `t` F32 `[N]`, `y` I64 `[N]`? | `v` F32, the shape of `x_t` |
+//! | `POST /v1/router/logits` | `x_t`, `t`, `y`?, `c` F32 `[N, Dc]`? | `logits` F32 `[N, K]` |
+//!
+//! Tensors travel as safetensors bytes, the format checkpoints already use. When the server has a
+//! token, requests carry `Authorization: Bearer TOKEN`; clients read it from `DDM_SERVE_TOKEN`.
+//! An expert's velocity is the expert's own (epsilon experts converted by the server); guidance is
+//! applied by the client, as it is for a local expert, so a served expert is the same field.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ddm_core::checkpoint::{CheckpointMeta, DataSpec};
+use ddm_core::host::{HostIntTensor, HostTensor, TensorFile, to_safetensors_bytes};
+use serde::{Deserialize, Serialize};
+
+/// The environment variable holding the bearer token (server and clients).
+pub const TOKEN_ENV: &str = "DDM_SERVE_TOKEN";
+
+/// One checkpoint a server holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServedCheckpoint {
+    /// sha256 of the checkpoint file (the registry's blob name).
+    pub sha256: String,
+    pub bytes: u64,
+    pub meta: CheckpointMeta,
+}
+
+/// `GET /v1/metadata`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServedMetadata {
+    pub ddm_version: String,
+    /// The partition fingerprint of the registry served from.
+    pub partition: String,
+    pub k: usize,
+    pub data: DataSpec,
+    /// Served experts, by cluster.
+    pub experts: BTreeMap<usize, ServedCheckpoint>,
+    pub router: Option<ServedCheckpoint>,
+    /// The most rows one request may carry.
+    pub max_rows: usize,
+}
+
+/// A request's tensors: `x_t` `[N, ...]`, `t` `[N]`, optional class ids `y` `[N]` and
+/// conditioning vectors `c` `[N, Dc]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub x_t: HostTensor,
+    pub t: Vec<f32>,
+    pub y: Option<Vec<i64>>,
+    pub c: Option<HostTensor>,
+}
+
+impl Request {
+    pub fn rows(&self) -> usize {
+        self.t.len()
+    }
+
+    pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let mut f = BTreeMap::from([
+            ("x_t".to_string(), self.x_t.clone()),
+            (
+                "t".to_string(),
+                HostTensor::new(vec![self.t.len()], self.t.clone()),
+            ),
+        ]);
+        if let Some(c) = &self.c {
+            f.insert("c".into(), c.clone());
+        }
+        let mut i = BTreeMap::new();
+        if let Some(y) = &self.y {
+            i.insert(
+                "y".to_string(),
+                HostIntTensor {
+                    shape: vec![y.len()],
+                    data: y.clone(),
+                },
+            );
+        }
+        Ok(to_safetensors_bytes(&f, &i, None)?)
+    }
+
+    /// Parse and check a request body: `x_t` is `[N, ...]` with `N >= 1` rows of `row_shape`,
+    /// `t` is `[N]` in [0, 1], `y` and `c` (if present) have N rows, every value is finite.
+    /// The error says what is wrong (the server answers it with 400).
+    pub fn from_bytes(body: Vec<u8>, row_shape: &[usize]) -> anyhow::Result<Self> {
+        let f = TensorFile::from_bytes(Path::new("request body"), body)?;
+        let x_t = f.f32("x_t")?;
+        let t = f.f32("t")?;
+        let Some(&n) = x_t.shape.first() else {
+            bail!("x_t is a scalar; expected [N, {row_shape:?}]");
+        };
+        if x_t.shape[1..] != *row_shape {
+            bail!(
+                "x_t has shape {:?}; this server's data is [N, {}]",
+                x_t.shape,
+                row_shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if n == 0 {
+            bail!("x_t has no rows");
+        }
+        if t.shape != [n] {
+            bail!(
+                "t has shape {:?}; expected [{n}] (one time per row of x_t)",
+                t.shape
+            );
+        }
+        if let Some(bad) = t.data.iter().find(|v| !(0.0..=1.0).contains(*v)) {
+            bail!("t holds {bad}; flow times lie in [0, 1]");
+        }
+        if x_t.data.iter().any(|v| !v.is_finite()) {
+            bail!("x_t holds a non-finite value");
+        }
+        let y = match f.contains("y") {
+            false => None,
+            true => {
+                let y = f.i64("y")?;
+                if y.shape != [n] {
+                    bail!("y has shape {:?}; expected [{n}]", y.shape);
+                }
+                Some(y.data)
+            }
+        };
+        let c = match f.contains("c") {
+            false => None,
+            true => {
+                let c = f.f32("c")?;
+                if c.shape.len() != 2 || c.shape[0] != n {
+                    bail!("c has shape {:?}; expected [{n}, Dc]", c.shape);
+                }
+                if c.data.iter().any(|v| !v.is_finite()) {
+                    bail!("c holds a non-finite value");
+                }
+                Some(c)
+            }
+        };
+        Ok(Self { x_t, t: t.data, y, c })
+    }
+}
+
+/// A response body: one F32 tensor named `name`.
+pub fn response_bytes(name: &str, t: &HostTensor) -> anyhow::Result<Vec<u8>> {
+    Ok(to_safetensors_bytes(
+        &BTreeMap::from([(name.to_string(), t.clone())]),
+        &BTreeMap::new(),
+        None,
+    )?)
+}
+
+/// The bearer token clients send: `DDM_SERVE_TOKEN`, if set and not empty.
+pub fn token_from_env() -> Option<String> {
+    std::env::var(TOKEN_ENV)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// An HTTP error from a server, with its status (4xx are not retried).
+#[derive(Debug)]
+pub struct HttpError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {}: {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+/// A client of one server: blocking, retrying transient failures (connection refused or reset,
+/// timeouts, 502/503/504) with exponential backoff.
+#[derive(Clone)]
+pub struct Client {
+    /// The server's base URL, without a trailing slash.
+    pub base: String,
+    http: reqwest::blocking::Client,
+    token: Option<String>,
+    /// Attempts after the first; each waits twice as long as the one before, from `backoff`.
+    pub retries: u32,
+    pub backoff: Duration,
+}
+
+impl Client {
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        let base = base.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("{base}: a served expert's URL starts with http:// or https://");
+        }
+        let http = ddm_datasets::download::client_builder()?
+            .timeout(Duration::from_secs(600))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Self {
+            base,
+            http,
+            token: token_from_env(),
+            retries: 3,
+            backoff: Duration::from_millis(200),
+        })
+    }
+
+    fn send(
+        &self,
+        what: &str,
+        req: impl Fn() -> reqwest::blocking::RequestBuilder,
+    ) -> anyhow::Result<Vec<u8>> {
+        let mut wait = self.backoff;
+        let mut attempt = 0;
+        loop {
+            let mut r = req();
+            if let Some(t) = &self.token {
+                r = r.bearer_auth(t);
+            }
+            let err: anyhow::Error = match r.send() {
+                Ok(resp) if resp.status().is_success() => {
+                    return Ok(resp
+                        .bytes()
+                        .with_context(|| format!("{what}: reading the answer"))?
+                        .to_vec());
+                }
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let message = resp.text().unwrap_or_default().trim().to_string();
+                    let e = HttpError { status, message };
+                    if !matches!(status, 502..=504) {
+                        return Err(anyhow::Error::new(e).context(what.to_string()));
+                    }
+                    e.into()
+                }
+                Err(e) => e.into(),
+            };
+            if attempt >= self.retries {
+                return Err(err.context(format!("{what} (gave up after {} attempts)", attempt + 1)));
+            }
+            tracing::debug!("{what}: {err:#}; retrying in {wait:?}");
+            std::thread::sleep(wait);
+            wait *= 2;
+            attempt += 1;
+        }
+    }
+
+    /// `GET /v1/metadata`.
+    pub fn metadata(&self) -> anyhow::Result<ServedMetadata> {
+        let url = format!("{}/v1/metadata", self.base);
+        let body = self.send(&format!("GET {url}"), || self.http.get(&url))?;
+        serde_json::from_slice(&body).with_context(|| format!("{url}: not a ddm server's metadata"))
+    }
+
+    fn post_tensor(&self, url: &str, request: &Request, name: &str) -> anyhow::Result<HostTensor> {
+        let body = request.to_bytes()?;
+        let answer = self.send(&format!("POST {url}"), || {
+            self.http
+                .post(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone())
+        })?;
+        let f = TensorFile::from_bytes(Path::new(url), answer)?;
+        Ok(f.f32(name)?)
+    }
+
+    /// Expert `k`'s velocity at `request` (`[N, ...]`, the shape of `x_t`).
+    pub fn velocity(&self, k: usize, request: &Request) -> anyhow::Result<HostTensor> {
+        let url = format!("{}/v1/experts/{k}/velocity", self.base);
+        let v = self.post_tensor(&url, request, "v")?;
+        if v.shape != request.x_t.shape {
+            bail!(
+                "{url}: answered v of shape {:?} for x_t of shape {:?}",
+                v.shape,
+                request.x_t.shape
+            );
+        }
+        Ok(v)
+    }
+
+    /// The router's logits `[N, K]`.
+    pub fn router_logits(&self, request: &Request) -> anyhow::Result<HostTensor> {
+        let url = format!("{}/v1/router/logits", self.base);
+        self.post_tensor(&url, request, "logits")
+    }
+}
+
+/// An expert served elsewhere, as the sampler runs it: the server's field for cluster `k`, with
+/// classifier-free guidance applied here (as [`ddm_core::flow::ClassifierFreeGuidance`] does for a
+/// local expert).
+#[derive(Clone)]
+pub struct RemoteExpert {
+    pub client: Client,
+    pub cluster: usize,
+    /// (null class id, scale) for a class-conditional expert.
+    pub guidance: Option<(usize, f64)>,
+}
+
+impl RemoteExpert {
+    /// `x_t` `[M, ...]`, `t` `[M]`, `y` `[M]` -> `v` `[M, ...]`.
+    pub fn velocity(&self, x_t: HostTensor, t: Vec<f32>, y: Option<Vec<i64>>) -> anyhow::Result<HostTensor> {
+        let m = t.len();
+        let plain = |y| {
+            self.client.velocity(
+                self.cluster,
+                &Request {
+                    x_t: x_t.clone(),
+                    t: t.clone(),
+                    y,
+                    c: None,
+                },
+            )
+        };
+        let Some((null, scale)) = self.guidance else {
+            return plain(y);
+        };
+        let Some(y) = y else {
+            return plain(Some(vec![null as i64; m]));
+        };
+        if scale == 1.0 {
+            return plain(Some(y));
+        }
+        // Conditional and null rows in one request: [2M, X].
+        let mut x2 = x_t.data.clone();
+        x2.extend_from_slice(&x_t.data);
+        let mut shape2 = x_t.shape.clone();
+        shape2[0] = 2 * m;
+        let mut t2 = t.clone();
+        t2.extend_from_slice(&t);
+        let mut y2 = y;
+        y2.extend(std::iter::repeat_n(null as i64, m));
+        let v = self.client.velocity(
+            self.cluster,
+            &Request {
+                x_t: HostTensor::new(shape2, x2),
+                t: t2,
+                y: Some(y2),
+                c: None,
+            },
+        )?;
+        let half = v.data.len() / 2;
+        let (cond, null_v) = v.data.split_at(half);
+        let s = scale as f32;
+        let data = cond.iter().zip(null_v).map(|(&c, &u)| u + (c - u) * s).collect();
+        Ok(HostTensor::new(x_t.shape, data))
+    }
+}

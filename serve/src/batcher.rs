@@ -1,0 +1,208 @@
+//! Dynamic batching: one worker thread per served model. Requests wait in a bounded queue; the
+//! worker takes the first, gathers the requests that arrive within `max_wait` (up to
+//! `max_batch_rows` rows, same tensors present), runs the model once on all their rows and hands
+//! each request its rows back. A full queue is answered at once (503), not buffered without bound.
+//!
+//! The model is built inside its worker (burn tensors stay on the thread that made them); a panic
+//! in a forward becomes that batch's error, and the worker keeps serving.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use ddm_core::host::HostTensor;
+use ddm_ensemble::remote::Request;
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+
+/// A model as a worker runs it: a batch of request rows in, one output row per input row out.
+pub trait Forward {
+    /// `request.x_t` `[N, ...]` -> `[N, ...]` (an expert's velocity) or `[N, K]` (router logits).
+    fn forward(&self, request: &Request) -> HostTensor;
+}
+
+/// How requests are coalesced.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    /// How long the first request of a batch waits for others (0: no coalescing).
+    pub max_wait: Duration,
+    /// The most rows one forward takes (a single larger request still runs alone).
+    pub max_batch_rows: usize,
+    /// Requests waiting per model before new ones are refused.
+    pub queue: usize,
+}
+
+struct Job {
+    request: Request,
+    reply: oneshot::Sender<anyhow::Result<HostTensor>>,
+}
+
+/// A handle to one model's worker.
+pub struct Batcher {
+    tx: Option<SyncSender<Job>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+/// The queue was full: the caller answers 503.
+#[derive(Debug)]
+pub struct QueueFull;
+
+impl Batcher {
+    /// Start the worker for model `name`: `load` builds the model on the worker's thread; its error
+    /// (a corrupted checkpoint, say) is returned here, before anything is served.
+    pub fn start<F, L>(name: String, load: L, policy: BatchPolicy, metrics: Metrics) -> anyhow::Result<Self>
+    where
+        F: Forward + 'static,
+        L: FnOnce() -> anyhow::Result<F> + Send + 'static,
+    {
+        let (tx, rx) = sync_channel::<Job>(policy.queue.max(1));
+        let (ready_tx, ready_rx) = sync_channel::<anyhow::Result<()>>(1);
+        let worker = std::thread::Builder::new()
+            .name(format!("serve {name}"))
+            .spawn(move || {
+                let model = match load() {
+                    Ok(m) => {
+                        let _ = ready_tx.send(Ok(()));
+                        m
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                run(&name, &model, rx, policy, &metrics);
+            })
+            .context("starting a worker thread")?;
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("the worker thread died while loading"))??;
+        Ok(Self {
+            tx: Some(tx),
+            worker: Some(worker),
+        })
+    }
+
+    /// Queue a request; its answer comes on the returned receiver.
+    pub fn submit(
+        &self,
+        request: Request,
+    ) -> Result<oneshot::Receiver<anyhow::Result<HostTensor>>, QueueFull> {
+        let (reply, answer) = oneshot::channel();
+        let tx = self.tx.as_ref().expect("open until dropped");
+        match tx.try_send(Job { request, reply }) {
+            Ok(()) => Ok(answer),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Err(QueueFull),
+        }
+    }
+}
+
+impl Drop for Batcher {
+    /// Close the queue and let the worker finish what it holds.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Whether two requests can share a forward: the same optional tensors, the same widths.
+fn compatible(a: &Request, b: &Request) -> bool {
+    a.x_t.shape[1..] == b.x_t.shape[1..]
+        && a.y.is_some() == b.y.is_some()
+        && a.c.as_ref().map(|c| c.shape[1]) == b.c.as_ref().map(|c| c.shape[1])
+}
+
+fn run(name: &str, model: &dyn Forward, rx: Receiver<Job>, policy: BatchPolicy, metrics: &Metrics) {
+    let mut held: Option<Job> = None;
+    loop {
+        let first = match held.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return, // the server is shutting down and the queue is empty
+            },
+        };
+        let mut rows = first.request.rows();
+        let mut batch = vec![first];
+        let deadline = Instant::now() + policy.max_wait;
+        while !policy.max_wait.is_zero() && rows < policy.max_batch_rows {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let next = match rx.recv_timeout(left) {
+                Ok(j) => j,
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            };
+            if compatible(&batch[0].request, &next.request)
+                && rows + next.request.rows() <= policy.max_batch_rows
+            {
+                rows += next.request.rows();
+                batch.push(next);
+            } else {
+                held = Some(next);
+                break;
+            }
+        }
+        let merged = merge(batch.iter().map(|j| &j.request));
+        let out = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&merged)));
+        metrics.batch(name, rows);
+        match out {
+            Ok(out) => {
+                let per_row = out.data.len() / rows.max(1);
+                let mut offset = 0;
+                for job in batch {
+                    let m = job.request.rows();
+                    let mut shape = out.shape.clone();
+                    shape[0] = m;
+                    let data = out.data[offset * per_row..(offset + m) * per_row].to_vec();
+                    offset += m;
+                    let _ = job.reply.send(Ok(HostTensor::new(shape, data)));
+                }
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic".into());
+                tracing::error!("{name}: the forward failed: {what}");
+                for job in batch {
+                    let _ = job.reply.send(Err(anyhow!("{name}: the forward failed: {what}")));
+                }
+            }
+        }
+    }
+}
+
+/// Concatenate requests along rows (they are [`compatible`]).
+fn merge<'a>(requests: impl Iterator<Item = &'a Request> + Clone) -> Request {
+    let all: Vec<&Request> = requests.collect();
+    if all.len() == 1 {
+        return all[0].clone();
+    }
+    let rows: usize = all.iter().map(|r| r.rows()).sum();
+    let mut shape = all[0].x_t.shape.clone();
+    shape[0] = rows;
+    let x = all.iter().flat_map(|r| r.x_t.data.iter().copied()).collect();
+    let t = all.iter().flat_map(|r| r.t.iter().copied()).collect();
+    let y = all[0]
+        .y
+        .as_ref()
+        .map(|_| all.iter().flat_map(|r| r.y.clone().unwrap_or_default()).collect());
+    let c = all[0].c.as_ref().map(|c0| {
+        HostTensor::new(
+            vec![rows, c0.shape[1]],
+            all.iter()
+                .flat_map(|r| r.c.as_ref().map(|c| c.data.clone()).unwrap_or_default())
+                .collect(),
+        )
+    });
+    Request {
+        x_t: HostTensor::new(shape, x),
+        t,
+        y,
+        c,
+    }
+}

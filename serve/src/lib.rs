@@ -1,0 +1,469 @@
+//! ddm-serve: experts (and the router) of a registry served over HTTP, so the sampler on another
+//! machine can run them (`ddm serve`; the wire format is `ddm_ensemble::remote`).
+//!
+//! axum on tokio answers requests; each served model has a worker thread that coalesces
+//! concurrent requests into one forward ([`batcher`]). Every request is checked before it reaches
+//! a model: bearer token (401), body size and rows (413), tensors (400 with the reason); a full
+//! queue is 503 and a forward slower than the request timeout 504. None of these stops the server.
+//! SIGTERM or Ctrl-C stops accepting connections and lets in-flight requests finish.
+
+pub mod batcher;
+pub mod metrics;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request as HttpRequest, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ddm_core::burn::prelude::*;
+use ddm_core::checkpoint::Checkpoint;
+use ddm_core::flow::VelocityField;
+use ddm_core::host::HostTensor;
+use ddm_ensemble::registry::Registry;
+use ddm_ensemble::remote::{Request, ServedCheckpoint, ServedMetadata, response_bytes};
+use ddm_router::net::RouterNet;
+
+use batcher::{BatchPolicy, Batcher, Forward};
+use metrics::Metrics;
+
+/// What `ddm serve` was asked for.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub registry: PathBuf,
+    /// Experts to serve (None: every expert registered here with a local checkpoint).
+    pub experts: Option<Vec<usize>>,
+    /// Serve the router's logits.
+    pub router: bool,
+    pub listen: SocketAddr,
+    /// The bearer token clients must send (None: no authentication).
+    pub token: Option<String>,
+    /// Accept serving without a token on a non-loopback address.
+    pub allow_unauthenticated: bool,
+    /// The most rows one request may carry (more: 413).
+    pub max_rows: usize,
+    /// The largest request body (more: 413).
+    pub max_body_bytes: usize,
+    /// How long a request may wait for its answer (longer: 504).
+    pub request_timeout: Duration,
+    pub batch: BatchPolicy,
+    pub device: Device,
+}
+
+/// What the handlers share.
+struct App {
+    metadata: ServedMetadata,
+    experts: BTreeMap<usize, Batcher>,
+    router: Option<Batcher>,
+    token: Option<String>,
+    max_rows: usize,
+    timeout: Duration,
+    metrics: Metrics,
+}
+
+struct ExpertModel(Box<dyn VelocityField<2>>, Device);
+
+impl Forward for ExpertModel {
+    fn forward(&self, r: &Request) -> HostTensor {
+        let n = r.rows();
+        let x = HostTensor::new(vec![n, r.x_t.data.len() / n], r.x_t.data.clone()).to_tensor::<2>(&self.1);
+        let t = HostTensor::new(vec![n], r.t.clone()).to_tensor::<1>(&self.1);
+        let y =
+            r.y.as_ref()
+                .map(|y| Tensor::<1, Int>::from_data(TensorData::new(y.clone(), [n]), &self.1));
+        let v = HostTensor::from_tensor(self.0.velocity(x, t, y));
+        HostTensor::new(r.x_t.shape.clone(), v.data)
+    }
+}
+
+struct RouterModel(RouterNet, Device);
+
+impl Forward for RouterModel {
+    fn forward(&self, r: &Request) -> HostTensor {
+        let n = r.rows();
+        let x = HostTensor::new(vec![n, r.x_t.data.len() / n], r.x_t.data.clone()).to_tensor::<2>(&self.1);
+        let t = HostTensor::new(vec![n], r.t.clone()).to_tensor::<1>(&self.1);
+        let y =
+            r.y.as_ref()
+                .map(|y| Tensor::<1, Int>::from_data(TensorData::new(y.clone(), [n]), &self.1));
+        let c = r.c.as_ref().map(|c| c.to_tensor::<2>(&self.1));
+        HostTensor::from_tensor(self.0.logits(x, t, y, c))
+    }
+}
+
+/// Whether `addr` is reachable only from this machine.
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+/// Build the served models and the metadata (every checkpoint verified as it loads).
+fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
+    if o.token.is_none() && !is_loopback(&o.listen) && !o.allow_unauthenticated {
+        bail!(
+            "{}: not a loopback address, and no token: set DDM_SERVE_TOKEN or --token-file (or pass --allow-unauthenticated to serve anyone who can connect)",
+            o.listen
+        );
+    }
+    let reg = Registry::open(&o.registry)?;
+    let local: Vec<usize> = reg
+        .index
+        .experts
+        .iter()
+        .filter(|(_, e)| e.remote.is_none())
+        .map(|(&k, _)| k)
+        .collect();
+    let experts = match &o.experts {
+        Some(list) => {
+            for k in list {
+                match reg.index.experts.get(k) {
+                    None => bail!("{}: no expert registered for cluster {k}", o.registry.display()),
+                    Some(e) if e.remote.is_some() => bail!(
+                        "{}: expert {k} is itself served elsewhere ({})",
+                        o.registry.display(),
+                        e.source
+                    ),
+                    Some(_) => {}
+                }
+            }
+            list.clone()
+        }
+        None if o.router => vec![],
+        None => local,
+    };
+    let serve_router = o.router || (o.experts.is_none() && reg.index.router.is_some());
+    if experts.is_empty() && !serve_router {
+        bail!(
+            "{}: nothing to serve (no local experts, no router)",
+            o.registry.display()
+        );
+    }
+    let served = |e: &ddm_ensemble::registry::Entry| -> anyhow::Result<ServedCheckpoint> {
+        let blob = e.blob(&reg.dir);
+        let ckpt = Checkpoint::read(&blob)?; // verifies the checkpoint's own checksum
+        let sha = ddm_core::digest::sha256_file(&blob)?;
+        if sha != e.sha256 {
+            bail!(
+                "{}: hashes to {sha}, but the registry recorded {}",
+                blob.display(),
+                e.sha256
+            );
+        }
+        Ok(ServedCheckpoint {
+            sha256: e.sha256.clone(),
+            bytes: e.bytes,
+            meta: ckpt.meta,
+        })
+    };
+    let mut metadata = ServedMetadata {
+        ddm_version: env!("CARGO_PKG_VERSION").into(),
+        partition: reg.index.partition.clone(),
+        k: reg.index.k,
+        data: reg.index.data.clone(),
+        experts: BTreeMap::new(),
+        router: None,
+        max_rows: o.max_rows,
+    };
+    let mut batchers = BTreeMap::new();
+    for &k in &experts {
+        metadata.experts.insert(k, served(&reg.index.experts[&k])?);
+        let (dir, device) = (o.registry.clone(), o.device.clone());
+        let load = move || -> anyhow::Result<ExpertModel> {
+            let reg = Registry::open(&dir)?;
+            Ok(ExpertModel(reg.expert(k, &device)?, device))
+        };
+        batchers.insert(
+            k,
+            Batcher::start(format!("expert {k}"), load, o.batch, metrics.clone())?,
+        );
+        tracing::info!("serving expert {k}");
+    }
+    let router = if serve_router {
+        let e = reg
+            .index
+            .router
+            .as_ref()
+            .with_context(|| format!("{}: no router registered", o.registry.display()))?;
+        metadata.router = Some(served(e)?);
+        let (dir, device) = (o.registry.clone(), o.device.clone());
+        let load = move || -> anyhow::Result<RouterModel> {
+            let reg = Registry::open(&dir)?;
+            Ok(RouterModel(reg.router(&device)?, device))
+        };
+        tracing::info!("serving the router");
+        Some(Batcher::start("router".into(), load, o.batch, metrics.clone())?)
+    } else {
+        None
+    };
+    Ok(App {
+        metadata,
+        experts: batchers,
+        router,
+        token: o.token.clone(),
+        max_rows: o.max_rows,
+        timeout: o.request_timeout,
+        metrics: metrics.clone(),
+    })
+}
+
+/// Serve until SIGTERM / Ctrl-C. `on_ready` is told the bound address (with `--listen
+/// 127.0.0.1:0`, the port the system chose) once requests are accepted.
+pub fn serve(o: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let app = Arc::new(build(&o, &metrics)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(o.listen)
+            .await
+            .with_context(|| format!("listening on {}", o.listen))?;
+        let addr = listener.local_addr()?;
+        let routes = Router::new()
+            .route("/v1/metadata", get(metadata))
+            .route("/metrics", get(metrics_text))
+            .route("/v1/experts/{k}/velocity", post(velocity))
+            .route("/v1/router/logits", post(router_logits))
+            .route_layer(middleware::from_fn_with_state(app.clone(), authorize))
+            .route("/health", get(|| async { "ok" }))
+            .layer(middleware::from_fn_with_state(app.clone(), track))
+            .layer(DefaultBodyLimit::max(o.max_body_bytes))
+            .with_state(app.clone());
+        on_ready(addr);
+        axum::serve(listener, routes)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving")?;
+        tracing::info!("stopped: every in-flight request was answered");
+        anyhow::Ok(())
+    })?;
+    drop(app); // closes the queues; the workers finish what they hold
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+fn plain(status: StatusCode, message: impl Into<String>) -> Response {
+    let mut m = message.into();
+    m.push('\n');
+    (status, m).into_response()
+}
+
+/// Constant-time comparison (the token must not leak through timing).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
+    if let Some(token) = &app.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same(g.trim().as_bytes(), token.as_bytes())) {
+            let mut r = plain(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required (Authorization: Bearer TOKEN)",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+/// Count every request and time it, by route template and status.
+async fn track(State(app): State<Arc<App>>, req: HttpRequest, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let start = Instant::now();
+    let mut r = next.run(req).await;
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        // The body was not read to its end: the connection cannot carry another request, and the
+        // client must know not to reuse it.
+        r.headers_mut()
+            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
+    app.metrics
+        .request(&endpoint, r.status().as_u16(), start.elapsed().as_secs_f64());
+    r
+}
+
+async fn metadata(State(app): State<Arc<App>>) -> Response {
+    match serde_json::to_string_pretty(&app.metadata) {
+        Ok(s) => ([(header::CONTENT_TYPE, "application/json")], s).into_response(),
+        Err(e) => plain(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.text(),
+    )
+        .into_response()
+}
+
+/// Check class ids against a model's classes (`null`: whether id == classes is allowed).
+fn check_classes(y: &Option<Vec<i64>>, classes: usize, null: bool, what: &str) -> Result<(), String> {
+    let Some(y) = y else { return Ok(()) };
+    if classes == 0 {
+        return Err(format!("{what} is not class-conditional: send no y"));
+    }
+    let top = if null { classes } else { classes - 1 };
+    match y.iter().find(|&&c| c < 0 || c as usize > top) {
+        Some(c) => Err(format!("y holds class {c}; {what} knows 0..={top}")),
+        None => Ok(()),
+    }
+}
+
+/// Queue a checked request on a model and wait for its answer.
+async fn run(app: &App, batcher: &Batcher, request: Request, name: &str) -> Response {
+    let answer = match batcher.submit(request) {
+        Ok(a) => a,
+        Err(_) => {
+            app.metrics.queue_full();
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "the queue is full; retry later");
+        }
+    };
+    match tokio::time::timeout(app.timeout, answer).await {
+        Err(_) => plain(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("no answer within {:?}", app.timeout),
+        ),
+        Ok(Err(_)) => plain(StatusCode::INTERNAL_SERVER_ERROR, "the worker stopped"),
+        Ok(Ok(Err(e))) => plain(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Ok(Ok(Ok(v))) => match response_bytes(name, &v) {
+            Ok(b) => ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response(),
+            Err(e) => plain(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        },
+    }
+}
+
+/// Parse a body and check its rows: the status (400 or 413) and reason otherwise.
+fn parse(app: &App, body: Bytes) -> Result<Request, (StatusCode, String)> {
+    let r = Request::from_bytes(body.to_vec(), &app.metadata.data.shape)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    if r.rows() > app.max_rows {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} rows; this server takes at most {} per request",
+                r.rows(),
+                app.max_rows
+            ),
+        ));
+    }
+    Ok(r)
+}
+
+async fn velocity(State(app): State<Arc<App>>, Path(k): Path<String>, body: Bytes) -> Response {
+    let Some((k, batcher)) = k
+        .parse::<usize>()
+        .ok()
+        .and_then(|k| app.experts.get(&k).map(|b| (k, b)))
+    else {
+        return plain(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no expert {k} here (this server serves {:?})",
+                app.metadata.experts.keys().collect::<Vec<_>>()
+            ),
+        );
+    };
+    let mut r = match parse(&app, body) {
+        Ok(r) => r,
+        Err((status, reason)) => return plain(status, reason),
+    };
+    let model = &app.metadata.experts[&k].meta.model;
+    let (classes, null) = (model.num_classes(), model.has_null_class());
+    if let Err(m) = check_classes(&r.y, classes, null, &format!("expert {k}")) {
+        return plain(StatusCode::BAD_REQUEST, m);
+    }
+    if r.c.is_some() {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "experts read no conditioning vectors: send no c",
+        );
+    }
+    if classes > 0 && r.y.is_none() {
+        if !null {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                format!("expert {k} is class-conditional without a null class: send y"),
+            );
+        }
+        r.y = Some(vec![classes as i64; r.rows()]); // unconditional: the null class
+    }
+    run(&app, batcher, r, "v").await
+}
+
+async fn router_logits(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let (Some(batcher), Some(served)) = (&app.router, &app.metadata.router) else {
+        return plain(StatusCode::NOT_FOUND, "this server does not serve the router");
+    };
+    let r = match parse(&app, body) {
+        Ok(r) => r,
+        Err((status, reason)) => return plain(status, reason),
+    };
+    let (classes, null) = (
+        served.meta.model.num_classes(),
+        served.meta.model.has_null_class(),
+    );
+    if let Err(m) = check_classes(&r.y, classes, null, "the router") {
+        return plain(StatusCode::BAD_REQUEST, m);
+    }
+    match (served.meta.condition_dim, &r.c) {
+        (None, Some(_)) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "the router reads no conditioning vectors",
+            );
+        }
+        (Some(d), Some(c)) if c.shape[1] != d => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                format!("c has {} columns; the router reads {d}", c.shape[1]),
+            );
+        }
+        _ => {}
+    }
+    run(&app, batcher, r, "logits").await
+}

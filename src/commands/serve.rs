@@ -1,0 +1,123 @@
+//! `ddm serve`: a registry's experts (and router) over HTTP, for samplers on other machines.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use ddm_ensemble::remote::{TOKEN_ENV, token_from_env};
+use ddm_serve::ServeOptions;
+use ddm_serve::batcher::BatchPolicy;
+
+use super::DeviceArgs;
+
+/// Serve the velocity of a registry's experts (and the router's logits) over HTTP. Tensors travel
+/// as safetensors bytes: POST /v1/experts/{k}/velocity (x_t, t, y?) -> v; POST /v1/router/logits
+/// (x_t, t, y?, c?) -> logits; GET /v1/metadata, /metrics (Prometheus), /health. Concurrent
+/// requests for one model are coalesced into one forward (--max-wait-ms, --max-batch-rows).
+/// Requests need `Authorization: Bearer TOKEN` when a token is set (DDM_SERVE_TOKEN or
+/// --token-file); without one, only a loopback address is served unless --allow-unauthenticated.
+/// Prints `listening on http://ADDR` when ready; SIGTERM / Ctrl-C finish in-flight requests, then
+/// exit.
+#[derive(Args, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct ServeArgs {
+    /// The registry directory.
+    #[arg(long)]
+    pub registry: PathBuf,
+    /// Serve these experts (comma-separated cluster ids). Default: every local expert, and the
+    /// router if one is registered.
+    #[arg(long, value_delimiter = ',')]
+    pub experts: Option<Vec<usize>>,
+    /// Serve the router (alone, unless --experts is given too).
+    #[arg(long)]
+    pub router: bool,
+    /// Address to listen on (port 0: any free port, printed when ready).
+    #[arg(long, default_value = "127.0.0.1:8470")]
+    pub listen: SocketAddr,
+    /// A file holding the bearer token (else DDM_SERVE_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Serve without a token on a non-loopback address (anyone who can connect may use it).
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+    /// The most rows one request may carry.
+    #[arg(long, default_value_t = 4096)]
+    pub max_rows: usize,
+    /// The largest request body, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub max_body_mib: usize,
+    /// How long a request may wait for its answer, in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout_s: f64,
+    /// How long the first request of a batch waits for others to join it (0: no coalescing).
+    #[arg(long, default_value_t = 2.0)]
+    pub max_wait_ms: f64,
+    /// The most rows a coalesced forward takes.
+    #[arg(long, default_value_t = 1024)]
+    pub max_batch_rows: usize,
+    /// Requests that may wait per model before new ones get 503.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+const EXAMPLES: &str = "Examples:
+  ddm serve --registry reg --experts 0,1 --listen 127.0.0.1:8470
+  DDM_SERVE_TOKEN=$(cat token) ddm serve --registry reg --experts 2 --listen 0.0.0.0:8470
+  ddm register --registry sampler-reg --remote http://island-2:8470   # then ddm sample as usual";
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let token = match &args.token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the token file {}", p.display()))?;
+            let t = t.trim().to_string();
+            if t.is_empty() {
+                bail!("{}: the token file is empty", p.display());
+            }
+            Some(t)
+        }
+        None => token_from_env(),
+    };
+    if args.max_rows == 0 || args.max_batch_rows == 0 || args.max_body_mib == 0 {
+        bail!("--max-rows, --max-batch-rows and --max-body-mib must be at least 1");
+    }
+    for (flag, v) in [
+        ("--timeout-s", args.timeout_s),
+        ("--max-wait-ms", args.max_wait_ms),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("{flag} {v} must be a finite number >= 0");
+        }
+    }
+    let options = ServeOptions {
+        registry: args.registry,
+        experts: args.experts,
+        router: args.router,
+        listen: args.listen,
+        token: token.clone(),
+        allow_unauthenticated: args.allow_unauthenticated,
+        max_rows: args.max_rows,
+        max_body_bytes: args.max_body_mib << 20,
+        request_timeout: Duration::from_secs_f64(args.timeout_s),
+        batch: BatchPolicy {
+            max_wait: Duration::from_secs_f64(args.max_wait_ms / 1e3),
+            max_batch_rows: args.max_batch_rows,
+            queue: args.queue,
+        },
+        device: args.device.device()?,
+    };
+    ddm_serve::serve(options, |addr| {
+        let auth = if token.is_some() {
+            format!(" (bearer token required; {TOKEN_ENV})")
+        } else {
+            String::new()
+        };
+        println!("listening on http://{addr}{auth}");
+        let _ = std::io::stdout().flush();
+    })
+}

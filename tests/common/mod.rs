@@ -1,0 +1,87 @@
+//! Helpers the integration tests share: run the `ddm` binary, check its exit, and a small
+//! registry fixture (a Gaussian-mixture partition with untrained MLP experts).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn ddm(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddm"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("ddm runs")
+}
+
+pub fn ok(out: Output) -> String {
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "ddm failed: {}\nstdout: {so}\nstderr: {se}",
+        out.status
+    );
+    so.into_owned()
+}
+
+pub fn fails(out: Output) -> String {
+    let se = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "expected exit 2; stderr: {se}");
+    se
+}
+
+/// A K-cluster random partition of a small Gaussian mixture, and one MLP expert checkpoint per
+/// cluster made directly (no training needed to test the registry).
+pub fn registry_fixture(dir: &Path, k: usize) -> Vec<PathBuf> {
+    std::fs::write(
+        dir.join("gmm.json"),
+        r#"{"weights": [0.5, 0.5], "means": [[-3, 0], [3, 0]], "vars": [[0.1, 0.1], [0.1, 0.1]], "n": 400}"#,
+    )
+    .unwrap();
+    ok(ddm(
+        dir,
+        &[
+            "partition",
+            "--data",
+            "gmm:gmm.json",
+            "--k",
+            &k.to_string(),
+            "--algorithm",
+            "random",
+            "--out",
+            "p",
+        ],
+    ));
+    let manifest = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(dir.join("p/partition.json")).unwrap(),
+    )
+    .unwrap();
+    let fp = manifest["fingerprint"].as_str().unwrap().to_string();
+    // The data's own range, as a trained checkpoint (a router, say) records it.
+    let range: Vec<f32> = serde_json::from_value(manifest["dataset"]["range"].clone()).unwrap();
+    let device = ddm_core::device::cpu();
+    let config = ddm_core::model::ModelConfig::Mlp(ddm_core::mlp::MlpConfig {
+        hidden_size: 8,
+        depth: 1,
+        ..ddm_core::mlp::MlpConfig::new(2)
+    });
+    (0..k)
+        .map(|c| {
+            let model = config.init(c as u64, &device).unwrap();
+            let mut meta = ddm_core::checkpoint::CheckpointMeta::expert(
+                config.clone(),
+                [range[0], range[1]],
+                ddm_core::checkpoint::Objective::Velocity,
+            );
+            meta.partition = Some(fp.clone());
+            meta.cluster = Some(c);
+            let path = dir.join(format!("expert-{c}.safetensors"));
+            ddm_core::checkpoint::Checkpoint::from_model(&model, meta)
+                .save(&path)
+                .unwrap();
+            path
+        })
+        .collect()
+}
