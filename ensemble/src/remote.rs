@@ -91,7 +91,8 @@ impl Request {
         Ok(to_safetensors_bytes(&f, &i, None)?)
     }
 
-    /// Parse and check a request body: `x_t` is `[N, ...]` with `N >= 1` rows of `row_shape`,
+    /// Parse and check a request body: `x_t` is `[N, ...]` with `N >= 1` rows of `row_shape` (or
+    /// `[N, X]`, the rows flattened, as the sampler holds them),
     /// `t` is `[N]` in [0, 1], `y` and `c` (if present) have N rows, every value is finite.
     /// The error says what is wrong (the server answers it with 400).
     pub fn from_bytes(body: Vec<u8>, row_shape: &[usize]) -> anyhow::Result<Self> {
@@ -101,9 +102,11 @@ impl Request {
         let Some(&n) = x_t.shape.first() else {
             bail!("x_t is a scalar; expected [N, {row_shape:?}]");
         };
-        if x_t.shape[1..] != *row_shape {
+        let width: usize = row_shape.iter().product();
+        let flat = x_t.shape.len() == 2 && x_t.shape[1] == width;
+        if !flat && x_t.shape[1..] != *row_shape {
             bail!(
-                "x_t has shape {:?}; this server's data is [N, {}]",
+                "x_t has shape {:?}; this server's data is [N, {}] (or flattened, [N, {width}])",
                 x_t.shape,
                 row_shape
                     .iter()
@@ -356,5 +359,45 @@ impl RemoteExpert {
         let s = scale as f32;
         let data = cond.iter().zip(null_v).map(|(&c, &u)| u + (c - u) * s).collect();
         Ok(HostTensor::new(x_t.shape, data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(shape: Vec<usize>, t: Vec<f32>) -> Vec<u8> {
+        let n: usize = shape.iter().product();
+        Request {
+            x_t: HostTensor::new(shape, vec![0.5; n]),
+            t,
+            y: None,
+            c: None,
+        }
+        .to_bytes()
+        .unwrap()
+    }
+
+    #[test]
+    fn requests_take_image_rows_shaped_or_flattened_and_refuse_the_rest() {
+        let row = [1, 2, 2];
+        for shape in [vec![3, 1, 2, 2], vec![3, 4]] {
+            let r = Request::from_bytes(body(shape.clone(), vec![0.5; 3]), &row).unwrap();
+            assert_eq!((r.rows(), r.x_t.shape.clone()), (3, shape));
+        }
+        for (shape, t, why) in [
+            (vec![3, 2, 2], vec![0.5; 3], "shape"),
+            (vec![3, 5], vec![0.5; 3], "shape"),
+            (vec![0, 4], vec![], "no rows"),
+            (vec![3, 4], vec![0.5; 2], "one time per row"),
+            (vec![3, 4], vec![0.5, 0.5, -0.1], "[0, 1]"),
+        ] {
+            let e = Request::from_bytes(body(shape.clone(), t), &row)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{shape:?}: {e}");
+        }
+        let e = Request::from_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{}".to_vec(), &row).unwrap_err();
+        assert!(format!("{e:#}").contains("request body"), "{e:#}");
     }
 }
