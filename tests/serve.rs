@@ -15,7 +15,7 @@ use ddm_core::host::{HostTensor, TensorFile};
 use ddm_ensemble::remote::Request;
 
 mod common;
-use common::{ddm, fails, ok, registry_fixture};
+use common::{ddm, fails, ok, registry_fixture, registry_fixture_with};
 
 /// A `ddm serve` child, killed when dropped.
 struct Server {
@@ -433,6 +433,45 @@ fn remote_experts_sample_like_local_ones_and_a_lost_server_is_survived_or_named(
     assert_eq!(rep["experts_remote"], serde_json::json!([1]));
     assert_eq!(rep["experts_lost"], serde_json::json!([]));
 
+    // The router, served: the logits of the checkpoint.
+    let router_server = Server::start(d, &["--registry", "local", "--router"], None);
+    let r = request(8, 5);
+    let (status, body) = post(
+        &client(),
+        &format!("{}/v1/router/logits", router_server.url),
+        None,
+        r.to_bytes().unwrap(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let served = TensorFile::from_bytes(Path::new("answer"), body)
+        .unwrap()
+        .f32("logits")
+        .unwrap();
+    assert_eq!(served.shape, vec![8, 2]);
+    let device = ddm_core::device::cpu();
+    let path = d.join(router);
+    let net = ddm_router::net::RouterNet::from_checkpoint(
+        &path,
+        ddm_core::checkpoint::Checkpoint::read(&path).unwrap(),
+        &device,
+    )
+    .unwrap();
+    let local = HostTensor::from_tensor(net.logits(
+        r.x_t.to_tensor::<2>(&device),
+        HostTensor::new(vec![8], r.t.clone()).to_tensor::<1>(&device),
+        None,
+        None,
+    ));
+    assert!(max_diff(&served.data, &local.data) <= 1e-6);
+    let (status, _) = post(
+        &client(),
+        &format!("{}/v1/experts/0/velocity", router_server.url),
+        None,
+        r.to_bytes().unwrap(),
+    );
+    assert_eq!(status, 404, "a router-only server serves no expert");
+    drop(router_server);
+
     // The server dies mid-sampling: with --allow-missing the sample finishes without it, and the
     // report says from which step.
     let steps = 4000;
@@ -509,6 +548,78 @@ fn remote_experts_sample_like_local_ones_and_a_lost_server_is_survived_or_named(
     assert!(e.contains(&format!("expert 1, served at {url}")), "{e}");
     let e = fails(ddm(d, &["registry", "--registry", "mixed", "verify"]));
     assert!(e.contains(&url), "{e}");
+}
+
+/// Class-conditional experts served: classifier-free guidance is applied by the client as for a
+/// local expert, and the null class stands in when no class is asked for.
+#[test]
+fn served_conditional_experts_guide_like_local_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let experts = registry_fixture_with(d, 2, 2);
+    let (e0, e1) = (experts[0].to_str().unwrap(), experts[1].to_str().unwrap());
+    ok(ddm(
+        d,
+        &["register", "--registry", "local", "--partition", "p", e0, e1],
+    ));
+    ok(ddm(
+        d,
+        &["register", "--registry", "island-1", "--partition", "p", e1],
+    ));
+    let server = Server::start(d, &["--registry", "island-1"], None);
+    ok(ddm(
+        d,
+        &["register", "--registry", "mixed", "--partition", "p", e0],
+    ));
+    ok(ddm(
+        d,
+        &["register", "--registry", "mixed", "--remote", &server.url],
+    ));
+    for (stem, extra) in [
+        ("guided", vec!["--class", "all", "--guidance", "2"]),
+        ("class1", vec!["--class", "1"]),
+        ("unconditional", vec![]),
+    ] {
+        for reg in ["local", "mixed"] {
+            let out = format!("{reg}-{stem}.png");
+            let mut args = vec![
+                "sample",
+                "--registry",
+                reg,
+                "--strategy",
+                "oracle:1",
+                "--n",
+                "16",
+                "--steps",
+                "6",
+                "--quiet",
+                "--out",
+                &out,
+            ];
+            args.extend(&extra);
+            ok(ddm(d, &args));
+        }
+        let diff = max_diff(
+            &samples(d, &format!("local-{stem}")),
+            &samples(d, &format!("mixed-{stem}")),
+        );
+        println!("{stem}: served vs local max |diff| = {diff:e}");
+        assert!(diff <= 1e-6, "{stem}: served and local samples differ by {diff}");
+    }
+    let e = fails(ddm(
+        d,
+        &[
+            "sample",
+            "--registry",
+            "mixed",
+            "--strategy",
+            "oracle:1",
+            "--class",
+            "5",
+            "--quiet",
+        ],
+    ));
+    assert!(e.contains("out of range"), "{e}");
 }
 
 /// What the https test server saw: the Range header of each request (None: no range).

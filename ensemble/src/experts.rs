@@ -78,6 +78,9 @@ impl Registry {
             .experts
             .get(&k)
             .with_context(|| format!("no expert registered for cluster {k}"))?;
+        if let Some(url) = &e.remote {
+            bail!("expert {k} is served at {url}, not held here: only `ddm sample` runs served experts");
+        }
         let (meta, model) = ddm_core::checkpoint::load(&e.blob(&self.dir), device)?;
         let (classes, null_class) = (meta.model.num_classes(), meta.model.has_null_class());
         let field: Box<dyn VelocityField<2>> = match meta.objective {

@@ -35,6 +35,12 @@ pub fn fails(out: Output) -> String {
 /// A K-cluster random partition of a small Gaussian mixture, and one MLP expert checkpoint per
 /// cluster made directly (no training needed to test the registry).
 pub fn registry_fixture(dir: &Path, k: usize) -> Vec<PathBuf> {
+    registry_fixture_with(dir, k, 0)
+}
+
+/// [`registry_fixture`] with experts conditioned on `classes` classes (and a null class) when
+/// `classes > 0` (the mixture's two components are its labels).
+pub fn registry_fixture_with(dir: &Path, k: usize, classes: usize) -> Vec<PathBuf> {
     std::fs::write(
         dir.join("gmm.json"),
         r#"{"weights": [0.5, 0.5], "means": [[-3, 0], [3, 0]], "vars": [[0.1, 0.1], [0.1, 0.1]], "n": 400}"#,
@@ -65,6 +71,8 @@ pub fn registry_fixture(dir: &Path, k: usize) -> Vec<PathBuf> {
     let config = ddm_core::model::ModelConfig::Mlp(ddm_core::mlp::MlpConfig {
         hidden_size: 8,
         depth: 1,
+        num_classes: classes,
+        class_dropout_prob: if classes > 0 { 0.1 } else { 0.0 },
         ..ddm_core::mlp::MlpConfig::new(2)
     });
     (0..k)
