@@ -1357,3 +1357,112 @@ fn held_locks_and_degenerate_inputs_end_with_clear_errors() {
     ));
     assert!(e.contains("grad_clip") && e.contains("-1"), "{e}");
 }
+
+/// What the sampler trusts is checked when it loads it: a blob replaced after registration, an
+/// index edited by hand (entries swapped, a path-like hash, a cluster out of range) and NaN weights
+/// at registration are refused with an error naming the file, never sampled.
+#[test]
+fn tampered_registries_and_nan_weights_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let experts = registry_fixture(d, 2);
+    let (e0, e1) = (experts[0].to_str().unwrap(), experts[1].to_str().unwrap());
+
+    // NaN weights never enter a registry.
+    let mut ckpt = ddm_core::checkpoint::Checkpoint::read(&experts[0]).unwrap();
+    let (name, t) = ckpt.tensors.iter_mut().next().unwrap();
+    let name = name.clone();
+    t.data[0] = f32::NAN;
+    ckpt.save(&d.join("nan.safetensors")).unwrap();
+    let e = fails(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            "nan.safetensors",
+        ],
+    ));
+    assert!(
+        e.contains("nan.safetensors") && e.contains(&name) && e.contains("NaN"),
+        "{e}"
+    );
+    assert!(
+        !d.join("reg/registry.json").exists(),
+        "a refused registration wrote an index"
+    );
+
+    ok(ddm(
+        d,
+        &["register", "--registry", "reg", "--partition", "p", e0, e1],
+    ));
+    let sample = || {
+        ddm(
+            d,
+            &[
+                "sample",
+                "--registry",
+                "reg",
+                "--strategy",
+                "oracle:0",
+                "--n",
+                "4",
+                "--steps",
+                "2",
+                "--quiet",
+            ],
+        )
+    };
+    ok(sample());
+    let index_path = d.join("reg/registry.json");
+    let index = std::fs::read_to_string(&index_path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&index).unwrap();
+    let (sha0, sha1) = (
+        v["experts"]["0"]["sha256"].as_str().unwrap().to_string(),
+        v["experts"]["1"]["sha256"].as_str().unwrap().to_string(),
+    );
+
+    // Index entries swapped by hand: each blob hashes right, but holds the other cluster's expert.
+    std::fs::write(
+        &index_path,
+        index
+            .replace(&sha0, "SWAP")
+            .replace(&sha1, &sha0)
+            .replace("SWAP", &sha1),
+    )
+    .unwrap();
+    let e = fails(sample());
+    assert!(
+        e.contains("registered as expert 0") && e.contains("cluster Some(1)"),
+        "{e}"
+    );
+    std::fs::write(&index_path, &index).unwrap();
+
+    // A blob replaced after registration.
+    let blob0 = d.join(format!("reg/blobs/{sha0}.safetensors"));
+    let original = std::fs::read(&blob0).unwrap();
+    std::fs::copy(d.join(format!("reg/blobs/{sha1}.safetensors")), &blob0).unwrap();
+    let e = fails(sample());
+    assert!(
+        e.contains(&format!("hashes to {sha1}")) && e.contains("corrupted or replaced"),
+        "{e}"
+    );
+    std::fs::write(&blob0, original).unwrap();
+
+    // A hash that is a path, and a cluster out of range.
+    std::fs::write(&index_path, index.replace(&sha0, "../../../etc/passwd")).unwrap();
+    let e = fails(sample());
+    assert!(
+        e.contains("is not a sha256") && e.contains("registry.json"),
+        "{e}"
+    );
+    let mut bad: serde_json::Value = serde_json::from_str(&index).unwrap();
+    bad["experts"]["7"] = bad["experts"]["1"].clone();
+    std::fs::write(&index_path, serde_json::to_string(&bad).unwrap()).unwrap();
+    let e = fails(sample());
+    assert!(e.contains("expert for cluster 7, but k = 2"), "{e}");
+    std::fs::write(&index_path, &index).unwrap();
+    ok(sample());
+}

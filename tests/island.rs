@@ -252,6 +252,14 @@ fn sigterm_saves_a_resumable_state() {
         .spawn()
         .unwrap();
     wait_for_step(&mut child, &out, 10);
+    // A second trainer on the same directory is refused while the first runs.
+    let second = trainer(&part, &out, &args).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("another trainer is running in this directory"),
+        "{err}"
+    );
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let r = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&r.stderr);

@@ -93,7 +93,11 @@ pub fn parse_idx_images(path: &Path, b: &[u8]) -> Result<(usize, usize, usize, V
         ));
     }
     let (n, r, c) = (word(1), word(2), word(3));
-    let want = 16 + n * r * c;
+    let want = n
+        .checked_mul(r)
+        .and_then(|v| v.checked_mul(c))
+        .and_then(|v| v.checked_add(16))
+        .unwrap_or(usize::MAX);
     if b.len() != want {
         return Err(Error::bad(
             path,
@@ -122,7 +126,7 @@ pub fn parse_idx_labels(path: &Path, b: &[u8]) -> Result<Vec<u32>> {
         ));
     }
     let n = u32::from_be_bytes(b[4..8].try_into().expect("4 bytes")) as usize;
-    if b.len() != 8 + n {
+    if b.len() - 8 != n {
         return Err(Error::bad(
             path,
             format!("header says {n} labels, file has {} label bytes", b.len() - 8),

@@ -20,6 +20,26 @@ impl Registry {
         self.expert_guided(k, device, None)
     }
 
+    /// An entry's blob, after checking that it still hashes to the sha256 the registry recorded
+    /// (the hash covers the whole file, the checkpoint's metadata included).
+    pub fn verified_blob(
+        &self,
+        what: &str,
+        e: &crate::registry::Entry,
+    ) -> anyhow::Result<std::path::PathBuf> {
+        let blob = e.blob(&self.dir);
+        let got = ddm_core::digest::sha256_file(&blob)
+            .with_context(|| format!("{what} of the registry {}", self.dir.display()))?;
+        if got != e.sha256 {
+            bail!(
+                "{}: {what} hashes to {got}, but the registry recorded {} (corrupted or replaced; `ddm registry verify` lists every such blob)",
+                blob.display(),
+                e.sha256
+            );
+        }
+        Ok(blob)
+    }
+
     /// Expert `k` as the sampler holds it: a local checkpoint loaded on first use, or a client of
     /// the server it is registered at; guidance as in [`Registry::expert_guided`]. An expert that
     /// is not registered is missing.
@@ -81,7 +101,25 @@ impl Registry {
         if let Some(url) = &e.remote {
             bail!("expert {k} is served at {url}, not held here: only `ddm sample` runs served experts");
         }
-        let (meta, model) = ddm_core::checkpoint::load(&e.blob(&self.dir), device)?;
+        let blob = self.verified_blob(&format!("expert {k}"), e)?;
+        let (meta, model) = ddm_core::checkpoint::load(&blob, device)?;
+        if meta.cluster != Some(k) || meta.partition.as_deref() != Some(self.index.partition.as_str()) {
+            bail!(
+                "{}: registered as expert {k} of partition {}, but it is the expert of cluster {:?} of partition {:?}",
+                blob.display(),
+                &self.index.partition,
+                meta.cluster,
+                meta.partition
+            );
+        }
+        if meta.data != self.index.data {
+            bail!(
+                "{}: data {:?}, but the registry's is {:?}",
+                blob.display(),
+                meta.data,
+                self.index.data
+            );
+        }
         let (classes, null_class) = (meta.model.num_classes(), meta.model.has_null_class());
         let field: Box<dyn VelocityField<2>> = match meta.objective {
             Objective::Velocity => Box::new(model),
@@ -123,7 +161,7 @@ impl Registry {
             .router
             .as_ref()
             .context("no router registered (use --router analytic, or register one)")?;
-        let path = e.blob(&self.dir);
+        let path = self.verified_blob("the router", e)?;
         Ok(RouterNet::from_checkpoint(
             &path,
             Checkpoint::read(&path)?,
@@ -140,7 +178,7 @@ impl Registry {
                     .stats
                     .get(&k)
                     .with_context(|| format!("no statistics registered for cluster {k}"))?;
-                Ok(ClusterStats::load(&e.blob(&self.dir))?.1)
+                Ok(ClusterStats::load(&self.verified_blob(&format!("statistics {k}"), e)?)?.1)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(AnalyticRouter::from_stats(&stats))

@@ -68,7 +68,10 @@ impl ModuleVisitor for GradNorm<'_> {
     }
 }
 
-/// Run (or resume) training for `task`.
+/// The lock file a running trainer holds in its output directory.
+pub const LOCK_FILE: &str = "train.lock";
+
+/// Run (or resume) training for `task`. The output directory is locked for the whole run.
 pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     let Run {
         out,
@@ -84,6 +87,21 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     // Fail before any work if the output directory is not writable.
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create the output directory {}", out.display()))?;
+    // One trainer per directory: a second one would interleave checkpoints and metrics.
+    let lock_path = out.join(LOCK_FILE);
+    let _lock =
+        std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    match _lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{}: another trainer is running in this directory ({} is held); wait for it to finish or use another --out",
+            out.display(),
+            LOCK_FILE
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", lock_path.display()));
+        }
+    }
     let saved = state::read_loop_state(&out)?;
     if let Some(s) = &saved
         && (!s.config.same_run(&config) || s.target != task.name() || s.partition != train_data.fingerprint)

@@ -83,7 +83,53 @@ pub fn read_index(dir: &Path) -> anyhow::Result<Option<Index>> {
             idx.format_version
         );
     }
+    idx.check()
+        .with_context(|| format!("{}: an inconsistent registry index", p.display()))?;
     Ok(Some(idx))
+}
+
+impl Index {
+    /// What the sampler relies on: K >= 1, a data shape with values, entries only for clusters
+    /// 0..K, one prior per cluster, and every sha256 64 hex digits (a blob path built from it stays
+    /// inside `blobs/`).
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.k == 0 {
+            bail!("k is 0");
+        }
+        if self.data.shape.is_empty() || self.data.shape.contains(&0) {
+            bail!("data shape {:?} has no values", self.data.shape);
+        }
+        if let Some(p) = &self.priors
+            && p.len() != self.k
+        {
+            bail!("{} priors for k = {}", p.len(), self.k);
+        }
+        for (what, map) in [("expert", &self.experts), ("statistics", &self.stats)] {
+            if let Some(c) = map.keys().find(|&&c| c >= self.k) {
+                bail!("{what} for cluster {c}, but k = {}", self.k);
+            }
+        }
+        let entries = self
+            .experts
+            .values()
+            .chain(self.stats.values())
+            .chain(self.router.iter());
+        for e in entries {
+            if e.sha256.len() != 64
+                || !e
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                bail!(
+                    "`{}` (from {}) is not a sha256 (64 lowercase hex digits)",
+                    e.sha256,
+                    e.source
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn now() -> u64 {

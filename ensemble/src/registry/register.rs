@@ -99,6 +99,17 @@ pub fn register(
     let mut metas: Vec<(Origin, CheckpointMeta)> = vec![];
     for p in paths {
         let ckpt = Checkpoint::read(p)?; // verifies the file's own checksum
+        if let Some((name, t)) = ckpt
+            .tensors
+            .iter()
+            .find(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
+        {
+            let bad = t.data.iter().filter(|v| !v.is_finite()).count();
+            bail!(
+                "{}: tensor `{name}` holds {bad} NaN or infinite value(s) (a diverged run?); not registered",
+                p.display()
+            );
+        }
         metas.push((Origin::File(p.clone()), ckpt.meta));
     }
     register_locked(dir, metas, partition, replace)
