@@ -1466,3 +1466,125 @@ fn tampered_registries_and_nan_weights_are_refused() {
     std::fs::write(&index_path, &index).unwrap();
     ok(sample());
 }
+
+/// `registry gc` deletes what no entry names (replaced and removed entries' blobs, a killed
+/// registration's temp file) and nothing else.
+#[test]
+fn registry_gc_collects_only_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let experts = registry_fixture(d, 2);
+    let (e0, e1) = (experts[0].to_str().unwrap(), experts[1].to_str().unwrap());
+    ok(ddm(
+        d,
+        &["register", "--registry", "reg", "--partition", "p", e0, e1],
+    ));
+    let mut other = ddm_core::checkpoint::Checkpoint::read(&experts[0]).unwrap();
+    other.tensors.values_mut().next().unwrap().data[0] += 1.0;
+    other.save(&d.join("e0b.safetensors")).unwrap();
+    ok(ddm(
+        d,
+        &["register", "--registry", "reg", "--replace", "e0b.safetensors"],
+    ));
+    ok(ddm(
+        d,
+        &["registry", "--registry", "reg", "remove", "--cluster", "1"],
+    ));
+    std::fs::write(d.join("reg/blobs/.ddm-tmp-killed"), b"half a blob").unwrap();
+    let blobs = || std::fs::read_dir(d.join("reg/blobs")).unwrap().count();
+    assert_eq!(blobs(), 4);
+    let out = ok(ddm(d, &["registry", "--registry", "reg", "gc", "--dry-run"]));
+    assert!(
+        out.contains("3 unreferenced file(s)") && out.contains("would remove"),
+        "{out}"
+    );
+    assert_eq!(blobs(), 4, "a dry run removed something");
+    let out = ok(ddm(d, &["registry", "--registry", "reg", "gc"]));
+    assert!(out.contains("3 unreferenced file(s)"), "{out}");
+    assert_eq!(blobs(), 1);
+    ok(ddm(d, &["registry", "--registry", "reg", "verify"]));
+    ok(ddm(
+        d,
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--strategy",
+            "oracle:0",
+            "--allow-missing",
+            "--n",
+            "4",
+            "--steps",
+            "2",
+            "--quiet",
+        ],
+    ));
+}
+
+/// `--force` replaces only a partition, and `sample --out DIR` is refused before anything is
+/// written: a user's files are never the casualty of a wrong flag.
+#[test]
+fn wrong_outputs_damage_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let experts = registry_fixture(d, 2);
+    std::fs::write(d.join("notes.txt"), b"my notes").unwrap();
+    std::fs::create_dir_all(d.join("photos")).unwrap();
+    std::fs::write(d.join("photos/cat.jpg"), b"a cat").unwrap();
+    for out in ["notes.txt", "photos"] {
+        let e = fails(ddm(
+            d,
+            &[
+                "partition",
+                "--data",
+                "gmm:gmm.json",
+                "--k",
+                "2",
+                "--algorithm",
+                "random",
+                "--force",
+                "--out",
+                out,
+            ],
+        ));
+        assert!(e.contains("--force replaces only a partition"), "{e}");
+    }
+    assert_eq!(std::fs::read(d.join("notes.txt")).unwrap(), b"my notes");
+    assert_eq!(std::fs::read(d.join("photos/cat.jpg")).unwrap(), b"a cat");
+    // A partition is replaced with --force.
+    ok(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "gmm:gmm.json",
+            "--k",
+            "2",
+            "--algorithm",
+            "random",
+            "--force",
+            "--out",
+            "p",
+        ],
+    ));
+
+    let files: Vec<&str> = experts.iter().map(|e| e.to_str().unwrap()).collect();
+    let mut args = vec!["register", "--registry", "reg", "--partition", "p"];
+    args.extend(&files);
+    ok(ddm(d, &args));
+    let e = fails(ddm(
+        d,
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--strategy",
+            "oracle:0",
+            "--out",
+            "photos",
+            "--quiet",
+        ],
+    ));
+    assert!(e.contains("a directory; --out names the PNG grid"), "{e}");
+    assert!(!d.join("photos.safetensors").exists() && !d.join("photos.json").exists());
+}

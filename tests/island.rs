@@ -344,3 +344,48 @@ fn a_different_run_in_the_same_directory_is_refused() {
     .unwrap();
     assert!(String::from_utf8_lossy(&r.stderr).contains("holds a different run"));
 }
+
+/// A flipped byte in the saved training state (weights, optimizer or loop state) stops the
+/// resume with an error naming the file, instead of resuming into a different model.
+#[test]
+fn a_corrupted_training_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = tiny_partition(dir.path());
+    let out = dir.path().join("e");
+    let args = ["--cluster", "0", "--steps", "4", "--checkpoint-every", "2"];
+    ok(trainer(&part, &out, &args).output().unwrap());
+    let state = out.join("train-state.safetensors");
+    let good = std::fs::read(&state).unwrap();
+    let header = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let step_at = good
+        .windows(8)
+        .position(|w| w == b"\\\"step\\\"")
+        .expect("the loop state's step");
+    for (what, at) in [("a weight", good.len() - 3), ("the loop state", step_at + 9)] {
+        assert!(at >= 8, "{what}");
+        let mut bad = good.clone();
+        bad[at] ^= if at >= 8 + header { 0x40 } else { 0x01 };
+        std::fs::write(&state, &bad).unwrap();
+        let r = trainer(
+            &part,
+            &out,
+            &["--cluster", "0", "--steps", "6", "--checkpoint-every", "2"],
+        )
+        .output()
+        .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{what}: {err}");
+        assert!(
+            err.contains("train-state.safetensors") && err.contains("corrupted"),
+            "{what}: {err}"
+        );
+    }
+    std::fs::write(&state, &good).unwrap();
+    ok(trainer(
+        &part,
+        &out,
+        &["--cluster", "0", "--steps", "6", "--checkpoint-every", "2"],
+    )
+    .output()
+    .unwrap());
+}

@@ -170,6 +170,10 @@ impl Checkpoint {
         let mut meta = self.meta.clone();
         meta.tensors_sha256 = crate::digest::sha256_hex(crate::host::data_section(&first));
         let json = serde_json::to_string(&meta).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+        // The metadata's own checksum, over the JSON exactly as written (sealed into it: one
+        // metadata key keeps the file's bytes deterministic): an edit of the header (a cluster id,
+        // a partition) is caught like a flipped weight.
+        let json = crate::digest::seal_json(&json, &crate::digest::sha256_hex(json.as_bytes()));
         let md = HashMap::from([(METADATA_KEY.to_string(), json)]);
         crate::host::to_safetensors_bytes(&self.tensors, &no_ints, Some(md))
     }
@@ -210,6 +214,15 @@ impl Checkpoint {
             });
         }
         let meta: CheckpointMeta = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        // Checkpoints written before ddm sealed their metadata have no metadata checksum.
+        if let Some((body, want)) = crate::digest::unseal_json(json) {
+            let own = crate::digest::sha256_hex(body.as_bytes());
+            if own != want {
+                return Err(bad(format!(
+                    "the metadata hashes to {own}, but records {want}: the header was edited after it was written"
+                )));
+            }
+        }
         let actual = crate::digest::sha256_hex(file.data_bytes());
         if actual != meta.tensors_sha256 {
             return Err(Error::Checksum {
@@ -272,6 +285,28 @@ mod tests {
         let path = dir.path().join("expert.safetensors");
         ckpt.save(&path).unwrap();
         (dir, path, ckpt, model, device)
+    }
+
+    #[test]
+    fn an_edited_header_is_caught() {
+        let (dir, _path, mut ckpt, _model, _device) = setup();
+        ckpt.meta.cluster = Some(1);
+        let bytes = ckpt.to_bytes().unwrap();
+        let p = dir.path().join("edited.safetensors");
+        // One byte of the header: the cluster id 1 -> 2 (the tensors and their checksum unchanged).
+        let at = bytes.windows(7).position(|w| w == b"cluster").unwrap();
+        let digit = at + bytes[at..].iter().position(|&b| b == b'1').unwrap();
+        let mut raw = bytes.clone();
+        raw[digit] = b'2';
+        std::fs::write(&p, &raw).unwrap();
+        let e = Checkpoint::read(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("edited.safetensors") && e.contains("header was edited"),
+            "{e}"
+        );
+        // Unedited, it reads back.
+        std::fs::write(&p, &bytes).unwrap();
+        assert_eq!(Checkpoint::read(&p).unwrap().meta.cluster, Some(1));
     }
 
     #[test]

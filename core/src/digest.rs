@@ -33,8 +33,55 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// The field a sealed JSON object ends with.
+const SEAL: &str = ",\"sha256_of_the_rest\":\"";
+
+/// Seal a JSON object: append a last field holding `sha256` (of whatever the caller covers,
+/// typically this very JSON). The text before the field is kept byte for byte, so [`unseal_json`]
+/// recovers exactly what was hashed, without re-serialising (which need not give the same bytes).
+pub fn seal_json(json: &str, sha256: &str) -> String {
+    let body = json.strip_suffix('}').expect("a JSON object");
+    let sep = if body.trim_end().ends_with('{') {
+        &SEAL[1..]
+    } else {
+        SEAL
+    };
+    format!("{body}{sep}{sha256}\"}}")
+}
+
+/// The JSON as it was before [`seal_json`] and the sha256 it was sealed with, or None when the
+/// object carries no seal (written before ddm sealed it).
+pub fn unseal_json(sealed: &str) -> Option<(String, String)> {
+    let tail = 64 + 2; // the hex digest, the closing quote and brace
+    let n = sealed.len();
+    if n < tail || !sealed.is_char_boundary(n - tail) {
+        return None;
+    }
+    let (head, sha) = (&sealed[..n - tail], &sealed[n - tail..n - 2]);
+    if !sealed.ends_with("\"}") || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let body = head.strip_suffix(SEAL).or_else(|| {
+        head.strip_suffix(&SEAL[1..])
+            .filter(|b| b.trim_end().ends_with('{'))
+    })?;
+    Some((format!("{body}}}"), sha.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sealed_json_unseals_to_the_same_bytes() {
+        for json in [r#"{"a":1,"b":[0.000014898180961608886]}"#, "{}"] {
+            let sha = super::sha256_hex(json.as_bytes());
+            let sealed = super::seal_json(json, &sha);
+            let v: serde_json::Value = serde_json::from_str(&sealed).unwrap();
+            assert_eq!(v["sha256_of_the_rest"], sha.as_str());
+            assert_eq!(super::unseal_json(&sealed), Some((json.to_string(), sha)));
+        }
+        assert_eq!(super::unseal_json(r#"{"a":1}"#), None);
+    }
+
     #[test]
     fn known_digest_and_file_agree() {
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";

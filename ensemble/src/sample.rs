@@ -179,6 +179,13 @@ impl VelocityField<2> for Counted<'_> {
 /// Sample as `o` says, reporting each ensemble evaluation (one per Euler step, two per Heun
 /// step) to `progress`.
 pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Report> {
+    if o.out.is_dir() {
+        bail!(
+            "{}: a directory; --out names the PNG grid to write (e.g. {})",
+            o.out.display(),
+            o.out.join("samples.png").display()
+        );
+    }
     let reg = Registry::open(&o.registry)?;
     let k = reg.index.k;
     let missing: Vec<usize> = (0..k).filter(|c| !reg.index.experts.contains_key(c)).collect();

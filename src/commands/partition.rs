@@ -128,9 +128,8 @@ pub fn run(args: PartitionArgs) -> anyhow::Result<()> {
         },
         seed: args.seed,
     };
-    if out.exists() && !args.force {
-        bail!("{} already exists (pass --force to replace it)", out.display());
-    }
+    // Before any work: an existing output must be a partition to replace.
+    ddm_datasets::partition::write::check_replaceable(&out, args.force)?;
     let source = ddm_datasets::parse_source(&args.data, args.download)?;
     tracing::info!("loading {}", source.describe());
     let dataset = source

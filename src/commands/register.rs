@@ -78,7 +78,7 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
 /// Look at, check or edit a registry.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  ddm registry --registry reg list\n  ddm registry --registry reg verify --json\n  ddm registry --registry reg export --out published\n  ddm registry --registry reg remove --cluster 2"
+    after_help = "Examples:\n  ddm registry --registry reg list\n  ddm registry --registry reg verify --json\n  ddm registry --registry reg export --out published\n  ddm registry --registry reg remove --cluster 2\n  ddm registry --registry reg gc --dry-run"
 )]
 pub struct RegistryArgs {
     /// The registry directory.
@@ -102,6 +102,12 @@ pub enum RegistryCommand {
         /// The folder to write.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Delete blobs no entry names (left by --replace, remove, or a killed registration).
+    Gc {
+        /// Only list them.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Remove the expert of a cluster, or the router.
     Remove {
@@ -144,6 +150,26 @@ pub fn registry_cmd(args: RegistryArgs) -> anyhow::Result<()> {
                 written.len(),
                 out.display(),
                 out.display()
+            );
+        }
+        RegistryCommand::Gc { dry_run } => {
+            let (files, bytes) = registry::gc(&args.registry, dry_run)?;
+            for f in &files {
+                println!(
+                    "{} {}",
+                    if dry_run { "would remove" } else { "removed" },
+                    f.display()
+                );
+            }
+            println!(
+                "{} unreferenced file(s), {:.1} MB{}",
+                files.len(),
+                bytes as f64 / 1e6,
+                if dry_run {
+                    " (dry run: nothing removed)"
+                } else {
+                    ""
+                }
             );
         }
         RegistryCommand::Remove { cluster, router } => {

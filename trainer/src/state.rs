@@ -67,7 +67,13 @@ pub fn save<N: Net>(
         .map_err(|e| anyhow::anyhow!("cannot serialise the optimizer state: {e:?}"))?;
     let opt: Vec<u8> = opt.to_vec();
     t.insert("optimizer".into(), RawTensor::u8(vec![opt.len()], opt));
-    let md = HashMap::from([(META_KEY.to_string(), serde_json::to_string(st)?)]);
+    // The checksum covers the tensors (the data section does not depend on the metadata, so it
+    // comes from a first pass) and the loop state.
+    let json = serde_json::to_string(st)?;
+    let first = raw_to_safetensors_bytes(&t, None)?;
+    let sum = checksum(data_section(&first), &json);
+    // One metadata key (its bytes stay deterministic), the checksum sealed into the JSON.
+    let md = HashMap::from([(META_KEY.to_string(), ddm_core::digest::seal_json(&json, &sum))]);
     let bytes = raw_to_safetensors_bytes(&t, Some(md))?;
     ddm_core::fsio::write_bytes_atomic(&path(out), &bytes)?;
     Ok(())
@@ -91,11 +97,35 @@ pub fn read_loop_state(out: &Path) -> anyhow::Result<Option<LoopState>> {
     Ok(Some(parse_meta(&f)?))
 }
 
+fn data_section(bytes: &[u8]) -> &[u8] {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("an 8-byte header length")) as usize;
+    &bytes[8 + n..]
+}
+
+fn checksum(data: &[u8], json: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(data);
+    h.update(json.as_bytes());
+    ddm_core::digest::hex(&h.finalize())
+}
+
+/// Parse the loop state, after checking the checksum (states written before ddm recorded one
+/// have none and are read as they are).
 fn parse_meta(f: &TensorFile) -> anyhow::Result<LoopState> {
     let json = f
         .metadata
         .get(META_KEY)
         .with_context(|| format!("{}: not a ddm training state", f.path.display()))?;
+    if let Some((body, want)) = ddm_core::digest::unseal_json(json) {
+        let got = checksum(f.data_bytes(), &body);
+        if got != want {
+            bail!(
+                "{}: hashes to {got}, but records {want}: the training state is corrupted; delete it to start over, or restore it",
+                f.path.display()
+            );
+        }
+    }
     let st: LoopState =
         serde_json::from_str(json).with_context(|| format!("{}: bad training state", f.path.display()))?;
     if st.format_version != FORMAT {

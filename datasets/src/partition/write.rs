@@ -47,6 +47,39 @@ fn shard_bytes(dataset: &Dataset, idx: &[usize], meta: &ShardMeta) -> Result<Vec
     Ok(raw_to_safetensors_bytes(&t, Some(md))?)
 }
 
+/// Whether `out` may become a partition directory: it does not exist, or `force` is given and it
+/// is a partition directory (or an empty one). `--force` never replaces a file or a directory of
+/// something else.
+pub fn check_replaceable(out: &Path, force: bool) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !force {
+        return Err(Error::Invalid(format!(
+            "{} already exists (pass --force to replace it)",
+            out.display()
+        )));
+    }
+    if !out.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{} is a file, not a partition directory: --force replaces only a partition; choose another --out",
+            out.display()
+        )));
+    }
+    let empty = std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .next()
+        .is_none();
+    if !empty && !out.join(super::MANIFEST).exists() {
+        return Err(Error::Invalid(format!(
+            "{} is a directory without {}: --force replaces only a partition; choose another --out",
+            out.display(),
+            super::MANIFEST
+        )));
+    }
+    Ok(())
+}
+
 /// Write the partition directory `out` for `dataset` clustered as `clustering`. Refuses an
 /// existing `out` unless `force`. Nothing is left behind on failure.
 pub fn write(
@@ -57,12 +90,7 @@ pub fn write(
     seconds: f64,
     force: bool,
 ) -> Result<PartitionManifest> {
-    if out.exists() && !force {
-        return Err(Error::Invalid(format!(
-            "{} already exists (pass --force to replace it)",
-            out.display()
-        )));
-    }
+    check_replaceable(out, force)?;
     let k = config.k;
     let info = dataset.info();
     let mut members: Vec<Vec<usize>> = vec![vec![]; k];

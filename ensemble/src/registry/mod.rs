@@ -22,7 +22,7 @@ pub mod register;
 pub use fetch::expand_sources;
 pub use index::{Entry, INDEX, Index, read_index};
 pub use publish::{export, verify};
-pub use register::{Registered, register, register_remote, remove};
+pub use register::{Registered, gc, register, register_remote, remove};
 
 /// `, conditioned on C classes` for an entry that records it.
 fn conditioning(e: &Entry) -> String {

@@ -497,3 +497,38 @@ pub fn remove(dir: &Path, cluster: Option<usize>, router: bool) -> anyhow::Resul
     ddm_core::fsio::write_bytes_atomic(&dir.join(INDEX), &serde_json::to_vec_pretty(&idx)?)?;
     Ok(())
 }
+
+/// Remove what no entry names: blobs of replaced or removed entries and temporary files that a
+/// killed registration left in `blobs/`. Runs under the registry's lock, so no registration is
+/// halfway. With `dry_run`, only lists them. Returns the files (to be) removed and their bytes.
+pub fn gc(dir: &Path, dry_run: bool) -> anyhow::Result<(Vec<PathBuf>, u64)> {
+    let _lock = lock_registry(dir)?;
+    let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
+    let named: std::collections::BTreeSet<PathBuf> = idx
+        .experts
+        .values()
+        .chain(idx.stats.values())
+        .chain(idx.router.iter())
+        .filter(|e| e.remote.is_none())
+        .map(|e| e.blob(dir))
+        .collect();
+    let blobs = dir.join("blobs");
+    let mut orphans = vec![];
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(&blobs).with_context(|| format!("reading {}", blobs.display()))? {
+        let path = entry
+            .with_context(|| format!("reading {}", blobs.display()))?
+            .path();
+        if path.is_file() && !named.contains(&path) {
+            bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            orphans.push(path);
+        }
+    }
+    orphans.sort();
+    if !dry_run {
+        for p in &orphans {
+            std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok((orphans, bytes))
+}
