@@ -1588,3 +1588,71 @@ fn wrong_outputs_damage_nothing() {
     assert!(e.contains("a directory; --out names the PNG grid"), "{e}");
     assert!(!d.join("photos.safetensors").exists() && !d.join("photos.json").exists());
 }
+
+/// Fault drills: the disk fills up (every file capped, writes fail with EFBIG) during a
+/// registration and during a partition write. The registry and the output are as before, the
+/// error names the problem, and the rerun completes.
+#[test]
+fn a_full_disk_loses_nothing() {
+    use common::{snapshot, with_disk_limit};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let experts = registry_fixture(d, 2);
+    let (e0, e1) = (experts[0].to_str().unwrap(), experts[1].to_str().unwrap());
+    ok(ddm(d, &["register", "--registry", "reg", "--partition", "p", e0]));
+    let before = snapshot(&d.join("reg"));
+    let blob_bytes = std::fs::metadata(&experts[1]).unwrap().len();
+    let run = |limit: u64, args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ddm"));
+        c.args(args).current_dir(d);
+        with_disk_limit(&mut c, limit).output().unwrap()
+    };
+    let e = fails(run(blob_bytes / 2, &["register", "--registry", "reg", e1]));
+    assert!(e.contains("File too large") || e.contains("No space"), "{e}");
+    assert_eq!(
+        snapshot(&d.join("reg")),
+        before,
+        "a failed registration changed the registry"
+    );
+    ok(ddm(d, &["registry", "--registry", "reg", "verify"]));
+    ok(ddm(d, &["register", "--registry", "reg", e1]));
+    ok(ddm(d, &["registry", "--registry", "reg", "verify"]));
+
+    // A partition whose shards do not fit: no output directory, and no temp directory left.
+    let e = fails(run(
+        2000,
+        &[
+            "partition",
+            "--data",
+            "gmm:gmm.json",
+            "--k",
+            "2",
+            "--algorithm",
+            "random",
+            "--out",
+            "p2",
+        ],
+    ));
+    assert!(e.contains("File too large") || e.contains("No space"), "{e}");
+    assert!(!d.join("p2").exists());
+    let stray: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
+    ok(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "gmm:gmm.json",
+            "--k",
+            "2",
+            "--algorithm",
+            "random",
+            "--out",
+            "p2",
+        ],
+    ));
+}

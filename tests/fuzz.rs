@@ -153,7 +153,8 @@ thread_local! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases().cases.min(64), ..cases() })]
+    // Each case writes two files: an eighth of the cases of the in-memory targets.
+    #![proptest_config(ProptestConfig { cases: (cases().cases / 8).max(16), ..cases() })]
 
     /// partition.json and registry.json, mutated in place: read errors name the file.
     #[test]

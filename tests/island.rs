@@ -10,6 +10,8 @@ use ddm_core::host::TensorFile;
 use ddm_datasets::partition::{self, Algorithm, PartitionConfig};
 use ddm_datasets::{Dataset, Values};
 
+mod common;
+
 /// A small partition of 8 x 8 grayscale images with two random shards of 64 images.
 fn tiny_partition(dir: &Path) -> PathBuf {
     let n = 128;
@@ -388,4 +390,41 @@ fn a_corrupted_training_state_is_refused() {
     )
     .output()
     .unwrap());
+}
+
+/// Fault drill: the disk fills up while an island saves its checkpoint. The previous checkpoint
+/// is intact, the error names the problem, and the rerun resumes from it.
+#[test]
+fn a_full_disk_during_a_checkpoint_keeps_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = tiny_partition(dir.path());
+    let out = dir.path().join("e");
+    let args = ["--cluster", "0", "--steps", "4", "--checkpoint-every", "2"];
+    ok(trainer(&part, &out, &args).output().unwrap());
+    let state = out.join("train-state.safetensors");
+    let before = std::fs::read(&state).unwrap();
+    let more = ["--cluster", "0", "--steps", "8", "--checkpoint-every", "2"];
+    let mut c = trainer(&part, &out, &more);
+    let r = common::with_disk_limit(&mut c, before.len() as u64 / 2)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("File too large") || err.contains("No space"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        before,
+        "the previous checkpoint changed"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".ddm-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    ok(trainer(&part, &out, &more).output().unwrap());
+    assert_eq!(step_of(&out), Some(8));
 }

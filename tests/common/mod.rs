@@ -93,3 +93,42 @@ pub fn registry_fixture_with(dir: &Path, k: usize, classes: usize) -> Vec<PathBu
         })
         .collect()
 }
+
+/// Run `cmd` as if the disk filled up after `bytes`: every file it writes is capped at that size
+/// (RLIMIT_FSIZE), and a write past it fails with EFBIG (SIGXFSZ ignored) as a full disk would
+/// fail with ENOSPC.
+pub fn with_disk_limit(cmd: &mut Command, bytes: u64) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Every file under `dir` with its bytes, sorted (to show nothing changed).
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
