@@ -183,3 +183,71 @@ proptest! {
         }
     }
 }
+
+/// A small DiT checkpoint's bytes.
+fn dit_checkpoint() -> Vec<u8> {
+    let device = ddm_core::device::cpu();
+    let mut dit = ddm_core::dit::DiTConfig::named("DiT-T/4", 8, 1).unwrap();
+    dit.depth = 1;
+    let config = ddm_core::model::ModelConfig::Dit(dit);
+    let model = config.init(0, &device).unwrap();
+    let meta = ddm_core::checkpoint::CheckpointMeta::expert(
+        config,
+        [-1.0, 1.0],
+        ddm_core::checkpoint::Objective::Velocity,
+    );
+    ddm_core::checkpoint::Checkpoint::from_model(&model, meta)
+        .to_bytes()
+        .unwrap()
+}
+
+/// The checkpoint with `field` of its model config set to `value`, the metadata unsealed (as a
+/// hand-made or older file would be), the tensors and their checksum untouched.
+fn with_model_field(valid: &[u8], field: &str, value: serde_json::Value) -> Vec<u8> {
+    let n = u64::from_le_bytes(valid[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&valid[8..8 + n]).unwrap();
+    let (body, _) = ddm_core::digest::unseal_json(header["__metadata__"]["ddm"].as_str().unwrap()).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_str(&body).unwrap();
+    meta["model"][field] = value;
+    header["__metadata__"]["ddm"] = serde_json::Value::String(meta.to_string());
+    let mut h = header.to_string().into_bytes();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    [
+        (h.len() as u64).to_le_bytes().to_vec(),
+        h,
+        valid[8 + n..].to_vec(),
+    ]
+    .concat()
+}
+
+thread_local! {
+    static DIT: Vec<u8> = dit_checkpoint();
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    /// Metadata that parses but is absurd (zero patch size or heads, a 2^40-wide model) is refused
+    /// before any arithmetic or allocation uses it.
+    #[test]
+    fn absurd_model_configs(
+        field in prop::sample::select(vec!["input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "frequency_embedding_size", "mlp_ratio"]),
+        value in prop_oneof![Just(0u64), Just(1), Just(3), Just(1 << 40), Just(u64::MAX), any::<u32>().prop_map(u64::from)],
+    ) {
+        let bytes = DIT.with(|d| with_model_field(d, field, serde_json::json!(value)));
+        let path = Path::new("absurd.safetensors");
+        let f = TensorFile::from_bytes(path, bytes).unwrap();
+        match ddm_core::checkpoint::Checkpoint::from_file(f) {
+            Ok(c) => {
+                let _ = c.meta.model.flops_per_sample();
+                let _ = c.model(path, &ddm_core::device::cpu());
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                prop_assert!(msg.contains("absurd.safetensors"), "{}", msg);
+            }
+        }
+    }
+}

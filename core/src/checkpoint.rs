@@ -231,6 +231,7 @@ impl Checkpoint {
                 actual,
             });
         }
+        meta.model.validate().map_err(|e| bad(format!("model: {e}")))?;
         if meta.data.shape != meta.model.data_shape() {
             return Err(bad(format!(
                 "data shape {:?} does not match the model's {:?}",

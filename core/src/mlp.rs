@@ -85,6 +85,26 @@ impl MlpConfig {
                 self.class_dropout_prob
             )));
         }
+        for (name, v, max) in [
+            ("dim", self.dim, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 15),
+            ("depth", self.depth, 1 << 10),
+            ("out_dim", self.out_dim.unwrap_or(0), 1 << 24),
+            ("num_classes", self.num_classes, 1 << 24),
+            ("frequency_embedding_size", self.frequency_embedding_size, 1 << 14),
+        ] {
+            if v > max {
+                return Err(Error::InvalidConfig(format!(
+                    "{name} {v} is beyond any MLP ddm can hold (at most {max})"
+                )));
+            }
+        }
+        if !self.t_scale.is_finite() {
+            return Err(Error::InvalidConfig(format!(
+                "t_scale {} must be finite",
+                self.t_scale
+            )));
+        }
         Ok(())
     }
 

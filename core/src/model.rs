@@ -70,6 +70,14 @@ impl ModelConfig {
         }
     }
 
+    /// The configuration is one ddm can build: consistent, and within sane sizes.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            ModelConfig::Dit(c) => c.validate(),
+            ModelConfig::Mlp(c) => c.validate(),
+        }
+    }
+
     pub fn arch(&self) -> &'static str {
         match self {
             ModelConfig::Dit(_) => "dit",

@@ -109,6 +109,31 @@ impl DiTConfig {
                 self.class_dropout_prob
             ));
         }
+        // Sizes a real DiT never exceeds, checked before anything is allocated from them (a
+        // header claiming a 2^40-wide model is refused, not attempted).
+        let tokens = (self.input_size / self.patch_size).pow(2);
+        for (name, v, max) in [
+            ("input_size", self.input_size, 1 << 14),
+            ("in_channels", self.in_channels, 1 << 12),
+            ("hidden_size", self.hidden_size, 1 << 15),
+            ("depth", self.depth, 1 << 10),
+            ("num_classes", self.num_classes, 1 << 24),
+            ("frequency_embedding_size", self.frequency_embedding_size, 1 << 14),
+            (
+                "tokens x hidden_size",
+                tokens.saturating_mul(self.hidden_size),
+                1 << 28,
+            ),
+        ] {
+            if v > max {
+                return bad(format!(
+                    "{name} {v} is beyond any DiT ddm can hold (at most {max})"
+                ));
+            }
+        }
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0 && self.mlp_ratio <= 64.0) {
+            return bad(format!("mlp_ratio {} must be in (0, 64]", self.mlp_ratio));
+        }
         Ok(())
     }
 
