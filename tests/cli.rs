@@ -1656,3 +1656,48 @@ fn a_full_disk_loses_nothing() {
         ],
     ));
 }
+
+/// Sizes that would allocate without bound are refused up front, naming the flag.
+#[test]
+fn absurd_sizes_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    registry_fixture(d, 2);
+    let e = fails(ddm(
+        d,
+        &[
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            "0",
+            "--out",
+            "e",
+            "--model",
+            "mlp",
+            "--steps",
+            "1",
+            "--batch-size",
+            "100000000",
+            "--quiet",
+        ],
+    ));
+    assert!(
+        e.contains("--batch-size 100000000 needs at least") && e.contains("GB available"),
+        "{e}"
+    );
+    std::fs::create_dir_all(d.join("imgs")).unwrap();
+    let e = fails(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "images:imgs@100000",
+            "--k",
+            "2",
+            "--out",
+            "q",
+        ],
+    ));
+    assert!(e.contains("image size 100000") && e.contains("1 to 4096"), "{e}");
+}

@@ -108,6 +108,11 @@ impl MlpConfig {
         Ok(())
     }
 
+    /// A lower estimate of the activations one training sample keeps, in floats.
+    pub fn activation_floats_per_sample(&self) -> f64 {
+        (self.depth as f64 + 2.0) * 3.0 * self.hidden_size as f64
+    }
+
     /// Forward FLOPs per sample.
     pub fn flops_per_sample(&self) -> f64 {
         let (x, d, f) = (

@@ -78,6 +78,14 @@ impl ModelConfig {
         }
     }
 
+    /// A lower estimate of the activations one training sample keeps for the backward pass.
+    pub fn activation_bytes_per_sample(&self) -> f64 {
+        4.0 * match self {
+            ModelConfig::Dit(c) => c.activation_floats_per_sample(),
+            ModelConfig::Mlp(c) => c.activation_floats_per_sample(),
+        }
+    }
+
     pub fn arch(&self) -> &'static str {
         match self {
             ModelConfig::Dit(_) => "dit",

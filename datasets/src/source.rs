@@ -24,6 +24,9 @@ use crate::mixture::MixtureFile;
 use crate::tensors::TensorsFile;
 
 /// The source named by a `--data` argument. `download` allows fetching Fashion-MNIST.
+/// The largest side `images:DIR@SIZE` resizes to (a 4096 x 4096 RGB image is 50 MB as u8).
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
 pub fn parse_source(arg: &str, download: bool) -> Result<Box<dyn Source>> {
     let (kind, rest) = match arg.split_once(':') {
         Some((k, r)) => (k, Some(r)),
@@ -90,6 +93,11 @@ pub fn parse_source(arg: &str, download: bool) -> Result<Box<dyn Source>> {
                 ),
                 None => (spec, 32),
             };
+            if !(1..=MAX_IMAGE_SIZE).contains(&size) {
+                return Err(Error::Invalid(format!(
+                    "image size {size} in --data {arg}: images are resized to SIZE x SIZE, 1 to {MAX_IMAGE_SIZE}"
+                )));
+            }
             Box::new(ImageFolder {
                 dir: dir.into(),
                 size,

@@ -68,6 +68,36 @@ impl ModuleVisitor for GradNorm<'_> {
     }
 }
 
+/// Refuse a batch whose activations alone (a lower estimate) exceed the memory this machine has
+/// available, before anything is allocated: an absurd `--batch-size` is an error, not an abort.
+fn check_memory(net: &ddm_core::model::ModelConfig, batch_size: usize) -> anyhow::Result<()> {
+    let Some(available) = available_bytes() else {
+        return Ok(());
+    };
+    let need = net.activation_bytes_per_sample() * batch_size as f64;
+    if need > available {
+        bail!(
+            "--batch-size {batch_size} needs at least {:.1} GB of activations for this model, but the machine has {:.1} GB available; lower --batch-size",
+            need / 1e9,
+            available / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo (None elsewhere).
+fn available_bytes() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0)
+}
+
 /// The lock file a running trainer holds in its output directory.
 pub const LOCK_FILE: &str = "train.lock";
 
@@ -121,6 +151,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     let (data, targets) = (&train_data.data, &train_data.targets);
     let n = data.len();
     let net_config = task.net_config(&config, data)?;
+    check_memory(&net_config, config.batch_size)?;
     let plain = ddm_core::device::device(device)?;
     let train_device = plain.clone().autodiff();
 

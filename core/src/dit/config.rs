@@ -168,6 +168,15 @@ impl DiTConfig {
         embed + self.depth as f64 * per_block + fin
     }
 
+    /// A lower estimate of the activations one training sample keeps for the backward pass, in
+    /// floats: per block the token stream at its widths (normalised, q k v, attention output,
+    /// MLP hidden) and the attention matrix per head.
+    pub fn activation_floats_per_sample(&self) -> f64 {
+        let (t, d) = ((self.grid() * self.grid()) as f64, self.hidden_size as f64);
+        let mlp = (d * self.mlp_ratio).floor();
+        self.depth as f64 * (t * (6.0 * d + 2.0 * mlp) + self.num_heads as f64 * t * t)
+    }
+
     /// Build the model from `src` (fresh initialisation or a state dict).
     pub fn build(&self, src: &mut impl ParamSource) -> Result<DiT> {
         self.build_inner(src, true)
