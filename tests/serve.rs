@@ -267,11 +267,19 @@ fn served_experts_equal_local_ones_and_bad_requests_are_refused() {
     assert!(metrics.contains("status=\"413\""), "{metrics}");
     assert!(metrics.contains("status=\"401\""), "{metrics}");
 
-    // SIGTERM while a request waits in the batcher: it is answered, then the server exits 0.
-    let mut server = server;
+    // SIGTERM while a request waits in the batcher (a server that holds each batch open for 3 s,
+    // so the request is surely in flight when the signal comes): it is answered, then the server
+    // exits 0.
+    drop(server);
+    let mut server = Server::start(
+        dir.path(),
+        &["--registry", "reg", "--max-wait-ms", "3000"],
+        Some(token),
+    );
+    let v1 = format!("{}/v1/experts/1/velocity", server.url);
     let answer = std::thread::scope(|s| {
-        let h = s.spawn(|| post(&http, &v1, Some(token), request(4, 99).to_bytes().unwrap()));
-        std::thread::sleep(Duration::from_millis(100));
+        let h = s.spawn(|| post(&client(), &v1, Some(token), request(4, 99).to_bytes().unwrap()));
+        std::thread::sleep(Duration::from_millis(1000));
         server.signal(libc::SIGTERM);
         h.join().unwrap()
     });
