@@ -311,7 +311,7 @@ pub fn to_safetensors_bytes(
 }
 
 /// Data-section bytes of a serialised safetensors buffer (what the checkpoint checksum covers).
-pub(crate) fn data_section(bytes: &[u8]) -> &[u8] {
+pub fn data_section(bytes: &[u8]) -> &[u8] {
     let n = u64::from_le_bytes(
         bytes[..8]
             .try_into()

@@ -2,6 +2,8 @@
 //! velocity fields (epsilon experts converted, classifier-free guidance wrapped around
 //! class-conditional ones), the router blob a [`RouterNet`], the statistics an [`AnalyticRouter`].
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{Context, bail};
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::{Checkpoint, Objective};
@@ -22,14 +24,41 @@ impl Registry {
 
     /// An entry's blob, after checking that it still hashes to the sha256 the registry recorded
     /// (the hash covers the whole file, the checkpoint's metadata included).
-    pub fn verified_blob(
-        &self,
-        what: &str,
-        e: &crate::registry::Entry,
-    ) -> anyhow::Result<std::path::PathBuf> {
+    pub fn verified_blob(&self, what: &str, e: &crate::registry::Entry) -> anyhow::Result<PathBuf> {
         let blob = e.blob(&self.dir);
         let got = ddm_core::digest::sha256_file(&blob)
             .with_context(|| format!("{what} of the registry {}", self.dir.display()))?;
+        self.check_hash(what, e, &blob, got)?;
+        Ok(blob)
+    }
+
+    /// An entry's checkpoint, read once: hashed against the registry's sha256, then parsed and
+    /// checked like any checkpoint.
+    pub fn verified_checkpoint(
+        &self,
+        what: &str,
+        e: &crate::registry::Entry,
+    ) -> anyhow::Result<(PathBuf, Checkpoint)> {
+        let blob = e.blob(&self.dir);
+        let raw = std::fs::read(&blob).with_context(|| {
+            format!(
+                "{what} of the registry {}: reading {}",
+                self.dir.display(),
+                blob.display()
+            )
+        })?;
+        self.check_hash(what, e, &blob, ddm_core::digest::sha256_hex(&raw))?;
+        let ckpt = Checkpoint::from_file(ddm_core::host::TensorFile::from_bytes(&blob, raw)?)?;
+        Ok((blob, ckpt))
+    }
+
+    fn check_hash(
+        &self,
+        what: &str,
+        e: &crate::registry::Entry,
+        blob: &Path,
+        got: String,
+    ) -> anyhow::Result<()> {
         if got != e.sha256 {
             bail!(
                 "{}: {what} hashes to {got}, but the registry recorded {} (corrupted or replaced; `ddm registry verify` lists every such blob)",
@@ -37,7 +66,7 @@ impl Registry {
                 e.sha256
             );
         }
-        Ok(blob)
+        Ok(())
     }
 
     /// Expert `k` as the sampler holds it: a local checkpoint loaded on first use, or a client of
@@ -101,8 +130,9 @@ impl Registry {
         if let Some(url) = &e.remote {
             bail!("expert {k} is served at {url}, not held here: only `ddm sample` runs served experts");
         }
-        let blob = self.verified_blob(&format!("expert {k}"), e)?;
-        let (meta, model) = ddm_core::checkpoint::load(&blob, device)?;
+        let (blob, ckpt) = self.verified_checkpoint(&format!("expert {k}"), e)?;
+        let model = ckpt.model(&blob, device)?;
+        let meta = ckpt.meta;
         if meta.cluster != Some(k) || meta.partition.as_deref() != Some(self.index.partition.as_str()) {
             bail!(
                 "{}: registered as expert {k} of partition {}, but it is the expert of cluster {:?} of partition {:?}",
@@ -161,12 +191,8 @@ impl Registry {
             .router
             .as_ref()
             .context("no router registered (use --router analytic, or register one)")?;
-        let path = self.verified_blob("the router", e)?;
-        Ok(RouterNet::from_checkpoint(
-            &path,
-            Checkpoint::read(&path)?,
-            device,
-        )?)
+        let (path, ckpt) = self.verified_checkpoint("the router", e)?;
+        Ok(RouterNet::from_checkpoint(&path, ckpt, device)?)
     }
 
     /// The analytic router from the registered per-cluster statistics.

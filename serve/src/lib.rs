@@ -25,7 +25,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ddm_core::burn::prelude::*;
-use ddm_core::checkpoint::Checkpoint;
 use ddm_core::flow::VelocityField;
 use ddm_core::host::HostTensor;
 use ddm_ensemble::registry::Registry;
@@ -69,16 +68,22 @@ struct App {
     metrics: Metrics,
 }
 
+/// A request's rows on `device`: `x_t` flattened to `[N, X]`, `t` `[N]`, `y` `[N]`.
+fn tensors(r: &Request, device: &Device) -> (Tensor<2>, Tensor<1>, Option<Tensor<1, Int>>) {
+    let n = r.rows();
+    let x = HostTensor::new(vec![n, r.x_t.data.len() / n], r.x_t.data.clone()).to_tensor::<2>(device);
+    let t = HostTensor::new(vec![n], r.t.clone()).to_tensor::<1>(device);
+    let y =
+        r.y.as_ref()
+            .map(|y| Tensor::<1, Int>::from_data(TensorData::new(y.clone(), [n]), device));
+    (x, t, y)
+}
+
 struct ExpertModel(Box<dyn VelocityField<2>>, Device);
 
 impl Forward for ExpertModel {
     fn forward(&self, r: &Request) -> HostTensor {
-        let n = r.rows();
-        let x = HostTensor::new(vec![n, r.x_t.data.len() / n], r.x_t.data.clone()).to_tensor::<2>(&self.1);
-        let t = HostTensor::new(vec![n], r.t.clone()).to_tensor::<1>(&self.1);
-        let y =
-            r.y.as_ref()
-                .map(|y| Tensor::<1, Int>::from_data(TensorData::new(y.clone(), [n]), &self.1));
+        let (x, t, y) = tensors(r, &self.1);
         let v = HostTensor::from_tensor(self.0.velocity(x, t, y));
         HostTensor::new(r.x_t.shape.clone(), v.data)
     }
@@ -88,12 +93,7 @@ struct RouterModel(RouterNet, Device);
 
 impl Forward for RouterModel {
     fn forward(&self, r: &Request) -> HostTensor {
-        let n = r.rows();
-        let x = HostTensor::new(vec![n, r.x_t.data.len() / n], r.x_t.data.clone()).to_tensor::<2>(&self.1);
-        let t = HostTensor::new(vec![n], r.t.clone()).to_tensor::<1>(&self.1);
-        let y =
-            r.y.as_ref()
-                .map(|y| Tensor::<1, Int>::from_data(TensorData::new(y.clone(), [n]), &self.1));
+        let (x, t, y) = tensors(r, &self.1);
         let c = r.c.as_ref().map(|c| c.to_tensor::<2>(&self.1));
         HostTensor::from_tensor(self.0.logits(x, t, y, c))
     }
@@ -145,17 +145,8 @@ fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
             o.registry.display()
         );
     }
-    let served = |e: &ddm_ensemble::registry::Entry| -> anyhow::Result<ServedCheckpoint> {
-        let blob = e.blob(&reg.dir);
-        let ckpt = Checkpoint::read(&blob)?; // verifies the checkpoint's own checksum
-        let sha = ddm_core::digest::sha256_file(&blob)?;
-        if sha != e.sha256 {
-            bail!(
-                "{}: hashes to {sha}, but the registry recorded {}",
-                blob.display(),
-                e.sha256
-            );
-        }
+    let served = |what: &str, e: &ddm_ensemble::registry::Entry| -> anyhow::Result<ServedCheckpoint> {
+        let (_, ckpt) = reg.verified_checkpoint(what, e)?;
         Ok(ServedCheckpoint {
             sha256: e.sha256.clone(),
             bytes: e.bytes,
@@ -173,7 +164,9 @@ fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
     };
     let mut batchers = BTreeMap::new();
     for &k in &experts {
-        metadata.experts.insert(k, served(&reg.index.experts[&k])?);
+        metadata
+            .experts
+            .insert(k, served(&format!("expert {k}"), &reg.index.experts[&k])?);
         let (dir, device) = (o.registry.clone(), o.device.clone());
         let load = move || -> anyhow::Result<ExpertModel> {
             let reg = Registry::open(&dir)?;
@@ -191,7 +184,7 @@ fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
             .router
             .as_ref()
             .with_context(|| format!("{}: no router registered", o.registry.display()))?;
-        metadata.router = Some(served(e)?);
+        metadata.router = Some(served("the router", e)?);
         let (dir, device) = (o.registry.clone(), o.device.clone());
         let load = move || -> anyhow::Result<RouterModel> {
             let reg = Registry::open(&dir)?;

@@ -71,7 +71,7 @@ pub fn save<N: Net>(
     // comes from a first pass) and the loop state.
     let json = serde_json::to_string(st)?;
     let first = raw_to_safetensors_bytes(&t, None)?;
-    let sum = checksum(data_section(&first), &json);
+    let sum = checksum(ddm_core::host::data_section(&first), &json);
     // One metadata key (its bytes stay deterministic), the checksum sealed into the JSON.
     let md = HashMap::from([(META_KEY.to_string(), ddm_core::digest::seal_json(&json, &sum))]);
     let bytes = raw_to_safetensors_bytes(&t, Some(md))?;
@@ -95,11 +95,6 @@ pub fn read_loop_state(out: &Path) -> anyhow::Result<Option<LoopState>> {
     }
     let f = TensorFile::read(&p)?;
     Ok(Some(parse_meta(&f)?))
-}
-
-fn data_section(bytes: &[u8]) -> &[u8] {
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("an 8-byte header length")) as usize;
-    &bytes[8 + n..]
 }
 
 fn checksum(data: &[u8], json: &str) -> String {
