@@ -251,3 +251,184 @@ proptest! {
         }
     }
 }
+
+/// The files a user (or a damaged disk) hands the data side, written once: a valid PNG, a
+/// partition's shard 0, cluster statistics, a `tensors:` dataset and a training state.
+struct DataFiles {
+    _dir: tempfile::TempDir,
+    partition: std::path::PathBuf,
+    png: Vec<u8>,
+    shard: Vec<u8>,
+    stats: Vec<u8>,
+    tensors: Vec<u8>,
+    state: Vec<u8>,
+}
+
+fn data_files() -> DataFiles {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    registry_fixture(d, 2);
+    let rgb: Vec<u8> = (0..6 * 5 * 3).map(|i| (i * 7 % 256) as u8).collect();
+    ddm_datasets::grid::write_rgb_png(&d.join("a.png"), &rgb, 6, 5).unwrap();
+    let rows: Vec<Vec<f32>> = (0..5).map(|i| vec![i as f32, -(i as f32)]).collect();
+    ddm_core::stats::ClusterStats::of_rows(2, rows.iter().map(|r| r.as_slice()))
+        .save(&d.join("stats.safetensors"), Some(0), "fp")
+        .unwrap();
+    let x = HostTensor::new(vec![3, 1, 2, 2], (0..12).map(|i| i as f32).collect());
+    let y = HostTensor::new(vec![3], vec![0.0, 1.0, 2.0]);
+    let c = HostTensor::new(vec![3, 2], vec![0.5; 6]);
+    let mut tensors = std::collections::BTreeMap::from([
+        ("x".to_string(), ddm_core::host::RawTensor::f32(&x)),
+        ("c".to_string(), ddm_core::host::RawTensor::f32(&c)),
+    ]);
+    tensors.insert(
+        "y".into(),
+        ddm_core::host::RawTensor::i64(vec![3], &y.data.iter().map(|&v| v as i64).collect::<Vec<_>>()),
+    );
+    let tensors = ddm_core::host::raw_to_safetensors_bytes(&tensors, None).unwrap();
+    common::ok(common::ddm(
+        d,
+        &[
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            "0",
+            "--out",
+            "island",
+            "--model",
+            "mlp",
+            "--mlp-hidden",
+            "8",
+            "--steps",
+            "2",
+            "--quiet",
+        ],
+    ));
+    DataFiles {
+        partition: d.join("p"),
+        png: std::fs::read(d.join("a.png")).unwrap(),
+        shard: std::fs::read(d.join("p").join(ddm_datasets::partition::shard_name(0))).unwrap(),
+        stats: std::fs::read(d.join("stats.safetensors")).unwrap(),
+        tensors,
+        state: std::fs::read(d.join("island/train-state.safetensors")).unwrap(),
+        _dir: dir,
+    }
+}
+
+thread_local! {
+    static DATA: DataFiles = data_files();
+}
+
+/// `err`'s text names `path`'s file name.
+fn names(err: &dyn std::fmt::Display, path: &Path) -> bool {
+    err.to_string()
+        .contains(path.file_name().unwrap().to_str().unwrap())
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    /// CIFAR-10 binary batches: arbitrary bytes, and whole records with any label byte.
+    #[test]
+    fn cifar_batches(bytes in prop::collection::vec(any::<u8>(), 0..4096), records in 0usize..3, label in any::<u8>()) {
+        let path = Path::new("fuzzed_batch.bin");
+        let _ = ddm_datasets::cifar::parse_batch(path, &bytes);
+        let mut whole = vec![0u8; records * 3073];
+        for r in 0..records {
+            whole[r * 3073] = label;
+        }
+        if let Err(e) = ddm_datasets::cifar::parse_batch(path, &whole) {
+            prop_assert!(names(&e, path), "{}", e);
+        }
+    }
+
+    /// `--data` strings: any text, and each known kind with any tail.
+    #[test]
+    fn data_source_strings(s in ".{0,32}", kind in prop::sample::select(vec!["fashion-mnist", "fashion-mnist-10k", "idx", "idx-test", "cifar10", "cifar10-test", "images", "tensors", "gmm", "default"]), tail in "[:@/.a-z0-9-]{0,16}") {
+        for arg in [s.clone(), format!("{kind}{tail}"), format!("{kind}:{tail}")] {
+            if let Ok(src) = ddm_datasets::source::parse_source(&arg, false) {
+                let _ = src.describe();
+            }
+        }
+    }
+}
+
+proptest! {
+    // Each case writes files: an eighth of the cases of the in-memory targets.
+    #![proptest_config(ProptestConfig { cases: (cases().cases / 8).max(16), ..cases() })]
+
+    /// Image folders: a mutated PNG (flipped bytes, truncation) among valid ones.
+    #[test]
+    fn image_folders(m in mutation(), size in 1usize..9) {
+        let dir = tempfile::tempdir().unwrap();
+        let png = DATA.with(|d| d.png.clone());
+        std::fs::write(dir.path().join("a.png"), &png).unwrap();
+        let bad = dir.path().join("b.png");
+        std::fs::write(&bad, apply(&png, &m)).unwrap();
+        let folder = ddm_datasets::folder::ImageFolder { dir: dir.path().to_path_buf(), size };
+        use ddm_datasets::Source;
+        match folder.load() {
+            Ok(d) => prop_assert_eq!(d.shape[1..].to_vec(), vec![size, size]),
+            Err(e) => prop_assert!(names(&e, &bad), "{}", e),
+        }
+    }
+
+    /// A partition's shard, mutated, with partition.json's checksum updated to match (a
+    /// consistent but hostile partition): the shard parser itself must hold.
+    #[test]
+    fn partition_shards(m in mutation()) {
+        let dir = tempfile::tempdir().unwrap();
+        let (valid, partition) = DATA.with(|d| (d.shard.clone(), d.partition.clone()));
+        let bytes = apply(&valid, &m);
+        let name = ddm_datasets::partition::shard_name(0);
+        std::fs::write(dir.path().join(&name), &bytes).unwrap();
+        let mut manifest = ddm_datasets::partition::read_manifest(&partition).unwrap();
+        manifest.files.get_mut(&name).unwrap().sha256 = ddm_core::digest::sha256_hex(&bytes);
+        if let Err(e) = ddm_datasets::partition::load_shard(dir.path(), &manifest, 0) {
+            prop_assert!(names(&e, Path::new(&name)), "{}", e);
+        }
+    }
+
+    /// Cluster statistics, and a `tensors:` dataset, mutated on disk.
+    #[test]
+    fn statistics_and_tensor_datasets(m in mutation()) {
+        let dir = tempfile::tempdir().unwrap();
+        let (stats, tensors) = DATA.with(|d| (d.stats.clone(), d.tensors.clone()));
+        let p = dir.path().join("stats.safetensors");
+        std::fs::write(&p, apply(&stats, &m)).unwrap();
+        if let Err(e) = ddm_core::stats::ClusterStats::load(&p) {
+            prop_assert!(names(&e, &p), "{}", e);
+        }
+        let p = dir.path().join("data.safetensors");
+        std::fs::write(&p, apply(&tensors, &m)).unwrap();
+        use ddm_datasets::Source;
+        if let Err(e) = (ddm_datasets::tensors::TensorsFile { path: p.clone() }).load() {
+            prop_assert!(names(&e, &p), "{}", e);
+        }
+    }
+
+    /// A training state, mutated: refused (naming the file) before a resume can use it.
+    #[test]
+    fn training_states(m in mutation()) {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, partition) = DATA.with(|d| (d.state.clone(), d.partition.clone()));
+        let p = dir.path().join("train-state.safetensors");
+        std::fs::write(&p, apply(&state, &m)).unwrap();
+        match ddm_trainer::state::read_loop_state(dir.path()) {
+            Ok(Some(st)) => {
+                let task = ddm_trainer::expert::ExpertTask {
+                    partition: ddm_datasets::partition::Partition::open(&partition).unwrap(),
+                    target: ddm_trainer::island::Target::Cluster(0),
+                };
+                let device = ddm_core::device::cpu();
+                let optim = ddm_trainer::train::optimizer(&st.config);
+                if let Err(e) = ddm_trainer::state::load(&task, dir.path(), &device, &device.clone().autodiff(), optim) {
+                    prop_assert!(names(&format!("{e:#}"), &p), "{:#}", e);
+                }
+            }
+            Ok(None) => prop_assert!(false, "the state file is there"),
+            Err(e) => prop_assert!(names(&format!("{e:#}"), &p), "{:#}", e),
+        }
+    }
+}
