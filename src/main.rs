@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", ddm::ui::error_text(&err));
             ExitCode::from(2)
         }
     }

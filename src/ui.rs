@@ -21,6 +21,12 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// An error and its causes on one line, each cause once: a cause whose text the message already
+/// quotes (an I/O error inside "PATH: reason") is not repeated.
+pub fn error_text(err: &anyhow::Error) -> String {
+    ddm_core::error::chain(err.as_ref())
+}
+
 /// A terminal progress bar for library steps that report through [`Progress`].
 pub struct Bar {
     bar: ProgressBar,

@@ -200,6 +200,23 @@ fn bad_inputs_give_clear_errors() {
         ));
         assert!(e.contains("--features cuda"), "{e}");
     }
+
+    // A missing file: its path and the OS's reason, each once.
+    for args in [
+        &["info", "missing.safetensors"][..],
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "nowhere",
+            "missing.safetensors",
+        ],
+    ] {
+        let e = fails(ddm(dir.path(), args));
+        assert_eq!(e.matches("(os error 2)").count(), 1, "{e}");
+        assert!(e.contains("missing.safetensors") || e.contains("nowhere"), "{e}");
+    }
 }
 
 /// `ddm partition` on a Gaussian mixture, then `--describe`; bad arguments are refused.
@@ -1615,8 +1632,31 @@ fn a_full_disk_loses_nothing() {
         "a failed registration changed the registry"
     );
     ok(ddm(d, &["registry", "--registry", "reg", "verify"]));
+    ok(ddm(
+        d,
+        &["registry", "--registry", "reg", "export", "--out", "ex"],
+    ));
     ok(ddm(d, &["register", "--registry", "reg", e1]));
     ok(ddm(d, &["registry", "--registry", "reg", "verify"]));
+
+    // An export that does not fit: the previous export is intact, nothing left behind.
+    let exported = snapshot(&d.join("ex"));
+    let e = fails(run(
+        blob_bytes / 2,
+        &["registry", "--registry", "reg", "export", "--out", "ex"],
+    ));
+    assert!(e.contains("File too large") || e.contains("No space"), "{e}");
+    assert_eq!(
+        snapshot(&d.join("ex")),
+        exported,
+        "a failed export changed the previous one"
+    );
+    assert_eq!(leftovers(d), Vec::<String>::new());
+    ok(ddm(
+        d,
+        &["registry", "--registry", "reg", "export", "--out", "ex"],
+    ));
+    assert!(d.join("ex/expert_1/model.safetensors").exists());
 
     // A partition whose shards do not fit: no output directory, and no temp directory left.
     let e = fails(run(
@@ -1635,12 +1675,7 @@ fn a_full_disk_loses_nothing() {
     ));
     assert!(e.contains("File too large") || e.contains("No space"), "{e}");
     assert!(!d.join("p2").exists());
-    let stray: Vec<_> = std::fs::read_dir(d)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("tmp"))
-        .collect();
-    assert!(stray.is_empty(), "left behind: {stray:?}");
+    assert_eq!(leftovers(d), Vec::<String>::new());
     ok(ddm(
         d,
         &[
@@ -1700,4 +1735,538 @@ fn absurd_sizes_are_refused_before_allocating() {
         ],
     ));
     assert!(e.contains("image size 100000") && e.contains("1 to 4096"), "{e}");
+}
+
+/// The registry fixture's K experts and a briefly trained MLP router, registered in `dir/reg`.
+fn registered_with_router(d: &Path, k: usize) -> Vec<PathBuf> {
+    let experts = registry_fixture(d, k);
+    ok(ddm(
+        d,
+        &[
+            "train-router",
+            "--partition",
+            "p",
+            "--out",
+            "r",
+            "--model",
+            "mlp",
+            "--mlp-hidden",
+            "8",
+            "--steps",
+            "10",
+            "--eval-samples",
+            "20",
+            "--quiet",
+        ],
+    ));
+    let mut args = vec![
+        "register",
+        "--registry",
+        "reg",
+        "--partition",
+        "p",
+        "r/router.safetensors",
+    ];
+    args.extend(experts.iter().map(|p| p.to_str().unwrap()));
+    ok(ddm(d, &args));
+    experts
+}
+
+/// `--allow-missing` covers an expert whose checkpoint is gone or corrupted: it is left out (the
+/// router's weights renormalised) and reported; without the flag the error names the blob.
+#[test]
+fn a_lost_checkpoint_is_renormalised_away_with_allow_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    registered_with_router(d, 3);
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("reg/registry.json")).unwrap()).unwrap();
+    let blob = |k: usize| {
+        d.join(format!(
+            "reg/blobs/{}.safetensors",
+            index["experts"][k.to_string()]["sha256"].as_str().unwrap()
+        ))
+    };
+    let sample = |out: &str, extra: &[&str]| {
+        let mut a = vec![
+            "sample",
+            "--registry",
+            "reg",
+            "--n",
+            "8",
+            "--steps",
+            "3",
+            "--quiet",
+            "--out",
+            out,
+        ];
+        a.extend(extra);
+        ddm(d, &a)
+    };
+    std::fs::remove_file(blob(1)).unwrap();
+    let bytes = std::fs::read(blob(2)).unwrap();
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    std::fs::write(blob(2), &flipped).unwrap();
+
+    let e = fails(sample("a.png", &["--strategy", "full"]));
+    assert!(
+        e.contains("loading expert 1") && e.contains(blob(1).file_name().unwrap().to_str().unwrap()),
+        "{e}"
+    );
+    assert_eq!(e.matches("(os error 2)").count(), 1, "{e}");
+
+    ok(sample("b.png", &["--strategy", "full", "--allow-missing"]));
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("b.json")).unwrap()).unwrap();
+    let lost = rep["experts_lost"].as_array().unwrap();
+    assert_eq!(lost.len(), 2, "{rep}");
+    assert_eq!(lost[0]["expert"], 1);
+    let name = blob(1).file_name().unwrap().to_str().unwrap().to_string();
+    assert!(lost[0]["location"].as_str().unwrap().ends_with(&name), "{rep}");
+    assert_eq!(lost[0]["from_step"], 0);
+    assert_eq!(lost[1]["expert"], 2);
+    assert!(
+        lost[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("corrupted or replaced"),
+        "{rep}"
+    );
+    // Only expert 0 ran, on every row of every step.
+    let rows: u64 = rep["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rows_per_expert"][0].as_u64().unwrap())
+        .sum();
+    assert_eq!(rows, 8 * 3);
+    // Which is what the oracle of expert 0 samples.
+    ok(sample("c.png", &["--strategy", "oracle:0"]));
+    assert_eq!(
+        std::fs::read(d.join("b.safetensors")).unwrap(),
+        std::fs::read(d.join("c.safetensors")).unwrap()
+    );
+}
+
+/// `--max-memory`: the loaded experts' weights stay under the cap (least recently used unloaded,
+/// reloaded when selected again) and the samples are the same as without it.
+#[test]
+fn a_memory_cap_unloads_experts_and_changes_no_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let experts = registered_with_router(d, 4);
+    let size = std::fs::metadata(&experts[0]).unwrap().len() as f64 / (1 << 20) as f64;
+    let sample = |out: &str, extra: &[&str]| {
+        let mut a = vec![
+            "sample",
+            "--registry",
+            "reg",
+            "--n",
+            "16",
+            "--steps",
+            "4",
+            "--quiet",
+            "--out",
+            out,
+        ];
+        a.extend(extra);
+        ddm(d, &a)
+    };
+    let report = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join(name)).unwrap()).unwrap()
+    };
+    let cap = format!("{}", size * 2.5);
+    for strategy in ["full", "top-2", "trajectory"] {
+        ok(sample("free.png", &["--strategy", strategy]));
+        ok(sample(
+            "capped.png",
+            &["--strategy", strategy, "--max-memory", &cap],
+        ));
+        assert_eq!(
+            std::fs::read(d.join("free.safetensors")).unwrap(),
+            std::fs::read(d.join("capped.safetensors")).unwrap(),
+            "{strategy}"
+        );
+        let (free, capped) = (report("free.json"), report("capped.json"));
+        assert_eq!(free["expert_evictions"], 0);
+        assert!(
+            capped["experts_held_peak"].as_u64().unwrap() <= 2,
+            "{strategy}: {capped}"
+        );
+        if strategy == "full" {
+            assert_eq!(free["experts_held_peak"], 4);
+            // Every step needs all four: each is unloaded and loaded again.
+            assert!(capped["expert_evictions"].as_u64().unwrap() >= 4 * 2, "{capped}");
+            let loads: u64 = capped["expert_loads"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l.as_u64().unwrap())
+                .sum();
+            assert!(loads > 4, "{capped}");
+        }
+    }
+    let e = fails(sample("tiny.png", &["--max-memory", &format!("{}", size / 2.0)]));
+    assert!(e.contains("more than the memory cap"), "{e}");
+    let e = fails(sample("zero.png", &["--max-memory", "0"]));
+    assert!(e.contains("--max-memory"), "{e}");
+}
+
+/// Run `ddm args` in `d` and SIGKILL it after `delay` unless it finished first; whether it
+/// finished successfully.
+fn killed_after(d: &Path, args: &[&str], delay: std::time::Duration) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ddm"))
+        .args(args)
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        if start.elapsed() >= delay {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// How long `ddm args` takes in `d` (it must succeed).
+fn timed(d: &Path, args: &[&str]) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    ok(ddm(d, args));
+    t.elapsed()
+}
+
+/// Entries of `d` left by interrupted writes (`.ddm-*` temporary files and directories).
+fn leftovers(d: &Path) -> Vec<String> {
+    std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".ddm-"))
+        .collect()
+}
+
+/// The experts `ddm registry list` shows registered (not missing).
+fn registered(list: &str) -> Vec<usize> {
+    list.lines()
+        .filter_map(|l| l.strip_prefix("  expert "))
+        .filter(|l| !l.ends_with("missing"))
+        .map(|l| l.split(':').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// SIGKILL at random points (seeded) of `ddm partition --force`, of 8 concurrent `ddm register`
+/// and of `ddm registry export`: afterwards the output is the old one or the new one, whole
+/// (partitions and registries verify; an export registers), and a rerun completes and removes
+/// what the killed run left.
+#[test]
+fn sigkill_at_random_points_loses_nothing() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut landed = [0usize; 3];
+    let fraction =
+        |rng: &mut rand_chacha::ChaCha8Rng, t: std::time::Duration| t.mul_f64(rng.random_range(0.0..2.0));
+
+    // Partition: an existing partition replaced with --force by another one.
+    let old = [
+        "partition",
+        "--data",
+        "fashion-mnist-10k",
+        "--k",
+        "4",
+        "--algorithm",
+        "random",
+        "--seed",
+        "0",
+        "--out",
+        "part",
+        "--quiet",
+    ];
+    let new = [
+        "partition",
+        "--data",
+        "fashion-mnist-10k",
+        "--k",
+        "4",
+        "--algorithm",
+        "random",
+        "--seed",
+        "1",
+        "--out",
+        "part",
+        "--quiet",
+        "--force",
+    ];
+    let manifest = || {
+        ddm_datasets::partition::read_manifest(&d.join("part"))
+            .unwrap()
+            .fingerprint
+    };
+    ok(ddm(d, &new[..new.len() - 1]));
+    let new_fp = manifest();
+    std::fs::remove_dir_all(d.join("part")).unwrap();
+    let t = timed(d, &old);
+    let old_fp = manifest();
+    for _ in 0..8 {
+        let finished = killed_after(d, &new, fraction(&mut rng, t));
+        landed[0] += usize::from(!finished);
+        let problems = ddm_datasets::partition::verify(&d.join("part")).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        let fp = manifest();
+        assert!(fp == old_fp || fp == new_fp);
+        if finished || fp == new_fp {
+            ok(ddm(
+                d,
+                &old[..old.len() - 1]
+                    .iter()
+                    .chain(&["--force"])
+                    .copied()
+                    .collect::<Vec<_>>(),
+            ));
+        }
+    }
+    ok(ddm(d, &new));
+    assert_eq!(manifest(), new_fp);
+    assert_eq!(leftovers(d), Vec::<String>::new());
+
+    // Registration: 8 islands register at once, each killed at its own random point.
+    let experts = registry_fixture(d, 8);
+    let register = |reg: &str, e: &Path| -> Vec<String> {
+        [
+            "register",
+            "--registry",
+            reg,
+            "--partition",
+            "p",
+            e.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let t = {
+        let start = std::time::Instant::now();
+        let all: Vec<_> = experts
+            .iter()
+            .map(|e| {
+                Command::new(env!("CARGO_BIN_EXE_ddm"))
+                    .args(register("timing", e))
+                    .current_dir(d)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut c in all {
+            assert!(c.wait().unwrap().success());
+        }
+        start.elapsed()
+    };
+    for round in 0..6 {
+        let reg = format!("reg{round}");
+        let delays: Vec<_> = experts.iter().map(|_| fraction(&mut rng, t)).collect();
+        let finished: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = experts
+                .iter()
+                .zip(&delays)
+                .map(|(e, &delay)| {
+                    let args = register(&reg, e);
+                    s.spawn(move || {
+                        killed_after(d, &args.iter().map(|a| a.as_str()).collect::<Vec<_>>(), delay)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        landed[1] += finished.iter().filter(|&&f| !f).count();
+        if d.join(&reg).join("registry.json").exists() {
+            ok(ddm(d, &["registry", "--registry", &reg, "verify"]));
+            let list = ok(ddm(d, &["registry", "--registry", &reg, "list"]));
+            // Every island that finished is there.
+            for (k, _) in finished.iter().enumerate().filter(|(_, f)| **f) {
+                assert!(registered(&list).contains(&k), "{list}");
+            }
+        } else {
+            assert!(finished.iter().all(|f| !f));
+        }
+        // The killed ones, rerun, complete the registry.
+        for (e, _) in experts.iter().zip(&finished).filter(|(_, f)| !**f) {
+            ok(ddm(
+                d,
+                &register(&reg, e).iter().map(|a| a.as_str()).collect::<Vec<_>>(),
+            ));
+        }
+        ok(ddm(d, &["registry", "--registry", &reg, "verify"]));
+        let list = ok(ddm(d, &["registry", "--registry", &reg, "list"]));
+        assert_eq!(registered(&list), (0..8).collect::<Vec<_>>(), "{list}");
+        ok(ddm(d, &["registry", "--registry", &reg, "gc"]));
+    }
+
+    // Export: an export of 2 experts replaced by one of 8.
+    let mut two = vec!["register", "--registry", "two", "--partition", "p"];
+    two.extend(experts[..2].iter().map(|e| e.to_str().unwrap()));
+    ok(ddm(d, &two));
+    let export = |reg: &'static str| ["registry", "--registry", reg, "export", "--out", "ex"];
+    let t = timed(d, &export("reg0"));
+    let count = || {
+        std::fs::read_dir(d.join("ex"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().is_dir())
+            .count()
+    };
+    for round in 0..8 {
+        ok(ddm(d, &export("two")));
+        let finished = killed_after(d, &export("reg0"), fraction(&mut rng, t));
+        landed[2] += usize::from(!finished);
+        let n = count();
+        assert!(n == 2 || n == 8, "{n} expert folders");
+        assert!(!finished || n == 8);
+        // What is there registers: every file matches the index it came with.
+        let check = format!("check{round}");
+        ok(ddm(
+            d,
+            &["register", "--registry", &check, "--partition", "p", "ex"],
+        ));
+        assert_eq!(
+            registered(&ok(ddm(d, &["registry", "--registry", &check, "list"]))).len(),
+            n
+        );
+    }
+    ok(ddm(d, &export("reg0")));
+    assert_eq!(count(), 8);
+    assert_eq!(leftovers(d), Vec::<String>::new());
+    eprintln!(
+        "SIGKILL landed before the end in {} of 8 partitions, {} of 48 registrations, {} of 8 exports",
+        landed[0], landed[1], landed[2]
+    );
+}
+
+/// `ddm args` in `d`, run as an unprivileged user when the tests run as root (root writes
+/// anywhere, so a read-only directory would not be read-only to it).
+fn ddm_unprivileged(d: &Path, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ddm"));
+    c.args(args).current_dir(d);
+    if unsafe { libc::geteuid() } == 0 {
+        c.uid(65534).gid(65534); // nobody
+    }
+    c.output().unwrap()
+}
+
+/// Make `p` and everything under it read-only (or, with `writable`, writable by anyone).
+fn set_mode(p: &Path, writable: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |dir: bool| match (dir, writable) {
+        (true, false) => 0o555,
+        (false, false) => 0o444,
+        (true, true) => 0o777,
+        (false, true) => 0o666,
+    };
+    if p.is_dir() {
+        for e in std::fs::read_dir(p).unwrap() {
+            set_mode(&e.unwrap().path(), writable);
+        }
+    }
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode(p.is_dir()))).unwrap();
+}
+
+/// A read-only output directory (or registry) is a clear error naming it, before or without
+/// touching anything; a read-only registry still samples.
+#[test]
+fn a_read_only_output_directory_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    set_mode(d, true);
+    registered_with_router(d, 2);
+    std::fs::create_dir(d.join("ro")).unwrap();
+    std::fs::create_dir(d.join("rw")).unwrap();
+    set_mode(&d.join("rw"), true);
+    set_mode(&d.join("p"), false);
+    set_mode(&d.join("reg"), false);
+    set_mode(&d.join("ro"), false);
+    let before = common::snapshot(&d.join("reg"));
+    let cases: [&[&str]; 5] = [
+        &[
+            "partition",
+            "--data",
+            "gmm:gmm.json",
+            "--k",
+            "2",
+            "--algorithm",
+            "random",
+            "--out",
+            "ro/p",
+            "--quiet",
+        ],
+        &[
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            "0",
+            "--out",
+            "ro/island",
+            "--model",
+            "mlp",
+            "--steps",
+            "2",
+            "--quiet",
+        ],
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--n",
+            "4",
+            "--steps",
+            "2",
+            "--out",
+            "ro/s.png",
+            "--quiet",
+        ],
+        &["registry", "--registry", "reg", "export", "--out", "ro/ex"],
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--replace",
+            "expert-1.safetensors",
+        ],
+    ];
+    for args in cases {
+        let e = fails(ddm_unprivileged(d, args));
+        assert!(e.contains("Permission denied"), "{args:?}: {e}");
+        let named = if args[0] == "register" { "reg" } else { "ro" };
+        assert!(e.contains(named), "{args:?}: {e}");
+        assert_eq!(std::fs::read_dir(d.join("ro")).unwrap().count(), 0, "{args:?}");
+    }
+    assert_eq!(common::snapshot(&d.join("reg")), before);
+    ok(ddm_unprivileged(d, &["registry", "--registry", "reg", "verify"]));
+    ok(ddm_unprivileged(
+        d,
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--n",
+            "4",
+            "--steps",
+            "2",
+            "--out",
+            "rw/s.png",
+            "--quiet",
+        ],
+    ));
+    assert!(d.join("rw/s.safetensors").exists());
+    set_mode(d, true); // so the temporary directory can be removed
 }

@@ -538,7 +538,7 @@ fn remote_experts_sample_like_local_ones_and_a_lost_server_is_survived_or_named(
     let rep = report(d, "survived");
     let lost = &rep["experts_lost"][0];
     assert_eq!(lost["expert"], 1);
-    assert_eq!(lost["url"], url.as_str());
+    assert_eq!(lost["location"], url.as_str());
     let from = lost["from_step"].as_u64().unwrap();
     assert!(from > 0 && from < steps, "lost from step {from}");
     assert!(samples(d, "survived").iter().all(|v| v.is_finite()));

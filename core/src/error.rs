@@ -68,3 +68,20 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error with its causes on one line (`error sending request: ...: invalid peer certificate:
+/// UnknownIssuer`; reqwest's own message alone does not say what went wrong), each cause once: one
+/// whose text the message already quotes (the I/O error inside "PATH: reason") is not repeated.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cause = c.source();
+    }
+    s
+}

@@ -14,6 +14,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use ddm_core::error::chain;
 use ddm_core::progress::Progress;
 
 /// A PEM file of extra trusted roots (for https to a server with a private or self-signed
@@ -60,22 +61,6 @@ pub fn client_builder() -> Result<reqwest::blocking::ClientBuilder> {
         b = b.tls_certs_merge(certs);
     }
     Ok(b)
-}
-
-/// An error with its causes (`error sending request: ...: invalid peer certificate: UnknownIssuer`):
-/// reqwest's own message alone does not say what went wrong.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cause = c.source();
-    }
-    s
 }
 
 /// A client from [`client_builder`].

@@ -83,7 +83,10 @@ impl Registry {
         };
         let Some(url) = &e.remote else {
             let device = device.clone();
-            return Ok(ExpertSlot::lazy(move || self.expert_guided(k, &device, guidance)));
+            let blob = e.blob(&self.dir);
+            let bytes = std::fs::metadata(&blob).map_or(0, |m| m.len());
+            return Ok(ExpertSlot::lazy(move || self.expert_guided(k, &device, guidance))
+                .at(blob.display().to_string(), bytes));
         };
         let classes = e.classes(&self.dir)?;
         let guidance = match guidance {

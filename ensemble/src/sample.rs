@@ -87,6 +87,8 @@ pub struct SampleOptions {
     pub strategy: Option<Strategy>,
     pub router: RouterChoice,
     pub allow_missing: bool,
+    /// The most MiB the loaded local experts' weights may take (least recently used unloaded).
+    pub max_memory_mib: Option<f64>,
     /// Class-conditional sampling: which classes, and the guidance scale.
     pub class: Option<(Classes, f64)>,
     /// Per-sample conditioning vectors for a vector-conditioned router: a safetensors file with
@@ -106,11 +108,12 @@ pub struct StepRange {
     pub rows_per_expert: Vec<usize>,
 }
 
-/// A served expert lost during sampling.
+/// An expert lost during sampling (a server that stopped answering, a checkpoint that is gone).
 #[derive(Debug, Clone, Serialize)]
 pub struct LostReport {
     pub expert: usize,
-    pub url: String,
+    /// The server's URL or the checkpoint's path.
+    pub location: String,
     /// The first step (0-based) sampled without it, and that step's t.
     pub from_step: usize,
     pub t: f64,
@@ -138,8 +141,15 @@ pub struct Report {
     pub experts_loaded: Vec<usize>,
     /// Experts served elsewhere (`ddm serve`) that the sampler called over the network.
     pub experts_remote: Vec<usize>,
-    /// Served experts that stopped answering (with --allow-missing): left out from `from_step` on.
+    /// Experts that failed (with --allow-missing): left out from `from_step` on.
     pub experts_lost: Vec<LostReport>,
+    /// Times each expert was loaded into this process (more than once under --max-memory).
+    pub expert_loads: Vec<usize>,
+    /// Experts unloaded to stay under --max-memory.
+    pub expert_evictions: usize,
+    /// The most local experts that were in memory at once.
+    pub experts_held_peak: usize,
+    pub max_memory_mib: Option<f64>,
     pub seconds: f64,
     pub seconds_per_step: f64,
     pub expert_evaluations: usize,
@@ -186,6 +196,8 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             o.out.join("samples.png").display()
         );
     }
+    // Sampling can take long: find an unwritable --out before it.
+    ddm_core::fsio::check_writable(&o.out)?;
     let reg = Registry::open(&o.registry)?;
     let k = reg.index.k;
     let missing: Vec<usize> = (0..k).filter(|c| !reg.index.experts.contains_key(c)).collect();
@@ -279,6 +291,9 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     if o.allow_missing {
         ensemble = ensemble.tolerate_lost_experts();
     }
+    if let Some(mib) = o.max_memory_mib {
+        ensemble = ensemble.with_memory_cap((mib * (1 << 20) as f64) as u64);
+    }
     let shape = reg.index.data.shape.clone();
     let per: usize = shape.iter().product();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
@@ -367,12 +382,16 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             .into_iter()
             .map(|l| LostReport {
                 expert: l.expert,
-                url: l.url,
+                location: l.location,
                 from_step: l.evaluation / evals_per_step,
                 t: t_of(l.evaluation),
                 error: l.error,
             })
             .collect(),
+        expert_loads: ensemble.experts.iter().map(|e| e.loads()).collect(),
+        expert_evictions: ensemble.evictions(),
+        experts_held_peak: ensemble.held_peak(),
+        max_memory_mib: o.max_memory_mib,
         seconds,
         seconds_per_step: seconds / o.steps as f64,
         expert_evaluations: evaluations,

@@ -13,12 +13,16 @@
 //! its weighted velocity is scatter-added back. Each expert runs at most once per evaluation.
 //! Experts served elsewhere ([`RemoteExpert`]) are called concurrently, each from its own thread,
 //! while the local ones compute, so a step costs about its slowest expert, not the sum.
-//! Local experts are loaded lazily, on first use. A missing expert (an island that failed) is
-//! renormalised away by the strategy; so is a served expert that stops answering, from the step it
-//! failed, when the ensemble is told to [`Ensemble::tolerate_lost_experts`] (otherwise its failure
-//! is the sampling's error).
+//! Local experts are loaded lazily, on first use; under a memory cap
+//! ([`Ensemble::with_memory_cap`]) the least recently used ones are unloaded to make room, and
+//! loaded again when selected. A missing expert (an island that failed) is renormalised away by the
+//! strategy; so is an expert that fails (a server that stops answering, a checkpoint that is gone or
+//! corrupted), from the step it failed, when the ensemble is told to
+//! [`Ensemble::tolerate_lost_experts`] (otherwise its failure is the sampling's error).
 
 use std::cell::{Cell, RefCell};
+
+use anyhow::Context;
 
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::IndexingUpdateOp;
@@ -135,14 +139,23 @@ impl Posterior for AnalyticRouter {
 
 type Loader<'a> = Box<dyn Fn() -> anyhow::Result<Box<dyn VelocityField<2> + 'a>> + 'a>;
 
-/// One expert: local (loaded on first use) or served elsewhere.
+/// One expert: local (loaded on first use, unloaded when a memory cap needs the room) or served
+/// elsewhere.
 pub struct ExpertSlot<'a> {
     loader: Option<Loader<'a>>,
     loaded: RefCell<Option<Box<dyn VelocityField<2> + 'a>>>,
     remote: Option<RemoteExpert>,
+    /// Where it lives, for messages and reports: the server's URL or the checkpoint's path.
+    location: String,
+    /// What its weights take in memory once loaded (a lazy expert's checkpoint size), for the cap.
+    bytes: u64,
+    /// Times a lazy expert was loaded (more than once when a memory cap unloaded it).
+    loads: Cell<usize>,
+    /// The evaluation that last selected it (the cap unloads the least recently used first).
+    last_used: Cell<usize>,
     /// A served expert that was called.
     called: Cell<bool>,
-    /// A served expert that stopped answering (and was renormalised away).
+    /// An expert that failed (and was renormalised away).
     lost: Cell<bool>,
 }
 
@@ -166,9 +179,17 @@ impl<'a> ExpertSlot<'a> {
     /// An expert served elsewhere (`ddm serve`).
     pub fn remote(expert: RemoteExpert) -> Self {
         Self {
+            location: expert.client.base.clone(),
             remote: Some(expert),
             ..Self::missing()
         }
+    }
+
+    /// Where the expert lives (its checkpoint's path, say) and the bytes its weights take.
+    pub fn at(mut self, location: impl Into<String>, bytes: u64) -> Self {
+        self.location = location.into();
+        self.bytes = bytes;
+        self
     }
 
     /// A missing expert (its island failed or was never registered).
@@ -177,6 +198,10 @@ impl<'a> ExpertSlot<'a> {
             loader: None,
             loaded: RefCell::new(None),
             remote: None,
+            location: String::new(),
+            bytes: 0,
+            loads: Cell::new(0),
+            last_used: Cell::new(0),
             called: Cell::new(false),
             lost: Cell::new(false),
         }
@@ -186,9 +211,19 @@ impl<'a> ExpertSlot<'a> {
         !self.lost.get() && (self.loader.is_some() || self.loaded.borrow().is_some() || self.remote.is_some())
     }
 
-    /// Loaded into this process, or (served elsewhere) called.
+    /// Loaded into this process (now or earlier), or (served elsewhere) called.
     pub fn is_loaded(&self) -> bool {
-        self.loaded.borrow().is_some() || self.called.get()
+        self.loads.get() > 0 || self.loaded.borrow().is_some() || self.called.get()
+    }
+
+    /// Times it was loaded into this process.
+    pub fn loads(&self) -> usize {
+        self.loads.get()
+    }
+
+    /// A lazy expert whose weights are in memory now (what a memory cap counts).
+    fn holds_weights(&self) -> bool {
+        self.loader.is_some() && self.loaded.borrow().is_some()
     }
 
     pub fn is_remote(&self) -> bool {
@@ -204,11 +239,13 @@ pub struct Usage {
     pub router_rows: usize,
 }
 
-/// A served expert that stopped answering during sampling and was renormalised away.
+/// An expert that failed during sampling (a server that stopped answering, a checkpoint that is
+/// gone) and was renormalised away.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LostExpert {
     pub expert: usize,
-    pub url: String,
+    /// The server's URL or the checkpoint's path.
+    pub location: String,
     /// The evaluation (0-based) from which it was left out.
     pub evaluation: usize,
     pub error: String,
@@ -234,9 +271,15 @@ pub struct Ensemble<'a> {
     condition: Option<Tensor<2>>,
     /// First expert-loading error (surfaced by `take_error` after sampling).
     error: RefCell<Option<anyhow::Error>>,
-    /// Whether a served expert that fails is renormalised away (else it is an error).
+    /// Whether an expert that fails is renormalised away (else it is an error).
     tolerate_lost: bool,
     lost: RefCell<Vec<LostExpert>>,
+    /// The most bytes the loaded local experts' weights may take (None: no cap).
+    memory_cap: Option<u64>,
+    /// Experts unloaded to stay under the cap.
+    evictions: Cell<usize>,
+    /// The most local experts held in memory at once.
+    held_peak: Cell<usize>,
 }
 
 impl<'a> Ensemble<'a> {
@@ -275,6 +318,9 @@ impl<'a> Ensemble<'a> {
             error: RefCell::new(None),
             tolerate_lost: false,
             lost: RefCell::new(vec![]),
+            memory_cap: None,
+            evictions: Cell::new(0),
+            held_peak: Cell::new(0),
         })
     }
 
@@ -285,17 +331,36 @@ impl<'a> Ensemble<'a> {
         self
     }
 
-    /// A served expert that fails (after its retries) is left out from that evaluation on, its
-    /// weight renormalised over the others, and recorded in [`Ensemble::lost_experts`]; without
-    /// this its failure is the sampling's error.
+    /// An expert that fails (a served one after its retries; a local one whose checkpoint cannot
+    /// be loaded) is left out from that evaluation on, its weight renormalised over the others,
+    /// and recorded in [`Ensemble::lost_experts`]; without this its failure is the sampling's
+    /// error.
     pub fn tolerate_lost_experts(mut self) -> Self {
         self.tolerate_lost = true;
         self
     }
 
-    /// Served experts left out after they failed.
+    /// Experts left out after they failed.
     pub fn lost_experts(&self) -> Vec<LostExpert> {
         self.lost.borrow().clone()
+    }
+
+    /// Keep the weights of the loaded local experts under `bytes`: before an expert is loaded,
+    /// the least recently used ones are unloaded (and loaded again when next selected). Output is
+    /// unchanged; the cost is the reloading.
+    pub fn with_memory_cap(mut self, bytes: u64) -> Self {
+        self.memory_cap = Some(bytes);
+        self
+    }
+
+    /// Experts unloaded to stay under the memory cap.
+    pub fn evictions(&self) -> usize {
+        self.evictions.get()
+    }
+
+    /// The most local experts that were in memory at once.
+    pub fn held_peak(&self) -> usize {
+        self.held_peak.get()
     }
 
     /// Route without telling the router the class (its classes are not the experts').
@@ -325,23 +390,56 @@ impl<'a> Ensemble<'a> {
         self.error.borrow_mut().take()
     }
 
-    fn ensure_loaded(&self, k: usize) -> bool {
+    /// Local expert `k` in memory, for the current evaluation (under the cap, unloading others).
+    fn load(&self, k: usize) -> anyhow::Result<()> {
         let slot = &self.experts[k];
-        if slot.is_loaded() {
-            return true;
+        slot.last_used.set(self.usage.borrow().len());
+        if slot.loaded.borrow().is_some() {
+            return Ok(());
         }
-        match slot.loader.as_ref().map(|l| l()) {
-            Some(Ok(field)) => {
-                *slot.loaded.borrow_mut() = Some(field);
-                true
+        let Some(loader) = &slot.loader else {
+            anyhow::bail!("expert {k} is missing");
+        };
+        if let Some(cap) = self.memory_cap {
+            self.make_room(k, cap)?;
+        }
+        let field = loader().with_context(|| format!("loading expert {k} ({})", slot.location))?;
+        *slot.loaded.borrow_mut() = Some(field);
+        slot.loads.set(slot.loads.get() + 1);
+        let held = self.experts.iter().filter(|e| e.holds_weights()).count();
+        self.held_peak.set(self.held_peak.get().max(held));
+        Ok(())
+    }
+
+    /// Unload the least recently used local experts until expert `k` fits under `cap` bytes.
+    fn make_room(&self, k: usize, cap: u64) -> anyhow::Result<()> {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let need = self.experts[k].bytes;
+        if need > cap {
+            anyhow::bail!(
+                "expert {k} ({}) takes {:.1} MiB, more than the memory cap of {:.1} MiB",
+                self.experts[k].location,
+                mib(need),
+                mib(cap)
+            );
+        }
+        loop {
+            let held: u64 = self
+                .experts
+                .iter()
+                .filter(|e| e.holds_weights())
+                .map(|e| e.bytes)
+                .sum();
+            if held + need <= cap {
+                return Ok(());
             }
-            Some(Err(e)) => {
-                self.error
-                    .borrow_mut()
-                    .get_or_insert(e.context(format!("loading expert {k}")));
-                false
-            }
-            None => false,
+            let victim = (0..self.experts.len())
+                .filter(|&e| e != k && self.experts[e].holds_weights())
+                .min_by_key(|&e| self.experts[e].last_used.get())
+                .expect("weights over the cap are held by some expert");
+            tracing::debug!("unloading expert {victim} to make room for expert {k}");
+            *self.experts[victim].loaded.borrow_mut() = None;
+            self.evictions.set(self.evictions.get() + 1);
         }
     }
 }
@@ -405,8 +503,9 @@ impl Ensemble<'_> {
     }
 }
 
-/// A served expert's failure in one evaluation.
-struct RemoteFailure {
+/// An expert's failure in one evaluation: a served one that did not answer, a local one that
+/// could not be loaded.
+struct ExpertFailure {
     expert: usize,
     error: anyhow::Error,
 }
@@ -419,7 +518,7 @@ impl Ensemble<'_> {
         x_t: &Tensor<2>,
         t: &Tensor<1>,
         y: Option<&Tensor<1, Int>>,
-    ) -> Result<Tensor<2>, RemoteFailure> {
+    ) -> Result<Tensor<2>, ExpertFailure> {
         let [n, _] = x_t.dims();
         let device = x_t.device();
         let k = self.experts.len();
@@ -472,14 +571,19 @@ impl Ensemble<'_> {
             let w = Tensor::<2>::from_data(TensorData::new(weights[e].clone(), [m, 1]), &device);
             out.select_assign(0, idx, v * w, IndexingUpdateOp::Add)
         };
+        let mut failed = None;
         let answers = std::thread::scope(|s| {
             let handles: Vec<_> = calls
                 .into_iter()
                 .map(|(e, remote, xe, te, ye)| (e, s.spawn(move || remote.velocity(xe, te, ye))))
                 .collect();
             for &e in &active {
-                if self.experts[e].remote.is_some() || !self.ensure_loaded(e) {
+                if self.experts[e].remote.is_some() {
                     continue;
+                }
+                if let Err(error) = self.load(e) {
+                    failed = Some(ExpertFailure { expert: e, error });
+                    break;
                 }
                 let (_, xe, te, ye) = gather(e);
                 let field = self.experts[e].loaded.borrow();
@@ -497,11 +601,14 @@ impl Ensemble<'_> {
                 })
                 .collect::<Vec<_>>()
         });
+        if let Some(f) = failed {
+            return Err(f);
+        }
         for (e, answer) in answers {
             self.experts[e].called.set(true);
             match answer {
                 Ok(v) => out = add(out, e, v.to_tensor::<2>(&device)),
-                Err(error) => return Err(RemoteFailure { expert: e, error }),
+                Err(error) => return Err(ExpertFailure { expert: e, error }),
             }
         }
         self.usage.borrow_mut().push(Usage {
@@ -519,32 +626,33 @@ impl VelocityField<2> for Ensemble<'_> {
                 // Sampling has already failed (the error is returned after it): finish cheaply.
                 return x_t.zeros_like();
             }
-            let RemoteFailure { expert, error } = match self.evaluate(&x_t, &t, y.as_ref()) {
+            let ExpertFailure { expert, error } = match self.evaluate(&x_t, &t, y.as_ref()) {
                 Ok(v) => return v,
                 Err(f) => f,
             };
-            let url = self.experts[expert]
-                .remote
-                .as_ref()
-                .map(|r| r.client.base.clone())
-                .unwrap_or_default();
+            let slot = &self.experts[expert];
+            let location = slot.location.clone();
+            let error = if slot.is_remote() {
+                error.context(format!("expert {expert}, served at {location}"))
+            } else {
+                error
+            };
             if !self.tolerate_lost {
-                self.error
-                    .borrow_mut()
-                    .get_or_insert(error.context(format!("expert {expert}, served at {url}")));
+                self.error.borrow_mut().get_or_insert(error);
                 continue;
             }
             // Leave it out and evaluate again without it.
             let evaluation = self.usage.borrow().len();
             tracing::warn!(
-                "expert {expert} (served at {url}) failed at evaluation {evaluation}: {error:#}; renormalising over the others from here on"
+                "expert {expert} failed at evaluation {evaluation}: {}; renormalising over the others from here on",
+                ddm_core::error::chain(error.as_ref())
             );
-            self.experts[expert].lost.set(true);
+            slot.lost.set(true);
             self.lost.borrow_mut().push(LostExpert {
                 expert,
-                url,
+                location,
                 evaluation,
-                error: format!("{error:#}"),
+                error: ddm_core::error::chain(error.as_ref()),
             });
             if !self.experts.iter().any(|e| e.is_present()) {
                 self.error.borrow_mut().get_or_insert(anyhow::anyhow!(

@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     match ddm::commands::train::run(cli.args) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", ddm::ui::error_text(&err));
             ExitCode::from(2)
         }
     }

@@ -130,6 +130,8 @@ pub fn run(args: PartitionArgs) -> anyhow::Result<()> {
     };
     // Before any work: an existing output must be a partition to replace.
     ddm_datasets::partition::write::check_replaceable(&out, args.force)?;
+    // Clustering can take minutes: find an unwritable --out before it.
+    ddm_core::fsio::check_writable(&out)?;
     let source = ddm_datasets::parse_source(&args.data, args.download)?;
     tracing::info!("loading {}", source.describe());
     let dataset = source

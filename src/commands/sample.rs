@@ -48,10 +48,16 @@ pub struct SampleArgs {
     pub router: RouterArg,
     #[arg(long, value_enum, default_value = "euler")]
     pub solver: SolverArg,
-    /// Sample even if some experts are missing (their islands failed): the router's weights are
-    /// renormalised over the experts present.
+    /// Sample even if some experts are missing (their islands failed) or fail while sampling (a
+    /// server that stops answering, a checkpoint that is gone or corrupted): the router's weights
+    /// are renormalised over the experts present.
     #[arg(long)]
     pub allow_missing: bool,
+    /// Keep the loaded experts' weights under this many MiB: the least recently used are unloaded
+    /// and loaded again when next selected (same samples, more time). For ensembles larger than
+    /// memory.
+    #[arg(long, value_name = "MIB")]
+    pub max_memory: Option<f64>,
     /// Sample this class, or `all` for equal counts of every class (class-conditional experts
     /// only).
     #[arg(long)]
@@ -79,7 +85,8 @@ const EXAMPLES: &str = "Examples:
   ddm sample --registry reg --strategy top-1 --n 64 --out samples.png
   ddm sample --registry reg --strategy sample --router analytic --n 500 --steps 16 --out s.png
   ddm sample --registry reg --class 3 --guidance 2 --allow-missing
-  ddm sample --registry reg --class all --strategy trajectory --n 100 --out balanced.png";
+  ddm sample --registry reg --class all --strategy trajectory --n 100 --out balanced.png
+  ddm sample --registry reg --strategy top-2 --max-memory 2048";
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let strategy: Option<Strategy> = match &args.strategy {
@@ -96,6 +103,11 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     if !(args.guidance.is_finite() && args.guidance >= 0.0) {
         anyhow::bail!("--guidance {} must be a finite number >= 0", args.guidance);
     }
+    if let Some(m) = args.max_memory
+        && !(m.is_finite() && m > 0.0)
+    {
+        anyhow::bail!("--max-memory {m} must be a positive number of MiB");
+    }
     let bar = crate::ui::Bar::new(args.quiet);
     let options = SampleOptions {
         registry: args.registry,
@@ -111,6 +123,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
             RouterArg::Analytic => RouterChoice::Analytic,
         },
         allow_missing: args.allow_missing,
+        max_memory_mib: args.max_memory,
         class: args.class.map(|c| (c, args.guidance)),
         condition: args.condition,
         seed: args.seed,

@@ -2,7 +2,7 @@
 //! renamed into place at the end.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ddm_core::digest::sha256_hex;
 use ddm_core::host::{HostTensor, RawTensor, raw_to_safetensors_bytes};
@@ -103,16 +103,7 @@ pub fn write(
         )));
     }
     let fp = fingerprint(&info, config, &clustering.assignment);
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".ddm-partition-");
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755));
-    let tmp = builder.tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = ddm_core::fsio::TempDir::beside(out, "partition")?;
     let mut files = BTreeMap::new();
     let mut put = |name: &str, bytes: &[u8]| -> Result<()> {
         let p = tmp.path().join(name);
@@ -201,14 +192,6 @@ pub fn write(
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
     ddm_core::fsio::write_bytes_atomic(&tmp.path().join(MANIFEST), &json)?;
     // Move into place: the directory appears whole or not at all.
-    let tmp_path = tmp.keep();
-    if out.exists() {
-        let old = parent.join(format!(".ddm-old-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-        std::fs::rename(&tmp_path, out).map_err(|e| Error::io(out, e))?;
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    } else {
-        std::fs::rename(&tmp_path, out).map_err(|e| Error::io(out, e))?;
-    }
+    tmp.publish(out)?;
     Ok(manifest)
 }

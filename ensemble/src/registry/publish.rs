@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use ddm_core::checkpoint::Checkpoint;
 use ddm_core::digest::sha256_file;
 
@@ -56,16 +56,28 @@ pub fn verify(dir: &Path) -> anyhow::Result<Vec<String>> {
 /// elsewhere have no file to export: `index.json` keeps their URLs.
 pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
+    check_export_target(out)?;
+    // Written beside `out`, then moved into place whole: a killed or failed export leaves the
+    // previous one (or nothing), never a mix.
+    let tmp = ddm_core::fsio::TempDir::beside(out, "export")?;
     let mut written = vec![];
     let mut put = |folder: String, e: &Entry| -> anyhow::Result<()> {
-        let f = out.join(&folder);
+        let f = tmp.path().join(&folder);
         std::fs::create_dir_all(&f).with_context(|| format!("creating {}", f.display()))?;
         let blob = e.blob(dir);
-        let ckpt = Checkpoint::read(&blob)?;
-        ddm_core::fsio::write_bytes_atomic(&f.join("config.json"), &serde_json::to_vec_pretty(&ckpt.meta)?)?;
         let bytes = std::fs::read(&blob).with_context(|| format!("reading {}", blob.display()))?;
+        let got = ddm_core::digest::sha256_hex(&bytes);
+        if got != e.sha256 {
+            bail!(
+                "{}: hashes to {got}, but the registry recorded {} (corrupted or replaced; `ddm registry verify` lists every such blob)",
+                blob.display(),
+                e.sha256
+            );
+        }
+        let ckpt = Checkpoint::from_file(ddm_core::host::TensorFile::from_bytes(&blob, bytes.clone())?)?;
+        ddm_core::fsio::write_bytes_atomic(&f.join("config.json"), &serde_json::to_vec_pretty(&ckpt.meta)?)?;
         ddm_core::fsio::write_bytes_atomic(&f.join("model.safetensors"), &bytes)?;
-        written.push(f);
+        written.push(out.join(folder));
         Ok(())
     };
     for (k, e) in idx.experts.iter().filter(|(_, e)| e.remote.is_none()) {
@@ -74,6 +86,29 @@ pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if let Some(e) = &idx.router {
         put("router".into(), e)?;
     }
-    ddm_core::fsio::write_bytes_atomic(&out.join("index.json"), &serde_json::to_vec_pretty(&idx)?)?;
+    ddm_core::fsio::write_bytes_atomic(&tmp.path().join("index.json"), &serde_json::to_vec_pretty(&idx)?)?;
+    tmp.publish(out)?;
     Ok(written)
+}
+
+/// An export may replace nothing, an empty directory, or an earlier export (a directory with
+/// `index.json`); never a file or a directory of something else.
+fn check_export_target(out: &Path) -> anyhow::Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!("{}: a file; --out names the folder to export to", out.display());
+    }
+    let empty = std::fs::read_dir(out)
+        .with_context(|| format!("reading {}", out.display()))?
+        .next()
+        .is_none();
+    if !empty && !out.join("index.json").exists() {
+        bail!(
+            "{}: a directory that is not an earlier export (no index.json); choose another --out",
+            out.display()
+        );
+    }
+    Ok(())
 }
