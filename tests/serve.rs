@@ -757,3 +757,88 @@ fn https_download_trusts_the_given_root_and_resumes() {
     );
     assert!(ok(ddm(d, &["registry", "--registry", "reg", "list"])).contains(&sha[..12]));
 }
+
+/// `ddm serve --max-memory`: four experts served under a cap that holds two answer exactly what
+/// each computes locally, loading and unloading them as requests come; a model larger than the cap
+/// is refused at start.
+#[test]
+fn a_memory_cap_serves_more_experts_than_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let experts = registry_fixture(d, 4);
+    let mut args = vec!["register", "--registry", "reg", "--partition", "p"];
+    args.extend(experts.iter().map(|e| e.to_str().unwrap()));
+    ok(ddm(d, &args));
+    let mib = std::fs::metadata(&experts[0]).unwrap().len() as f64 / (1 << 20) as f64;
+    let e = fails(ddm(
+        d,
+        &[
+            "serve",
+            "--registry",
+            "reg",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-memory",
+            &format!("{}", mib / 2.0),
+        ],
+    ));
+    assert!(e.contains("more than --max-memory"), "{e}");
+    let server = Server::start(
+        d,
+        &["--registry", "reg", "--max-memory", &format!("{}", mib * 2.5)],
+        None,
+    );
+    let http = client();
+    // 8 clients, each asking every expert in turn.
+    let answers: Vec<(usize, Request, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8u64)
+            .map(|c| {
+                let (http, base) = (&http, &server.url);
+                s.spawn(move || {
+                    (0..8u64)
+                        .map(|i| {
+                            let k = ((c + i) % 4) as usize;
+                            let r = request(5, c * 8 + i);
+                            let (status, body) = post(
+                                http,
+                                &format!("{base}/v1/experts/{k}/velocity"),
+                                None,
+                                r.to_bytes().unwrap(),
+                            );
+                            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                            (k, r, velocity_of(&body).data)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    for (k, r, v) in &answers {
+        assert!(
+            max_diff(v, &local_velocity(&experts[*k], r)) <= 1e-6,
+            "expert {k}"
+        );
+    }
+    let metrics = http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let loads = value("ddm_model_loads_total");
+    println!("{loads} model loads for 64 requests to 4 experts under a cap of 2");
+    assert!(loads > 4.0, "{metrics}");
+    assert!(value("ddm_models_held") <= 2.0, "{metrics}");
+}

@@ -31,7 +31,7 @@ use ddm_ensemble::registry::Registry;
 use ddm_ensemble::remote::{Request, ServedCheckpoint, ServedMetadata, response_bytes};
 use ddm_router::net::RouterNet;
 
-use batcher::{BatchPolicy, Batcher, Forward};
+use batcher::{BatchPolicy, Batcher, Forward, MemoryBudget};
 use metrics::Metrics;
 
 /// What `ddm serve` was asked for.
@@ -55,6 +55,8 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     pub batch: BatchPolicy,
     pub device: Device,
+    /// The most bytes the served models' weights may take at once (None: all stay loaded).
+    pub max_memory: Option<u64>,
 }
 
 /// What the handlers share.
@@ -162,6 +164,18 @@ fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
         router: None,
         max_rows: o.max_rows,
     };
+    let shared = o.max_memory.map(|cap| MemoryBudget::new(cap, metrics.clone()));
+    let budget = |what: &str, bytes: u64| -> anyhow::Result<Option<(Arc<MemoryBudget>, u64)>> {
+        match &shared {
+            Some(b) if bytes > b.cap() => bail!(
+                "{what} takes {:.1} MiB, more than --max-memory {:.1} MiB",
+                bytes as f64 / (1 << 20) as f64,
+                b.cap() as f64 / (1 << 20) as f64
+            ),
+            Some(b) => Ok(Some((b.clone(), bytes))),
+            None => Ok(None),
+        }
+    };
     let mut batchers = BTreeMap::new();
     for &k in &experts {
         metadata
@@ -170,11 +184,17 @@ fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
         let (dir, device) = (o.registry.clone(), o.device.clone());
         let load = move || -> anyhow::Result<ExpertModel> {
             let reg = Registry::open(&dir)?;
-            Ok(ExpertModel(reg.expert(k, &device)?, device))
+            Ok(ExpertModel(reg.expert(k, &device)?, device.clone()))
         };
         batchers.insert(
             k,
-            Batcher::start(format!("expert {k}"), load, o.batch, metrics.clone())?,
+            Batcher::start(
+                format!("expert {k}"),
+                load,
+                o.batch,
+                metrics.clone(),
+                budget(&format!("expert {k}"), reg.index.experts[&k].bytes)?,
+            )?,
         );
         tracing::info!("serving expert {k}");
     }
@@ -188,10 +208,17 @@ fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
         let (dir, device) = (o.registry.clone(), o.device.clone());
         let load = move || -> anyhow::Result<RouterModel> {
             let reg = Registry::open(&dir)?;
-            Ok(RouterModel(reg.router(&device)?, device))
+            Ok(RouterModel(reg.router(&device)?, device.clone()))
         };
         tracing::info!("serving the router");
-        Some(Batcher::start("router".into(), load, o.batch, metrics.clone())?)
+        let bytes = e.bytes;
+        Some(Batcher::start(
+            "router".into(),
+            load,
+            o.batch,
+            metrics.clone(),
+            budget("the router", bytes)?,
+        )?)
     } else {
         None
     };

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -21,6 +22,8 @@ pub struct Metrics {
     batches: Family<Labels, Counter>,
     batch_rows: Family<Labels, Histogram>,
     queue_full: Counter,
+    model_loads: Counter,
+    models_held: Gauge,
 }
 
 impl Default for Metrics {
@@ -64,7 +67,21 @@ impl Metrics {
             "Requests refused with 503 because a model's queue was full",
             queue_full.clone(),
         );
+        let model_loads = Counter::default();
+        let models_held = Gauge::default();
+        registry.register(
+            "model_loads",
+            "Models loaded, again after an unload under --max-memory",
+            model_loads.clone(),
+        );
+        registry.register(
+            "models_held",
+            "Models in memory now (under --max-memory)",
+            models_held.clone(),
+        );
         Self {
+            model_loads,
+            models_held,
             registry: Arc::new(Mutex::new(registry)),
             requests,
             latency,
@@ -92,6 +109,15 @@ impl Metrics {
         self.rows.get_or_create(&l).inc_by(rows as u64);
         self.batches.get_or_create(&l).inc();
         self.batch_rows.get_or_create(&l).observe(rows as f64);
+    }
+
+    pub fn model_loaded(&self, held: usize) {
+        self.model_loads.inc();
+        self.models_held.set(held as i64);
+    }
+
+    pub fn model_unloaded(&self, held: usize) {
+        self.models_held.set(held as i64);
     }
 
     pub fn queue_full(&self) {

@@ -63,6 +63,11 @@ pub struct ServeArgs {
     /// Requests that may wait per model before new ones get 503.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// Keep the served models' weights under this many MiB: a model is loaded when a request
+    /// needs it and unloaded after its batch while another waits for room (same answers, more
+    /// time). Serve more experts than fit in memory.
+    #[arg(long, value_name = "MIB")]
+    pub max_memory: Option<f64>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -70,7 +75,8 @@ pub struct ServeArgs {
 const EXAMPLES: &str = "Examples:
   ddm serve --registry reg --experts 0,1 --listen 127.0.0.1:8470
   DDM_SERVE_TOKEN=$(cat token) ddm serve --registry reg --experts 2 --listen 0.0.0.0:8470
-  ddm register --registry sampler-reg --remote http://island-2:8470   # then ddm sample as usual";
+  ddm register --registry sampler-reg --remote http://island-2:8470   # then ddm sample as usual
+  ddm serve --registry reg --max-memory 4096   # every expert, at most 4 GiB of them at once";
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let token = match &args.token_file {
@@ -96,6 +102,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             bail!("{flag} {v} must be a finite number >= 0");
         }
     }
+    if let Some(m) = args.max_memory
+        && !(m.is_finite() && m > 0.0)
+    {
+        bail!("--max-memory {m} must be a positive number of MiB");
+    }
     let options = ServeOptions {
         registry: args.registry,
         experts: args.experts,
@@ -112,6 +123,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             queue: args.queue,
         },
         device: args.device.device()?,
+        max_memory: args.max_memory.map(|m| (m * (1 << 20) as f64) as u64),
     };
     ddm_serve::serve(options, |addr| {
         let auth = if token.is_some() {
