@@ -42,6 +42,8 @@ enum Commands {
     Registry(commands::register::RegistryArgs),
     /// Sample from the routed ensemble of a registry.
     Sample(commands::sample::SampleArgs),
+    /// Distill a registry's ensemble into one dense student (cheaper to serve than K experts).
+    Distill(commands::distill::DistillArgs),
     /// Serve a registry's experts (and router) over HTTP, for samplers on other machines.
     Serve(commands::serve::ServeArgs),
     /// The whole mission on the default data: partition, 4 island trainers, router, registry, samples.
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Commands::Registry(args) => commands::register::registry_cmd(args).map(|()| 0),
         Commands::Sample(args) => commands::sample::run(args).map(|()| 0),
         Commands::Serve(args) => commands::serve::run(args).map(|()| 0),
+        Commands::Distill(args) => commands::distill::run(args),
         Commands::Quickstart(args) => commands::quickstart::run(args).map(|()| 0),
         Commands::Eval(args) => commands::eval::run(args),
         Commands::Experiment(args) => commands::experiment::run(args),

@@ -2270,3 +2270,230 @@ fn a_read_only_output_directory_is_a_clear_error() {
     assert!(d.join("rw/s.safetensors").exists());
     set_mode(d, true); // so the temporary directory can be removed
 }
+
+/// Mixed objectives in one ensemble: an island trains a DDPM (epsilon) expert natively, another a
+/// flow-matching one; the registry takes both, the sampler mixes them in velocity space, and the
+/// samples recover the mixture (its mode weights, a small energy distance).
+#[test]
+fn an_epsilon_expert_and_a_velocity_expert_sample_the_mixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("gmm.json"),
+        r#"{"weights": [0.3, 0.7], "means": [[-3, 0], [3, 0]], "vars": [[0.1, 0.1], [0.1, 0.1]], "n": 2000}"#,
+    )
+    .unwrap();
+    ok(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "gmm:gmm.json",
+            "--k",
+            "2",
+            "--features",
+            "raw",
+            "--out",
+            "p",
+            "--quiet",
+        ],
+    ));
+    let train = |cluster: &str, out: &str, objective: &str| {
+        ok(ddm(
+            d,
+            &[
+                "train",
+                "--partition",
+                "p",
+                "--cluster",
+                cluster,
+                "--out",
+                out,
+                "--model",
+                "mlp",
+                "--mlp-hidden",
+                "64",
+                "--steps",
+                "800",
+                "--batch-size",
+                "128",
+                "--lr",
+                "2e-3",
+                "--warmup-steps",
+                "20",
+                "--ema-decay",
+                "0.99",
+                "--objective",
+                objective,
+                "--quiet",
+            ],
+        ))
+    };
+    train("0", "e0", "epsilon-cosine");
+    train("1", "e1", "velocity");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(ddm(d, &["info", "--json", "e0/expert.safetensors"]))).unwrap();
+    assert_eq!(info["objective"]["kind"], "epsilon", "{info}");
+    // Resuming with another objective is another run: refused.
+    let e = fails(ddm(
+        d,
+        &[
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            "0",
+            "--out",
+            "e0",
+            "--model",
+            "mlp",
+            "--mlp-hidden",
+            "64",
+            "--steps",
+            "900",
+            "--batch-size",
+            "128",
+            "--lr",
+            "2e-3",
+            "--warmup-steps",
+            "20",
+            "--ema-decay",
+            "0.99",
+            "--objective",
+            "velocity",
+            "--quiet",
+        ],
+    ));
+    assert!(e.contains("different run"), "{e}");
+    ok(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            "e0/expert.safetensors",
+            "e1/expert.safetensors",
+        ],
+    ));
+    let out = ok(ddm(
+        d,
+        &[
+            "eval",
+            "gmm",
+            "--mixture",
+            "gmm.json",
+            "--registry",
+            "reg",
+            "--strategy",
+            "full",
+            "--analytic",
+            "--n",
+            "1000",
+            "--steps",
+            "30",
+        ],
+    ));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let w: Vec<f64> = serde_json::from_value(r["mode_weights"].clone()).unwrap();
+    println!("mixed objectives: {out}");
+    assert!((w[0] - 0.3).abs() < 0.06 && (w[1] - 0.7).abs() < 0.06, "{out}");
+    assert!(r["energy_distance"].as_f64().unwrap() < 0.1, "{out}");
+}
+
+/// `ddm distill`: a student trained on the registry's experts (own-cluster and routed targets) is
+/// an expert checkpoint with the teacher's FLOPs in its cost, sampled alone with `--checkpoint`;
+/// the command resumes like an island and refuses targets that cannot be a teacher.
+#[test]
+fn distill_trains_a_student_that_samples_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    registered_with_router(d, 2);
+    let distill = |out: &str, extra: &[&str]| {
+        let mut a = vec![
+            "distill",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            "--out",
+            out,
+            "--model",
+            "mlp",
+            "--mlp-hidden",
+            "16",
+            "--steps",
+            "20",
+            "--batch-size",
+            "32",
+            "--quiet",
+        ];
+        a.extend(extra);
+        ddm(d, &a)
+    };
+    let out = ok(distill("own", &[]));
+    assert!(out.contains("own/expert.safetensors"), "{out}");
+    ok(distill("routed", &["--teacher", "routed", "--strategy", "top-1"]));
+    let flops_of = |p: &str| {
+        ddm_core::checkpoint::Checkpoint::read(&d.join(p))
+            .unwrap()
+            .meta
+            .model
+            .flops_per_sample()
+    };
+    let (expert, router) = (flops_of("expert-0.safetensors"), flops_of("r/router.safetensors"));
+    for (name, per_sample) in [("own", expert), ("routed", expert + router)] {
+        let info: serde_json::Value = serde_json::from_str(&ok(ddm(
+            d,
+            &["info", "--json", &format!("{name}/expert.safetensors")],
+        )))
+        .unwrap();
+        assert_eq!(info["cluster"], serde_json::Value::Null);
+        let (student, teacher) = (
+            info["extra"]["student_flops"].as_f64().unwrap(),
+            info["extra"]["teacher_flops"].as_f64().unwrap(),
+        );
+        let total = info["training"]["flops"].as_f64().unwrap();
+        assert!((total - student - teacher).abs() <= 1e-6 * total, "{info}");
+        // One expert per sample (top-1 or its own cluster's), and the router when routed.
+        let seen = info["training"]["samples_seen"].as_f64().unwrap();
+        assert!(
+            (teacher - seen * per_sample).abs() <= 1e-6 * teacher,
+            "{name}: {info}"
+        );
+        assert!(info["source"].as_str().unwrap().contains("teacher"), "{info}");
+    }
+    // Rerunning a finished run resumes at its end.
+    ok(distill("own", &[]));
+    ok(ddm(
+        d,
+        &[
+            "sample",
+            "--checkpoint",
+            "own/expert.safetensors",
+            "--n",
+            "8",
+            "--steps",
+            "3",
+            "--out",
+            "s.png",
+            "--quiet",
+        ],
+    ));
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("s.json")).unwrap()).unwrap();
+    assert_eq!(rep["experts_loaded"], serde_json::json!([0]));
+    let e = fails(distill(
+        "bad",
+        &["--teacher", "routed", "--strategy", "trajectory"],
+    ));
+    assert!(e.contains("each noised point"), "{e}");
+    let e = fails(distill("bad", &["--strategy", "full"]));
+    assert!(e.contains("--teacher routed"), "{e}");
+    let e = fails(ddm(
+        d,
+        &["sample", "--checkpoint", "r/router.safetensors", "--out", "r.png"],
+    ));
+    assert!(e.contains("Router"), "{e}");
+}

@@ -420,6 +420,7 @@ proptest! {
                 let task = ddm_trainer::expert::ExpertTask {
                     partition: ddm_datasets::partition::Partition::open(&partition).unwrap(),
                     target: ddm_trainer::island::Target::Cluster(0),
+                    objective: st.config.objective,
                 };
                 let device = ddm_core::device::cpu();
                 let optim = ddm_trainer::train::optimizer(&st.config);

@@ -245,6 +245,46 @@ impl DdpmSchedule {
         }
     }
 
+    /// [`DdpmSchedule::alpha_bar`] of every element of `u`, on its device.
+    pub fn alpha_bar_tensor(&self, u: Tensor<1>) -> Tensor<1> {
+        match *self {
+            DdpmSchedule::Linear {
+                beta_start,
+                beta_end,
+                steps,
+            } => {
+                let (b0, b1) = (beta_start * steps as f64, beta_end * steps as f64);
+                (u.clone() * b0 + u.powf_scalar(2.0) * ((b1 - b0) / 2.0))
+                    .neg()
+                    .exp()
+            }
+            DdpmSchedule::Cosine { s } => {
+                let f0 = (s / (1.0 + s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                ((u + s) * (std::f64::consts::FRAC_PI_2 / (1.0 + s)))
+                    .cos()
+                    .powf_scalar(2.0)
+                    / f0
+            }
+        }
+    }
+
+    /// Whether the parameters make a schedule (positive, increasing betas; 0 < s < 1).
+    pub fn validate(&self) -> Result<(), String> {
+        match *self {
+            DdpmSchedule::Linear {
+                beta_start,
+                beta_end,
+                steps,
+            } if !(beta_start > 0.0 && beta_end > beta_start && beta_end < 1.0 && steps > 0) => Err(format!(
+                "a linear DDPM schedule needs 0 < beta_start < beta_end < 1 and steps > 0, got {beta_start}, {beta_end}, {steps}"
+            )),
+            DdpmSchedule::Cosine { s } if !(s > 0.0 && s < 1.0) => {
+                Err(format!("a cosine DDPM schedule needs 0 < s < 1, got {s}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The u in [0, 1] with `alpha_bar(u) = ab`, clamped to the schedule's range.
     pub fn u_for_alpha_bar(&self, ab: f64) -> f64 {
         let u = match *self {
@@ -268,6 +308,28 @@ impl DdpmSchedule {
         };
         u.clamp(0.0, 1.0)
     }
+}
+
+/// DDPM's forward process at continuous time u, what an epsilon expert trains on:
+/// `x_u = sqrt(alpha_bar(u)) x0 + sqrt(1 - alpha_bar(u)) e`.
+///
+/// # Shapes
+/// - `x0`, `e`: `[B, ...]`, `u`: `[B]` -> `[B, ...]`
+pub fn ddpm_forward<const D: usize>(
+    x0: Tensor<D>,
+    e: Tensor<D>,
+    u: Tensor<1>,
+    schedule: &DdpmSchedule,
+) -> Tensor<D> {
+    let ab = schedule.alpha_bar_tensor(u);
+    let (signal, noise) = (ab.clone().sqrt(), (ab.neg() + 1.0).clamp_min(0.0).sqrt());
+    x0 * expand_t::<D>(signal) + e * expand_t::<D>(noise)
+}
+
+/// The epsilon-prediction loss: mean squared error of the predicted noise.
+pub fn epsilon_loss<const D: usize>(e_pred: Tensor<D>, e: Tensor<D>) -> Tensor<1> {
+    let diff = e_pred - e;
+    (diff.clone() * diff).mean()
 }
 
 /// Near t = 1 the data coefficient alpha_t = 1 - t vanishes; dividing by it is kept >= this.

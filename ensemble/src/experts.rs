@@ -153,39 +153,7 @@ impl Registry {
                 self.index.data
             );
         }
-        let (classes, null_class) = (meta.model.num_classes(), meta.model.has_null_class());
-        let field: Box<dyn VelocityField<2>> = match meta.objective {
-            Objective::Velocity => Box::new(model),
-            Objective::Epsilon { schedule } => Box::new(EpsilonToVelocity {
-                inner: model,
-                schedule,
-            }),
-        };
-        let Some((class, scale)) = guidance else {
-            return Ok(field);
-        };
-        if classes == 0 {
-            bail!(
-                "expert {k} ({}) is not class-conditional (train with --class-conditional); sample without --class",
-                e.source
-            );
-        }
-        if class >= classes {
-            bail!(
-                "class {class} is out of range: expert {k} knows classes 0..={}",
-                classes - 1
-            );
-        }
-        if scale != 1.0 && !null_class {
-            bail!(
-                "expert {k} was trained without label dropout (no null class), so it cannot use --guidance other than 1"
-            );
-        }
-        Ok(Box::new(ddm_core::flow::ClassifierFreeGuidance {
-            inner: field,
-            null_class: classes,
-            scale,
-        }))
+        velocity_field(&format!("expert {k} ({})", e.source), &meta, model, guidance)
     }
 
     pub fn router(&self, device: &Device) -> anyhow::Result<RouterNet> {
@@ -212,4 +180,45 @@ impl Registry {
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(AnalyticRouter::from_stats(&stats))
     }
+}
+
+/// A checkpoint's network as a velocity field: an epsilon expert converted, and with
+/// classifier-free guidance at `guidance` (the largest class id that will be asked for, scale) if
+/// given, which needs a class-conditional network. `what` names it in errors.
+pub fn velocity_field(
+    what: &str,
+    meta: &ddm_core::checkpoint::CheckpointMeta,
+    model: ddm_core::model::Model,
+    guidance: Option<(usize, f64)>,
+) -> anyhow::Result<Box<dyn VelocityField<2>>> {
+    let (classes, null_class) = (meta.model.num_classes(), meta.model.has_null_class());
+    let field: Box<dyn VelocityField<2>> = match meta.objective {
+        Objective::Velocity => Box::new(model),
+        Objective::Epsilon { schedule } => Box::new(EpsilonToVelocity {
+            inner: model,
+            schedule,
+        }),
+    };
+    let Some((class, scale)) = guidance else {
+        return Ok(field);
+    };
+    if classes == 0 {
+        bail!("{what} is not class-conditional (train with --class-conditional); sample without --class");
+    }
+    if class >= classes {
+        bail!(
+            "class {class} is out of range: {what} knows classes 0..={}",
+            classes - 1
+        );
+    }
+    if scale != 1.0 && !null_class {
+        bail!(
+            "{what} was trained without label dropout (no null class), so it cannot use --guidance other than 1"
+        );
+    }
+    Ok(Box::new(ddm_core::flow::ClassifierFreeGuidance {
+        inner: field,
+        null_class: classes,
+        scale,
+    }))
 }

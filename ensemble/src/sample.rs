@@ -78,8 +78,17 @@ pub enum RouterChoice {
     Analytic,
 }
 
+/// What to sample from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A registry's routed ensemble.
+    Registry(PathBuf),
+    /// One dense checkpoint: a monolith, a distilled student, or a single expert.
+    Checkpoint(PathBuf),
+}
+
 pub struct SampleOptions {
-    pub registry: PathBuf,
+    pub source: Source,
     pub n: usize,
     pub steps: usize,
     pub solver: Solver,
@@ -198,7 +207,12 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     }
     // Sampling can take long: find an unwritable --out before it.
     ddm_core::fsio::check_writable(&o.out)?;
-    let reg = Registry::open(&o.registry)?;
+    let device = o.device.clone();
+    let reg_path = match &o.source {
+        Source::Registry(p) => p,
+        Source::Checkpoint(path) => return sample_checkpoint(o, path, progress),
+    };
+    let reg = Registry::open(reg_path)?;
     let k = reg.index.k;
     let missing: Vec<usize> = (0..k).filter(|c| !reg.index.experts.contains_key(c)).collect();
     if !missing.is_empty() && !o.allow_missing {
@@ -213,15 +227,8 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             "sampling without the experts of clusters {missing:?}; the router's weights are renormalised"
         );
     }
-    let device = o.device.clone();
     let classes = reg.expert_classes()?;
-    let guidance = match o.class {
-        Some((which, _)) if classes == 0 => bail!(
-            "--class {which}: the experts are not class-conditional (train them with --class-conditional)"
-        ),
-        Some((which, scale)) => Some((which.max_id(classes), scale)),
-        None => None,
-    };
+    let guidance = guidance(o, classes)?;
     let experts: Vec<ExpertSlot> = (0..k)
         .map(|c| reg.expert_slot(c, &device, guidance))
         .collect::<anyhow::Result<_>>()?;
@@ -295,6 +302,97 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         ensemble = ensemble.with_memory_cap((mib * (1 << 20) as f64) as u64);
     }
     let shape = reg.index.data.shape.clone();
+    run(
+        o,
+        Sampled {
+            ensemble,
+            strategy,
+            k,
+            missing,
+            classes,
+            shape,
+            router_sees_class,
+            router_sees_vectors,
+        },
+        progress,
+    )
+}
+
+/// `--class` as guidance for experts conditioned on `classes` classes: (the largest class id
+/// asked for, the scale).
+fn guidance(o: &SampleOptions, classes: usize) -> anyhow::Result<Option<(usize, f64)>> {
+    Ok(match o.class {
+        Some((which, _)) if classes == 0 => {
+            bail!("--class {which}: the model is not class-conditional (train it with --class-conditional)")
+        }
+        Some((which, scale)) => Some((which.max_id(classes), scale)),
+        None => None,
+    })
+}
+
+/// One dense checkpoint (a monolith, a distilled student), sampled as an ensemble of one.
+fn sample_checkpoint(
+    o: &SampleOptions,
+    path: &std::path::Path,
+    progress: &dyn Progress,
+) -> anyhow::Result<Report> {
+    if o.condition.is_some() {
+        bail!("--condition is for a router's conditioning vectors; a single checkpoint has no router");
+    }
+    let (meta, model) = ddm_core::checkpoint::load(path, &o.device)?;
+    if meta.role != ddm_core::checkpoint::Role::Expert {
+        bail!(
+            "{}: a {:?} checkpoint; --checkpoint samples an expert, a monolith or a distilled student",
+            path.display(),
+            meta.role
+        );
+    }
+    let classes = meta.model.num_classes();
+    let field =
+        crate::experts::velocity_field(&path.display().to_string(), &meta, model, guidance(o, classes)?)?;
+    let strategy = Strategy::Oracle { cluster: 0 };
+    let ensemble = Ensemble::new(vec![ExpertSlot::ready(field)], None, strategy, o.seed)?;
+    run(
+        o,
+        Sampled {
+            ensemble,
+            strategy,
+            k: 1,
+            missing: vec![],
+            classes,
+            shape: meta.data.shape.clone(),
+            router_sees_class: false,
+            router_sees_vectors: false,
+        },
+        progress,
+    )
+}
+
+/// What sampling runs: the ensemble and what the report says about it.
+struct Sampled<'a> {
+    ensemble: Ensemble<'a>,
+    strategy: Strategy,
+    k: usize,
+    missing: Vec<usize>,
+    classes: usize,
+    shape: Vec<usize>,
+    router_sees_class: bool,
+    router_sees_vectors: bool,
+}
+
+/// Integrate from noise, write the samples, the grid and the report.
+fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Result<Report> {
+    let Sampled {
+        ensemble,
+        strategy,
+        k,
+        missing,
+        classes,
+        shape,
+        router_sees_class,
+        router_sees_vectors,
+    } = s;
+    let device = o.device.clone();
     let per: usize = shape.iter().product();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
     let x1 = flow::randn(vec![o.n, per], &mut rng).to_tensor::<2>(&device);

@@ -390,6 +390,17 @@ impl<'a> Ensemble<'a> {
         self.error.borrow_mut().take()
     }
 
+    /// Load every local expert now (an error names the first that cannot be loaded), rather than
+    /// when first selected.
+    pub fn load_all(&self) -> anyhow::Result<()> {
+        for k in 0..self.experts.len() {
+            if self.experts[k].loader.is_some() {
+                self.load(k)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Local expert `k` in memory, for the current evaluation (under the cap, unloading others).
     fn load(&self, k: usize) -> anyhow::Result<()> {
         let slot = &self.experts[k];

@@ -219,6 +219,11 @@ fn train_classifier(a: TrainClassifierArgs) -> anyhow::Result<u8> {
     s.lr.get_or_insert(1e-3);
     s.checkpoint_every.get_or_insert(1000);
     let config = s.resolve_config()?;
+    if config.objective != ddm_core::checkpoint::Objective::Velocity {
+        anyhow::bail!(
+            "`objective` is an expert's setting: a router or classifier has none (remove it from the --config file)"
+        );
+    }
     let outcome = classifier::train(&a.data, &a.out, config, s.device, !s.quiet)?;
     let code = report(outcome, &a.out);
     if code != 0 {

@@ -10,25 +10,16 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Objective};
-use ddm_core::flow::DdpmSchedule;
+use ddm_core::checkpoint::{Checkpoint, CheckpointMeta};
 use ddm_core::host::{HostTensor, TensorFile};
 use ddm_core::model::ModelConfig;
+
+use super::settings::ObjectiveArg;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Source {
     /// A PyTorch state dict in safetensors format with PyTorch DiT parameter names.
     Pytorch,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ObjectiveArg {
-    /// The network predicts the flow-matching velocity e - x0.
-    Velocity,
-    /// DDPM noise prediction with the linear beta schedule (1e-4..0.02 over 1000 steps).
-    EpsilonLinear,
-    /// DDPM noise prediction with the cosine schedule (s = 0.008).
-    EpsilonCosine,
 }
 
 /// Import a model trained elsewhere as a ddm expert checkpoint.
@@ -86,15 +77,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     let device = ddm_core::device::cpu();
     let model = config.load(tensors, &args.weights, &device)?;
 
-    let objective = match args.objective {
-        ObjectiveArg::Velocity => Objective::Velocity,
-        ObjectiveArg::EpsilonLinear => Objective::Epsilon {
-            schedule: DdpmSchedule::linear_default(),
-        },
-        ObjectiveArg::EpsilonCosine => Objective::Epsilon {
-            schedule: DdpmSchedule::Cosine { s: 0.008 },
-        },
-    };
+    let objective = args.objective.objective();
     let mut meta = CheckpointMeta::expert(config, [args.range[0], args.range[1]], objective);
     meta.source = Some(format!(
         "imported from PyTorch weights {}",

@@ -1,6 +1,7 @@
 //! One module per `ddm` verb.
 
 pub mod data;
+pub mod distill;
 pub mod eval;
 pub mod eval_router;
 pub mod experiment;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use ddm_core::flow::Solver;
-use ddm_ensemble::sample::{Classes, RouterChoice, SampleOptions};
+use ddm_ensemble::sample::{Classes, RouterChoice, SampleOptions, Source};
 use ddm_ensemble::strategy::Strategy;
 
 use super::DeviceArgs;
@@ -29,10 +29,15 @@ pub enum SolverArg {
 /// range, time per step, peak memory).
 #[derive(Args, Debug)]
 #[command(after_help = EXAMPLES)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["registry", "checkpoint"])))]
 pub struct SampleArgs {
     /// The registry directory.
     #[arg(long)]
-    pub registry: PathBuf,
+    pub registry: Option<PathBuf>,
+    /// Sample one dense checkpoint instead of a registry's ensemble: a monolith, a student from
+    /// `ddm distill`, or a single expert.
+    #[arg(long, conflicts_with_all = ["strategy", "allow_missing", "max_memory", "condition"])]
+    pub checkpoint: Option<PathBuf>,
     /// Number of samples.
     #[arg(long, default_value_t = 64)]
     pub n: usize,
@@ -86,7 +91,8 @@ const EXAMPLES: &str = "Examples:
   ddm sample --registry reg --strategy sample --router analytic --n 500 --steps 16 --out s.png
   ddm sample --registry reg --class 3 --guidance 2 --allow-missing
   ddm sample --registry reg --class all --strategy trajectory --n 100 --out balanced.png
-  ddm sample --registry reg --strategy top-2 --max-memory 2048";
+  ddm sample --registry reg --strategy top-2 --max-memory 2048
+  ddm sample --checkpoint student/expert.safetensors --n 64 --out student.png";
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let strategy: Option<Strategy> = match &args.strategy {
@@ -110,7 +116,11 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     }
     let bar = crate::ui::Bar::new(args.quiet);
     let options = SampleOptions {
-        registry: args.registry,
+        source: match (args.registry, args.checkpoint) {
+            (Some(r), _) => Source::Registry(r),
+            (None, Some(c)) => Source::Checkpoint(c),
+            (None, None) => unreachable!("clap requires one"),
+        },
         n: args.n,
         steps: args.steps,
         solver: match args.solver {

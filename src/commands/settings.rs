@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
+use ddm_core::checkpoint::Objective;
+use ddm_core::flow::DdpmSchedule;
 use ddm_core::flow::TimeSampler;
 use ddm_trainer::config::TrainConfig;
 use ddm_trainer::task::Task;
@@ -20,6 +22,30 @@ fn time_sampler_name(t: &TimeSampler) -> String {
     match t {
         TimeSampler::Uniform => "uniform".into(),
         TimeSampler::LogitNormal { mean, std } => format!("logit-normal:{mean}:{std}"),
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ObjectiveArg {
+    /// The network predicts the flow-matching velocity e - x0.
+    Velocity,
+    /// DDPM noise prediction with the linear beta schedule (1e-4..0.02 over 1000 steps).
+    EpsilonLinear,
+    /// DDPM noise prediction with the cosine schedule (s = 0.008).
+    EpsilonCosine,
+}
+
+impl ObjectiveArg {
+    pub fn objective(self) -> Objective {
+        match self {
+            ObjectiveArg::Velocity => Objective::Velocity,
+            ObjectiveArg::EpsilonLinear => Objective::Epsilon {
+                schedule: DdpmSchedule::linear_default(),
+            },
+            ObjectiveArg::EpsilonCosine => Objective::Epsilon {
+                schedule: DdpmSchedule::Cosine { s: 0.008 },
+            },
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use ddm_datasets::partition::Partition;
 use ddm_trainer::expert::ExpertTask;
 use ddm_trainer::island::{self, Target};
 
-use super::settings::{TrainSettings, run_task};
+use super::settings::{ObjectiveArg, TrainSettings, run_task};
 
 /// Train one expert on one island: reads the partition's partition.json and this island's shard
 /// (verified by sha256), trains with flow matching, and writes OUT/expert.safetensors (EMA weights)
@@ -33,17 +33,26 @@ pub struct TrainArgs {
     /// Output directory (checkpoints, metrics, samples).
     #[arg(long)]
     pub out: PathBuf,
+    /// What the expert learns to predict: the flow-matching velocity, or DDPM's noise (converted
+    /// to velocity when sampled, so the experts of one ensemble may differ). Default: velocity, or
+    /// the --config file's `objective`.
+    #[arg(long, value_enum)]
+    pub objective: Option<ObjectiveArg>,
     #[command(flatten)]
     pub settings: TrainSettings,
 }
 
 const EXAMPLES: &str = "Examples:
   ddm train --partition part --cluster 2 --out expert-2
+  ddm train --partition part --cluster 3 --out expert-3 --objective epsilon-cosine --model DiT-S/4
   sbatch --array=0-7 --wrap 'ddm-trainer --partition part --out expert-$SLURM_ARRAY_TASK_ID --model DiT-S/2'";
 
 /// Run an island from its arguments; returns the process exit status.
 pub fn run(args: TrainArgs) -> anyhow::Result<u8> {
-    let config = args.settings.resolve_config()?;
+    let mut config = args.settings.resolve_config()?;
+    if let Some(o) = args.objective {
+        config.objective = o.objective();
+    }
     let partition = Partition::open(&args.partition)?;
     let target = if args.monolith {
         Target::Monolith
@@ -51,7 +60,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<u8> {
         Target::Cluster(island::resolve_cluster(args.cluster)?)
     };
     run_task(
-        &ExpertTask { partition, target },
+        &ExpertTask {
+            partition,
+            target,
+            objective: config.objective,
+        },
         &args.settings,
         config,
         &args.out,

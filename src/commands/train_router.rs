@@ -51,6 +51,11 @@ const EXAMPLES: &str = "Examples:
 
 pub fn run(args: TrainRouterArgs) -> anyhow::Result<u8> {
     let mut config = args.settings.resolve_config()?;
+    if config.objective != ddm_core::checkpoint::Objective::Velocity {
+        anyhow::bail!(
+            "`objective` is an expert's setting: a router or classifier has none (remove it from the --config file)"
+        );
+    }
     if args.settings.model.is_none() && args.settings.config.is_none() {
         config.model = DEFAULT_ROUTER_MODEL.into();
     }

@@ -2,6 +2,7 @@
 //! (`--config train.toml`), then overridden by flags. The resolved config is stored in the run's
 //! state; a resumed run uses the stored config (only `steps` may grow).
 
+use ddm_core::checkpoint::Objective;
 use ddm_core::flow::TimeSampler;
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,10 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Seeds initialisation, noise, times and data order.
     pub seed: u64,
+    /// What an expert learns to predict: the flow-matching velocity (ddm's own), or DDPM's noise
+    /// (`{ kind = "epsilon", schedule = { kind = "cosine", s = 0.008 } }`), converted to velocity
+    /// when sampled. Routers ignore it.
+    pub objective: Objective,
 }
 
 impl Default for TrainConfig {
@@ -64,6 +69,7 @@ impl Default for TrainConfig {
             sample_every: 0,
             log_every: 10,
             seed: 0,
+            objective: Objective::Velocity,
         }
     }
 }
@@ -112,6 +118,9 @@ impl TrainConfig {
                 "class_dropout must be in [0, 1), got {}",
                 self.class_dropout
             ));
+        }
+        if let Objective::Epsilon { schedule } = &self.objective {
+            schedule.validate()?;
         }
         Ok(())
     }

@@ -24,10 +24,13 @@ use crate::task::{Batch, Task, TrainData};
 
 pub const EXPERT_FILE: &str = "expert.safetensors";
 
-/// Train a flow-matching expert on one cluster (or the monolith on all of them).
+/// Train an expert on one cluster (or the monolith on all of them): flow matching, or DDPM's
+/// epsilon objective.
 pub struct ExpertTask {
     pub partition: Partition,
     pub target: Target,
+    /// What the network learns to predict (the run's `objective`).
+    pub objective: Objective,
 }
 
 impl Task for ExpertTask {
@@ -66,8 +69,18 @@ impl Task for ExpertTask {
     ) -> Tensor<1> {
         let (e, t, x_t) = crate::task::noise(&batch.x0, config, rng);
         let y = crate::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
-        let v = net.predict(x_t, t, y);
-        flow::flow_matching_loss(v, batch.x0, e)
+        match &self.objective {
+            Objective::Velocity => {
+                let v = net.predict(x_t, t, y);
+                flow::flow_matching_loss(v, batch.x0, e)
+            }
+            // The same draws; t is DDPM's continuous time u, the input DDPM's forward process.
+            Objective::Epsilon { schedule } => {
+                let x_u = flow::ddpm_forward(batch.x0, e.clone(), t.clone(), schedule);
+                let e_hat = net.predict(x_u, t, y);
+                flow::epsilon_loss(e_hat, e)
+            }
+        }
     }
 
     fn finish(
@@ -81,8 +94,7 @@ impl Task for ExpertTask {
         let manifest = self.partition.manifest();
         // The range of the whole dataset, not of this shard: every expert of a partition (and the
         // registry) must agree on it, and for vector data each shard's min/max differ.
-        let mut meta =
-            CheckpointMeta::expert(net_config.clone(), manifest.dataset.range, Objective::Velocity);
+        let mut meta = CheckpointMeta::expert(net_config.clone(), manifest.dataset.range, self.objective);
         meta.partition = Some(manifest.fingerprint.clone());
         meta.cluster = self.target.cluster();
         meta.source = Some(format!(
@@ -104,12 +116,12 @@ impl Task for ExpertTask {
             self.target.cluster(),
             &manifest.fingerprint,
         )?;
-        write_samples(ema, net_config, &out.join("samples.png"), seed)?;
+        write_samples(ema, net_config, &self.objective, &out.join("samples.png"), seed)?;
         Ok(path)
     }
 
     fn snapshot(&self, ema: &Model, net_config: &ModelConfig, path: &Path, seed: u64) -> anyhow::Result<()> {
-        write_samples(ema, net_config, path, seed)
+        write_samples(ema, net_config, &self.objective, path, seed)
     }
 }
 
@@ -133,7 +145,13 @@ pub fn model_config(config: &TrainConfig, data: &Dataset) -> anyhow::Result<Mode
 }
 
 /// A grid of 16 EMA samples (Euler, 32 steps), for images.
-pub fn write_samples(ema: &Model, config: &ModelConfig, path: &Path, seed: u64) -> anyhow::Result<()> {
+pub fn write_samples(
+    ema: &Model,
+    config: &ModelConfig,
+    objective: &Objective,
+    path: &Path,
+    seed: u64,
+) -> anyhow::Result<()> {
     let shape = config.data_shape();
     if shape.len() != 3 || !(shape[0] == 1 || shape[0] == 3) {
         return Ok(());
@@ -152,7 +170,17 @@ pub fn write_samples(ema: &Model, config: &ModelConfig, path: &Path, seed: u64) 
         let ids: Vec<i64> = (0..n as i64).map(|i| i % classes).collect();
         Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &device)
     });
-    let x0 = flow::integrate(ema, x1, y, &StepSchedule::Uniform.times(32), Solver::Euler);
+    let times = StepSchedule::Uniform.times(32);
+    let x0 = match objective {
+        Objective::Velocity => flow::integrate(ema, x1, y, &times, Solver::Euler),
+        Objective::Epsilon { schedule } => {
+            let field = flow::EpsilonToVelocity {
+                inner: ema,
+                schedule: *schedule,
+            };
+            flow::integrate(&field, x1, y, &times, Solver::Euler)
+        }
+    };
     let px = ddm_datasets::grid::to_u8(&HostTensor::from_tensor(x0).data);
     let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
     ddm_datasets::grid::write_grid_png(path, &cells, [shape[0], shape[1], shape[2]], 8, 2, 40)?;

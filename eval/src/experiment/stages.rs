@@ -90,6 +90,7 @@ pub(super) fn train_stage(
         &ExpertTask {
             partition: partitions["clustered"].clone(),
             target: Target::Monolith,
+            objective: setting.expert.objective,
         },
         &monolith,
         TrainConfig {
@@ -106,6 +107,7 @@ pub(super) fn train_stage(
                 &ExpertTask {
                     partition: partitions[which].clone(),
                     target: Target::Cluster(c),
+                    objective: setting.expert.objective,
                 },
                 &out,
                 TrainConfig {

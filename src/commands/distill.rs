@@ -1,0 +1,121 @@
+//! `ddm distill`: one dense student trained on the ensemble's velocity.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Args, ValueEnum};
+use ddm_datasets::partition::Partition;
+use ddm_distill::{DistillTask, Target, partition_data, registry_teacher};
+use ddm_ensemble::registry::Registry;
+use ddm_ensemble::sample::RouterChoice;
+use ddm_ensemble::strategy::Strategy;
+
+use super::sample::RouterArg;
+use super::settings::{TrainSettings, run_task};
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TeacherArg {
+    /// The expert of each sample's own cluster (the DDM paper's distillation; no router, one
+    /// expert per sample).
+    OwnCluster,
+    /// The routed ensemble with --strategy (default full: every expert, weighted by the router).
+    Routed,
+}
+
+/// Distill the registry's ensemble into one dense student: the student regresses the teacher's
+/// velocity at noised points of the partition's data, with the island's training loop (resumable:
+/// rerun the same command; metrics, EMA, sample grids). Writes OUT/expert.safetensors, an expert
+/// of the partition with no cluster (sample it with `ddm sample --checkpoint`), whose training
+/// FLOPs include the teacher's forwards.
+#[derive(Args, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct DistillArgs {
+    /// The registry whose ensemble is the teacher.
+    #[arg(long)]
+    pub registry: PathBuf,
+    /// The registry's partition: the student trains on all of its shards.
+    #[arg(long)]
+    pub partition: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// What the student regresses.
+    #[arg(long, value_enum, default_value = "own-cluster")]
+    pub teacher: TeacherArg,
+    /// The routed teacher's strategy: full, top-K, sample[:T], nucleus:P[:T], threshold:TAU.
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// The routed teacher's router.
+    #[arg(long, value_enum, default_value = "learned")]
+    pub router: RouterArg,
+    #[command(flatten)]
+    pub settings: TrainSettings,
+}
+
+const EXAMPLES: &str = "Examples:
+  ddm distill --registry reg --partition part --out student --model DiT-T/4 --steps 4000
+  ddm distill --registry reg --partition part --out student-full --teacher routed --strategy full
+  ddm sample --checkpoint student/expert.safetensors --n 64 --out student.png";
+
+pub fn run(args: DistillArgs) -> anyhow::Result<u8> {
+    let config = args.settings.resolve_config()?;
+    if config.objective != ddm_core::checkpoint::Objective::Velocity {
+        bail!("a student predicts the velocity: remove `objective` from the --config file");
+    }
+    let target = match (args.teacher, &args.strategy) {
+        (TeacherArg::OwnCluster, Some(_)) => bail!("--strategy is for --teacher routed"),
+        (TeacherArg::OwnCluster, None) => Target::OwnCluster,
+        (TeacherArg::Routed, s) => {
+            let s: Strategy = s
+                .as_deref()
+                .unwrap_or("full")
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!(e))?;
+            if matches!(s, Strategy::Trajectory | Strategy::Oracle { .. }) {
+                bail!(
+                    "--strategy {s}: a teacher answers each noised point on its own; use full, top-K, sample, nucleus or threshold"
+                );
+            }
+            Target::Routed(s)
+        }
+    };
+    let partition = Partition::open(&args.partition)?;
+    let reg = Registry::open(&args.registry)?;
+    if reg.index.partition != partition.fingerprint() {
+        bail!(
+            "the registry {} holds experts of partition {}, but {} is partition {}",
+            args.registry.display(),
+            &reg.index.partition[..12.min(reg.index.partition.len())],
+            args.partition.display(),
+            &partition.fingerprint()[..12.min(partition.fingerprint().len())]
+        );
+    }
+    let classes = reg.expert_classes()?;
+    let mut config = config;
+    config.class_conditional |= classes > 0; // the student sees the class when the experts do
+    if classes > 0 && config.class_dropout > 0.0 {
+        // The student's dropped labels reach the experts as the null class: they must know it.
+        if let Some((k, e)) = reg.index.experts.iter().find(|(_, e)| e.remote.is_none()) {
+            let (_, ckpt) = reg.verified_checkpoint(&format!("expert {k}"), e)?;
+            if !ckpt.meta.model.has_null_class() {
+                bail!(
+                    "the experts were trained without label dropout (no null class): distill with --class-dropout 0"
+                );
+            }
+        }
+    }
+    let device = ddm_core::device::device(args.settings.device)?;
+    let router = match args.router {
+        RouterArg::Learned => RouterChoice::Learned,
+        RouterArg::Analytic => RouterChoice::Analytic,
+    };
+    let teacher = registry_teacher(&reg, target, router, &device)?;
+    let range = partition.manifest().dataset.range;
+    let task = DistillTask {
+        teacher,
+        data: Box::new(|| partition_data(&partition)),
+        range,
+        partition: Some(partition.fingerprint().to_string()),
+    };
+    run_task(&task, &args.settings, config, &args.out)
+}
