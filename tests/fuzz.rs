@@ -433,3 +433,35 @@ proptest! {
         }
     }
 }
+
+/// `bytes` with the seal's digest (the hex after `"sha256_of_the_rest":"`) made non-hex, and the
+/// file's last byte (tensor data) flipped: a damaged seal must not pass for an absent one. Found
+/// by the training-state target: two flipped bytes, one in the digest and one in the optimizer's
+/// record, reached burn's record reader, which panicked.
+fn damaged_seal_and_data(bytes: &[u8]) -> Vec<u8> {
+    let key = b"sha256_of_the_rest\\\":\\\"";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("a sealed header")
+        + key.len();
+    let mut b = bytes.to_vec();
+    b[at] = b'x';
+    let last = b.len() - 1;
+    b[last] ^= 0x5a;
+    b
+}
+
+#[test]
+fn a_damaged_seal_does_not_pass_for_an_absent_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = DATA.with(|d| d.state.clone());
+    std::fs::write(dir.path().join("train-state.safetensors"), damaged_seal_and_data(&state)).unwrap();
+    let e = ddm_trainer::state::read_loop_state(dir.path()).unwrap_err();
+    assert!(format!("{e:#}").contains("`sha256_of_the_rest`) is missing or damaged"), "{e:#}");
+
+    let ckpt = DIT.with(|d| d.clone());
+    let f = TensorFile::from_bytes(Path::new("damaged.safetensors"), damaged_seal_and_data(&ckpt)).unwrap();
+    let e = ddm_core::checkpoint::Checkpoint::from_file(f).unwrap_err().to_string();
+    assert!(e.contains("damaged.safetensors") && e.contains("missing or damaged"), "{e}");
+}

@@ -19,7 +19,13 @@ use crate::host::{HostTensor, TensorFile};
 use crate::model::{Model, ModelConfig};
 
 /// The checkpoint format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The checkpoint format this build writes. Version 2 is version 1 whose metadata must carry its
+/// seal (`sha256_of_the_rest`); version-1 files, written before the seal existed or in the first
+/// sealed builds, are read with the seal optional. Requiring it by version means a damaged seal
+/// cannot pass for an absent one (a fuzzed training state did exactly that).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The `__metadata__` key holding ddm's JSON.
 pub const METADATA_KEY: &str = "ddm";
 
@@ -206,7 +212,7 @@ impl Checkpoint {
             .get("format_version")
             .and_then(|v| v.as_u64())
             .ok_or_else(|| bad("no format_version".into()))?;
-        if version != FORMAT_VERSION as u64 {
+        if !(OLDEST_FORMAT_VERSION as u64..=FORMAT_VERSION as u64).contains(&version) {
             return Err(Error::UnsupportedVersion {
                 path,
                 found: version,
@@ -214,14 +220,22 @@ impl Checkpoint {
             });
         }
         let meta: CheckpointMeta = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-        // Checkpoints written before ddm sealed their metadata have no metadata checksum.
-        if let Some((body, want)) = crate::digest::unseal_json(json) {
-            let own = crate::digest::sha256_hex(body.as_bytes());
-            if own != want {
-                return Err(bad(format!(
-                    "the metadata hashes to {own}, but records {want}: the header was edited after it was written"
-                )));
+        // Version 1 may predate the metadata checksum; from version 2 it is required.
+        match crate::digest::unseal_json(json) {
+            Some((body, want)) => {
+                let own = crate::digest::sha256_hex(body.as_bytes());
+                if own != want {
+                    return Err(bad(format!(
+                        "the metadata hashes to {own}, but records {want}: the header was edited after it was written"
+                    )));
+                }
             }
+            None if version >= 2 => {
+                return Err(bad(
+                    "the metadata's checksum (`sha256_of_the_rest`, its last field) is missing or damaged".into(),
+                ));
+            }
+            None => {}
         }
         let actual = crate::digest::sha256_hex(file.data_bytes());
         if actual != meta.tensors_sha256 {

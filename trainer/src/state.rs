@@ -21,7 +21,8 @@ use crate::task::{Net, Task};
 
 pub const STATE_FILE: &str = "train-state.safetensors";
 const META_KEY: &str = "ddm-train-state";
-const FORMAT: u32 = 1;
+/// Version 2 requires the loop state's seal (its checksum); version 1 may predate it.
+pub const FORMAT: u32 = 2;
 
 /// Where the loop is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,27 +106,34 @@ fn checksum(data: &[u8], json: &str) -> String {
     ddm_core::digest::hex(&h.finalize())
 }
 
-/// Parse the loop state, after checking the checksum (states written before ddm recorded one
-/// have none and are read as they are).
+/// Parse the loop state, after checking the checksum (version-1 states may have none and are read
+/// as they are; from version 2 a missing or damaged checksum is refused).
 fn parse_meta(f: &TensorFile) -> anyhow::Result<LoopState> {
     let json = f
         .metadata
         .get(META_KEY)
         .with_context(|| format!("{}: not a ddm training state", f.path.display()))?;
-    if let Some((body, want)) = ddm_core::digest::unseal_json(json) {
-        let got = checksum(f.data_bytes(), &body);
-        if got != want {
-            bail!(
-                "{}: hashes to {got}, but records {want}: the training state is corrupted; delete it to start over, or restore it",
-                f.path.display()
-            );
-        }
-    }
     let st: LoopState =
         serde_json::from_str(json).with_context(|| format!("{}: bad training state", f.path.display()))?;
-    if st.format_version != FORMAT {
+    match ddm_core::digest::unseal_json(json) {
+        Some((body, want)) => {
+            let got = checksum(f.data_bytes(), &body);
+            if got != want {
+                bail!(
+                    "{}: hashes to {got}, but records {want}: the training state is corrupted; delete it to start over, or restore it",
+                    f.path.display()
+                );
+            }
+        }
+        None if st.format_version >= 2 => bail!(
+            "{}: the checksum (`sha256_of_the_rest`) is missing or damaged: the training state is corrupted; delete it to start over, or restore it",
+            f.path.display()
+        ),
+        None => {}
+    }
+    if !(1..=FORMAT).contains(&st.format_version) {
         bail!(
-            "{}: training-state version {} is not supported (this ddm reads {FORMAT})",
+            "{}: training-state version {} is not supported (this ddm reads 1 to {FORMAT})",
             f.path.display(),
             st.format_version
         );
@@ -161,9 +169,15 @@ pub fn load<T: Task>(
     let model = build(model_t, train_device)?;
     let ema = build(ema_t, device)?;
     let (_, opt) = f.u8("optimizer")?;
-    let optim = optim
-        .from_bytes(Bytes::from_bytes_vec(opt.to_vec()))
-        .map_err(|e| anyhow::anyhow!("{}: cannot restore the optimizer state: {e:?}", p.display()))?;
+    // burn's record reader panics on some malformed records: a panic here is a bad file too.
+    let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        optim.from_bytes(Bytes::from_bytes_vec(opt.to_vec()))
+    }));
+    let optim = match restored {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => bail!("{}: cannot restore the optimizer state: {e:?}", p.display()),
+        Err(_) => bail!("{}: cannot restore the optimizer state: a malformed record", p.display()),
+    };
     Ok(Loaded {
         state,
         model,

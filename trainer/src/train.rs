@@ -168,7 +168,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             let model = task.build(&net_config, &mut RandomInit::new(config.seed, &train_device))?;
             let ema = model.valid();
             let st = LoopState {
-                format_version: 1,
+                format_version: state::FORMAT,
                 config: config.clone(),
                 model: net_config.clone(),
                 target: task.name(),
