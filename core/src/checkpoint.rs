@@ -232,7 +232,8 @@ impl Checkpoint {
             }
             None if version >= 2 => {
                 return Err(bad(
-                    "the metadata's checksum (`sha256_of_the_rest`, its last field) is missing or damaged".into(),
+                    "the metadata's checksum (`sha256_of_the_rest`, its last field) is missing or damaged"
+                        .into(),
                 ));
             }
             None => {}

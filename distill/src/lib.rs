@@ -350,6 +350,7 @@ impl Task for DistillTask<'_> {
             ema,
             net_config,
             &Objective::Velocity,
+            self.range,
             &out.join("samples.png"),
             seed,
         )?;
@@ -357,7 +358,7 @@ impl Task for DistillTask<'_> {
     }
 
     fn snapshot(&self, ema: &Model, net_config: &ModelConfig, path: &Path, seed: u64) -> anyhow::Result<()> {
-        ddm_trainer::expert::write_samples(ema, net_config, &Objective::Velocity, path, seed)
+        ddm_trainer::expert::write_samples(ema, net_config, &Objective::Velocity, self.range, path, seed)
     }
 }
 

@@ -194,10 +194,7 @@ pub fn velocity_field(
     let (classes, null_class) = (meta.model.num_classes(), meta.model.has_null_class());
     let field: Box<dyn VelocityField<2>> = match meta.objective {
         Objective::Velocity => Box::new(model),
-        Objective::Epsilon { schedule } => Box::new(EpsilonToVelocity {
-            inner: model,
-            schedule,
-        }),
+        Objective::Epsilon { schedule } => Box::new(EpsilonToVelocity::new(model, schedule, meta.data.range)),
     };
     let Some((class, scale)) = guidance else {
         return Ok(field);

@@ -141,11 +141,9 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let model = ckpt.model(&args.checkpoint, &device)?;
     let v = match meta.objective {
         Objective::Velocity => model.velocity(x_t, t, y),
-        Objective::Epsilon { schedule } => EpsilonToVelocity {
-            inner: &model,
-            schedule,
+        Objective::Epsilon { schedule } => {
+            EpsilonToVelocity::new(&model, schedule, meta.data.range).velocity(x_t, t, y)
         }
-        .velocity(x_t, t, y),
     };
     let v = HostTensor::new(x.shape, HostTensor::from_tensor(v).data);
     write_tensors(

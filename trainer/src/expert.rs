@@ -116,12 +116,20 @@ impl Task for ExpertTask {
             self.target.cluster(),
             &manifest.fingerprint,
         )?;
-        write_samples(ema, net_config, &self.objective, &out.join("samples.png"), seed)?;
+        write_samples(
+            ema,
+            net_config,
+            &self.objective,
+            manifest.dataset.range,
+            &out.join("samples.png"),
+            seed,
+        )?;
         Ok(path)
     }
 
     fn snapshot(&self, ema: &Model, net_config: &ModelConfig, path: &Path, seed: u64) -> anyhow::Result<()> {
-        write_samples(ema, net_config, &self.objective, path, seed)
+        let range = self.partition.manifest().dataset.range;
+        write_samples(ema, net_config, &self.objective, range, path, seed)
     }
 }
 
@@ -149,6 +157,7 @@ pub fn write_samples(
     ema: &Model,
     config: &ModelConfig,
     objective: &Objective,
+    range: [f32; 2],
     path: &Path,
     seed: u64,
 ) -> anyhow::Result<()> {
@@ -174,10 +183,7 @@ pub fn write_samples(
     let x0 = match objective {
         Objective::Velocity => flow::integrate(ema, x1, y, &times, Solver::Euler),
         Objective::Epsilon { schedule } => {
-            let field = flow::EpsilonToVelocity {
-                inner: ema,
-                schedule: *schedule,
-            };
+            let field = flow::EpsilonToVelocity::new(ema, *schedule, range);
             flow::integrate(&field, x1, y, &times, Solver::Euler)
         }
     };

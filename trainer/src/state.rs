@@ -176,7 +176,10 @@ pub fn load<T: Task>(
     let optim = match restored {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => bail!("{}: cannot restore the optimizer state: {e:?}", p.display()),
-        Err(_) => bail!("{}: cannot restore the optimizer state: a malformed record", p.display()),
+        Err(_) => bail!(
+            "{}: cannot restore the optimizer state: a malformed record",
+            p.display()
+        ),
     };
     Ok(Loaded {
         state,
