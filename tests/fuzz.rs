@@ -456,12 +456,24 @@ fn damaged_seal_and_data(bytes: &[u8]) -> Vec<u8> {
 fn a_damaged_seal_does_not_pass_for_an_absent_one() {
     let dir = tempfile::tempdir().unwrap();
     let state = DATA.with(|d| d.state.clone());
-    std::fs::write(dir.path().join("train-state.safetensors"), damaged_seal_and_data(&state)).unwrap();
+    std::fs::write(
+        dir.path().join("train-state.safetensors"),
+        damaged_seal_and_data(&state),
+    )
+    .unwrap();
     let e = ddm_trainer::state::read_loop_state(dir.path()).unwrap_err();
-    assert!(format!("{e:#}").contains("`sha256_of_the_rest`) is missing or damaged"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("`sha256_of_the_rest`) is missing or damaged"),
+        "{e:#}"
+    );
 
     let ckpt = DIT.with(|d| d.clone());
     let f = TensorFile::from_bytes(Path::new("damaged.safetensors"), damaged_seal_and_data(&ckpt)).unwrap();
-    let e = ddm_core::checkpoint::Checkpoint::from_file(f).unwrap_err().to_string();
-    assert!(e.contains("damaged.safetensors") && e.contains("missing or damaged"), "{e}");
+    let e = ddm_core::checkpoint::Checkpoint::from_file(f)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("damaged.safetensors") && e.contains("missing or damaged"),
+        "{e}"
+    );
 }
