@@ -246,6 +246,12 @@ pub fn registry_teacher<'a>(
                     }
                     let flops = net.config().flops_per_sample();
                     let sees = net.classes() > 0 && net.classes() == classes;
+                    if sees && !net.routes_without_class() {
+                        // The student's dropped labels reach the router as the null class.
+                        bail!(
+                            "the router is conditioned on the class and has no null class (trained without condition dropout): use --teacher own-cluster or --router analytic"
+                        );
+                    }
                     (Some(Box::new(LearnedRouter { net, k })), flops, sees)
                 }
                 RouterChoice::Analytic => {
