@@ -68,14 +68,31 @@ pub fn save<N: Net>(
         .map_err(|e| anyhow::anyhow!("cannot serialise the optimizer state: {e:?}"))?;
     let opt: Vec<u8> = opt.to_vec();
     t.insert("optimizer".into(), RawTensor::u8(vec![opt.len()], opt));
-    // The checksum covers the tensors (the data section does not depend on the metadata, so it
-    // comes from a first pass) and the loop state.
+    // The checksum covers the tensors and the loop state. The file is built once, sealed with a
+    // placeholder digest that is then overwritten in place: the data section does not depend on
+    // the metadata, and a digest always has 64 characters (building the file a second time held
+    // two copies of a large model's state in memory at once).
     let json = serde_json::to_string(st)?;
-    let first = raw_to_safetensors_bytes(&t, None)?;
-    let sum = checksum(ddm_core::host::data_section(&first), &json);
+    let placeholder = "f".repeat(64);
     // One metadata key (its bytes stay deterministic), the checksum sealed into the JSON.
-    let md = HashMap::from([(META_KEY.to_string(), ddm_core::digest::seal_json(&json, &sum))]);
-    let bytes = raw_to_safetensors_bytes(&t, Some(md))?;
+    let md = HashMap::from([(
+        META_KEY.to_string(),
+        ddm_core::digest::seal_json(&json, &placeholder),
+    )]);
+    let mut bytes = raw_to_safetensors_bytes(&t, Some(md))?;
+    let sum = checksum(ddm_core::host::data_section(&bytes), &json);
+    let header_len = 8 + u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header = &mut bytes[8..header_len];
+    let at: Vec<usize> = header
+        .windows(64)
+        .enumerate()
+        .filter(|(_, w)| *w == placeholder.as_bytes())
+        .map(|(i, _)| i)
+        .collect();
+    let [i] = at[..] else {
+        bail!("sealing the training state: the placeholder digest is not unique in its header");
+    };
+    header[i..i + 64].copy_from_slice(sum.as_bytes());
     ddm_core::fsio::write_bytes_atomic(&path(out), &bytes)?;
     Ok(())
 }
