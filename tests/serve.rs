@@ -62,6 +62,19 @@ impl Drop for Server {
     }
 }
 
+/// The value of the first `/metrics` line starting with `prefix`.
+fn metric(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 fn client() -> reqwest::blocking::Client {
     ddm_datasets::download::client().unwrap()
 }
@@ -241,17 +254,7 @@ fn served_experts_equal_local_ones_and_bad_requests_are_refused() {
         .unwrap()
         .text()
         .unwrap();
-    let value = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value = |prefix: &str| metric(&metrics, prefix);
     let forwards = value("ddm_batches_total{model=\"expert 1\"}");
     let rows = value("ddm_rows_total{model=\"expert 1\"}");
     println!("expert 1: {forwards} forwards for 10 good requests, {rows} rows");
@@ -826,17 +829,7 @@ fn a_memory_cap_serves_more_experts_than_fit() {
         .unwrap()
         .text()
         .unwrap();
-    let value = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value = |prefix: &str| metric(&metrics, prefix);
     let loads = value("ddm_model_loads_total");
     println!("{loads} model loads for 64 requests to 4 experts under a cap of 2");
     assert!(loads > 4.0, "{metrics}");

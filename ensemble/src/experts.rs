@@ -39,6 +39,17 @@ impl Registry {
         what: &str,
         e: &crate::registry::Entry,
     ) -> anyhow::Result<(PathBuf, Checkpoint)> {
+        let (blob, raw) = self.verified_bytes(what, e)?;
+        let ckpt = Checkpoint::from_file(ddm_core::host::TensorFile::from_bytes(&blob, raw)?)?;
+        Ok((blob, ckpt))
+    }
+
+    /// An entry's blob and its bytes, read once and checked against the registry's sha256.
+    pub fn verified_bytes(
+        &self,
+        what: &str,
+        e: &crate::registry::Entry,
+    ) -> anyhow::Result<(PathBuf, Vec<u8>)> {
         let blob = e.blob(&self.dir);
         let raw = std::fs::read(&blob).with_context(|| {
             format!(
@@ -48,8 +59,7 @@ impl Registry {
             )
         })?;
         self.check_hash(what, e, &blob, ddm_core::digest::sha256_hex(&raw))?;
-        let ckpt = Checkpoint::from_file(ddm_core::host::TensorFile::from_bytes(&blob, raw)?)?;
-        Ok((blob, ckpt))
+        Ok((blob, raw))
     }
 
     fn check_hash(

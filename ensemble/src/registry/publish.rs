@@ -55,7 +55,7 @@ pub fn verify(dir: &Path) -> anyhow::Result<Vec<String>> {
 /// is the checkpoint's ddm metadata; `model.safetensors` is the checkpoint itself. Experts served
 /// elsewhere have no file to export: `index.json` keeps their URLs.
 pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
+    let reg = super::Registry::open(dir)?;
     check_export_target(out)?;
     // Written beside `out`, then moved into place whole: a killed or failed export leaves the
     // previous one (or nothing), never a mix.
@@ -64,29 +64,21 @@ pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut put = |folder: String, e: &Entry| -> anyhow::Result<()> {
         let f = tmp.path().join(&folder);
         std::fs::create_dir_all(&f).with_context(|| format!("creating {}", f.display()))?;
-        let blob = e.blob(dir);
-        let bytes = std::fs::read(&blob).with_context(|| format!("reading {}", blob.display()))?;
-        let got = ddm_core::digest::sha256_hex(&bytes);
-        if got != e.sha256 {
-            bail!(
-                "{}: hashes to {got}, but the registry recorded {} (corrupted or replaced; `ddm registry verify` lists every such blob)",
-                blob.display(),
-                e.sha256
-            );
-        }
-        let ckpt = Checkpoint::from_file(ddm_core::host::TensorFile::from_bytes(&blob, bytes.clone())?)?;
-        ddm_core::fsio::write_bytes_atomic(&f.join("config.json"), &serde_json::to_vec_pretty(&ckpt.meta)?)?;
+        let (blob, bytes) = reg.verified_bytes(&folder, e)?;
         ddm_core::fsio::write_bytes_atomic(&f.join("model.safetensors"), &bytes)?;
+        let ckpt = Checkpoint::from_file(ddm_core::host::TensorFile::from_bytes(&blob, bytes)?)?;
+        ddm_core::fsio::write_bytes_atomic(&f.join("config.json"), &serde_json::to_vec_pretty(&ckpt.meta)?)?;
         written.push(out.join(folder));
         Ok(())
     };
+    let idx = &reg.index;
     for (k, e) in idx.experts.iter().filter(|(_, e)| e.remote.is_none()) {
         put(format!("expert_{k}"), e)?;
     }
     if let Some(e) = &idx.router {
         put("router".into(), e)?;
     }
-    ddm_core::fsio::write_bytes_atomic(&tmp.path().join("index.json"), &serde_json::to_vec_pretty(&idx)?)?;
+    ddm_core::fsio::write_bytes_atomic(&tmp.path().join("index.json"), &serde_json::to_vec_pretty(idx)?)?;
     tmp.publish(out)?;
     Ok(written)
 }
