@@ -33,6 +33,20 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// sha256 of data that arrives in pieces (a download), hex when finished.
+#[derive(Default)]
+pub struct Sha256Stream(Sha256);
+
+impl Sha256Stream {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(self) -> String {
+        hex(&self.0.finalize())
+    }
+}
+
 /// The field a sealed JSON object ends with.
 const SEAL: &str = ",\"sha256_of_the_rest\":\"";
 

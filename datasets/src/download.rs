@@ -25,7 +25,8 @@ pub const CA_CERT_ENV: &str = "DDM_CA_CERT";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn install_crypto_provider() {
+/// rustls with ring, for every client in the process (reqwest is built without a provider).
+pub fn install_crypto_provider() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Fails only when another provider is already installed, which is as good.

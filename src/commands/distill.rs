@@ -6,7 +6,7 @@ use anyhow::bail;
 use clap::{Args, ValueEnum};
 use ddm_datasets::partition::Partition;
 use ddm_distill::{DistillTask, Target, partition_data, registry_teacher};
-use ddm_ensemble::registry::Registry;
+use ddm_ensemble::registry::{Location, Registry};
 use ddm_ensemble::sample::RouterChoice;
 use ddm_ensemble::strategy::Strategy;
 
@@ -32,7 +32,7 @@ pub enum TeacherArg {
 pub struct DistillArgs {
     /// The registry whose ensemble is the teacher.
     #[arg(long)]
-    pub registry: PathBuf,
+    pub registry: Location,
     /// The registry's partition: the student trains on all of its shards.
     #[arg(long)]
     pub partition: PathBuf,
@@ -80,11 +80,11 @@ pub fn run(args: DistillArgs) -> anyhow::Result<u8> {
         }
     };
     let partition = Partition::open(&args.partition)?;
-    let reg = Registry::open(&args.registry)?;
+    let reg = Registry::open(&args.registry.local()?)?;
     if reg.index.partition != partition.fingerprint() {
         bail!(
             "the registry {} holds experts of partition {}, but {} is partition {}",
-            args.registry.display(),
+            args.registry,
             &reg.index.partition[..12.min(reg.index.partition.len())],
             args.partition.display(),
             &partition.fingerprint()[..12.min(partition.fingerprint().len())]

@@ -77,7 +77,7 @@ pub struct EvalGmmArgs {
     pub mixture: PathBuf,
     /// A registry: score its ensemble with --strategy.
     #[arg(long, conflicts_with = "checkpoint")]
-    pub registry: Option<PathBuf>,
+    pub registry: Option<ddm_ensemble::registry::Location>,
     /// One expert checkpoint (e.g. a monolith) instead of a registry.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -188,7 +188,7 @@ fn eval_gmm(a: EvalGmmArgs) -> anyhow::Result<()> {
             ddm_eval::mixture::evaluate(&model, &x, &g, a.seed, &device)
         }
         (Some(r), None) => {
-            let reg = ddm_ensemble::registry::Registry::open(r)?;
+            let reg = ddm_ensemble::registry::Registry::open(&r.local()?)?;
             let k = reg.index.k;
             let experts = (0..k)
                 .map(|c| Ok(ddm_ensemble::sampler::ExpertSlot::ready(reg.expert(c, &device)?)))

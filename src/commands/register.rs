@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
-use ddm_ensemble::registry;
+use ddm_ensemble::registry::{self, Location};
 
 /// Add experts and a router to a registry: each checkpoint's checksum, partition, data spec, cluster
 /// id and K are verified; anything incompatible is refused and the registry left untouched. Safe to
@@ -13,9 +13,10 @@ use ddm_ensemble::registry;
 #[derive(Args, Debug)]
 #[command(after_help = REGISTER_EXAMPLES)]
 pub struct RegisterArgs {
-    /// The registry directory (created if new).
+    /// The registry (created if new): a directory, or an object store (s3://bucket/prefix, gs://, az://;
+    /// credentials and endpoint from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).
     #[arg(long)]
-    pub registry: PathBuf,
+    pub registry: Location,
     /// The partition (needed for a new registry unless a router is among the files).
     #[arg(long)]
     pub partition: Option<PathBuf>,
@@ -43,7 +44,8 @@ const REGISTER_EXAMPLES: &str = "Examples:
   ddm register --registry reg --partition part expert-*/expert.safetensors router/router.safetensors
   ddm register --registry reg --replace expert-3/expert.safetensors
   ddm register --registry reg 'https://host/expert-2.safetensors#sha256=HEX'
-  ddm register --registry reg --remote http://island-2:8470 --clusters 2";
+  ddm register --registry reg --remote http://island-2:8470 --clusters 2
+  AWS_ENDPOINT_URL=http://127.0.0.1:9000 ddm register --registry s3://experts/run-1 --partition part expert-0/expert.safetensors";
 
 pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
     let manifest = match &args.partition {
@@ -51,19 +53,16 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
         None => None,
     };
     let registered = match &args.remote {
-        Some(url) => registry::register_remote(
-            &args.registry,
-            url,
-            args.clusters.as_deref(),
-            manifest.as_ref(),
-            args.replace,
-        )?,
+        Some(url) => {
+            args.registry
+                .register_remote(url, args.clusters.as_deref(), manifest.as_ref(), args.replace)?
+        }
         None => {
             let files = registry::expand_sources(
                 &args.checkpoints,
                 &ddm_datasets::env::cache_dir().join("downloads"),
             )?;
-            registry::register(&args.registry, &files, manifest.as_ref(), args.replace)?
+            args.registry.register(&files, manifest.as_ref(), args.replace)?
         }
     };
     for r in registered {
@@ -81,9 +80,10 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
     after_help = "Examples:\n  ddm registry --registry reg list\n  ddm registry --registry reg verify --json\n  ddm registry --registry reg export --out published\n  ddm registry --registry reg remove --cluster 2\n  ddm registry --registry reg gc --dry-run"
 )]
 pub struct RegistryArgs {
-    /// The registry directory.
+    /// The registry: a directory, or an object store (s3://bucket/prefix, gs://, az://;
+    /// credentials and endpoint from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).
     #[arg(long)]
-    pub registry: PathBuf,
+    pub registry: Location,
     /// `list` prints registry.json; `verify` prints {"ok": .., "problems": [..]}.
     #[arg(long, global = true)]
     pub json: bool,
@@ -121,14 +121,17 @@ pub enum RegistryCommand {
 pub fn registry_cmd(args: RegistryArgs) -> anyhow::Result<()> {
     match args.command {
         RegistryCommand::List => {
-            let reg = registry::Registry::open(&args.registry)?;
+            let reg = registry::Registry {
+                dir: args.registry.to_string().into(),
+                index: args.registry.index()?,
+            };
             match args.json {
                 true => println!("{}", serde_json::to_string_pretty(&reg.index)?),
                 false => print!("{}", reg.list()),
             }
         }
         RegistryCommand::Verify => {
-            let problems = registry::verify(&args.registry)?;
+            let problems = args.registry.verify()?;
             if args.json {
                 let v = serde_json::json!({ "ok": problems.is_empty(), "problems": problems });
                 println!("{v}");
@@ -137,14 +140,14 @@ pub fn registry_cmd(args: RegistryArgs) -> anyhow::Result<()> {
                 eprintln!("problem: {p}");
             }
             if !problems.is_empty() {
-                bail!("{} problem(s) in {}", problems.len(), args.registry.display());
+                bail!("{} problem(s) in {}", problems.len(), args.registry);
             }
             if !args.json {
-                println!("{}: every blob matches its sha256", args.registry.display());
+                println!("{}: every blob matches its sha256", args.registry);
             }
         }
         RegistryCommand::Export { out } => {
-            let written = registry::export(&args.registry, &out)?;
+            let written = registry::export(&args.registry.local()?, &out)?;
             println!(
                 "exported {} models to {} (register them elsewhere with `ddm register {}`)",
                 written.len(),
@@ -153,13 +156,9 @@ pub fn registry_cmd(args: RegistryArgs) -> anyhow::Result<()> {
             );
         }
         RegistryCommand::Gc { dry_run } => {
-            let (files, bytes) = registry::gc(&args.registry, dry_run)?;
+            let (files, bytes) = args.registry.gc(dry_run)?;
             for f in &files {
-                println!(
-                    "{} {}",
-                    if dry_run { "would remove" } else { "removed" },
-                    f.display()
-                );
+                println!("{} {}", if dry_run { "would remove" } else { "removed" }, f);
             }
             println!(
                 "{} unreferenced file(s), {:.1} MB{}",
@@ -176,7 +175,7 @@ pub fn registry_cmd(args: RegistryArgs) -> anyhow::Result<()> {
             if cluster.is_none() && !router {
                 bail!("say what to remove: --cluster K or --router");
             }
-            registry::remove(&args.registry, cluster, router)?;
+            args.registry.remove(cluster, router)?;
             println!("removed");
         }
     }

@@ -31,9 +31,10 @@ pub enum SolverArg {
 #[command(after_help = EXAMPLES)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["registry", "checkpoint"])))]
 pub struct SampleArgs {
-    /// The registry directory.
+    /// The registry: a directory, or an object store (s3://bucket/prefix, gs://, az://;
+    /// credentials and endpoint from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).
     #[arg(long)]
-    pub registry: Option<PathBuf>,
+    pub registry: Option<ddm_ensemble::registry::Location>,
     /// Sample one dense checkpoint instead of a registry's ensemble: a monolith, a student from
     /// `ddm distill`, or a single expert.
     #[arg(long, conflicts_with_all = ["strategy", "allow_missing", "max_memory", "condition"])]
@@ -117,7 +118,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let bar = crate::ui::Bar::new(args.quiet);
     let options = SampleOptions {
         source: match (args.registry, args.checkpoint) {
-            (Some(r), _) => Source::Registry(r),
+            (Some(r), _) => Source::Registry(r.local()?),
             (None, Some(c)) => Source::Checkpoint(c),
             (None, None) => unreachable!("clap requires one"),
         },

@@ -24,9 +24,10 @@ use super::DeviceArgs;
 #[derive(Args, Debug)]
 #[command(after_help = EXAMPLES)]
 pub struct ServeArgs {
-    /// The registry directory.
+    /// The registry: a directory, or an object store (s3://bucket/prefix, gs://, az://;
+    /// credentials and endpoint from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).
     #[arg(long)]
-    pub registry: PathBuf,
+    pub registry: ddm_ensemble::registry::Location,
     /// Serve these experts (comma-separated cluster ids). Default: every local expert, and the
     /// router if one is registered.
     #[arg(long, value_delimiter = ',')]
@@ -108,7 +109,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         bail!("--max-memory {m} must be a positive number of MiB");
     }
     let options = ServeOptions {
-        registry: args.registry,
+        registry: args.registry.local()?,
         experts: args.experts,
         router: args.router,
         listen: args.listen,

@@ -73,19 +73,23 @@ pub fn read_index(dir: &Path) -> anyhow::Result<Option<Index>> {
     if !p.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let text = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+    parse_index(&text, &p.display().to_string()).map(Some)
+}
+
+/// An index's bytes (read from `name`), parsed and checked.
+pub(crate) fn parse_index(text: &[u8], name: &str) -> anyhow::Result<Index> {
     let idx: Index =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a ddm registry index", p.display()))?;
+        serde_json::from_slice(text).with_context(|| format!("{name}: not a ddm registry index"))?;
     if idx.format_version != FORMAT {
         bail!(
-            "{}: registry format {} is not supported (this ddm reads {FORMAT})",
-            p.display(),
+            "{name}: registry format {} is not supported (this ddm reads {FORMAT})",
             idx.format_version
         );
     }
     idx.check()
-        .with_context(|| format!("{}: an inconsistent registry index", p.display()))?;
-    Ok(Some(idx))
+        .with_context(|| format!("{name}: an inconsistent registry index"))?;
+    Ok(idx)
 }
 
 impl Index {

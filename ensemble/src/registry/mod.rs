@@ -18,11 +18,13 @@ pub mod fetch;
 pub mod index;
 pub mod publish;
 pub mod register;
+pub mod store;
 
 pub use fetch::expand_sources;
 pub use index::{Entry, INDEX, Index, read_index};
 pub use publish::{export, verify};
 pub use register::{Registered, gc, register, register_remote, remove};
+pub use store::{Location, StoreRegistry};
 
 /// `, conditioned on C classes` for an entry that records it.
 fn conditioning(e: &Entry) -> String {

@@ -7,12 +7,23 @@ use anyhow::{Context, bail};
 use ddm_core::checkpoint::Checkpoint;
 use ddm_core::digest::sha256_file;
 
-use super::index::{Entry, read_index};
+use super::index::{Entry, Index, read_index};
 
 /// Re-hash every blob, and ask every server of a remote expert whether it still serves that
 /// checkpoint (same sha256); every problem found (it keeps going after the first).
 pub fn verify(dir: &Path) -> anyhow::Result<Vec<String>> {
     let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
+    Ok(verify_index(&idx, &|e| {
+        let blob = e.blob(dir);
+        Ok((blob.display().to_string(), sha256_file(&blob)?))
+    }))
+}
+
+/// [`verify`] for any registry: `hash` names an entry's blob and hashes it.
+pub(crate) fn verify_index(
+    idx: &Index,
+    hash: &dyn Fn(&Entry) -> anyhow::Result<(String, String)>,
+) -> Vec<String> {
     let mut problems = vec![];
     let entries = idx
         .experts
@@ -36,18 +47,13 @@ pub fn verify(dir: &Path) -> anyhow::Result<Vec<String>> {
             }
             continue;
         }
-        let blob = e.blob(dir);
-        match sha256_file(&blob) {
-            Ok(h) if h == e.sha256 => {}
-            Ok(h) => problems.push(format!(
-                "{what}: {} hashes to {h}, expected {}",
-                blob.display(),
-                e.sha256
-            )),
-            Err(err) => problems.push(format!("{what}: {err}")),
+        match hash(e) {
+            Ok((_, h)) if h == e.sha256 => {}
+            Ok((blob, h)) => problems.push(format!("{what}: {blob} hashes to {h}, expected {}", e.sha256)),
+            Err(err) => problems.push(format!("{what}: {err:#}")),
         }
     }
-    Ok(problems)
+    problems
 }
 
 /// Write the published folder layout: `expert_K/{config.json, model.safetensors}` per expert,

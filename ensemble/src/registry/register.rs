@@ -14,16 +14,24 @@ use serde::Serialize;
 
 use super::index::{Entry, FORMAT, INDEX, Index, LOCK, now, read_index};
 
-/// Where a checkpoint to register is: a file, or a server that serves it.
-enum Origin {
-    File(PathBuf),
-    Served { url: String, sha256: String, bytes: u64 },
+/// Where a checkpoint to register is: a file (hashed once, when read), or a server that serves it.
+pub(crate) enum Origin {
+    File {
+        path: PathBuf,
+        sha256: String,
+        bytes: u64,
+    },
+    Served {
+        url: String,
+        sha256: String,
+        bytes: u64,
+    },
 }
 
 impl Origin {
     fn name(&self) -> String {
         match self {
-            Origin::File(p) => p.display().to_string(),
+            Origin::File { path, .. } => path.display().to_string(),
             Origin::Served { url, .. } => url.clone(),
         }
     }
@@ -67,36 +75,33 @@ pub struct Registered {
     pub k: Option<usize>,
     pub source: String,
     pub sha256: String,
+    /// The registry held this very file already (same sha256): nothing was written for it.
+    pub already_registered: bool,
 }
 
 impl std::fmt::Display for Registered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.cluster, self.k) {
-            (Some(c), _) => write!(f, "expert {c}: {} ({})", self.source, &self.sha256[..12]),
+            (Some(c), _) => write!(f, "expert {c}: {} ({})", self.source, &self.sha256[..12])?,
             (_, k) => write!(
                 f,
                 "router (K = {}): {} ({})",
                 k.unwrap_or(0),
                 self.source,
                 &self.sha256[..12]
-            ),
+            )?,
         }
+        if self.already_registered {
+            write!(f, ", already registered")?;
+        }
+        Ok(())
     }
 }
 
-/// Register checkpoints (experts, a router; an expert's `cluster-stats.safetensors` beside it
-/// comes along). `partition` gives K and the data spec when the registry is new (a router gives K
-/// too). Returns what was registered, in order.
-pub fn register(
-    dir: &Path,
-    paths: &[PathBuf],
-    partition: Option<&PartitionManifest>,
-    replace: bool,
-) -> anyhow::Result<Vec<Registered>> {
-    std::fs::create_dir_all(dir.join("blobs"))
-        .with_context(|| format!("creating the registry {}", dir.display()))?;
-    let _lock = lock_registry(dir)?;
-    let mut metas: Vec<(Origin, CheckpointMeta)> = vec![];
+/// Read and check the checkpoints to register: each file's own checksum, finite weights; hashed
+/// once here (the registry's sha256 covers the whole file).
+pub(crate) fn read_checkpoints(paths: &[PathBuf]) -> anyhow::Result<Vec<(Origin, CheckpointMeta)>> {
+    let mut metas = vec![];
     for p in paths {
         let ckpt = Checkpoint::read(p)?; // verifies the file's own checksum
         if let Some((name, t)) = ckpt
@@ -110,21 +115,39 @@ pub fn register(
                 p.display()
             );
         }
-        metas.push((Origin::File(p.clone()), ckpt.meta));
+        let origin = Origin::File {
+            path: p.clone(),
+            sha256: sha256_file(p)?,
+            bytes: std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+        };
+        metas.push((origin, ckpt.meta));
     }
-    register_locked(dir, metas, partition, replace)
+    Ok(metas)
 }
 
-/// Register experts served by a `ddm serve` at `url` (those of `clusters`, or all it serves):
-/// their metadata (partition fingerprint, data spec, cluster, conditioning) is checked as a
-/// file's would be, and each entry records the URL and the served checkpoint's sha256.
-pub fn register_remote(
+/// Register checkpoints (experts, a router; an expert's `cluster-stats.safetensors` beside it
+/// comes along). `partition` gives K and the data spec when the registry is new (a router gives K
+/// too). A file the registry already holds (same sha256, same place) is not registered again.
+/// Returns what was registered, in order.
+pub fn register(
     dir: &Path,
-    url: &str,
-    clusters: Option<&[usize]>,
+    paths: &[PathBuf],
     partition: Option<&PartitionManifest>,
     replace: bool,
 ) -> anyhow::Result<Vec<Registered>> {
+    std::fs::create_dir_all(dir.join("blobs"))
+        .with_context(|| format!("creating the registry {}", dir.display()))?;
+    let metas = read_checkpoints(paths)?;
+    let _lock = lock_registry(dir)?;
+    commit_locked(dir, &metas, partition, replace)
+}
+
+/// The experts a `ddm serve` at `url` serves (those of `clusters`, or all), as registration
+/// origins with their metadata.
+pub(crate) fn served_checkpoints(
+    url: &str,
+    clusters: Option<&[usize]>,
+) -> anyhow::Result<Vec<(Origin, CheckpointMeta)>> {
     let client = crate::remote::Client::new(url)?;
     let served = client.metadata()?;
     let mut metas: Vec<(Origin, CheckpointMeta)> = vec![];
@@ -158,53 +181,109 @@ pub fn register_remote(
     if metas.is_empty() {
         bail!("{url}: serves no expert");
     }
-    std::fs::create_dir_all(dir.join("blobs"))
-        .with_context(|| format!("creating the registry {}", dir.display()))?;
-    let _lock = lock_registry(dir)?;
-    register_locked(dir, metas, partition, replace)
+    Ok(metas)
 }
 
-/// The registration itself, under the lock: check everything, then write blobs, then the index.
-fn register_locked(
+/// Register experts served by a `ddm serve` at `url` (those of `clusters`, or all it serves):
+/// their metadata (partition fingerprint, data spec, cluster, conditioning) is checked as a
+/// file's would be, and each entry records the URL and the served checkpoint's sha256.
+pub fn register_remote(
     dir: &Path,
-    metas: Vec<(Origin, CheckpointMeta)>,
+    url: &str,
+    clusters: Option<&[usize]>,
     partition: Option<&PartitionManifest>,
     replace: bool,
 ) -> anyhow::Result<Vec<Registered>> {
-    let mut idx = read_index(dir)?;
+    let metas = served_checkpoints(url, clusters)?;
+    std::fs::create_dir_all(dir.join("blobs"))
+        .with_context(|| format!("creating the registry {}", dir.display()))?;
+    let _lock = lock_registry(dir)?;
+    commit_locked(dir, &metas, partition, replace)
+}
+
+/// The registration of a directory registry, under its lock: plan, then blobs, then the index.
+fn commit_locked(
+    dir: &Path,
+    metas: &[(Origin, CheckpointMeta)],
+    partition: Option<&PartitionManifest>,
+    replace: bool,
+) -> anyhow::Result<Vec<Registered>> {
+    let plan = plan(read_index(dir)?, metas, partition, replace, &|e| e.classes(dir))?;
+    if !plan.changed {
+        return Ok(plan.lines);
+    }
+    for (path, sha) in &plan.blobs {
+        let blob = dir.join("blobs").join(format!("{sha}.safetensors"));
+        if !blob.exists() {
+            let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            if sha256_hex(&data) != *sha {
+                bail!("{}: changed while being registered", path.display());
+            }
+            ddm_core::fsio::write_bytes_atomic(&blob, &data)?;
+        }
+    }
+    let json = serde_json::to_vec_pretty(&plan.index)?;
+    ddm_core::fsio::write_bytes_atomic(&dir.join(INDEX), &json)?;
+    Ok(plan.lines)
+}
+
+/// What one registration does, decided before anything is written: the index after it, the
+/// files to store as blobs (path, sha256) and a line per registered file. `changed` is false
+/// when the registry holds every file already (then nothing is to be written).
+pub(crate) struct Plan {
+    pub index: Index,
+    pub blobs: Vec<(PathBuf, String)>,
+    pub lines: Vec<Registered>,
+    pub changed: bool,
+}
+
+/// Check every checkpoint against the registry `existing` (or a new one, from `partition` or a
+/// router), and plan the registration. `classes` gives the conditioning of an existing entry
+/// that does not record it (read from its blob). Writes nothing.
+pub(crate) fn plan(
+    existing: Option<Index>,
+    metas: &[(Origin, CheckpointMeta)],
+    partition: Option<&PartitionManifest>,
+    replace: bool,
+    classes: &dyn Fn(&Entry) -> anyhow::Result<usize>,
+) -> anyhow::Result<Plan> {
+    let mut changed = existing.is_none();
+    let mut idx = match existing {
+        Some(idx) => idx,
+        None => {
+            let (partition_fp, k, priors) = match partition {
+                Some(m) => (m.fingerprint.clone(), m.k, Some(m.priors())),
+                None => match metas.iter().find(|(_, m)| m.role == Role::Router) {
+                    Some((_, m)) => (
+                        m.partition.clone().context("the router names no partition")?,
+                        m.num_clusters.context("the router names no K")?,
+                        m.priors.clone(),
+                    ),
+                    None => bail!(
+                        "a new registry needs --partition DIR (or a router among the files) to know K and the partition"
+                    ),
+                },
+            };
+            let data = metas
+                .first()
+                .map(|(_, m)| m.data.clone())
+                .context("nothing to register")?;
+            Index {
+                format_version: FORMAT,
+                partition: partition_fp,
+                k,
+                data,
+                priors,
+                router: None,
+                experts: BTreeMap::new(),
+                stats: BTreeMap::new(),
+            }
+        }
+    };
     // 1. Check everything first.
     let mut items = vec![];
-    if idx.is_none() {
-        let (partition_fp, k, priors) = match partition {
-            Some(m) => (m.fingerprint.clone(), m.k, Some(m.priors())),
-            None => match metas.iter().find(|(_, m)| m.role == Role::Router) {
-                Some((_, m)) => (
-                    m.partition.clone().context("the router names no partition")?,
-                    m.num_clusters.context("the router names no K")?,
-                    m.priors.clone(),
-                ),
-                None => bail!(
-                    "a new registry needs --partition DIR (or a router among the files) to know K and the partition"
-                ),
-            },
-        };
-        let data = metas
-            .first()
-            .map(|(_, m)| m.data.clone())
-            .context("nothing to register")?;
-        idx = Some(Index {
-            format_version: FORMAT,
-            partition: partition_fp,
-            k,
-            data,
-            priors,
-            router: None,
-            experts: BTreeMap::new(),
-            stats: BTreeMap::new(),
-        });
-    }
-    let mut idx = idx.expect("set above");
-    for (origin, m) in &metas {
+    let mut lines = vec![];
+    for (origin, m) in metas {
         let name = origin.name();
         if m.partition.as_deref() != Some(idx.partition.as_str()) {
             bail!(
@@ -220,16 +299,21 @@ fn register_locked(
                 idx.data
             );
         }
-        let (p, remote) = match origin {
-            Origin::File(p) => (p.clone(), None),
-            Origin::Served { url, .. } => (PathBuf::from(url), Some(url.clone())),
+        let (p, remote, sha, bytes) = match origin {
+            Origin::File { path, sha256, bytes } => (path.clone(), None, sha256.clone(), *bytes),
+            Origin::Served { url, sha256, bytes } => {
+                (PathBuf::from(url), Some(url.clone()), sha256.clone(), *bytes)
+            }
         };
-        let (sha, bytes) = match origin {
-            Origin::File(p) => (
-                sha256_file(p)?,
-                std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
-            ),
-            Origin::Served { sha256, bytes, .. } => (sha256.clone(), *bytes),
+        // The same file from the same place: registered already.
+        let unchanged = |old: &Entry| old.sha256 == sha && old.remote == remote;
+        let already = |cluster: Option<usize>, k: Option<usize>| Registered {
+            role: if cluster.is_some() { "expert" } else { "router" },
+            cluster,
+            k,
+            source: name.clone(),
+            sha256: sha.clone(),
+            already_registered: true,
         };
         match m.role {
             Role::Expert => {
@@ -239,14 +323,17 @@ fn register_locked(
                 if cluster >= idx.k {
                     bail!("{name}: cluster {cluster} is out of range for K = {}", idx.k);
                 }
-                if let Some(old) = idx.experts.get(&cluster)
-                    && old.sha256 != sha
-                    && !replace
-                {
-                    bail!(
-                        "{name}: cluster {cluster} already has an expert ({}); pass --replace to replace it",
-                        &old.sha256[..12]
-                    );
+                if let Some(old) = idx.experts.get(&cluster) {
+                    if unchanged(old) {
+                        lines.push(already(Some(cluster), None));
+                        continue;
+                    }
+                    if !replace {
+                        bail!(
+                            "{name}: cluster {cluster} already has an expert ({}); pass --replace to replace it",
+                            &old.sha256[..12]
+                        );
+                    }
                 }
                 let stats = p.with_file_name(STATS_FILE);
                 if remote.is_none() && stats.exists() {
@@ -282,14 +369,17 @@ fn register_locked(
                 if k != idx.k {
                     bail!("{name}: a router for K = {k}, but the registry has K = {}", idx.k);
                 }
-                if let Some(old) = &idx.router
-                    && old.sha256 != sha
-                    && !replace
-                {
-                    bail!(
-                        "{name}: the registry already has a router ({}); pass --replace",
-                        &old.sha256[..12]
-                    );
+                if let Some(old) = &idx.router {
+                    if unchanged(old) {
+                        lines.push(already(None, Some(k)));
+                        continue;
+                    }
+                    if !replace {
+                        bail!(
+                            "{name}: the registry already has a router ({}); pass --replace",
+                            &old.sha256[..12]
+                        );
+                    }
                 }
                 items.push(Item::Router {
                     path: p.clone(),
@@ -302,9 +392,10 @@ fn register_locked(
             }
         }
     }
-    check_conditioning(dir, &mut idx, &items)?;
-    // 2. Blobs (content-addressed; atomic), then the index (atomic).
-    let mut lines = vec![];
+    changed |= !items.is_empty();
+    check_conditioning(classes, &mut idx, &items)?;
+    // 2. The entries, and the blobs they name.
+    let mut blobs = vec![];
     for item in items {
         let (path, sha, bytes) = match &item {
             Item::Expert { path, sha, bytes, .. }
@@ -327,33 +418,24 @@ fn register_locked(
             classes,
             remote: remote.clone(),
         };
-        let blob = entry.blob(dir);
-        if remote.is_none() && !blob.exists() {
-            let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            if sha256_hex(&data) != sha {
-                bail!("{}: changed while being registered", path.display());
-            }
-            ddm_core::fsio::write_bytes_atomic(&blob, &data)?;
+        if remote.is_none() {
+            blobs.push((path.clone(), sha.clone()));
         }
+        let line = |role, cluster, k| Registered {
+            role,
+            cluster,
+            k,
+            source: path.display().to_string(),
+            sha256: sha.clone(),
+            already_registered: false,
+        };
         match item {
             Item::Expert { cluster, .. } => {
-                lines.push(Registered {
-                    role: "expert",
-                    cluster: Some(cluster),
-                    k: None,
-                    source: path.display().to_string(),
-                    sha256: sha.clone(),
-                });
+                lines.push(line("expert", Some(cluster), None));
                 idx.experts.insert(cluster, entry);
             }
             Item::Router { priors, k, .. } => {
-                lines.push(Registered {
-                    role: "router",
-                    cluster: None,
-                    k: Some(k),
-                    source: path.display().to_string(),
-                    sha256: sha.clone(),
-                });
+                lines.push(line("router", None, Some(k)));
                 if idx.priors.is_none() {
                     idx.priors = priors;
                 }
@@ -364,9 +446,12 @@ fn register_locked(
             }
         }
     }
-    let json = serde_json::to_vec_pretty(&idx)?;
-    ddm_core::fsio::write_bytes_atomic(&dir.join(INDEX), &json)?;
-    Ok(lines)
+    Ok(Plan {
+        index: idx,
+        blobs,
+        lines,
+        changed,
+    })
 }
 
 /// The experts of one registry share their conditioning (all unconditional, or all on the same C
@@ -376,19 +461,23 @@ fn register_locked(
 ///
 /// Entries registered before ddm recorded their classes get them filled in (read once from the
 /// blob), so later registrations do not read those blobs again.
-fn check_conditioning(dir: &Path, idx: &mut Index, items: &[Item]) -> anyhow::Result<()> {
+fn check_conditioning(
+    classes: &dyn Fn(&Entry) -> anyhow::Result<usize>,
+    idx: &mut Index,
+    items: &[Item],
+) -> anyhow::Result<()> {
     for e in idx.experts.values_mut().chain(idx.router.as_mut()) {
         if e.classes.is_none() {
-            e.classes = Some(e.classes(dir)?);
+            e.classes = Some(classes(e)?);
         }
     }
     // Every expert after this registration, with its classes.
     let mut experts: BTreeMap<usize, (usize, String)> = BTreeMap::new();
     for (&c, e) in &idx.experts {
-        experts.insert(c, (e.classes(dir)?, e.source.clone()));
+        experts.insert(c, (classes(e)?, e.source.clone()));
     }
     let mut router = match &idx.router {
-        Some(e) => Some((e.classes(dir)?, e.source.clone())),
+        Some(e) => Some((classes(e)?, e.source.clone())),
         None => None,
     };
     for item in items {
