@@ -46,6 +46,8 @@ enum Commands {
     Distill(commands::distill::DistillArgs),
     /// Serve a registry's experts (and router) over HTTP, for samplers on other machines.
     Serve(commands::serve::ServeArgs),
+    /// Write (and submit) the scheduler jobs for every island and the router: Slurm, Kubernetes.
+    Launch(commands::launch::LaunchArgs),
     /// The whole mission on the default data: partition, 4 island trainers, router, registry, samples.
     Quickstart(commands::quickstart::QuickstartArgs),
     /// Score samples: FD / precision / recall in a Fashion-MNIST classifier's features, exact
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         Commands::Registry(args) => commands::register::registry_cmd(args).map(|()| 0),
         Commands::Sample(args) => commands::sample::run(args).map(|()| 0),
         Commands::Serve(args) => commands::serve::run(args).map(|()| 0),
+        Commands::Launch(args) => commands::launch::run(args).map(|()| 0),
         Commands::Distill(args) => commands::distill::run(args),
         Commands::Quickstart(args) => commands::quickstart::run(args).map(|()| 0),
         Commands::Eval(args) => commands::eval::run(args),

@@ -7,6 +7,7 @@ pub mod eval_router;
 pub mod experiment;
 pub mod import;
 pub mod info;
+pub mod launch;
 pub mod partition;
 pub mod predict;
 pub mod quickstart;
