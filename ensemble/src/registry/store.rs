@@ -268,16 +268,18 @@ impl StoreRegistry {
     }
 
     /// Re-read, change and conditionally replace the index until no other writer came between.
+    /// `change` gets the index as read (None: no registry yet) and returns the index to write
+    /// (None: nothing to write) and its result; it runs again after every lost race.
     async fn update<T>(
         &self,
-        mut change: impl FnMut(Option<Index>) -> anyhow::Result<(Option<Index>, T)>,
+        mut change: impl AsyncFnMut(Option<Index>) -> anyhow::Result<(Option<Index>, T)>,
     ) -> anyhow::Result<T> {
         for attempt in 0..MAX_CONFLICTS {
             let (old, version) = match self.read_index().await? {
                 Some((i, _, v)) => (Some(i), Some(v)),
                 None => (None, None),
             };
-            let (new, out) = change(old)?;
+            let (new, out) = change(old).await?;
             let Some(new) = new else { return Ok(out) };
             if self.put_index(&new, version).await? {
                 return Ok(out);
@@ -327,55 +329,40 @@ impl StoreRegistry {
         partition: Option<&PartitionManifest>,
         replace: bool,
     ) -> anyhow::Result<Vec<Registered>> {
-        self.block_on(async {
-            let mut uploaded = std::collections::BTreeSet::new();
-            for attempt in 0..MAX_CONFLICTS {
-                let (old, version) = match self.read_index().await? {
-                    Some((i, _, v)) => (Some(i), Some(v)),
-                    None => (None, None),
-                };
-                // Entries written before ddm recorded their classes are read from their blobs.
-                let cache = self.cache_dir();
-                for e in old.iter().flat_map(|i| i.experts.values().chain(i.router.iter())) {
-                    let blob = e.blob(&cache);
-                    if e.classes.is_none() && e.remote.is_none() && !blob.exists() {
-                        std::fs::create_dir_all(cache.join("blobs"))?;
-                        self.fetch_blob(e, &blob).await?;
-                    }
+        let mut uploaded = std::collections::BTreeSet::new();
+        let cache = self.cache_dir();
+        self.block_on(self.update(async |old: Option<Index>| {
+            // Entries written before ddm recorded their classes are read from their blobs.
+            for e in old.iter().flat_map(|i| i.experts.values().chain(i.router.iter())) {
+                let blob = e.blob(&cache);
+                if e.classes.is_none() && e.remote.is_none() && !blob.exists() {
+                    std::fs::create_dir_all(cache.join("blobs"))?;
+                    self.fetch_blob(e, &blob).await?;
                 }
-                let classes = |e: &Entry| e.classes(&cache);
-                let Plan {
-                    index,
-                    blobs,
-                    lines,
-                    changed,
-                } = plan(old, metas, partition, replace, &classes)?;
-                if !changed {
-                    return Ok(lines);
-                }
-                for (path, sha) in &blobs {
-                    if uploaded.insert(sha.clone()) {
-                        self.put_blob(path, sha).await?;
-                    }
-                }
-                if self.put_index(&index, version).await? {
-                    return Ok(lines);
-                }
-                let ms = 5 + rand::random_range(0..20 * u64::from(attempt.min(10) + 1));
-                tracing::debug!("{}: changed by another registration; retrying", self.name(INDEX));
-                tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            bail!(
-                "{}: gave up after {MAX_CONFLICTS} conflicting writes by other registrations",
-                self.name(INDEX)
-            )
-        })?
+            let Plan {
+                index,
+                blobs,
+                lines,
+                changed,
+            } = plan(old, metas, partition, replace, &|e| e.classes(&cache))?;
+            if !changed {
+                return Ok((None, lines));
+            }
+            // Blobs before the index that names them (once each, however many retries).
+            for (path, sha) in &blobs {
+                if uploaded.insert(sha.clone()) {
+                    self.put_blob(path, sha).await?;
+                }
+            }
+            Ok((Some(index), lines))
+        }))?
     }
 
     /// Remove an expert (by cluster) or the router.
     pub fn remove(&self, cluster: Option<usize>, router: bool) -> anyhow::Result<()> {
         let url = self.url.clone();
-        self.block_on(self.update(|idx| {
+        self.block_on(self.update(async |idx: Option<Index>| {
             let mut idx = idx.with_context(|| format!("{url}: no registry here"))?;
             if let Some(k) = cluster {
                 idx.experts
