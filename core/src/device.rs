@@ -12,23 +12,90 @@ use burn::prelude::*;
 use crate::error::{Error, Result};
 
 /// Which backend runs the tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceChoice {
     Cpu,
-    Wgpu,
+    Wgpu(WgpuChoice),
     Cuda,
+}
+
+/// Which graphics API and adapter the wgpu backend uses: `wgpu[:API][:ADAPTER]`, e.g.
+/// `wgpu`, `wgpu:vulkan`, `wgpu:gl:software`, `wgpu:vulkan:discrete-1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct WgpuChoice {
+    pub api: WgpuApi,
+    pub adapter: WgpuAdapter,
+}
+
+/// The graphics API under wgpu. `Auto` tries Vulkan first (on Linux the API of every GPU driver,
+/// and of Mesa's software lavapipe), then whatever else the platform offers (OpenGL ES, Metal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum WgpuApi {
+    #[default]
+    Auto,
+    Vulkan,
+    Gl,
+    Metal,
+    Dx12,
+}
+
+/// Which adapter: wgpu's choice (a high-power GPU first), the N-th discrete or integrated GPU,
+/// or a software rasteriser (lavapipe, llvmpipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum WgpuAdapter {
+    #[default]
+    Default,
+    Discrete(usize),
+    Integrated(usize),
+    Software,
 }
 
 impl FromStr for DeviceChoice {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "cpu" => Ok(DeviceChoice::Cpu),
-            "wgpu" => Ok(DeviceChoice::Wgpu),
-            "cuda" => Ok(DeviceChoice::Cuda),
+        let lower = s.to_ascii_lowercase();
+        let mut parts = lower.split(':');
+        let bad = |why: String| Error::Device(format!("device `{s}`: {why}"));
+        match parts.next().unwrap_or("") {
+            "cpu" if parts.clone().next().is_none() => Ok(DeviceChoice::Cpu),
+            "cuda" if parts.clone().next().is_none() => Ok(DeviceChoice::Cuda),
+            "wgpu" => {
+                let mut w = WgpuChoice::default();
+                for p in parts {
+                    let indexed = |prefix: &str| -> Option<Result<usize>> {
+                        let rest = p.strip_prefix(prefix)?;
+                        Some(match rest.strip_prefix('-') {
+                            None if rest.is_empty() => Ok(0),
+                            Some(n) => n.parse().map_err(|_| bad(format!("`{p}`: not an adapter index"))),
+                            None => Err(bad(format!("unknown wgpu option `{p}`"))),
+                        })
+                    };
+                    match p {
+                        "auto" => w.api = WgpuApi::Auto,
+                        "vulkan" => w.api = WgpuApi::Vulkan,
+                        "gl" | "opengl" | "gles" => w.api = WgpuApi::Gl,
+                        "metal" => w.api = WgpuApi::Metal,
+                        "dx12" => w.api = WgpuApi::Dx12,
+                        "default" => w.adapter = WgpuAdapter::Default,
+                        "software" | "cpu" => w.adapter = WgpuAdapter::Software,
+                        _ => {
+                            if let Some(i) = indexed("discrete") {
+                                w.adapter = WgpuAdapter::Discrete(i?);
+                            } else if let Some(i) = indexed("integrated") {
+                                w.adapter = WgpuAdapter::Integrated(i?);
+                            } else {
+                                return Err(bad(format!(
+                                    "unknown wgpu option `{p}` (APIs: vulkan, gl, metal, dx12; adapters: software, discrete[-N], integrated[-N])"
+                                )));
+                            }
+                        }
+                    }
+                }
+                Ok(DeviceChoice::Wgpu(w))
+            }
             _ => Err(Error::Device(format!(
-                "unknown device `{s}`: expected cpu, wgpu or cuda"
+                "unknown device `{s}`: expected cpu, wgpu[:API][:ADAPTER] (e.g. wgpu:vulkan:software) or cuda"
             ))),
         }
     }
@@ -36,11 +103,26 @@ impl FromStr for DeviceChoice {
 
 impl std::fmt::Display for DeviceChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DeviceChoice::Cpu => "cpu",
-            DeviceChoice::Wgpu => "wgpu",
-            DeviceChoice::Cuda => "cuda",
-        })
+        match self {
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda => f.write_str("cuda"),
+            DeviceChoice::Wgpu(w) => {
+                f.write_str("wgpu")?;
+                match w.api {
+                    WgpuApi::Auto => {}
+                    WgpuApi::Vulkan => f.write_str(":vulkan")?,
+                    WgpuApi::Gl => f.write_str(":gl")?,
+                    WgpuApi::Metal => f.write_str(":metal")?,
+                    WgpuApi::Dx12 => f.write_str(":dx12")?,
+                }
+                match w.adapter {
+                    WgpuAdapter::Default => Ok(()),
+                    WgpuAdapter::Software => f.write_str(":software"),
+                    WgpuAdapter::Discrete(i) => write!(f, ":discrete-{i}"),
+                    WgpuAdapter::Integrated(i) => write!(f, ":integrated-{i}"),
+                }
+            }
+        }
     }
 }
 
@@ -75,13 +157,120 @@ pub fn device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(cpu()),
         #[cfg(feature = "wgpu")]
-        DeviceChoice::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        DeviceChoice::Wgpu(w) => gpu::open(w),
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda => Ok(Device::cuda(0)),
         #[allow(unreachable_patterns)]
-        other => Err(Error::Device(format!(
-            "this ddm was built without the `{other}` backend; rebuild with `cargo build --release --features {other}`"
-        ))),
+        other => {
+            let feature = match other {
+                DeviceChoice::Cuda => "cuda",
+                _ => "wgpu",
+            };
+            Err(Error::Device(format!(
+                "this ddm was built without the `{feature}` backend (asked for `{other}`); rebuild with `cargo build --release --features {feature}`"
+            )))
+        }
+    }
+}
+
+/// Opening a wgpu device: the API and adapter chosen, and said.
+#[cfg(feature = "wgpu")]
+mod gpu {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use burn::backend::wgpu::graphics::{AutoGraphicsApi, Dx12, Metal, OpenGl, Vulkan};
+    use burn::backend::wgpu::{RuntimeOptions, WgpuSetup, try_init_setup};
+    use burn::prelude::Device;
+    use burn::tensor::DeviceKind;
+    use cubecl_wgpu::{WgpuBackend, WgpuDevice, WgpuDeviceKind};
+
+    use super::{WgpuAdapter, WgpuApi, WgpuChoice};
+    use crate::error::{Error, Result};
+
+    /// The adapter each choice got in this process (a wgpu runtime is set up once per device).
+    fn opened() -> &'static Mutex<HashMap<WgpuChoice, std::result::Result<String, String>>> {
+        static OPENED: OnceLock<Mutex<HashMap<WgpuChoice, std::result::Result<String, String>>>> =
+            OnceLock::new();
+        OPENED.get_or_init(Default::default)
+    }
+
+    fn kinds(a: WgpuAdapter) -> (DeviceKind, WgpuDeviceKind) {
+        match a {
+            WgpuAdapter::Default => (DeviceKind::DefaultDevice, WgpuDeviceKind::DefaultDevice),
+            WgpuAdapter::Discrete(i) => (DeviceKind::DiscreteGpu(i), WgpuDeviceKind::DiscreteGpu(i)),
+            WgpuAdapter::Integrated(i) => (DeviceKind::IntegratedGpu(i), WgpuDeviceKind::IntegratedGpu(i)),
+            WgpuAdapter::Software => (DeviceKind::Cpu, WgpuDeviceKind::Cpu),
+        }
+    }
+
+    fn setup(api: WgpuApi, device: &WgpuDevice) -> std::result::Result<WgpuSetup, String> {
+        let options = RuntimeOptions::default();
+        match api {
+            WgpuApi::Auto => try_init_setup::<AutoGraphicsApi>(device, options),
+            WgpuApi::Vulkan => try_init_setup::<Vulkan>(device, options),
+            WgpuApi::Gl => try_init_setup::<OpenGl>(device, options),
+            WgpuApi::Metal => try_init_setup::<Metal>(device, options),
+            WgpuApi::Dx12 => try_init_setup::<Dx12>(device, options),
+        }
+        .map_err(|e| format!("{e:?}"))
+    }
+
+    /// Set up the wgpu runtime for `w` (once per process) and log the adapter it got; the burn
+    /// device that uses it.
+    pub fn open(w: WgpuChoice) -> Result<Device> {
+        let (kind, wgpu_kind) = kinds(w.adapter);
+        let mut opened = opened().lock().unwrap_or_else(|e| e.into_inner());
+        let got = opened.entry(w).or_insert_with(|| {
+            // The device burn's `Device::wgpu(kind)` names: the runtime registered here serves it.
+            let device = WgpuDevice::new(wgpu_kind).on(WgpuBackend::Auto);
+            let result = match w.api {
+                // Vulkan first: probing OpenGL (EGL) on a headless Linux machine prints
+                // "XDG_RUNTIME_DIR is invalid or not set" and finds at best the same GPU.
+                WgpuApi::Auto => setup(WgpuApi::Vulkan, &device).or_else(|vulkan| {
+                    tracing::info!("wgpu: no Vulkan adapter ({vulkan}); trying the other APIs");
+                    setup(WgpuApi::Auto, &device)
+                }),
+                api => setup(api, &device),
+            };
+            result.map(|s| {
+                let i = s.adapter.get_info();
+                let software = matches!(i.device_type, cubecl_wgpu::wgpu::DeviceType::Cpu);
+                format!(
+                    "{} ({:?}, {}, driver {} {})",
+                    i.name,
+                    i.backend,
+                    if software { "software" } else { "hardware" },
+                    i.driver,
+                    i.driver_info
+                )
+            })
+        });
+        match got {
+            Ok(adapter) => {
+                tracing::info!("wgpu: {adapter}");
+                Ok(Device::wgpu(kind))
+            }
+            Err(e) => Err(Error::Device(format!(
+                "--device {}: no usable adapter: {e}. On a machine without a GPU, Mesa's software Vulkan (Debian: mesa-vulkan-drivers) provides one",
+                super::DeviceChoice::Wgpu(w)
+            ))),
+        }
+    }
+
+    /// The adapter the first `open(w)` of this process got, as logged.
+    pub fn adapter(w: WgpuChoice) -> Option<String> {
+        opened().lock().ok()?.get(&w)?.as_ref().ok().cloned()
+    }
+}
+
+/// The wgpu adapter a `--device wgpu...` got in this process ("NAME (API, hardware|software,
+/// driver ...)"), once it is open; None on other devices or builds without wgpu.
+pub fn adapter(choice: DeviceChoice) -> Option<String> {
+    match choice {
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu(w) => gpu::adapter(w),
+        _ => None,
     }
 }
 
@@ -97,8 +286,27 @@ mod tests {
                 .parse::<DeviceChoice>()
                 .unwrap_err()
                 .to_string()
-                .contains("cpu, wgpu or cuda")
+                .contains("expected cpu, wgpu")
         );
+        for s in [
+            "wgpu",
+            "wgpu:vulkan",
+            "wgpu:gl:software",
+            "wgpu:discrete-1",
+            "wgpu:vulkan:integrated-0",
+        ] {
+            assert_eq!(s.parse::<DeviceChoice>().unwrap().to_string(), s);
+        }
+        assert_eq!(
+            "wgpu:cpu".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Wgpu(WgpuChoice {
+                api: WgpuApi::Auto,
+                adapter: WgpuAdapter::Software
+            })
+        );
+        for bad in ["wgpu:vulkn", "wgpu:discrete-x", "cpu:1"] {
+            assert!(bad.parse::<DeviceChoice>().is_err(), "{bad}");
+        }
         #[cfg(not(feature = "cuda"))]
         assert!(
             device(DeviceChoice::Cuda)

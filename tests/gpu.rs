@@ -1,0 +1,371 @@
+//! The wgpu backend against the CPU (burn flex), on whatever adapter the machine has: in CI,
+//! Mesa's software Vulkan (lavapipe, Debian `mesa-vulkan-drivers`). A build with
+//! `--features wgpu` runs these: `cargo test --release --features wgpu --test gpu`.
+//!
+//! f32 on both sides; the GPU sums in another order, so values agree to a tolerance, not bits.
+#![cfg(feature = "wgpu")]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ddm_core::burn::optim::{GradientsParams, SgdConfig};
+use ddm_core::burn::prelude::*;
+use ddm_core::device::DeviceChoice;
+use ddm_core::host::{HostTensor, TensorFile};
+use ddm_core::model::ModelConfig;
+
+mod common;
+use common::{ok, registry_fixture};
+
+fn wgpu() -> Device {
+    ddm_core::device::device("wgpu".parse().unwrap())
+        .expect("a wgpu adapter (lavapipe: apt-get install mesa-vulkan-drivers)")
+}
+
+fn reference(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/reference")
+        .join(name)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The reference DiT's velocity, the gradient of a loss on it (the sum of its squares) with respect
+/// to its input, and every weight after one SGD step of rate 1 (so weight differences are gradient
+/// differences), on `device` (with autodiff).
+fn forward_and_gradients(name: &str, device: &Device) -> (Vec<f32>, Vec<f32>, BTreeMap<String, HostTensor>) {
+    let device = device.clone().autodiff();
+    let config: ModelConfig =
+        serde_json::from_str(&std::fs::read_to_string(reference(&format!("{name}.config.json"))).unwrap())
+            .unwrap();
+    let weights = reference(&format!("{name}.weights.safetensors"));
+    let file = TensorFile::read(&weights).unwrap();
+    let tensors = file
+        .names()
+        .map(|n| (n.to_string(), file.f32(n).unwrap()))
+        .collect();
+    let model = config.load(tensors, &weights, &device).unwrap();
+    let io = TensorFile::read(&reference(&format!("{name}.io.safetensors"))).unwrap();
+    let x_t = io.f32("x_t").unwrap().to_tensor::<4>(&device).require_grad();
+    let t = io.f32("t").unwrap().to_tensor::<1>(&device);
+    let y = io.contains("y").then(|| {
+        let y = io.i64("y").unwrap();
+        Tensor::<1, Int>::from_data(TensorData::new(y.data, y.shape), &device)
+    });
+    let v = model.predict(x_t.clone(), t, y);
+    let velocity = HostTensor::from_tensor(v.clone()).data;
+    let loss = (v.clone() * v).sum();
+    let grads = loss.backward();
+    let input_grad = HostTensor::from_tensor(x_t.grad(&grads).unwrap()).data;
+    let params = GradientsParams::from_grads(grads, &model);
+    let stepped = SgdConfig::new().init().step(1.0, model, params);
+    (velocity, input_grad, stepped.state_dict())
+}
+
+/// DiT forward and gradients on wgpu equal flex within 1e-4, at the reference shapes (with and
+/// without classes); the forward also equals PyTorch's output.
+#[test]
+fn dit_forward_and_gradients_on_wgpu_equal_flex() {
+    let gpu = wgpu();
+    let cpu = ddm_core::device::cpu();
+    for name in ["dit-small", "dit-class"] {
+        let (v_cpu, g_cpu, w_cpu) = forward_and_gradients(name, &cpu);
+        let (v_gpu, g_gpu, w_gpu) = forward_and_gradients(name, &gpu);
+        let want = TensorFile::read(&reference(&format!("{name}.io.safetensors")))
+            .unwrap()
+            .f32("v")
+            .unwrap()
+            .data;
+        let (dv, dp, dg) = (
+            max_diff(&v_cpu, &v_gpu),
+            max_diff(&v_gpu, &want),
+            max_diff(&g_cpu, &g_gpu),
+        );
+        // Each weight's gradient (its value before the step minus after), and the largest
+        // difference between the two devices relative to that parameter's largest gradient.
+        let before = TensorFile::read(&reference(&format!("{name}.weights.safetensors"))).unwrap();
+        let scale = |x: &[f32]| x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let mut dw = (0.0f32, String::new());
+        for (n, w) in &w_cpu {
+            let w0 = before.f32(n).unwrap().data;
+            let g: Vec<f32> = w0.iter().zip(&w.data).map(|(a, b)| a - b).collect();
+            let rel = max_diff(&w.data, &w_gpu[n].data) / scale(&g).max(1e-6);
+            if rel > dw.0 {
+                dw = (rel, n.clone());
+            }
+        }
+        let dg_rel = dg / scale(&g_cpu);
+        println!(
+            "{name}: velocity {dv:.2e} (vs PyTorch {dp:.2e}; max |v| {:.2}), input gradient {dg:.2e} ({dg_rel:.2e} of its max), weight gradients {:.2e} of their max ({})",
+            scale(&v_cpu),
+            dw.0,
+            dw.1
+        );
+        assert!(
+            dv <= 1e-4 && dp <= 1e-4,
+            "{name}: forward differs by {dv} (PyTorch: {dp})"
+        );
+        assert!(
+            dg_rel <= 1e-4,
+            "{name}: input gradient differs by {dg} ({dg_rel} relative)"
+        );
+        assert!(
+            dw.0 <= 1e-4,
+            "{name}: the gradient of {} differs by {} of its largest value",
+            dw.1,
+            dw.0
+        );
+    }
+}
+
+fn ddm_on(dir: &Path, bin: &str, args: &[&str]) -> Output {
+    Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("JOB_COMPLETION_INDEX")
+        .output()
+        .unwrap()
+}
+
+fn tensor(path: &Path, name: &str) -> Vec<f32> {
+    TensorFile::read(path).unwrap().f32(name).unwrap().data
+}
+
+/// Every verb that runs a model takes `--device wgpu` and names the adapter: an island trains on
+/// wgpu and its checkpoint predicts the same on the CPU; a router trains; routed sampling equals
+/// the CPU's at a fixed seed; `ddm serve` answers on wgpu.
+#[test]
+fn every_verb_runs_on_wgpu_and_agrees_with_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    registry_fixture(d, 2); // partition `p` of a 2-D Gaussian mixture
+    let ddm = env!("CARGO_BIN_EXE_ddm");
+    let island = ok(ddm_on(
+        d,
+        env!("CARGO_BIN_EXE_ddm-trainer"),
+        &[
+            "--partition",
+            "p",
+            "--cluster",
+            "0",
+            "--out",
+            "e0",
+            "--model",
+            "mlp",
+            "--steps",
+            "200",
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            "10",
+            "--device",
+            "wgpu",
+        ],
+    ));
+    assert!(island.contains("wrote e0/expert.safetensors"), "{island}");
+    // "XDG_RUNTIME_DIR is invalid or not set" comes from libwayland-client, which Mesa's Vulkan
+    // drivers (lavapipe too) load and which looks for a Wayland display when the driver starts
+    // (`vulkaninfo` prints it as well); with the variable set, as in a login session, it is gone.
+    let xdg = d.join("xdg");
+    std::fs::create_dir(&xdg).unwrap();
+    std::fs::set_permissions(&xdg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let out = Command::new(ddm)
+        .args([
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            "1",
+            "--out",
+            "e1",
+            "--model",
+            "mlp",
+            "--steps",
+            "200",
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            "10",
+            "--device",
+            "wgpu",
+        ])
+        .current_dir(d)
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("JOB_COMPLETION_INDEX")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("wgpu: "), "the adapter is named: {log}");
+    assert!(!log.contains("XDG_RUNTIME_DIR"), "{log}");
+    ok(ddm_on(
+        d,
+        ddm,
+        &[
+            "train-router",
+            "--partition",
+            "p",
+            "--out",
+            "r",
+            "--model",
+            "mlp",
+            "--steps",
+            "5",
+            "--eval-samples",
+            "50",
+            "--device",
+            "wgpu",
+        ],
+    ));
+    ok(ddm_on(
+        d,
+        ddm,
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "e0/expert.safetensors",
+            "e1/expert.safetensors",
+            "r/router.safetensors",
+        ],
+    ));
+
+    // predict: the wgpu-trained checkpoint on both devices.
+    let n = 64;
+    let x: Vec<f32> = (0..n * 2)
+        .map(|i| ((i * 7919 % 200) as f32 - 100.0) / 25.0)
+        .collect();
+    let t: Vec<f32> = (0..n).map(|i| (i as f32 + 0.5) / n as f32).collect();
+    ddm_core::host::write_tensors(
+        &d.join("in.safetensors"),
+        &BTreeMap::from([
+            ("x_t".to_string(), HostTensor::new(vec![n, 2], x)),
+            ("t".to_string(), HostTensor::new(vec![n], t)),
+        ]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    for dev in ["cpu", "wgpu"] {
+        ok(ddm_on(
+            d,
+            ddm,
+            &[
+                "predict",
+                "--checkpoint",
+                "e0/expert.safetensors",
+                "--input",
+                "in.safetensors",
+                "--out",
+                &format!("v-{dev}.safetensors"),
+                "--device",
+                dev,
+            ],
+        ));
+    }
+    let v_cpu = tensor(&d.join("v-cpu.safetensors"), "v");
+    let dv = max_diff(&v_cpu, &tensor(&d.join("v-wgpu.safetensors"), "v"));
+    let v_scale = v_cpu.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(
+        v_scale > 0.1,
+        "the trained expert predicts ~0 (max |v| {v_scale}): nothing to compare"
+    );
+    println!("predict: wgpu vs cpu {dv:.2e} (max |v| {v_scale:.2})");
+    assert!(dv <= 1e-4, "predict differs by {dv}");
+
+    // sample: the routed ensemble (learned router, full strategy) from the same noise.
+    for dev in ["cpu", "wgpu"] {
+        ok(ddm_on(
+            d,
+            ddm,
+            &[
+                "sample",
+                "--registry",
+                "reg",
+                "--strategy",
+                "full",
+                "--n",
+                "32",
+                "--steps",
+                "8",
+                "--seed",
+                "5",
+                "--out",
+                &format!("s-{dev}.png"),
+                "--device",
+                dev,
+                "--quiet",
+            ],
+        ));
+    }
+    let ds = max_diff(
+        &tensor(&d.join("s-cpu.safetensors"), "x0"),
+        &tensor(&d.join("s-wgpu.safetensors"), "x0"),
+    );
+    println!("sample: wgpu vs cpu {ds:.2e}");
+    assert!(ds <= 1e-3, "routed samples differ by {ds}");
+
+    // serve: one velocity request answered by an expert on wgpu.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(ddm)
+        .args([
+            "serve",
+            "--registry",
+            "reg",
+            "--experts",
+            "0",
+            "--device",
+            "wgpu",
+            "--listen",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = ddm_ensemble::remote::Client::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    let start = std::time::Instant::now();
+    while client.metadata().is_err() {
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "ddm serve --device wgpu did not answer"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let input = TensorFile::read(&d.join("in.safetensors")).unwrap();
+    let request = ddm_ensemble::remote::Request {
+        x_t: input.f32("x_t").unwrap(),
+        t: input.f32("t").unwrap().data,
+        y: None,
+        c: None,
+    };
+    let served = client.velocity(0, &request).unwrap();
+    let dserve = max_diff(&served.data, &tensor(&d.join("v-cpu.safetensors"), "v"));
+    println!("serve: wgpu vs cpu {dserve:.2e}");
+    assert!(dserve <= 1e-4, "served velocity differs by {dserve}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// `--device` names an API and an adapter; a bad one is refused with the choices.
+#[test]
+fn device_choices_parse_and_a_software_adapter_is_named() {
+    let soft: DeviceChoice = "wgpu:software".parse().unwrap();
+    if ddm_core::device::device(soft).is_ok() {
+        let adapter = ddm_core::device::adapter(soft).unwrap();
+        println!("software adapter: {adapter}");
+        assert!(adapter.contains("software"), "{adapter}");
+    }
+    let e = "wgpu:vulkn".parse::<DeviceChoice>().unwrap_err().to_string();
+    assert!(e.contains("vulkan, gl"), "{e}");
+}
