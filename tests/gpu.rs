@@ -136,6 +136,20 @@ fn tensor(path: &Path, name: &str) -> Vec<f32> {
     TensorFile::read(path).unwrap().f32(name).unwrap().data
 }
 
+/// An MLP island trained long enough on wgpu that its velocity is far from 0.
+const ISLAND: [&str; 10] = [
+    "--model",
+    "mlp",
+    "--steps",
+    "200",
+    "--lr",
+    "1e-2",
+    "--warmup-steps",
+    "10",
+    "--device",
+    "wgpu",
+];
+
 /// Every verb that runs a model takes `--device wgpu` and names the adapter: an island trains on
 /// wgpu and its checkpoint predicts the same on the CPU; a router trains; routed sampling equals
 /// the CPU's at a fixed seed; `ddm serve` answers on wgpu.
@@ -149,23 +163,10 @@ fn every_verb_runs_on_wgpu_and_agrees_with_the_cpu() {
         d,
         env!("CARGO_BIN_EXE_ddm-trainer"),
         &[
-            "--partition",
-            "p",
-            "--cluster",
-            "0",
-            "--out",
-            "e0",
-            "--model",
-            "mlp",
-            "--steps",
-            "200",
-            "--lr",
-            "1e-2",
-            "--warmup-steps",
-            "10",
-            "--device",
-            "wgpu",
-        ],
+            &["--partition", "p", "--cluster", "0", "--out", "e0"][..],
+            &ISLAND,
+        ]
+        .concat(),
     ));
     assert!(island.contains("wrote e0/expert.safetensors"), "{island}");
     // "XDG_RUNTIME_DIR is invalid or not set" comes from libwayland-client, which Mesa's Vulkan
@@ -175,25 +176,8 @@ fn every_verb_runs_on_wgpu_and_agrees_with_the_cpu() {
     std::fs::create_dir(&xdg).unwrap();
     std::fs::set_permissions(&xdg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let out = Command::new(ddm)
-        .args([
-            "train",
-            "--partition",
-            "p",
-            "--cluster",
-            "1",
-            "--out",
-            "e1",
-            "--model",
-            "mlp",
-            "--steps",
-            "200",
-            "--lr",
-            "1e-2",
-            "--warmup-steps",
-            "10",
-            "--device",
-            "wgpu",
-        ])
+        .args(["train", "--partition", "p", "--cluster", "1", "--out", "e1"])
+        .args(ISLAND)
         .current_dir(d)
         .env("XDG_RUNTIME_DIR", &xdg)
         .env_remove("SLURM_ARRAY_TASK_ID")

@@ -93,6 +93,33 @@ pub(crate) fn parse_index(text: &[u8], name: &str) -> anyhow::Result<Index> {
 }
 
 impl Index {
+    /// Every entry: experts, statistics, the router.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.experts
+            .values()
+            .chain(self.stats.values())
+            .chain(self.router.iter())
+    }
+
+    /// The entries with a blob (all but served experts).
+    pub fn blob_entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries().filter(|e| e.remote.is_none())
+    }
+
+    /// Remove the expert of `cluster` (with its statistics) and/or the router.
+    pub fn remove(&mut self, cluster: Option<usize>, router: bool) -> anyhow::Result<()> {
+        if let Some(k) = cluster {
+            self.experts
+                .remove(&k)
+                .with_context(|| format!("no expert for cluster {k}"))?;
+            self.stats.remove(&k);
+        }
+        if router {
+            self.router.take().context("no router registered")?;
+        }
+        Ok(())
+    }
+
     /// What the sampler relies on: K >= 1, a data shape with values, entries only for clusters
     /// 0..K, one prior per cluster, and every sha256 64 hex digits (a blob path built from it stays
     /// inside `blobs/`).
@@ -113,12 +140,7 @@ impl Index {
                 bail!("{what} for cluster {c}, but k = {}", self.k);
             }
         }
-        let entries = self
-            .experts
-            .values()
-            .chain(self.stats.values())
-            .chain(self.router.iter());
-        for e in entries {
+        for e in self.entries() {
             if e.sha256.len() != 64
                 || !e
                     .sha256

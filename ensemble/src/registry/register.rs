@@ -574,15 +574,7 @@ fn lock_registry(dir: &Path) -> anyhow::Result<File> {
 pub fn remove(dir: &Path, cluster: Option<usize>, router: bool) -> anyhow::Result<()> {
     let _lock = lock_registry(dir)?;
     let mut idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
-    if let Some(k) = cluster {
-        idx.experts
-            .remove(&k)
-            .with_context(|| format!("no expert for cluster {k}"))?;
-        idx.stats.remove(&k);
-    }
-    if router {
-        idx.router.take().context("no router registered")?;
-    }
+    idx.remove(cluster, router)?;
     ddm_core::fsio::write_bytes_atomic(&dir.join(INDEX), &serde_json::to_vec_pretty(&idx)?)?;
     Ok(())
 }
@@ -593,14 +585,7 @@ pub fn remove(dir: &Path, cluster: Option<usize>, router: bool) -> anyhow::Resul
 pub fn gc(dir: &Path, dry_run: bool) -> anyhow::Result<(Vec<PathBuf>, u64)> {
     let _lock = lock_registry(dir)?;
     let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
-    let named: std::collections::BTreeSet<PathBuf> = idx
-        .experts
-        .values()
-        .chain(idx.stats.values())
-        .chain(idx.router.iter())
-        .filter(|e| e.remote.is_none())
-        .map(|e| e.blob(dir))
-        .collect();
+    let named: std::collections::BTreeSet<PathBuf> = idx.blob_entries().map(|e| e.blob(dir)).collect();
     let blobs = dir.join("blobs");
     let mut orphans = vec![];
     let mut bytes = 0;

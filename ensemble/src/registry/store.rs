@@ -364,15 +364,7 @@ impl StoreRegistry {
         let url = self.url.clone();
         self.block_on(self.update(async |idx: Option<Index>| {
             let mut idx = idx.with_context(|| format!("{url}: no registry here"))?;
-            if let Some(k) = cluster {
-                idx.experts
-                    .remove(&k)
-                    .with_context(|| format!("no expert for cluster {k}"))?;
-                idx.stats.remove(&k);
-            }
-            if router {
-                idx.router.take().context("no router registered")?;
-            }
+            idx.remove(cluster, router)?;
             Ok((Some(idx), ()))
         }))?
     }
@@ -384,9 +376,13 @@ impl StoreRegistry {
             .join(&sha256_hex(self.url.as_bytes())[..16])
     }
 
-    /// Download a blob to `dest`, hashing it on the way; refused (and not kept) unless it hashes
-    /// to the entry's sha256.
-    async fn fetch_blob(&self, e: &Entry, dest: &Path) -> anyhow::Result<()> {
+    /// Stream an entry's blob through `sink`, hashing it on the way; its sha256. Errors name the
+    /// object's URL.
+    async fn stream_blob(
+        &self,
+        e: &Entry,
+        mut sink: impl FnMut(&[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<String> {
         let rel = Self::blob_rel(&e.sha256);
         let name = self.name(&rel);
         let got = self
@@ -394,20 +390,31 @@ impl StoreRegistry {
             .get(&self.path(&rel))
             .await
             .with_context(|| format!("fetching {name} (named by {})", self.name(INDEX)))?;
-        let dir = dest.parent().context("a blob path has a parent")?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".ddm-fetch-")
-            .tempfile_in(dir)
-            .with_context(|| format!("creating a file in {}", dir.display()))?;
         let mut hash = Sha256Stream::default();
         let mut stream = got.into_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.with_context(|| format!("fetching {name}"))?;
             hash.update(&chunk);
-            std::io::Write::write_all(&mut tmp, &chunk)
-                .with_context(|| format!("writing {}", dest.display()))?;
+            sink(&chunk)?;
         }
-        let got = hash.finish();
+        Ok(hash.finish())
+    }
+
+    /// Download a blob to `dest`, hashing it on the way; refused (and not kept) unless it hashes
+    /// to the entry's sha256.
+    async fn fetch_blob(&self, e: &Entry, dest: &Path) -> anyhow::Result<()> {
+        let name = self.name(&Self::blob_rel(&e.sha256));
+        let dir = dest.parent().context("a blob path has a parent")?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".ddm-fetch-")
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a file in {}", dir.display()))?;
+        let got = self
+            .stream_blob(e, |chunk| {
+                std::io::Write::write_all(&mut tmp, chunk)
+                    .with_context(|| format!("writing {}", dest.display()))
+            })
+            .await?;
         if got != e.sha256 {
             bail!(
                 "{name}: hashes to {got}, but the registry names {} (a corrupted or replaced blob); not used",
@@ -431,12 +438,7 @@ impl StoreRegistry {
                 .read_index()
                 .await?
                 .with_context(|| format!("{}: no registry here", self.url))?;
-            let entries = idx
-                .experts
-                .values()
-                .chain(idx.stats.values())
-                .chain(idx.router.iter());
-            for e in entries.filter(|e| e.remote.is_none()) {
+            for e in idx.blob_entries() {
                 let dest = e.blob(&cache);
                 if dest.exists() && sha256_file(&dest)? == e.sha256 {
                     continue;
@@ -460,18 +462,9 @@ impl StoreRegistry {
             .index()?
             .with_context(|| format!("{}: no registry here", self.url))?;
         Ok(super::publish::verify_index(&idx, &|e| {
-            let rel = Self::blob_rel(&e.sha256);
-            let name = self.name(&rel);
-            let hash = self.block_on(async {
-                let got = self.store.get(&self.path(&rel)).await?;
-                let mut hash = Sha256Stream::default();
-                let mut stream = got.into_stream();
-                while let Some(chunk) = stream.next().await {
-                    hash.update(&chunk?);
-                }
-                Ok::<_, object_store::Error>(hash.finish())
-            })?;
-            Ok((name.clone(), hash.with_context(|| format!("fetching {name}"))?))
+            let name = self.name(&Self::blob_rel(&e.sha256));
+            let hash = self.block_on(self.stream_blob(e, |_| Ok(())))?;
+            Ok((name, hash?))
         }))
     }
 
@@ -485,14 +478,8 @@ impl StoreRegistry {
         let idx = self
             .index()?
             .with_context(|| format!("{}: no registry here", self.url))?;
-        let named: std::collections::BTreeSet<String> = idx
-            .experts
-            .values()
-            .chain(idx.stats.values())
-            .chain(idx.router.iter())
-            .filter(|e| e.remote.is_none())
-            .map(|e| Self::blob_rel(&e.sha256))
-            .collect();
+        let named: std::collections::BTreeSet<String> =
+            idx.blob_entries().map(|e| Self::blob_rel(&e.sha256)).collect();
         self.block_on(async {
             let prefix = self.path("blobs");
             let mut listed = self.store.list(Some(&prefix));
