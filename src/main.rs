@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Commands {
-    /// Turn PyTorch weights (a PyTorch-named state dict + a JSON config) into a ddm checkpoint.
+    /// Turn PyTorch weights (a PyTorch-named state dict + a JSON config) or a diffusers
+    /// AutoencoderKL directory into a ddm checkpoint.
     Import(commands::import::ImportArgs),
     /// Run a checkpoint on tensors from a file: reads `x_t`, `t` (and `y`), writes the velocity `v`.
     Predict(commands::predict::PredictArgs),
@@ -34,6 +35,10 @@ enum Commands {
     Train(commands::train::TrainArgs),
     /// Train the router: which cluster did a noised sample come from? (p(k | x_t, t))
     TrainRouter(commands::train_router::TrainRouterArgs),
+    /// Train the VAE whose latents experts can be trained on (AutoencoderKL, diffusers' names).
+    TrainAutoencoder(commands::train_autoencoder::TrainAutoencoderArgs),
+    /// Encode images into a VAE's latent space: a `tensors:` dataset to partition and train on.
+    Encode(commands::encode::EncodeArgs),
     /// Evaluate a router per noise level: accuracy, cross-entropy, calibration.
     EvalRouter(commands::eval_router::EvalRouterArgs),
     /// Add experts and a router to a registry (verified; concurrent-safe).
@@ -69,6 +74,8 @@ fn main() -> ExitCode {
         Commands::Data(args) => commands::data::run(args).map(|()| 0),
         Commands::Train(args) => commands::train::run(args),
         Commands::TrainRouter(args) => commands::train_router::run(args),
+        Commands::TrainAutoencoder(args) => commands::train_autoencoder::run(args),
+        Commands::Encode(args) => commands::encode::run(args).map(|()| 0),
         Commands::EvalRouter(args) => commands::eval_router::run(args).map(|()| 0),
         Commands::Register(args) => commands::register::register(args).map(|()| 0),
         Commands::Registry(args) => commands::register::registry_cmd(args).map(|()| 0),

@@ -29,6 +29,8 @@ fn help_lists_every_verb_and_each_has_help() {
         "data",
         "train",
         "train-router",
+        "train-autoencoder",
+        "encode",
         "eval-router",
         "register",
         "registry",

@@ -27,6 +27,7 @@ fn tiny_partition(dir: &Path) -> PathBuf {
         class_names: None,
         mixture: None,
         cond: None,
+        latent: None,
     };
     let c = PartitionConfig {
         k: 2,

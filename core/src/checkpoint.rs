@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::flow::DdpmSchedule;
 use crate::host::{HostTensor, TensorFile};
 use crate::model::{Model, ModelConfig};
+use crate::vae::{AutoencoderKL, LatentSpace};
 
 /// The checkpoint format version this build writes and reads.
 /// The checkpoint format this build writes. Version 2 is version 1 whose metadata must carry its
@@ -36,6 +37,9 @@ pub enum Role {
     Router,
     /// The image classifier whose features `ddm eval` measures samples in.
     Classifier,
+    /// The VAE whose latents experts are trained on (`ddm train-autoencoder`, `ddm import --from
+    /// diffusers-vae`).
+    Autoencoder,
 }
 
 /// What the network predicts.
@@ -92,6 +96,9 @@ pub struct CheckpointMeta {
     /// A router's cluster priors w_k.
     #[serde(default)]
     pub priors: Option<Vec<f64>>,
+    /// The latent space a model was trained in (None: pixel space or plain vectors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent: Option<LatentSpace>,
     /// A router conditioned on per-sample conditioning vectors: their length (the data's `c`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition_dim: Option<usize>,
@@ -130,6 +137,11 @@ impl CheckpointMeta {
         Self::new(Role::Classifier, model, range, Objective::Velocity)
     }
 
+    /// Metadata for a VAE (`model` is `ModelConfig::Vae`) of images in `range`.
+    pub fn autoencoder(model: ModelConfig, range: [f32; 2]) -> Self {
+        Self::new(Role::Autoencoder, model, range, Objective::Velocity)
+    }
+
     fn new(role: Role, model: ModelConfig, range: [f32; 2], objective: Objective) -> Self {
         Self {
             format_version: FORMAT_VERSION,
@@ -148,6 +160,7 @@ impl CheckpointMeta {
             source: None,
             extra: BTreeMap::new(),
             condition_dim: None,
+            latent: None,
             tensors_sha256: String::new(),
         }
     }
@@ -259,6 +272,29 @@ impl Checkpoint {
             tensors.insert(name.to_string(), file.f32(name)?);
         }
         Ok(Self { meta, tensors })
+    }
+
+    /// Build the VAE a `Role::Autoencoder` checkpoint holds, checking every tensor name and shape.
+    pub fn autoencoder(&self, path: &Path, device: &Device) -> Result<AutoencoderKL> {
+        let ModelConfig::Vae(config) = &self.meta.model else {
+            return Err(Error::BadMetadata {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "holds a {:?} ({}), not an autoencoder",
+                    self.meta.role,
+                    self.meta.model.arch()
+                ),
+            });
+        };
+        config.load(self.tensors.clone(), path, device)
+    }
+
+    /// The latent space of the VAE this checkpoint holds (its tensors' sha256 names it).
+    pub fn latent_space(&self) -> Option<LatentSpace> {
+        match &self.meta.model {
+            ModelConfig::Vae(c) => Some(LatentSpace::of(c, &self.meta.tensors_sha256)),
+            _ => None,
+        }
     }
 
     /// Build the model on `device`, checking every tensor name and shape. `path` is named in errors.

@@ -4,6 +4,8 @@
 //!   step schedules, Euler/Heun integration, the [`flow::VelocityField`] trait experts implement,
 //!   and the epsilon -> velocity adapter.
 //! - [`dit`], [`mlp`], [`model`]: the networks (DiT as the PyTorch reference; an MLP for vectors).
+//! - [`vae`]: the AutoencoderKL latents come from (diffusers' names), and the [`vae::LatentSpace`]
+//!   experts trained on latents record.
 //! - [`checkpoint`]: the checkpoint file format (safetensors + `ddm` metadata), [`host`] tensors
 //!   and files, [`params`] for PyTorch-named state dicts, [`fsio`] for atomic writes, [`digest`]
 //!   for sha256 fingerprints, [`stats`] for the per-cluster statistics file.
@@ -27,6 +29,7 @@ pub mod model;
 pub mod params;
 pub mod progress;
 pub mod stats;
+pub mod vae;
 
 pub use burn;
 pub use error::{Error, Result};

@@ -133,8 +133,7 @@ impl MlpConfig {
                 src,
                 "t_embedder",
                 d,
-                self.frequency_embedding_size,
-                self.t_scale,
+                (self.frequency_embedding_size, self.t_scale, 0.0),
             )?,
             y_embedder: if self.num_classes > 0 {
                 Some(src.embedding(

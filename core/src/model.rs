@@ -14,14 +14,19 @@ use crate::flow::VelocityField;
 use crate::host::HostTensor;
 use crate::mlp::{Mlp, MlpConfig};
 use crate::params::{ParamSource, RandomInit, StateLoader};
+use crate::vae::AutoencoderKLConfig;
 
-/// A model's architecture and hyper-parameters. Serialised with an `arch` tag (`"dit"`, `"mlp"`),
-/// as in checkpoint metadata and `ddm import --config`.
+/// A model's architecture and hyper-parameters. Serialised with an `arch` tag (`"dit"`, `"mlp"`,
+/// `"vae"`), as in checkpoint metadata and `ddm import --config`.
+///
+/// `Vae` is the autoencoder latents come from: a checkpoint can hold it, but it is not a velocity
+/// field ([`ModelConfig::build`] refuses it; [`AutoencoderKLConfig::build`] builds it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "arch", rename_all = "lowercase")]
 pub enum ModelConfig {
     Dit(DiTConfig),
     Mlp(MlpConfig),
+    Vae(AutoencoderKLConfig),
 }
 
 impl ModelConfig {
@@ -67,6 +72,7 @@ impl ModelConfig {
                 c.validate()?;
                 Ok(ModelConfig::Mlp(c))
             }
+            ModelConfig::Vae(_) => Err(not_a_velocity_field()),
         }
     }
 
@@ -75,6 +81,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.validate(),
             ModelConfig::Mlp(c) => c.validate(),
+            ModelConfig::Vae(c) => c.validate(),
         }
     }
 
@@ -83,6 +90,7 @@ impl ModelConfig {
         4.0 * match self {
             ModelConfig::Dit(c) => c.activation_floats_per_sample(),
             ModelConfig::Mlp(c) => c.activation_floats_per_sample(),
+            ModelConfig::Vae(c) => c.activation_floats_per_sample(),
         }
     }
 
@@ -90,6 +98,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(_) => "dit",
             ModelConfig::Mlp(_) => "mlp",
+            ModelConfig::Vae(_) => "vae",
         }
     }
 
@@ -98,6 +107,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => vec![c.in_channels, c.input_size, c.input_size],
             ModelConfig::Mlp(c) => vec![c.dim],
+            ModelConfig::Vae(c) => c.image_shape(),
         }
     }
 
@@ -107,6 +117,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.num_classes,
             ModelConfig::Mlp(c) => c.num_classes,
+            ModelConfig::Vae(_) => 0,
         }
     }
 
@@ -116,6 +127,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.class_rows() > c.num_classes,
             ModelConfig::Mlp(c) => c.class_rows() > c.num_classes,
+            ModelConfig::Vae(_) => false,
         }
     }
 
@@ -123,6 +135,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.flops_per_sample(),
             ModelConfig::Mlp(c) => c.flops_per_sample(),
+            ModelConfig::Vae(c) => c.flops_per_sample(),
         }
     }
 
@@ -130,6 +143,7 @@ impl ModelConfig {
         Ok(match self {
             ModelConfig::Dit(c) => Model::Dit(c.build(src)?),
             ModelConfig::Mlp(c) => Model::Mlp(c.build(src)?),
+            ModelConfig::Vae(_) => return Err(not_a_velocity_field()),
         })
     }
 
@@ -151,6 +165,12 @@ impl ModelConfig {
         loader.finish(self.arch())?;
         Ok(model)
     }
+}
+
+fn not_a_velocity_field() -> Error {
+    Error::InvalidConfig(
+        "an autoencoder (arch \"vae\") is not a velocity field: it encodes and decodes latents, it cannot be an expert, router or classifier".into(),
+    )
 }
 
 /// A DiT or an MLP. (Models are few and long-lived, so the size gap between variants is moot.)

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use burn::module::{Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Embedding, EmbeddingConfig, Linear};
+use burn::nn::{Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, Linear, PaddingConfig2d};
 use burn::prelude::*;
 use rand::SeedableRng;
 use rand_distr::{Distribution as _, StandardNormal, Uniform};
@@ -33,6 +33,33 @@ pub enum Init {
     Normal(f64),
     /// Zeros (adaLN-Zero modulation and output layers).
     Zeros,
+    /// PyTorch's default for Conv and Linear weights: U(-b, b), b = 1 / sqrt(fan_in).
+    FanIn,
+}
+
+/// A convolution's geometry: square kernel, stride, and zero padding (top, left, bottom, right;
+/// asymmetric for the VAE's downsampler).
+#[derive(Debug, Clone, Copy)]
+pub struct ConvSpec {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: [usize; 4],
+}
+
+impl ConvSpec {
+    /// A `kernel x kernel` convolution, stride 1, padded to keep the size (odd kernels).
+    pub fn same(c_in: usize, c_out: usize, kernel: usize) -> Self {
+        let p = kernel / 2;
+        Self {
+            c_in,
+            c_out,
+            kernel,
+            stride: 1,
+            padding: [p; 4],
+        }
+    }
 }
 
 /// Where a model's parameters come from. Linear biases are zero when initialised.
@@ -49,6 +76,11 @@ pub trait ParamSource {
         patch: usize,
         init: Init,
     ) -> Result<Conv2d>;
+    /// A convolution `name.weight` `[c_out, c_in, k, k]`, `name.bias` `[c_out]` (zero when
+    /// initialised).
+    fn conv(&mut self, name: &str, spec: ConvSpec, init: Init) -> Result<Conv2d>;
+    /// A GroupNorm with affine parameters `name.weight` (ones) and `name.bias` (zeros), `[channels]`.
+    fn group_norm(&mut self, name: &str, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm>;
     /// An embedding table: `name.weight` `[n, d]`.
     fn embedding(&mut self, name: &str, n: usize, d: usize, init: Init) -> Result<Embedding>;
     /// A fixed (untrained) buffer such as `pos_embed`; `computed` is its value when initialising.
@@ -80,13 +112,50 @@ fn linear_from(name: &str, w_out_in: &HostTensor, b: &HostTensor, device: &Devic
 }
 
 fn conv_from(name: &str, w: &HostTensor, b: &HostTensor, patch: usize, device: &Device) -> Conv2d {
-    let (c_out, c_in) = (w.shape[0], w.shape[1]);
-    let mut conv = Conv2dConfig::new([c_in, c_out], [patch, patch])
-        .with_stride([patch, patch])
+    let spec = ConvSpec {
+        c_in: w.shape[1],
+        c_out: w.shape[0],
+        kernel: patch,
+        stride: patch,
+        padding: [0; 4],
+    };
+    conv_spec_from(name, spec, w, b, device)
+}
+
+fn conv_spec_from(name: &str, spec: ConvSpec, w: &HostTensor, b: &HostTensor, device: &Device) -> Conv2d {
+    let [top, left, bottom, right] = spec.padding;
+    let mut conv = Conv2dConfig::new([spec.c_in, spec.c_out], [spec.kernel, spec.kernel])
+        .with_stride([spec.stride, spec.stride])
+        .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
         .init(device);
     conv.weight = named_param(&format!("{name}.weight"), w.to_tensor::<4>(device));
     conv.bias = Some(named_param(&format!("{name}.bias"), b.to_tensor::<1>(device)));
     conv
+}
+
+fn group_norm_from(
+    name: &str,
+    groups: usize,
+    eps: f64,
+    w: &HostTensor,
+    b: &HostTensor,
+    device: &Device,
+) -> GroupNorm {
+    let mut norm = GroupNormConfig::new(groups, w.shape[0])
+        .with_epsilon(eps)
+        .init(device);
+    norm.gamma = Some(named_param(&format!("{name}.weight"), w.to_tensor::<1>(device)));
+    norm.beta = Some(named_param(&format!("{name}.bias"), b.to_tensor::<1>(device)));
+    norm
+}
+
+fn check_groups(name: &str, groups: usize, channels: usize) -> Result<()> {
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        return Err(Error::InvalidConfig(format!(
+            "{name}: {channels} channels cannot be split into {groups} groups"
+        )));
+    }
+    Ok(())
 }
 
 fn embedding_from(name: &str, w: &HostTensor, device: &Device) -> Embedding {
@@ -120,6 +189,11 @@ impl RandomInit {
                     (std * z) as f32
                 })
                 .collect(),
+            Init::FanIn => {
+                let a = (1.0 / fan_in.max(1) as f64).sqrt() as f32;
+                let u = Uniform::new_inclusive(-a, a).expect("fan-in bound is finite and positive");
+                (0..n).map(|_| u.sample(&mut self.rng)).collect()
+            }
             Init::Xavier => {
                 let a = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
                 let u = Uniform::new_inclusive(-a, a).expect("xavier bound is finite and positive");
@@ -153,6 +227,25 @@ impl ParamSource for RandomInit {
         let w = self.fill(vec![c_out, c_in, patch, patch], c_in * patch * patch, c_out, init);
         let b = HostTensor::new(vec![c_out], vec![0.0; c_out]);
         Ok(conv_from(name, &w, &b, patch, &self.device))
+    }
+
+    fn conv(&mut self, name: &str, spec: ConvSpec, init: Init) -> Result<Conv2d> {
+        let k2 = spec.kernel * spec.kernel;
+        let w = self.fill(
+            vec![spec.c_out, spec.c_in, spec.kernel, spec.kernel],
+            spec.c_in * k2,
+            spec.c_out * k2,
+            init,
+        );
+        let b = HostTensor::new(vec![spec.c_out], vec![0.0; spec.c_out]);
+        Ok(conv_spec_from(name, spec, &w, &b, &self.device))
+    }
+
+    fn group_norm(&mut self, name: &str, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+        check_groups(name, groups, channels)?;
+        let w = HostTensor::new(vec![channels], vec![1.0; channels]);
+        let b = HostTensor::new(vec![channels], vec![0.0; channels]);
+        Ok(group_norm_from(name, groups, eps, &w, &b, &self.device))
     }
 
     fn embedding(&mut self, name: &str, n: usize, d: usize, init: Init) -> Result<Embedding> {
@@ -243,6 +336,20 @@ impl ParamSource for StateLoader {
         Ok(conv_from(name, &w, &b, patch, &self.device))
     }
 
+    fn conv(&mut self, name: &str, spec: ConvSpec, _init: Init) -> Result<Conv2d> {
+        let k = spec.kernel;
+        let w = self.take(&format!("{name}.weight"), &[spec.c_out, spec.c_in, k, k])?;
+        let b = self.take(&format!("{name}.bias"), &[spec.c_out])?;
+        Ok(conv_spec_from(name, spec, &w, &b, &self.device))
+    }
+
+    fn group_norm(&mut self, name: &str, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+        check_groups(name, groups, channels)?;
+        let w = self.take(&format!("{name}.weight"), &[channels])?;
+        let b = self.take(&format!("{name}.bias"), &[channels])?;
+        Ok(group_norm_from(name, groups, eps, &w, &b, &self.device))
+    }
+
     fn embedding(&mut self, name: &str, n: usize, d: usize, _init: Init) -> Result<Embedding> {
         let w = self.take(&format!("{name}.weight"), &[n, d])?;
         Ok(embedding_from(name, &w, &self.device))
@@ -273,6 +380,15 @@ impl StateDict {
         if let Some(b) = &c.bias {
             self.0
                 .insert(format!("{name}.bias"), HostTensor::from_tensor(b.val()));
+        }
+    }
+
+    pub fn group_norm(&mut self, name: &str, g: &GroupNorm) {
+        for (suffix, p) in [("weight", &g.gamma), ("bias", &g.beta)] {
+            if let Some(p) = p {
+                self.0
+                    .insert(format!("{name}.{suffix}"), HostTensor::from_tensor(p.val()));
+            }
         }
     }
 

@@ -77,3 +77,69 @@ fn position_embedding_matches_pytorch() {
         assert!(err < 1e-5, "{name}: {err}");
     }
 }
+
+/// ddm's AutoencoderKL against diffusers': `testdata/diffusers/vae-tiny` (made by
+/// `scripts/make_diffusers_reference.py`, every parameter perturbed from its initial value), one
+/// input and diffusers' posterior mean, log variance and decoding of the mean.
+#[test]
+fn autoencoder_kl_matches_diffusers() {
+    let device = ddm_core::device::cpu();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/diffusers");
+    let (config, tensors) = ddm_core::vae::read_diffusers(&dir.join("vae-tiny")).unwrap();
+    assert_eq!(config.latent_shape(), vec![4, 7, 7]);
+    assert_eq!(config.scaling_factor, 0.5);
+    let vae = config.load(tensors, &dir.join("vae-tiny"), &device).unwrap();
+    let io = TensorFile::read(&dir.join("vae-tiny.io.safetensors")).unwrap();
+    let x = io.f32("x").unwrap().to_tensor::<4>(&device);
+    let posterior = vae.encode(x);
+    let decoded = vae.decode(posterior.mean.clone());
+    for (name, got) in [
+        ("mean", posterior.mean),
+        ("logvar", posterior.logvar),
+        ("decoded", decoded),
+    ] {
+        let want = io.f32(name).unwrap();
+        let got = HostTensor::from_tensor(got);
+        assert_eq!(got.shape, want.shape, "{name}");
+        let err = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        let scale = want.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        println!("vae-tiny {name}: max abs error vs diffusers {err:e} (max |value| {scale})");
+        assert!(err <= 1e-4, "{name}: max abs error {err}");
+    }
+}
+
+/// diffusers' `DiTTransformer2DModel` (per-block conditioning, shifted timestep frequencies, learned
+/// sigma) read as a ddm DiT: `testdata/diffusers/dit-tiny`, every parameter perturbed, against
+/// diffusers' output (its first C channels, the prediction; diffusers takes t on 0..1000, ddm
+/// t in [0, 1] scaled by 1000).
+#[test]
+fn diffusers_dit_matches_diffusers() {
+    let device = ddm_core::device::cpu();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/diffusers");
+    let (config, tensors) = ddm_core::dit::diffusers::read_diffusers(&dir.join("dit-tiny")).unwrap();
+    assert!(config.per_block_conditioning && config.learn_sigma);
+    assert_eq!((config.num_classes, config.class_rows()), (10, 11));
+    let model = ModelConfig::Dit(config)
+        .load(tensors, &dir.join("dit-tiny"), &device)
+        .unwrap();
+    let io = TensorFile::read(&dir.join("dit-tiny.io.safetensors")).unwrap();
+    let x = io.f32("x").unwrap().to_tensor::<4>(&device);
+    let t = io.f32("timestep").unwrap().to_tensor::<1>(&device) / 1000.0;
+    let y = io.i64("class_labels").unwrap();
+    let y = Tensor::<1, Int>::from_data(TensorData::new(y.data, y.shape), &device);
+    let got = HostTensor::from_tensor(model.predict(x, t, Some(y)));
+    let want = io.f32("sample").unwrap(); // [3, 8, 8, 8]: prediction then variance channels
+    assert_eq!(got.shape, vec![3, 4, 8, 8]);
+    let per = 4 * 64;
+    let err = (0..3)
+        .flat_map(|n| (0..per).map(move |i| (n, i)))
+        .map(|(n, i)| (got.data[n * per + i] - want.data[n * 2 * per + i]).abs())
+        .fold(0.0, f32::max);
+    println!("dit-tiny max abs error vs diffusers: {err:e}");
+    assert!(err <= 1e-4, "max abs error {err}");
+}

@@ -86,6 +86,7 @@ impl Source for Cifar10 {
             num_classes: Some(10),
             class_names: Some(CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect()),
             mixture: None,
+            latent: None,
             cond: None,
         })
     }

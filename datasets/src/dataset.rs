@@ -8,6 +8,7 @@
 use ddm_core::digest::hex;
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
+use ddm_core::vae::LatentSpace;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -41,6 +42,9 @@ pub struct DatasetInfo {
     /// For Gaussian-mixture data: the mixture itself, so later stages compute exact answers.
     #[serde(default)]
     pub mixture: Option<GaussianMixture>,
+    /// For VAE latents (`ddm encode`): the latent space, which every model trained on them records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent: Option<LatentSpace>,
 }
 
 /// Samples in memory.
@@ -58,6 +62,8 @@ pub struct Dataset {
     /// Per-sample conditioning vectors `c` `[N, Dc]` (a `tensors:` file's `c`), if any: what a
     /// router conditioned on vectors reads.
     pub cond: Option<HostTensor>,
+    /// For VAE latents: the latent space they are in (a `tensors:` file written by `ddm encode`).
+    pub latent: Option<LatentSpace>,
 }
 
 impl Dataset {
@@ -112,6 +118,9 @@ impl Dataset {
                 h.update(x.to_le_bytes());
             }
         }
+        if let Some(l) = &self.latent {
+            h.update(format!("latent {l:?}").as_bytes());
+        }
         if let Some(c) = &self.cond {
             h.update(format!("cond {:?}", c.shape).as_bytes());
             for x in &c.data {
@@ -135,6 +144,7 @@ impl Dataset {
             num_classes: self.num_classes,
             class_names: self.class_names.clone(),
             mixture: self.mixture.clone(),
+            latent: self.latent.clone(),
         }
     }
 
@@ -260,6 +270,7 @@ impl Dataset {
             class_names: self.class_names.clone(),
             mixture: self.mixture.clone(),
             cond: self.gather_cond(indices),
+            latent: self.latent.clone(),
         }
     }
 

@@ -98,6 +98,7 @@ impl Source for ImageFolder {
             }),
             labels,
             mixture: None,
+            latent: None,
             cond: None,
         })
     }

@@ -171,6 +171,7 @@ pub fn idx_dataset(
         num_classes,
         class_names,
         mixture: None,
+        latent: None,
         cond: None,
     })
 }

@@ -74,6 +74,7 @@ impl MixtureSpec {
             num_classes: Some(self.mixture.k()),
             class_names: None,
             mixture: Some(self.mixture.clone()),
+            latent: None,
             cond: None,
         }
     }

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use ddm_core::host::{Dtype, TensorFile};
+use ddm_core::vae::LatentSpace;
 
 use crate::dataset::{Dataset, Source, Values};
 use crate::error::{Error, Result};
@@ -62,6 +63,7 @@ impl Source for TensorsFile {
         } else {
             None
         };
+        let class_names = read_class_names(&f, labels.as_deref())?;
         Ok(Dataset {
             cond,
             name: format!("tensors:{}", self.path.display()),
@@ -71,10 +73,63 @@ impl Source for TensorsFile {
                 .as_ref()
                 .map(|l| l.iter().max().map_or(0, |&m| m as usize + 1)),
             labels,
-            class_names: None,
+            class_names,
             mixture: None,
+            latent: read_latent_space(&f)?,
         })
     }
+}
+
+/// The metadata key under which `ddm encode` records the latent space (JSON).
+pub const LATENT_KEY: &str = "ddm-latent";
+
+/// The metadata key under which `ddm encode` keeps the source's class names (a JSON list).
+pub const CLASS_NAMES_KEY: &str = "ddm-class-names";
+
+/// The class names a tensors file carries, if any (one per class its labels use, at least).
+fn read_class_names(f: &TensorFile, labels: Option<&[u32]>) -> Result<Option<Vec<String>>> {
+    let Some(json) = f.metadata.get(CLASS_NAMES_KEY) else {
+        return Ok(None);
+    };
+    let names: Vec<String> = serde_json::from_str(json).map_err(|e| {
+        Error::bad(
+            &f.path,
+            format!("`{CLASS_NAMES_KEY}` metadata is not a list of names: {e}"),
+        )
+    })?;
+    let classes = labels.and_then(|l| l.iter().max()).map_or(0, |&m| m as usize + 1);
+    if names.len() < classes {
+        return Err(Error::bad(
+            &f.path,
+            format!("{} class names for labels up to {}", names.len(), classes - 1),
+        ));
+    }
+    Ok(Some(names))
+}
+
+/// The latent space a tensors file's `x` is in, if `ddm encode` wrote it.
+fn read_latent_space(f: &TensorFile) -> Result<Option<LatentSpace>> {
+    let Some(json) = f.metadata.get(LATENT_KEY) else {
+        return Ok(None);
+    };
+    let space: LatentSpace = serde_json::from_str(json).map_err(|e| {
+        Error::bad(
+            &f.path,
+            format!("`{LATENT_KEY}` metadata is not a latent space: {e}"),
+        )
+    })?;
+    let (_, shape) = f.info("x")?;
+    if shape[1..] != space.latent_shape[..] {
+        return Err(Error::bad(
+            &f.path,
+            format!(
+                "`x` has samples of shape {:?}, but its latent space says {:?}",
+                &shape[1..],
+                space.latent_shape
+            ),
+        ));
+    }
+    Ok(Some(space))
 }
 
 /// Read an embeddings matrix `[N, E]` (tensor `embeddings`) for clustering, checking N.

@@ -288,6 +288,8 @@ pub struct DistillTask<'a> {
     /// The data's value range and partition, recorded in the student's checkpoint.
     pub range: [f32; 2],
     pub partition: Option<String>,
+    /// The latent space of the teacher's experts (None: pixel space), recorded for the student.
+    pub latent: Option<ddm_core::vae::LatentSpace>,
 }
 
 impl Task for DistillTask<'_> {
@@ -336,6 +338,7 @@ impl Task for DistillTask<'_> {
     ) -> anyhow::Result<PathBuf> {
         let mut meta = CheckpointMeta::expert(net_config.clone(), self.range, Objective::Velocity);
         meta.partition = self.partition.clone();
+        meta.latent = self.latent.clone();
         meta.source = Some(format!(
             "ddm distill: a student of the {}",
             self.teacher.description

@@ -67,6 +67,7 @@ fn distill(target: Target, steps: u64) -> (f64, f64, u64) {
         class_names: None,
         mixture: None,
         cond: None,
+        latent: None,
     };
     let range = data.range();
     let experts: Vec<ExpertSlot> = (0..2)
@@ -94,6 +95,7 @@ fn distill(target: Target, steps: u64) -> (f64, f64, u64) {
             })
         }),
         range,
+        latent: None,
         partition: None,
     };
     let out = tempfile::tempdir().unwrap();

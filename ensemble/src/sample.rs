@@ -6,11 +6,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use ddm_core::burn::prelude::*;
+use ddm_core::checkpoint::Checkpoint;
 use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
 use ddm_core::host::{HostTensor, write_tensors};
 use ddm_core::progress::Progress;
+use ddm_core::vae::{AutoencoderKL, LatentSpace};
 use rand::SeedableRng;
 use serde::Serialize;
 
@@ -107,6 +109,107 @@ pub struct SampleOptions {
     /// The PNG grid; `.safetensors` and `.json` are written beside it with the same stem.
     pub out: PathBuf,
     pub device: Device,
+    /// Decode latent samples into images (experts trained on VAE latents).
+    pub decode: Decode,
+}
+
+/// Whether (and with which VAE) latent samples are decoded into images.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decode {
+    /// Write the samples as they are (latents stay latents).
+    No,
+    /// With the registry's VAE.
+    Registry,
+    /// With this autoencoder checkpoint (it must be the VAE of the experts' latent space).
+    File(PathBuf),
+}
+
+/// A VAE that turns latent samples into images.
+pub struct Decoder {
+    pub space: LatentSpace,
+    pub vae: AutoencoderKL,
+    /// Where it came from (named in the report).
+    pub source: String,
+}
+
+impl Decoder {
+    /// Decode samples `[N, L*s*s]` (in the experts' scaled space) into images `[N, C*S*S]`, 64 at
+    /// a time.
+    pub fn decode(&self, x0: &HostTensor, device: &Device, progress: &dyn Progress) -> HostTensor {
+        let n = x0.shape[0];
+        let per: usize = self.space.latent_shape.iter().product();
+        let per_image: usize = self.space.image_shape.iter().product();
+        let mut out = Vec::with_capacity(n * per_image);
+        progress.begin(&format!("decode {n}"), n as u64);
+        for start in (0..n).step_by(64) {
+            let b = 64.min(n - start);
+            let mut shape = vec![b];
+            shape.extend(&self.space.latent_shape);
+            let z = HostTensor::new(shape, x0.data[start * per..(start + b) * per].to_vec())
+                .to_tensor::<4>(device);
+            let images = self.vae.decode(self.space.to_vae(z)); // [b, C, S, S]
+            out.extend(HostTensor::from_tensor(images).data);
+            progress.advance(b as u64);
+        }
+        progress.finish();
+        HostTensor::new(vec![n, per_image], out)
+    }
+}
+
+/// The decoder `decode` asks for, for experts trained in `space` (None: pixel space).
+fn decoder(
+    decode: &Decode,
+    space: Option<&LatentSpace>,
+    registry: Option<&Registry>,
+    device: &Device,
+) -> anyhow::Result<Option<Decoder>> {
+    if *decode == Decode::No {
+        if let Some(space) = space {
+            tracing::info!(
+                "the experts sample latents of {}; pass --decode (or --vae FILE) for images",
+                space.describe()
+            );
+        }
+        return Ok(None);
+    }
+    let Some(space) = space else {
+        bail!("--decode: the experts were trained in pixel space; there is nothing to decode");
+    };
+    let (path, ckpt, source) = match (decode, registry) {
+        (Decode::File(p), _) => (p.clone(), Checkpoint::read(p)?, p.display().to_string()),
+        (Decode::Registry, Some(reg)) => {
+            let entry = reg.index.vae.as_ref().with_context(|| {
+                format!(
+                    "--decode: the registry {} holds no VAE; register it (ddm register --registry REG autoencoder.safetensors) or pass --vae FILE",
+                    reg.dir.display()
+                )
+            })?;
+            let (blob, ckpt) = reg.verified_checkpoint("the VAE", entry)?;
+            (blob, ckpt, entry.source.clone())
+        }
+        (Decode::Registry, None) => bail!("--decode with --checkpoint needs the VAE: pass --vae FILE"),
+        (Decode::No, _) => unreachable!("returned above"),
+    };
+    let own = ckpt.latent_space().with_context(|| {
+        format!(
+            "{}: a {:?} checkpoint, not an autoencoder",
+            path.display(),
+            ckpt.meta.role
+        )
+    })?;
+    if own != *space {
+        bail!(
+            "{}: this VAE's latent space is {}, but the experts were trained in {}",
+            path.display(),
+            own.describe(),
+            space.describe()
+        );
+    }
+    Ok(Some(Decoder {
+        space: space.clone(),
+        vae: ckpt.autoencoder(&path, device)?,
+        source,
+    }))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -166,6 +269,9 @@ pub struct Report {
     pub peak_rss_mib: Option<f64>,
     pub png: String,
     pub tensors: String,
+    /// The VAE the latent samples were decoded with (`x0` then holds images, `latents` the
+    /// samples); None when not decoded.
+    pub decoded_with: Option<String>,
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.
@@ -302,6 +408,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         ensemble = ensemble.with_memory_cap((mib * (1 << 20) as f64) as u64);
     }
     let shape = reg.index.data.shape.clone();
+    let decoder = decoder(&o.decode, reg.index.latent.as_ref(), Some(&reg), &device)?;
     run(
         o,
         Sampled {
@@ -313,6 +420,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             shape,
             router_sees_class,
             router_sees_vectors,
+            decoder,
         },
         progress,
     )
@@ -352,6 +460,7 @@ fn sample_checkpoint(
         crate::experts::velocity_field(&path.display().to_string(), &meta, model, guidance(o, classes)?)?;
     let strategy = Strategy::Oracle { cluster: 0 };
     let ensemble = Ensemble::new(vec![ExpertSlot::ready(field)], None, strategy, o.seed)?;
+    let decoder = decoder(&o.decode, meta.latent.as_ref(), None, &o.device)?;
     run(
         o,
         Sampled {
@@ -363,6 +472,7 @@ fn sample_checkpoint(
             shape: meta.data.shape.clone(),
             router_sees_class: false,
             router_sees_vectors: false,
+            decoder,
         },
         progress,
     )
@@ -378,6 +488,7 @@ struct Sampled<'a> {
     shape: Vec<usize>,
     router_sees_class: bool,
     router_sees_vectors: bool,
+    decoder: Option<Decoder>,
 }
 
 /// Integrate from noise, write the samples, the grid and the report.
@@ -391,6 +502,7 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
         shape,
         router_sees_class,
         router_sees_vectors,
+        decoder,
     } = s;
     let device = o.device.clone();
     let per: usize = shape.iter().product();
@@ -418,16 +530,30 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
         return Err(e);
     }
 
+    // Latent samples decoded into images: `x0` holds the images, `latents` the samples.
+    let mut outputs = BTreeMap::new();
+    let (x0, shape, per) = match &decoder {
+        None => (x0, shape, per),
+        Some(d) => {
+            let mut latent_shape = vec![o.n];
+            latent_shape.extend(&shape);
+            outputs.insert(
+                "latents".to_string(),
+                HostTensor::new(latent_shape, x0.data.clone()),
+            );
+            let images = d.decode(&x0, &device, progress);
+            let image_shape = d.space.image_shape.clone();
+            let per = image_shape.iter().product();
+            (images, image_shape, per)
+        }
+    };
     // Outputs: tensors, PNG grid (images), report.
     let stem = o.out.with_extension("");
     let tensors_path = stem.with_extension("safetensors");
     let mut full_shape = vec![o.n];
     full_shape.extend(&shape);
-    write_tensors(
-        &tensors_path,
-        &BTreeMap::from([("x0".to_string(), HostTensor::new(full_shape, x0.data.clone()))]),
-        &BTreeMap::new(),
-    )?;
+    outputs.insert("x0".to_string(), HostTensor::new(full_shape, x0.data.clone()));
+    write_tensors(&tensors_path, &outputs, &BTreeMap::new())?;
     if shape.len() == 3 && (shape[0] == 1 || shape[0] == 3) {
         let px = ddm_datasets::grid::to_u8(&x0.data);
         let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
@@ -497,6 +623,7 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
         peak_rss_mib: peak_rss_mib(),
         png: o.out.display().to_string(),
         tensors: tensors_path.display().to_string(),
+        decoded_with: decoder.as_ref().map(|d| d.source.clone()),
     };
     ddm_core::fsio::write_bytes_atomic(
         &stem.with_extension("json"),

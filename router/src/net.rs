@@ -79,6 +79,11 @@ impl RouterNet {
                 }
                 (RouterBody::Mlp(m.build(src)?), m.hidden_size)
             }
+            ModelConfig::Vae(_) => {
+                return Err(ddm_core::Error::InvalidConfig(
+                    "a router is a DiT trunk or an MLP, not an autoencoder".into(),
+                ));
+            }
         };
         let c_embedder = match condition_dim {
             Some(0) => {

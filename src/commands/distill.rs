@@ -116,6 +116,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<u8> {
         data: Box::new(|| partition_data(&partition)),
         range,
         partition: Some(partition.fingerprint().to_string()),
+        latent: reg.index.latent.clone(),
     };
     run_task(&task, &args.settings, config, &args.out)
 }

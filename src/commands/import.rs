@@ -1,7 +1,9 @@
 //! `ddm import`: PyTorch weights -> ddm checkpoint.
 //!
-//! The weights file is a safetensors state dict under the public PyTorch DiT names; the config is
+//! `--from pytorch`: a safetensors state dict under the public PyTorch DiT names; the config is
 //! that model's constructor arguments as JSON (`../shared/reference/*.config.json` is the form).
+//! `--from diffusers-vae`: a diffusers AutoencoderKL directory (`config.json`,
+//! `diffusion_pytorch_model.safetensors`, as `save_pretrained` writes it; Stable Diffusion's VAE).
 //! Every tensor is checked against the config (names and shapes, nothing missing, nothing extra)
 //! before the checkpoint is written.
 
@@ -20,23 +22,29 @@ use super::settings::ObjectiveArg;
 pub enum Source {
     /// A PyTorch state dict in safetensors format with PyTorch DiT parameter names.
     Pytorch,
+    /// A diffusers DiTTransformer2DModel directory (config.json +
+    /// diffusion_pytorch_model.safetensors): an expert trained with diffusers.
+    Diffusers,
+    /// A diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors).
+    DiffusersVae,
 }
 
 /// Import a model trained elsewhere as a ddm expert checkpoint.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  ddm import --from pytorch dit.safetensors --config dit.json --out expert.safetensors\n  ddm import --from pytorch ddpm.safetensors --config dit.json --objective epsilon-linear --out e.safetensors"
+    after_help = "Examples:\n  ddm import --from pytorch dit.safetensors --config dit.json --out expert.safetensors\n  ddm import --from pytorch ddpm.safetensors --config dit.json --objective epsilon-linear --out e.safetensors\n  ddm import --from diffusers dit-xl-2-256/transformer --objective epsilon-linear --out expert.safetensors\n  ddm import --from diffusers-vae sd-vae-ft-mse/ --out vae.safetensors"
 )]
 pub struct ImportArgs {
     /// Where the weights come from.
     #[arg(long, value_enum, default_value = "pytorch")]
     pub from: Source,
-    /// The weights (safetensors, PyTorch parameter names, Linear weights [out, in]).
+    /// The weights (safetensors, PyTorch parameter names, Linear weights [out, in]); with
+    /// --from diffusers-vae, the model's directory.
     pub weights: PathBuf,
     /// The model's config as JSON: `{"arch": "dit", "input_size": 28, "patch_size": 4, ...}`
-    /// (`arch` defaults to "dit").
-    #[arg(long)]
-    pub config: PathBuf,
+    /// (`arch` defaults to "dit"). Not for diffusers (its directory has config.json).
+    #[arg(long, required_if_eq("from", "pytorch"))]
+    pub config: Option<PathBuf>,
     /// What the network predicts.
     #[arg(long, value_enum, default_value = "velocity")]
     pub objective: ObjectiveArg,
@@ -67,22 +75,40 @@ pub fn read_model_config(path: &std::path::Path) -> anyhow::Result<ModelConfig> 
 }
 
 pub fn run(args: ImportArgs) -> anyhow::Result<()> {
-    let config = read_model_config(&args.config)?;
-    let file = TensorFile::read(&args.weights)?;
-    let tensors: BTreeMap<String, HostTensor> = file
-        .names()
-        .map(|n| Ok((n.to_string(), file.f32(n)?)))
-        .collect::<ddm_core::Result<_>>()?;
+    let (config, tensors, origin) = match (args.from, &args.config) {
+        (Source::DiffusersVae, None) => return import_diffusers_vae(&args),
+        (Source::Diffusers | Source::DiffusersVae, Some(_)) => {
+            bail!("--config is for --from pytorch; a diffusers directory has its own config.json")
+        }
+        (Source::Diffusers, None) => {
+            let (config, tensors) = ddm_core::dit::diffusers::read_diffusers(&args.weights)?;
+            let origin = args.weights.join(ddm_core::vae::DIFFUSERS_WEIGHTS);
+            (ModelConfig::Dit(config), tensors, origin)
+        }
+        (Source::Pytorch, Some(c)) => {
+            let config = read_model_config(c)?;
+            let file = TensorFile::read(&args.weights)?;
+            let tensors: BTreeMap<String, HostTensor> = file
+                .names()
+                .map(|n| Ok((n.to_string(), file.f32(n)?)))
+                .collect::<ddm_core::Result<_>>()?;
+            (config, tensors, args.weights.clone())
+        }
+        (Source::Pytorch, None) => unreachable!("clap requires --config with --from pytorch"),
+    };
     // Build the model once: this checks every name and shape against the config.
     let device = ddm_core::device::cpu();
-    let model = config.load(tensors, &args.weights, &device)?;
+    let model = config.load(tensors, &origin, &device)?;
 
     let objective = args.objective.objective();
     let mut meta = CheckpointMeta::expert(config, [args.range[0], args.range[1]], objective);
-    meta.source = Some(format!(
-        "imported from PyTorch weights {}",
-        args.weights.display()
-    ));
+    meta.source = Some(match args.from {
+        Source::Diffusers => format!(
+            "imported from the diffusers DiTTransformer2DModel {}",
+            args.weights.display()
+        ),
+        _ => format!("imported from PyTorch weights {}", args.weights.display()),
+    });
     let ckpt = Checkpoint::from_model(&model, meta);
     ckpt.save(&args.out)?;
     let params: usize = ckpt.tensors.values().map(|t| t.numel()).sum();
@@ -90,6 +116,33 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         "wrote {} ({} tensors, {params} values)",
         args.out.display(),
         ckpt.tensors.len()
+    );
+    Ok(())
+}
+
+/// A diffusers AutoencoderKL directory -> a ddm autoencoder checkpoint (the same tensors, names
+/// and config).
+fn import_diffusers_vae(args: &ImportArgs) -> anyhow::Result<()> {
+    let (config, tensors) = ddm_core::vae::read_diffusers(&args.weights)?;
+    let origin = args.weights.join(ddm_core::vae::DIFFUSERS_WEIGHTS);
+    let vae = config.load(tensors, &origin, &ddm_core::device::cpu())?;
+    let mut meta = CheckpointMeta::autoencoder(ModelConfig::Vae(config), [args.range[0], args.range[1]]);
+    meta.source = Some(format!(
+        "imported from the diffusers AutoencoderKL {}",
+        args.weights.display()
+    ));
+    let ckpt = Checkpoint {
+        meta,
+        tensors: vae.state_dict().0,
+    };
+    ckpt.save(&args.out)?;
+    let space = ckpt.latent_space().expect("an autoencoder has a latent space");
+    println!(
+        "wrote {} ({} tensors; latents {:?}, scaling factor {})",
+        args.out.display(),
+        ckpt.tensors.len(),
+        space.latent_shape,
+        space.scaling_factor
     );
     Ok(())
 }

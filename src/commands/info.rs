@@ -36,6 +36,14 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         "  data        {:?} in {:?}",
         ckpt.meta.data.shape, ckpt.meta.data.range
     );
+    if let Some(space) = ckpt.latent_space().or_else(|| ckpt.meta.latent.clone()) {
+        println!(
+            "  latents     {:?} of images {:?}, {}",
+            space.latent_shape,
+            space.image_shape,
+            space.describe()
+        );
+    }
     println!("  objective   {:?}", ckpt.meta.objective);
     println!("  GFLOPs/fwd  {:.3}", ckpt.meta.model.flops_per_sample() / 1e9);
     println!("  sha256      {} (verified)", ckpt.meta.tensors_sha256);

@@ -2,6 +2,7 @@
 
 pub mod data;
 pub mod distill;
+pub mod encode;
 pub mod eval;
 pub mod eval_router;
 pub mod experiment;
@@ -16,6 +17,7 @@ pub mod sample;
 pub mod serve;
 pub mod settings;
 pub mod train;
+pub mod train_autoencoder;
 pub mod train_router;
 
 use clap::Args;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use ddm_core::flow::Solver;
-use ddm_ensemble::sample::{Classes, RouterChoice, SampleOptions, Source};
+use ddm_ensemble::sample::{Classes, Decode, RouterChoice, SampleOptions, Source};
 use ddm_ensemble::strategy::Strategy;
 
 use super::DeviceArgs;
@@ -77,6 +77,15 @@ pub struct SampleArgs {
     pub guidance: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Experts trained on VAE latents: decode the samples into images with the registry's VAE
+    /// (the PNG shows images; OUT's .safetensors holds the images as `x0`, the samples as
+    /// `latents`).
+    #[arg(long)]
+    pub decode: bool,
+    /// Decode with this autoencoder checkpoint instead (it must be the experts' VAE; needed with
+    /// --checkpoint). Implies --decode.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// The PNG grid to write.
     #[arg(long, default_value = "samples.png")]
     pub out: PathBuf,
@@ -93,7 +102,8 @@ const EXAMPLES: &str = "Examples:
   ddm sample --registry reg --class 3 --guidance 2 --allow-missing
   ddm sample --registry reg --class all --strategy trajectory --n 100 --out balanced.png
   ddm sample --registry reg --strategy top-2 --max-memory 2048
-  ddm sample --checkpoint student/expert.safetensors --n 64 --out student.png";
+  ddm sample --checkpoint student/expert.safetensors --n 64 --out student.png
+  ddm sample --registry latent-reg --decode --n 64 --out decoded.png";
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let strategy: Option<Strategy> = match &args.strategy {
@@ -140,6 +150,11 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         seed: args.seed,
         out: args.out,
         device: args.device.device()?,
+        decode: match (args.vae, args.decode) {
+            (Some(v), _) => Decode::File(v),
+            (None, true) => Decode::Registry,
+            (None, false) => Decode::No,
+        },
     };
     let report = ddm_ensemble::sample::sample(&options, &bar)?;
     println!(

@@ -97,6 +97,7 @@ impl Task for ExpertTask {
         let mut meta = CheckpointMeta::expert(net_config.clone(), manifest.dataset.range, self.objective);
         meta.partition = Some(manifest.fingerprint.clone());
         meta.cluster = self.target.cluster();
+        meta.latent = manifest.dataset.latent.clone();
         meta.source = Some(format!(
             "ddm-trainer {} on {}",
             self.name(),

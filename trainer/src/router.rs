@@ -146,6 +146,7 @@ impl Task for RouterTask {
         );
         meta.source = Some(format!("ddm train-router on {}", manifest.dataset.name));
         meta.condition_dim = self.condition_dim;
+        meta.latent = manifest.dataset.latent.clone();
         // Cost relative to one expert (per forward pass).
         let expert = TrainConfig {
             model: self.expert_model.clone(),

@@ -32,6 +32,32 @@ pub struct DiTConfig {
     /// The network sees `t_scale * t` in its timestep embedding (DiT's 1000 steps).
     #[serde(default = "default_t_scale")]
     pub t_scale: f64,
+    /// diffusers' `DiTTransformer2DModel` layout: every block has its own timestep and class
+    /// embedders (`blocks.N.t_embedder`, `blocks.N.y_embedder`), the final layer reads block 0's.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub per_block_conditioning: bool,
+    /// The timestep sinusoid's frequency shift (diffusers' `downscale_freq_shift`): 0 in the
+    /// PyTorch reference, 1 in `DiTTransformer2DModel`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub freq_shift: f64,
+    /// eps of each block's LayerNorm before the MLP: 1e-6 like every other norm in the PyTorch
+    /// reference; diffusers' `DiTTransformer2DModel` uses its `norm_eps` (1e-5) there.
+    #[serde(default = "default_ln_eps", skip_serializing_if = "is_default_ln_eps")]
+    pub mlp_norm_eps: f64,
+}
+
+fn default_ln_eps() -> f64 {
+    1e-6
+}
+fn is_default_ln_eps(x: &f64) -> bool {
+    *x == 1e-6
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 fn default_mlp_ratio() -> f64 {
@@ -69,6 +95,9 @@ impl DiTConfig {
             learn_sigma: false,
             frequency_embedding_size: 256,
             t_scale: 1000.0,
+            per_block_conditioning: false,
+            freq_shift: 0.0,
+            mlp_norm_eps: 1e-6,
         };
         config.validate()?;
         Ok(config)
@@ -94,7 +123,13 @@ impl DiTConfig {
                 self.hidden_size
             ));
         }
-        if !self.frequency_embedding_size.is_multiple_of(2) || self.frequency_embedding_size == 0 {
+        if !(self.mlp_norm_eps > 0.0 && self.mlp_norm_eps <= 1e-2) {
+            return bad(format!("mlp_norm_eps {} must be in (0, 0.01]", self.mlp_norm_eps));
+        }
+        if !(0.0..=1.0).contains(&self.freq_shift) {
+            return bad(format!("freq_shift {} must be in [0, 1]", self.freq_shift));
+        }
+        if !self.frequency_embedding_size.is_multiple_of(2) || self.frequency_embedding_size < 4 {
             return bad(format!(
                 "frequency_embedding_size {} must be even",
                 self.frequency_embedding_size
@@ -162,8 +197,13 @@ impl DiTConfig {
             + 2.0 * 2.0 * t * t * d // q k^T and attn v
             + 2.0 * d * 6.0 * d; // adaLN modulation
         let p2c = (self.patch_size * self.patch_size) as f64;
+        let conditionings = if self.per_block_conditioning {
+            self.depth
+        } else {
+            1
+        } as f64;
         let embed = 2.0 * t * p2c * self.in_channels as f64 * d
-            + 2.0 * (self.frequency_embedding_size as f64 * d + d * d);
+            + conditionings * 2.0 * (self.frequency_embedding_size as f64 * d + d * d);
         let fin = 2.0 * (d * 2.0 * d + t * d * p2c * self.out_channels() as f64);
         embed + self.depth as f64 * per_block + fin
     }
@@ -190,7 +230,6 @@ impl DiTConfig {
     fn build_inner(&self, src: &mut impl ParamSource, head: bool) -> Result<DiT> {
         self.validate()?;
         let d = self.hidden_size;
-        let mlp_hidden = (d as f64 * self.mlp_ratio) as usize;
         let pos = src.buffer("pos_embed", pos_embed_2d(d, self.grid()))?;
         Ok(DiT {
             // The reference initialises the patch conv like a Linear (xavier over [D, C*P*P]).
@@ -201,26 +240,14 @@ impl DiTConfig {
                 self.patch_size,
                 Init::Xavier,
             )?,
-            t_embedder: TimestepEmbedder::build(
-                src,
-                "t_embedder",
-                d,
-                self.frequency_embedding_size,
-                self.t_scale,
-            )?,
-            y_embedder: if self.num_classes > 0 {
-                Some(src.embedding(
-                    "y_embedder.embedding_table",
-                    self.class_rows(),
-                    d,
-                    Init::Normal(0.02),
-                )?)
-            } else {
+            cond: if self.per_block_conditioning {
                 None
+            } else {
+                Some(Conditioning::build(src, "", self)?)
             },
             pos_embed: pos.to_tensor::<3>(src.device()),
             blocks: (0..self.depth)
-                .map(|i| DiTBlock::build(src, &format!("blocks.{i}"), d, self.num_heads, mlp_hidden))
+                .map(|i| DiTBlock::build(src, &format!("blocks.{i}"), self))
                 .collect::<Result<_>>()?,
             final_layer: if head {
                 Some(FinalLayer {
@@ -257,7 +284,7 @@ pub fn parse_size_name(name: &str) -> Result<(&str, usize)> {
     let err = || {
         let sizes: Vec<_> = DIT_SIZES.iter().map(|s| s.0).collect();
         Error::InvalidConfig(format!(
-            "unknown DiT size `{name}`: expected DiT-<size>/<patch> with size one of {} and patch 2, 4 or 8 (e.g. DiT-S/2)",
+            "unknown DiT size `{name}`: expected DiT-<size>/<patch> with size one of {} and patch 1, 2, 4 or 8 (e.g. DiT-S/2; patch 1 for small latents)",
             sizes.join(", ")
         ))
     };
@@ -267,7 +294,7 @@ pub fn parse_size_name(name: &str) -> Result<(&str, usize)> {
         .unwrap_or(name);
     let (size, patch) = rest.split_once('/').ok_or_else(err)?;
     let patch: usize = patch.parse().map_err(|_| err())?;
-    if !DIT_SIZES.iter().any(|s| s.0.eq_ignore_ascii_case(size)) || ![2, 4, 8].contains(&patch) {
+    if !DIT_SIZES.iter().any(|s| s.0.eq_ignore_ascii_case(size)) || ![1, 2, 4, 8].contains(&patch) {
         return Err(err());
     }
     Ok((size, patch))

@@ -23,6 +23,7 @@ use crate::host::HostTensor;
 use crate::params::{Init, ParamSource, StateDict};
 
 mod config;
+pub mod diffusers;
 pub use config::{DIT_SIZES, DiTConfig, parse_size_name};
 
 // ------------------------------------------------------------------------------------------------
@@ -34,8 +35,13 @@ const LN_EPS: f64 = 1e-6;
 
 /// LayerNorm over the last axis without affine parameters.
 pub fn layer_norm<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    layer_norm_eps(x, LN_EPS)
+}
+
+/// [`layer_norm`] with another eps (diffusers' DiT uses `norm_eps` before the MLP).
+pub fn layer_norm_eps<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
     let (var, mean) = x.clone().var_mean_bias(D - 1);
-    (x - mean) / (var + LN_EPS).sqrt()
+    (x - mean) / (var + eps).sqrt()
 }
 
 /// GELU with the tanh approximation (the reference's `nn.GELU(approximate="tanh")`), written as
@@ -64,14 +70,15 @@ fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
     x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
 }
 
-/// DiT's sinusoidal timestep embedding: `[cos, sin]` of `t * exp(-ln(10000) i / (F/2))`.
+/// DiT's sinusoidal timestep embedding: `[cos, sin]` of `t * exp(-ln(10000) i / (F/2 - shift))`
+/// (`shift` 0 in the PyTorch reference, 1 in diffusers' `DiTTransformer2DModel`).
 ///
 /// # Shapes
 /// - `t`: `[N]` (already scaled, e.g. 1000 t) -> `[N, F]`
-pub fn timestep_embedding(t: Tensor<1>, dim: usize) -> Tensor<2> {
+pub fn timestep_embedding(t: Tensor<1>, dim: usize, shift: f64) -> Tensor<2> {
     let half = dim / 2;
     let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32)
         .collect();
     let n = t.dims()[0];
     let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &t.device()).reshape([1, half]);
@@ -123,15 +130,17 @@ pub struct TimestepEmbedder {
     freq_dim: usize,
     #[module(skip)]
     t_scale: f64,
+    #[module(skip)]
+    freq_shift: f64,
 }
 
 impl TimestepEmbedder {
+    /// `freq` is the sinusoid: (size F, time scale, frequency shift).
     pub fn build(
         src: &mut impl ParamSource,
         prefix: &str,
         hidden: usize,
-        freq_dim: usize,
-        t_scale: f64,
+        (freq_dim, t_scale, freq_shift): (usize, f64, f64),
     ) -> Result<Self> {
         Ok(Self {
             // The reference initialises both layers N(0, 0.02^2).
@@ -139,19 +148,70 @@ impl TimestepEmbedder {
             mlp_2: src.linear(&format!("{prefix}.mlp.2"), hidden, hidden, Init::Normal(0.02))?,
             freq_dim,
             t_scale,
+            freq_shift,
         })
     }
 
     /// # Shapes
     /// - `t`: `[N]` in [0, 1] -> `[N, D]`
     pub fn forward(&self, t: Tensor<1>) -> Tensor<2> {
-        let freq = timestep_embedding(t * self.t_scale, self.freq_dim); // [N, F]
+        let freq = timestep_embedding(t * self.t_scale, self.freq_dim, self.freq_shift); // [N, F]
         self.mlp_2.forward(silu(self.mlp_0.forward(freq))) // [N, D]
     }
 
     pub fn export(&self, prefix: &str, sd: &mut StateDict) {
         sd.linear(&format!("{prefix}.mlp.0"), &self.mlp_0);
         sd.linear(&format!("{prefix}.mlp.2"), &self.mlp_2);
+    }
+}
+
+/// The conditioning vector c = t_embedder(t) + y_embedder(y): the model's one (the PyTorch
+/// reference), or each block's own (diffusers' `DiTTransformer2DModel`, `per_block_conditioning`).
+#[derive(Module, Debug)]
+pub struct Conditioning {
+    t_embedder: TimestepEmbedder,
+    y_embedder: Option<Embedding>,
+}
+
+impl Conditioning {
+    /// `prefix` is "" for the model's, "blocks.3." for a block's.
+    fn build(src: &mut impl ParamSource, prefix: &str, config: &DiTConfig) -> Result<Self> {
+        let d = config.hidden_size;
+        Ok(Self {
+            t_embedder: TimestepEmbedder::build(
+                src,
+                &format!("{prefix}t_embedder"),
+                d,
+                (config.frequency_embedding_size, config.t_scale, config.freq_shift),
+            )?,
+            y_embedder: if config.num_classes > 0 {
+                Some(src.embedding(
+                    &format!("{prefix}y_embedder.embedding_table"),
+                    config.class_rows(),
+                    d,
+                    Init::Normal(0.02),
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// # Shapes
+    /// - `t`: `[N]`, `y`: `[N]` -> `[N, D]`
+    fn forward(&self, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
+        let c = self.t_embedder.forward(t); // [N, D]
+        match (&self.y_embedder, y) {
+            (Some(emb), Some(y)) => c + emb.weight.val().select(0, y), // [N, D]
+            _ => c,
+        }
+    }
+
+    fn export(&self, prefix: &str, sd: &mut StateDict) {
+        self.t_embedder.export(&format!("{prefix}t_embedder"), sd);
+        if let Some(e) = &self.y_embedder {
+            sd.embedding(&format!("{prefix}y_embedder.embedding_table"), e);
+        }
     }
 }
 
@@ -198,18 +258,25 @@ pub struct DiTBlock {
     mlp_fc1: Linear,
     mlp_fc2: Linear,
     ada_ln: Linear,
+    /// The block's own conditioning (diffusers' layout); None: the model's.
+    cond: Option<Conditioning>,
+    /// eps of the LayerNorm before the MLP (`DiTConfig::mlp_norm_eps`).
+    #[module(skip)]
+    mlp_norm_eps: f64,
 }
 
 impl DiTBlock {
-    fn build(
-        src: &mut impl ParamSource,
-        prefix: &str,
-        hidden: usize,
-        heads: usize,
-        mlp_hidden: usize,
-    ) -> Result<Self> {
+    fn build(src: &mut impl ParamSource, prefix: &str, config: &DiTConfig) -> Result<Self> {
         let p = |s: &str| format!("{prefix}.{s}");
+        let (hidden, heads) = (config.hidden_size, config.num_heads);
+        let mlp_hidden = (hidden as f64 * config.mlp_ratio) as usize;
         Ok(Self {
+            cond: if config.per_block_conditioning {
+                Some(Conditioning::build(src, &format!("{prefix}."), config)?)
+            } else {
+                None
+            },
+            mlp_norm_eps: config.mlp_norm_eps,
             attn: Attention {
                 qkv: src.linear(&p("attn.qkv"), hidden, 3 * hidden, Init::Xavier)?,
                 proj: src.linear(&p("attn.proj"), hidden, hidden, Init::Xavier)?,
@@ -233,7 +300,7 @@ impl DiTBlock {
             .attn
             .forward(modulate(layer_norm(x.clone()), shift_msa, scale_msa));
         let x = x + gate_msa.unsqueeze_dim::<3>(1) * h;
-        let h = modulate(layer_norm(x.clone()), shift_mlp, scale_mlp);
+        let h = modulate(layer_norm_eps(x.clone(), self.mlp_norm_eps), shift_mlp, scale_mlp);
         let h = linear_tokens(&self.mlp_fc2, gelu_tanh(linear_tokens(&self.mlp_fc1, h)));
         x + gate_mlp.unsqueeze_dim::<3>(1) * h
     }
@@ -245,6 +312,9 @@ impl DiTBlock {
         sd.linear(&p("mlp.fc1"), &self.mlp_fc1);
         sd.linear(&p("mlp.fc2"), &self.mlp_fc2);
         sd.linear(&p("adaLN_modulation.1"), &self.ada_ln);
+        if let Some(c) = &self.cond {
+            c.export(&format!("{prefix}."), sd);
+        }
     }
 }
 
@@ -278,8 +348,8 @@ impl FinalLayer {
 #[derive(Module, Debug)]
 pub struct DiT {
     x_embedder: Conv2d,
-    t_embedder: TimestepEmbedder,
-    y_embedder: Option<Embedding>,
+    /// The conditioning every block reads; None when each block has its own.
+    cond: Option<Conditioning>,
     /// Fixed 2-D sin-cos position embedding `[1, T, D]`; not trained.
     pos_embed: Tensor<3>,
     blocks: Vec<DiTBlock>,
@@ -312,19 +382,28 @@ impl DiT {
         let [n, _, _, _] = x.dims();
         let (g, d) = (self.config.grid(), self.config.hidden_size);
         let x = self.x_embedder.forward(x); // [N, D, S/P, S/P]
-        let x = x.reshape([n, d, g * g]).swap_dims(1, 2) + self.pos_embed.clone(); // [N, T, D]
-        let mut c = self.t_embedder.forward(t); // [N, D]
-        if let (Some(emb), Some(y)) = (&self.y_embedder, y) {
-            c = c + emb.weight.val().select(0, y); // [N, D]
-        }
-        if let Some(extra) = extra {
-            c = c + extra; // [N, D]
-        }
-        let mut x = x;
+        let mut x = x.reshape([n, d, g * g]).swap_dims(1, 2) + self.pos_embed.clone(); // [N, T, D]
+        let with_extra = |c: Tensor<2>| match &extra {
+            Some(e) => c + e.clone(), // [N, D]
+            None => c,
+        };
+        let shared = self
+            .cond
+            .as_ref()
+            .map(|c| with_extra(c.forward(t.clone(), y.clone())));
+        // The head reads the model's conditioning, or (diffusers' layout) the first block's.
+        let mut head_c = shared.clone();
         for block in &self.blocks {
-            x = block.forward(x, c.clone()); // [N, T, D]
+            let c = match &block.cond {
+                Some(own) => with_extra(own.forward(t.clone(), y.clone())),
+                None => shared
+                    .clone()
+                    .expect("a DiT without per-block conditioning has its own"),
+            }; // [N, D]
+            head_c.get_or_insert_with(|| c.clone());
+            x = block.forward(x, c); // [N, T, D]
         }
-        (x, c)
+        (x, head_c.expect("a DiT has at least one block"))
     }
 
     /// Predict the velocity (or, for an epsilon expert, the noise).
@@ -364,9 +443,8 @@ impl DiT {
     pub fn state_dict(&self) -> StateDict {
         let mut sd = StateDict::default();
         sd.conv("x_embedder.proj", &self.x_embedder);
-        self.t_embedder.export("t_embedder", &mut sd);
-        if let Some(e) = &self.y_embedder {
-            sd.embedding("y_embedder.embedding_table", e);
+        if let Some(c) = &self.cond {
+            c.export("", &mut sd);
         }
         sd.tensor("pos_embed", &self.pos_embed);
         for (i, b) in self.blocks.iter().enumerate() {

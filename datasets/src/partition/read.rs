@@ -187,6 +187,7 @@ pub fn load_shard(dir: &Path, manifest: &PartitionManifest, k: usize) -> Result<
         class_names: d.class_names.clone(),
         mixture: d.mixture.clone(),
         cond,
+        latent: d.latent.clone(),
     })
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use ddm_core::checkpoint::DataSpec;
+use ddm_core::vae::LatentSpace;
 use serde::{Deserialize, Serialize};
 
 pub const INDEX: &str = "registry.json";
@@ -66,6 +67,12 @@ pub struct Index {
     /// Per-cluster statistics (for the analytic router), by cluster id.
     #[serde(default)]
     pub stats: BTreeMap<usize, Entry>,
+    /// The latent space every expert and the router were trained in (None: pixel space).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent: Option<LatentSpace>,
+    /// The VAE of that latent space, which `ddm sample --decode` decodes with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<Entry>,
 }
 
 pub fn read_index(dir: &Path) -> anyhow::Result<Option<Index>> {
@@ -93,12 +100,13 @@ pub(crate) fn parse_index(text: &[u8], name: &str) -> anyhow::Result<Index> {
 }
 
 impl Index {
-    /// Every entry: experts, statistics, the router.
+    /// Every entry: experts, statistics, the router, the VAE.
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.experts
             .values()
             .chain(self.stats.values())
             .chain(self.router.iter())
+            .chain(self.vae.iter())
     }
 
     /// The entries with a blob (all but served experts).
@@ -134,6 +142,18 @@ impl Index {
             && p.len() != self.k
         {
             bail!("{} priors for k = {}", p.len(), self.k);
+        }
+        if self.vae.is_some() && self.latent.is_none() {
+            bail!("a VAE, but the experts are in pixel space (no latent space recorded)");
+        }
+        if let Some(l) = &self.latent
+            && l.latent_shape != self.data.shape
+        {
+            bail!(
+                "data shape {:?}, but the latent space's latents are {:?}",
+                self.data.shape,
+                l.latent_shape
+            );
         }
         for (what, map) in [("expert", &self.experts), ("statistics", &self.stats)] {
             if let Some(c) = map.keys().find(|&&c| c >= self.k) {

@@ -62,12 +62,17 @@ enum Item {
         sha: String,
         bytes: u64,
     },
+    Vae {
+        path: PathBuf,
+        sha: String,
+        bytes: u64,
+    },
 }
 
 /// One file a registration added (an expert's statistics come along unlisted).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Registered {
-    /// `expert` or `router`.
+    /// `expert`, `router` or `vae`.
     pub role: &'static str,
     /// The expert's cluster.
     pub cluster: Option<usize>,
@@ -82,6 +87,7 @@ pub struct Registered {
 impl std::fmt::Display for Registered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.cluster, self.k) {
+            _ if self.role == "vae" => write!(f, "VAE: {} ({})", self.source, &self.sha256[..12])?,
             (Some(c), _) => write!(f, "expert {c}: {} ({})", self.source, &self.sha256[..12])?,
             (_, k) => write!(
                 f,
@@ -264,15 +270,18 @@ pub(crate) fn plan(
                     ),
                 },
             };
-            let data = metas
-                .first()
-                .map(|(_, m)| m.data.clone())
-                .context("nothing to register")?;
+            let first = metas
+                .iter()
+                .map(|(_, m)| m)
+                .find(|m| m.role != Role::Autoencoder)
+                .context("nothing to register but a VAE: register the experts first (they say which latent space the registry is in)")?;
             Index {
+                latent: first.latent.clone(),
+                vae: None,
+                data: first.data.clone(),
                 format_version: FORMAT,
                 partition: partition_fp,
                 k,
-                data,
                 priors,
                 router: None,
                 experts: BTreeMap::new(),
@@ -285,6 +294,65 @@ pub(crate) fn plan(
     let mut lines = vec![];
     for (origin, m) in metas {
         let name = origin.name();
+        if m.role == Role::Autoencoder {
+            let Origin::File { path, sha256, bytes } = origin else {
+                bail!("{name}: a served VAE cannot be registered; register its checkpoint file");
+            };
+            let ddm_core::model::ModelConfig::Vae(config) = &m.model else {
+                bail!(
+                    "{name}: an autoencoder checkpoint whose model is a {}",
+                    m.model.arch()
+                );
+            };
+            let space = ddm_core::vae::LatentSpace::of(config, &m.tensors_sha256);
+            match &idx.latent {
+                None => bail!("{name}: a VAE, but this registry's experts were trained in pixel space"),
+                Some(l) if *l != space => bail!(
+                    "{name}: this VAE's latent space is {}, but the registry's experts were trained in {}",
+                    space.describe(),
+                    l.describe()
+                ),
+                Some(_) => {}
+            }
+            if let Some(old) = &idx.vae {
+                if old.sha256 == *sha256 {
+                    lines.push(Registered {
+                        role: "vae",
+                        cluster: None,
+                        k: None,
+                        source: name.clone(),
+                        sha256: sha256.clone(),
+                        already_registered: true,
+                    });
+                    continue;
+                }
+                // Same latent space (checked above), so the same weights: a re-saved copy.
+                if !replace {
+                    bail!(
+                        "{name}: the registry already has a VAE ({}); pass --replace",
+                        &old.sha256[..12]
+                    );
+                }
+            }
+            items.push(Item::Vae {
+                path: path.clone(),
+                sha: sha256.clone(),
+                bytes: *bytes,
+            });
+            continue;
+        }
+        if m.latent != idx.latent {
+            let space = |l: &Option<ddm_core::vae::LatentSpace>| {
+                l.as_ref().map_or("pixel space".to_string(), |l| {
+                    format!("the latent space of {}", l.describe())
+                })
+            };
+            bail!(
+                "{name}: trained in {}, but this registry's experts are in {}; an ensemble cannot mix spaces",
+                space(&m.latent),
+                space(&idx.latent)
+            );
+        }
         if m.partition.as_deref() != Some(idx.partition.as_str()) {
             bail!(
                 "{name}: trained on partition {}, but this registry is for partition {}",
@@ -361,6 +429,7 @@ pub(crate) fn plan(
             Role::Classifier => {
                 bail!("{name}: a classifier (used by ddm eval) cannot join an ensemble")
             }
+            Role::Autoencoder => unreachable!("VAEs are planned above"),
             Role::Router if remote.is_some() => {
                 bail!("{name}: a served router cannot be registered; register its checkpoint file")
             }
@@ -400,11 +469,12 @@ pub(crate) fn plan(
         let (path, sha, bytes) = match &item {
             Item::Expert { path, sha, bytes, .. }
             | Item::Router { path, sha, bytes, .. }
-            | Item::Stats { path, sha, bytes, .. } => (path.clone(), sha.clone(), *bytes),
+            | Item::Stats { path, sha, bytes, .. }
+            | Item::Vae { path, sha, bytes } => (path.clone(), sha.clone(), *bytes),
         };
         let classes = match &item {
             Item::Expert { classes, .. } | Item::Router { classes, .. } => Some(*classes),
-            Item::Stats { .. } => None,
+            Item::Stats { .. } | Item::Vae { .. } => None,
         };
         let remote = match &item {
             Item::Expert { remote, .. } => remote.clone(),
@@ -443,6 +513,10 @@ pub(crate) fn plan(
             }
             Item::Stats { cluster, .. } => {
                 idx.stats.insert(cluster, entry);
+            }
+            Item::Vae { .. } => {
+                lines.push(line("vae", None, None));
+                idx.vae = Some(entry);
             }
         }
     }
@@ -491,7 +565,7 @@ fn check_conditioning(
                 experts.insert(*cluster, (*classes, path.display().to_string()));
             }
             Item::Router { path, classes, .. } => router = Some((*classes, path.display().to_string())),
-            Item::Stats { .. } => {}
+            Item::Stats { .. } | Item::Vae { .. } => {}
         }
     }
     let describe = |c: usize| match c {
