@@ -177,6 +177,30 @@ fn latent_pipeline_end_to_end() {
         "{out}"
     );
     ok(ddm(d, &["registry", "--registry", "reg", "verify"]));
+    let list = ok(ddm(d, &["registry", "--registry", "reg", "list"]));
+    assert!(
+        list.contains("latent space: [2, 4, 4] latents of [1, 8, 8] images") && list.contains("VAE: "),
+        "{list}"
+    );
+    // An export carries the VAE, and registering the export gives the same registry back.
+    ok(ddm(
+        d,
+        &["registry", "--registry", "reg", "export", "--out", "published"],
+    ));
+    assert!(d.join("published/vae/model.safetensors").exists());
+    ok(ddm(d, &["register", "--registry", "reg2", "published"]));
+    let (a, b) = (
+        ddm_ensemble::registry::read_index(&d.join("reg"))
+            .unwrap()
+            .unwrap(),
+        ddm_ensemble::registry::read_index(&d.join("reg2"))
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(
+        (a.latent, a.vae.map(|e| e.sha256)),
+        (b.latent, b.vae.map(|e| e.sha256))
+    );
 
     // Sampling decodes with the registry's VAE; the same seed without --decode gives the same
     // latents, and decoding them with the VAE directly gives the same images.
@@ -374,6 +398,99 @@ fn a_diffusers_vae_imports_and_encodes_as_diffusers_does() {
         }
         other => panic!("imported as {other:?}"),
     }
+    // ...and joins an ensemble when it says which shard it was trained on: a partition of 4 x 8 x 8
+    // data with 10 classes, the diffusers expert as both clusters' (an island may train with
+    // anything), sampled by class.
+    let n = 40;
+    let x: Vec<f32> = (0..n * 256)
+        .map(|i| ((i * 7919 % 997) as f32 / 498.5) - 1.0)
+        .collect();
+    let mut ints = std::collections::BTreeMap::new();
+    ints.insert(
+        "y".to_string(),
+        ddm_core::host::HostIntTensor {
+            shape: vec![n],
+            data: (0..n as i64).map(|i| i % 10).collect(),
+        },
+    );
+    ddm_core::host::write_tensors(
+        &d.join("lat.safetensors"),
+        &std::collections::BTreeMap::from([(
+            "x".to_string(),
+            ddm_core::host::HostTensor::new(vec![n, 4, 8, 8], x),
+        )]),
+        &ints,
+    )
+    .unwrap();
+    ok(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "tensors:lat.safetensors",
+            "--k",
+            "2",
+            "--algorithm",
+            "random",
+            "--out",
+            "p",
+        ],
+    ));
+    for k in ["0", "1"] {
+        ok(ddm(
+            d,
+            &[
+                "import",
+                "--from",
+                "diffusers",
+                testdata.join("dit-tiny").to_str().unwrap(),
+                "--objective",
+                "epsilon-linear",
+                "--partition",
+                "p",
+                "--cluster",
+                k,
+                "--out",
+                &format!("island-{k}.safetensors"),
+            ],
+        ));
+    }
+    ok(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            "island-0.safetensors",
+            "island-1.safetensors",
+        ],
+    ));
+    ok(ddm(
+        d,
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--strategy",
+            "oracle:1",
+            "--class",
+            "3",
+            "--n",
+            "4",
+            "--steps",
+            "3",
+            "--out",
+            "s.png",
+        ],
+    ));
+    let x0 = TensorFile::read(&d.join("s.safetensors"))
+        .unwrap()
+        .f32("x0")
+        .unwrap();
+    assert_eq!(x0.shape, vec![4, 4, 8, 8]);
+    assert!(x0.data.iter().all(|v| v.is_finite()));
     let e = fails(ddm(
         d,
         &[

@@ -32,7 +32,7 @@ pub enum Source {
 /// Import a model trained elsewhere as a ddm expert checkpoint.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  ddm import --from pytorch dit.safetensors --config dit.json --out expert.safetensors\n  ddm import --from pytorch ddpm.safetensors --config dit.json --objective epsilon-linear --out e.safetensors\n  ddm import --from diffusers dit-xl-2-256/transformer --objective epsilon-linear --out expert.safetensors\n  ddm import --from diffusers-vae sd-vae-ft-mse/ --out vae.safetensors"
+    after_help = "Examples:\n  ddm import --from pytorch dit.safetensors --config dit.json --out expert.safetensors\n  ddm import --from pytorch ddpm.safetensors --config dit.json --objective epsilon-linear --out e.safetensors\n  ddm import --from diffusers dit-xl-2-256/transformer --objective epsilon-linear --out expert.safetensors\n  ddm import --from diffusers island-3/transformer --partition part --cluster 3 --out expert-3.safetensors\n  ddm import --from diffusers-vae sd-vae-ft-mse/ --out vae.safetensors"
 )]
 pub struct ImportArgs {
     /// Where the weights come from.
@@ -48,9 +48,17 @@ pub struct ImportArgs {
     /// What the network predicts.
     #[arg(long, value_enum, default_value = "velocity")]
     pub objective: ObjectiveArg,
-    /// Value range of the data the model was trained on.
+    /// Value range of the data the model was trained on (with --partition: the partition's).
     #[arg(long, num_args = 2, value_names = ["MIN", "MAX"], default_values_t = [-1.0, 1.0], allow_negative_numbers = true)]
     pub range: Vec<f32>,
+    /// The ddm partition whose shard --cluster the model was trained on (by another framework, on
+    /// an island): the checkpoint then records that partition, cluster, data range and latent
+    /// space, so it can join the partition's registry like an island's expert.
+    #[arg(long, requires = "cluster")]
+    pub partition: Option<PathBuf>,
+    /// With --partition: the cluster the model was trained on.
+    #[arg(long, requires = "partition")]
+    pub cluster: Option<usize>,
     /// The checkpoint to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -101,7 +109,36 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     let model = config.load(tensors, &origin, &device)?;
 
     let objective = args.objective.objective();
-    let mut meta = CheckpointMeta::expert(config, [args.range[0], args.range[1]], objective);
+    let manifest = match &args.partition {
+        Some(p) => Some(ddm_datasets::partition::read_manifest(p)?),
+        None => None,
+    };
+    let range = match &manifest {
+        Some(m) => m.dataset.range,
+        None => [args.range[0], args.range[1]],
+    };
+    let mut meta = CheckpointMeta::expert(config, range, objective);
+    if let (Some(m), Some(k)) = (&manifest, args.cluster) {
+        let dir = args
+            .partition
+            .as_ref()
+            .expect("clap pairs --partition with --cluster")
+            .display();
+        if k >= m.k {
+            bail!("--cluster {k}: the partition {dir} has K = {}", m.k);
+        }
+        if meta.data.shape != m.dataset.shape {
+            bail!(
+                "{}: the model takes samples of shape {:?}, but the partition {dir} holds {:?}",
+                args.weights.display(),
+                meta.data.shape,
+                m.dataset.shape
+            );
+        }
+        meta.partition = Some(m.fingerprint.clone());
+        meta.cluster = Some(k);
+        meta.latent = m.dataset.latent.clone();
+    }
     meta.source = Some(match args.from {
         Source::Diffusers => format!(
             "imported from the diffusers DiTTransformer2DModel {}",

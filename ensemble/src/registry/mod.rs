@@ -87,6 +87,23 @@ impl Registry {
             i.stats.len(),
             i.k
         ));
+        if let Some(l) = &i.latent {
+            s.push_str(&format!(
+                "  latent space: {:?} latents of {:?} images, {}\n",
+                l.latent_shape,
+                l.image_shape,
+                l.describe()
+            ));
+            match &i.vae {
+                Some(e) => s.push_str(&format!(
+                    "  VAE:      {} ({} bytes) from {}\n",
+                    &e.sha256[..12],
+                    e.bytes,
+                    e.source
+                )),
+                None => s.push_str("  VAE:      none (sample --decode needs --vae FILE)\n"),
+            }
+        }
         s
     }
 }

@@ -57,7 +57,8 @@ pub(crate) fn verify_index(
 }
 
 /// Write the published folder layout: `expert_K/{config.json, model.safetensors}` per expert,
-/// `router/{config.json, model.safetensors}`, and `index.json` (the registry's index). `config.json`
+/// `router/{config.json, model.safetensors}`, `vae/...` (a latent registry's VAE), and
+/// `index.json` (the registry's index). `config.json`
 /// is the checkpoint's ddm metadata; `model.safetensors` is the checkpoint itself. Experts served
 /// elsewhere have no file to export: `index.json` keeps their URLs.
 pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -83,6 +84,9 @@ pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     if let Some(e) = &idx.router {
         put("router".into(), e)?;
+    }
+    if let Some(e) = &idx.vae {
+        put("vae".into(), e)?;
     }
     ddm_core::fsio::write_bytes_atomic(&tmp.path().join("index.json"), &serde_json::to_vec_pretty(idx)?)?;
     tmp.publish(out)?;
