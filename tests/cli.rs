@@ -7,7 +7,7 @@ use std::process::Command;
 use ddm_core::host::{HostTensor, TensorFile, write_tensors};
 
 mod common;
-use common::{ddm, fails, ok, registry_fixture};
+use common::{ddm, fails, ok, registry_fixture, tiny_images};
 
 fn reference(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -576,28 +576,6 @@ fn walk(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     }
     out.sort();
     out
-}
-
-/// A tiny 8 x 8 image dataset as IDX files.
-fn tiny_images(dir: &Path) {
-    let n = 96u32;
-    let mut img = vec![];
-    for v in [0x803u32, n, 8, 8] {
-        img.extend(v.to_be_bytes());
-    }
-    for i in 0..n {
-        for p in 0..64u32 {
-            // Two kinds of images: bright left half or bright top half.
-            let on = if i % 2 == 0 { p % 8 < 4 } else { p / 8 < 4 };
-            img.push(if on { 200 + (i % 50) as u8 } else { 10 });
-        }
-    }
-    let mut lab = vec![];
-    lab.extend(0x801u32.to_be_bytes());
-    lab.extend(n.to_be_bytes());
-    lab.extend((0..n).map(|i| (i % 2) as u8));
-    std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
-    std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
 }
 
 /// The whole mission in seconds: partition -> 2 island trainers -> router -> register -> sample.

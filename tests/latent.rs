@@ -6,31 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{ddm, fails, ok};
+use common::{ddm, fails, ok, tiny_images};
 use ddm_core::checkpoint::Checkpoint;
 use ddm_core::host::TensorFile;
-
-/// A tiny 8 x 8 image dataset as IDX files: two kinds of images (bright left or top half).
-fn tiny_images(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let n = 96u32;
-    let mut img = vec![];
-    for v in [0x803u32, n, 8, 8] {
-        img.extend(v.to_be_bytes());
-    }
-    for i in 0..n {
-        for p in 0..64u32 {
-            let on = if i % 2 == 0 { p % 8 < 4 } else { p / 8 < 4 };
-            img.push(if on { 200 + (i % 50) as u8 } else { 10 });
-        }
-    }
-    let mut lab = vec![];
-    lab.extend(0x801u32.to_be_bytes());
-    lab.extend(n.to_be_bytes());
-    lab.extend((0..n).map(|i| (i % 2) as u8));
-    std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
-    std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
-}
 
 fn train_vae(d: &Path, out: &str, steps: &str, seed: &str) {
     ok(ddm(

@@ -17,6 +17,7 @@
 
 pub mod checkpoint;
 pub mod device;
+pub mod diffusers;
 pub mod digest;
 pub mod dit;
 pub mod error;

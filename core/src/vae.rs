@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::host::{HostTensor, TensorFile};
+use crate::host::HostTensor;
 use crate::params::{ConvSpec, Init, ParamSource, StateDict, StateLoader};
 
 /// diffusers' VAE uses eps 1e-6 in every GroupNorm.
@@ -762,44 +762,12 @@ impl AutoencoderKL {
     }
 }
 
-/// The files diffusers' `save_pretrained` writes for a model.
-pub const DIFFUSERS_CONFIG: &str = "config.json";
-pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
-
 /// Read a diffusers AutoencoderKL directory (`config.json`, `diffusion_pytorch_model.safetensors`):
 /// its config and tensors, not yet checked against each other (building the model does that).
 pub fn read_diffusers(dir: &std::path::Path) -> Result<(AutoencoderKLConfig, BTreeMap<String, HostTensor>)> {
-    let config_path = dir.join(DIFFUSERS_CONFIG);
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::Io {
-        path: config_path.clone(),
-        source: e,
-    })?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadMetadata {
-        path: config_path.clone(),
-        reason: format!("not JSON: {e}"),
-    })?;
-    if let Some(class) = value.get("_class_name").and_then(|c| c.as_str())
-        && class != "AutoencoderKL"
-    {
-        return Err(Error::BadMetadata {
-            path: config_path,
-            reason: format!("a diffusers {class}, not an AutoencoderKL"),
-        });
-    }
-    let config: AutoencoderKLConfig = serde_json::from_value(value).map_err(|e| Error::BadMetadata {
-        path: config_path.clone(),
-        reason: format!("not an AutoencoderKL config: {e}"),
-    })?;
-    config.validate().map_err(|e| Error::BadMetadata {
-        path: config_path,
-        reason: e.to_string(),
-    })?;
-    let file = TensorFile::read(&dir.join(DIFFUSERS_WEIGHTS))?;
-    let tensors = file
-        .names()
-        .map(|n| Ok((n.to_string(), file.f32(n)?)))
-        .collect::<Result<_>>()?;
-    Ok((config, tensors))
+    let d = crate::diffusers::read::<AutoencoderKLConfig>(dir, "AutoencoderKL")?;
+    d.config.validate().map_err(|e| d.bad(e.to_string()))?;
+    Ok((d.config, d.tensors))
 }
 
 impl AutoencoderKLConfig {

@@ -16,6 +16,12 @@ fn reference(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The largest absolute difference between two equally long slices.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
 fn run_reference(name: &str) -> f32 {
     let device = ddm_core::device::cpu();
     let config: ModelConfig =
@@ -39,11 +45,7 @@ fn run_reference(name: &str) -> f32 {
     let want = io.f32("v").unwrap();
     let got = HostTensor::from_tensor(model.predict(x_t, t, y));
     assert_eq!(got.shape, want.shape);
-    got.data
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
+    max_abs_diff(&got.data, &want.data)
 }
 
 #[test]
@@ -68,12 +70,7 @@ fn position_embedding_matches_pytorch() {
         let want = file.f32("pos_embed").unwrap();
         let got = pos_embed_2d(dim, grid);
         assert_eq!(got.shape, want.shape);
-        let err = got
-            .data
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let err = max_abs_diff(&got.data, &want.data);
         assert!(err < 1e-5, "{name}: {err}");
     }
 }
@@ -101,12 +98,7 @@ fn autoencoder_kl_matches_diffusers() {
         let want = io.f32(name).unwrap();
         let got = HostTensor::from_tensor(got);
         assert_eq!(got.shape, want.shape, "{name}");
-        let err = got
-            .data
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let err = max_abs_diff(&got.data, &want.data);
         let scale = want.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         println!("vae-tiny {name}: max abs error vs diffusers {err:e} (max |value| {scale})");
         assert!(err <= 1e-4, "{name}: max abs error {err}");

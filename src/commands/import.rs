@@ -90,7 +90,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         }
         (Source::Diffusers, None) => {
             let (config, tensors) = ddm_core::dit::diffusers::read_diffusers(&args.weights)?;
-            let origin = args.weights.join(ddm_core::vae::DIFFUSERS_WEIGHTS);
+            let origin = args.weights.join(ddm_core::diffusers::WEIGHTS);
             (ModelConfig::Dit(config), tensors, origin)
         }
         (Source::Pytorch, Some(c)) => {
@@ -161,7 +161,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
 /// and config).
 fn import_diffusers_vae(args: &ImportArgs) -> anyhow::Result<()> {
     let (config, tensors) = ddm_core::vae::read_diffusers(&args.weights)?;
-    let origin = args.weights.join(ddm_core::vae::DIFFUSERS_WEIGHTS);
+    let origin = args.weights.join(ddm_core::diffusers::WEIGHTS);
     let vae = config.load(tensors, &origin, &ddm_core::device::cpu())?;
     let mut meta = CheckpointMeta::autoencoder(ModelConfig::Vae(config), [args.range[0], args.range[1]]);
     meta.source = Some(format!(

@@ -132,3 +132,27 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// A tiny 8 x 8 image dataset as IDX files in `dir` (created if absent): two kinds of images
+/// (bright left or top half), labelled by kind.
+pub fn tiny_images(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let n = 96u32;
+    let mut img = vec![];
+    for v in [0x803u32, n, 8, 8] {
+        img.extend(v.to_be_bytes());
+    }
+    for i in 0..n {
+        for p in 0..64u32 {
+            // Two kinds of images: bright left half or bright top half.
+            let on = if i % 2 == 0 { p % 8 < 4 } else { p / 8 < 4 };
+            img.push(if on { 200 + (i % 50) as u8 } else { 10 });
+        }
+    }
+    let mut lab = vec![];
+    lab.extend(0x801u32.to_be_bytes());
+    lab.extend(n.to_be_bytes());
+    lab.extend((0..n).map(|i| (i % 2) as u8));
+    std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
+}

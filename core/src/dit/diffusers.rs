@@ -25,7 +25,7 @@ use serde::Deserialize;
 
 use super::{DiTConfig, pos_embed_2d};
 use crate::error::{Error, Result};
-use crate::host::{HostTensor, TensorFile};
+use crate::host::HostTensor;
 
 /// diffusers' `DiTTransformer2DModel` config.json (the fields ddm reads).
 #[derive(Debug, Deserialize)]
@@ -70,23 +70,15 @@ fn yes() -> bool {
 /// `diffusion_pytorch_model.safetensors`): the equivalent ddm config and the tensors under ddm's
 /// names (not yet checked against each other: building the model does that).
 pub fn read_diffusers(dir: &Path) -> Result<(DiTConfig, BTreeMap<String, HostTensor>)> {
-    let config_path = dir.join(crate::vae::DIFFUSERS_CONFIG);
+    let crate::diffusers::Directory {
+        config: c,
+        config_path,
+        mut tensors,
+    } = crate::diffusers::read::<DiffusersDiT>(dir, "DiTTransformer2DModel")?;
     let bad = |reason: String| Error::BadMetadata {
         path: config_path.clone(),
         reason,
     };
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::Io {
-        path: config_path.clone(),
-        source: e,
-    })?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    if let Some(class) = value.get("_class_name").and_then(|c| c.as_str())
-        && class != "DiTTransformer2DModel"
-    {
-        return Err(bad(format!("a diffusers {class}, not a DiTTransformer2DModel")));
-    }
-    let c: DiffusersDiT =
-        serde_json::from_value(value).map_err(|e| bad(format!("not a DiTTransformer2DModel config: {e}")))?;
     if c.norm_type != "ada_norm_zero"
         || c.activation_fn != "gelu-approximate"
         || c.norm_elementwise_affine
@@ -105,11 +97,6 @@ pub fn read_diffusers(dir: &Path) -> Result<(DiTConfig, BTreeMap<String, HostTen
         )));
     }
     let num_classes = c.num_embeds_ada_norm.unwrap_or(0);
-    let file = TensorFile::read(&dir.join(crate::vae::DIFFUSERS_WEIGHTS))?;
-    let mut tensors: BTreeMap<String, HostTensor> = file
-        .names()
-        .map(|n| Ok((n.to_string(), file.f32(n)?)))
-        .collect::<Result<_>>()?;
     // The class table has a null row when diffusers' label dropout is on (its default, 0.1).
     let table = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight";
     let class_dropout_prob = match tensors.get(table) {
@@ -174,7 +161,7 @@ pub fn read_diffusers(dir: &Path) -> Result<(DiTConfig, BTreeMap<String, HostTen
             if let [Some(q), Some(k), Some(v)] = &parts[..] {
                 if q.shape != k.shape || q.shape != v.shape {
                     return Err(Error::ShapeMismatch {
-                        path: dir.join(crate::vae::DIFFUSERS_WEIGHTS),
+                        path: dir.join(crate::diffusers::WEIGHTS),
                         name: format!("{d}.attn1.to_k.{suffix}"),
                         expected: q.shape.clone(),
                         actual: if q.shape != k.shape {
