@@ -5,7 +5,8 @@
 //!   and the epsilon -> velocity adapter.
 //! - [`dit`], [`mlp`], [`model`]: the networks (DiT as the PyTorch reference; an MLP for vectors).
 //! - [`vae`]: the AutoencoderKL latents come from (diffusers' names), and the [`vae::LatentSpace`]
-//!   experts trained on latents record.
+//!   experts trained on latents record; [`diffusers`] reads a diffusers model directory (the VAE's,
+//!   and `dit::diffusers` maps a `DiTTransformer2DModel` onto ddm's DiT).
 //! - [`checkpoint`]: the checkpoint file format (safetensors + `ddm` metadata), [`host`] tensors
 //!   and files, [`params`] for PyTorch-named state dicts, [`fsio`] for atomic writes, [`digest`]
 //!   for sha256 fingerprints, [`stats`] for the per-cluster statistics file.
