@@ -24,6 +24,7 @@ pub mod dit;
 pub mod error;
 pub mod flow;
 pub mod fsio;
+pub mod fused;
 pub mod gmm;
 pub mod host;
 pub mod mlp;

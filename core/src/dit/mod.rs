@@ -13,12 +13,11 @@
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::{sigmoid, silu};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::activation::silu;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fused::{gated_residual, layer_norm_modulate};
 use crate::host::HostTensor;
 use crate::params::{Init, ParamSource, StateDict};
 
@@ -46,13 +45,8 @@ pub fn layer_norm_eps<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
 
 /// GELU with the tanh approximation (the reference's `nn.GELU(approximate="tanh")`), written as
 /// the identical `x * sigmoid(2 z)`, z = sqrt(2/pi) (x + 0.044715 x^3): one `exp` per element
-/// instead of `powf` + `tanh` (burn's `gelu_approximate`), which cost ~28% of a CPU training step.
-pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
-    let x3 = x.clone() * x.clone() * x.clone();
-    let z = (x.clone() + x3 * 0.044715) * (2.0 * SQRT_2_OVER_PI);
-    x * sigmoid(z)
-}
+/// instead of `powf` + `tanh` (burn's `gelu_approximate`), one fused op on the CPU (`fused.rs`).
+pub use crate::fused::gelu_tanh;
 
 /// A Linear layer over tokens, as one `[N*T, D]` matmul (rather than N small batched ones).
 ///
@@ -63,11 +57,6 @@ fn linear_tokens(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
     let y = layer.forward(x.reshape([n * t, d])); // [N*T, D_out]
     let d_out = y.dims()[1];
     y.reshape([n, t, d_out])
-}
-
-/// adaLN modulation: `x (1 + scale) + shift`, with `shift`, `scale` `[N, D]` broadcast over tokens.
-fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
-    x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
 }
 
 /// DiT's sinusoidal timestep embedding: `[cos, sin]` of `t * exp(-ln(10000) i / (F/2 - shift))`
@@ -232,21 +221,8 @@ impl Attention {
     /// # Shapes
     /// - `x`: `[N, T, D]` -> `[N, T, D]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [n, t, d] = x.dims();
-        let hd = d / self.heads;
-        let qkv = linear_tokens(&self.qkv, x) // [N, T, 3D]
-            .reshape([n, t, 3, self.heads, hd])
-            .permute([2, 0, 3, 1, 4]); // [3, N, h, T, hd]
-        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([n, self.heads, t, hd]);
-        let out = attention(
-            part(0),
-            part(1),
-            part(2),
-            None,
-            None,
-            AttentionModuleOptions::default(),
-        ); // [N, h, T, hd]
-        linear_tokens(&self.proj, out.swap_dims(1, 2).reshape([n, t, d]))
+        let qkv = linear_tokens(&self.qkv, x); // [N, T, 3D]
+        linear_tokens(&self.proj, crate::fused::attention(qkv, self.heads)) // [N, T, D]
     }
 }
 
@@ -296,13 +272,12 @@ impl DiTBlock {
         let m = self.ada_ln.forward(silu(c)).chunk(6, 1); // 6 x [N, D]
         let (shift_msa, scale_msa, gate_msa) = (m[0].clone(), m[1].clone(), m[2].clone());
         let (shift_mlp, scale_mlp, gate_mlp) = (m[3].clone(), m[4].clone(), m[5].clone());
-        let h = self
-            .attn
-            .forward(modulate(layer_norm(x.clone()), shift_msa, scale_msa));
-        let x = x + gate_msa.unsqueeze_dim::<3>(1) * h;
-        let h = modulate(layer_norm_eps(x.clone(), self.mlp_norm_eps), shift_mlp, scale_mlp);
+        // LayerNorm + modulation, and the gated residual, are each one fused op (`fused.rs`).
+        let h = layer_norm_modulate(x.clone(), shift_msa, scale_msa, LN_EPS);
+        let x = gated_residual(x, gate_msa, self.attn.forward(h));
+        let h = layer_norm_modulate(x.clone(), shift_mlp, scale_mlp, self.mlp_norm_eps);
         let h = linear_tokens(&self.mlp_fc2, gelu_tanh(linear_tokens(&self.mlp_fc1, h)));
-        x + gate_mlp.unsqueeze_dim::<3>(1) * h
+        gated_residual(x, gate_mlp, h)
     }
 
     fn export(&self, prefix: &str, sd: &mut StateDict) {
@@ -335,7 +310,8 @@ impl FinalLayer {
     /// - `x`: `[N, T, D]`, `c`: `[N, D]` -> `[N, T, P*P*C_out]`
     pub fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
         let m = self.ada_ln.forward(silu(c)).chunk(2, 1); // 2 x [N, D]
-        linear_tokens(&self.linear, modulate(layer_norm(x), m[0].clone(), m[1].clone()))
+        let h = layer_norm_modulate(x, m[0].clone(), m[1].clone(), LN_EPS);
+        linear_tokens(&self.linear, h)
     }
 }
 

@@ -121,4 +121,5 @@ pub mod sort;
 mod transaction;
 pub mod unary;
 pub mod unfold;
-pub(crate) mod vexp;
+// ddm patch: public so that ddm's fused DiT kernels share the one vectorisable exp.
+pub mod vexp;

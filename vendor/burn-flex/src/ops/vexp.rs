@@ -16,7 +16,7 @@ const X_MAX: f32 = 88.0;
 
 /// e^x (relative error below 2e-7 on [X_MIN, X_MAX]; NaN stays NaN).
 #[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
+pub fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(X_MIN, X_MAX);
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -27,14 +27,17 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let y = p * (r * r) + r + 1.0;
-    // 2^n through the exponent bits; n is in [-126, 127] after the clamp.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n through the exponent bits; n is in [-126, 127] after the clamp. n + 127 + 2^23 holds the
+    // integer n + 127 in its low mantissa bits, shifted into the exponent field: the same bits as
+    // `(n as i32 + 127) << 23`, without the float-to-int `as` (saturating, NaN-checked), which
+    // LLVM does not vectorise.
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
     y * scale
 }
 
 /// 1 / (1 + e^-x), from e^-|x| so that neither branch overflows.
 #[inline(always)]
-pub(crate) fn sigmoid_f32(x: f32) -> f32 {
+pub fn sigmoid_f32(x: f32) -> f32 {
     let e = exp_f32(-x.abs());
     let s = 1.0 / (1.0 + e);
     if x >= 0.0 { s } else { e * s }
@@ -60,7 +63,7 @@ fn sigmoid_slice_avx2(s: &mut [f32]) {
 }
 
 /// The sigmoid of every element of `s`, in place, with the widest vectors this CPU has.
-pub(crate) fn sigmoid_slice(s: &mut [f32]) {
+pub fn sigmoid_slice(s: &mut [f32]) {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     {
         if std::is_x86_feature_detected!("avx512f") {

@@ -1,0 +1,199 @@
+//! The fused DiT ops (`core/src/fused.rs`) against the same operations composed of burn ops
+//! (`fused::composite`, differentiated by burn's autodiff): values and the gradients of every
+//! input, at several shapes (odd sizes, one token, one channel, the bench DiT's), and the same
+//! bits on one thread and on all.
+
+use ddm_core::burn::prelude::*;
+use ddm_core::fused::{self, composite};
+use ddm_core::host::HostTensor;
+use rand::{Rng, SeedableRng};
+
+/// `[N, T, D]`.
+const SHAPES: [[usize; 3]; 6] = [
+    [1, 1, 1],
+    [2, 3, 1],
+    [2, 3, 5],
+    [3, 7, 33],
+    [5, 49, 256],
+    [64, 49, 256],
+];
+
+fn data(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..len)
+        .map(|_| scale * (rng.random::<f32>() * 2.0 - 1.0))
+        .collect()
+}
+
+fn tensor<const D: usize>(shape: [usize; D], seed: u64, scale: f32, device: &Device) -> Tensor<D> {
+    let v = data(shape.iter().product(), seed, scale);
+    HostTensor::new(shape.to_vec(), v).to_tensor::<D>(device)
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    HostTensor::from_tensor(t).data
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}] = {g}, expected {w}"
+        );
+    }
+}
+
+/// An op on `[*, *, D]` inputs.
+type Op = dyn Fn(&[Tensor<3>]) -> Tensor<3> + Sync;
+
+/// One op's output and its inputs' gradients for a random upstream gradient, either fused or
+/// composite: `op(inputs) -> output`, inputs given as (shape, seed, scale).
+fn run(inputs: &[(Vec<usize>, u64, f32)], op: &Op) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let device = ddm_core::device::cpu().autodiff();
+    // Every input as [*, *, D]: per-sample vectors are [N, 1, D] here and squeezed by the op.
+    let xs: Vec<Tensor<3>> = inputs
+        .iter()
+        .map(|(shape, seed, scale)| {
+            let s = [shape[0], shape[1], shape[2]];
+            tensor(s, *seed, *scale, &device).require_grad()
+        })
+        .collect();
+    assert!(
+        fused::fused_here(&xs[0]),
+        "the CPU autodiff device runs the fused kernels"
+    );
+    let y = op(&xs);
+    let w = tensor(y.dims(), 99, 1.0, &device);
+    let grads = (y.clone() * w).sum().backward();
+    let g = xs
+        .iter()
+        .map(|x| host(x.grad(&grads).expect("every input has a gradient")))
+        .collect();
+    (host(y), g)
+}
+
+fn check(name: &str, inputs: &[(Vec<usize>, u64, f32)], fused: &Op, composite: &Op, tol: f32) {
+    let (y, g) = run(inputs, fused);
+    let (y_ref, g_ref) = run(inputs, composite);
+    assert_close(&y, &y_ref, tol, &format!("{name} {:?} output", inputs[0].0));
+    for (i, (g, g_ref)) in g.iter().zip(&g_ref).enumerate() {
+        assert_close(g, g_ref, tol, &format!("{name} {:?} d input {i}", inputs[0].0));
+    }
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let (y1, g1) = one.install(|| run(inputs, fused));
+    assert!(
+        y1 == y && g1 == g,
+        "{name} {:?}: 1 thread differs from all",
+        inputs[0].0
+    );
+}
+
+fn vec2(x: &Tensor<3>) -> Tensor<2> {
+    let [n, _, d] = x.dims();
+    x.clone().reshape([n, d])
+}
+
+#[test]
+fn gelu_tanh_matches_the_composite() {
+    for [n, t, d] in SHAPES {
+        check(
+            "gelu_tanh",
+            &[(vec![n, t, 4 * d], 1, 4.0)],
+            &|x| fused::gelu_tanh(x[0].clone()),
+            &|x| composite::gelu_tanh(x[0].clone()),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn layer_norm_modulate_matches_the_composite() {
+    for [n, t, d] in SHAPES {
+        for eps in [1e-6, 1e-5] {
+            let inputs = [
+                (vec![n, t, d], 1, 3.0),
+                (vec![n, 1, d], 2, 1.0),
+                (vec![n, 1, d], 3, 1.0),
+            ];
+            check(
+                "layer_norm_modulate",
+                &inputs,
+                &move |x| fused::layer_norm_modulate(x[0].clone(), vec2(&x[1]), vec2(&x[2]), eps),
+                &move |x| composite::layer_norm_modulate(x[0].clone(), vec2(&x[1]), vec2(&x[2]), eps),
+                // One channel: x̂ = 0 and the composite's gradient is rounding noise of size eps^-1/2.
+                if d == 1 { 1e-2 } else { 2e-4 },
+            );
+        }
+    }
+}
+
+#[test]
+fn gated_residual_matches_the_composite() {
+    for [n, t, d] in SHAPES {
+        let inputs = [
+            (vec![n, t, d], 1, 3.0),
+            (vec![n, 1, d], 2, 1.0),
+            (vec![n, t, d], 3, 2.0),
+        ];
+        check(
+            "gated_residual",
+            &inputs,
+            &|x| fused::gated_residual(x[0].clone(), vec2(&x[1]), x[2].clone()),
+            &|x| composite::gated_residual(x[0].clone(), vec2(&x[1]), x[2].clone()),
+            1e-5,
+        );
+    }
+}
+
+/// Inputs that need no gradient (constants, or the output of a no-grad branch) and views that
+/// are not contiguous (the adaLN chunks are narrowed columns of one matrix) take the same path.
+#[test]
+fn constants_and_strided_views_are_handled() {
+    let device = ddm_core::device::cpu().autodiff();
+    let (n, t, d) = (4, 9, 12);
+    let x = tensor([n, t, d], 1, 2.0, &device).require_grad();
+    let m = tensor([n, 3 * d], 2, 1.0, &device); // constant, as [shift | scale | gate]
+    let part = |i: usize| m.clone().narrow(1, i * d, d);
+    let f = |x: Tensor<3>,
+             ln: &dyn Fn(Tensor<3>, Tensor<2>, Tensor<2>) -> Tensor<3>,
+             gr: &dyn Fn(Tensor<3>, Tensor<2>, Tensor<3>) -> Tensor<3>| {
+        let h = ln(x.clone(), part(0), part(1));
+        let y = gr(x.clone(), part(2), h);
+        let grads = (y.clone() * y.clone()).sum().backward();
+        (host(y), host(x.grad(&grads).unwrap()))
+    };
+    let (y, g) = f(
+        x.clone(),
+        &|x, a, b| fused::layer_norm_modulate(x, a, b, 1e-6),
+        &fused::gated_residual,
+    );
+    let (y_ref, g_ref) = f(
+        x,
+        &|x, a, b| composite::layer_norm_modulate(x, a, b, 1e-6),
+        &composite::gated_residual,
+    );
+    assert_close(&y, &y_ref, 1e-5, "output");
+    assert_close(&g, &g_ref, 1e-4, "d x");
+}
+
+#[test]
+fn attention_matches_the_composite() {
+    // [N, T, heads, head size]: one token, one head, odd sizes, the bench DiT's.
+    for [n, t, heads, hd] in [
+        [1, 1, 1, 1],
+        [2, 3, 1, 5],
+        [3, 7, 3, 11],
+        [2, 49, 4, 64],
+        [64, 49, 4, 64],
+    ] {
+        let d3 = 3 * heads * hd;
+        check(
+            "attention",
+            &[(vec![n, t, d3], 1, 2.0)],
+            &move |x| fused::attention(x[0].clone(), heads),
+            &move |x| composite::attention(x[0].clone(), heads),
+            1e-4,
+        );
+    }
+}
