@@ -839,7 +839,16 @@ impl FusedOps for Flex {
     }
 
     fn attention(qkv: FlexTensor, heads: usize) -> FlexTensor {
-        Self::attention_train(qkv, heads).0
+        let qkv = dense(qkv);
+        let (n, a) = AttnDims::of(&qkv, heads);
+        let AttnDims { t, d, .. } = a;
+        let xs = values(&qkv);
+        // Without autodiff the probabilities are one sample's scratch, not an [N, h, T, T] tensor.
+        let out = par_fill(n * t * d, t * d, parts(n * t * d, t * d), |i, out, ()| {
+            let mut probs = vec![0f32; heads * t * t];
+            attention_sample(part(xs, i, 3 * t * d), a, out, &mut probs)
+        });
+        tensor(out, vec![n, t, d])
     }
 }
 

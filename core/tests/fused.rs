@@ -197,3 +197,33 @@ fn attention_matches_the_composite() {
         );
     }
 }
+
+/// Without autodiff (the sampler's forward) each op runs the plain CPU kernel.
+#[test]
+fn forward_without_autodiff_matches_the_composite() {
+    let device = ddm_core::device::cpu();
+    let (n, t, heads, hd) = (5, 9, 3, 7);
+    let d = heads * hd;
+    let x = tensor([n, t, d], 1, 2.0, &device);
+    let qkv = tensor([n, t, 3 * d], 2, 2.0, &device);
+    let v = |seed| tensor([n, d], seed, 1.0, &device);
+    assert!(fused::fused_here(&x), "the CPU device runs the fused kernels");
+    let pairs = [
+        (fused::gelu_tanh(x.clone()), composite::gelu_tanh(x.clone())),
+        (
+            fused::layer_norm_modulate(x.clone(), v(3), v(4), 1e-6),
+            composite::layer_norm_modulate(x.clone(), v(3), v(4), 1e-6),
+        ),
+        (
+            fused::gated_residual(x.clone(), v(5), x.clone() * 0.5),
+            composite::gated_residual(x.clone(), v(5), x.clone() * 0.5),
+        ),
+        (
+            fused::attention(qkv.clone(), heads),
+            composite::attention(qkv, heads),
+        ),
+    ];
+    for (i, (got, want)) in pairs.into_iter().enumerate() {
+        assert_close(&host(got), &host(want), 1e-5, &format!("op {i}"));
+    }
+}
