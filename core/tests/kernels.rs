@@ -158,3 +158,35 @@ fn large_sums_are_ordered_and_accurate() {
         "{s} vs {exact}"
     );
 }
+
+/// Matrix products as burn's autodiff computes a Linear layer's weight gradient (xᵀ dy: a
+/// transposed view, k much longer than m and n, which vendor/burn-flex splits in two halves of
+/// k), and a forward shape, against an f64 product on the host; the same bits on one thread.
+#[test]
+fn matmul_long_reduction_matches_f64() {
+    let device = ddm_core::device::cpu();
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    // (m, k, n)
+    for (m, k, n) in [(37, 1001, 29), (256, 3136, 96), (300, 250, 70)] {
+        let (x, dy) = (data([k, m], 11, 1.0), data([k, n], 12, 1.0));
+        let product = || {
+            host(
+                tensor([k, m], &x, &device)
+                    .transpose()
+                    .matmul(tensor([k, n], &dy, &device)),
+            )
+        };
+        let got = product();
+        close(
+            &got,
+            |i| {
+                (0..k)
+                    .map(|r| x[r * m + i / n] as f64 * dy[r * n + i % n] as f64)
+                    .sum()
+            },
+            2e-5 * (k as f64).sqrt(),
+            "xᵀ dy",
+        );
+        assert_eq!(one.install(product), got, "1 thread vs all, {m} x {k} x {n}");
+    }
+}
