@@ -56,7 +56,11 @@ fn main() {
         let gflop = 2.0 * (m * k * n) as f64 / 1e9;
         total.0 += gflop;
         total.1 += median;
-        println!("{name:12} [{m} x {k}] x [{k} x {n}]: {:.2} ms, {:.1} GFLOP/s", median * 1e3, gflop / median);
+        println!(
+            "{name:12} [{m} x {k}] x [{k} x {n}]: {:.2} ms, {:.1} GFLOP/s",
+            median * 1e3,
+            gflop / median
+        );
     }
     println!("all: {:.1} GFLOP/s", total.0 / total.1);
 }
