@@ -2,7 +2,7 @@
 //! tokens, hidden 256, MLP 1024) through burn on the CPU backend, in GFLOP/s, each the median of
 //! `--iters` runs. `scripts/bench_matmul.py` times the same shapes in PyTorch.
 //!
-//! cargo run --release --example bench_matmul -- [--iters 20]
+//! cargo build --release --workspace --examples && target/release/examples/bench_matmul [--iters 20]
 
 use std::time::Instant;
 
