@@ -115,8 +115,7 @@ pub mod composite {
     }
 
     pub fn layer_norm_modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>, eps: f64) -> Tensor<3> {
-        let (var, mean) = x.clone().var_mean_bias(2);
-        let xhat = (x - mean) / (var + eps).sqrt();
+        let xhat = crate::dit::layer_norm_eps(x, eps);
         xhat * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
     }
 
