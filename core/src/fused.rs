@@ -360,7 +360,7 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
 const CHUNK: usize = 1 << 12;
 
 /// A dense f32 copy-free view when the tensor is already contiguous (a copy otherwise).
-fn dense(t: FlexTensor) -> FlexTensor {
+pub(crate) fn dense(t: FlexTensor) -> FlexTensor {
     assert_eq!(t.dtype(), DType::F32, "fused kernels take f32 tensors");
     if t.layout().contiguous_offsets().is_some() {
         t
@@ -369,7 +369,7 @@ fn dense(t: FlexTensor) -> FlexTensor {
     }
 }
 
-fn values(t: &FlexTensor) -> &[f32] {
+pub(crate) fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("dense f32 tensor")
 }
 
@@ -453,10 +453,11 @@ macro_rules! widest_simd {
         }
     };
 }
+pub(crate) use widest_simd;
 
 /// Σ f(a_i, b_i) in 16 independent lanes (so it vectorises; the same order on every CPU).
 #[inline(always)]
-fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+pub(crate) fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));

@@ -32,6 +32,7 @@ pub mod model;
 pub mod params;
 pub mod progress;
 pub mod stats;
+pub mod update;
 pub mod vae;
 
 pub use burn;

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use ddm_core::burn::optim::{AdamWConfig, GradientsParams};
+use ddm_core::burn::optim::{GradientsParams, ModuleOptimizer};
 use ddm_core::burn::prelude::*;
 use ddm_core::dit::DiTConfig;
 use ddm_core::flow::{flow_matching_loss, interpolate, randn};
@@ -42,7 +42,7 @@ fn main() {
         .sum();
     let mut model = config.init(0, &device).unwrap();
     let mut ema = model.valid();
-    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    let mut optim = ModuleOptimizer::from(ddm_core::update::AdamW::new(0.0, None));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut times = [0f64; 5]; // data, forward, backward, optimizer, ema
     let sync = |t: Tensor<1>| t.into_scalar::<f32>();

@@ -1,5 +1,6 @@
 //! Exponential moving average of the weights: ema <- decay * ema + (1 - decay) * weights, on the
-//! device, matched parameter by parameter through their (name-derived) ids.
+//! device, matched parameter by parameter through their (name-derived) ids (one fused pass per
+//! parameter on the CPU: `ddm_core::update::ema`).
 
 use std::collections::HashMap;
 
@@ -27,7 +28,8 @@ impl ModuleMapper for Blend {
             .current
             .remove(&id)
             .expect("the EMA and the model have the same parameters");
-        let new = ema.clone() * self.decay + cur.reshape(ema.dims()) * (1.0 - self.decay);
+        let cur = cur.reshape(ema.dims());
+        let new = ddm_core::update::ema(ema, cur, self.decay);
         Param::from_mapped_value(id, new, mapper)
     }
 }

@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use ddm_core::burn::grad_clipping::GradientClippingConfig;
 use ddm_core::burn::module::{Module, ModuleVisitor, Param};
-use ddm_core::burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use ddm_core::burn::optim::{GradientsParams, ModuleOptimizer};
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::TrainingSummary;
 use ddm_core::device::DeviceChoice;
@@ -46,12 +45,11 @@ pub enum Outcome {
     Interrupted { step: u64 },
 }
 
+/// AdamW with the run's weight decay and per-parameter gradient clipping, one fused pass per
+/// parameter on the CPU (its state is burn's AdamW state: records load either way).
 pub fn optimizer(config: &TrainConfig) -> ModuleOptimizer {
-    let mut adamw = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
-    if config.grad_clip > 0.0 {
-        adamw = adamw.with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip as f32)));
-    }
-    adamw.init()
+    let clip = (config.grad_clip > 0.0).then_some(config.grad_clip as f32);
+    ModuleOptimizer::from(ddm_core::update::AdamW::new(config.weight_decay as f32, clip))
 }
 
 /// Global L2 norm of the gradients (for the metrics; clipping itself happens in the optimizer).

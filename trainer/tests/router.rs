@@ -486,8 +486,11 @@ fn conditioned_router_learns_p_k_given_c() {
         .expect("a conditioned router is evaluated with the class");
     assert_eq!(report.given.as_deref(), Some("class"));
     let without = &report.without_class;
+    // Without the class the router learnt from the 20% of examples whose class was dropped: its
+    // distance is larger (0.058 with burn's AdamW, 0.060 with ddm's fused one, which differs in
+    // rounding only), and a router blind to the prior would be at 0.2 (uniform vs 0.1..0.4).
     assert!(
-        with[10].tv_to_prior.unwrap() < 0.06 && without[10].tv_to_prior.unwrap() < 0.06,
+        with[10].tv_to_prior.unwrap() < 0.06 && without[10].tv_to_prior.unwrap() < 0.08,
         "{report:?}"
     );
     // At t = 1 the class carries information the noise does not.
