@@ -479,6 +479,23 @@ fn sum(a: &[f32]) -> f32 {
     lane_sum(a, a, |a, _| a)
 }
 
+/// max a_i in 16 independent lanes (a sequential fold waits on every comparison: it was half of the
+/// softmax's time). -inf for an empty slice.
+#[inline(always)]
+fn max(a: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = a.chunks_exact(16);
+    for (l, &v) in chunks.remainder().iter().enumerate() {
+        acc[l] = acc[l].max(v);
+    }
+    for c in chunks {
+        for l in 0..16 {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
 widest_simd! {
     fn gelu_forward(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         assert_eq!(x.len(), y.len());
@@ -632,7 +649,7 @@ unsafe fn matmul(
 widest_simd! {
     fn softmax_rows(s: &mut [f32], t: usize) {
         for row in s.chunks_exact_mut(t) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let max = max(row);
             for v in row.iter_mut() {
                 *v = exp_f32(*v - max);
             }
