@@ -1,6 +1,7 @@
 //! Benchmark (not a test): the matrix products of a DiT-Bench/4 training step (batch 64: 3136
 //! tokens, hidden 256, MLP 1024) through burn on the CPU backend, in GFLOP/s, each the median of
-//! `--iters` runs. `scripts/bench_matmul.py` times the same shapes in PyTorch.
+//! `--iters` runs. `scripts/bench_matmul.py` times the same shapes in PyTorch. Then the fused
+//! attention of one block (`fused::attention`), forward and forward + backward.
 //!
 //! cargo build --release --workspace --examples && target/release/examples/bench_matmul [--iters 20]
 
@@ -63,4 +64,47 @@ fn main() {
         );
     }
     println!("all: {:.1} GFLOP/s", total.0 / total.1);
+
+    // The attention of one block (4 heads of 64, 49 tokens, 64 samples), the fused op: forward
+    // alone (as a sampler runs it) and forward + backward (as a training step does).
+    let (n, t, heads) = (64, 49, 4);
+    let qkv = Tensor::<3>::random(
+        [n, t, 3 * d],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let gflop = 2.0 * 2.0 * (n * heads * t * t * (d / heads)) as f64 / 1e9;
+    let time = |f: &dyn Fn()| {
+        let mut times: Vec<f64> = (0..iters + 2)
+            .map(|_| {
+                let t0 = Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.drain(..2);
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    let fwd = time(&|| {
+        let y = ddm_core::fused::attention(qkv.clone(), heads);
+        let _ = y.slice([0..1, 0..1, 0..1]).into_scalar::<f32>();
+    });
+    println!(
+        "attention forward [{n} x {t} x {}]: {:.2} ms, {:.1} GFLOP/s",
+        3 * d,
+        fwd * 1e3,
+        gflop / fwd
+    );
+    let both = time(&|| {
+        let x = qkv.clone().autodiff().require_grad();
+        let y = ddm_core::fused::attention(x.clone(), heads);
+        let g = y.sum().backward();
+        let _ = x.grad(&g).unwrap().slice([0..1, 0..1, 0..1]).into_scalar::<f32>();
+    });
+    println!(
+        "attention forward + backward: {:.2} ms, {:.1} GFLOP/s",
+        both * 1e3,
+        3.0 * gflop / both
+    );
 }
