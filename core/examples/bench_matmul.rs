@@ -44,16 +44,10 @@ fn main() {
         } else {
             Tensor::<2>::random([k, n], dist, &device)
         };
-        let mut times = vec![];
-        for _ in 0..iters + 2 {
-            let t0 = Instant::now();
+        let median = median_secs(iters, &|| {
             let y = lhs.clone().matmul(rhs.clone());
             let _ = y.slice([0..1, 0..1]).into_scalar::<f32>();
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        times.drain(..2);
-        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let median = times[times.len() / 2];
+        });
         let gflop = 2.0 * (m * k * n) as f64 / 1e9;
         total.0 += gflop;
         total.1 += median;
@@ -74,19 +68,7 @@ fn main() {
         &device,
     );
     let gflop = 2.0 * 2.0 * (n * heads * t * t * (d / heads)) as f64 / 1e9;
-    let time = |f: &dyn Fn()| {
-        let mut times: Vec<f64> = (0..iters + 2)
-            .map(|_| {
-                let t0 = Instant::now();
-                f();
-                t0.elapsed().as_secs_f64()
-            })
-            .collect();
-        times.drain(..2);
-        times.sort_by(f64::total_cmp);
-        times[times.len() / 2]
-    };
-    let fwd = time(&|| {
+    let fwd = median_secs(iters, &|| {
         let y = ddm_core::fused::attention(qkv.clone(), heads);
         let _ = y.slice([0..1, 0..1, 0..1]).into_scalar::<f32>();
     });
@@ -96,7 +78,7 @@ fn main() {
         fwd * 1e3,
         gflop / fwd
     );
-    let both = time(&|| {
+    let both = median_secs(iters, &|| {
         let x = qkv.clone().autodiff().require_grad();
         let y = ddm_core::fused::attention(x.clone(), heads);
         let g = y.sum().backward();
@@ -107,4 +89,18 @@ fn main() {
         both * 1e3,
         3.0 * gflop / both
     );
+}
+
+/// The median wall time of `iters` runs of `f`, after two warm-up runs.
+fn median_secs(iters: usize, f: &dyn Fn()) -> f64 {
+    let mut times: Vec<f64> = (0..iters + 2)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.drain(..2);
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }

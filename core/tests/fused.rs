@@ -8,6 +8,9 @@ use ddm_core::fused::{self, composite};
 use ddm_core::host::HostTensor;
 use rand::{Rng, SeedableRng};
 
+mod common;
+use common::assert_close;
+
 /// `[N, T, D]`.
 const SHAPES: [[usize; 3]; 6] = [
     [1, 1, 1],
@@ -32,16 +35,6 @@ fn tensor<const D: usize>(shape: [usize; D], seed: u64, scale: f32, device: &Dev
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     HostTensor::from_tensor(t).data
-}
-
-fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * (1.0 + w.abs()),
-            "{what}[{i}] = {g}, expected {w}"
-        );
-    }
 }
 
 /// An op on `[*, *, D]` inputs.

@@ -12,6 +12,9 @@ use ddm_core::host::HostTensor;
 use ddm_core::update::{AdamW, ema};
 use rand::{Rng, SeedableRng};
 
+mod common;
+use common::assert_close;
+
 const SHAPES: [&[usize]; 5] = [&[1], &[7], &[33, 5], &[16387], &[256, 1536]];
 
 fn tensor<const D: usize>(shape: &[usize], seed: u64, scale: f32) -> Tensor<D> {
@@ -25,16 +28,6 @@ fn tensor<const D: usize>(shape: &[usize], seed: u64, scale: f32) -> Tensor<D> {
 
 fn host<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
     HostTensor::from_tensor(t.clone()).data
-}
-
-fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * (1.0 + w.abs()),
-            "{what}[{i}] = {g}, expected {w}"
-        );
-    }
 }
 
 /// `steps` AdamW steps of a random parameter with random gradients of size `grad_scale`, fused or
