@@ -201,15 +201,27 @@ fn dit_checkpoint() -> Vec<u8> {
         .unwrap()
 }
 
-/// The checkpoint with `field` of its model config set to `value`, the metadata unsealed (as a
-/// hand-made or older file would be), the tensors and their checksum untouched.
+/// The checkpoint with `field` of its model config set to `value` and the metadata sealed again
+/// (as a hand-made file whose author computed the seal would be), the tensors, their table and
+/// their checksums untouched.
 fn with_model_field(valid: &[u8], field: &str, value: serde_json::Value) -> Vec<u8> {
+    with_header(valid, |header| {
+        let (body, _) =
+            ddm_core::digest::unseal_json(header["__metadata__"]["ddm"].as_str().unwrap()).unwrap();
+        let mut meta: serde_json::Value = serde_json::from_str(&body).unwrap();
+        meta["model"][field] = value;
+        let body = meta.to_string();
+        let sealed = ddm_core::digest::seal_json(&body, &ddm_core::digest::sha256_hex(body.as_bytes()));
+        header["__metadata__"]["ddm"] = serde_json::Value::String(sealed);
+    })
+}
+
+/// A safetensors file with `edit` applied to its header's JSON (tensor table and metadata), padded
+/// to 8 bytes as safetensors writes it, the data section unchanged.
+fn with_header(valid: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
     let n = u64::from_le_bytes(valid[..8].try_into().unwrap()) as usize;
     let mut header: serde_json::Value = serde_json::from_slice(&valid[8..8 + n]).unwrap();
-    let (body, _) = ddm_core::digest::unseal_json(header["__metadata__"]["ddm"].as_str().unwrap()).unwrap();
-    let mut meta: serde_json::Value = serde_json::from_str(&body).unwrap();
-    meta["model"][field] = value;
-    header["__metadata__"]["ddm"] = serde_json::Value::String(meta.to_string());
+    edit(&mut header);
     let mut h = header.to_string().into_bytes();
     while !h.len().is_multiple_of(8) {
         h.push(b' ');
@@ -248,6 +260,109 @@ proptest! {
                 let msg = e.to_string();
                 prop_assert!(msg.contains("absurd.safetensors"), "{}", msg);
             }
+        }
+    }
+}
+
+/// An edit of a checkpoint's header that does not seal it again: the table (which name points at
+/// which bytes, with what dtype and shape) or the metadata.
+#[derive(Debug, Clone)]
+enum HeaderEdit {
+    SwapOffsets(usize, usize),
+    Dtype(usize, &'static str),
+    ReverseShape(usize),
+    Rename(usize, String),
+    /// Replace the metadata's character at (index mod its length) by this one.
+    MetadataChar(usize, char),
+    DropSeal,
+    /// Set `format_version` (and keep the seal, or drop it).
+    Relabel(u32, bool),
+}
+
+fn header_edit() -> impl Strategy<Value = HeaderEdit> {
+    prop_oneof![
+        (any::<usize>(), any::<usize>()).prop_map(|(a, b)| HeaderEdit::SwapOffsets(a, b)),
+        (
+            any::<usize>(),
+            prop::sample::select(vec!["F16", "BF16", "I32", "U32", "F64", "U8"])
+        )
+            .prop_map(|(i, d)| HeaderEdit::Dtype(i, d)),
+        any::<usize>().prop_map(HeaderEdit::ReverseShape),
+        (any::<usize>(), "[a-z_.0-9]{1,24}").prop_map(|(i, n)| HeaderEdit::Rename(i, n)),
+        (any::<usize>(), prop::char::range(' ', '~')).prop_map(|(i, c)| HeaderEdit::MetadataChar(i, c)),
+        Just(HeaderEdit::DropSeal),
+        (0u32..5, any::<bool>()).prop_map(|(v, k)| HeaderEdit::Relabel(v, k)),
+    ]
+}
+
+/// `valid` with `edit` applied to its header.
+fn edited(valid: &[u8], edit: &HeaderEdit) -> Vec<u8> {
+    with_header(valid, |h| {
+        let names: Vec<String> = h
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .cloned()
+            .collect();
+        let pick = |i: usize| names[i % names.len()].clone();
+        let ddm = h["__metadata__"]["ddm"].as_str().unwrap().to_string();
+        let (body, sha) = ddm_core::digest::unseal_json(&ddm).unwrap();
+        match edit {
+            HeaderEdit::SwapOffsets(a, b) => {
+                let (a, b) = (pick(*a), pick(*b));
+                let (oa, ob) = (h[&a]["data_offsets"].clone(), h[&b]["data_offsets"].clone());
+                h[&a]["data_offsets"] = ob;
+                h[&b]["data_offsets"] = oa;
+            }
+            HeaderEdit::Dtype(i, d) => h[&pick(*i)]["dtype"] = (*d).into(),
+            HeaderEdit::ReverseShape(i) => {
+                let n = pick(*i);
+                let mut shape = h[&n]["shape"].as_array().unwrap().clone();
+                shape.reverse();
+                h[&n]["shape"] = shape.into();
+            }
+            HeaderEdit::Rename(i, new) => {
+                let old = pick(*i);
+                let t = h.as_object_mut().unwrap().remove(&old).unwrap();
+                h[new.as_str()] = t;
+            }
+            HeaderEdit::MetadataChar(i, c) => {
+                let mut chars: Vec<char> = body.chars().collect();
+                let at = i % chars.len();
+                chars[at] = *c;
+                let body: String = chars.into_iter().collect();
+                h["__metadata__"]["ddm"] = ddm_core::digest::seal_json(&body, &sha).into();
+            }
+            HeaderEdit::DropSeal => h["__metadata__"]["ddm"] = body.into(),
+            HeaderEdit::Relabel(v, keep) => {
+                let body = body.replace("\"format_version\":3", &format!("\"format_version\":{v}"));
+                h["__metadata__"]["ddm"] = if *keep {
+                    ddm_core::digest::seal_json(&body, &sha)
+                } else {
+                    body
+                }
+                .into();
+            }
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    /// Any edit of a checkpoint's header that is not sealed again (its tensor table or its
+    /// metadata) is refused, naming the file.
+    #[test]
+    fn checkpoint_header_edits(edit in header_edit()) {
+        let valid = DIT.with(|d| d.clone());
+        let bytes = edited(&valid, &edit);
+        prop_assume!(bytes != with_header(&valid, |_| {})); // not an edit (the same header)
+        let path = Path::new("edited.safetensors");
+        let result = TensorFile::from_bytes(path, bytes).and_then(ddm_core::checkpoint::Checkpoint::from_file);
+        match result {
+            Ok(_) => prop_assert!(false, "{edit:?} was accepted"),
+            Err(e) => prop_assert!(e.to_string().contains("edited.safetensors"), "{}", e),
         }
     }
 }

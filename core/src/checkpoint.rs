@@ -19,12 +19,16 @@ use crate::host::{HostTensor, TensorFile};
 use crate::model::{Model, ModelConfig};
 use crate::vae::{AutoencoderKL, LatentSpace};
 
-/// The checkpoint format version this build writes and reads.
-/// The checkpoint format this build writes. Version 2 is version 1 whose metadata must carry its
-/// seal (`sha256_of_the_rest`); version-1 files, written before the seal existed or in the first
-/// sealed builds, are read with the seal optional. Requiring it by version means a damaged seal
-/// cannot pass for an absent one (a fuzzed training state did exactly that).
-pub const FORMAT_VERSION: u32 = 2;
+/// The checkpoint format this build writes. Version 3 seals the whole file: the metadata carries
+/// its own seal (`sha256_of_the_rest`), the sha256 of the data section (`tensors_sha256`) and of
+/// the header's tensor table (`table_sha256`: which name points at which bytes), and all three are
+/// required. Version 2 sealed the metadata but not the table; version 1 may carry no seal at all.
+/// Older files are read (they verify as far as their format goes, and [`Checkpoint::sealed`] says
+/// whether that is the whole file); a registry accepts only whole seals (`ddm import --from ddm`
+/// re-seals an older file); a format-1 file without any seal is refused (`ddm import --from ddm
+/// --trust-unsealed` re-seals one the user trusts). Requiring each seal by version means a damaged seal cannot pass for
+/// an absent one (a fuzzed training state did exactly that).
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format this build reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The `__metadata__` key holding ddm's JSON.
@@ -40,6 +44,18 @@ pub enum Role {
     /// The VAE whose latents experts are trained on (`ddm train-autoencoder`, `ddm import --from
     /// diffusers-vae`).
     Autoencoder,
+}
+
+impl std::fmt::Display for Role {
+    /// The role as ddm names it in files (`expert`, `router`, `classifier`, `autoencoder`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Expert => "expert",
+            Role::Router => "router",
+            Role::Classifier => "classifier",
+            Role::Autoencoder => "autoencoder",
+        })
+    }
 }
 
 /// What the network predicts.
@@ -113,6 +129,10 @@ pub struct CheckpointMeta {
     /// sha256 (hex) of the file's data section; written by [`Checkpoint::save`].
     #[serde(default)]
     pub tensors_sha256: String,
+    /// sha256 (hex) of the header's tensor table ([`crate::host::table_sha256`]); written by
+    /// [`Checkpoint::save`] (format 3 on).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub table_sha256: String,
 }
 
 impl CheckpointMeta {
@@ -162,6 +182,7 @@ impl CheckpointMeta {
             condition_dim: None,
             latent: None,
             tensors_sha256: String::new(),
+            table_sha256: String::new(),
         }
     }
 }
@@ -188,6 +209,9 @@ impl Checkpoint {
         let first = crate::host::to_safetensors_bytes(&self.tensors, &no_ints, None)?;
         let mut meta = self.meta.clone();
         meta.tensors_sha256 = crate::digest::sha256_hex(crate::host::data_section(&first));
+        // The table, like the data, does not depend on the metadata (offsets count from the data
+        // section's start).
+        meta.table_sha256 = crate::host::table_sha256_of(&first)?;
         let json = serde_json::to_string(&meta).map_err(|e| Error::InvalidConfig(e.to_string()))?;
         // The metadata's own checksum, over the JSON exactly as written (sealed into it: one
         // metadata key keeps the file's bytes deterministic): an edit of the header (a cluster id,
@@ -209,7 +233,19 @@ impl Checkpoint {
         Self::from_file(file)
     }
 
+    /// Parse and verify a file read already: every seal its format has (a format-1 file without
+    /// a seal is refused: nothing in it can be verified).
     pub fn from_file(file: TensorFile) -> Result<Self> {
+        Self::parse(file, false)
+    }
+
+    /// [`Checkpoint::from_file`], accepting a format-1 file without a seal (for re-sealing a file
+    /// the user trusts: `ddm import --from ddm --trust-unsealed`).
+    pub fn from_unsealed_file(file: TensorFile) -> Result<Self> {
+        Self::parse(file, true)
+    }
+
+    fn parse(file: TensorFile, allow_unsealed: bool) -> Result<Self> {
         let path = file.path.clone();
         let json = file
             .metadata
@@ -249,6 +285,12 @@ impl Checkpoint {
                         .into(),
                 ));
             }
+            None if !allow_unsealed => {
+                return Err(bad(
+                    "a format-1 checkpoint without a seal: its metadata cannot be verified; re-seal a file you trust with `ddm import --from ddm FILE --trust-unsealed --out NEW`"
+                        .into(),
+                ));
+            }
             None => {}
         }
         let actual = crate::digest::sha256_hex(file.data_bytes());
@@ -258,6 +300,21 @@ impl Checkpoint {
                 expected: meta.tensors_sha256,
                 actual,
             });
+        }
+        let table = file.table_sha256();
+        match meta.table_sha256.as_str() {
+            "" if version >= 3 => {
+                return Err(bad(
+                    "the tensor table's checksum (`table_sha256`) is missing".into()
+                ));
+            }
+            "" => {}
+            want if want != table => {
+                return Err(bad(format!(
+                    "the tensor table hashes to {table}, but records {want}: which name points at which bytes was edited after it was written"
+                )));
+            }
+            _ => {}
         }
         meta.model.validate().map_err(|e| bad(format!("model: {e}")))?;
         if meta.data.shape != meta.model.data_shape() {
@@ -272,6 +329,12 @@ impl Checkpoint {
             tensors.insert(name.to_string(), file.f32(name)?);
         }
         Ok(Self { meta, tensors })
+    }
+
+    /// Whether the file's seal covers all of it (format 3 on): metadata, tensor table and data.
+    /// Older formats verify only what their seal covered.
+    pub fn sealed(&self) -> bool {
+        self.meta.format_version >= 3
     }
 
     /// Build the VAE a `Role::Autoencoder` checkpoint holds, checking every tensor name and shape.
@@ -359,6 +422,81 @@ mod tests {
         // Unedited, it reads back.
         std::fs::write(&p, &bytes).unwrap();
         assert_eq!(Checkpoint::read(&p).unwrap().meta.cluster, Some(1));
+    }
+
+    /// The file's header with `edit` applied to its JSON (tensor table and metadata), the data
+    /// section unchanged.
+    fn edit_header(bytes: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        edit(&mut header);
+        let h = header.to_string().into_bytes();
+        [
+            (h.len() as u64).to_le_bytes().to_vec(),
+            h,
+            bytes[8 + n..].to_vec(),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn an_edited_tensor_table_is_caught() {
+        let (dir, path, ..) = setup();
+        let bytes = std::fs::read(&path).unwrap();
+        // Two tensors of one shape swap their bytes: the data, its checksum and the metadata are
+        // unchanged, the model is not.
+        let swapped = edit_header(&bytes, |h| {
+            let a = h["blocks.0.attn.proj.weight"]["data_offsets"].clone();
+            let b = h["blocks.1.attn.proj.weight"]["data_offsets"].clone();
+            h["blocks.0.attn.proj.weight"]["data_offsets"] = b;
+            h["blocks.1.attn.proj.weight"]["data_offsets"] = a;
+        });
+        let p = dir.path().join("swapped.safetensors");
+        std::fs::write(&p, &swapped).unwrap();
+        let e = Checkpoint::read(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("swapped.safetensors") && e.contains("tensor table"),
+            "{e}"
+        );
+
+        // Re-labelled as format 2 (whose seal did not cover the table): the seal catches it; with
+        // the seal removed too, so does the format (2 requires a seal).
+        let relabel = |keep_seal: bool| {
+            edit_header(&swapped, |h| {
+                let json = h["__metadata__"]["ddm"].as_str().unwrap().to_string();
+                let (body, sha) = crate::digest::unseal_json(&json).unwrap();
+                let body = body.replace("\"format_version\":3", "\"format_version\":2");
+                let json = if keep_seal {
+                    crate::digest::seal_json(&body, &sha)
+                } else {
+                    body
+                };
+                h["__metadata__"]["ddm"] = json.into();
+            })
+        };
+        for (keep, says) in [(true, "header was edited"), (false, "missing or damaged")] {
+            std::fs::write(&p, relabel(keep)).unwrap();
+            let e = Checkpoint::read(&p).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        // A format-1 file without a seal is refused, unless asked for (to re-seal it).
+        let v1 = edit_header(&bytes, |h| {
+            let json = h["__metadata__"]["ddm"].as_str().unwrap().to_string();
+            let (body, _) = crate::digest::unseal_json(&json).unwrap();
+            h["__metadata__"]["ddm"] = body
+                .replace("\"format_version\":3", "\"format_version\":1")
+                .into();
+        });
+        std::fs::write(&p, &v1).unwrap();
+        let e = Checkpoint::read(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("without a seal") && e.contains("--trust-unsealed"),
+            "{e}"
+        );
+        let old = Checkpoint::from_unsealed_file(TensorFile::read(&p).unwrap()).unwrap();
+        assert!(!old.sealed());
+        // Unedited, it reads back sealed whole.
+        assert!(Checkpoint::read(&path).unwrap().sealed());
     }
 
     #[test]

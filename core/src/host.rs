@@ -85,12 +85,13 @@ pub struct HostIntTensor {
     pub data: Vec<i64>,
 }
 
-/// A tensor as stored: dtype, shape and little-endian bytes.
+/// A tensor as stored: dtype, shape, little-endian bytes, and where they lie in the data section.
 #[derive(Debug, Clone)]
 struct Stored {
     dtype: Dtype,
     shape: Vec<usize>,
     bytes: Vec<u8>,
+    offsets: (usize, usize),
 }
 
 /// All tensors and the string metadata of one safetensors file.
@@ -118,6 +119,7 @@ impl TensorFile {
         };
         let (header_len, meta) = SafeTensors::read_metadata(&raw).map_err(|e| bad(e.to_string()))?;
         let st = SafeTensors::deserialize(&raw).map_err(|e| bad(e.to_string()))?;
+        let table = meta.tensors();
         let mut tensors = BTreeMap::new();
         for (name, view) in st.iter() {
             tensors.insert(
@@ -126,6 +128,7 @@ impl TensorFile {
                     dtype: view.dtype(),
                     shape: view.shape().to_vec(),
                     bytes: view.data().to_vec(),
+                    offsets: table[name].data_offsets,
                 },
             );
         }
@@ -151,6 +154,17 @@ impl TensorFile {
     /// The bytes of the data section (all tensor bytes, in file order).
     pub fn data_bytes(&self) -> &[u8] {
         &self.raw[self.data_section.clone()]
+    }
+
+    /// sha256 of the header's tensor table: which name points at which bytes, with what dtype and
+    /// shape. With the data section's sha256 it binds every tensor to its name (a header whose
+    /// table was edited, say two names swapped, hashes differently).
+    pub fn table_sha256(&self) -> String {
+        table_sha256(
+            self.tensors
+                .iter()
+                .map(|(n, s)| (n.as_str(), s.dtype, s.shape.as_slice(), s.offsets)),
+        )
     }
 
     /// A floating-point tensor by name, converted to `f32` (F32, F16, BF16 and F64 are read).
@@ -308,6 +322,30 @@ pub fn to_safetensors_bytes(
         raw.insert(n.clone(), RawTensor::i64(t.shape.clone(), &t.data));
     }
     raw_to_safetensors_bytes(&raw, metadata)
+}
+
+/// sha256 of a tensor table given in name order: one line per tensor, `name dtype shape begin
+/// end` as JSON (`["w","F32",[2,3],0,24]`), offsets into the data section.
+pub fn table_sha256<'a>(
+    tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], (usize, usize))>,
+) -> String {
+    let mut text = String::new();
+    for (name, dtype, shape, (begin, end)) in tensors {
+        let line = serde_json::json!([name, format!("{dtype:?}"), shape, begin, end]);
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    crate::digest::sha256_hex(text.as_bytes())
+}
+
+/// [`table_sha256`] of serialised safetensors bytes, read from their header alone.
+pub fn table_sha256_of(bytes: &[u8]) -> Result<String> {
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::InvalidConfig(format!("cannot read a tensor table: {e}")))?;
+    let table: BTreeMap<String, &safetensors::tensor::TensorInfo> = meta.tensors().into_iter().collect();
+    Ok(table_sha256(table.iter().map(|(n, i)| {
+        (n.as_str(), i.dtype, i.shape.as_slice(), i.data_offsets)
+    })))
 }
 
 /// Data-section bytes of a serialised safetensors buffer (what the checkpoint checksum covers).

@@ -27,6 +27,11 @@ pub enum Source {
     Diffusers,
     /// A diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors).
     DiffusersVae,
+    /// A checkpoint written by an older ddm (format 1 or 2), whose seal does not cover the whole
+    /// file: verified as far as its format allows, then written sealed whole, its metadata and
+    /// tensors unchanged (--objective and --range are not read). A format-1 file without any seal
+    /// needs --trust-unsealed, as nothing in it can be verified.
+    Ddm,
 }
 
 /// Import a model trained elsewhere as a ddm expert checkpoint.
@@ -62,6 +67,10 @@ pub struct ImportArgs {
     /// The checkpoint to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// With --from ddm: re-seal a format-1 checkpoint that carries no seal (its metadata cannot
+    /// be verified: only do this for a file you trust).
+    #[arg(long)]
+    pub trust_unsealed: bool,
 }
 
 /// Parse a model config, defaulting `arch` to "dit" (the PyTorch reference's configs name it).
@@ -85,8 +94,11 @@ pub fn read_model_config(path: &std::path::Path) -> anyhow::Result<ModelConfig> 
 pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     let (config, tensors, origin) = match (args.from, &args.config) {
         (Source::DiffusersVae, None) => return import_diffusers_vae(&args),
-        (Source::Diffusers | Source::DiffusersVae, Some(_)) => {
-            bail!("--config is for --from pytorch; a diffusers directory has its own config.json")
+        (Source::Ddm, None) => return reseal(&args),
+        (Source::Diffusers | Source::DiffusersVae | Source::Ddm, Some(_)) => {
+            bail!(
+                "--config is for --from pytorch; a diffusers directory and a ddm checkpoint carry their own"
+            )
         }
         (Source::Diffusers, None) => {
             let (config, tensors) = ddm_core::dit::diffusers::read_diffusers(&args.weights)?;
@@ -153,6 +165,49 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         "wrote {} ({} tensors, {params} values)",
         args.out.display(),
         ckpt.tensors.len()
+    );
+    Ok(())
+}
+
+/// An older ddm checkpoint -> the same checkpoint sealed whole (format 3).
+fn reseal(args: &ImportArgs) -> anyhow::Result<()> {
+    let file = TensorFile::read(&args.weights)?;
+    let had_seal = file
+        .metadata
+        .get(ddm_core::checkpoint::METADATA_KEY)
+        .is_some_and(|json| ddm_core::digest::unseal_json(json).is_some());
+    let mut ckpt = Checkpoint::from_unsealed_file(file)?; // checks every seal the file's format has
+    let old = ckpt.meta.format_version;
+    if ckpt.sealed() {
+        println!(
+            "{}: already sealed whole (format {old}); nothing to do",
+            args.weights.display()
+        );
+        return Ok(());
+    }
+    if !had_seal && !args.trust_unsealed {
+        bail!(
+            "{}: a format-{old} checkpoint without a seal: its metadata cannot be verified; pass --trust-unsealed to re-seal it anyway",
+            args.weights.display()
+        );
+    }
+    ckpt.meta.format_version = ddm_core::checkpoint::FORMAT_VERSION;
+    ckpt.save(&args.out)?;
+    let new = Checkpoint::read(&args.out)?.meta.tensors_sha256;
+    let tensors = match new == ckpt.meta.tensors_sha256 {
+        true => format!("tensors sha256 {} unchanged", &new[..12]),
+        // Tensors stored in another dtype are written as f32: their bytes (and a VAE's latent
+        // space name) change.
+        false => format!(
+            "tensors rewritten as f32: sha256 {} -> {}",
+            &ckpt.meta.tensors_sha256[..12],
+            &new[..12]
+        ),
+    };
+    println!(
+        "wrote {} (format {old} -> {}, sealed whole; {tensors})",
+        args.out.display(),
+        ddm_core::checkpoint::FORMAT_VERSION,
     );
     Ok(())
 }

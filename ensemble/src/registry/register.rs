@@ -110,6 +110,15 @@ pub(crate) fn read_checkpoints(paths: &[PathBuf]) -> anyhow::Result<Vec<(Origin,
     let mut metas = vec![];
     for p in paths {
         let ckpt = Checkpoint::read(p)?; // verifies the file's own checksum
+        if !ckpt.sealed() {
+            bail!(
+                "{}: written by an older ddm (checkpoint format {}), whose seal does not cover the whole file; \
+                 re-seal it with `ddm import --from ddm {} --out NEW.safetensors` and register that",
+                p.display(),
+                ckpt.meta.format_version,
+                p.display()
+            );
+        }
         if let Some((name, t)) = ckpt
             .tensors
             .iter()
