@@ -115,7 +115,12 @@ impl ClusterStats {
 
     /// Read a file written by [`ClusterStats::save`].
     pub fn load(path: &Path) -> Result<(StatsMeta, Self)> {
-        let f = TensorFile::read(path)?;
+        Self::from_file(&TensorFile::read(path)?)
+    }
+
+    /// [`ClusterStats::load`] of a file already read.
+    pub fn from_file(f: &TensorFile) -> Result<(StatsMeta, Self)> {
+        let path = &f.path;
         let bad = |reason: String| Error::BadMetadata {
             path: path.to_path_buf(),
             reason,

@@ -223,7 +223,7 @@ pub fn registry_teacher<'a>(
         expert_flops.push(match &e.remote {
             Some(_) => 0.0, // counted by its server, not here
             None => reg
-                .verified_checkpoint(&format!("expert {c}"), e)?
+                .verified_checkpoint(ddm_ensemble::registry::claims::Claim::Expert(c))?
                 .1
                 .meta
                 .model

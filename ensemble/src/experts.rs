@@ -2,7 +2,7 @@
 //! velocity fields (epsilon experts converted, classifier-free guidance wrapped around
 //! class-conditional ones), the router blob a [`RouterNet`], the statistics an [`AnalyticRouter`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use ddm_core::burn::prelude::*;
@@ -12,7 +12,8 @@ use ddm_core::stats::ClusterStats;
 use ddm_router::analytic::AnalyticRouter;
 use ddm_router::net::RouterNet;
 
-use crate::registry::Registry;
+use crate::registry::claims::{Claim, Parsed};
+use crate::registry::{Entry, Registry};
 use crate::remote::{Client, RemoteExpert};
 use crate::sampler::ExpertSlot;
 
@@ -22,61 +23,54 @@ impl Registry {
         self.expert_guided(k, device, None)
     }
 
-    /// An entry's blob, after checking that it still hashes to the sha256 the registry recorded
-    /// (the hash covers the whole file, the checkpoint's metadata included).
-    pub fn verified_blob(&self, what: &str, e: &crate::registry::Entry) -> anyhow::Result<PathBuf> {
-        let blob = e.blob(&self.dir);
-        let got = ddm_core::digest::sha256_file(&blob)
-            .with_context(|| format!("{what} of the registry {}", self.dir.display()))?;
-        self.check_hash(what, e, &blob, got)?;
-        Ok(blob)
+    /// The index entry a claim names.
+    pub fn entry(&self, claim: Claim) -> anyhow::Result<&Entry> {
+        let i = &self.index;
+        let e = match claim {
+            Claim::Expert(k) => i.experts.get(&k),
+            Claim::Router => i.router.as_ref(),
+            Claim::Stats(k) => i.stats.get(&k),
+            Claim::Vae => i.vae.as_ref(),
+        };
+        e.with_context(|| format!("{}: no {claim} registered", self.dir.display()))
     }
 
-    /// An entry's checkpoint, read once: hashed against the registry's sha256, then parsed and
-    /// checked like any checkpoint.
-    pub fn verified_checkpoint(
-        &self,
-        what: &str,
-        e: &crate::registry::Entry,
-    ) -> anyhow::Result<(PathBuf, Checkpoint)> {
-        let (blob, raw) = self.verified_bytes(what, e)?;
-        let ckpt = Checkpoint::from_file(ddm_core::host::TensorFile::from_bytes(&blob, raw)?)?;
-        Ok((blob, ckpt))
+    /// An entry's blob, read once: hashed against the sha256 the registry recorded (which covers
+    /// the whole file), parsed, and checked to be what the entry claims ([`Claim::check`]).
+    pub fn verified(&self, claim: Claim) -> anyhow::Result<(PathBuf, Parsed)> {
+        let e = self.entry(claim)?;
+        let (blob, raw) = self.verified_bytes(claim, e)?;
+        let parsed = claim.check(&self.index, e, &blob, raw)?;
+        Ok((blob, parsed))
+    }
+
+    /// [`Registry::verified`] for a checkpoint's entry (an expert, the router, the VAE).
+    pub fn verified_checkpoint(&self, claim: Claim) -> anyhow::Result<(PathBuf, Checkpoint)> {
+        match self.verified(claim)? {
+            (blob, Parsed::Checkpoint(c)) => Ok((blob, *c)),
+            (blob, Parsed::Stats(..)) => bail!("{}: {claim} is a statistics file", blob.display()),
+        }
     }
 
     /// An entry's blob and its bytes, read once and checked against the registry's sha256.
-    pub fn verified_bytes(
-        &self,
-        what: &str,
-        e: &crate::registry::Entry,
-    ) -> anyhow::Result<(PathBuf, Vec<u8>)> {
+    pub fn verified_bytes(&self, claim: Claim, e: &Entry) -> anyhow::Result<(PathBuf, Vec<u8>)> {
         let blob = e.blob(&self.dir);
         let raw = std::fs::read(&blob).with_context(|| {
             format!(
-                "{what} of the registry {}: reading {}",
+                "{claim} of the registry {}: reading {}",
                 self.dir.display(),
                 blob.display()
             )
         })?;
-        self.check_hash(what, e, &blob, ddm_core::digest::sha256_hex(&raw))?;
-        Ok((blob, raw))
-    }
-
-    fn check_hash(
-        &self,
-        what: &str,
-        e: &crate::registry::Entry,
-        blob: &Path,
-        got: String,
-    ) -> anyhow::Result<()> {
+        let got = ddm_core::digest::sha256_hex(&raw);
         if got != e.sha256 {
             bail!(
-                "{}: {what} hashes to {got}, but the registry recorded {} (corrupted or replaced; `ddm registry verify` lists every such blob)",
+                "{}: {claim} hashes to {got}, but the registry recorded {} (corrupted or replaced; `ddm registry verify` lists every such blob)",
                 blob.display(),
                 e.sha256
             );
         }
-        Ok(())
+        Ok((blob, raw))
     }
 
     /// Expert `k` as the sampler holds it: a local checkpoint loaded on first use, or a client of
@@ -143,51 +137,28 @@ impl Registry {
         if let Some(url) = &e.remote {
             bail!("expert {k} is served at {url}, not held here: only `ddm sample` runs served experts");
         }
-        let (blob, ckpt) = self.verified_checkpoint(&format!("expert {k}"), e)?;
+        let (blob, ckpt) = self.verified_checkpoint(Claim::Expert(k))?;
         let model = ckpt.model(&blob, device)?;
         let meta = ckpt.meta;
-        if meta.cluster != Some(k) || meta.partition.as_deref() != Some(self.index.partition.as_str()) {
-            bail!(
-                "{}: registered as expert {k} of partition {}, but it is the expert of cluster {:?} of partition {:?}",
-                blob.display(),
-                &self.index.partition,
-                meta.cluster,
-                meta.partition
-            );
-        }
-        if meta.data != self.index.data {
-            bail!(
-                "{}: data {:?}, but the registry's is {:?}",
-                blob.display(),
-                meta.data,
-                self.index.data
-            );
-        }
         velocity_field(&format!("expert {k} ({})", e.source), &meta, model, guidance)
     }
 
     pub fn router(&self, device: &Device) -> anyhow::Result<RouterNet> {
-        let e = self
-            .index
-            .router
-            .as_ref()
-            .context("no router registered (use --router analytic, or register one)")?;
-        let (path, ckpt) = self.verified_checkpoint("the router", e)?;
+        if self.index.router.is_none() {
+            bail!("no router registered (use --router analytic, or register one)");
+        }
+        let (path, ckpt) = self.verified_checkpoint(Claim::Router)?;
         Ok(RouterNet::from_checkpoint(&path, ckpt, device)?)
     }
 
     /// The analytic router from the registered per-cluster statistics.
     pub fn analytic_router(&self) -> anyhow::Result<AnalyticRouter> {
         let stats = (0..self.index.k)
-            .map(|k| {
-                let e = self
-                    .index
-                    .stats
-                    .get(&k)
-                    .with_context(|| format!("no statistics registered for cluster {k}"))?;
-                Ok(ClusterStats::load(&self.verified_blob(&format!("statistics {k}"), e)?)?.1)
+            .map(|k| match self.verified(Claim::Stats(k))? {
+                (_, Parsed::Stats(_, s)) => Ok(s),
+                (blob, _) => bail!("{}: statistics {k} is a checkpoint", blob.display()),
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<anyhow::Result<Vec<ClusterStats>>>()?;
         Ok(AnalyticRouter::from_stats(&stats))
     }
 }

@@ -184,7 +184,7 @@ fn decoder(
                     reg.dir.display()
                 )
             })?;
-            let (blob, ckpt) = reg.verified_checkpoint("the VAE", entry)?;
+            let (blob, ckpt) = reg.verified_checkpoint(crate::registry::claims::Claim::Vae)?;
             (blob, ckpt, entry.source.clone())
         }
         (Decode::Registry, None) => bail!("--decode with --checkpoint needs the VAE: pass --vae FILE"),

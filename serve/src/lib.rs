@@ -28,6 +28,7 @@ use ddm_core::burn::prelude::*;
 use ddm_core::flow::VelocityField;
 use ddm_core::host::HostTensor;
 use ddm_ensemble::registry::Registry;
+use ddm_ensemble::registry::claims::Claim;
 use ddm_ensemble::remote::{Request, ServedCheckpoint, ServedMetadata, response_bytes};
 use ddm_router::net::RouterNet;
 
@@ -147,8 +148,8 @@ fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
             o.registry.display()
         );
     }
-    let served = |what: &str, e: &ddm_ensemble::registry::Entry| -> anyhow::Result<ServedCheckpoint> {
-        let (_, ckpt) = reg.verified_checkpoint(what, e)?;
+    let served = |claim: Claim, e: &ddm_ensemble::registry::Entry| -> anyhow::Result<ServedCheckpoint> {
+        let (_, ckpt) = reg.verified_checkpoint(claim)?;
         Ok(ServedCheckpoint {
             sha256: e.sha256.clone(),
             bytes: e.bytes,
@@ -180,7 +181,7 @@ fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
     for &k in &experts {
         metadata
             .experts
-            .insert(k, served(&format!("expert {k}"), &reg.index.experts[&k])?);
+            .insert(k, served(Claim::Expert(k), &reg.index.experts[&k])?);
         let (dir, device) = (o.registry.clone(), o.device.clone());
         let load = move || -> anyhow::Result<ExpertModel> {
             let reg = Registry::open(&dir)?;
@@ -204,7 +205,7 @@ fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
             .router
             .as_ref()
             .with_context(|| format!("{}: no router registered", o.registry.display()))?;
-        metadata.router = Some(served("the router", e)?);
+        metadata.router = Some(served(Claim::Router, e)?);
         let (dir, device) = (o.registry.clone(), o.device.clone());
         let load = move || -> anyhow::Result<RouterModel> {
             let reg = Registry::open(&dir)?;

@@ -95,8 +95,8 @@ pub fn run(args: DistillArgs) -> anyhow::Result<u8> {
     config.class_conditional |= classes > 0; // the student sees the class when the experts do
     if classes > 0 && config.class_dropout > 0.0 {
         // The student's dropped labels reach the experts as the null class: they must know it.
-        if let Some((k, e)) = reg.index.experts.iter().find(|(_, e)| e.remote.is_none()) {
-            let (_, ckpt) = reg.verified_checkpoint(&format!("expert {k}"), e)?;
+        if let Some((&k, _)) = reg.index.experts.iter().find(|(_, e)| e.remote.is_none()) {
+            let (_, ckpt) = reg.verified_checkpoint(ddm_ensemble::registry::claims::Claim::Expert(k))?;
             if !ckpt.meta.model.has_null_class() {
                 bail!(
                     "the experts were trained without label dropout (no null class): distill with --class-dropout 0"

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+pub mod claims;
 pub mod fetch;
 pub mod index;
 pub mod publish;

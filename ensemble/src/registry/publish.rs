@@ -4,36 +4,37 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use ddm_core::checkpoint::Checkpoint;
-use ddm_core::digest::sha256_file;
+use ddm_core::digest::sha256_hex;
 
+use super::claims::{Claim, Parsed};
 use super::index::{Entry, Index, read_index};
 
-/// Re-hash every blob, and ask every server of a remote expert whether it still serves that
-/// checkpoint (same sha256); every problem found (it keeps going after the first).
+/// Re-hash every blob and check it is what its entry claims ([`Claim::check`]: expert k of this
+/// partition, the router over its K clusters, cluster k's statistics, the latent space's VAE), and
+/// ask every server of a remote expert whether it still serves that checkpoint (same sha256);
+/// every problem found (it keeps going after the first).
 pub fn verify(dir: &Path) -> anyhow::Result<Vec<String>> {
     let idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
     Ok(verify_index(&idx, &|e| {
         let blob = e.blob(dir);
-        Ok((blob.display().to_string(), sha256_file(&blob)?))
+        let bytes = std::fs::read(&blob).with_context(|| format!("reading {}", blob.display()))?;
+        Ok((blob, bytes))
     }))
 }
 
-/// [`verify`] for any registry: `hash` names an entry's blob and hashes it.
-pub(crate) fn verify_index(
-    idx: &Index,
-    hash: &dyn Fn(&Entry) -> anyhow::Result<(String, String)>,
-) -> Vec<String> {
+/// Reads an entry's blob: its name and bytes.
+pub(crate) type ReadBlob<'a> = &'a dyn Fn(&Entry) -> anyhow::Result<(PathBuf, Vec<u8>)>;
+
+/// [`verify`] for any registry: `read` names an entry's blob and reads its bytes.
+pub(crate) fn verify_index(idx: &Index, read: ReadBlob) -> Vec<String> {
     let mut problems = vec![];
-    let entries = idx
-        .experts
-        .iter()
-        .map(|(k, e)| (format!("expert {k}"), e))
-        .chain(idx.router.iter().map(|e| ("router".to_string(), e)))
-        .chain(idx.stats.iter().map(|(k, e)| (format!("statistics {k}"), e)));
-    for (what, e) in entries {
+    for (claim, e) in Claim::all(idx) {
+        let what = claim.to_string();
         if let Some(url) = &e.remote {
-            let k: usize = what.trim_start_matches("expert ").parse().unwrap_or(usize::MAX);
+            let Claim::Expert(k) = claim else {
+                problems.push(format!("{what}: only experts may be served elsewhere ({url})"));
+                continue;
+            };
             match crate::remote::Client::new(url).and_then(|c| c.metadata()) {
                 Err(err) => problems.push(format!("{what}: {url}: {err:#}")),
                 Ok(m) => match m.experts.get(&k) {
@@ -47,9 +48,19 @@ pub(crate) fn verify_index(
             }
             continue;
         }
-        match hash(e) {
-            Ok((_, h)) if h == e.sha256 => {}
-            Ok((blob, h)) => problems.push(format!("{what}: {blob} hashes to {h}, expected {}", e.sha256)),
+        match read(e) {
+            Ok((blob, bytes)) => {
+                let h = sha256_hex(&bytes);
+                if h != e.sha256 {
+                    problems.push(format!(
+                        "{what}: {} hashes to {h}, expected {}",
+                        blob.display(),
+                        e.sha256
+                    ));
+                } else if let Err(err) = claim.check(idx, e, &blob, bytes) {
+                    problems.push(format!("{what}: {err:#}"));
+                }
+            }
             Err(err) => problems.push(format!("{what}: {err:#}")),
         }
     }
@@ -68,25 +79,28 @@ pub fn export(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     // previous one (or nothing), never a mix.
     let tmp = ddm_core::fsio::TempDir::beside(out, "export")?;
     let mut written = vec![];
-    let mut put = |folder: String, e: &Entry| -> anyhow::Result<()> {
+    let mut put = |folder: String, claim: Claim| -> anyhow::Result<()> {
         let f = tmp.path().join(&folder);
         std::fs::create_dir_all(&f).with_context(|| format!("creating {}", f.display()))?;
-        let (blob, bytes) = reg.verified_bytes(&folder, e)?;
+        let e = reg.entry(claim)?;
+        let (blob, bytes) = reg.verified_bytes(claim, e)?;
         ddm_core::fsio::write_bytes_atomic(&f.join("model.safetensors"), &bytes)?;
-        let ckpt = Checkpoint::from_file(ddm_core::host::TensorFile::from_bytes(&blob, bytes)?)?;
+        let Parsed::Checkpoint(ckpt) = claim.check(&reg.index, e, &blob, bytes)? else {
+            bail!("{}: {claim} is not a checkpoint", blob.display());
+        };
         ddm_core::fsio::write_bytes_atomic(&f.join("config.json"), &serde_json::to_vec_pretty(&ckpt.meta)?)?;
         written.push(out.join(folder));
         Ok(())
     };
     let idx = &reg.index;
-    for (k, e) in idx.experts.iter().filter(|(_, e)| e.remote.is_none()) {
-        put(format!("expert_{k}"), e)?;
+    for (&k, _) in idx.experts.iter().filter(|(_, e)| e.remote.is_none()) {
+        put(format!("expert_{k}"), Claim::Expert(k))?;
     }
-    if let Some(e) = &idx.router {
-        put("router".into(), e)?;
+    if idx.router.is_some() {
+        put("router".into(), Claim::Router)?;
     }
-    if let Some(e) = &idx.vae {
-        put("vae".into(), e)?;
+    if idx.vae.is_some() {
+        put("vae".into(), Claim::Vae)?;
     }
     ddm_core::fsio::write_bytes_atomic(&tmp.path().join("index.json"), &serde_json::to_vec_pretty(idx)?)?;
     tmp.publish(out)?;

@@ -463,8 +463,12 @@ impl StoreRegistry {
             .with_context(|| format!("{}: no registry here", self.url))?;
         Ok(super::publish::verify_index(&idx, &|e| {
             let name = self.name(&Self::blob_rel(&e.sha256));
-            let hash = self.block_on(self.stream_blob(e, |_| Ok(())))?;
-            Ok((name, hash?))
+            let mut bytes = vec![];
+            self.block_on(self.stream_blob(e, |chunk| {
+                bytes.extend_from_slice(chunk);
+                Ok(())
+            }))??;
+            Ok((std::path::PathBuf::from(name), bytes))
         }))
     }
 
