@@ -1432,7 +1432,7 @@ fn tampered_registries_and_nan_weights_are_refused() {
     .unwrap();
     let e = fails(sample());
     assert!(
-        e.contains("registered as expert 0") && e.contains("cluster Some(1)"),
+        e.contains("registered as expert 0") && e.contains("the expert of cluster 1"),
         "{e}"
     );
     std::fs::write(&index_path, &index).unwrap();

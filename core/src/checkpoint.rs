@@ -212,7 +212,7 @@ impl Checkpoint {
         // The table, like the data, does not depend on the metadata (offsets count from the data
         // section's start).
         meta.table_sha256 = crate::host::table_sha256_of(&first)?;
-        let json = serde_json::to_string(&meta).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+        let json = crate::json::to_string("the checkpoint's metadata", &meta)?;
         // The metadata's own checksum, over the JSON exactly as written (sealed into it: one
         // metadata key keeps the file's bytes deterministic): an edit of the header (a cluster id,
         // a partition) is caught like a flipped weight.
@@ -326,7 +326,17 @@ impl Checkpoint {
         }
         let mut tensors = BTreeMap::new();
         for name in file.names() {
-            tensors.insert(name.to_string(), file.f32(name)?);
+            let t = file.f32(name)?;
+            // A model with NaN or infinite weights answers NaN: refused here, for every use.
+            let count = t.data.iter().filter(|v| !v.is_finite()).count();
+            if count > 0 {
+                return Err(Error::NonFinite {
+                    path,
+                    name: name.to_string(),
+                    count,
+                });
+            }
+            tensors.insert(name.to_string(), t);
         }
         Ok(Self { meta, tensors })
     }

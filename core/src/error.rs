@@ -52,6 +52,16 @@ pub enum Error {
         dtype: String,
         expected: &'static str,
     },
+    #[error("{}: tensor `{name}` holds {count} NaN or infinite value(s) (a diverged run?)", path.display())]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        count: usize,
+    },
+    #[error(
+        "{what}: {at} is {value}, which JSON cannot carry (it would be written as null and not read back)"
+    )]
+    NonFiniteJson { what: String, at: String, value: f64 },
     #[error("invalid model config: {0}")]
     InvalidConfig(String),
     #[error("{0}")]

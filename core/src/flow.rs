@@ -44,6 +44,11 @@ impl<const D: usize, F: VelocityField<D> + ?Sized> VelocityField<D> for Box<F> {
     }
 }
 
+/// Whether every value of `v` is finite (no NaN, no infinity): a device sync of one value.
+pub fn all_finite<const D: usize>(v: &Tensor<D>) -> bool {
+    v.clone().is_finite().all().into_scalar()
+}
+
 /// Reshape per-sample times `[N]` to `[N, 1, ..., 1]` so they broadcast over a rank-`D` batch.
 pub fn expand_t<const D: usize>(t: Tensor<1>) -> Tensor<D> {
     let mut shape = [1usize; D];

@@ -27,6 +27,7 @@ pub mod fsio;
 pub mod fused;
 pub mod gmm;
 pub mod host;
+pub mod json;
 pub mod mlp;
 pub mod model;
 pub mod params;

@@ -108,7 +108,7 @@ impl ClusterStats {
             partition: partition.to_string(),
             label_counts: self.label_counts.clone(),
         };
-        let json = serde_json::to_string(&meta).expect("statistics metadata serialises");
+        let json = crate::json::to_string(&format!("{}: statistics", path.display()), &meta)?;
         let md = HashMap::from([(META_KEY.to_string(), json)]);
         crate::fsio::write_bytes_atomic(path, &raw_to_safetensors_bytes(&t, Some(md))?)
     }

@@ -24,6 +24,9 @@ pub struct MixtureSpec {
     pub seed: u64,
 }
 
+/// The most values (n x d) a mixture spec may ask for: 1 GiB of f32.
+pub const MAX_VALUES: usize = 1 << 28;
+
 fn default_n() -> usize {
     10_000
 }
@@ -52,10 +55,20 @@ impl MixtureSpec {
         if d == 0 || m.means.iter().chain(&m.vars).any(|v| v.len() != d) {
             return Err("every mean and variance needs the same, non-zero dimension".into());
         }
-        if m.weights.iter().any(|&w| w.is_nan() || w <= 0.0)
-            || m.vars.iter().flatten().any(|&v| v.is_nan() || v <= 0.0)
+        if m.weights.iter().any(|&w| !(w.is_finite() && w > 0.0))
+            || m.vars.iter().flatten().any(|&v| !(v.is_finite() && v > 0.0))
         {
-            return Err("weights and variances must be positive".into());
+            return Err("weights and variances must be positive, finite numbers".into());
+        }
+        if m.means.iter().flatten().any(|v| !v.is_finite()) {
+            return Err("means must be finite numbers".into());
+        }
+        // The samples are drawn into memory: n x d values.
+        if self.n == 0 || self.n.saturating_mul(d) > MAX_VALUES {
+            return Err(format!(
+                "n = {} samples of {d} values: n must be at least 1 and n x d at most {MAX_VALUES}",
+                self.n
+            ));
         }
         if ((m.weights.iter().sum::<f64>()) - 1.0).abs() > 1e-6 {
             return Err(format!("weights sum to {}, not 1", m.weights.iter().sum::<f64>()));

@@ -33,6 +33,15 @@ impl Source for TensorsFile {
             Dtype::U8 => Values::U8(f.u8("x")?.1.to_vec()),
             _ => Values::F32(f.f32("x")?.data),
         };
+        if let Values::F32(x) = &values {
+            let bad = x.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(Error::bad(
+                    &self.path,
+                    format!("`x` has {bad} NaN or infinite values"),
+                ));
+            }
+        }
         let labels = if f.contains("y") {
             let y = f.i64("y")?;
             if y.data.len() != shape[0] || y.data.iter().any(|&v| v < 0) {

@@ -106,7 +106,7 @@ pub struct SampleOptions {
     /// `c` `[N, Dc]`, row i for sample i.
     pub condition: Option<PathBuf>,
     pub seed: u64,
-    /// The PNG grid; `.safetensors` and `.json` are written beside it with the same stem.
+    /// The PNG grid (`NAME.png`); `NAME.safetensors` and `NAME.json` are written beside it.
     pub out: PathBuf,
     pub device: Device,
     /// Decode latent samples into images (experts trained on VAE latents).
@@ -287,6 +287,23 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The samples' and the report's paths beside the PNG grid `out` (`NAME.png` -> `NAME.safetensors`,
+/// `NAME.json`). `out` must end in `.png`, so two different `--out`s never share an output and no
+/// output overwrites another.
+pub fn output_paths(out: &std::path::Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let png = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !png {
+        bail!(
+            "--out {}: the PNG grid's name must end in .png (the samples and the report are written beside it, as NAME.safetensors and NAME.json)",
+            out.display()
+        );
+    }
+    Ok((out.with_extension("safetensors"), out.with_extension("json")))
+}
+
 /// A velocity field that reports each evaluation to a [`Progress`].
 struct Counted<'a> {
     inner: &'a dyn VelocityField<2>,
@@ -311,6 +328,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             o.out.join("samples.png").display()
         );
     }
+    output_paths(&o.out)?;
     // Sampling can take long: find an unwritable --out before it.
     ddm_core::fsio::check_writable(&o.out)?;
     let device = o.device.clone();
@@ -529,6 +547,12 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
     if let Some(e) = ensemble.take_error() {
         return Err(e);
     }
+    let bad = x0.data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        bail!(
+            "the samples hold {bad} NaN or infinite values (the router's weights or an expert's velocities were not finite); nothing written"
+        );
+    }
 
     // Latent samples decoded into images: `x0` holds the images, `latents` the samples.
     let mut outputs = BTreeMap::new();
@@ -548,8 +572,7 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
         }
     };
     // Outputs: tensors, PNG grid (images), report.
-    let stem = o.out.with_extension("");
-    let tensors_path = stem.with_extension("safetensors");
+    let (tensors_path, report_path) = output_paths(&o.out)?;
     let mut full_shape = vec![o.n];
     full_shape.extend(&shape);
     outputs.insert("x0".to_string(), HostTensor::new(full_shape, x0.data.clone()));
@@ -626,8 +649,8 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
         decoded_with: decoder.as_ref().map(|d| d.source.clone()),
     };
     ddm_core::fsio::write_bytes_atomic(
-        &stem.with_extension("json"),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
+        &report_path,
+        &ddm_core::json::to_vec_pretty("the sampling report", &report)?,
     )?;
     Ok(report)
 }

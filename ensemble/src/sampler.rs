@@ -599,6 +599,16 @@ impl Ensemble<'_> {
                 let (_, xe, te, ye) = gather(e);
                 let field = self.experts[e].loaded.borrow();
                 let v = field.as_ref().expect("loaded above").velocity(xe, te, ye); // expert e runs once
+                if !ddm_core::flow::all_finite(&v) {
+                    failed = Some(ExpertFailure {
+                        expert: e,
+                        error: anyhow::anyhow!(
+                            "expert {e} ({}) answered NaN or infinite velocities",
+                            self.experts[e].location
+                        ),
+                    });
+                    break;
+                }
                 out = add(out.clone(), e, v);
             }
             handles
@@ -618,7 +628,12 @@ impl Ensemble<'_> {
         for (e, answer) in answers {
             self.experts[e].called.set(true);
             match answer {
-                Ok(v) => out = add(out, e, v.to_tensor::<2>(&device)),
+                Ok(v) if v.data.iter().all(|x| x.is_finite()) => out = add(out, e, v.to_tensor::<2>(&device)),
+                Ok(v) => {
+                    let count = v.data.iter().filter(|x| !x.is_finite()).count();
+                    let error = anyhow::anyhow!("it answered {count} NaN or infinite velocities");
+                    return Err(ExpertFailure { expert: e, error });
+                }
                 Err(error) => return Err(ExpertFailure { expert: e, error }),
             }
         }

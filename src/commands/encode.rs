@@ -135,7 +135,10 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<()> {
         ddm_core::host::write_tensors(path, &x0, &ints)?;
         println!("wrote {} ({n} reconstructions)", path.display());
     }
-    let mut md = std::collections::HashMap::from([(LATENT_KEY.to_string(), serde_json::to_string(&space)?)]);
+    let mut md = std::collections::HashMap::from([(
+        LATENT_KEY.to_string(),
+        ddm_core::json::to_string("the latent space", &space)?,
+    )]);
     if let Some(names) = &data.class_names {
         md.insert(CLASS_NAMES_KEY.to_string(), serde_json::to_string(names)?);
     }

@@ -183,7 +183,7 @@ impl Task for RouterTask {
         .save(&path)?;
         ddm_core::fsio::write_bytes_atomic(
             &out.join(EVAL_FILE),
-            serde_json::to_string_pretty(&reports)?.as_bytes(),
+            &ddm_core::json::to_vec_pretty(EVAL_FILE, &reports)?,
         )?;
         Ok(path)
     }

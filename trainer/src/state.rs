@@ -72,7 +72,7 @@ pub fn save<N: Net>(
     // placeholder digest that is then overwritten in place: the data section does not depend on
     // the metadata, and a digest always has 64 characters (building the file a second time held
     // two copies of a large model's state in memory at once).
-    let json = serde_json::to_string(st)?;
+    let json = ddm_core::json::to_string("the training state", st)?;
     let placeholder = "f".repeat(64);
     // One metadata key (its bytes stay deterministic), the checksum sealed into the JSON.
     let md = HashMap::from([(

@@ -42,7 +42,7 @@ fn shard_bytes(dataset: &Dataset, idx: &[usize], meta: &ShardMeta) -> Result<Vec
     );
     let md = HashMap::from([(
         SHARD_META_KEY.to_string(),
-        serde_json::to_string(meta).expect("serialises"),
+        ddm_core::json::to_string("a shard's header", meta)?,
     )]);
     Ok(raw_to_safetensors_bytes(&t, Some(md))?)
 }
@@ -189,7 +189,7 @@ pub fn write(
         inertia: clustering.inertia,
         seconds,
     };
-    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+    let json = ddm_core::json::to_vec_pretty(MANIFEST, &manifest)?;
     ddm_core::fsio::write_bytes_atomic(&tmp.path().join(MANIFEST), &json)?;
     // Move into place: the directory appears whole or not at all.
     tmp.publish(out)?;

@@ -109,24 +109,13 @@ impl std::fmt::Display for Registered {
 pub(crate) fn read_checkpoints(paths: &[PathBuf]) -> anyhow::Result<Vec<(Origin, CheckpointMeta)>> {
     let mut metas = vec![];
     for p in paths {
-        let ckpt = Checkpoint::read(p)?; // verifies the file's own checksum
+        let ckpt = Checkpoint::read(p)?; // verifies the file's seals and that its weights are finite
         if !ckpt.sealed() {
             bail!(
                 "{}: written by an older ddm (checkpoint format {}), whose seal does not cover the whole file; \
                  re-seal it with `ddm import --from ddm {} --out NEW.safetensors` and register that",
                 p.display(),
                 ckpt.meta.format_version,
-                p.display()
-            );
-        }
-        if let Some((name, t)) = ckpt
-            .tensors
-            .iter()
-            .find(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
-        {
-            let bad = t.data.iter().filter(|v| !v.is_finite()).count();
-            bail!(
-                "{}: tensor `{name}` holds {bad} NaN or infinite value(s) (a diverged run?); not registered",
                 p.display()
             );
         }
@@ -237,7 +226,7 @@ fn commit_locked(
             ddm_core::fsio::write_bytes_atomic(&blob, &data)?;
         }
     }
-    let json = serde_json::to_vec_pretty(&plan.index)?;
+    let json = ddm_core::json::to_vec_pretty(INDEX, &plan.index)?;
     ddm_core::fsio::write_bytes_atomic(&dir.join(INDEX), &json)?;
     Ok(plan.lines)
 }
@@ -658,7 +647,7 @@ pub fn remove(dir: &Path, cluster: Option<usize>, router: bool) -> anyhow::Resul
     let _lock = lock_registry(dir)?;
     let mut idx = read_index(dir)?.with_context(|| format!("{}: no registry here", dir.display()))?;
     idx.remove(cluster, router)?;
-    ddm_core::fsio::write_bytes_atomic(&dir.join(INDEX), &serde_json::to_vec_pretty(&idx)?)?;
+    ddm_core::fsio::write_bytes_atomic(&dir.join(INDEX), &ddm_core::json::to_vec_pretty(INDEX, &idx)?)?;
     Ok(())
 }
 

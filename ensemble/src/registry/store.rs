@@ -253,7 +253,7 @@ impl StoreRegistry {
             None => PutMode::Create,
             Some(v) => PutMode::Update(v),
         };
-        let json = serde_json::to_vec_pretty(index)?;
+        let json = ddm_core::json::to_vec_pretty(INDEX, index)?;
         match self
             .store
             .put_opts(&self.path(INDEX), PutPayload::from(json), mode.into())
