@@ -4,9 +4,9 @@
 //! --allow-missing) or reports a server killed mid-sampling; https downloads trust a root given in
 //! DDM_CA_CERT and resume after an interruption.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,52 +15,7 @@ use ddm_core::host::{HostTensor, TensorFile};
 use ddm_ensemble::remote::Request;
 
 mod common;
-use common::{ddm, fails, ok, registry_fixture, registry_fixture_with};
-
-/// A `ddm serve` child, killed when dropped.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(dir: &Path, args: &[&str], token: Option<&str>) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddm"));
-        cmd.arg("serve")
-            .args(args)
-            .args(["--listen", "127.0.0.1:0"])
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env_remove("DDM_SERVE_TOKEN");
-        if let Some(t) = token {
-            cmd.env("DDM_SERVE_TOKEN", t);
-        }
-        let mut child = cmd.spawn().expect("ddm serve starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let Some(rest) = line.strip_prefix("listening on ") else {
-            let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-            panic!("ddm serve did not start: {line}\n{err}");
-        };
-        let url = rest.split_whitespace().next().unwrap().to_string();
-        Server { child, url }
-    }
-
-    fn signal(&self, sig: i32) {
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Server, ddm, fails, ok, registry_fixture, registry_fixture_with};
 
 /// The value of the first `/metrics` line starting with `prefix`.
 fn metric(metrics: &str, prefix: &str) -> f64 {

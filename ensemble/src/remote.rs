@@ -189,6 +189,27 @@ impl std::fmt::Display for HttpError {
 
 impl std::error::Error for HttpError {}
 
+/// The largest metadata document a client reads (`GET /v1/metadata`).
+const METADATA_LIMIT: u64 = 16 << 20;
+
+/// An answer's body, refused (naming `what`) if it is longer than `limit` bytes.
+fn read_bounded(resp: reqwest::blocking::Response, limit: u64, what: &str) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    if let Some(len) = resp.content_length()
+        && len > limit
+    {
+        bail!("{what}: the answer declares {len} bytes, more than the {limit} expected");
+    }
+    let mut body = vec![];
+    resp.take(limit + 1)
+        .read_to_end(&mut body)
+        .with_context(|| format!("{what}: reading the answer"))?;
+    if body.len() as u64 > limit {
+        bail!("{what}: the answer is longer than the {limit} bytes expected");
+    }
+    Ok(body)
+}
+
 /// A client of one server: blocking, retrying transient failures (connection refused or reset,
 /// timeouts, 502/503/504) with exponential backoff.
 #[derive(Clone)]
@@ -221,9 +242,12 @@ impl Client {
         })
     }
 
+    /// Send the request `req` builds (again on a transient failure) and read at most `limit`
+    /// bytes of a successful answer (a larger one is an error, not read to its end).
     fn send(
         &self,
         what: &str,
+        limit: u64,
         req: impl Fn() -> reqwest::blocking::RequestBuilder,
     ) -> anyhow::Result<Vec<u8>> {
         let mut wait = self.backoff;
@@ -234,15 +258,12 @@ impl Client {
                 r = r.bearer_auth(t);
             }
             let err: anyhow::Error = match r.send() {
-                Ok(resp) if resp.status().is_success() => {
-                    return Ok(resp
-                        .bytes()
-                        .with_context(|| format!("{what}: reading the answer"))?
-                        .to_vec());
-                }
+                Ok(resp) if resp.status().is_success() => return read_bounded(resp, limit, what),
                 Ok(resp) => {
                     let status = resp.status().as_u16();
-                    let message = resp.text().unwrap_or_default().trim().to_string();
+                    let message = read_bounded(resp, 64 << 10, what)
+                        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                        .unwrap_or_default();
                     let e = HttpError { status, message };
                     if !matches!(status, 502..=504) {
                         return Err(anyhow::Error::new(e).context(what.to_string()));
@@ -264,13 +285,22 @@ impl Client {
     /// `GET /v1/metadata`.
     pub fn metadata(&self) -> anyhow::Result<ServedMetadata> {
         let url = format!("{}/v1/metadata", self.base);
-        let body = self.send(&format!("GET {url}"), || self.http.get(&url))?;
+        let body = self.send(&format!("GET {url}"), METADATA_LIMIT, || self.http.get(&url))?;
         serde_json::from_slice(&body).with_context(|| format!("{url}: not a ddm server's metadata"))
     }
 
-    fn post_tensor(&self, url: &str, request: &Request, name: &str) -> anyhow::Result<HostTensor> {
+    /// POST `request`, read tensor `name` of the answer, whose values take at most `values` f32.
+    fn post_tensor(
+        &self,
+        url: &str,
+        request: &Request,
+        name: &str,
+        values: usize,
+    ) -> anyhow::Result<HostTensor> {
         let body = request.to_bytes()?;
-        let answer = self.send(&format!("POST {url}"), || {
+        // The tensor's bytes and a safetensors header.
+        let limit = (values as u64).saturating_mul(4).saturating_add(64 << 10);
+        let answer = self.send(&format!("POST {url}"), limit, || {
             self.http
                 .post(url)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -283,7 +313,7 @@ impl Client {
     /// Expert `k`'s velocity at `request` (`[N, ...]`, the shape of `x_t`).
     pub fn velocity(&self, k: usize, request: &Request) -> anyhow::Result<HostTensor> {
         let url = format!("{}/v1/experts/{k}/velocity", self.base);
-        let v = self.post_tensor(&url, request, "v")?;
+        let v = self.post_tensor(&url, request, "v", request.x_t.data.len())?;
         if v.shape != request.x_t.shape {
             bail!(
                 "{url}: answered v of shape {:?} for x_t of shape {:?}",
@@ -297,7 +327,8 @@ impl Client {
     /// The router's logits `[N, K]`.
     pub fn router_logits(&self, request: &Request) -> anyhow::Result<HostTensor> {
         let url = format!("{}/v1/router/logits", self.base);
-        self.post_tensor(&url, request, "logits")
+        // K is at most a few thousand: a bound, not the exact size.
+        self.post_tensor(&url, request, "logits", request.rows().saturating_mul(1 << 16))
     }
 }
 

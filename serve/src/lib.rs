@@ -1,11 +1,15 @@
 //! ddm-serve: experts (and the router) of a registry served over HTTP, so the sampler on another
 //! machine can run them (`ddm serve`; the wire format is `ddm_ensemble::remote`).
 //!
-//! axum on tokio answers requests; each served model has a worker thread that coalesces
-//! concurrent requests into one forward ([`batcher`]). Every request is checked before it reaches
-//! a model: bearer token (401), body size and rows (413), tensors (400 with the reason); a full
-//! queue is 503 and a forward slower than the request timeout 504. None of these stops the server.
-//! SIGTERM or Ctrl-C stops accepting connections and lets in-flight requests finish.
+//! axum's router on hyper's HTTP/1 server answers requests; each served model has a worker thread
+//! that coalesces concurrent requests into one forward ([`batcher`]). Every request is checked
+//! before it reaches a model: bearer token (401), declared and actual body size (413, before the
+//! body is read when its length is declared), rows (413), tensors (400 with the reason); a full
+//! queue is 503 and a forward slower than the request timeout 504. Slow clients are shed
+//! ([`Limits`]): a request head must arrive within the header timeout and its body within the body
+//! timeout (408), and past `max_connections` a new connection is answered 503 and closed. None of
+//! these stops the server. SIGTERM or Ctrl-C stops accepting connections and lets in-flight
+//! requests finish, for at most the shutdown timeout.
 
 pub mod batcher;
 pub mod metrics;
@@ -58,6 +62,32 @@ pub struct ServeOptions {
     pub device: Device,
     /// The most bytes the served models' weights may take at once (None: all stay loaded).
     pub max_memory: Option<u64>,
+    pub limits: Limits,
+}
+
+/// How the server sheds slow or too many clients, and how long it waits when told to stop.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request's head (line and headers) must arrive within this, counted from when the
+    /// connection is ready for it (an idle keep-alive connection is closed after it too).
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this (else 408).
+    pub body_timeout: Duration,
+    /// Connections held at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// After SIGTERM, in-flight requests get this long to finish; then the server exits anyway.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 256,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// What the handlers share.
@@ -67,7 +97,9 @@ struct App {
     router: Option<Batcher>,
     token: Option<String>,
     max_rows: usize,
+    max_body_bytes: usize,
     timeout: Duration,
+    body_timeout: Duration,
     metrics: Metrics,
 }
 
@@ -229,7 +261,9 @@ fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> {
         router,
         token: o.token.clone(),
         max_rows: o.max_rows,
+        max_body_bytes: o.max_body_bytes,
         timeout: o.request_timeout,
+        body_timeout: o.limits.body_timeout,
         metrics: metrics.clone(),
     })
 }
@@ -254,21 +288,85 @@ pub fn serve(o: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Resu
             .route("/metrics", get(metrics_text))
             .route("/v1/experts/{k}/velocity", post(velocity))
             .route("/v1/router/logits", post(router_logits))
+            .route_layer(middleware::from_fn_with_state(app.clone(), read_body))
             .route_layer(middleware::from_fn_with_state(app.clone(), authorize))
             .route("/health", get(|| async { "ok" }))
             .layer(middleware::from_fn_with_state(app.clone(), track))
             .layer(DefaultBodyLimit::max(o.max_body_bytes))
             .with_state(app.clone());
         on_ready(addr);
-        axum::serve(listener, routes)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("serving")?;
-        tracing::info!("stopped: every in-flight request was answered");
+        accept_until_stopped(listener, routes, &app, o.limits).await;
         anyhow::Ok(())
     })?;
     drop(app); // closes the queues; the workers finish what they hold
     Ok(())
+}
+
+/// Accept connections until SIGTERM / Ctrl-C, each served by hyper with the header timeout, at most
+/// `max_connections` at once; then let in-flight requests finish for at most the shutdown timeout.
+async fn accept_until_stopped(
+    listener: tokio::net::TcpListener,
+    routes: Router,
+    app: &Arc<App>,
+    limits: Limits,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            app.metrics.connection_refused();
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(routes.clone());
+        let connection = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        let metrics = app.metrics.clone();
+        metrics.connection_opened();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("connection closed: {e}");
+            }
+            metrics.connection_closed();
+            drop(slot);
+        });
+    }
+    drop(listener);
+    match tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("stopped: every in-flight request was answered"),
+        Err(_) => tracing::warn!(
+            "stopped after {:?} with connections still open (their requests were not answered)",
+            limits.shutdown_timeout
+        ),
+    }
+}
+
+/// Answer a connection over the cap with 503 and close it (without reading its request).
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = "too many connections; retry later\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn shutdown_signal() {
@@ -305,10 +403,13 @@ async fn authorize(
     next: Next,
 ) -> Response {
     if let Some(token) = &app.token {
+        // The scheme is case-insensitive (RFC 9110); the token is compared exactly.
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token);
         if !given.is_some_and(|g| same(g.trim().as_bytes(), token.as_bytes())) {
             let mut r = plain(
                 StatusCode::UNAUTHORIZED,
@@ -324,6 +425,50 @@ async fn authorize(
     next.run(req).await
 }
 
+/// Read a request's body before its handler runs: refused with 413 when its declared length is
+/// over the limit (before reading it) or when it grows past the limit, and with 408 when it does
+/// not arrive within the body timeout. Either way the connection closes (the body was not read to
+/// its end).
+async fn read_body(State(app): State<Arc<App>>, req: HttpRequest, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = |len: String| {
+        plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a body of {len} bytes; this server takes at most {}",
+                app.max_body_bytes
+            ),
+        )
+    };
+    if let Some(len) = declared
+        && len > app.max_body_bytes as u64
+    {
+        return too_large(len.to_string());
+    }
+    let limited = http_body_util::Limited::new(body, app.max_body_bytes);
+    let bytes = match tokio::time::timeout(app.body_timeout, http_body_util::BodyExt::collect(limited)).await
+    {
+        Err(_) => {
+            return plain(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {:?}", app.body_timeout),
+            );
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large("more than that".into());
+        }
+        Ok(Err(e)) => return plain(StatusCode::BAD_REQUEST, format!("reading the request body: {e}")),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    next.run(HttpRequest::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
 /// Count every request and time it, by route template and status.
 async fn track(State(app): State<Arc<App>>, req: HttpRequest, next: Next) -> Response {
     let endpoint = req
@@ -333,7 +478,10 @@ async fn track(State(app): State<Arc<App>>, req: HttpRequest, next: Next) -> Res
         .unwrap_or_else(|| "unmatched".into());
     let start = Instant::now();
     let mut r = next.run(req).await;
-    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    if matches!(
+        r.status(),
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+    ) {
         // The body was not read to its end: the connection cannot carry another request, and the
         // client must know not to reuse it.
         r.headers_mut()

@@ -24,6 +24,8 @@ pub struct Metrics {
     queue_full: Counter,
     model_loads: Counter,
     models_held: Gauge,
+    connections: Gauge,
+    connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -79,7 +81,17 @@ impl Metrics {
             "Models in memory now (under --max-memory)",
             models_held.clone(),
         );
+        let connections = Gauge::default();
+        let connections_refused = Counter::default();
+        registry.register("connections", "Client connections held now", connections.clone());
+        registry.register(
+            "connections_refused",
+            "Connections answered 503 and closed because --max-connections were held",
+            connections_refused.clone(),
+        );
         Self {
+            connections,
+            connections_refused,
             model_loads,
             models_held,
             registry: Arc::new(Mutex::new(registry)),
@@ -118,6 +130,18 @@ impl Metrics {
 
     pub fn model_unloaded(&self, held: usize) {
         self.models_held.set(held as i64);
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     pub fn queue_full(&self) {

@@ -19,6 +19,7 @@ pub mod settings;
 pub mod train;
 pub mod train_autoencoder;
 pub mod train_router;
+pub mod values;
 
 use clap::Args;
 

@@ -44,31 +44,45 @@ pub struct ServeArgs {
     /// Serve without a token on a non-loopback address (anyone who can connect may use it).
     #[arg(long)]
     pub allow_unauthenticated: bool,
-    /// The most rows one request may carry.
-    #[arg(long, default_value_t = 4096)]
-    pub max_rows: usize,
-    /// The largest request body, in MiB.
-    #[arg(long, default_value_t = 64)]
-    pub max_body_mib: usize,
-    /// How long a request may wait for its answer, in seconds.
-    #[arg(long, default_value_t = 120.0)]
-    pub timeout_s: f64,
-    /// How long the first request of a batch waits for others to join it (0: no coalescing).
-    #[arg(long, default_value_t = 2.0)]
-    pub max_wait_ms: f64,
-    /// The most rows a coalesced forward takes. On a CPU, larger batches cost more per row (a
-    /// DiT-T/4 expert on 2 cores: 1.13 ms/row at 64 rows, 1.22 at 256, 1.77 at 1024), so
-    /// coalescing past a few hundred rows lowers throughput; on a GPU raise it.
-    #[arg(long, default_value_t = 256)]
-    pub max_batch_rows: usize,
-    /// Requests that may wait per model before new ones get 503.
-    #[arg(long, default_value_t = 64)]
-    pub queue: usize,
+    /// The most rows one request may carry (1 to 1048576).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    pub max_rows: u32,
+    /// The largest request body, in MiB (1 to 65536).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_body_mib: u32,
+    /// How long a request may wait for its answer, in seconds (at most a year).
+    #[arg(long, default_value = "120", value_parser = super::values::seconds)]
+    pub timeout_s: Duration,
+    /// How long the first request of a batch waits for others to join it, in ms (0: no
+    /// coalescing; at most an hour).
+    #[arg(long, default_value = "2", value_parser = super::values::millis)]
+    pub max_wait_ms: Duration,
+    /// The most rows a coalesced forward takes (1 to 1048576). On a CPU, larger batches cost more
+    /// per row (a DiT-T/4 expert on 2 cores: 1.13 ms/row at 64 rows, 1.22 at 256, 1.77 at 1024),
+    /// so coalescing past a few hundred rows lowers throughput; on a GPU raise it.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    pub max_batch_rows: u32,
+    /// Requests that may wait per model before new ones get 503 (1 to 65536).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub queue: u32,
+    /// Seconds a client may take to send a request's head (line and headers); an idle
+    /// keep-alive connection is closed after it too.
+    #[arg(long, default_value = "10", value_parser = super::values::seconds)]
+    pub header_timeout_s: Duration,
+    /// Seconds a client may take to send a request's body (else 408).
+    #[arg(long, default_value = "60", value_parser = super::values::seconds)]
+    pub body_timeout_s: Duration,
+    /// Connections held at once; one more is answered 503 and closed (1 to 65536).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+    /// After SIGTERM, seconds in-flight requests get to finish before the server exits anyway.
+    #[arg(long, default_value = "30", value_parser = super::values::seconds)]
+    pub shutdown_timeout_s: Duration,
     /// Keep the served models' weights under this many MiB: a model is loaded when a request
     /// needs it and unloaded after its batch while another waits for room (same answers, more
     /// time). Serve more experts than fit in memory.
-    #[arg(long, value_name = "MIB")]
-    pub max_memory: Option<f64>,
+    #[arg(long, value_name = "MIB", value_parser = super::values::mib)]
+    pub max_memory: Option<u64>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -92,22 +106,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => token_from_env(),
     };
-    if args.max_rows == 0 || args.max_batch_rows == 0 || args.max_body_mib == 0 {
-        bail!("--max-rows, --max-batch-rows and --max-body-mib must be at least 1");
-    }
-    for (flag, v) in [
-        ("--timeout-s", args.timeout_s),
-        ("--max-wait-ms", args.max_wait_ms),
-    ] {
-        if !(v.is_finite() && v >= 0.0) {
-            bail!("{flag} {v} must be a finite number >= 0");
-        }
-    }
-    if let Some(m) = args.max_memory
-        && !(m.is_finite() && m > 0.0)
-    {
-        bail!("--max-memory {m} must be a positive number of MiB");
-    }
     let options = ServeOptions {
         registry: args.registry.local()?,
         experts: args.experts,
@@ -115,16 +113,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         token: token.clone(),
         allow_unauthenticated: args.allow_unauthenticated,
-        max_rows: args.max_rows,
-        max_body_bytes: args.max_body_mib << 20,
-        request_timeout: Duration::from_secs_f64(args.timeout_s),
+        max_rows: args.max_rows as usize,
+        max_body_bytes: (args.max_body_mib as usize) << 20,
+        request_timeout: args.timeout_s,
         batch: BatchPolicy {
-            max_wait: Duration::from_secs_f64(args.max_wait_ms / 1e3),
-            max_batch_rows: args.max_batch_rows,
-            queue: args.queue,
+            max_wait: args.max_wait_ms,
+            max_batch_rows: args.max_batch_rows as usize,
+            queue: args.queue as usize,
         },
         device: args.device.device()?,
-        max_memory: args.max_memory.map(|m| (m * (1 << 20) as f64) as u64),
+        max_memory: args.max_memory,
+        limits: ddm_serve::Limits {
+            header_timeout: args.header_timeout_s,
+            body_timeout: args.body_timeout_s,
+            max_connections: args.max_connections as usize,
+            shutdown_timeout: args.shutdown_timeout_s,
+        },
     };
     ddm_serve::serve(options, |addr| {
         let auth = if token.is_some() {

@@ -2,8 +2,9 @@
 //! registry fixture (a Gaussian-mixture partition with untrained MLP experts).
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 pub fn ddm(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ddm"))
@@ -155,4 +156,49 @@ pub fn tiny_images(dir: &Path) {
     lab.extend((0..n).map(|i| (i % 2) as u8));
     std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
     std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
+}
+
+/// A `ddm serve` child, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Server {
+    pub fn start(dir: &Path, args: &[&str], token: Option<&str>) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddm"));
+        cmd.arg("serve")
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("DDM_SERVE_TOKEN");
+        if let Some(t) = token {
+            cmd.env("DDM_SERVE_TOKEN", t);
+        }
+        let mut child = cmd.spawn().expect("ddm serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let Some(rest) = line.strip_prefix("listening on ") else {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            panic!("ddm serve did not start: {line}\n{err}");
+        };
+        let url = rest.split_whitespace().next().unwrap().to_string();
+        Server { child, url }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
