@@ -3,5 +3,6 @@
 //! (`src/main.rs`) and `ddm-trainer` (`src/bin/ddm-trainer.rs`) are thin entry points over it; the
 //! library crates of the workspace know nothing of command lines.
 
+pub mod cli;
 pub mod commands;
 pub mod ui;

@@ -346,7 +346,13 @@ fn a_different_run_in_the_same_directory_is_refused() {
     )
     .output()
     .unwrap();
-    assert!(String::from_utf8_lossy(&r.stderr).contains("holds a different run"));
+    let e = String::from_utf8_lossy(&r.stderr);
+    // The setting that differs is named, in words (not a dump of the whole config).
+    assert!(
+        e.contains("holds a different run") && e.contains("batch_size: ") && e.contains(" then 4"),
+        "{e}"
+    );
+    assert!(!e.contains("TrainConfig"), "{e}");
 }
 
 /// A flipped byte in the saved training state (weights, optimizer or loop state) stops the

@@ -125,8 +125,21 @@ fn sample_outputs_never_collide() {
         ddm(
             d,
             &[
-                "sample", "--registry", "reg", "--router", "analytic", "--strategy", "full", "--n", "4", "--steps",
-                "2", "--seed", seed, "--out", out,
+                "sample",
+                "--registry",
+                "reg",
+                "--router",
+                "analytic",
+                "--strategy",
+                "full",
+                "--n",
+                "4",
+                "--steps",
+                "2",
+                "--seed",
+                seed,
+                "--out",
+                out,
             ],
         )
     };
@@ -164,15 +177,38 @@ fn non_finite_and_oversized_data_is_refused_at_the_source() {
         &Default::default(),
     )
     .unwrap();
-    let e = fails(ddm(d, &["partition", "--data", "tensors:nan.safetensors", "--k", "2", "--out", "p"]));
+    let e = fails(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "tensors:nan.safetensors",
+            "--k",
+            "2",
+            "--out",
+            "p",
+        ],
+    ));
     assert!(e.contains("nan.safetensors") && e.contains("NaN"), "{e}");
     for (spec, says) in [
-        (r#"{"weights": [1.0], "means": [[1e400]], "vars": [[1]]}"#, "not a mixture spec"),
-        (r#"{"weights": [1.0], "means": [[0]], "vars": [[1]], "n": 1000000000000}"#, "n must be"),
-        (r#"{"weights": [1.0], "means": [[0]], "vars": [[1]], "n": 0}"#, "n must be"),
+        (
+            r#"{"weights": [1.0], "means": [[1e400]], "vars": [[1]]}"#,
+            "not a mixture spec",
+        ),
+        (
+            r#"{"weights": [1.0], "means": [[0]], "vars": [[1]], "n": 1000000000000}"#,
+            "n must be",
+        ),
+        (
+            r#"{"weights": [1.0], "means": [[0]], "vars": [[1]], "n": 0}"#,
+            "n must be",
+        ),
     ] {
         std::fs::write(d.join("gmm.json"), spec).unwrap();
-        let e = fails(ddm(d, &["partition", "--data", "gmm:gmm.json", "--k", "2", "--out", "p"]));
+        let e = fails(ddm(
+            d,
+            &["partition", "--data", "gmm:gmm.json", "--k", "2", "--out", "p"],
+        ));
         assert!(e.contains("gmm.json") && e.contains(says), "{spec}: {e}");
     }
 }

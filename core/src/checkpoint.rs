@@ -31,6 +31,38 @@ use crate::vae::{AutoencoderKL, LatentSpace};
 pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format this build reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// The most clusters (islands) a partition, a router or a registry may have.
+pub const MAX_CLUSTERS: usize = 4096;
+
+/// Cluster priors w_k as every file that carries them must hold them: K of them (1 <= K <=
+/// [`MAX_CLUSTERS`]), each finite and in [0, 1], summing to 1.
+pub fn check_priors(priors: &[f64]) -> std::result::Result<(), String> {
+    if priors.is_empty() || priors.len() > MAX_CLUSTERS {
+        return Err(format!("{} priors: expected 1 ..= {MAX_CLUSTERS}", priors.len()));
+    }
+    if let Some(p) = priors
+        .iter()
+        .find(|p| !(p.is_finite() && (0.0..=1.0).contains(*p)))
+    {
+        return Err(format!("a prior of {p}: each must be in [0, 1]"));
+    }
+    let sum: f64 = priors.iter().sum();
+    if (sum - 1.0).abs() > 1e-6 {
+        return Err(format!("the priors sum to {sum}, not 1"));
+    }
+    Ok(())
+}
+
+/// A data value range as files carry it: finite, low below high.
+pub fn check_range(range: [f32; 2]) -> std::result::Result<(), String> {
+    if !(range[0].is_finite() && range[1].is_finite() && range[0] < range[1]) {
+        return Err(format!(
+            "value range {range:?}: expected two finite numbers, low below high"
+        ));
+    }
+    Ok(())
+}
+
 /// The `__metadata__` key holding ddm's JSON.
 pub const METADATA_KEY: &str = "ddm";
 
@@ -75,6 +107,17 @@ pub struct DataSpec {
     pub shape: Vec<usize>,
     /// Value range of the data the model saw (images: [-1, 1]).
     pub range: [f32; 2],
+}
+
+impl std::fmt::Display for DataSpec {
+    /// `samples of shape [1, 28, 28] in [-1, 1]`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "samples of shape {:?} in [{}, {}]",
+            self.shape, self.range[0], self.range[1]
+        )
+    }
 }
 
 /// How a checkpoint was trained (filled by the trainer).
@@ -317,6 +360,16 @@ impl Checkpoint {
             _ => {}
         }
         meta.model.validate().map_err(|e| bad(format!("model: {e}")))?;
+        check_range(meta.data.range).map_err(|e| bad(format!("data: {e}")))?;
+        if let Some(p) = &meta.priors {
+            check_priors(p).map_err(|e| bad(format!("priors: {e}")))?;
+        }
+        if let Some(k) = meta.num_clusters.filter(|&k| k == 0 || k > MAX_CLUSTERS) {
+            return Err(bad(format!("num_clusters {k}: expected 1 ..= {MAX_CLUSTERS}")));
+        }
+        if let Some(c) = meta.cluster.filter(|&c| c >= MAX_CLUSTERS) {
+            return Err(bad(format!("cluster {c}: expected 0 ..= {}", MAX_CLUSTERS - 1)));
+        }
         if meta.data.shape != meta.model.data_shape() {
             return Err(bad(format!(
                 "data shape {:?} does not match the model's {:?}",
@@ -353,7 +406,7 @@ impl Checkpoint {
             return Err(Error::BadMetadata {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "holds a {:?} ({}), not an autoencoder",
+                    "holds a model of role {} ({}), not an autoencoder",
                     self.meta.role,
                     self.meta.model.arch()
                 ),

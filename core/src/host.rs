@@ -14,6 +14,20 @@ use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
 
+/// The memory this machine has available (`MemAvailable` from /proc/meminfo), in bytes; None
+/// where that is not known.
+pub fn available_memory() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0)
+}
+
 /// A dense `f32` tensor on the host: shape and row-major values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {

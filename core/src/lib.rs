@@ -33,6 +33,7 @@ pub mod model;
 pub mod params;
 pub mod progress;
 pub mod stats;
+pub mod text;
 pub mod update;
 pub mod vae;
 

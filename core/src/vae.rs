@@ -830,7 +830,7 @@ impl LatentSpace {
     pub fn describe(&self) -> String {
         format!(
             "VAE {} (scaling {}{})",
-            &self.vae_sha256[..12.min(self.vae_sha256.len())],
+            crate::text::short(&self.vae_sha256, 12),
             self.scaling_factor,
             self.shift_factor
                 .map(|s| format!(", shift {s}"))

@@ -47,6 +47,30 @@ pub struct DatasetInfo {
     pub latent: Option<LatentSpace>,
 }
 
+/// The most values one sample may have (a 4096 x 4096 RGB image has 50 M).
+pub const MAX_SAMPLE_VALUES: usize = 1 << 26;
+
+/// Whether a per-sample shape is one a model can hold: not empty, no zero, at most
+/// [`MAX_SAMPLE_VALUES`] values.
+pub fn check_sample_shape(shape: &[usize]) -> std::result::Result<(), String> {
+    let values = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match values {
+        _ if shape.is_empty() || shape.contains(&0) => Err(format!("sample shape {shape:?} has no values")),
+        Some(v) if v <= MAX_SAMPLE_VALUES => Ok(()),
+        _ => Err(format!(
+            "sample shape {shape:?} has more than {MAX_SAMPLE_VALUES} values"
+        )),
+    }
+}
+
+impl DatasetInfo {
+    /// What a recorded dataset identity must hold: a usable sample shape and value range.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        check_sample_shape(&self.shape)?;
+        ddm_core::checkpoint::check_range(self.range)
+    }
+}
+
 /// Samples in memory.
 #[derive(Debug, Clone)]
 pub struct Dataset {

@@ -98,8 +98,10 @@ pub struct SampleOptions {
     pub strategy: Option<Strategy>,
     pub router: RouterChoice,
     pub allow_missing: bool,
-    /// The most MiB the loaded local experts' weights may take (least recently used unloaded).
-    pub max_memory_mib: Option<f64>,
+    /// The most bytes the loaded local experts' weights may take (least recently used unloaded).
+    pub max_memory: Option<u64>,
+    /// Samples integrated at once (the rest wait for the next batch).
+    pub batch: usize,
     /// Class-conditional sampling: which classes, and the guidance scale.
     pub class: Option<(Classes, f64)>,
     /// Per-sample conditioning vectors for a vector-conditioned router: a safetensors file with
@@ -192,7 +194,7 @@ fn decoder(
     };
     let own = ckpt.latent_space().with_context(|| {
         format!(
-            "{}: a {:?} checkpoint, not an autoencoder",
+            "{}: a checkpoint of role {}, not an autoencoder",
             path.display(),
             ckpt.meta.role
         )
@@ -226,7 +228,10 @@ pub struct LostReport {
     pub expert: usize,
     /// The server's URL or the checkpoint's path.
     pub location: String,
-    /// The first step (0-based) sampled without it, and that step's t.
+    /// The batch of samples (0-based, of `batch_size` samples each) in which it failed, the
+    /// first step (0-based) of that batch sampled without it, and that step's t; the batches
+    /// after it sample without it from their first step.
+    pub batch: usize,
     pub from_step: usize,
     pub t: f64,
     pub error: String,
@@ -262,6 +267,8 @@ pub struct Report {
     /// The most local experts that were in memory at once.
     pub experts_held_peak: usize,
     pub max_memory_mib: Option<f64>,
+    /// Samples integrated at once (`--batch-size`); N samples take ceil(N / batch) batches.
+    pub batch_size: usize,
     pub seconds: f64,
     pub seconds_per_step: f64,
     pub expert_evaluations: usize,
@@ -272,6 +279,46 @@ pub struct Report {
     /// The VAE the latent samples were decoded with (`x0` then holds images, `latents` the
     /// samples); None when not decoded.
     pub decoded_with: Option<String>,
+}
+
+/// Refuse to sample when the samples alone (`n` rows of `values` f32) need more memory than this
+/// machine has available.
+fn check_output_memory(n: usize, values: usize) -> anyhow::Result<()> {
+    let need = n as f64 * values as f64 * 4.0;
+    if let Some(available) = ddm_core::host::available_memory()
+        && need > available
+    {
+        bail!(
+            "--n {n}: the samples alone take {:.1} GB, more than the {:.1} GB this machine has available; draw them in several runs (--seed differs)",
+            need / 1e9,
+            available / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// The usage of evaluation i of an integration, summed over the batches (each batch is one
+/// integration of `evaluations` evaluations).
+fn per_evaluation(
+    usage: &[crate::sampler::Usage],
+    evaluations: usize,
+    k: usize,
+) -> Vec<crate::sampler::Usage> {
+    let mut out = vec![
+        crate::sampler::Usage {
+            rows_per_expert: vec![0; k],
+            router_rows: 0,
+        };
+        evaluations.min(usage.len())
+    ];
+    for (i, u) in usage.iter().enumerate() {
+        let o = &mut out[i % evaluations];
+        for (a, b) in o.rows_per_expert.iter_mut().zip(&u.rows_per_expert) {
+            *a += b;
+        }
+        o.router_rows += u.router_rows;
+    }
+    out
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.
@@ -404,7 +451,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
                     o.n,
                     o.n
                 ),
-                Some(_) => Some(c.to_tensor::<2>(&device)),
+                Some(_) => Some(c),
             }
         }
     };
@@ -416,14 +463,11 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     if !router_sees_class {
         ensemble = ensemble.route_without_class();
     }
-    if let Some(c) = condition {
-        ensemble = ensemble.with_condition_vectors(c);
-    }
     if o.allow_missing {
         ensemble = ensemble.tolerate_lost_experts();
     }
-    if let Some(mib) = o.max_memory_mib {
-        ensemble = ensemble.with_memory_cap((mib * (1 << 20) as f64) as u64);
+    if let Some(bytes) = o.max_memory {
+        ensemble = ensemble.with_memory_cap(bytes);
     }
     let shape = reg.index.data.shape.clone();
     let decoder = decoder(&o.decode, reg.index.latent.as_ref(), Some(&reg), &device)?;
@@ -438,6 +482,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             shape,
             router_sees_class,
             router_sees_vectors,
+            condition,
             decoder,
         },
         progress,
@@ -451,6 +496,11 @@ fn guidance(o: &SampleOptions, classes: usize) -> anyhow::Result<Option<(usize, 
         Some((which, _)) if classes == 0 => {
             bail!("--class {which}: the model is not class-conditional (train it with --class-conditional)")
         }
+        Some((Classes::All, _)) if !o.n.is_multiple_of(classes) => bail!(
+            "--class all with --n {}: the {classes} classes get equal counts only when --n is a multiple of {classes} (e.g. --n {})",
+            o.n,
+            o.n.div_ceil(classes) * classes
+        ),
         Some((which, scale)) => Some((which.max_id(classes), scale)),
         None => None,
     })
@@ -468,7 +518,7 @@ fn sample_checkpoint(
     let (meta, model) = ddm_core::checkpoint::load(path, &o.device)?;
     if meta.role != ddm_core::checkpoint::Role::Expert {
         bail!(
-            "{}: a {:?} checkpoint; --checkpoint samples an expert, a monolith or a distilled student",
+            "{}: a checkpoint of role {}; --checkpoint samples an expert, a monolith or a distilled student",
             path.display(),
             meta.role
         );
@@ -490,6 +540,7 @@ fn sample_checkpoint(
             shape: meta.data.shape.clone(),
             router_sees_class: false,
             router_sees_vectors: false,
+            condition: None,
             decoder,
         },
         progress,
@@ -506,6 +557,8 @@ struct Sampled<'a> {
     shape: Vec<usize>,
     router_sees_class: bool,
     router_sees_vectors: bool,
+    /// The router's conditioning vectors `[N, Dc]`, row i for sample i.
+    condition: Option<HostTensor>,
     decoder: Option<Decoder>,
 }
 
@@ -520,33 +573,60 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
         shape,
         router_sees_class,
         router_sees_vectors,
+        condition,
         decoder,
     } = s;
     let device = o.device.clone();
     let per: usize = shape.iter().product();
+    let out_per = decoder
+        .as_ref()
+        .map_or(0, |d| d.space.image_shape.iter().product());
+    check_output_memory(o.n, per + out_per)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
-    let x1 = flow::randn(vec![o.n, per], &mut rng).to_tensor::<2>(&device);
     let times = StepSchedule::Uniform.times(o.steps);
     let t0 = Instant::now();
-    let y = o.class.map(|(which, _)| {
-        Tensor::<1, Int>::from_data(TensorData::new(which.ids(o.n, classes), [o.n]), &device)
-    });
+    let ids = o.class.map(|(which, _)| which.ids(o.n, classes));
     let evaluations = match o.solver {
         Solver::Euler => o.steps,
         Solver::Heun => 2 * o.steps,
     };
-    progress.begin(&format!("sample {} ({strategy})", o.n), evaluations as u64);
+    let batches = o.n.div_ceil(o.batch);
+    progress.begin(
+        &format!("sample {} ({strategy})", o.n),
+        (evaluations * batches) as u64,
+    );
     let counted = Counted {
         inner: &ensemble,
         progress,
     };
-    let x0 = flow::integrate(&counted as &dyn VelocityField<2>, x1, y, &times, o.solver);
-    let x0 = HostTensor::from_tensor(x0); // device sync: the timing includes all the work
+    // Batch by batch: the noise is drawn in order from one seeded stream, so batch b holds the
+    // rows b * batch.. of the noise one batch of all N would have.
+    let mut samples = Vec::new();
+    samples
+        .try_reserve_exact(o.n * per)
+        .map_err(|_| anyhow::anyhow!("--n {}: no memory for {} samples of {per} values", o.n, o.n))?;
+    for start in (0..o.n).step_by(o.batch) {
+        let rows = start..(start + o.batch).min(o.n);
+        let b = rows.len();
+        let x1 = flow::randn(vec![b, per], &mut rng).to_tensor::<2>(&device);
+        let y = ids.as_ref().map(|ids| {
+            Tensor::<1, Int>::from_data(TensorData::new(ids[rows.clone()].to_vec(), [b]), &device)
+        });
+        ensemble.restart(); // new trajectories
+        ensemble.set_condition_vectors(condition.as_ref().map(|c| {
+            let dc = c.shape[1];
+            HostTensor::new(vec![b, dc], c.data[rows.start * dc..rows.end * dc].to_vec())
+                .to_tensor::<2>(&device)
+        }));
+        let x0 = flow::integrate(&counted as &dyn VelocityField<2>, x1, y, &times, o.solver);
+        samples.extend(HostTensor::from_tensor(x0).data); // device sync: the timing includes all the work
+        if let Some(e) = ensemble.take_error() {
+            return Err(e);
+        }
+    }
     progress.finish();
     let seconds = t0.elapsed().as_secs_f64();
-    if let Some(e) = ensemble.take_error() {
-        return Err(e);
-    }
+    let x0 = HostTensor::new(vec![o.n, per], samples);
     let bad = x0.data.iter().filter(|v| !v.is_finite()).count();
     if bad > 0 {
         bail!(
@@ -583,11 +663,14 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
         let cols = (o.n as f64).sqrt().ceil() as usize;
         ddm_datasets::grid::write_grid_png(&o.out, &cells, [shape[0], shape[1], shape[2]], cols, 2, 40)?;
     }
-    let usage = ensemble.usage.borrow();
-    let evaluations: usize = usage
+    let expert_evaluations: usize = ensemble
+        .usage
+        .borrow()
         .iter()
         .map(|u| u.rows_per_expert.iter().filter(|&&r| r > 0).count())
         .sum();
+    // Evaluation i of every batch, summed over the batches.
+    let usage = per_evaluation(&ensemble.usage.borrow(), evaluations, k);
     // Evaluation i belongs to step i / (evaluations per step), which starts at times[step].
     let evals_per_step = if o.solver == Solver::Heun { 2 } else { 1 };
     let t_of = |i: usize| times[(i / evals_per_step).min(o.steps.saturating_sub(1))];
@@ -630,18 +713,20 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
             .map(|l| LostReport {
                 expert: l.expert,
                 location: l.location,
-                from_step: l.evaluation / evals_per_step,
-                t: t_of(l.evaluation),
+                batch: l.evaluation / evaluations,
+                from_step: (l.evaluation % evaluations) / evals_per_step,
+                t: t_of(l.evaluation % evaluations),
                 error: l.error,
             })
             .collect(),
         expert_loads: ensemble.experts.iter().map(|e| e.loads()).collect(),
         expert_evictions: ensemble.evictions(),
         experts_held_peak: ensemble.held_peak(),
-        max_memory_mib: o.max_memory_mib,
+        max_memory_mib: o.max_memory.map(|b| b as f64 / (1 << 20) as f64),
+        batch_size: o.batch,
         seconds,
         seconds_per_step: seconds / o.steps as f64,
-        expert_evaluations: evaluations,
+        expert_evaluations,
         usage: usage_ranges,
         peak_rss_mib: peak_rss_mib(),
         png: o.out.display().to_string(),

@@ -267,8 +267,9 @@ pub struct Ensemble<'a> {
     assignment: RefCell<Option<Assignment>>,
     /// Whether the router is given the samples' classes (when there are any).
     router_sees_class: bool,
-    /// Per-sample conditioning vectors for the router `[N, Dc]`, row i for sample i.
-    condition: Option<Tensor<2>>,
+    /// Per-sample conditioning vectors for the router `[N, Dc]`, row i for sample i of the
+    /// current integration.
+    condition: RefCell<Option<Tensor<2>>>,
     /// First expert-loading error (surfaced by `take_error` after sampling).
     error: RefCell<Option<anyhow::Error>>,
     /// Whether an expert that fails is renormalised away (else it is an error).
@@ -314,7 +315,7 @@ impl<'a> Ensemble<'a> {
             usage: RefCell::new(vec![]),
             assignment: RefCell::new(None),
             router_sees_class: true,
-            condition: None,
+            condition: RefCell::new(None),
             error: RefCell::new(None),
             tolerate_lost: false,
             lost: RefCell::new(vec![]),
@@ -325,10 +326,9 @@ impl<'a> Ensemble<'a> {
     }
 
     /// Give the router these conditioning vectors `[N, Dc]`, one per sample of every evaluation
-    /// (so every evaluation must be of N samples).
-    pub fn with_condition_vectors(mut self, c: Tensor<2>) -> Self {
-        self.condition = Some(c);
-        self
+    /// from now on (so every evaluation must be of N samples).
+    pub fn set_condition_vectors(&self, c: Option<Tensor<2>>) {
+        *self.condition.borrow_mut() = c;
     }
 
     /// An expert that fails (a served one after its retries; a local one whose checkpoint cannot
@@ -465,7 +465,8 @@ impl Ensemble<'_> {
         let k = self.experts.len();
         let probs = match &self.router {
             Some(r) if self.strategy.uses_router() => {
-                let c = self.condition.as_ref().inspect(|c| {
+                let c = self.condition.borrow();
+                let c = c.as_ref().inspect(|c| {
                     assert_eq!(c.dims()[0], n, "one conditioning vector per sample");
                 });
                 r.probs(x_t, t, y.filter(|_| self.router_sees_class), c)

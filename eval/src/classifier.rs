@@ -203,7 +203,7 @@ impl FeatureNet {
         let sha256 = ckpt.meta.tensors_sha256.clone();
         if ckpt.meta.role != Role::Classifier {
             bail!(
-                "{}: a {:?} checkpoint, not a classifier (make one with ddm eval train-classifier)",
+                "{}: a checkpoint of role {}, not a classifier (make one with ddm eval train-classifier)",
                 origin.display(),
                 ckpt.meta.role
             );

@@ -11,6 +11,7 @@ use ddm_core::flow::{self, Solver, StepSchedule};
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
 use ddm_datasets::mixture::MixtureSpec;
+use ddm_ensemble::strategy::Strategy;
 use ddm_trainer::config::TrainConfig;
 use ddm_trainer::expert::EXPERT_FILE;
 use rand::SeedableRng;
@@ -108,6 +109,11 @@ fn rayon_threads() -> usize {
 
 /// Run (or resume) the experiment; returns the markdown table and where it was written.
 pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
+    // The threshold strategy's own check (tau in (0, 1]), before hours of training.
+    Strategy::Threshold { tau: a.threshold }
+        .to_string()
+        .parse::<Strategy>()
+        .map_err(|e| anyhow::anyhow!("--threshold {}: {e}", a.threshold))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let device = ddm_core::device::device(a.device)?;
     let command: Vec<String> = std::env::args().collect();

@@ -18,7 +18,11 @@ pub fn load_checked(
     let ckpt = ddm_core::checkpoint::Checkpoint::read(path)?;
     let m = &ckpt.meta;
     if m.role != ddm_core::checkpoint::Role::Router {
-        bail!("{}: an {:?} checkpoint, not a router", path.display(), m.role);
+        bail!(
+            "{}: a checkpoint of role {}, not a router",
+            path.display(),
+            m.role
+        );
     }
     let k = m.num_clusters.unwrap_or(0);
     if k != manifest.k {

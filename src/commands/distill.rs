@@ -85,9 +85,9 @@ pub fn run(args: DistillArgs) -> anyhow::Result<u8> {
         bail!(
             "the registry {} holds experts of partition {}, but {} is partition {}",
             args.registry,
-            &reg.index.partition[..12.min(reg.index.partition.len())],
+            ddm_core::text::short(&reg.index.partition, 12),
             args.partition.display(),
-            &partition.fingerprint()[..12.min(partition.fingerprint().len())]
+            ddm_core::text::short(partition.fingerprint(), 12)
         );
     }
     let classes = reg.expert_classes()?;

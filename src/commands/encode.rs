@@ -37,7 +37,7 @@ pub struct EncodeArgs {
     #[arg(long, value_name = "FILE")]
     pub reconstructions: Option<PathBuf>,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_BATCH), default_value_t = 256)]
     pub batch_size: usize,
     #[command(flatten)]
     pub device: DeviceArgs,
@@ -60,7 +60,7 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<()> {
     let ckpt = Checkpoint::read(&args.vae)?;
     if ckpt.meta.role != Role::Autoencoder {
         bail!(
-            "{}: a {:?} checkpoint; --vae takes an autoencoder (ddm train-autoencoder, ddm import --from diffusers-vae)",
+            "{}: a checkpoint of role {}; --vae takes an autoencoder (ddm train-autoencoder, ddm import --from diffusers-vae)",
             args.vae.display(),
             ckpt.meta.role
         );

@@ -86,9 +86,9 @@ pub struct EvalGmmArgs {
     /// Use the analytic router from the registered statistics.
     #[arg(long)]
     pub analytic: bool,
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLES), default_value_t = 2000)]
     pub n: usize,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLING_STEPS), default_value_t = 50)]
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -124,7 +124,7 @@ fn eval_images(a: EvalImagesArgs) -> anyhow::Result<()> {
     let net = FeatureNet::open(a.classifier.as_deref(), &device)?;
     tracing::info!(
         "classifier {} (feature dim {})",
-        &net.sha256[..16],
+        ddm_core::text::short(&net.sha256, 16),
         net.feature_dim()
     );
     let names: Option<Vec<String>> = net

@@ -19,7 +19,7 @@ pub struct EvalRouterArgs {
     #[arg(long)]
     pub partition: PathBuf,
     /// Samples to evaluate.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLES), default_value_t = 2000)]
     pub samples: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -37,45 +37,45 @@ pub struct PaperTableArgs {
     #[arg(long, default_value = "fashion-mnist:test")]
     pub reference: String,
     /// Islands / clusters.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_CLUSTERS), default_value_t = 4)]
     pub k: usize,
     /// Expert and monolith network.
     #[arg(long, default_value = "DiT-T/4")]
     pub model: String,
     /// The monolith's batch B; each expert trains with B / K.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_BATCH), default_value_t = 64)]
     pub batch_size: usize,
     /// Training steps of the monolith and of every expert.
-    #[arg(long, default_value_t = 800)]
+    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS), default_value_t = 800)]
     pub steps: u64,
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, value_parser = super::values::positive, default_value_t = 5e-4)]
     pub lr: f64,
     /// Router network.
     #[arg(long, default_value = "DiT-XS/4")]
     pub router_model: String,
     /// Router steps (default: --steps).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS))]
     pub router_steps: Option<u64>,
     /// Router batch (default: --batch-size).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_BATCH))]
     pub router_batch_size: Option<usize>,
     /// Checkpoints: evaluate after each 1/C of the steps.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = super::values::count64(1, 100), default_value_t = 4)]
     pub checkpoints: u64,
     /// Samples per system and checkpoint (same noise for every system).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLES), default_value_t = 500)]
     pub n: usize,
     /// Euler steps per sample.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLING_STEPS), default_value_t = 16)]
     pub sample_steps: usize,
     /// tau of the threshold strategy.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, value_parser = super::values::probability, default_value_t = 0.1)]
     pub threshold: f64,
     /// A classifier checkpoint (default: the committed one).
     #[arg(long)]
     pub classifier: Option<PathBuf>,
     /// Gaussian-mixture setting: steps (monolith batch 256, experts 256 / K, MLP 256 x 3).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS), default_value_t = 2000)]
     pub gmm_steps: u64,
     /// Only the Gaussian-mixture setting.
     #[arg(long, conflicts_with = "skip_gmm")]
@@ -89,7 +89,7 @@ pub struct PaperTableArgs {
     #[arg(long)]
     pub conditional: bool,
     /// Classifier-free guidance scale of the guided rows (with --conditional).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, value_parser = super::values::guidance, default_value_t = 2.0)]
     pub guidance: f64,
     #[arg(long, default_value = "cpu")]
     pub device: ddm_core::device::DeviceChoice,

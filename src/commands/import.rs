@@ -54,7 +54,7 @@ pub struct ImportArgs {
     #[arg(long, value_enum, default_value = "velocity")]
     pub objective: ObjectiveArg,
     /// Value range of the data the model was trained on (with --partition: the partition's).
-    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"], default_values_t = [-1.0, 1.0], allow_negative_numbers = true)]
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"], default_values_t = [-1.0, 1.0], allow_negative_numbers = true, value_parser = super::values::finite_f32)]
     pub range: Vec<f32>,
     /// The ddm partition whose shard --cluster the model was trained on (by another framework, on
     /// an island): the checkpoint then records that partition, cluster, data range and latent
@@ -62,7 +62,7 @@ pub struct ImportArgs {
     #[arg(long, requires = "cluster")]
     pub partition: Option<PathBuf>,
     /// With --partition: the cluster the model was trained on.
-    #[arg(long, requires = "partition")]
+    #[arg(long, value_parser = super::values::count(0, super::values::MAX_CLUSTERS - 1), requires = "partition")]
     pub cluster: Option<usize>,
     /// The checkpoint to write.
     #[arg(long)]
@@ -92,6 +92,13 @@ pub fn read_model_config(path: &std::path::Path) -> anyhow::Result<ModelConfig> 
 }
 
 pub fn run(args: ImportArgs) -> anyhow::Result<()> {
+    if args.range[0] >= args.range[1] {
+        bail!(
+            "--range {} {}: MIN must be below MAX",
+            args.range[0],
+            args.range[1]
+        );
+    }
     let (config, tensors, origin) = match (args.from, &args.config) {
         (Source::DiffusersVae, None) => return import_diffusers_vae(&args),
         (Source::Ddm, None) => return reseal(&args),
@@ -195,13 +202,13 @@ fn reseal(args: &ImportArgs) -> anyhow::Result<()> {
     ckpt.save(&args.out)?;
     let new = Checkpoint::read(&args.out)?.meta.tensors_sha256;
     let tensors = match new == ckpt.meta.tensors_sha256 {
-        true => format!("tensors sha256 {} unchanged", &new[..12]),
+        true => format!("tensors sha256 {} unchanged", ddm_core::text::short(&new, 12)),
         // Tensors stored in another dtype are written as f32: their bytes (and a VAE's latent
         // space name) change.
         false => format!(
             "tensors rewritten as f32: sha256 {} -> {}",
-            &ckpt.meta.tensors_sha256[..12],
-            &new[..12]
+            ddm_core::text::short(&ckpt.meta.tensors_sha256, 12),
+            ddm_core::text::short(&new, 12)
         ),
     };
     println!(

@@ -37,7 +37,7 @@ pub struct PartitionArgs {
     #[arg(long, default_value = "default")]
     pub data: String,
     /// Number of clusters (islands).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_CLUSTERS), default_value_t = 4)]
     pub k: usize,
     /// The partition directory to write.
     #[arg(long, required_unless_present = "describe")]
@@ -51,19 +51,19 @@ pub struct PartitionArgs {
     #[arg(long, value_enum, default_value = "two-stage")]
     pub algorithm: AlgorithmArg,
     /// Fine centroids of the two-stage algorithm.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, value_parser = super::values::count(1, 1 << 20), default_value_t = 1024)]
     pub fine: usize,
     /// At most this many samples fit the fine centroids (two-stage).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLES), default_value_t = 20_000)]
     pub subsample: usize,
     /// k-means iterations at most.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = super::values::count(1, 100_000), default_value_t = 100)]
     pub max_iter: usize,
     /// k-means restarts (the lowest inertia wins).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = super::values::count(1, 1000), default_value_t = 1)]
     pub n_init: usize,
     /// Mini-batch k-means with batches of this size.
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLES))]
     pub batch_size: Option<usize>,
     /// Balanced clusters: each gets at most ceil(N / K) samples.
     #[arg(long)]
@@ -153,7 +153,11 @@ pub fn run(args: PartitionArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(());
     }
-    println!("wrote {} (fingerprint {})", out.display(), &m.fingerprint[..12]);
+    println!(
+        "wrote {} (fingerprint {})",
+        out.display(),
+        ddm_core::text::short(&m.fingerprint, 12)
+    );
     print!("{}", partition::describe(&out, None, 0)?);
     Ok(())
 }

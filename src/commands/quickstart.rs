@@ -29,31 +29,31 @@ pub struct QuickstartArgs {
     #[arg(long, default_value = "default")]
     pub data: String,
     /// Number of clusters / islands.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = super::values::count(1, 64), default_value_t = 4)]
     pub k: usize,
     /// The experts' network.
     #[arg(long, default_value = "DiT-T/4")]
     pub expert_model: String,
     /// Training steps per expert.
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS), default_value_t = 1200)]
     pub expert_steps: u64,
     /// The router's network.
     #[arg(long, default_value = "DiT-XS/4")]
     pub router_model: String,
     /// Router training steps.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS), default_value_t = 600)]
     pub router_steps: u64,
     /// Batch size of experts and router.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_BATCH), default_value_t = 32)]
     pub batch_size: usize,
     /// Islands training at the same time.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_parser = super::values::count(1, 64), default_value_t = 2)]
     pub parallel: usize,
     /// Samples per strategy.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLES), default_value_t = 64)]
     pub n: usize,
     /// Sampling steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLING_STEPS), default_value_t = 50)]
     pub steps: usize,
 }
 

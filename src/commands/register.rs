@@ -33,7 +33,7 @@ pub struct RegisterArgs {
     #[arg(long, conflicts_with = "checkpoints")]
     pub remote: Option<String>,
     /// With --remote: only these experts (comma-separated cluster ids).
-    #[arg(long, value_delimiter = ',', requires = "remote")]
+    #[arg(long, value_parser = super::values::count(0, super::values::MAX_CLUSTERS - 1), value_delimiter = ',', requires = "remote")]
     pub clusters: Option<Vec<usize>>,
     /// Print what was registered as JSON lines (role, cluster, k, source, sha256).
     #[arg(long)]
@@ -111,7 +111,7 @@ pub enum RegistryCommand {
     },
     /// Remove the expert of a cluster, or the router.
     Remove {
-        #[arg(long)]
+        #[arg(long, value_parser = super::values::count(0, super::values::MAX_CLUSTERS - 1))]
         cluster: Option<usize>,
         #[arg(long)]
         router: bool,

@@ -40,11 +40,15 @@ pub struct SampleArgs {
     #[arg(long, conflicts_with_all = ["strategy", "allow_missing", "max_memory", "condition"])]
     pub checkpoint: Option<PathBuf>,
     /// Number of samples.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::values::count(1, super::values::MAX_SAMPLES))]
     pub n: usize,
     /// Integration steps from t = 1 to 0.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::values::count(1, super::values::MAX_SAMPLING_STEPS))]
     pub steps: usize,
+    /// Samples integrated at once: --n samples are drawn in batches of this many (the noise is
+    /// the same as in one batch; the memory is one batch's).
+    #[arg(long, default_value_t = 1024, value_parser = super::values::count(1, super::values::MAX_BATCH))]
+    pub batch_size: usize,
     /// full, top-1, top-K, sample[:T], nucleus:P[:T], threshold:TAU, trajectory, oracle:K.
     /// Default: top-1 when the router sees the class (--class with a class-conditioned router),
     /// else trajectory (the paper table in README measured both).
@@ -62,8 +66,8 @@ pub struct SampleArgs {
     /// Keep the loaded experts' weights under this many MiB: the least recently used are unloaded
     /// and loaded again when next selected (same samples, more time). For ensembles larger than
     /// memory.
-    #[arg(long, value_name = "MIB")]
-    pub max_memory: Option<f64>,
+    #[arg(long, value_name = "MIB", value_parser = super::values::mib)]
+    pub max_memory: Option<u64>,
     /// Sample this class, or `all` for equal counts of every class (class-conditional experts
     /// only).
     #[arg(long)]
@@ -72,8 +76,8 @@ pub struct SampleArgs {
     /// with `c` [N, Dc], row i for sample i.
     #[arg(long)]
     pub condition: Option<PathBuf>,
-    /// Classifier-free guidance scale with --class (1 = none).
-    #[arg(long, default_value_t = 1.0, requires = "class")]
+    /// Classifier-free guidance scale with --class (1 = none; 0 to 100).
+    #[arg(long, default_value_t = 1.0, requires = "class", value_parser = super::values::guidance)]
     pub guidance: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -110,21 +114,6 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         Some(s) => Some(s.parse().map_err(|e: String| anyhow::anyhow!(e))?),
         None => None,
     };
-    if args.steps == 0 || args.n == 0 {
-        anyhow::bail!(
-            "--steps and --n must be at least 1 (got {} and {})",
-            args.steps,
-            args.n
-        );
-    }
-    if !(args.guidance.is_finite() && args.guidance >= 0.0) {
-        anyhow::bail!("--guidance {} must be a finite number >= 0", args.guidance);
-    }
-    if let Some(m) = args.max_memory
-        && !(m.is_finite() && m > 0.0)
-    {
-        anyhow::bail!("--max-memory {m} must be a positive number of MiB");
-    }
     let bar = crate::ui::Bar::new(args.quiet);
     let options = SampleOptions {
         source: match (args.registry, args.checkpoint) {
@@ -144,7 +133,8 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
             RouterArg::Analytic => RouterChoice::Analytic,
         },
         allow_missing: args.allow_missing,
-        max_memory_mib: args.max_memory,
+        max_memory: args.max_memory,
+        batch: args.batch_size,
         class: args.class.map(|c| (c, args.guidance)),
         condition: args.condition,
         seed: args.seed,

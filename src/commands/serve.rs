@@ -30,7 +30,7 @@ pub struct ServeArgs {
     pub registry: ddm_ensemble::registry::Location,
     /// Serve these experts (comma-separated cluster ids). Default: every local expert, and the
     /// router if one is registered.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_parser = super::values::count(0, super::values::MAX_CLUSTERS - 1), value_delimiter = ',')]
     pub experts: Option<Vec<usize>>,
     /// Serve the router (alone, unless --experts is given too).
     #[arg(long)]

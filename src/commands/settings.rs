@@ -58,36 +58,36 @@ pub struct TrainSettings {
     pub config: Option<PathBuf>,
     #[arg(long, help = default_help("Network: a DiT size (DiT-T/4, DiT-Bench/4, DiT-S/2, DiT-B/2, ...) or `mlp`", TrainConfig::default().model))]
     pub model: Option<String>,
-    #[arg(long, help = default_help("MLP width (vector data)", TrainConfig::default().mlp_hidden))]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_WIDTH), help = default_help("MLP width (vector data)", TrainConfig::default().mlp_hidden))]
     pub mlp_hidden: Option<usize>,
-    #[arg(long, help = default_help("MLP residual blocks (vector data)", TrainConfig::default().mlp_depth))]
+    #[arg(long, value_parser = super::values::count(0, super::values::MAX_DEPTH), help = default_help("MLP residual blocks (vector data)", TrainConfig::default().mlp_depth))]
     pub mlp_depth: Option<usize>,
-    #[arg(long, help = default_help("Optimizer steps", TrainConfig::default().steps))]
+    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS), help = default_help("Optimizer steps", TrainConfig::default().steps))]
     pub steps: Option<u64>,
-    #[arg(long, help = default_help("Batch size", TrainConfig::default().batch_size))]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_BATCH), help = default_help("Batch size", TrainConfig::default().batch_size))]
     pub batch_size: Option<usize>,
-    #[arg(long, help = default_help("Peak learning rate", TrainConfig::default().lr))]
+    #[arg(long, value_parser = super::values::positive, help = default_help("Peak learning rate", TrainConfig::default().lr))]
     pub lr: Option<f64>,
-    #[arg(long, help = default_help("Warm-up steps", TrainConfig::default().warmup_steps))]
+    #[arg(long, value_parser = super::values::count64(0, super::values::MAX_STEPS), help = default_help("Warm-up steps", TrainConfig::default().warmup_steps))]
     pub warmup_steps: Option<u64>,
-    #[arg(long, help = default_help("AdamW weight decay", TrainConfig::default().weight_decay))]
+    #[arg(long, value_parser = super::values::non_negative, help = default_help("AdamW weight decay", TrainConfig::default().weight_decay))]
     pub weight_decay: Option<f64>,
-    #[arg(long, help = default_help("Gradient-norm clipping, 0 = off", TrainConfig::default().grad_clip))]
+    #[arg(long, value_parser = super::values::non_negative, help = default_help("Gradient-norm clipping, 0 = off", TrainConfig::default().grad_clip))]
     pub grad_clip: Option<f64>,
-    #[arg(long, help = default_help("EMA decay", TrainConfig::default().ema_decay))]
+    #[arg(long, value_parser = super::values::below_one, help = default_help("EMA decay", TrainConfig::default().ema_decay))]
     pub ema_decay: Option<f64>,
     #[arg(long, help = default_help("Time sampler: uniform, or logit-normal:MEAN:STD", time_sampler_name(&TrainConfig::default().time_sampler)))]
     pub time_sampler: Option<String>,
     /// Condition on class labels (with label dropout for guidance).
     #[arg(long)]
     pub class_conditional: bool,
-    #[arg(long, help = default_help("Label dropout probability for guidance", TrainConfig::default().class_dropout))]
+    #[arg(long, value_parser = super::values::below_one, help = default_help("Label dropout probability for guidance", TrainConfig::default().class_dropout))]
     pub class_dropout: Option<f64>,
-    #[arg(long, help = default_help("Save the training state every N steps", TrainConfig::default().checkpoint_every))]
+    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS), help = default_help("Save the training state every N steps", TrainConfig::default().checkpoint_every))]
     pub checkpoint_every: Option<u64>,
-    #[arg(long, help = default_help("Write a grid of samples every N steps, 0 = only at the end", TrainConfig::default().sample_every))]
+    #[arg(long, value_parser = super::values::count64(0, super::values::MAX_STEPS), help = default_help("Write a grid of samples every N steps, 0 = only at the end", TrainConfig::default().sample_every))]
     pub sample_every: Option<u64>,
-    #[arg(long, help = default_help("Metrics line every N steps", TrainConfig::default().log_every))]
+    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS), help = default_help("Metrics line every N steps", TrainConfig::default().log_every))]
     pub log_every: Option<u64>,
     #[arg(long, help = default_help("Seed", TrainConfig::default().seed))]
     pub seed: Option<u64>,

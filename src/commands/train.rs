@@ -29,7 +29,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub partition: PathBuf,
     /// The cluster to train (default: $SLURM_ARRAY_TASK_ID, else $JOB_COMPLETION_INDEX).
-    #[arg(long, conflicts_with = "monolith")]
+    #[arg(long, value_parser = super::values::count(0, super::values::MAX_CLUSTERS - 1), conflicts_with = "monolith")]
     pub cluster: Option<usize>,
     /// Train on all shards together: the monolith baseline.
     #[arg(long)]

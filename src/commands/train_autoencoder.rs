@@ -23,7 +23,7 @@ pub struct TrainAutoencoderArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Weight of the KL term (per latent element) against the reconstruction (per pixel).
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, value_parser = super::values::non_negative, default_value_t = 1e-4)]
     pub kl_weight: f64,
     /// Training settings; --model is `vae:LEVELS:WIDTH:LATENT_CHANNELS` (default vae:3:8:4:
     /// 8/16/32 channels, 28 x 28 images -> 4 x 7 x 7 latents); unset ones default to 1500 steps of

@@ -32,7 +32,7 @@ pub struct TrainRouterArgs {
     #[arg(long, default_value = "DiT-T/4")]
     pub expert_model: String,
     /// Samples in the final evaluation.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLES), default_value_t = 2000)]
     pub eval_samples: usize,
     /// Condition on the data's per-sample conditioning vectors `c` (a `tensors:` file's `c`
     /// [N, Dc], e.g. text embeddings): a linear projection of c joins the router's conditioning;

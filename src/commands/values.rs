@@ -4,6 +4,33 @@
 
 use std::time::Duration;
 
+use clap::builder::RangedU64ValueParser;
+
+/// The most optimizer steps a training run takes (the trainer's own bound, which a TOML config
+/// meets too).
+pub const MAX_STEPS: u64 = ddm_trainer::config::MAX_STEPS;
+/// The largest batch of training or sampling.
+pub const MAX_BATCH: u64 = ddm_trainer::config::MAX_BATCH as u64;
+/// The most samples one `ddm sample` (or evaluation) draws.
+pub const MAX_SAMPLES: u64 = 10_000_000;
+/// The most integration steps of a sampling.
+pub const MAX_SAMPLING_STEPS: u64 = 100_000;
+/// The most clusters (islands) of a partition.
+pub const MAX_CLUSTERS: u64 = 4096;
+/// The widest layer and the deepest stack of an MLP.
+pub const MAX_WIDTH: u64 = ddm_trainer::config::MAX_MLP_WIDTH as u64;
+pub const MAX_DEPTH: u64 = ddm_trainer::config::MAX_MLP_DEPTH as u64;
+
+/// A whole number from `lo` to `hi` (as usize).
+pub fn count(lo: u64, hi: u64) -> RangedU64ValueParser<usize> {
+    RangedU64ValueParser::<usize>::new().range(lo..=hi)
+}
+
+/// A whole number from `lo` to `hi` (as u64).
+pub fn count64(lo: u64, hi: u64) -> RangedU64ValueParser<u64> {
+    RangedU64ValueParser::<u64>::new().range(lo..=hi)
+}
+
 /// The longest time a timeout flag takes: one year.
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
@@ -52,6 +79,15 @@ pub fn guidance(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+/// A probability below 1: 0 <= p < 1 (dropout, an EMA decay).
+pub fn below_one(s: &str) -> Result<f64, String> {
+    let v = float(s)?;
+    if !(0.0..1.0).contains(&v) {
+        return Err(format!("{v} is outside 0 ..= 1 (1 excluded)"));
+    }
+    Ok(v)
+}
+
 /// A probability: 0 to 1.
 pub fn probability(s: &str) -> Result<f64, String> {
     let v = float(s)?;
@@ -59,6 +95,15 @@ pub fn probability(s: &str) -> Result<f64, String> {
         return Err(format!("{v} is outside 0 ..= 1"));
     }
     Ok(v)
+}
+
+/// A finite f32 (a value range's end).
+pub fn finite_f32(s: &str) -> Result<f32, String> {
+    let v = float(s)?;
+    if v.abs() > f32::MAX as f64 {
+        return Err(format!("{v} does not fit a 32-bit float"));
+    }
+    Ok(v as f32)
 }
 
 /// A positive, finite number (a learning rate, a weight).

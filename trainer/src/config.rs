@@ -6,6 +6,14 @@ use ddm_core::checkpoint::Objective;
 use ddm_core::flow::TimeSampler;
 use serde::{Deserialize, Serialize};
 
+/// The most optimizer steps (and warm-up, checkpoint, sample and log intervals) a run takes.
+pub const MAX_STEPS: u64 = 1_000_000_000;
+/// The largest batch.
+pub const MAX_BATCH: usize = 1 << 16;
+/// The widest MLP layer and its deepest stack.
+pub const MAX_MLP_WIDTH: usize = 1 << 16;
+pub const MAX_MLP_DEPTH: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
@@ -92,8 +100,32 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.batch_size == 0 || self.steps == 0 || self.checkpoint_every == 0 || self.log_every == 0 {
-            return Err("steps, batch_size, checkpoint_every and log_every must be positive".into());
+        for (name, v, lo) in [
+            ("steps", self.steps, 1),
+            ("warmup_steps", self.warmup_steps, 0),
+            ("checkpoint_every", self.checkpoint_every, 1),
+            ("sample_every", self.sample_every, 0),
+            ("log_every", self.log_every, 1),
+        ] {
+            if !(lo..=MAX_STEPS).contains(&v) {
+                return Err(format!("{name} = {v} is outside {lo} ..= {MAX_STEPS}"));
+            }
+        }
+        for (name, v, lo, hi) in [
+            ("batch_size", self.batch_size, 1, MAX_BATCH),
+            ("mlp_hidden", self.mlp_hidden, 1, MAX_MLP_WIDTH),
+            ("mlp_depth", self.mlp_depth, 0, MAX_MLP_DEPTH),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(format!("{name} = {v} is outside {lo} ..= {hi}"));
+            }
+        }
+        if let TimeSampler::LogitNormal { mean, std } = self.time_sampler
+            && !(mean.is_finite() && std.is_finite() && std > 0.0)
+        {
+            return Err(format!(
+                "time_sampler logit-normal:{mean}:{std}: the mean must be finite and the std positive"
+            ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(format!("lr must be a positive number, got {}", self.lr));
@@ -130,6 +162,21 @@ impl TrainConfig {
     /// log cadence. Everything that defines the model, the data stream or the optimizer must match.
     pub fn same_run(&self, other: &TrainConfig) -> bool {
         self.resumable_part() == other.resumable_part()
+    }
+
+    /// The settings that make `other` a different run (`batch_size: 64 then 32`), in words.
+    pub fn differences(&self, other: &TrainConfig) -> Vec<String> {
+        let (a, b) = (
+            serde_json::to_value(self.resumable_part()).unwrap_or_default(),
+            serde_json::to_value(other.resumable_part()).unwrap_or_default(),
+        );
+        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+            return vec![];
+        };
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k}: {v} then {}", b.get(k).unwrap_or(&serde_json::Value::Null)))
+            .collect()
     }
 
     fn resumable_part(&self) -> TrainConfig {

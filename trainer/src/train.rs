@@ -69,7 +69,7 @@ impl ModuleVisitor for GradNorm<'_> {
 /// Refuse a batch whose activations alone (a lower estimate) exceed the memory this machine has
 /// available, before anything is allocated: an absurd `--batch-size` is an error, not an abort.
 fn check_memory(net: &ddm_core::model::ModelConfig, batch_size: usize) -> anyhow::Result<()> {
-    let Some(available) = available_bytes() else {
+    let Some(available) = ddm_core::host::available_memory() else {
         return Ok(());
     };
     let need = net.activation_bytes_per_sample() * batch_size as f64;
@@ -81,19 +81,6 @@ fn check_memory(net: &ddm_core::model::ModelConfig, batch_size: usize) -> anyhow
         );
     }
     Ok(())
-}
-
-/// `MemAvailable` from /proc/meminfo (None elsewhere).
-fn available_bytes() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024.0)
 }
 
 /// The lock file a running trainer holds in its output directory.
@@ -134,12 +121,24 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     if let Some(s) = &saved
         && (!s.config.same_run(&config) || s.target != task.name() || s.partition != train_data.fingerprint)
     {
+        let mut differs = s.config.differences(&config);
+        if s.target != task.name() {
+            differs.insert(0, format!("target: {} then {}", s.target, task.name()));
+        }
+        if s.partition != train_data.fingerprint {
+            differs.insert(
+                0,
+                format!(
+                    "partition: {} then {}",
+                    ddm_core::text::short(&s.partition, 12),
+                    ddm_core::text::short(&train_data.fingerprint, 12)
+                ),
+            );
+        }
         bail!(
-            "{} holds a different run ({}, partition {}, config {:?}); use a new --out or the same flags to resume",
+            "{} holds a different run (saved, then asked for: {}); use a new --out, or the same settings to resume",
             out.display(),
-            s.target,
-            &s.partition[..12.min(s.partition.len())],
-            s.config
+            differs.join("; ")
         );
     }
     let resolved = toml::to_string_pretty(&config)?;

@@ -12,7 +12,7 @@ pub fn describe(dir: &Path, png: Option<&Path>, per_row: usize) -> Result<String
     let names = m.dataset.class_names.clone();
     let mut out = format!(
         "partition {} of {} ({} samples, shape {:?})\nK = {}, features {}, {:?}, seed {}\n\n{:>7} {:>7} {:>7}  dominant labels\n",
-        &m.fingerprint[..12],
+        ddm_core::text::short(&m.fingerprint, 12),
         m.dataset.name,
         m.dataset.len,
         m.dataset.shape,

@@ -97,12 +97,29 @@ pub fn read_manifest(dir: &Path) -> Result<PartitionManifest> {
     if m.k == 0 {
         return Err(Error::bad(&p, "K = 0: a partition has at least one cluster"));
     }
+    if m.k > ddm_core::checkpoint::MAX_CLUSTERS {
+        return Err(Error::bad(
+            &p,
+            format!(
+                "K = {}: at most {} clusters",
+                m.k,
+                ddm_core::checkpoint::MAX_CLUSTERS
+            ),
+        ));
+    }
     if m.clusters.len() != m.k {
         return Err(Error::bad(
             &p,
             format!("K = {} but {} clusters are listed", m.k, m.clusters.len()),
         ));
     }
+    if let Some((i, c)) = m.clusters.iter().enumerate().find(|(i, c)| c.id != *i) {
+        return Err(Error::bad(&p, format!("cluster {i} is listed with id {}", c.id)));
+    }
+    ddm_core::checkpoint::check_priors(&m.priors()).map_err(|e| Error::bad(&p, format!("clusters: {e}")))?;
+    m.dataset
+        .check()
+        .map_err(|e| Error::bad(&p, format!("dataset: {e}")))?;
     Ok(m)
 }
 

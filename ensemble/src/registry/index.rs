@@ -132,16 +132,21 @@ impl Index {
     /// 0..K, one prior per cluster, and every sha256 64 hex digits (a blob path built from it stays
     /// inside `blobs/`).
     pub fn check(&self) -> anyhow::Result<()> {
-        if self.k == 0 {
-            bail!("k is 0");
+        if self.k == 0 || self.k > ddm_core::checkpoint::MAX_CLUSTERS {
+            bail!(
+                "k = {}: expected 1 ..= {}",
+                self.k,
+                ddm_core::checkpoint::MAX_CLUSTERS
+            );
         }
-        if self.data.shape.is_empty() || self.data.shape.contains(&0) {
-            bail!("data shape {:?} has no values", self.data.shape);
-        }
-        if let Some(p) = &self.priors
-            && p.len() != self.k
-        {
-            bail!("{} priors for k = {}", p.len(), self.k);
+        ddm_datasets::dataset::check_sample_shape(&self.data.shape)
+            .map_err(|e| anyhow::anyhow!("data: {e}"))?;
+        ddm_core::checkpoint::check_range(self.data.range).map_err(|e| anyhow::anyhow!("data: {e}"))?;
+        if let Some(p) = &self.priors {
+            if p.len() != self.k {
+                bail!("{} priors for k = {}", p.len(), self.k);
+            }
+            ddm_core::checkpoint::check_priors(p).map_err(|e| anyhow::anyhow!("priors: {e}"))?;
         }
         if self.vae.is_some() && self.latent.is_none() {
             bail!("a VAE, but the experts are in pixel space (no latent space recorded)");

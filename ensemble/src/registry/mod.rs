@@ -56,7 +56,7 @@ impl Registry {
         let mut s = format!(
             "registry {} (partition {}, K = {}, data {:?})\n",
             self.dir.display(),
-            &i.partition[..12.min(i.partition.len())],
+            ddm_core::text::short(&i.partition, 12),
             i.k,
             i.data.shape
         );
@@ -64,10 +64,10 @@ impl Registry {
             match i.experts.get(&k) {
                 Some(e) => s.push_str(&format!(
                     "  expert {k}: {} ({} bytes) {} {}{}\n",
-                    &e.sha256[..12],
+                    ddm_core::text::short(&e.sha256, 12),
                     e.bytes,
                     if e.remote.is_some() { "served at" } else { "from" },
-                    e.source,
+                    ddm_core::text::printable(&e.source),
                     conditioning(e)
                 )),
                 None => s.push_str(&format!("  expert {k}: missing\n")),
@@ -76,9 +76,9 @@ impl Registry {
         match &i.router {
             Some(e) => s.push_str(&format!(
                 "  router:   {} ({} bytes) from {}{}\n",
-                &e.sha256[..12],
+                ddm_core::text::short(&e.sha256, 12),
                 e.bytes,
-                e.source,
+                ddm_core::text::printable(&e.source),
                 conditioning(e)
             )),
             None => s.push_str("  router:   none\n"),
@@ -98,7 +98,7 @@ impl Registry {
             match &i.vae {
                 Some(e) => s.push_str(&format!(
                     "  VAE:      {} ({} bytes) from {}\n",
-                    &e.sha256[..12],
+                    ddm_core::text::short(&e.sha256, 12),
                     e.bytes,
                     e.source
                 )),

@@ -87,14 +87,24 @@ pub struct Registered {
 impl std::fmt::Display for Registered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.cluster, self.k) {
-            _ if self.role == "vae" => write!(f, "VAE: {} ({})", self.source, &self.sha256[..12])?,
-            (Some(c), _) => write!(f, "expert {c}: {} ({})", self.source, &self.sha256[..12])?,
+            _ if self.role == "vae" => write!(
+                f,
+                "VAE: {} ({})",
+                ddm_core::text::printable(&self.source),
+                ddm_core::text::short(&self.sha256, 12)
+            )?,
+            (Some(c), _) => write!(
+                f,
+                "expert {c}: {} ({})",
+                ddm_core::text::printable(&self.source),
+                ddm_core::text::short(&self.sha256, 12)
+            )?,
             (_, k) => write!(
                 f,
                 "router (K = {}): {} ({})",
                 k.unwrap_or(0),
-                self.source,
-                &self.sha256[..12]
+                ddm_core::text::printable(&self.source),
+                ddm_core::text::short(&self.sha256, 12)
             )?,
         }
         if self.already_registered {
@@ -161,8 +171,10 @@ pub(crate) fn served_checkpoints(
         }
         if ck.meta.cluster != Some(k) {
             bail!(
-                "{url}: serves as expert {k} a checkpoint of cluster {:?}",
-                ck.meta.cluster
+                "{url}: serves as expert {k} a checkpoint of {}",
+                ck.meta
+                    .cluster
+                    .map_or("no cluster".into(), |c| format!("cluster {c}"))
             );
         }
         metas.push((
@@ -328,7 +340,7 @@ pub(crate) fn plan(
                 if !replace {
                     bail!(
                         "{name}: the registry already has a VAE ({}); pass --replace",
-                        &old.sha256[..12]
+                        ddm_core::text::short(&old.sha256, 12)
                     );
                 }
             }
@@ -360,7 +372,7 @@ pub(crate) fn plan(
         }
         if m.data != idx.data {
             bail!(
-                "{name}: data spec {:?} does not match the registry's {:?}",
+                "{name}: a model of {}, but the registry holds {}",
                 m.data,
                 idx.data
             );
@@ -397,7 +409,7 @@ pub(crate) fn plan(
                     if !replace {
                         bail!(
                             "{name}: cluster {cluster} already has an expert ({}); pass --replace to replace it",
-                            &old.sha256[..12]
+                            ddm_core::text::short(&old.sha256, 12)
                         );
                     }
                 }
@@ -444,7 +456,7 @@ pub(crate) fn plan(
                     if !replace {
                         bail!(
                             "{name}: the registry already has a router ({}); pass --replace",
-                            &old.sha256[..12]
+                            ddm_core::text::short(&old.sha256, 12)
                         );
                     }
                 }
