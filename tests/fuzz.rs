@@ -384,7 +384,7 @@ fn data_files() -> DataFiles {
     let d = dir.path();
     registry_fixture(d, 2);
     let rgb: Vec<u8> = (0..6 * 5 * 3).map(|i| (i * 7 % 256) as u8).collect();
-    ddm_datasets::grid::write_rgb_png(&d.join("a.png"), &rgb, 6, 5).unwrap();
+    ddm_core::grid::write_rgb_png(&d.join("a.png"), &rgb, 6, 5).unwrap();
     let rows: Vec<Vec<f32>> = (0..5).map(|i| vec![i as f32, -(i as f32)]).collect();
     ddm_core::stats::ClusterStats::of_rows(2, rows.iter().map(|r| r.as_slice()))
         .save(&d.join("stats.safetensors"), Some(0), "fp")

@@ -40,7 +40,7 @@ impl S3 {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
         };
-        let http = ddm_datasets::download::client().unwrap();
+        let http = ddm_net::client().unwrap();
         let start = Instant::now();
         while http.get(&s3.endpoint).send().is_err() {
             assert!(

@@ -31,7 +31,7 @@ fn metric(metrics: &str, prefix: &str) -> f64 {
 }
 
 fn client() -> reqwest::blocking::Client {
-    ddm_datasets::download::client().unwrap()
+    ddm_net::client().unwrap()
 }
 
 fn request(rows: usize, seed: u64) -> Request {
@@ -54,11 +54,13 @@ fn local_velocity(checkpoint: &Path, r: &Request) -> Vec<f32> {
     let device = ddm_core::device::cpu();
     let (_, model) = ddm_core::checkpoint::load(checkpoint, &device).unwrap();
     let n = r.rows();
-    let v = model.velocity(
-        r.x_t.to_tensor::<2>(&device),
-        HostTensor::new(vec![n], r.t.clone()).to_tensor::<1>(&device),
-        None,
-    );
+    let v = model
+        .velocity(
+            r.x_t.to_tensor::<2>(&device),
+            HostTensor::new(vec![n], r.t.clone()).to_tensor::<1>(&device),
+            &ddm_core::condition::Condition::none(),
+        )
+        .unwrap();
     HostTensor::from_tensor(v).data
 }
 

@@ -48,7 +48,7 @@ fn host_port(url: &str) -> String {
 
 /// A real request on a fresh connection: its status, the time it took, and its velocity.
 fn velocity(url: &str, token: Option<&str>) -> (u16, Duration, Option<HostTensor>) {
-    let http = ddm_datasets::download::client().unwrap();
+    let http = ddm_net::client().unwrap();
     let start = Instant::now();
     let mut r = http
         .post(format!("{url}/v1/experts/0/velocity"))
@@ -179,7 +179,7 @@ fn slow_and_half_open_clients_are_shed_while_real_requests_are_answered() {
     );
     let (status, _, _) = velocity(&server.url, Some("s3cret"));
     assert_eq!(status, 200);
-    let metrics = ddm_datasets::download::client()
+    let metrics = ddm_net::client()
         .unwrap()
         .get(format!("{}/metrics", server.url))
         .bearer_auth("s3cret")

@@ -1,8 +1,8 @@
 //! Backend selection. burn 0.22 picks the device at run time; ddm exposes `--device cpu|wgpu|cuda`.
 //!
 //! The CPU backend is burn's `flex` (pure Rust, rayon + gemm). It was chosen by measurement on the
-//! 2-core development machines (see ../shared/docs/notes/burn.md: a DiT training step was ~20%
-//! faster on flex than on ndarray, and burn 0.22 deprecates ndarray). GPU backends are cargo
+//! 2-core development machines (a DiT training step was ~20% faster on flex than on ndarray, and
+//! burn 0.22 deprecates ndarray). GPU backends are cargo
 //! features of the `ddm` package (`wgpu`, `cuda`), off by default because they are large to build.
 
 use std::str::FromStr;

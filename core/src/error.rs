@@ -66,6 +66,15 @@ pub enum Error {
     InvalidConfig(String),
     #[error("{0}")]
     Device(String),
+    /// A value a user gave (a flag, a field) that cannot be read.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("environment variable {var} = `{value}`: {reason}")]
+    Env {
+        var: String,
+        value: String,
+        reason: String,
+    },
 }
 
 impl Error {

@@ -17,9 +17,45 @@ use rand::Rng;
 use rand_distr::{Distribution as _, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+pub use crate::condition::Condition;
 use crate::host::HostTensor;
 
-/// A velocity field `v(x_t, t [, y])`: what an expert is, to a sampler.
+/// Why a velocity could not be computed: a model that could not be loaded, a server that did not
+/// answer, an answer that is not finite. Errors are values all the way through the sampler, so a
+/// failing expert is the sampling's error (or, when tolerated, left out), never a panic or a
+/// zero-filled answer.
+#[derive(Debug, thiserror::Error)]
+pub enum VelocityError {
+    #[error(transparent)]
+    Model(#[from] crate::error::Error),
+    #[error("it answered {count} NaN or infinite velocities")]
+    NonFinite { count: usize },
+    /// Another cause (a served expert's transport, a checkpoint that would not load), with its
+    /// chain.
+    #[error("{0}")]
+    Other(String),
+    /// One expert of an ensemble failed; `place` says where it lives (`served at URL`, `from
+    /// PATH`).
+    #[error("expert {expert}, {place}: {source}")]
+    Expert {
+        expert: usize,
+        place: String,
+        #[source]
+        source: Box<VelocityError>,
+    },
+    /// Every expert of an ensemble was lost.
+    #[error("every expert is lost: nothing left to sample with")]
+    NoExpertLeft,
+}
+
+impl VelocityError {
+    /// An error of any other kind, its causes on one line.
+    pub fn other(e: &(dyn std::error::Error + 'static)) -> Self {
+        VelocityError::Other(crate::error::chain(e))
+    }
+}
+
+/// A velocity field `v(x_t, t, c)`: what an expert is, to a sampler.
 ///
 /// Local models, epsilon models behind [`EpsilonToVelocity`], closed-form fields (tests) and
 /// remote experts implement it.
@@ -27,20 +63,32 @@ pub trait VelocityField<const D: usize> {
     /// # Shapes
     /// - `x_t`: `[N, ...]` (rank `D`)
     /// - `t`: `[N]`, flow time in [0, 1]
-    /// - `y`: `[N]` class ids, for class-conditional fields
+    /// - `c`: the condition of the N samples (a class-conditional field reads `c.class`)
     /// - returns `v`: the shape of `x_t`
-    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<D>;
+    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, c: &Condition) -> Result<Tensor<D>, VelocityError>;
 }
 
 impl<const D: usize, F: VelocityField<D> + ?Sized> VelocityField<D> for &F {
-    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<D> {
-        (**self).velocity(x_t, t, y)
+    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, c: &Condition) -> Result<Tensor<D>, VelocityError> {
+        (**self).velocity(x_t, t, c)
     }
 }
 
 impl<const D: usize, F: VelocityField<D> + ?Sized> VelocityField<D> for Box<F> {
-    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<D> {
-        (**self).velocity(x_t, t, y)
+    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, c: &Condition) -> Result<Tensor<D>, VelocityError> {
+        (**self).velocity(x_t, t, c)
+    }
+}
+
+/// What an integrator steps along: a velocity field, or a sampler whose state changes as it goes
+/// (a routed ensemble: its strategy's draws, a trajectory's experts, what it used).
+pub trait Drift<const D: usize> {
+    fn drift(&mut self, x_t: Tensor<D>, t: Tensor<1>, c: &Condition) -> Result<Tensor<D>, VelocityError>;
+}
+
+impl<const D: usize, F: VelocityField<D> + ?Sized> Drift<D> for &F {
+    fn drift(&mut self, x_t: Tensor<D>, t: Tensor<1>, c: &Condition) -> Result<Tensor<D>, VelocityError> {
+        self.velocity(x_t, t, c)
     }
 }
 
@@ -132,17 +180,18 @@ pub enum Solver {
     Heun,
 }
 
-/// Integrate `dx/dt = v(x, t)` over `times` (from 1 towards 0), starting from `x1` (noise).
+/// Integrate `dx/dt = v(x, t, c)` over `times` (from 1 towards 0), starting from `x1` (noise).
 ///
 /// # Shapes
-/// - `x1`: `[N, ...]`; `y`: `[N]`; returns the sample at `times.last()` (t = 0: data).
-pub fn integrate<const D: usize, F: VelocityField<D> + ?Sized>(
-    field: &F,
+/// - `x1`: `[N, ...]`; `c`: the N samples' condition; returns the sample at `times.last()` (t = 0:
+///   data).
+pub fn integrate<const D: usize>(
+    field: &mut dyn Drift<D>,
     x1: Tensor<D>,
-    y: Option<Tensor<1, Int>>,
+    c: &Condition,
     times: &[f64],
     solver: Solver,
-) -> Tensor<D> {
+) -> Result<Tensor<D>, VelocityError> {
     let n = x1.dims()[0];
     let device = x1.device();
     let at = |t: f64| Tensor::<1>::full([n], t as f32, &device);
@@ -150,17 +199,17 @@ pub fn integrate<const D: usize, F: VelocityField<D> + ?Sized>(
     for w in times.windows(2) {
         let (t, t_next) = (w[0], w[1]);
         let h = t_next - t; // negative: we move from noise towards data
-        let v = field.velocity(x.clone(), at(t), y.clone());
+        let v = field.drift(x.clone(), at(t), c)?;
         x = match solver {
             Solver::Euler => x + v * h,
             Solver::Heun => {
                 let x_pred = x.clone() + v.clone() * h;
-                let v_next = field.velocity(x_pred, at(t_next), y.clone());
+                let v_next = field.drift(x_pred, at(t_next), c)?;
                 x + (v + v_next) * (h / 2.0)
             }
         };
     }
-    x
+    Ok(x)
 }
 
 /// A standard-normal host tensor, drawn from a seeded RNG (backend-independent noise).
@@ -169,9 +218,11 @@ pub fn randn(shape: Vec<usize>, rng: &mut impl Rng) -> HostTensor {
     HostTensor::new(shape, (0..n).map(|_| StandardNormal.sample(rng)).collect())
 }
 
-/// Classifier-free guidance on a class-conditional velocity field:
-/// v = v(x, t, null) + scale (v(x, t, y) - v(x, t, null)). Scale 1 is plain conditional sampling;
-/// the conditional and unconditional halves run as one batch of 2N.
+/// Classifier-free guidance on a conditional velocity field:
+/// v = v(x, t, null) + scale (v(x, t, c) - v(x, t, null)), the null condition being the null class
+/// (and zero vectors, padding-only sequences: [`Condition::null`]). Scale 1 is plain conditional
+/// sampling; the conditional and null halves run as one batch of 2N. Without a class the samples
+/// are drawn unconditionally: the null class for every sample.
 pub struct ClassifierFreeGuidance<F> {
     pub inner: F,
     /// The null class id (DiT: `num_classes`).
@@ -180,25 +231,28 @@ pub struct ClassifierFreeGuidance<F> {
 }
 
 impl<F: VelocityField<2>> VelocityField<2> for ClassifierFreeGuidance<F> {
-    fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
-        let Some(y) = y else {
-            // No class given: unconditional, i.e. the null class for every sample.
-            let n = x_t.dims()[0];
-            let null = Tensor::<1, Int>::full([n], self.null_class as i64, &x_t.device());
-            return self.inner.velocity(x_t, t, Some(null));
-        };
-        if self.scale == 1.0 {
-            return self.inner.velocity(x_t, t, Some(y));
-        }
+    fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, c: &Condition) -> Result<Tensor<2>, VelocityError> {
         let n = x_t.dims()[0];
-        let null = Tensor::<1, Int>::full([n], self.null_class as i64, &x_t.device());
+        let device = x_t.device();
+        if c.class.is_none() {
+            let null = Tensor::<1, Int>::full([n], self.null_class as i64, &device);
+            let c = Condition {
+                class: Some(null),
+                ..c.clone()
+            };
+            return self.inner.velocity(x_t, t, &c);
+        }
+        if self.scale == 1.0 {
+            return self.inner.velocity(x_t, t, c);
+        }
+        let both = c.clone().cat(c.null(n, self.null_class, &device));
         let v = self.inner.velocity(
             Tensor::cat(vec![x_t.clone(), x_t], 0), // [2N, X]
             Tensor::cat(vec![t.clone(), t], 0),
-            Some(Tensor::cat(vec![y, null], 0)),
-        );
+            &both,
+        )?;
         let (v_cond, v_null) = (v.clone().narrow(0, 0, n), v.narrow(0, n, n));
-        v_null.clone() + (v_cond - v_null) * self.scale
+        Ok(v_null.clone() + (v_cond - v_null) * self.scale)
     }
 }
 
@@ -377,7 +431,7 @@ impl<M> EpsilonToVelocity<M> {
 }
 
 impl<const D: usize, M: VelocityField<D>> VelocityField<D> for EpsilonToVelocity<M> {
-    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<D> {
+    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, c: &Condition) -> Result<Tensor<D>, VelocityError> {
         let device = x_t.device();
         let ts = HostTensor::from_tensor(t.clone()).data;
         let (mut scale, mut u, mut inv_alpha) = (vec![], vec![], vec![]);
@@ -394,14 +448,14 @@ impl<const D: usize, M: VelocityField<D>> VelocityField<D> for EpsilonToVelocity
         let x_u = x_t.clone() * col(scale);
         let e_hat = self
             .inner
-            .velocity(x_u, Tensor::from_data(TensorData::new(u, [n]), &device), y);
+            .velocity(x_u, Tensor::from_data(TensorData::new(u, [n]), &device), c)?;
         let t_col: Tensor<D> = expand_t(t);
         let (lo, hi) = (
             (self.x0_range[0] as f64).max(-X0_CLAMP),
             (self.x0_range[1] as f64).min(X0_CLAMP),
         );
         let x0_hat = ((x_t - e_hat.clone() * t_col) * col(inv_alpha)).clamp(lo, hi);
-        e_hat - x0_hat
+        Ok(e_hat - x0_hat)
     }
 }
 
@@ -466,7 +520,14 @@ mod tests {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
             let x1 = randn(vec![n, 2], &mut rng).to_tensor::<2>(&d);
             let field = gmm.field(&d);
-            let x0 = integrate(&field, x1, None, &StepSchedule::Uniform.times(steps), solver);
+            let x0 = integrate(
+                &mut &field,
+                x1,
+                &Condition::none(),
+                &StepSchedule::Uniform.times(steps),
+                solver,
+            )
+            .unwrap();
             let x0 = HostTensor::from_tensor(x0).data;
             // Assign each sample to its most probable component (the exact posterior at t = 0).
             let mut stats = [[0.0f64; 5]; 2]; // count, sum x, sum y, sum x^2, sum y^2
@@ -500,9 +561,10 @@ mod tests {
     /// v = y for every coordinate: guidance must give null + w (y - null).
     struct ByClass;
     impl VelocityField<2> for ByClass {
-        fn velocity(&self, x_t: Tensor<2>, _t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
+        fn velocity(&self, x_t: Tensor<2>, _t: Tensor<1>, c: &Condition) -> Result<Tensor<2>, VelocityError> {
             let [n, d] = x_t.dims();
-            y.expect("labels").float().reshape([n, 1]).repeat_dim(1, d)
+            let y = c.class.clone().ok_or(VelocityError::Other("no labels".into()))?;
+            Ok(y.float().reshape([n, 1]).repeat_dim(1, d))
         }
     }
 
@@ -522,7 +584,11 @@ mod tests {
                 null_class: 10,
                 scale,
             };
-            let v = HostTensor::from_tensor(g.velocity(x.clone(), t.clone(), Some(y.clone()))).data;
+            let v = HostTensor::from_tensor(
+                g.velocity(x.clone(), t.clone(), &Condition::class(y.clone()))
+                    .unwrap(),
+            )
+            .data;
             assert_eq!(
                 v,
                 want.iter()
@@ -558,7 +624,13 @@ mod tests {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
             let ts: Vec<f32> = (0..64).map(|i| 0.05 + 0.85 * i as f32 / 63.0).collect();
             let x = randn(vec![64, 2], &mut rng);
-            let got = field.velocity(x.to_tensor::<2>(&d), Tensor::from_floats(ts.as_slice(), &d), None);
+            let got = field
+                .velocity(
+                    x.to_tensor::<2>(&d),
+                    Tensor::from_floats(ts.as_slice(), &d),
+                    &Condition::none(),
+                )
+                .unwrap();
             let got = HostTensor::from_tensor(got).data;
             for (i, &t) in ts.iter().enumerate() {
                 let want = gmm.velocity(&[x.data[2 * i] as f64, x.data[2 * i + 1] as f64], t as f64);
@@ -581,7 +653,7 @@ mod tests {
     }
 
     impl VelocityField<2> for ExactEpsilon<'_> {
-        fn velocity(&self, x_u: Tensor<2>, u: Tensor<1>, _y: Option<Tensor<1, Int>>) -> Tensor<2> {
+        fn velocity(&self, x_u: Tensor<2>, u: Tensor<1>, _c: &Condition) -> Result<Tensor<2>, VelocityError> {
             let device = x_u.device();
             let x = HostTensor::from_tensor(x_u);
             let u = HostTensor::from_tensor(u).data;
@@ -595,7 +667,7 @@ mod tests {
                     out[2 * i + j] = (s / (a * a * var[j] + s * s) * (xv - a * mu[j])) as f32;
                 }
             }
-            HostTensor::new(x.shape, out).to_tensor(&device)
+            Ok(HostTensor::new(x.shape, out).to_tensor(&device))
         }
     }
 }

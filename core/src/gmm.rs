@@ -16,7 +16,7 @@ use rand::distr::weighted::WeightedIndex;
 use rand_distr::{Distribution as _, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::flow::VelocityField;
+use crate::flow::{Condition, VelocityError, VelocityField};
 use crate::host::HostTensor;
 
 /// A mixture of axis-aligned Gaussians in `dim` dimensions.
@@ -138,7 +138,7 @@ pub struct MixtureField<'a> {
 }
 
 impl VelocityField<2> for MixtureField<'_> {
-    fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, _y: Option<Tensor<1, Int>>) -> Tensor<2> {
+    fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, _c: &Condition) -> Result<Tensor<2>, VelocityError> {
         let x = HostTensor::from_tensor(x_t);
         let t = HostTensor::from_tensor(t).data;
         let d = x.shape[1];
@@ -151,7 +151,7 @@ impl VelocityField<2> for MixtureField<'_> {
             };
             out.extend(v.into_iter().map(|v| v as f32));
         }
-        HostTensor::new(x.shape, out).to_tensor(&self.device)
+        Ok(HostTensor::new(x.shape, out).to_tensor(&self.device))
     }
 }
 

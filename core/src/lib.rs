@@ -12,30 +12,39 @@
 //!   for sha256 fingerprints, [`stats`] for the per-cluster statistics file.
 //! - [`gmm`]: Gaussian mixtures with closed-form posteriors and velocities (the test oracle).
 //! - [`progress`]: how long steps report progress (shown by the command line, not here).
-//! - [`device`]: backend selection (`cpu` = burn flex; `wgpu`, `cuda` behind features).
+//! - [`device`]: backend selection (`cpu` = burn flex; `wgpu`, `cuda` behind features); [`env`]:
+//!   every environment variable ddm reads.
+//! - [`condition`]: what a sample is conditioned on (a class, a vector), as experts and routers
+//!   take it; [`partition`]: `partition.json`'s types, the contract islands and registries read.
+//! - [`grid`]: PNG grids of samples.
 //!
-//! Depends on no other ddm crate.
+//! Depends on one other ddm crate, `ddm-kernels` (re-exported as [`fused`] and [`update`]).
 
 pub mod checkpoint;
+pub mod condition;
 pub mod device;
 pub mod diffusers;
 pub mod digest;
 pub mod dit;
+pub mod env;
 pub mod error;
 pub mod flow;
 pub mod fsio;
-pub mod fused;
 pub mod gmm;
+pub mod grid;
 pub mod host;
 pub mod json;
 pub mod mlp;
 pub mod model;
 pub mod params;
+pub mod partition;
 pub mod progress;
 pub mod stats;
 pub mod text;
-pub mod update;
 pub mod vae;
+
+/// The fused CPU kernels the DiT and the optimizer run (`ddm-kernels`).
+pub use ddm_kernels::{fused, update};
 
 pub use burn;
 pub use error::{Error, Result};

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dit::{DiT, DiTConfig};
 use crate::error::{Error, Result};
-use crate::flow::VelocityField;
+use crate::flow::{Condition, VelocityError, VelocityField};
 use crate::host::HostTensor;
 use crate::mlp::{Mlp, MlpConfig};
 use crate::params::{ParamSource, RandomInit, StateLoader};
@@ -215,8 +215,10 @@ impl Model {
 }
 
 impl<const D: usize> VelocityField<D> for Model {
-    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<D> {
-        self.predict(x_t, t, y)
+    /// The network's prediction; it reads the class of the condition (pooled vectors and token
+    /// sequences reach the networks that read them).
+    fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, c: &Condition) -> Result<Tensor<D>, VelocityError> {
+        Ok(self.predict(x_t, t, c.class.clone()))
     }
 }
 

@@ -1,4 +1,4 @@
-//! The fused DiT ops (`core/src/fused.rs`) against the same operations composed of burn ops
+//! The fused DiT ops (`kernels/src/fused.rs`) against the same operations composed of burn ops
 //! (`fused::composite`, differentiated by burn's autodiff): values and the gradients of every
 //! input, at several shapes (odd sizes, one token, one channel, the bench DiT's), and the same
 //! bits on one thread and on all.

@@ -1,4 +1,4 @@
-//! The fused parameter updates (`core/src/update.rs`) against burn's own: AdamW (with and without
+//! The fused parameter updates (`kernels/src/update.rs`) against burn's own: AdamW (with and without
 //! weight decay and per-parameter clipping) over several steps and shapes (one element, odd sizes,
 //! more than one chunk, the bench DiT's largest weight), the EMA, optimizer records that load
 //! either way, tensors shared elsewhere left untouched, and the same bits on one thread and on all.

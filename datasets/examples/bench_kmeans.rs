@@ -1,5 +1,5 @@
 //! Benchmark (not a test): k-means on the 60,000 x 784 Fashion-MNIST training pixels, with the
-//! settings of `../shared/bench/kmeans_sklearn.py` (k-means++, n_init 1, max_iter 100, tol 1e-4).
+//! settings of the scikit-learn peer (README, Benchmarks: k-means++, n_init 1, max_iter 100, tol 1e-4).
 //! Prints one JSON line like the peer. Data loading is outside the timed region, as in the peer.
 //!
 //! cargo run --release -p ddm-datasets --example bench_kmeans -- [--k 8] [--pca 0] [--two-stage FINE]

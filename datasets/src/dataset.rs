@@ -9,66 +9,17 @@ use ddm_core::digest::hex;
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
 use ddm_core::vae::LatentSpace;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::Result;
+
+pub use ddm_core::partition::{DatasetInfo, MAX_SAMPLE_VALUES, check_sample_shape};
 
 /// Sample values: images as bytes, anything else as floats.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Values {
     U8(Vec<u8>),
     F32(Vec<f32>),
-}
-
-/// What a dataset is, without its samples: travels in partition.json and shard headers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DatasetInfo {
-    /// Identity, e.g. `fashion-mnist/train`.
-    pub name: String,
-    /// sha256 over shape, values and labels: the same samples give the same fingerprint.
-    pub fingerprint: String,
-    pub len: usize,
-    /// Per-sample shape: `[C, H, W]` for images, `[X]` for vectors.
-    pub shape: Vec<usize>,
-    /// Value range the models see after scaling.
-    pub range: [f32; 2],
-    /// `u8` (images, scaled to [-1, 1]) or `f32`.
-    pub dtype: String,
-    #[serde(default)]
-    pub num_classes: Option<usize>,
-    #[serde(default)]
-    pub class_names: Option<Vec<String>>,
-    /// For Gaussian-mixture data: the mixture itself, so later stages compute exact answers.
-    #[serde(default)]
-    pub mixture: Option<GaussianMixture>,
-    /// For VAE latents (`ddm encode`): the latent space, which every model trained on them records.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latent: Option<LatentSpace>,
-}
-
-/// The most values one sample may have (a 4096 x 4096 RGB image has 50 M).
-pub const MAX_SAMPLE_VALUES: usize = 1 << 26;
-
-/// Whether a per-sample shape is one a model can hold: not empty, no zero, at most
-/// [`MAX_SAMPLE_VALUES`] values.
-pub fn check_sample_shape(shape: &[usize]) -> std::result::Result<(), String> {
-    let values = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    match values {
-        _ if shape.is_empty() || shape.contains(&0) => Err(format!("sample shape {shape:?} has no values")),
-        Some(v) if v <= MAX_SAMPLE_VALUES => Ok(()),
-        _ => Err(format!(
-            "sample shape {shape:?} has more than {MAX_SAMPLE_VALUES} values"
-        )),
-    }
-}
-
-impl DatasetInfo {
-    /// What a recorded dataset identity must hold: a usable sample shape and value range.
-    pub fn check(&self) -> std::result::Result<(), String> {
-        check_sample_shape(&self.shape)?;
-        ddm_core::checkpoint::check_range(self.range)
-    }
 }
 
 /// Samples in memory.

@@ -2,81 +2,11 @@
 //! or embeddings computed elsewhere (DINOv2, CLIP; a safetensors file aligned by index). With the
 //! cosine distance, feature rows are L2-normalised first (k-means on the unit sphere).
 
-use std::path::PathBuf;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
-
 use crate::dataset::Dataset;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::linalg::Pca;
 
-/// How samples become clustering vectors.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum FeatureMethod {
-    /// The samples themselves, flattened.
-    Raw,
-    /// The top `dims` principal components of the flattened samples.
-    Pca { dims: usize },
-    /// Rows of `embeddings` `[N, E]` in a safetensors file.
-    Embeddings { path: PathBuf },
-}
-
-impl FromStr for FeatureMethod {
-    type Err = Error;
-
-    /// `raw`, `pca:64`, `embeddings:FILE`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s.split_once(':') {
-            None if s == "raw" => Ok(FeatureMethod::Raw),
-            Some(("pca", d)) => d
-                .parse()
-                .ok()
-                .filter(|&d: &usize| d > 0)
-                .map(|dims| FeatureMethod::Pca { dims })
-                .ok_or_else(|| {
-                    Error::Invalid(format!("bad PCA size in `{s}`: expected pca:<dims>, e.g. pca:64"))
-                }),
-            Some(("embeddings", p)) if !p.is_empty() => Ok(FeatureMethod::Embeddings { path: p.into() }),
-            _ => Err(Error::Invalid(format!(
-                "unknown features `{s}`: expected raw, pca:<dims> or embeddings:<file>"
-            ))),
-        }
-    }
-}
-
-impl std::fmt::Display for FeatureMethod {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FeatureMethod::Raw => write!(f, "raw"),
-            FeatureMethod::Pca { dims } => write!(f, "pca:{dims}"),
-            FeatureMethod::Embeddings { path } => write!(f, "embeddings:{}", path.display()),
-        }
-    }
-}
-
-/// The distance k-means uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Distance {
-    L2,
-    /// 1 - cosine similarity (rows L2-normalised, then L2 k-means).
-    Cosine,
-}
-
-impl FromStr for Distance {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "l2" => Ok(Distance::L2),
-            "cosine" => Ok(Distance::Cosine),
-            _ => Err(Error::Invalid(format!(
-                "unknown distance `{s}`: expected l2 or cosine"
-            ))),
-        }
-    }
-}
+pub use ddm_core::partition::{Distance, FeatureMethod};
 
 /// Clustering features `[n, dim]` and the fitted PCA, if any.
 pub struct Features {

@@ -257,11 +257,6 @@ impl Source for IdxDir {
     }
 }
 
-/// ddm's cache directory: `$DDM_CACHE`, else `$XDG_CACHE_HOME/ddm`, else `~/.cache/ddm`.
-pub fn cache_dir() -> PathBuf {
-    crate::env::cache_dir()
-}
-
 /// Fashion-MNIST from a named directory, the Debian package, the cache, or (last) the mirror.
 pub struct FashionMnist {
     pub dir: Option<PathBuf>,
@@ -281,7 +276,7 @@ impl FashionMnist {
         if has_all(&debian) {
             return Ok(debian);
         }
-        let cache = cache_dir().join("fashion-mnist");
+        let cache = ddm_core::env::cache_dir().join("fashion-mnist");
         if has_all(&cache) {
             return Ok(cache);
         }
@@ -327,7 +322,7 @@ impl Source for FashionMnist {
 /// Each download's bytes are reported to `progress`.
 pub fn download_fashion_mnist(base_url: &str, dir: &Path, progress: &dyn Progress) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let client = crate::download::client()?;
+    let client = ddm_net::client()?;
     for (file, want) in FASHION_MNIST_FILES {
         let dest = dir.join(file);
         if dest.exists()

@@ -4,8 +4,8 @@
 //!
 //! Distances are matrix products: |x - c|^2 = |x|^2 - 2 x·c + |c|^2, with x·c from `gemm`
 //! (see `linalg`). Written here rather than taken from linfa because linfa's k-means took 99 s for
-//! K = 8 on the 60,000 x 784 Fashion-MNIST pixels on this machine (shared/docs/notes/infra.md),
-//! far slower than scikit-learn; the target is to be no slower than scikit-learn.
+//! K = 8 on the 60,000 x 784 Fashion-MNIST pixels on a 2-core development machine, far slower than
+//! scikit-learn (`examples/bench_kmeans.rs` measures ours); the target is to be no slower than scikit-learn.
 //!
 //! Convergence follows scikit-learn: stop when the squared centroid shift summed over clusters is
 //! at most `tol` times the mean per-feature variance of the data, or when no label changes.

@@ -9,13 +9,10 @@
 
 pub mod cifar;
 pub mod dataset;
-pub mod download;
 pub mod embedded;
-pub mod env;
 pub mod error;
 pub mod features;
 pub mod folder;
-pub mod grid;
 pub mod idx;
 pub mod kmeans;
 pub mod linalg;

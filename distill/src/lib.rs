@@ -21,7 +21,8 @@ use std::rc::Rc;
 use anyhow::{Context, bail};
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Objective, TrainingSummary};
-use ddm_core::flow::VelocityField;
+use ddm_core::condition::Condition;
+use ddm_core::flow::Drift;
 use ddm_core::host::HostTensor;
 use ddm_core::model::{Model, ModelConfig};
 use ddm_core::params::ParamSource;
@@ -70,13 +71,7 @@ impl Posterior for Shared {
     fn classes(&self) -> usize {
         0
     }
-    fn probs(
-        &self,
-        x_t: &Tensor<2>,
-        _t: &Tensor<1>,
-        _y: Option<&Tensor<1, Int>>,
-        _c: Option<&Tensor<2>>,
-    ) -> Vec<Vec<f64>> {
+    fn probs(&self, x_t: &Tensor<2>, _t: &Tensor<1>, _c: &Condition) -> Vec<Vec<f64>> {
         let rows = self.0.rows.borrow();
         assert_eq!(rows.len(), x_t.dims()[0], "one cluster per row");
         rows.iter()
@@ -85,9 +80,10 @@ impl Posterior for Shared {
     }
 }
 
-/// The teacher: the ensemble, how to ask it, and what it costs.
+/// The teacher: the ensemble, how to ask it, and what it costs. (The ensemble is behind a
+/// `RefCell`: a task's loss takes `&self`, and the ensemble's draws and usage change as it runs.)
 pub struct Teacher<'a> {
-    ensemble: Ensemble<'a>,
+    ensemble: RefCell<Ensemble<'a>>,
     own: Option<Rc<OwnClusters>>,
     /// Where the experts run.
     device: Device,
@@ -126,9 +122,10 @@ impl<'a> Teacher<'a> {
             Target::Routed(strategy) => (Ensemble::new(experts, posterior, strategy, 0)?, None),
         };
         // Every expert in memory before training: a bad checkpoint fails here, not mid-run.
+        let mut ensemble = ensemble;
         ensemble.load_all()?;
         Ok(Self {
-            ensemble,
+            ensemble: RefCell::new(ensemble),
             own,
             device: device.clone(),
             expert_flops,
@@ -143,12 +140,15 @@ impl<'a> Teacher<'a> {
     }
 
     /// The route the router is told the class by (a class-conditioned router).
-    pub fn route_without_class(mut self) -> Self {
-        self.ensemble = self.ensemble.route_without_class();
-        self
+    pub fn route_without_class(self) -> Self {
+        Self {
+            ensemble: RefCell::new(self.ensemble.into_inner().route_without_class()),
+            ..self
+        }
     }
 
-    /// The teacher's velocity at `x_t` (rows of `clusters`), as a constant on `x_t`'s device.
+    /// The teacher's velocity at `x_t` (rows of `clusters`), as a constant on `x_t`'s device; an
+    /// expert that fails (a server that stopped answering) is the error.
     ///
     /// # Shapes
     /// - `x_t`: `[B, X]`, `t`: `[B]`, `y`: `[B]`, `clusters`: B ids -> `[B, X]`
@@ -158,10 +158,10 @@ impl<'a> Teacher<'a> {
         t: &Tensor<1>,
         y: Option<&Tensor<1, Int>>,
         clusters: Option<&[u32]>,
-    ) -> Tensor<2> {
+    ) -> anyhow::Result<Tensor<2>> {
         let out_device = x_t.device();
         if let Some(own) = &self.own {
-            let rows = clusters.expect("own-cluster distillation needs each sample's cluster");
+            let rows = clusters.context("own-cluster distillation needs each sample's cluster")?;
             *own.rows.borrow_mut() = rows.iter().map(|&c| c as usize).collect();
         }
         // Through the host: the teacher's tensors carry no autodiff graph.
@@ -172,12 +172,12 @@ impl<'a> Teacher<'a> {
             let n = ids.len();
             Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &self.device)
         });
-        let v = self.ensemble.velocity(x, tt, yy);
-        if let Some(e) = self.ensemble.take_error() {
-            panic!("the teacher failed: {e:#}");
-        }
+        let mut ensemble = self.ensemble.borrow_mut();
+        let v = ensemble
+            .drift(x, tt, &Condition::maybe_class(yy))
+            .context("the teacher failed")?;
         let (mut flops, mut rows) = self.spent.get();
-        for u in self.ensemble.usage.borrow_mut().drain(..) {
+        for u in ensemble.usage.drain(..) {
             flops += u
                 .rows_per_expert
                 .iter()
@@ -188,7 +188,7 @@ impl<'a> Teacher<'a> {
         }
         rows += x_t.dims()[0] as u64;
         self.spent.set((flops, rows));
-        HostTensor::from_tensor(v).to_tensor::<2>(&out_device)
+        Ok(HostTensor::from_tensor(v).to_tensor::<2>(&out_device))
     }
 
     /// Teacher forward FLOPs per distilled sample, measured so far.
@@ -318,14 +318,14 @@ impl Task for DistillTask<'_> {
         config: &TrainConfig,
         net_config: &ModelConfig,
         rng: &mut ChaCha8Rng,
-    ) -> Tensor<1> {
+    ) -> anyhow::Result<Tensor<1>> {
         let (_, t, x_t) = ddm_trainer::task::noise(&batch.x0, config, rng);
         let y =
             ddm_trainer::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
-        let target = self.teacher.velocity(&x_t, &t, y.as_ref(), batch.targets);
+        let target = self.teacher.velocity(&x_t, &t, y.as_ref(), batch.targets)?;
         let v = net.predict(x_t, t, y);
         let diff = v - target;
-        (diff.clone() * diff).mean()
+        Ok((diff.clone() * diff).mean())
     }
 
     fn finish(

@@ -4,6 +4,7 @@
 
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::Checkpoint;
+use ddm_core::condition::Condition;
 use ddm_core::flow::VelocityField;
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
@@ -34,13 +35,7 @@ impl Posterior for ExactRouter<'_> {
     fn classes(&self) -> usize {
         0
     }
-    fn probs(
-        &self,
-        x_t: &Tensor<2>,
-        t: &Tensor<1>,
-        _: Option<&Tensor<1, Int>>,
-        _: Option<&Tensor<2>>,
-    ) -> Vec<Vec<f64>> {
+    fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, _: &Condition) -> Vec<Vec<f64>> {
         let x = HostTensor::from_tensor(x_t.clone());
         let t = HostTensor::from_tensor(t.clone()).data;
         x.data
@@ -145,11 +140,13 @@ fn distill(target: Target, steps: u64) -> (f64, f64, u64) {
         }
         ts.push(t as f32);
     }
-    let v = student.velocity(
-        HostTensor::new(vec![n, 2], xt.clone()).to_tensor::<2>(&device),
-        HostTensor::new(vec![n], ts.clone()).to_tensor::<1>(&device),
-        None,
-    );
+    let v = student
+        .velocity(
+            HostTensor::new(vec![n, 2], xt.clone()).to_tensor::<2>(&device),
+            HostTensor::new(vec![n], ts.clone()).to_tensor::<1>(&device),
+            &ddm_core::condition::Condition::none(),
+        )
+        .unwrap();
     let v = HostTensor::from_tensor(v).data;
     let (mut err, mut norm) = (0.0, 0.0);
     for i in 0..n {

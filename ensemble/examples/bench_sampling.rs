@@ -6,7 +6,8 @@
 use std::time::Instant;
 
 use ddm_core::burn::prelude::*;
-use ddm_core::flow::{self, VelocityField};
+use ddm_core::condition::Condition;
+use ddm_core::flow::{self, Drift};
 use ddm_core::host::HostTensor;
 use ddm_ensemble::registry::Registry;
 use ddm_ensemble::sampler::{Ensemble, ExpertSlot, LearnedRouter};
@@ -33,13 +34,16 @@ fn main() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let x = flow::randn(vec![batch, per], &mut rng);
     let t: Vec<f32> = (0..batch).map(|i| 0.2 + 0.6 * i as f32 / batch as f32).collect();
-    let run = |f: &dyn VelocityField<2>| -> f64 {
-        let go = || {
-            HostTensor::from_tensor(f.velocity(
-                x.to_tensor::<2>(&device),
-                Tensor::from_floats(t.as_slice(), &device),
-                None,
-            ))
+    let run = |f: &mut dyn Drift<2>| -> f64 {
+        let mut go = || {
+            HostTensor::from_tensor(
+                f.drift(
+                    x.to_tensor::<2>(&device),
+                    Tensor::from_floats(t.as_slice(), &device),
+                    &Condition::none(),
+                )
+                .unwrap(),
+            )
         };
         go(); // warm-up (and lazy loading)
         let mut times: Vec<f64> = (0..reps)
@@ -53,7 +57,7 @@ fn main() {
         times[times.len() / 2] // median
     };
     let experts: Vec<_> = (0..k).map(|c| reg.expert(c, &device).unwrap()).collect();
-    let single: Vec<f64> = experts.iter().map(|e| run(e.as_ref())).collect();
+    let single: Vec<f64> = experts.iter().map(|e| run(&mut e.as_ref())).collect();
     let one = single.iter().sum::<f64>() / k as f64;
     let router = || {
         Box::new(LearnedRouter {
@@ -67,9 +71,9 @@ fn main() {
             .collect();
         Ensemble::new(slots, Some(router()), s, 0).unwrap()
     };
-    let top1 = run(&mk(Strategy::TopK { k: 1 }));
-    let full = run(&mk(Strategy::Full));
-    let top2 = run(&mk(Strategy::TopK { k: 2 }));
+    let top1 = run(&mut mk(Strategy::TopK { k: 1 }));
+    let full = run(&mut mk(Strategy::Full));
+    let top2 = run(&mut mk(Strategy::TopK { k: 2 }));
     println!(
         "{{\"batch\": {batch}, \"k\": {k}, \"threads\": \"{}\", \"single_expert_ms\": {:.1}, \"top1_ms\": {:.1}, \"top2_ms\": {:.1}, \"full_ms\": {:.1}, \"top1_over_single\": {:.3}, \"full_over_k_single\": {:.3}}}",
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),

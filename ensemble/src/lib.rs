@@ -4,8 +4,10 @@
 //! wire format of experts served over HTTP (`ddm serve`) and the sampler's client of them.
 
 pub mod experts;
+pub mod posterior;
 pub mod registry;
 pub mod remote;
 pub mod sample;
 pub mod sampler;
+pub mod slots;
 pub mod strategy;

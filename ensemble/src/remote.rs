@@ -26,7 +26,7 @@ use ddm_core::host::{HostIntTensor, HostTensor, TensorFile, to_safetensors_bytes
 use serde::{Deserialize, Serialize};
 
 /// The environment variable holding the bearer token (server and clients).
-pub const TOKEN_ENV: &str = "DDM_SERVE_TOKEN";
+pub use ddm_core::env::SERVE_TOKEN as TOKEN_ENV;
 
 /// One checkpoint a server holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,10 +168,7 @@ pub fn response_bytes(name: &str, t: &HostTensor) -> anyhow::Result<Vec<u8>> {
 
 /// The bearer token clients send: `DDM_SERVE_TOKEN`, if set and not empty.
 pub fn token_from_env() -> Option<String> {
-    std::env::var(TOKEN_ENV)
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
+    ddm_core::env::serve_token()
 }
 
 /// An HTTP error from a server, with its status (4xx are not retried).
@@ -229,7 +226,7 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("{base}: a served expert's URL starts with http:// or https://");
         }
-        let http = ddm_datasets::download::client_builder()?
+        let http = ddm_net::client_builder()?
             .timeout(Duration::from_secs(600))
             .build()
             .context("building the HTTP client")?;

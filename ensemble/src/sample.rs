@@ -3,13 +3,14 @@
 //! time per step, peak memory).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::Checkpoint;
-use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
+use ddm_core::condition::Condition;
+use ddm_core::flow::{self, Drift, Solver, StepSchedule, VelocityError};
 use ddm_core::host::{HostTensor, write_tensors};
 use ddm_core::progress::Progress;
 use ddm_core::vae::{AutoencoderKL, LatentSpace};
@@ -351,17 +352,17 @@ pub fn output_paths(out: &std::path::Path) -> anyhow::Result<(PathBuf, PathBuf)>
     Ok((out.with_extension("safetensors"), out.with_extension("json")))
 }
 
-/// A velocity field that reports each evaluation to a [`Progress`].
-struct Counted<'a> {
-    inner: &'a dyn VelocityField<2>,
-    progress: &'a dyn Progress,
+/// A drift that reports each evaluation to a [`Progress`].
+struct Counted<'e, 'a> {
+    inner: &'e mut Ensemble<'a>,
+    progress: &'e dyn Progress,
 }
 
-impl VelocityField<2> for Counted<'_> {
-    fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
-        let v = self.inner.velocity(x_t, t, y);
+impl Drift<2> for Counted<'_, '_> {
+    fn drift(&mut self, x_t: Tensor<2>, t: Tensor<1>, c: &Condition) -> Result<Tensor<2>, VelocityError> {
+        let v = self.inner.drift(x_t, t, c)?;
         self.progress.advance(1);
-        v
+        Ok(v)
     }
 }
 
@@ -403,22 +404,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     let experts: Vec<ExpertSlot> = (0..k)
         .map(|c| reg.expert_slot(c, &device, guidance))
         .collect::<anyhow::Result<_>>()?;
-    let router: Option<Box<dyn Posterior>> = if !o.strategy.is_none_or(|s| s.uses_router()) {
-        None
-    } else {
-        Some(match o.router {
-            RouterChoice::Learned => {
-                let net = reg.router(&device)?;
-                if o.class.is_none() && !net.routes_without_class() {
-                    bail!(
-                        "the router is conditioned on the class and was trained without condition dropout (no null class): sample with --class"
-                    );
-                }
-                Box::new(LearnedRouter { net, k })
-            }
-            RouterChoice::Analytic => Box::new(reg.analytic_router()?),
-        })
-    };
+    let router = router(o, &reg, &device)?;
     // A learned router's classes are the experts' (registration checks it; an index written by
     // hand may not). The analytic router knows the classes its statistics counted: it is told the
     // class only when those are the experts'.
@@ -436,24 +422,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     }
     let condition = match &o.condition {
         None => None,
-        Some(path) => {
-            let want = router.as_ref().and_then(|r| r.condition_dim());
-            let c = ddm_core::host::TensorFile::read(path)?.f32("c")?;
-            match want {
-                None => bail!(
-                    "{}: conditioning vectors given, but the router reads none (train it with --condition-vectors)",
-                    path.display()
-                ),
-                Some(d) if c.shape != [o.n, d] => bail!(
-                    "{}: `c` has shape {:?}; the router reads [{}, {d}] (one vector per sample, --n {})",
-                    path.display(),
-                    c.shape,
-                    o.n,
-                    o.n
-                ),
-                Some(_) => Some(c),
-            }
-        }
+        Some(path) => Some(condition_vectors(path, o.n, router.as_deref())?),
     };
     let router_sees_vectors = condition.is_some();
     let strategy = o
@@ -487,6 +456,43 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         },
         progress,
     )
+}
+
+/// The router the strategy needs (none for one that routes without it), learned or analytic.
+fn router(o: &SampleOptions, reg: &Registry, device: &Device) -> anyhow::Result<Option<Box<dyn Posterior>>> {
+    if !o.strategy.is_none_or(|s| s.uses_router()) {
+        return Ok(None);
+    }
+    Ok(Some(match o.router {
+        RouterChoice::Learned => {
+            let net = reg.router(device)?;
+            if o.class.is_none() && !net.routes_without_class() {
+                bail!(
+                    "the router is conditioned on the class and was trained without condition dropout (no null class): sample with --class"
+                );
+            }
+            Box::new(LearnedRouter { net, k: reg.index.k })
+        }
+        RouterChoice::Analytic => Box::new(reg.analytic_router()?),
+    }))
+}
+
+/// The conditioning vectors `c` `[n, Dc]` of `--condition FILE`, checked against what the router
+/// reads.
+fn condition_vectors(path: &Path, n: usize, router: Option<&dyn Posterior>) -> anyhow::Result<HostTensor> {
+    let c = ddm_core::host::TensorFile::read(path)?.f32("c")?;
+    match router.and_then(|r| r.condition_dim()) {
+        None => bail!(
+            "{}: conditioning vectors given, but the router reads none (train it with --condition-vectors)",
+            path.display()
+        ),
+        Some(d) if c.shape != [n, d] => bail!(
+            "{}: `c` has shape {:?}; the router reads [{n}, {d}] (one vector per sample, --n {n})",
+            path.display(),
+            c.shape
+        ),
+        Some(_) => Ok(c),
+    }
 }
 
 /// `--class` as guidance for experts conditioned on `classes` classes: (the largest class id
@@ -563,44 +569,57 @@ struct Sampled<'a> {
 }
 
 /// Integrate from noise, write the samples, the grid and the report.
-fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Result<Report> {
-    let Sampled {
-        ensemble,
-        strategy,
-        k,
-        missing,
-        classes,
-        shape,
-        router_sees_class,
-        router_sees_vectors,
-        condition,
-        decoder,
-    } = s;
-    let device = o.device.clone();
-    let per: usize = shape.iter().product();
-    let out_per = decoder
+fn run(o: &SampleOptions, mut s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Result<Report> {
+    let per: usize = s.shape.iter().product();
+    let out_per = s
+        .decoder
         .as_ref()
         .map_or(0, |d| d.space.image_shape.iter().product());
     check_output_memory(o.n, per + out_per)?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
-    let times = StepSchedule::Uniform.times(o.steps);
     let t0 = Instant::now();
-    let ids = o.class.map(|(which, _)| which.ids(o.n, classes));
-    let evaluations = match o.solver {
+    let x0 = integrate_batches(o, &mut s, per, progress)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let bad = x0.data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        bail!(
+            "the samples hold {bad} NaN or infinite values (the router's weights or an expert's velocities were not finite); nothing written"
+        );
+    }
+    let tensors = write_outputs(o, &s, x0, progress)?;
+    let report = report(o, &s, seconds, tensors);
+    let (_, report_path) = output_paths(&o.out)?;
+    ddm_core::fsio::write_bytes_atomic(
+        &report_path,
+        &ddm_core::json::to_vec_pretty("the sampling report", &report)?,
+    )?;
+    Ok(report)
+}
+
+/// Evaluations of the ensemble per integration.
+fn evaluations(o: &SampleOptions) -> usize {
+    match o.solver {
         Solver::Euler => o.steps,
         Solver::Heun => 2 * o.steps,
-    };
+    }
+}
+
+/// The N samples `[N, X]`, integrated batch by batch. The noise is drawn in order from one seeded
+/// stream, so batch b holds the rows b * batch.. of the noise one batch of all N would have.
+fn integrate_batches(
+    o: &SampleOptions,
+    s: &mut Sampled<'_>,
+    per: usize,
+    progress: &dyn Progress,
+) -> anyhow::Result<HostTensor> {
+    let device = o.device.clone();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
+    let times = StepSchedule::Uniform.times(o.steps);
+    let ids = o.class.map(|(which, _)| which.ids(o.n, s.classes));
     let batches = o.n.div_ceil(o.batch);
     progress.begin(
-        &format!("sample {} ({strategy})", o.n),
-        (evaluations * batches) as u64,
+        &format!("sample {} ({})", o.n, s.strategy),
+        (evaluations(o) * batches) as u64,
     );
-    let counted = Counted {
-        inner: &ensemble,
-        progress,
-    };
-    // Batch by batch: the noise is drawn in order from one seeded stream, so batch b holds the
-    // rows b * batch.. of the noise one batch of all N would have.
     let mut samples = Vec::new();
     samples
         .try_reserve_exact(o.n * per)
@@ -609,74 +628,70 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
         let rows = start..(start + o.batch).min(o.n);
         let b = rows.len();
         let x1 = flow::randn(vec![b, per], &mut rng).to_tensor::<2>(&device);
-        let y = ids.as_ref().map(|ids| {
-            Tensor::<1, Int>::from_data(TensorData::new(ids[rows.clone()].to_vec(), [b]), &device)
-        });
-        ensemble.restart(); // new trajectories
-        ensemble.set_condition_vectors(condition.as_ref().map(|c| {
-            let dc = c.shape[1];
-            HostTensor::new(vec![b, dc], c.data[rows.start * dc..rows.end * dc].to_vec())
-                .to_tensor::<2>(&device)
-        }));
-        let x0 = flow::integrate(&counted as &dyn VelocityField<2>, x1, y, &times, o.solver);
+        let c = Condition {
+            class: ids.as_ref().map(|ids| {
+                Tensor::<1, Int>::from_data(TensorData::new(ids[rows.clone()].to_vec(), [b]), &device)
+            }),
+            vector: s.condition.as_ref().map(|c| {
+                let dc = c.shape[1];
+                HostTensor::new(vec![b, dc], c.data[rows.start * dc..rows.end * dc].to_vec())
+                    .to_tensor::<2>(&device)
+            }),
+            tokens: None,
+        };
+        s.ensemble.restart(); // new trajectories
+        let mut counted = Counted {
+            inner: &mut s.ensemble,
+            progress,
+        };
+        let x0 = flow::integrate(&mut counted, x1, &c, &times, o.solver)?;
         samples.extend(HostTensor::from_tensor(x0).data); // device sync: the timing includes all the work
-        if let Some(e) = ensemble.take_error() {
-            return Err(e);
-        }
     }
     progress.finish();
-    let seconds = t0.elapsed().as_secs_f64();
-    let x0 = HostTensor::new(vec![o.n, per], samples);
-    let bad = x0.data.iter().filter(|v| !v.is_finite()).count();
-    if bad > 0 {
-        bail!(
-            "the samples hold {bad} NaN or infinite values (the router's weights or an expert's velocities were not finite); nothing written"
-        );
-    }
+    Ok(HostTensor::new(vec![o.n, per], samples))
+}
 
-    // Latent samples decoded into images: `x0` holds the images, `latents` the samples.
+/// Write the samples (decoded into images when asked: `x0` the images, `latents` the samples) and
+/// the PNG grid; returns the tensors' path.
+fn write_outputs(
+    o: &SampleOptions,
+    s: &Sampled<'_>,
+    x0: HostTensor,
+    progress: &dyn Progress,
+) -> anyhow::Result<PathBuf> {
     let mut outputs = BTreeMap::new();
-    let (x0, shape, per) = match &decoder {
-        None => (x0, shape, per),
+    let (x0, shape) = match &s.decoder {
+        None => (x0, s.shape.clone()),
         Some(d) => {
             let mut latent_shape = vec![o.n];
-            latent_shape.extend(&shape);
+            latent_shape.extend(&s.shape);
             outputs.insert(
                 "latents".to_string(),
                 HostTensor::new(latent_shape, x0.data.clone()),
             );
-            let images = d.decode(&x0, &device, progress);
-            let image_shape = d.space.image_shape.clone();
-            let per = image_shape.iter().product();
-            (images, image_shape, per)
+            (d.decode(&x0, &o.device, progress), d.space.image_shape.clone())
         }
     };
-    // Outputs: tensors, PNG grid (images), report.
-    let (tensors_path, report_path) = output_paths(&o.out)?;
+    let per: usize = shape.iter().product();
+    let (tensors_path, _) = output_paths(&o.out)?;
     let mut full_shape = vec![o.n];
     full_shape.extend(&shape);
-    outputs.insert("x0".to_string(), HostTensor::new(full_shape, x0.data.clone()));
-    write_tensors(&tensors_path, &outputs, &BTreeMap::new())?;
     if shape.len() == 3 && (shape[0] == 1 || shape[0] == 3) {
-        let px = ddm_datasets::grid::to_u8(&x0.data);
+        let px = ddm_core::grid::to_u8(&x0.data);
         let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
         let cols = (o.n as f64).sqrt().ceil() as usize;
-        ddm_datasets::grid::write_grid_png(&o.out, &cells, [shape[0], shape[1], shape[2]], cols, 2, 40)?;
+        ddm_core::grid::write_grid_png(&o.out, &cells, [shape[0], shape[1], shape[2]], cols, 2, 40)?;
     }
-    let expert_evaluations: usize = ensemble
-        .usage
-        .borrow()
-        .iter()
-        .map(|u| u.rows_per_expert.iter().filter(|&&r| r > 0).count())
-        .sum();
-    // Evaluation i of every batch, summed over the batches.
-    let usage = per_evaluation(&ensemble.usage.borrow(), evaluations, k);
-    // Evaluation i belongs to step i / (evaluations per step), which starts at times[step].
-    let evals_per_step = if o.solver == Solver::Heun { 2 } else { 1 };
-    let t_of = |i: usize| times[(i / evals_per_step).min(o.steps.saturating_sub(1))];
+    outputs.insert("x0".to_string(), HostTensor::new(full_shape, x0.data));
+    write_tensors(&tensors_path, &outputs, &BTreeMap::new())?;
+    Ok(tensors_path)
+}
+
+/// Expert usage per step range: the evaluations of every batch summed, in at most 5 ranges of t.
+fn usage_ranges(usage: &[crate::sampler::Usage], k: usize, t_of: &dyn Fn(usize) -> f64) -> Vec<StepRange> {
     let ranges = 5.min(usage.len()).max(1);
     let per_range = usage.len().div_ceil(ranges).max(1);
-    let usage_ranges: Vec<StepRange> = usage
+    usage
         .chunks(per_range)
         .enumerate()
         .map(|(r, c)| StepRange {
@@ -686,16 +701,31 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
                 .map(|e| c.iter().map(|u| u.rows_per_expert[e]).sum())
                 .collect(),
         })
-        .collect();
+        .collect()
+}
+
+/// What the sampling did.
+fn report(o: &SampleOptions, s: &Sampled<'_>, seconds: f64, tensors: PathBuf) -> Report {
+    let (ensemble, k, evaluations) = (&s.ensemble, s.k, evaluations(o));
+    let expert_evaluations: usize = ensemble
+        .usage
+        .iter()
+        .map(|u| u.rows_per_expert.iter().filter(|&&r| r > 0).count())
+        .sum();
+    let usage = per_evaluation(&ensemble.usage, evaluations, k);
+    // Evaluation i belongs to step i / (evaluations per step), which starts at times[step].
+    let times = StepSchedule::Uniform.times(o.steps);
+    let evals_per_step = evaluations / o.steps;
+    let t_of = |i: usize| times[(i / evals_per_step).min(o.steps.saturating_sub(1))];
     let router_rows: usize = usage.iter().map(|u| u.router_rows).sum();
-    let report = Report {
+    Report {
         class: o.class.map(|(c, _)| c.to_string()),
         guidance: o.class.map(|(_, g)| g),
-        router_sees_class,
-        router_sees_vectors,
+        router_sees_class: s.router_sees_class,
+        router_sees_vectors: s.router_sees_vectors,
         router_calls_per_sample: router_rows as f64 / o.n.max(1) as f64,
-        strategy: strategy.to_string(),
-        router: match (strategy.uses_router(), o.router) {
+        strategy: s.strategy.to_string(),
+        router: match (s.strategy.uses_router(), o.router) {
             (false, _) => "none".into(),
             (true, RouterChoice::Learned) => "learned".into(),
             (true, RouterChoice::Analytic) => "analytic".into(),
@@ -703,20 +733,20 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
         n: o.n,
         steps: o.steps,
         solver: format!("{:?}", o.solver).to_lowercase(),
-        experts_present: (0..k).filter(|c| !missing.contains(c)).collect(),
-        experts_missing: missing,
+        experts_present: (0..k).filter(|c| !s.missing.contains(c)).collect(),
+        experts_missing: s.missing.clone(),
         experts_loaded: (0..k).filter(|&c| ensemble.experts[c].is_loaded()).collect(),
         experts_remote: (0..k).filter(|&c| ensemble.experts[c].is_remote()).collect(),
         experts_lost: ensemble
             .lost_experts()
-            .into_iter()
+            .iter()
             .map(|l| LostReport {
                 expert: l.expert,
-                location: l.location,
+                location: l.location.clone(),
                 batch: l.evaluation / evaluations,
                 from_step: (l.evaluation % evaluations) / evals_per_step,
                 t: t_of(l.evaluation % evaluations),
-                error: l.error,
+                error: l.error.clone(),
             })
             .collect(),
         expert_loads: ensemble.experts.iter().map(|e| e.loads()).collect(),
@@ -727,15 +757,10 @@ fn run(o: &SampleOptions, s: Sampled<'_>, progress: &dyn Progress) -> anyhow::Re
         seconds,
         seconds_per_step: seconds / o.steps as f64,
         expert_evaluations,
-        usage: usage_ranges,
+        usage: usage_ranges(&usage, k, &t_of),
         peak_rss_mib: peak_rss_mib(),
         png: o.out.display().to_string(),
-        tensors: tensors_path.display().to_string(),
-        decoded_with: decoder.as_ref().map(|d| d.source.clone()),
-    };
-    ddm_core::fsio::write_bytes_atomic(
-        &report_path,
-        &ddm_core::json::to_vec_pretty("the sampling report", &report)?,
-    )?;
-    Ok(report)
+        tensors: tensors.display().to_string(),
+        decoded_with: s.decoder.as_ref().map(|d| d.source.clone()),
+    }
 }

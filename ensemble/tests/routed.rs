@@ -2,7 +2,8 @@
 //! velocities) and the analytic router (exact posterior) on a Gaussian mixture.
 
 use ddm_core::burn::prelude::*;
-use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
+use ddm_core::condition::Condition;
+use ddm_core::flow::{self, Drift, Solver, StepSchedule};
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
 use ddm_core::stats::ClusterStats;
@@ -59,8 +60,14 @@ fn points(n: usize, seed: u64) -> (HostTensor, Vec<f32>) {
     )
 }
 
-fn velocity(e: &Ensemble, x: &HostTensor, t: &[f32], device: &Device) -> Vec<f32> {
-    let v = e.velocity(x.to_tensor::<2>(device), Tensor::from_floats(t, device), None);
+fn velocity(e: &mut Ensemble, x: &HostTensor, t: &[f32], device: &Device) -> Vec<f32> {
+    let v = e
+        .drift(
+            x.to_tensor::<2>(device),
+            Tensor::from_floats(t, device),
+            &Condition::none(),
+        )
+        .unwrap();
     HostTensor::from_tensor(v).data
 }
 
@@ -69,7 +76,7 @@ fn velocity(e: &Ensemble, x: &HostTensor, t: &[f32], device: &Device) -> Vec<f32
 fn full_ensemble_is_the_global_velocity() {
     let (g, device) = (mixture(), ddm_core::device::cpu());
     let (x, t) = points(500, 1);
-    let v = velocity(&ensemble(&g, &device, Strategy::Full, None), &x, &t, &device);
+    let v = velocity(&mut ensemble(&g, &device, Strategy::Full, None), &x, &t, &device);
     let mut worst = 0f64;
     for i in 0..500 {
         let want = g.velocity(&[x.data[2 * i] as f64, x.data[2 * i + 1] as f64], t[i] as f64);
@@ -91,13 +98,13 @@ fn grouped_dispatch_equals_per_sample_evaluation() {
         Strategy::TopK { k: 2 },
         Strategy::Threshold { tau: 0.2 },
     ] {
-        let e = ensemble(&g, &device, strategy, None);
-        let batch = velocity(&e, &x, &t, &device);
-        let u = e.usage.borrow()[0].rows_per_expert.clone();
+        let mut e = ensemble(&g, &device, strategy, None);
+        let batch = velocity(&mut e, &x, &t, &device);
+        let u = e.usage[0].rows_per_expert.clone();
         assert!(u.iter().sum::<usize>() >= 64, "{strategy}: every sample routed");
         for i in 0..64 {
             let one = HostTensor::new(vec![1, 2], x.data[2 * i..2 * i + 2].to_vec());
-            let alone = velocity(&e, &one, &t[i..i + 1], &device);
+            let alone = velocity(&mut e, &one, &t[i..i + 1], &device);
             for j in 0..2 {
                 assert!(
                     (batch[2 * i + j] - alone[j]).abs() < 1e-5,
@@ -115,8 +122,8 @@ fn top1_is_the_argmax_and_missing_experts_renormalise() {
     let (g, device) = (mixture(), ddm_core::device::cpu());
     let (x, t) = points(200, 3);
     let r = analytic(&g);
-    let e = ensemble(&g, &device, Strategy::TopK { k: 1 }, None);
-    let v = velocity(&e, &x, &t, &device);
+    let mut e = ensemble(&g, &device, Strategy::TopK { k: 1 }, None);
+    let v = velocity(&mut e, &x, &t, &device);
     for i in 0..200 {
         let xi = [x.data[2 * i] as f64, x.data[2 * i + 1] as f64];
         let p = r.posterior(&xi, t[i] as f64);
@@ -128,8 +135,8 @@ fn top1_is_the_argmax_and_missing_experts_renormalise() {
         );
     }
     let missing = 2;
-    let e = ensemble(&g, &device, Strategy::Full, Some(missing));
-    let v = velocity(&e, &x, &t, &device);
+    let mut e = ensemble(&g, &device, Strategy::Full, Some(missing));
+    let v = velocity(&mut e, &x, &t, &device);
     for i in 0..200 {
         let xi = [x.data[2 * i] as f64, x.data[2 * i + 1] as f64];
         let p = r.posterior(&xi, t[i] as f64);
@@ -151,13 +158,13 @@ fn top1_is_the_argmax_and_missing_experts_renormalise() {
 #[test]
 fn sample_strategy_follows_the_router() {
     let (g, device) = (mixture(), ddm_core::device::cpu());
-    let e = ensemble(&g, &device, Strategy::Sample { temperature: 1.0 }, None);
+    let mut e = ensemble(&g, &device, Strategy::Sample { temperature: 1.0 }, None);
     let n = 20_000;
     let x = HostTensor::new(vec![n, 2], [0.3f32, 0.4].repeat(n));
     let t = vec![0.7f32; n];
-    velocity(&e, &x, &t, &device);
+    velocity(&mut e, &x, &t, &device);
     let p = analytic(&g).posterior(&[0.3, 0.4], 0.7);
-    let rows = e.usage.borrow()[0].rows_per_expert.clone();
+    let rows = e.usage[0].rows_per_expert.clone();
     for k in 0..4 {
         let f = rows[k] as f64 / n as f64;
         let sd = (p[k] * (1.0 - p[k]) / n as f64).sqrt();
@@ -167,17 +174,20 @@ fn sample_strategy_follows_the_router() {
 
 fn mode_weights_and_means(g: &GaussianMixture, strategy: Strategy) -> ([f64; 4], [[f64; 2]; 4]) {
     let device = ddm_core::device::cpu();
-    let e = ensemble(g, &device, strategy, None);
+    let mut e = ensemble(g, &device, strategy, None);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
     let n = 3000;
     let x1 = flow::randn(vec![n, 2], &mut rng).to_tensor::<2>(&device);
-    let x0 = HostTensor::from_tensor(flow::integrate(
-        &e,
-        x1,
-        None,
-        &StepSchedule::Uniform.times(40),
-        Solver::Heun,
-    ));
+    let x0 = HostTensor::from_tensor(
+        flow::integrate(
+            &mut e,
+            x1,
+            &Condition::none(),
+            &StepSchedule::Uniform.times(40),
+            Solver::Heun,
+        )
+        .unwrap(),
+    );
     let mut count = [0usize; 4];
     let mut sum = [[0f64; 2]; 4];
     for p in x0.data.chunks(2) {
@@ -242,7 +252,7 @@ fn a_strategy_that_needs_a_router_without_one_is_refused() {
 /// Integrate `n` samples of class `class` (if any) with `e`, Euler, `steps` steps, one
 /// evaluation at a time; returns the final samples and the trajectory draw after each evaluation.
 fn integrate_watching(
-    e: &Ensemble,
+    e: &mut Ensemble,
     n: usize,
     class: Option<i64>,
     steps: usize,
@@ -251,12 +261,12 @@ fn integrate_watching(
     let device = ddm_core::device::cpu();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut x = flow::randn(vec![n, 2], &mut rng).to_tensor::<2>(&device);
-    let y = class.map(|c| Tensor::<1, Int>::full([n], c, &device));
+    let c = Condition::maybe_class(class.map(|c| Tensor::<1, Int>::full([n], c, &device)));
     let times = StepSchedule::Uniform.times(steps);
     let mut draws = vec![];
     for w in times.windows(2) {
         let t = Tensor::<1>::full([n], w[0] as f32, &device);
-        let v = e.velocity(x.clone(), t, y.clone());
+        let v = e.drift(x.clone(), t, &c).unwrap();
         x = x + v * ((w[1] - w[0]) as f32);
         draws.push(e.assigned_experts());
     }
@@ -293,9 +303,9 @@ fn assert_frequencies(found: &[usize], want: &[f64], what: &str) {
 #[test]
 fn trajectory_strategy_reproduces_the_mode_weights_and_never_switches() {
     let (g, device) = (mixture(), ddm_core::device::cpu());
-    let e = ensemble(&g, &device, Strategy::Trajectory, None);
+    let mut e = ensemble(&g, &device, Strategy::Trajectory, None);
     let n = 4000;
-    let (x0, draws) = integrate_watching(&e, n, None, 40, 5);
+    let (x0, draws) = integrate_watching(&mut e, n, None, 40, 5);
     let first = draws[0].clone().expect("drawn at the first evaluation");
     assert!(
         draws.iter().all(|d| d.as_ref() == Some(&first)),
@@ -305,7 +315,7 @@ fn trajectory_strategy_reproduces_the_mode_weights_and_never_switches() {
     let home = landed.iter().zip(&first).filter(|(a, b)| a == b).count() as f64 / n as f64;
     assert!(home > 0.99, "samples end in the mode of their expert: {home}");
     assert_frequencies(&landed, &g.weights, "trajectory");
-    let usage = e.usage.borrow().clone();
+    let usage = e.usage.clone();
     assert_eq!(usage[0].router_rows, n);
     assert!(
         usage[1..].iter().all(|u| u.router_rows == 0),
@@ -314,9 +324,8 @@ fn trajectory_strategy_reproduces_the_mode_weights_and_never_switches() {
     assert!(usage.iter().all(
         |u| u.rows_per_expert == usage[0].rows_per_expert && u.rows_per_expert.iter().sum::<usize>() == n
     ));
-    drop(usage);
     // A new integration (t back at 1) draws again.
-    let (_, again) = integrate_watching(&e, n, None, 40, 6);
+    let (_, again) = integrate_watching(&mut e, n, None, 40, 6);
     assert_ne!(again[0].as_ref(), Some(&first));
     // ... and so does an explicit restart at any t.
     e.restart();
@@ -348,10 +357,10 @@ fn trajectory_with_a_conditioned_router_follows_p_k_given_c() {
     let experts = (0..4)
         .map(|k| ExpertSlot::ready(Box::new(g.component_field(k, &device))))
         .collect();
-    let e = Ensemble::new(experts, Some(Box::new(router.clone())), Strategy::Trajectory, 1).unwrap();
+    let mut e = Ensemble::new(experts, Some(Box::new(router.clone())), Strategy::Trajectory, 1).unwrap();
     for class in 0..3 {
         let want = router.class_priors.as_ref().unwrap()[class].clone();
-        let (x0, _) = integrate_watching(&e, 3000, Some(class as i64), 30, 10 + class as u64);
+        let (x0, _) = integrate_watching(&mut e, 3000, Some(class as i64), 30, 10 + class as u64);
         assert_frequencies(&modes(&g, &x0), &want, &format!("class {class}"));
     }
 }

@@ -156,9 +156,9 @@ impl Task for ClassifierTask {
         _: &TrainConfig,
         _: &ModelConfig,
         _: &mut ChaCha8Rng,
-    ) -> Tensor<1> {
-        let labels = batch.targets.expect("classifier batches carry labels");
-        cross_entropy(net.logits(batch.x0), labels)
+    ) -> anyhow::Result<Tensor<1>> {
+        let labels = batch.targets.context("classifier batches carry labels")?;
+        Ok(cross_entropy(net.logits(batch.x0), labels))
     }
 
     fn finish(

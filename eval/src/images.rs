@@ -44,7 +44,7 @@ fn histogram(pred: &[u32], classes: usize) -> Vec<f64> {
 }
 
 fn cache_path(net: &FeatureNet, data: &Dataset) -> PathBuf {
-    ddm_datasets::env::cache_dir().join("eval").join(format!(
+    ddm_core::env::cache_dir().join("eval").join(format!(
         "reference-{}-{}.safetensors",
         &net.sha256[..16],
         &data.fingerprint()[..16]

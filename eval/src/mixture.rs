@@ -6,7 +6,8 @@
 //! - the mode weights the samples recover (each sample goes to its most probable component).
 
 use ddm_core::burn::prelude::*;
-use ddm_core::flow::{self, VelocityField};
+use ddm_core::condition::Condition;
+use ddm_core::flow::{self, Drift, VelocityError};
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
 use rand::{Rng, SeedableRng};
@@ -17,13 +18,13 @@ use crate::knn::sq_distances;
 /// Mean over points and dimensions of |v_field - v_exact|^2, for `bins` equal t bins of
 /// `per_bin` points each (t spread evenly inside the bin).
 pub fn velocity_mse_by_bin(
-    field: &dyn VelocityField<2>,
+    field: &mut dyn Drift<2>,
     g: &GaussianMixture,
     bins: usize,
     per_bin: usize,
     seed: u64,
     device: &Device,
-) -> Vec<f64> {
+) -> Result<Vec<f64>, VelocityError> {
     let d = g.dim();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     (0..bins)
@@ -39,7 +40,7 @@ pub fn velocity_mse_by_bin(
             );
             let x_t = flow::interpolate(x0.to_tensor::<2>(device), e.to_tensor::<2>(device), t.clone());
             let xt = HostTensor::from_tensor(x_t.clone()).data; // [per_bin * d]
-            let v = HostTensor::from_tensor(field.velocity(x_t, t, None));
+            let v = HostTensor::from_tensor(field.drift(x_t, t, &Condition::none())?);
             let mut total = 0.0;
             for (i, &t) in ts.iter().enumerate() {
                 let x: Vec<f64> = xt[i * d..(i + 1) * d].iter().map(|&v| v as f64).collect();
@@ -49,7 +50,7 @@ pub fn velocity_mse_by_bin(
                     total += diff * diff;
                 }
             }
-            total / (per_bin * d) as f64
+            Ok(total / (per_bin * d) as f64)
         })
         .collect()
 }
@@ -105,19 +106,19 @@ pub struct MixtureReport {
 
 /// Evaluate `field` (and `samples` it produced, `[N, dim]`) on the mixture `g`.
 pub fn evaluate(
-    field: &dyn VelocityField<2>,
+    field: &mut dyn Drift<2>,
     samples: &[f32],
     g: &GaussianMixture,
     seed: u64,
     device: &Device,
-) -> MixtureReport {
+) -> Result<MixtureReport, VelocityError> {
     let d = g.dim();
     let n = samples.len() / d;
-    let by_bin = velocity_mse_by_bin(field, g, 10, 500, seed, device);
+    let by_bin = velocity_mse_by_bin(field, g, 10, 500, seed, device)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xd4a3);
     let (fresh, _) = g.sample(n, &mut rng);
     let weights = mode_weights(samples, g);
-    MixtureReport {
+    Ok(MixtureReport {
         n,
         velocity_mse: by_bin.iter().sum::<f64>() / by_bin.len() as f64,
         velocity_mse_by_bin: by_bin,
@@ -129,5 +130,5 @@ pub fn evaluate(
                 .map(|(a, b)| (a - b).abs())
                 .sum::<f64>(),
         mode_weights: weights,
-    }
+    })
 }

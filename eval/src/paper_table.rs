@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use ddm_core::burn::prelude::Device;
 use ddm_core::flow::{self, Solver, StepSchedule};
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
@@ -96,15 +97,8 @@ fn machine() -> String {
                 .map(|v| v.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let threads = rayon_threads();
+    let threads = ddm_core::env::threads();
     format!("{cpu}, {threads} threads")
-}
-
-fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 /// Run (or resume) the experiment; returns the markdown table and where it was written.
@@ -124,195 +118,211 @@ pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
         a.device
     );
     if !a.gmm_only {
-        let data = crate::load_data(&a.data, false)?;
-        let net = FeatureNet::open(a.classifier.as_deref(), &device)?;
-        let sha = net.sha256.clone();
-        let eval = ImageEval::new(net, crate::load_data(&a.reference, false)?, data.clone())?;
-        let expert = TrainConfig {
-            model: a.model.clone(),
-            steps: a.steps,
-            batch_size: a.batch_size,
-            lr: a.lr,
-            checkpoint_every: 200,
-            class_conditional: a.conditional,
-            ..TrainConfig::default()
-        };
-        let router = TrainConfig {
-            model: a.router_model.clone(),
-            steps: a.router_steps.unwrap_or(a.steps),
-            batch_size: a.router_batch_size.unwrap_or(a.batch_size),
-            lr: 1e-3,
-            checkpoint_every: 200,
-            class_conditional: a.conditional,
-            ..TrainConfig::default()
-        };
-        let conditional = match a.conditional {
-            true => Some(experiment::Conditional {
-                classes: data
-                    .num_classes
-                    .context("the class-conditional setting needs labelled data")?,
-                guidance: a.guidance,
-            }),
-            false => None,
-        };
-        let name = match a.conditional {
-            true => "fashion-mnist-conditional",
-            false => "fashion-mnist",
-        };
-        let setting = Setting {
-            conditional,
-            name: name.into(),
-            k: a.k,
-            clustering: experiment::default_clustering(a.k, &data, a.seed),
-            expert: expert.clone(),
-            router: router.clone(),
-            stages: a.checkpoints,
-            n: a.n,
-            sample_steps: a.sample_steps,
-            threshold: a.threshold,
-            device: a.device,
-            seed: a.seed,
-            progress: !a.quiet,
-        };
-        let dir = a.out.join(name);
-        let reference_len = eval.reference_data.len();
-        let judge = Judge::Images(Box::new(eval));
-        let rows = experiment::run(&setting, &dir, &data, &judge)?;
-        let Judge::Images(eval) = &judge else {
-            unreachable!("built above")
-        };
-        let floor = eval.floor(a.n, a.seed)?;
-        let header = format!(
-            "{} ({} training images), K = {}. Experts and monolith {} ({:.3} GFLOPs/forward), lr {}, {} steps; \
-             monolith batch {}, experts batch {}. Router {} ({} steps, batch {}). Samples: N = {} per system \
-             from the same noise, {} Euler steps. Scores in the features of the committed classifier \
-             (sha256 {}…) against the {} test images. Wall time of this setting, all invocations: {:.1} min.",
-            data.name,
-            data.len(),
-            a.k,
-            a.model,
-            experiment::expert_flops(&expert, &data)? / 1e9,
-            a.lr,
-            a.steps,
-            a.batch_size,
-            (a.batch_size / a.k).max(1),
-            a.router_model,
-            router.steps,
-            router.batch_size,
-            a.n,
-            a.sample_steps,
-            &sha[..16],
-            reference_len,
-            experiment::wall_seconds(&dir) / 60.0
-        );
-        let (title, header) = match conditional {
-            Some(c) => (
-                "Fashion-MNIST, class-conditional",
-                format!(
-                    "{header} Class-conditional: experts, monolith and router see the class (label dropout 0.1; \
-                     the `router without c` rows use an unconditioned router beside the same experts); samples are \
-                     class-balanced (N / {} per class); guided rows use classifier-free guidance {} (2 model rows \
-                     per sample per step).",
-                    c.classes, c.guidance
-                ),
-            ),
-            None => ("Fashion-MNIST", header),
-        };
-        doc.push_str(&report::markdown(title, &rows, Some(&floor), &header));
-        doc.push_str(&diagnostics(&dir, a.k, &setting)?);
-        report::plot(
-            &dir.join("fd.png"),
-            &format!("{title}: FD vs training FLOPs"),
-            &rows,
-            Some(floor.fd),
-        )?;
-        doc.push_str(&format!("\n![FD vs training FLOPs]({name}/fd.png)\n\n"));
+        doc.push_str(&images_section(a, &device)?);
     }
     if !a.skip_gmm {
-        let g = ring_mixture();
-        let dir = a.out.join("gmm");
-        std::fs::create_dir_all(&dir)?;
-        let spec = MixtureSpec {
-            mixture: g.clone(),
-            n: 20_000,
-            seed: a.seed,
-        };
-        let data = spec.dataset("gmm:ring-8".into());
-        let expert = TrainConfig {
-            model: "mlp".into(),
-            steps: a.gmm_steps,
-            batch_size: 256,
-            lr: 1e-3,
-            checkpoint_every: 1000,
-            ..TrainConfig::default()
-        };
-        // The router is a smaller MLP (about 6% of an expert's FLOPs, like DiT-XS/4 next to DiT-T/4
-        // experts), at the monolith's batch.
-        let router = TrainConfig {
-            mlp_hidden: 64,
-            mlp_depth: 2,
-            ..expert.clone()
-        };
-        let setting = Setting {
-            name: "gmm".into(),
-            k: a.k,
-            clustering: experiment::default_clustering(a.k, &data, a.seed),
-            expert: expert.clone(),
-            router,
-            stages: a.checkpoints,
-            n: 2000,
-            sample_steps: 50,
-            threshold: a.threshold,
-            device: a.device,
-            seed: a.seed,
-            progress: !a.quiet,
-            conditional: None,
-        };
-        let mut rows = experiment::run(&setting, &dir, &data, &Judge::Mixture(g.clone()))?;
-        // The closed-form field as the floor row: what a perfect model scores with these samplers.
-        let exact = g.field(&device);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
-        let x1 = flow::randn(vec![setting.n, 2], &mut rng).to_tensor::<2>(&device);
-        let x = HostTensor::from_tensor(flow::integrate(
-            &exact,
-            x1,
-            None,
-            &StepSchedule::Uniform.times(setting.sample_steps),
-            Solver::Euler,
-        ));
-        let last = rows.iter().map(|r| r.stage_pct).max().unwrap_or(100);
-        rows.push(Row {
-            setting: "gmm".into(),
-            stage_pct: last,
-            system: "exact velocity (floor)".into(),
-            train_flops: 0.0,
-            sample_gflops: 0.0,
-            sample_seconds: 0.0,
-            images: None,
-            mixture: Some(mixture::evaluate(&exact, &x.data, &g, a.seed, &device)),
-        });
-        let header = format!(
-            "8 Gaussians on a ring (weights 1..8 / 36, variance 0.15), 20,000 training points, K = {}. \
-             MLP 256 x 3 experts and monolith, {} steps, monolith batch 256, experts batch {}; MLP 64 x 2 \
-             router (batch 256, same steps). N = 2000 samples, 50 Euler steps. Wall time, all invocations: {:.1} min.",
-            a.k,
-            a.gmm_steps,
-            256 / a.k,
-            experiment::wall_seconds(&dir) / 60.0
-        );
-        doc.push_str(&report::markdown("Gaussian mixture", &rows, None, &header));
-        let plot_rows: Vec<Row> = rows.iter().filter(|r| r.train_flops > 0.0).cloned().collect();
-        report::plot(
-            &dir.join("mixture.png"),
-            "Gaussian mixture: energy distance vs training FLOPs",
-            &plot_rows,
-            None,
-        )?;
-        doc.push_str("\n![energy distance vs training FLOPs](gmm/mixture.png)\n");
+        doc.push_str(&mixture_section(a, &device)?);
     }
     let path = a.out.join("table.md");
     ddm_core::fsio::write_bytes_atomic(&path, doc.as_bytes())?;
     Ok((doc, path))
+}
+
+/// The Fashion-MNIST setting: experts, monolith and router trained at each stage, scored in the
+/// committed classifier's features; its table, diagnostics and plot as markdown.
+fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<String> {
+    let mut doc = String::new();
+    let data = crate::load_data(&a.data, false)?;
+    let net = FeatureNet::open(a.classifier.as_deref(), device)?;
+    let sha = net.sha256.clone();
+    let eval = ImageEval::new(net, crate::load_data(&a.reference, false)?, data.clone())?;
+    let expert = TrainConfig {
+        model: a.model.clone(),
+        steps: a.steps,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        checkpoint_every: 200,
+        class_conditional: a.conditional,
+        ..TrainConfig::default()
+    };
+    let router = TrainConfig {
+        model: a.router_model.clone(),
+        steps: a.router_steps.unwrap_or(a.steps),
+        batch_size: a.router_batch_size.unwrap_or(a.batch_size),
+        lr: 1e-3,
+        checkpoint_every: 200,
+        class_conditional: a.conditional,
+        ..TrainConfig::default()
+    };
+    let conditional = match a.conditional {
+        true => Some(experiment::Conditional {
+            classes: data
+                .num_classes
+                .context("the class-conditional setting needs labelled data")?,
+            guidance: a.guidance,
+        }),
+        false => None,
+    };
+    let name = match a.conditional {
+        true => "fashion-mnist-conditional",
+        false => "fashion-mnist",
+    };
+    let setting = Setting {
+        conditional,
+        name: name.into(),
+        k: a.k,
+        clustering: experiment::default_clustering(a.k, &data, a.seed),
+        expert: expert.clone(),
+        router: router.clone(),
+        stages: a.checkpoints,
+        n: a.n,
+        sample_steps: a.sample_steps,
+        threshold: a.threshold,
+        device: a.device,
+        seed: a.seed,
+        progress: !a.quiet,
+    };
+    let dir = a.out.join(name);
+    let reference_len = eval.reference_data.len();
+    let judge = Judge::Images(Box::new(eval));
+    let rows = experiment::run(&setting, &dir, &data, &judge)?;
+    let Judge::Images(eval) = &judge else {
+        unreachable!("built above")
+    };
+    let floor = eval.floor(a.n, a.seed)?;
+    let header = format!(
+        "{} ({} training images), K = {}. Experts and monolith {} ({:.3} GFLOPs/forward), lr {}, {} steps; \
+         monolith batch {}, experts batch {}. Router {} ({} steps, batch {}). Samples: N = {} per system \
+         from the same noise, {} Euler steps. Scores in the features of the committed classifier \
+         (sha256 {}…) against the {} test images. Wall time of this setting, all invocations: {:.1} min.",
+        data.name,
+        data.len(),
+        a.k,
+        a.model,
+        experiment::expert_flops(&expert, &data)? / 1e9,
+        a.lr,
+        a.steps,
+        a.batch_size,
+        (a.batch_size / a.k).max(1),
+        a.router_model,
+        router.steps,
+        router.batch_size,
+        a.n,
+        a.sample_steps,
+        &sha[..16],
+        reference_len,
+        experiment::wall_seconds(&dir) / 60.0
+    );
+    let (title, header) = match conditional {
+        Some(c) => (
+            "Fashion-MNIST, class-conditional",
+            format!(
+                "{header} Class-conditional: experts, monolith and router see the class (label dropout 0.1; \
+                 the `router without c` rows use an unconditioned router beside the same experts); samples are \
+                 class-balanced (N / {} per class); guided rows use classifier-free guidance {} (2 model rows \
+                 per sample per step).",
+                c.classes, c.guidance
+            ),
+        ),
+        None => ("Fashion-MNIST", header),
+    };
+    doc.push_str(&report::markdown(title, &rows, Some(&floor), &header));
+    doc.push_str(&diagnostics(&dir, a.k, &setting)?);
+    report::plot(
+        &dir.join("fd.png"),
+        &format!("{title}: FD vs training FLOPs"),
+        &rows,
+        Some(floor.fd),
+    )?;
+    doc.push_str(&format!("\n![FD vs training FLOPs]({name}/fd.png)\n\n"));
+    Ok(doc)
+}
+
+/// The Gaussian-mixture setting, scored against the closed form, with the exact field as the
+/// floor row; its table and plot as markdown.
+fn mixture_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<String> {
+    let mut doc = String::new();
+    let g = ring_mixture();
+    let dir = a.out.join("gmm");
+    std::fs::create_dir_all(&dir)?;
+    let spec = MixtureSpec {
+        mixture: g.clone(),
+        n: 20_000,
+        seed: a.seed,
+    };
+    let data = spec.dataset("gmm:ring-8".into());
+    let expert = TrainConfig {
+        model: "mlp".into(),
+        steps: a.gmm_steps,
+        batch_size: 256,
+        lr: 1e-3,
+        checkpoint_every: 1000,
+        ..TrainConfig::default()
+    };
+    // The router is a smaller MLP (about 6% of an expert's FLOPs, like DiT-XS/4 next to DiT-T/4
+    // experts), at the monolith's batch.
+    let router = TrainConfig {
+        mlp_hidden: 64,
+        mlp_depth: 2,
+        ..expert.clone()
+    };
+    let setting = Setting {
+        name: "gmm".into(),
+        k: a.k,
+        clustering: experiment::default_clustering(a.k, &data, a.seed),
+        expert: expert.clone(),
+        router,
+        stages: a.checkpoints,
+        n: 2000,
+        sample_steps: 50,
+        threshold: a.threshold,
+        device: a.device,
+        seed: a.seed,
+        progress: !a.quiet,
+        conditional: None,
+    };
+    let mut rows = experiment::run(&setting, &dir, &data, &Judge::Mixture(g.clone()))?;
+    // The closed-form field as the floor row: what a perfect model scores with these samplers.
+    let exact = g.field(device);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
+    let x1 = flow::randn(vec![setting.n, 2], &mut rng).to_tensor::<2>(device);
+    let x = HostTensor::from_tensor(flow::integrate(
+        &mut &exact,
+        x1,
+        &ddm_core::condition::Condition::none(),
+        &StepSchedule::Uniform.times(setting.sample_steps),
+        Solver::Euler,
+    )?);
+    let last = rows.iter().map(|r| r.stage_pct).max().unwrap_or(100);
+    rows.push(Row {
+        setting: "gmm".into(),
+        stage_pct: last,
+        system: "exact velocity (floor)".into(),
+        train_flops: 0.0,
+        sample_gflops: 0.0,
+        sample_seconds: 0.0,
+        images: None,
+        mixture: Some(mixture::evaluate(&mut &exact, &x.data, &g, a.seed, device)?),
+    });
+    let header = format!(
+        "8 Gaussians on a ring (weights 1..8 / 36, variance 0.15), 20,000 training points, K = {}. \
+         MLP 256 x 3 experts and monolith, {} steps, monolith batch 256, experts batch {}; MLP 64 x 2 \
+         router (batch 256, same steps). N = 2000 samples, 50 Euler steps. Wall time, all invocations: {:.1} min.",
+        a.k,
+        a.gmm_steps,
+        256 / a.k,
+        experiment::wall_seconds(&dir) / 60.0
+    );
+    doc.push_str(&report::markdown("Gaussian mixture", &rows, None, &header));
+    let plot_rows: Vec<Row> = rows.iter().filter(|r| r.train_flops > 0.0).cloned().collect();
+    report::plot(
+        &dir.join("mixture.png"),
+        "Gaussian mixture: energy distance vs training FLOPs",
+        &plot_rows,
+        None,
+    )?;
+    doc.push_str("\n![energy distance vs training FLOPs](gmm/mixture.png)\n");
+    Ok(doc)
 }
 
 /// What explains the result: cluster balance, each expert's final loss, the router's accuracy by
@@ -347,7 +357,7 @@ fn diagnostics(dir: &Path, k: usize, setting: &Setting) -> anyhow::Result<String
         for name in setting.registries().iter().filter(|r| r.starts_with(which)) {
             let eval = dir.join(format!("train/{name}-router/{}", ddm_trainer::router::EVAL_FILE));
             if let Ok(text) = std::fs::read_to_string(&eval)
-                && let Ok(e) = ddm_router::eval::RouterEval::parse(&text)
+                && let Ok(e) = ddm_trainer::router_eval::RouterEval::parse(&text)
             {
                 s.push_str(&format!("; {name} router accuracy by t bin"));
                 for b in &e.without_class {

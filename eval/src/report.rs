@@ -161,7 +161,7 @@ pub fn plot(path: &Path, title: &str, rows: &[Row], floor: Option<f64>) -> anyho
         (x_max, y_min, y_max),
     )
     .map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
-    ddm_datasets::grid::write_rgb_png(path, &buf, w, h)?;
+    ddm_core::grid::write_rgb_png(path, &buf, w, h)?;
     Ok(())
 }
 

@@ -94,7 +94,7 @@ fn gaussian_mixture_metrics_are_zero_for_the_exact_field() {
     let g = ring();
     let device = ddm_core::device::cpu();
     let exact = g.field(&device);
-    let mse = mixture::velocity_mse_by_bin(&exact, &g, 10, 200, 0, &device);
+    let mse = mixture::velocity_mse_by_bin(&mut &exact, &g, 10, 200, 0, &device).unwrap();
     assert!(mse.iter().all(|&m| m < 1e-9), "{mse:?}");
 
     // Samples of the exact field (Heun, fine steps) vs fresh draws: energy distance ~0, the mode
@@ -102,14 +102,17 @@ fn gaussian_mixture_metrics_are_zero_for_the_exact_field() {
     let n = 3000;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let x1 = flow::randn(vec![n, 2], &mut rng).to_tensor::<2>(&device);
-    let x = ddm_core::host::HostTensor::from_tensor(flow::integrate(
-        &exact,
-        x1,
-        None,
-        &StepSchedule::Uniform.times(100),
-        Solver::Heun,
-    ));
-    let r = mixture::evaluate(&exact, &x.data, &g, 1, &device);
+    let x = ddm_core::host::HostTensor::from_tensor(
+        flow::integrate(
+            &mut &exact,
+            x1,
+            &ddm_core::condition::Condition::none(),
+            &StepSchedule::Uniform.times(100),
+            Solver::Heun,
+        )
+        .unwrap(),
+    );
+    let r = mixture::evaluate(&mut &exact, &x.data, &g, 1, &device).unwrap();
     assert!(r.velocity_mse < 1e-9, "{r:?}");
     assert!(r.energy_distance < 0.01, "{r:?}");
     assert!(r.mode_weight_tv < 0.03, "{r:?}");
@@ -119,7 +122,7 @@ fn gaussian_mixture_metrics_are_zero_for_the_exact_field() {
     shifted.means.iter_mut().for_each(|m| m[0] += 1.0);
     let wrong = shifted.field(&device);
     let (w, _) = shifted.sample(n, &mut rng);
-    let bad = mixture::evaluate(&wrong, &w.data, &g, 1, &device);
+    let bad = mixture::evaluate(&mut &wrong, &w.data, &g, 1, &device).unwrap();
     assert!(bad.velocity_mse > 0.1, "{bad:?}");
     assert!(
         bad.energy_distance > 10.0 * r.energy_distance.max(0.01),

@@ -1,17 +1,17 @@
 //! ddm-router: the router predicts the cluster posterior p(k | x_t, t), which is exactly how the
 //! ensemble weights its experts (docs/ARCHITECTURE.md). Learned ([`net`]: the DiT trunk or an MLP
 //! with a K-way head; trained by `ddm_trainer::router`) or analytic ([`analytic`]: from
-//! per-cluster statistics, no training). [`eval`] measures it per noise level. Inference only:
-//! this crate is what the sampler needs, and it does not depend on the trainer.
+//! per-cluster statistics, no training). Inference only: this crate is what the sampler needs; it
+//! depends on neither the trainer nor the data stack (`ddm_trainer::router_eval` measures a router
+//! on data).
 
 pub mod analytic;
-pub mod eval;
 pub mod net;
 
 /// The router checkpoint at `path`, checked against a partition: same fingerprint, same K.
 pub fn load_checked(
     path: &std::path::Path,
-    manifest: &ddm_datasets::partition::PartitionManifest,
+    manifest: &ddm_core::partition::PartitionManifest,
     device: &ddm_core::burn::prelude::Device,
 ) -> anyhow::Result<(ddm_core::checkpoint::CheckpointMeta, net::RouterNet)> {
     use anyhow::bail;

@@ -80,7 +80,7 @@ fn load(url: &str, clients: usize, batch: usize, per: usize, seconds: f64) -> (f
             .map(|_| {
                 let (body, endpoint) = (body.clone(), endpoint.clone());
                 s.spawn(move || {
-                    let http = ddm_datasets::download::client().unwrap();
+                    let http = ddm_net::client().unwrap();
                     let mut lat = vec![];
                     while Instant::now() < deadline {
                         let t0 = Instant::now();

@@ -17,16 +17,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
+use ddm_core::flow::VelocityError;
 use ddm_core::host::HostTensor;
 use ddm_ensemble::remote::Request;
 use tokio::sync::oneshot;
+
+use crate::error::ServeError;
 
 use crate::metrics::Metrics;
 
 /// A model as a worker runs it: a batch of request rows in, one output row per input row out.
 pub trait Forward {
     /// `request.x_t` `[N, ...]` -> `[N, ...]` (an expert's velocity) or `[N, K]` (router logits).
-    fn forward(&self, request: &Request) -> HostTensor;
+    fn forward(&self, request: &Request) -> Result<HostTensor, VelocityError>;
 }
 
 /// How requests are coalesced.
@@ -117,7 +120,7 @@ const IDLE_CHECK: Duration = Duration::from_millis(50);
 
 struct Job {
     request: Request,
-    reply: oneshot::Sender<anyhow::Result<HostTensor>>,
+    reply: oneshot::Sender<Result<HostTensor, ServeError>>,
 }
 
 /// A handle to one model's worker.
@@ -185,7 +188,7 @@ impl Batcher {
     pub fn submit(
         &self,
         request: Request,
-    ) -> Result<oneshot::Receiver<anyhow::Result<HostTensor>>, QueueFull> {
+    ) -> Result<oneshot::Receiver<Result<HostTensor, ServeError>>, QueueFull> {
         let (reply, answer) = oneshot::channel();
         let tx = self.tx.as_ref().expect("open until dropped");
         match tx.try_send(Job { request, reply }) {
@@ -279,9 +282,10 @@ impl<F: Forward> Worker<F> {
             };
             if let Err(e) = self.ensure_loaded() {
                 tracing::error!("{}: cannot load the model again: {e:#}", self.name);
-                let _ = first
-                    .reply
-                    .send(Err(e.context(format!("{}: loading the model", self.name))));
+                let _ = first.reply.send(Err(ServeError::Model(format!(
+                    "{}: loading the model: {e:#}",
+                    self.name
+                ))));
                 continue;
             }
             let mut rows = first.request.rows();
@@ -308,6 +312,18 @@ impl<F: Forward> Worker<F> {
             let merged = merge(batch.iter().map(|j| &j.request));
             let out = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&merged)));
             metrics.batch(name, rows);
+            let out = match out {
+                Ok(Ok(out)) => Ok(out),
+                Ok(Err(e)) => Err(format!("{name}: {}", ddm_core::error::chain(&e))),
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "a panic".into());
+                    Err(format!("{name}: the forward failed: {what}"))
+                }
+            };
             match out {
                 Ok(out) => {
                     let per_row = out.data.len() / rows.max(1);
@@ -321,15 +337,10 @@ impl<F: Forward> Worker<F> {
                         let _ = job.reply.send(Ok(HostTensor::new(shape, data)));
                     }
                 }
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "a panic".into());
-                    tracing::error!("{name}: the forward failed: {what}");
+                Err(what) => {
+                    tracing::error!("{what}");
                     for job in batch {
-                        let _ = job.reply.send(Err(anyhow!("{name}: the forward failed: {what}")));
+                        let _ = job.reply.send(Err(ServeError::Model(what.clone())));
                     }
                 }
             }

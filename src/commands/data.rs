@@ -68,12 +68,12 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                 }
                 let cells: Vec<Option<&[u8]>> = (0..d.len().min(64)).map(|i| d.image_bytes(i)).collect();
                 let s = &info.shape;
-                ddm_datasets::grid::write_grid_png(&png, &cells, [s[0], s[1], s[2]], 8, 2, 40)?;
+                ddm_core::grid::write_grid_png(&png, &cells, [s[0], s[1], s[2]], 8, 2, 40)?;
                 println!("  grid         {}", png.display());
             }
         }
         DataCommand::Fetch { dir, mirror, quiet } => {
-            let dir = dir.unwrap_or_else(|| ddm_datasets::idx::cache_dir().join("fashion-mnist"));
+            let dir = dir.unwrap_or_else(|| ddm_core::env::cache_dir().join("fashion-mnist"));
             ddm_datasets::idx::download_fashion_mnist(&mirror, &dir, &crate::ui::Bar::new(quiet))?;
             println!("Fashion-MNIST is in {} (sha256 verified)", dir.display());
         }

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
-use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
+use ddm_core::condition::Condition;
+use ddm_core::flow::{self, Drift, Solver, StepSchedule};
 use ddm_core::host::HostTensor;
 use ddm_core::progress::Progress;
 use ddm_datasets::mixture::MixtureSpec;
@@ -175,17 +176,18 @@ fn eval_images(a: EvalImagesArgs) -> anyhow::Result<()> {
 fn eval_gmm(a: EvalGmmArgs) -> anyhow::Result<()> {
     let g = MixtureSpec::read(&a.mixture)?.mixture;
     let device = ddm_core::device::cpu();
-    let sample = |field: &dyn VelocityField<2>| {
+    let sample = |field: &mut dyn Drift<2>| -> anyhow::Result<Vec<f32>> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
         let x1 = flow::randn(vec![a.n, g.dim()], &mut rng).to_tensor::<2>(&device);
         let times = StepSchedule::Uniform.times(a.steps);
-        HostTensor::from_tensor(flow::integrate(field, x1, None, &times, Solver::Euler)).data
+        let x0 = flow::integrate(field, x1, &Condition::none(), &times, Solver::Euler)?;
+        Ok(HostTensor::from_tensor(x0).data)
     };
     let report = match (&a.registry, &a.checkpoint) {
         (_, Some(c)) => {
             let (_, model) = ddm_core::checkpoint::load(c, &device)?;
-            let x = sample(&model);
-            ddm_eval::mixture::evaluate(&model, &x, &g, a.seed, &device)
+            let x = sample(&mut &model)?;
+            ddm_eval::mixture::evaluate(&mut &model, &x, &g, a.seed, &device)?
         }
         (Some(r), None) => {
             let reg = ddm_ensemble::registry::Registry::open(&r.local()?)?;
@@ -201,9 +203,9 @@ fn eval_gmm(a: EvalGmmArgs) -> anyhow::Result<()> {
                     k,
                 })
             };
-            let ens = ddm_ensemble::sampler::Ensemble::new(experts, Some(router), a.strategy, a.seed)?;
-            let x = sample(&ens);
-            ddm_eval::mixture::evaluate(&ens, &x, &g, a.seed, &device)
+            let mut ens = ddm_ensemble::sampler::Ensemble::new(experts, Some(router), a.strategy, a.seed)?;
+            let x = sample(&mut ens)?;
+            ddm_eval::mixture::evaluate(&mut ens, &x, &g, a.seed, &device)?
         }
         (None, None) => bail!("give --registry or --checkpoint"),
     };

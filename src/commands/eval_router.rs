@@ -37,10 +37,10 @@ pub fn run(args: EvalRouterArgs) -> anyhow::Result<()> {
     let (data, clusters) = partition.all()?;
     let priors = partition.manifest().priors();
     let k = partition.k();
-    let r = ddm_router::eval::evaluate(&net, &data, &clusters, k, args.samples, args.seed, &device);
+    let r = ddm_trainer::router_eval::evaluate(&net, &data, &clusters, k, args.samples, args.seed, &device);
     match args.json {
         true => println!("{}", serde_json::to_string_pretty(&r)?),
-        false => print!("{}", ddm_router::eval::tables(&r, &priors)),
+        false => print!("{}", ddm_trainer::router_eval::tables(&r, &priors)),
     }
     Ok(())
 }

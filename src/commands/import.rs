@@ -1,7 +1,8 @@
 //! `ddm import`: PyTorch weights -> ddm checkpoint.
 //!
 //! `--from pytorch`: a safetensors state dict under the public PyTorch DiT names; the config is
-//! that model's constructor arguments as JSON (`../shared/reference/*.config.json` is the form).
+//! that model's constructor arguments as JSON (`input_size`, `patch_size`, `in_channels`,
+//! `hidden_size`, `depth`, `num_heads`, ...: the form `ddm_core::dit::config::DitConfig` reads).
 //! `--from diffusers-vae`: a diffusers AutoencoderKL directory (`config.json`,
 //! `diffusion_pytorch_model.safetensors`, as `save_pretrained` writes it; Stable Diffusion's VAE).
 //! Every tensor is checked against the config (names and shapes, nothing missing, nothing extra)

@@ -12,6 +12,7 @@ use anyhow::bail;
 use clap::Args;
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::{self, Objective, Role};
+use ddm_core::condition::Condition;
 use ddm_core::flow::{EpsilonToVelocity, VelocityField};
 use ddm_core::host::{HostTensor, TensorFile, write_tensors};
 use ddm_core::model::check_data_shape;
@@ -63,38 +64,9 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
             t.shape
         );
     }
-    let y = if input.contains("y") {
-        let y = input.i64("y")?;
-        let classes = meta.model.num_classes();
-        if y.shape != [n] {
-            bail!(
-                "{}: `y` has shape {:?}, expected [{n}]",
-                args.input.display(),
-                y.shape
-            );
-        }
-        if classes == 0 {
-            bail!(
-                "{}: has `y`, but the model is not class-conditional",
-                args.input.display()
-            );
-        }
-        // The null class (id `classes`) exists only in a model trained with label dropout.
-        let last = classes - usize::from(!meta.model.has_null_class());
-        if let Some(bad) = y.data.iter().find(|&&c| c < 0 || c as usize > last) {
-            bail!(
-                "{}: class id {bad} out of range 0..={last}{}",
-                args.input.display(),
-                if last < classes {
-                    " (this model has no null class: it was trained without label dropout)"
-                } else {
-                    ""
-                }
-            );
-        }
-        Some(Tensor::<1, Int>::from_data(TensorData::new(y.data, [n]), &device))
-    } else {
-        None
+    let y = match input.contains("y") {
+        true => Some(class_ids(&input, &args.input, &meta.model, n, &device)?),
+        false => None,
     };
 
     // Work on [N, X] whatever the data's rank; the model reshapes to what it needs.
@@ -111,20 +83,9 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
                 args.input.display()
             );
         }
-        let c = if input.contains("c") {
-            let c = input.f32("c")?;
-            let want = net.condition_dim();
-            if want.is_none() || c.shape != [n, want.unwrap_or(0)] {
-                bail!(
-                    "{}: `c` has shape {:?}, but the router reads {}",
-                    args.input.display(),
-                    c.shape,
-                    want.map_or("no conditioning vectors".to_string(), |d| format!("[{n}, {d}]"))
-                );
-            }
-            Some(c.to_tensor::<2>(&device))
-        } else {
-            None
+        let c = match input.contains("c") {
+            true => Some(condition_vectors(&input, &args.input, &net, n)?.to_tensor::<2>(&device)),
+            false => None,
         };
         let logits = HostTensor::from_tensor(net.logits(x_t, t, y, c));
         write_tensors(
@@ -140,10 +101,9 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     }
     let model = ckpt.model(&args.checkpoint, &device)?;
     let v = match meta.objective {
-        Objective::Velocity => model.velocity(x_t, t, y),
-        Objective::Epsilon { schedule } => {
-            EpsilonToVelocity::new(&model, schedule, meta.data.range).velocity(x_t, t, y)
-        }
+        Objective::Velocity => model.velocity(x_t, t, &Condition::maybe_class(y))?,
+        Objective::Epsilon { schedule } => EpsilonToVelocity::new(&model, schedule, meta.data.range)
+            .velocity(x_t, t, &Condition::maybe_class(y))?,
     };
     let v = HostTensor::new(x.shape, HostTensor::from_tensor(v).data);
     write_tensors(
@@ -153,4 +113,59 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     )?;
     println!("wrote {} (v for {n} samples)", args.out.display());
     Ok(())
+}
+
+/// The class ids `y` `[n]` of the input file, each one the model knows (the null class only in a
+/// model trained with label dropout).
+fn class_ids(
+    input: &TensorFile,
+    file: &std::path::Path,
+    model: &ddm_core::model::ModelConfig,
+    n: usize,
+    device: &Device,
+) -> anyhow::Result<Tensor<1, Int>> {
+    let y = input.i64("y")?;
+    let classes = model.num_classes();
+    if y.shape != [n] {
+        bail!("{}: `y` has shape {:?}, expected [{n}]", file.display(), y.shape);
+    }
+    if classes == 0 {
+        bail!(
+            "{}: has `y`, but the model is not class-conditional",
+            file.display()
+        );
+    }
+    let last = classes - usize::from(!model.has_null_class());
+    if let Some(bad) = y.data.iter().find(|&&c| c < 0 || c as usize > last) {
+        bail!(
+            "{}: class id {bad} out of range 0..={last}{}",
+            file.display(),
+            if last < classes {
+                " (this model has no null class: it was trained without label dropout)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(Tensor::<1, Int>::from_data(TensorData::new(y.data, [n]), device))
+}
+
+/// The conditioning vectors `c` `[n, Dc]` of the input file, as the router reads them.
+fn condition_vectors(
+    input: &TensorFile,
+    file: &std::path::Path,
+    net: &ddm_router::net::RouterNet,
+    n: usize,
+) -> anyhow::Result<HostTensor> {
+    let c = input.f32("c")?;
+    let want = net.condition_dim();
+    if want.is_none() || c.shape != [n, want.unwrap_or(0)] {
+        bail!(
+            "{}: `c` has shape {:?}, but the router reads {}",
+            file.display(),
+            c.shape,
+            want.map_or("no conditioning vectors".to_string(), |d| format!("[{n}, {d}]"))
+        );
+    }
+    Ok(c)
 }

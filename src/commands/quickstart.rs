@@ -175,148 +175,29 @@ fn run_ok(mut c: Command, what: &str) -> anyhow::Result<()> {
 pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
     let t_all = Instant::now();
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let p = |s: &str| a.out.join(s);
-    let s = |p: &Path| p.display().to_string();
     let exe = ddm_exe()?;
-
+    let (part, reg) = (a.out.join("partition"), a.out.join("registry"));
     // 1. Partition (kept if it is already there: rerunning the quickstart resumes).
-    let part = p("partition");
     if !part.join("partition.json").exists() {
         eprintln!("== 1/5 partition {} into K = {}", a.data, a.k);
         let mut c = Command::new(&exe);
-        c.args([
-            "partition",
-            "--data",
-            &a.data,
-            "--k",
-            &a.k.to_string(),
-            "--out",
-            &s(&part),
-        ]);
+        c.args(["partition", "--data", &a.data, "--k", &a.k.to_string()])
+            .arg("--out")
+            .arg(&part);
         run_ok(c, "ddm partition")?;
     }
-
-    // 2. Islands: separate processes, `parallel` at a time, one thread each.
-    eprintln!(
-        "== 2/5 train {} experts ({}, {} steps) as separate island processes, {} at a time",
-        a.k, a.expert_model, a.expert_steps, a.parallel
-    );
-    let t_islands = Instant::now();
-    let threads =
-        (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) / a.parallel.max(1)).max(1);
-    let mut pending: Vec<usize> = (0..a.k).rev().collect();
-    let mut running: Vec<(usize, std::process::Child)> = vec![];
-    let mut islands = IslandProgress::new(a.k, a.expert_steps);
-    while !pending.is_empty() || !running.is_empty() {
-        while running.len() < a.parallel.max(1) {
-            let Some(k) = pending.pop() else { break };
-            let mut c = island_command()?;
-            c.args([
-                "--partition",
-                &s(&part),
-                "--cluster",
-                &k.to_string(),
-                "--out",
-                &s(&p(&format!("expert-{k}"))),
-            ])
-            .args(["--model", &a.expert_model, "--steps", &a.expert_steps.to_string()])
-            .args([
-                "--batch-size",
-                &a.batch_size.to_string(),
-                "--lr",
-                "5e-4",
-                "--checkpoint-every",
-                "200",
-                "--quiet",
-            ])
-            .env("RAYON_NUM_THREADS", threads.to_string())
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null());
-            islands.started(k);
-            running.push((k, c.spawn().context("cannot start an island trainer")?));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let mut still = vec![];
-        for (k, mut child) in running {
-            islands.update(k, &p(&format!("expert-{k}")));
-            match child.try_wait()? {
-                Some(st) if st.success() => islands.done(k, t_islands.elapsed().as_secs_f64()),
-                Some(st) => bail!("island {k} failed ({st}); see {}", s(&p(&format!("expert-{k}")))),
-                None => still.push((k, child)),
-            }
-        }
-        running = still;
-    }
-
-    // 3. Router.
-    eprintln!(
-        "== 3/5 train the router ({}, {} steps)",
-        a.router_model, a.router_steps
-    );
-    let mut c = Command::new(&exe);
-    c.args([
-        "train-router",
-        "--partition",
-        &s(&part),
-        "--out",
-        &s(&p("router")),
-    ])
-    .args([
-        "--model",
-        &a.router_model,
-        "--steps",
-        &a.router_steps.to_string(),
-        "--batch-size",
-        &a.batch_size.to_string(),
-    ])
-    .args([
-        "--lr",
-        "1e-3",
-        "--expert-model",
-        &a.expert_model,
-        "--eval-samples",
-        "1000",
-        "--quiet",
-    ]);
-    run_ok(c, "ddm train-router")?;
-
-    // 4. Registry.
-    eprintln!("== 4/5 register");
-    let reg = p("registry");
-    let mut c = Command::new(&exe);
-    c.args([
-        "register",
-        "--registry",
-        &s(&reg),
-        "--partition",
-        &s(&part),
-        "--replace",
-    ]);
-    for k in 0..a.k {
-        c.arg(p(&format!("expert-{k}/expert.safetensors")));
-    }
-    c.arg(p("router/router.safetensors"));
-    run_ok(c, "ddm register")?;
-
-    // 5. Samples.
+    train_islands(&a, &part)?;
+    train_router(&a, &exe, &part)?;
+    register(&a, &exe, &part, &reg)?;
     for strategy in ["trajectory", "full"] {
         eprintln!("== 5/5 sample {} images with {strategy}", a.n);
         let mut c = Command::new(&exe);
-        c.args([
-            "sample",
-            "--registry",
-            &s(&reg),
-            "--strategy",
-            strategy,
-            "--n",
-            &a.n.to_string(),
-        ])
-        .args([
-            "--steps",
-            &a.steps.to_string(),
-            "--out",
-            &s(&p(&format!("samples-{strategy}.png"))),
-        ]);
+        c.args(["sample", "--strategy", strategy, "--n", &a.n.to_string()])
+            .args(["--steps", &a.steps.to_string()])
+            .arg("--registry")
+            .arg(&reg)
+            .arg("--out")
+            .arg(a.out.join(format!("samples-{strategy}.png")));
         run_ok(c, "ddm sample")?;
     }
     println!(
@@ -334,8 +215,96 @@ pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
     );
     println!("  samples-full.png         {} samples, full mixture", a.n);
     let mut c = Command::new(&exe);
-    c.args(["partition", "--describe", &s(&part)])
+    c.args(["partition", "--describe"])
+        .arg(&part)
         .stdout(std::process::Stdio::null());
     let _ = c.status();
     Ok(())
+}
+
+/// 2. The islands: separate processes, `parallel` at a time, their threads shared out.
+fn train_islands(a: &QuickstartArgs, part: &Path) -> anyhow::Result<()> {
+    eprintln!(
+        "== 2/5 train {} experts ({}, {} steps) as separate island processes, {} at a time",
+        a.k, a.expert_model, a.expert_steps, a.parallel
+    );
+    let t_islands = Instant::now();
+    let threads =
+        (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) / a.parallel.max(1)).max(1);
+    let island_dir = |k: usize| a.out.join(format!("expert-{k}"));
+    let mut pending: Vec<usize> = (0..a.k).rev().collect();
+    let mut running: Vec<(usize, std::process::Child)> = vec![];
+    let mut islands = IslandProgress::new(a.k, a.expert_steps);
+    while !pending.is_empty() || !running.is_empty() {
+        while running.len() < a.parallel.max(1) {
+            let Some(k) = pending.pop() else { break };
+            let mut c = island_command()?;
+            c.arg("--partition")
+                .arg(part)
+                .args(["--cluster", &k.to_string()])
+                .arg("--out")
+                .arg(island_dir(k))
+                .args(["--model", &a.expert_model, "--steps", &a.expert_steps.to_string()])
+                .args(["--batch-size", &a.batch_size.to_string(), "--lr", "5e-4"])
+                .args(["--checkpoint-every", "200", "--quiet"])
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null());
+            islands.started(k);
+            running.push((k, c.spawn().context("cannot start an island trainer")?));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut still = vec![];
+        for (k, mut child) in running {
+            islands.update(k, &island_dir(k));
+            match child.try_wait()? {
+                Some(st) if st.success() => islands.done(k, t_islands.elapsed().as_secs_f64()),
+                Some(st) => bail!("island {k} failed ({st}); see {}", island_dir(k).display()),
+                None => still.push((k, child)),
+            }
+        }
+        running = still;
+    }
+    Ok(())
+}
+
+/// 3. The router.
+fn train_router(a: &QuickstartArgs, exe: &Path, part: &Path) -> anyhow::Result<()> {
+    eprintln!(
+        "== 3/5 train the router ({}, {} steps)",
+        a.router_model, a.router_steps
+    );
+    let mut c = Command::new(exe);
+    c.arg("train-router")
+        .arg("--partition")
+        .arg(part)
+        .arg("--out")
+        .arg(a.out.join("router"))
+        .args(["--model", &a.router_model, "--steps", &a.router_steps.to_string()])
+        .args(["--batch-size", &a.batch_size.to_string(), "--lr", "1e-3"])
+        .args([
+            "--expert-model",
+            &a.expert_model,
+            "--eval-samples",
+            "1000",
+            "--quiet",
+        ]);
+    run_ok(c, "ddm train-router")
+}
+
+/// 4. The registry: every expert and the router.
+fn register(a: &QuickstartArgs, exe: &Path, part: &Path, reg: &Path) -> anyhow::Result<()> {
+    eprintln!("== 4/5 register");
+    let mut c = Command::new(exe);
+    c.arg("register")
+        .arg("--registry")
+        .arg(reg)
+        .arg("--partition")
+        .arg(part)
+        .arg("--replace");
+    for k in 0..a.k {
+        c.arg(a.out.join(format!("expert-{k}/expert.safetensors")));
+    }
+    c.arg(a.out.join("router/router.safetensors"));
+    run_ok(c, "ddm register")
 }

@@ -58,10 +58,8 @@ pub fn register(args: RegisterArgs) -> anyhow::Result<()> {
                 .register_remote(url, args.clusters.as_deref(), manifest.as_ref(), args.replace)?
         }
         None => {
-            let files = registry::expand_sources(
-                &args.checkpoints,
-                &ddm_datasets::env::cache_dir().join("downloads"),
-            )?;
+            let files =
+                registry::expand_sources(&args.checkpoints, &ddm_core::env::cache_dir().join("downloads"))?;
             args.registry.register(&files, manifest.as_ref(), args.replace)?
         }
     };

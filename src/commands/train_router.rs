@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use ddm_datasets::partition::Partition;
-use ddm_router::eval::{RouterEval, tables};
 use ddm_trainer::router::{DEFAULT_ROUTER_MODEL, EVAL_FILE, RouterTask};
+use ddm_trainer::router_eval::{RouterEval, tables};
 use ddm_trainer::train::Outcome;
 
 use super::settings::{TrainSettings, report, train};

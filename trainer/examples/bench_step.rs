@@ -1,5 +1,6 @@
 //! Benchmark (not a test): one training step of a DiT on 1 x 28 x 28 data, by phase.
-//! Same model and settings as ../shared/bench/dit_fm.py `bench --model a` for `--size Bench`
+//! Same model and settings as the PyTorch peer (`dit_fm.py bench --model a`; README, Benchmarks)
+//! for `--size Bench`
 //! (hidden 256, depth 6, 4 heads, patch 4; AdamW lr 1e-4; batch 64).
 //!
 //! Then, like the peer's `fwd256` phase, the median time of an inference forward of 256 samples.

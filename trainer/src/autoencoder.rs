@@ -95,7 +95,7 @@ impl Task for AutoencoderTask {
         _config: &TrainConfig,
         _net_config: &ModelConfig,
         rng: &mut ChaCha8Rng,
-    ) -> Tensor<1> {
+    ) -> anyhow::Result<Tensor<1>> {
         let c = net.config();
         let [b, _] = batch.x0.dims();
         let (ch, s) = (c.in_channels, c.sample_size);
@@ -109,7 +109,7 @@ impl Task for AutoencoderTask {
         let diff = reconstruction - x;
         let mse = (diff.clone() * diff).mean();
         let kl = posterior.kl().mean() / latent_size as f64;
-        mse + kl * self.kl_weight
+        Ok(mse + kl * self.kl_weight)
     }
 
     fn finish(
@@ -197,12 +197,9 @@ fn write_reconstructions(vae: &AutoencoderKL, data: &Dataset, path: &Path) -> an
     let t = HostTensor::new(vec![n, c.in_channels, c.sample_size, c.sample_size], x.clone());
     let rec = HostTensor::from_tensor(vae.decode(vae.encode(t.to_tensor::<4>(&device)).mean));
     let per = data.sample_size();
-    let (a, b) = (
-        ddm_datasets::grid::to_u8(&x),
-        ddm_datasets::grid::to_u8(&rec.data),
-    );
+    let (a, b) = (ddm_core::grid::to_u8(&x), ddm_core::grid::to_u8(&rec.data));
     let cells: Vec<Option<&[u8]>> = a.chunks(per).chain(b.chunks(per)).map(Some).collect();
-    ddm_datasets::grid::write_grid_png(
+    ddm_core::grid::write_grid_png(
         path,
         &cells,
         [c.in_channels, c.sample_size, c.sample_size],

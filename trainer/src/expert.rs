@@ -8,6 +8,7 @@ use anyhow::Context;
 use ddm_core::burn::module::Module;
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Objective, TrainingSummary};
+use ddm_core::condition::Condition;
 use ddm_core::flow::{self, Solver, StepSchedule};
 use ddm_core::host::HostTensor;
 use ddm_core::model::{Model, ModelConfig};
@@ -66,10 +67,10 @@ impl Task for ExpertTask {
         config: &TrainConfig,
         net_config: &ModelConfig,
         rng: &mut ChaCha8Rng,
-    ) -> Tensor<1> {
+    ) -> anyhow::Result<Tensor<1>> {
         let (e, t, x_t) = crate::task::noise(&batch.x0, config, rng);
         let y = crate::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
-        match &self.objective {
+        Ok(match &self.objective {
             Objective::Velocity => {
                 let v = net.predict(x_t, t, y);
                 flow::flow_matching_loss(v, batch.x0, e)
@@ -80,7 +81,7 @@ impl Task for ExpertTask {
                 let e_hat = net.predict(x_u, t, y);
                 flow::epsilon_loss(e_hat, e)
             }
-        }
+        })
     }
 
     fn finish(
@@ -181,15 +182,16 @@ pub fn write_samples(
         Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &device)
     });
     let times = StepSchedule::Uniform.times(32);
+    let c = Condition::maybe_class(y);
     let x0 = match objective {
-        Objective::Velocity => flow::integrate(ema, x1, y, &times, Solver::Euler),
+        Objective::Velocity => flow::integrate(&mut &*ema, x1, &c, &times, Solver::Euler)?,
         Objective::Epsilon { schedule } => {
             let field = flow::EpsilonToVelocity::new(ema, *schedule, range);
-            flow::integrate(&field, x1, y, &times, Solver::Euler)
+            flow::integrate(&mut &field, x1, &c, &times, Solver::Euler)?
         }
     };
-    let px = ddm_datasets::grid::to_u8(&HostTensor::from_tensor(x0).data);
+    let px = ddm_core::grid::to_u8(&HostTensor::from_tensor(x0).data);
     let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
-    ddm_datasets::grid::write_grid_png(path, &cells, [shape[0], shape[1], shape[2]], 8, 2, 40)?;
+    ddm_core::grid::write_grid_png(path, &cells, [shape[0], shape[1], shape[2]], 8, 2, 40)?;
     Ok(())
 }

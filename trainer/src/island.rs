@@ -5,7 +5,7 @@
 //! - `SLURM_ARRAY_TASK_ID` (Slurm job arrays, `sbatch --array=0-3`)
 //! - `JOB_COMPLETION_INDEX` (Kubernetes indexed Jobs)
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use ddm_datasets::Dataset;
 use ddm_datasets::partition::Partition;
 
@@ -33,13 +33,8 @@ pub fn resolve_cluster(flag: Option<usize>) -> anyhow::Result<usize> {
     if let Some(k) = flag {
         return Ok(k);
     }
-    for var in ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"] {
-        if let Ok(v) = std::env::var(var) {
-            return v
-                .trim()
-                .parse()
-                .with_context(|| format!("${var} = `{v}` is not a cluster index"));
-        }
+    if let Some((k, _)) = ddm_core::env::array_index()? {
+        return Ok(k);
     }
     bail!(
         "no cluster given: pass --cluster K (or --monolith), or run as an array job (SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX)"

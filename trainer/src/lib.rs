@@ -17,6 +17,7 @@ pub mod island;
 pub mod metrics;
 pub mod plot;
 pub mod router;
+pub mod router_eval;
 pub mod state;
 pub mod task;
 pub mod train;

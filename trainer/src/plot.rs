@@ -69,6 +69,6 @@ pub fn loss_curve(path: &Path, title: &str, points: &[(u64, f64)]) -> anyhow::Re
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
-    ddm_datasets::grid::write_rgb_png(path, &buf, w, h)?;
+    ddm_core::grid::write_rgb_png(path, &buf, w, h)?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::router_eval as eval;
 use anyhow::Context;
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::activation::log_softmax;
@@ -15,7 +16,6 @@ use ddm_core::model::ModelConfig;
 use ddm_core::params::ParamSource;
 use ddm_datasets::Dataset;
 use ddm_datasets::partition::Partition;
-use ddm_router::eval;
 use ddm_router::net::{RouterNet, router_config};
 use rand_chacha::ChaCha8Rng;
 
@@ -118,14 +118,14 @@ impl Task for RouterTask {
         config: &TrainConfig,
         net_config: &ModelConfig,
         rng: &mut ChaCha8Rng,
-    ) -> Tensor<1> {
+    ) -> anyhow::Result<Tensor<1>> {
         let (_, t, x_t) = crate::task::noise(&batch.x0, config, rng);
-        let targets = batch.targets.expect("router batches carry cluster ids");
+        let targets = batch.targets.context("router batches carry cluster ids")?;
         let y = crate::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
         let c = self
             .condition_dim
             .map(|_| crate::task::dropped_vectors(&batch, config.class_dropout, rng));
-        cross_entropy(net.logits(x_t, t, y, c), targets)
+        Ok(cross_entropy(net.logits(x_t, t, y, c), targets))
     }
 
     fn finish(

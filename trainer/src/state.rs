@@ -44,6 +44,26 @@ pub struct LoopState {
     pub last_loss: Option<f64>,
 }
 
+impl LoopState {
+    /// The state before the first step of a run.
+    pub fn fresh(config: &TrainConfig, model: &ModelConfig, target: String, partition: &str) -> Self {
+        LoopState {
+            format_version: FORMAT,
+            config: config.clone(),
+            model: model.clone(),
+            target,
+            partition: partition.to_string(),
+            step: 0,
+            epoch: 0,
+            pos: 0,
+            rng_word_pos: "0".into(),
+            samples_seen: 0,
+            wall_time_s: 0.0,
+            last_loss: None,
+        }
+    }
+}
+
 pub fn path(out: &Path) -> PathBuf {
     out.join(STATE_FILE)
 }

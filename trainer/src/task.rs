@@ -141,7 +141,7 @@ pub trait Task {
         config: &TrainConfig,
         net_config: &ModelConfig,
         rng: &mut ChaCha8Rng,
-    ) -> Tensor<1>;
+    ) -> anyhow::Result<Tensor<1>>;
 
     /// Write the final artefact from the EMA weights; returns its path.
     fn finish(

@@ -99,47 +99,10 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         .map_err(|e| anyhow::anyhow!("bad training config: {e}"))?;
 
     let train_data = task.data()?;
-    // Fail before any work if the output directory is not writable.
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create the output directory {}", out.display()))?;
-    // One trainer per directory: a second one would interleave checkpoints and metrics.
-    let lock_path = out.join(LOCK_FILE);
-    let _lock =
-        std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
-    match _lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "{}: another trainer is running in this directory ({} is held); wait for it to finish or use another --out",
-            out.display(),
-            LOCK_FILE
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {}", lock_path.display()));
-        }
-    }
+    let _lock = lock_out(&out)?;
     let saved = state::read_loop_state(&out)?;
-    if let Some(s) = &saved
-        && (!s.config.same_run(&config) || s.target != task.name() || s.partition != train_data.fingerprint)
-    {
-        let mut differs = s.config.differences(&config);
-        if s.target != task.name() {
-            differs.insert(0, format!("target: {} then {}", s.target, task.name()));
-        }
-        if s.partition != train_data.fingerprint {
-            differs.insert(
-                0,
-                format!(
-                    "partition: {} then {}",
-                    ddm_core::text::short(&s.partition, 12),
-                    ddm_core::text::short(&train_data.fingerprint, 12)
-                ),
-            );
-        }
-        bail!(
-            "{} holds a different run (saved, then asked for: {}); use a new --out, or the same settings to resume",
-            out.display(),
-            differs.join("; ")
-        );
+    if let Some(s) = &saved {
+        check_same_run(s, &config, &task.name(), &train_data.fingerprint, &out)?;
     }
     let resolved = toml::to_string_pretty(&config)?;
     ddm_core::fsio::write_bytes_atomic(&out.join("config.toml"), resolved.as_bytes())
@@ -164,20 +127,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         None => {
             let model = task.build(&net_config, &mut RandomInit::new(config.seed, &train_device))?;
             let ema = model.valid();
-            let st = LoopState {
-                format_version: state::FORMAT,
-                config: config.clone(),
-                model: net_config.clone(),
-                target: task.name(),
-                partition: train_data.fingerprint.clone(),
-                step: 0,
-                epoch: 0,
-                pos: 0,
-                rng_word_pos: "0".into(),
-                samples_seen: 0,
-                wall_time_s: 0.0,
-                last_loss: None,
-            };
+            let st = LoopState::fresh(&config, &net_config, task.name(), &train_data.fingerprint);
             (st, model, ema, optimizer(&config))
         }
     };
@@ -187,14 +137,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             .parse()
             .context("bad RNG position in the training state")?,
     );
-    let order = |epoch: u64| {
-        let mut p: Vec<usize> = (0..n).collect();
-        p.shuffle(&mut ChaCha8Rng::seed_from_u64(
-            config.seed ^ 0x0da7_a0de_u64.wrapping_mul(epoch + 1),
-        ));
-        p
-    };
-    let mut perm = order(st.epoch);
+    let mut perm = epoch_order(n, config.seed, st.epoch);
     let mut metrics = Metrics::open(&out, st.step)?;
     let per_sample = data.sample_size();
 
@@ -204,17 +147,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handlers")?;
     }
 
-    let bar = indicatif::ProgressBar::new(config.steps);
-    if !progress {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("{} {}", task.name(), config.model));
-    bar.set_position(st.step);
+    let bar = progress_bar(progress, &config, &task.name(), st.step);
     let started = Instant::now();
     let wall_before = st.wall_time_s;
     let mut window = (Instant::now(), 0u64);
@@ -223,17 +156,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     while st.step < config.steps {
         // 1. The batch: the next samples of this epoch's permutation.
         let b = config.batch_size;
-        let mut idx = Vec::with_capacity(b);
-        while idx.len() < b {
-            if st.pos == n {
-                st.epoch += 1;
-                st.pos = 0;
-                perm = order(st.epoch);
-            }
-            let take = (b - idx.len()).min(n - st.pos);
-            idx.extend_from_slice(&perm[st.pos..st.pos + take]);
-            st.pos += take;
-        }
+        let idx = next_batch(&mut st, &mut perm, n, b, config.seed);
         let x0 = HostTensor::new(vec![b, per_sample], data.gather(&idx)).to_tensor::<2>(&train_device);
         let labels = data.gather_labels(&idx);
         let cond = data.gather_cond(&idx).map(|c| c.to_tensor::<2>(&train_device));
@@ -245,7 +168,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             targets: batch_targets.as_deref(),
             cond,
         };
-        let loss = task.loss(&model, batch, &config, &net_config, &mut rng);
+        let loss = task.loss(&model, batch, &config, &net_config, &mut rng)?;
         let loss_value = loss.clone().into_scalar::<f32>() as f64; // device sync point
         if !loss_value.is_finite() {
             bar.abandon();
@@ -260,16 +183,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         // 3. Backward, optimizer step (AdamW with warm-up and clipping), EMA.
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let log_now = (st.step + 1) % config.log_every == 0;
-        let grad_norm = if log_now {
-            let mut g = GradNorm {
-                grads: &grads,
-                sum: vec![],
-            };
-            model.visit(&mut g);
-            Tensor::cat(g.sum, 0).sum().into_scalar::<f32>().sqrt() as f64
-        } else {
-            0.0
-        };
+        let grad_norm = if log_now { grad_norm(&model, &grads) } else { 0.0 };
         let lr = config.lr_at(st.step);
         model = optim.step(lr, model, grads);
         ema = crate::ema::update(ema, &model.valid(), config.ema_decay_at(st.step));
@@ -305,12 +219,8 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             crate::plot::loss_curve(&out.join("loss.png"), &title, metrics.losses())?;
         }
         if config.sample_every > 0 && st.step % config.sample_every == 0 {
-            task.snapshot(
-                &ema,
-                &net_config,
-                &out.join(format!("samples-{:07}.png", st.step)),
-                config.seed,
-            )?;
+            let png = out.join(format!("samples-{:07}.png", st.step));
+            task.snapshot(&ema, &net_config, &png, config.seed)?;
         }
         if interrupted {
             bar.abandon_with_message(format!("interrupted; state saved at step {}", st.step));
@@ -319,7 +229,125 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     }
     bar.finish();
 
-    let summary = TrainingSummary {
+    let summary = summary(&st, &config, &net_config, device);
+    let checkpoint = task.finish(&out, &ema, &net_config, summary, &train_data)?;
+    Ok(Outcome::Finished {
+        checkpoint,
+        final_loss: st.last_loss,
+    })
+}
+
+/// Create and lock the output directory: one trainer per directory (a second one would
+/// interleave checkpoints and metrics). Fails before any work if it is not writable.
+fn lock_out(out: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create the output directory {}", out.display()))?;
+    let lock_path = out.join(LOCK_FILE);
+    let lock =
+        std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{}: another trainer is running in this directory ({} is held); wait for it to finish or use another --out",
+            out.display(),
+            LOCK_FILE
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", lock_path.display()))
+        }
+    }
+}
+
+/// A saved state resumes only the same run: the same settings, target and data.
+fn check_same_run(
+    saved: &LoopState,
+    config: &TrainConfig,
+    target: &str,
+    fingerprint: &str,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    if saved.config.same_run(config) && saved.target == target && saved.partition == fingerprint {
+        return Ok(());
+    }
+    let mut differs = saved.config.differences(config);
+    if saved.target != target {
+        differs.insert(0, format!("target: {} then {target}", saved.target));
+    }
+    if saved.partition != fingerprint {
+        differs.insert(
+            0,
+            format!(
+                "partition: {} then {}",
+                ddm_core::text::short(&saved.partition, 12),
+                ddm_core::text::short(fingerprint, 12)
+            ),
+        );
+    }
+    bail!(
+        "{} holds a different run (saved, then asked for: {}); use a new --out, or the same settings to resume",
+        out.display(),
+        differs.join("; ")
+    )
+}
+
+/// The order of the samples in `epoch`: a permutation drawn from the seed and the epoch alone, so
+/// a resumed run sees the same order.
+fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    p.shuffle(&mut ChaCha8Rng::seed_from_u64(
+        seed ^ 0x0da7_a0de_u64.wrapping_mul(epoch + 1),
+    ));
+    p
+}
+
+/// The next `b` sample indices of the epoch's permutation, crossing into the next epoch (and its
+/// permutation) when this one runs out; advances the state's epoch and position.
+fn next_batch(st: &mut LoopState, perm: &mut Vec<usize>, n: usize, b: usize, seed: u64) -> Vec<usize> {
+    let mut idx = Vec::with_capacity(b);
+    while idx.len() < b {
+        if st.pos == n {
+            st.epoch += 1;
+            st.pos = 0;
+            *perm = epoch_order(n, seed, st.epoch);
+        }
+        let take = (b - idx.len()).min(n - st.pos);
+        idx.extend_from_slice(&perm[st.pos..st.pos + take]);
+        st.pos += take;
+    }
+    idx
+}
+
+/// The global L2 norm of the gradients (for the metrics; clipping happens in the optimizer).
+fn grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
+    let mut g = GradNorm { grads, sum: vec![] };
+    model.visit(&mut g);
+    Tensor::cat(g.sum, 0).sum().into_scalar::<f32>().sqrt() as f64
+}
+
+/// The step counter a person watches (hidden without `progress`).
+fn progress_bar(progress: bool, config: &TrainConfig, target: &str, step: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(config.steps);
+    if !progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{target} {}", config.model));
+    bar.set_position(step);
+    bar
+}
+
+/// What the final checkpoint records of its training.
+fn summary(
+    st: &LoopState,
+    config: &TrainConfig,
+    net_config: &ddm_core::model::ModelConfig,
+    device: DeviceChoice,
+) -> TrainingSummary {
+    TrainingSummary {
         steps: st.step,
         samples_seen: st.samples_seen,
         // forward + backward ~ 3x the forward pass
@@ -329,10 +357,5 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         final_loss: st.last_loss,
         backend: device.to_string(),
         ema: Some(config.ema_decay),
-    };
-    let checkpoint = task.finish(&out, &ema, &net_config, summary, &train_data)?;
-    Ok(Outcome::Finished {
-        checkpoint,
-        final_loss: st.last_loss,
-    })
+    }
 }

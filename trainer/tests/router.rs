@@ -471,7 +471,7 @@ fn conditioned_router_learns_p_k_given_c() {
         assert!((a - w).abs() < 0.06, "{unconditioned:?} vs prior {:?}", g.weights);
     }
     // The router's own evaluation, with the class: near-zero distance to p(k | c) at t = 1.
-    let report = ddm_router::eval::evaluate(
+    let report = ddm_trainer::router_eval::evaluate(
         &net,
         &Partition::open(&part).unwrap().all().unwrap().0,
         &Partition::open(&part).unwrap().all().unwrap().1,
@@ -563,7 +563,7 @@ fn vector_conditioned_router_learns_p_k_given_c() {
     }
     // Its evaluation reports accuracy with the vectors (no closed-form TV for vectors).
     let (data, clusters) = Partition::open(&part).unwrap().all().unwrap();
-    let report = ddm_router::eval::evaluate(&net, &data, &clusters, 4, 1000, 0, &device);
+    let report = ddm_trainer::router_eval::evaluate(&net, &data, &clusters, 4, 1000, 0, &device);
     assert_eq!(report.given.as_deref(), Some("vector"));
     let with = report.with_condition.as_ref().unwrap();
     assert!(with[10].tv_to_prior.is_none());

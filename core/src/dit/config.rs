@@ -3,8 +3,8 @@
 
 use super::*;
 
-/// A DiT's hyper-parameters, in the PyTorch reference's vocabulary (the JSON of
-/// `../shared/reference/*.config.json` parses as this).
+/// A DiT's hyper-parameters, in the PyTorch reference's vocabulary (the JSON of its
+/// `*.config.json` files parses as this).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiTConfig {
     /// Image side S (images are S x S).
@@ -268,7 +268,7 @@ impl DiTConfig {
 }
 
 /// The named sizes: (name, hidden D, depth, heads). S/B/L/XL are the DiT paper's; XS (the default
-/// router trunk), T ("tiny") and Bench (the `../shared/bench` peer's "bench-dit") train on a CPU.
+/// router trunk), T ("tiny") and Bench (the PyTorch peer's "bench-dit", README's Benchmarks) train on a CPU.
 pub const DIT_SIZES: &[(&str, usize, usize, usize)] = &[
     ("XS", 64, 2, 2),
     ("T", 128, 4, 4),

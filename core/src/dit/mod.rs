@@ -38,10 +38,7 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 /// [`layer_norm`] with another eps (diffusers' DiT uses `norm_eps` before the MLP).
-pub fn layer_norm_eps<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
-    let (var, mean) = x.clone().var_mean_bias(D - 1);
-    (x - mean) / (var + eps).sqrt()
-}
+pub use crate::fused::layer_norm_eps;
 
 /// GELU with the tanh approximation (the reference's `nn.GELU(approximate="tanh")`), written as
 /// the identical `x * sigmoid(2 z)`, z = sqrt(2/pi) (x + 0.044715 x^3): one `exp` per element

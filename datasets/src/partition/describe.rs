@@ -67,7 +67,7 @@ pub fn describe(dir: &Path, png: Option<&Path>, per_row: usize) -> Result<String
             }
             let refs: Vec<Option<&[u8]>> = cells.iter().map(|c| c.as_deref()).collect();
             let s = &m.dataset.shape;
-            crate::grid::write_grid_png(png, &refs, [s[0], s[1], s[2]], per_row, 2, 40)?;
+            ddm_core::grid::write_grid_png(png, &refs, [s[0], s[1], s[2]], per_row, 2, 40)?;
             out.push_str(&format!("\nexamples (one row per cluster): {}\n", png.display()));
         }
     }

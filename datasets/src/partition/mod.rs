@@ -16,13 +16,6 @@
 //! [`cluster`](mod@cluster) groups the samples, [`write`](mod@write) writes the directory,
 //! [`read`](mod@read) reads and verifies it, [`describe`](mod@describe) shows it.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
-
-use crate::dataset::DatasetInfo;
-use crate::features::{Distance, FeatureMethod};
-
 pub mod cluster;
 pub mod describe;
 pub mod read;
@@ -33,95 +26,7 @@ pub use describe::describe;
 pub use read::{Partition, load_shard, read_manifest, verify};
 pub use write::write;
 
-/// The partition format version this build writes and reads.
-pub const PARTITION_FORMAT: u32 = 1;
-pub const MANIFEST: &str = "partition.json";
-/// Header key of a shard's JSON metadata.
-pub const SHARD_META_KEY: &str = "ddm-shard";
-
-/// How samples are grouped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Algorithm {
-    /// Plain k-means (k-means++, Lloyd; optional mini-batch and balanced assignment).
-    Kmeans {
-        max_iter: usize,
-        n_init: usize,
-        batch_size: Option<usize>,
-        balanced: bool,
-    },
-    /// The paper's two-stage k-means: `fine` centroids on up to `subsample` points, then K coarse.
-    TwoStage {
-        fine: usize,
-        subsample: usize,
-        max_iter: usize,
-    },
-    /// Random equal-size shards: the baseline.
-    Random,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PartitionConfig {
-    pub k: usize,
-    pub features: FeatureMethod,
-    pub distance: Distance,
-    pub algorithm: Algorithm,
-    pub seed: u64,
-}
-
-/// One cluster of partition.json.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ClusterEntry {
-    pub id: usize,
-    pub count: usize,
-    /// w_k = n_k / N.
-    pub prior: f64,
-    pub shard: String,
-    /// Samples per label in this cluster (if the data has labels).
-    #[serde(default)]
-    pub label_counts: Option<Vec<usize>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub sha256: String,
-    pub bytes: u64,
-}
-
-/// partition.json.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PartitionManifest {
-    pub format_version: u32,
-    /// sha256 over the dataset fingerprint, K, the method, the seed and the assignment.
-    pub fingerprint: String,
-    pub dataset: DatasetInfo,
-    pub k: usize,
-    pub config: PartitionConfig,
-    pub clusters: Vec<ClusterEntry>,
-    /// Every other file of the directory, by name.
-    pub files: BTreeMap<String, FileEntry>,
-    /// k-means inertia in feature space (None for random shards).
-    #[serde(default)]
-    pub inertia: Option<f64>,
-    pub seconds: f64,
-}
-
-impl PartitionManifest {
-    pub fn priors(&self) -> Vec<f64> {
-        self.clusters.iter().map(|c| c.prior).collect()
-    }
-}
-
-/// The shard file name of cluster `k`.
-pub fn shard_name(k: usize) -> String {
-    format!("shard-{k}.safetensors")
-}
-
-/// A shard's header metadata.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ShardMeta {
-    pub format_version: u32,
-    pub partition: String,
-    pub cluster: usize,
-    pub dataset: DatasetInfo,
-}
+pub use ddm_core::partition::{
+    Algorithm, ClusterEntry, FileEntry, MANIFEST, PARTITION_FORMAT, PartitionConfig, PartitionManifest,
+    SHARD_META_KEY, ShardMeta, shard_name,
+};

@@ -28,12 +28,12 @@ pub fn expand_sources(sources: &[String], cache: &Path) -> anyhow::Result<Vec<Pa
             }
             let client = match &client {
                 Some(c) => c,
-                None => client.insert(ddm_datasets::download::client()?),
+                None => client.insert(ddm_net::client()?),
             };
             // Streamed to a partial file named after the URL (so an interrupted download resumes),
             // then filed under its sha256.
             let partial = cache.join(format!("url-{}.safetensors", &sha256_hex(url.as_bytes())[..16]));
-            let got = ddm_datasets::download::download(client, &url, &partial, want.as_deref(), &())?;
+            let got = ddm_net::download(client, &url, &partial, want.as_deref(), &())?;
             let p = cache.join(format!("{got}.safetensors"));
             std::fs::rename(&partial, &p).with_context(|| format!("moving {} into place", p.display()))?;
             out.push(p);

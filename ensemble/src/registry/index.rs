@@ -139,7 +139,7 @@ impl Index {
                 ddm_core::checkpoint::MAX_CLUSTERS
             );
         }
-        ddm_datasets::dataset::check_sample_shape(&self.data.shape)
+        ddm_core::partition::check_sample_shape(&self.data.shape)
             .map_err(|e| anyhow::anyhow!("data: {e}"))?;
         ddm_core::checkpoint::check_range(self.data.range).map_err(|e| anyhow::anyhow!("data: {e}"))?;
         if let Some(p) = &self.priors {

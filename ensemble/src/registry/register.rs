@@ -8,31 +8,63 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Role};
 use ddm_core::digest::{sha256_file, sha256_hex};
-use ddm_core::stats::{ClusterStats, STATS_FILE};
-use ddm_datasets::partition::PartitionManifest;
+use ddm_core::partition::PartitionManifest;
+use ddm_core::stats::{ClusterStats, STATS_FILE, StatsMeta};
 use serde::Serialize;
 
 use super::index::{Entry, FORMAT, INDEX, Index, LOCK, now, read_index};
 
-/// Where a checkpoint to register is: a file (hashed once, when read), or a server that serves it.
+/// A file on its way into a registry: where it is, its sha256 and size, hashed once when read.
+#[derive(Debug, Clone)]
+pub(crate) struct Blob {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+impl Blob {
+    fn hash(path: &Path) -> anyhow::Result<Blob> {
+        Ok(Blob {
+            path: path.to_path_buf(),
+            sha256: sha256_file(path)?,
+            bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+        })
+    }
+}
+
+/// An expert's statistics file found beside it, and whose they say they are.
+pub(crate) struct StatsBeside {
+    blob: Blob,
+    meta: StatsMeta,
+}
+
+/// Where a checkpoint to register is: a file (with its statistics, for an expert that has them
+/// beside it), or a server that serves it.
 pub(crate) enum Origin {
-    File {
-        path: PathBuf,
-        sha256: String,
-        bytes: u64,
-    },
-    Served {
-        url: String,
-        sha256: String,
-        bytes: u64,
-    },
+    File { blob: Blob, stats: Option<StatsBeside> },
+    Served { url: String, sha256: String, bytes: u64 },
 }
 
 impl Origin {
     fn name(&self) -> String {
         match self {
-            Origin::File { path, .. } => path.display().to_string(),
+            Origin::File { blob, .. } => blob.path.display().to_string(),
             Origin::Served { url, .. } => url.clone(),
+        }
+    }
+
+    /// The checkpoint as a blob (a served one's "path" is its URL), and the URL if it is served.
+    fn blob(&self) -> (Blob, Option<String>) {
+        match self {
+            Origin::File { blob, .. } => (blob.clone(), None),
+            Origin::Served { url, sha256, bytes } => (
+                Blob {
+                    path: PathBuf::from(url),
+                    sha256: sha256.clone(),
+                    bytes: *bytes,
+                },
+                Some(url.clone()),
+            ),
         }
     }
 }
@@ -41,31 +73,23 @@ impl Origin {
 enum Item {
     Expert {
         cluster: usize,
-        path: PathBuf,
-        sha: String,
-        bytes: u64,
+        blob: Blob,
         classes: usize,
-        /// Served at this URL (no blob).
+        /// Served at this URL (no blob is stored).
         remote: Option<String>,
     },
     Router {
-        path: PathBuf,
-        sha: String,
-        bytes: u64,
+        blob: Blob,
         k: usize,
         priors: Option<Vec<f64>>,
         classes: usize,
     },
     Stats {
         cluster: usize,
-        path: PathBuf,
-        sha: String,
-        bytes: u64,
+        blob: Blob,
     },
     Vae {
-        path: PathBuf,
-        sha: String,
-        bytes: u64,
+        blob: Blob,
     },
 }
 
@@ -82,6 +106,20 @@ pub struct Registered {
     pub sha256: String,
     /// The registry held this very file already (same sha256): nothing was written for it.
     pub already_registered: bool,
+}
+
+impl Registered {
+    /// The line of a file the registry holds already.
+    fn held(role: &'static str, cluster: Option<usize>, k: Option<usize>, source: &str, blob: &Blob) -> Self {
+        Registered {
+            role,
+            cluster,
+            k,
+            source: source.to_string(),
+            sha256: blob.sha256.clone(),
+            already_registered: true,
+        }
+    }
 }
 
 impl std::fmt::Display for Registered {
@@ -115,7 +153,8 @@ impl std::fmt::Display for Registered {
 }
 
 /// Read and check the checkpoints to register: each file's own checksum, finite weights; hashed
-/// once here (the registry's sha256 covers the whole file).
+/// once here (the registry's sha256 covers the whole file). An expert's statistics file beside it
+/// is read and hashed here too, so that planning reads nothing.
 pub(crate) fn read_checkpoints(paths: &[PathBuf]) -> anyhow::Result<Vec<(Origin, CheckpointMeta)>> {
     let mut metas = vec![];
     for p in paths {
@@ -129,12 +168,21 @@ pub(crate) fn read_checkpoints(paths: &[PathBuf]) -> anyhow::Result<Vec<(Origin,
                 p.display()
             );
         }
-        let origin = Origin::File {
-            path: p.clone(),
-            sha256: sha256_file(p)?,
-            bytes: std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+        let stats = p.with_file_name(STATS_FILE);
+        let stats = match ckpt.meta.role == Role::Expert && stats.exists() {
+            true => Some(StatsBeside {
+                meta: ClusterStats::load(&stats)?.0,
+                blob: Blob::hash(&stats)?,
+            }),
+            false => None,
         };
-        metas.push((origin, ckpt.meta));
+        metas.push((
+            Origin::File {
+                blob: Blob::hash(p)?,
+                stats,
+            },
+            ckpt.meta,
+        ));
     }
     Ok(metas)
 }
@@ -228,14 +276,14 @@ fn commit_locked(
     if !plan.changed {
         return Ok(plan.lines);
     }
-    for (path, sha) in &plan.blobs {
-        let blob = dir.join("blobs").join(format!("{sha}.safetensors"));
-        if !blob.exists() {
-            let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            if sha256_hex(&data) != *sha {
-                bail!("{}: changed while being registered", path.display());
+    for b in &plan.blobs {
+        let stored = dir.join("blobs").join(format!("{}.safetensors", b.sha256));
+        if !stored.exists() {
+            let data = std::fs::read(&b.path).with_context(|| format!("reading {}", b.path.display()))?;
+            if sha256_hex(&data) != b.sha256 {
+                bail!("{}: changed while being registered", b.path.display());
             }
-            ddm_core::fsio::write_bytes_atomic(&blob, &data)?;
+            ddm_core::fsio::write_bytes_atomic(&stored, &data)?;
         }
     }
     let json = ddm_core::json::to_vec_pretty(INDEX, &plan.index)?;
@@ -244,18 +292,18 @@ fn commit_locked(
 }
 
 /// What one registration does, decided before anything is written: the index after it, the
-/// files to store as blobs (path, sha256) and a line per registered file. `changed` is false
+/// files to store as blobs and a line per registered file. `changed` is false
 /// when the registry holds every file already (then nothing is to be written).
 pub(crate) struct Plan {
     pub index: Index,
-    pub blobs: Vec<(PathBuf, String)>,
+    pub blobs: Vec<Blob>,
     pub lines: Vec<Registered>,
     pub changed: bool,
 }
 
 /// Check every checkpoint against the registry `existing` (or a new one, from `partition` or a
 /// router), and plan the registration. `classes` gives the conditioning of an existing entry
-/// that does not record it (read from its blob). Writes nothing.
+/// that does not record it (read from its blob). Reads and writes nothing itself.
 pub(crate) fn plan(
     existing: Option<Index>,
     metas: &[(Origin, CheckpointMeta)],
@@ -263,252 +311,271 @@ pub(crate) fn plan(
     replace: bool,
     classes: &dyn Fn(&Entry) -> anyhow::Result<usize>,
 ) -> anyhow::Result<Plan> {
-    let mut changed = existing.is_none();
+    let is_new = existing.is_none();
     let mut idx = match existing {
         Some(idx) => idx,
-        None => {
-            let (partition_fp, k, priors) = match partition {
-                Some(m) => (m.fingerprint.clone(), m.k, Some(m.priors())),
-                None => match metas.iter().find(|(_, m)| m.role == Role::Router) {
-                    Some((_, m)) => (
-                        m.partition.clone().context("the router names no partition")?,
-                        m.num_clusters.context("the router names no K")?,
-                        m.priors.clone(),
-                    ),
-                    None => bail!(
-                        "a new registry needs --partition DIR (or a router among the files) to know K and the partition"
-                    ),
-                },
-            };
-            let first = metas
-                .iter()
-                .map(|(_, m)| m)
-                .find(|m| m.role != Role::Autoencoder)
-                .context("nothing to register but a VAE: register the experts first (they say which latent space the registry is in)")?;
-            Index {
-                latent: first.latent.clone(),
-                vae: None,
-                data: first.data.clone(),
-                format_version: FORMAT,
-                partition: partition_fp,
-                k,
-                priors,
-                router: None,
-                experts: BTreeMap::new(),
-                stats: BTreeMap::new(),
-            }
-        }
+        None => new_index(metas, partition)?,
     };
     // 1. Check everything first.
-    let mut items = vec![];
-    let mut lines = vec![];
+    let (mut items, mut lines) = (vec![], vec![]);
     for (origin, m) in metas {
-        let name = origin.name();
-        if m.role == Role::Autoencoder {
-            let Origin::File { path, sha256, bytes } = origin else {
-                bail!("{name}: a served VAE cannot be registered; register its checkpoint file");
-            };
-            let ddm_core::model::ModelConfig::Vae(config) = &m.model else {
-                bail!(
-                    "{name}: an autoencoder checkpoint whose model is a {}",
-                    m.model.arch()
-                );
-            };
-            let space = ddm_core::vae::LatentSpace::of(config, &m.tensors_sha256);
-            match &idx.latent {
-                None => bail!("{name}: a VAE, but this registry's experts were trained in pixel space"),
-                Some(l) if *l != space => bail!(
-                    "{name}: this VAE's latent space is {}, but the registry's experts were trained in {}",
-                    space.describe(),
-                    l.describe()
-                ),
-                Some(_) => {}
-            }
-            if let Some(old) = &idx.vae {
-                if old.sha256 == *sha256 {
-                    lines.push(Registered {
-                        role: "vae",
-                        cluster: None,
-                        k: None,
-                        source: name.clone(),
-                        sha256: sha256.clone(),
-                        already_registered: true,
-                    });
-                    continue;
-                }
-                // Same latent space (checked above), so the same weights: a re-saved copy.
-                if !replace {
-                    bail!(
-                        "{name}: the registry already has a VAE ({}); pass --replace",
-                        ddm_core::text::short(&old.sha256, 12)
-                    );
-                }
-            }
-            items.push(Item::Vae {
-                path: path.clone(),
-                sha: sha256.clone(),
-                bytes: *bytes,
-            });
-            continue;
-        }
-        if m.latent != idx.latent {
-            let space = |l: &Option<ddm_core::vae::LatentSpace>| {
-                l.as_ref().map_or("pixel space".to_string(), |l| {
-                    format!("the latent space of {}", l.describe())
-                })
-            };
-            bail!(
-                "{name}: trained in {}, but this registry's experts are in {}; an ensemble cannot mix spaces",
-                space(&m.latent),
-                space(&idx.latent)
-            );
-        }
-        if m.partition.as_deref() != Some(idx.partition.as_str()) {
-            bail!(
-                "{name}: trained on partition {}, but this registry is for partition {}",
-                m.partition.as_deref().unwrap_or("(none)"),
-                idx.partition
-            );
-        }
-        if m.data != idx.data {
-            bail!(
-                "{name}: a model of {}, but the registry holds {}",
-                m.data,
-                idx.data
-            );
-        }
-        let (p, remote, sha, bytes) = match origin {
-            Origin::File { path, sha256, bytes } => (path.clone(), None, sha256.clone(), *bytes),
-            Origin::Served { url, sha256, bytes } => {
-                (PathBuf::from(url), Some(url.clone()), sha256.clone(), *bytes)
-            }
-        };
-        // The same file from the same place: registered already.
-        let unchanged = |old: &Entry| old.sha256 == sha && old.remote == remote;
-        let already = |cluster: Option<usize>, k: Option<usize>| Registered {
-            role: if cluster.is_some() { "expert" } else { "router" },
-            cluster,
-            k,
-            source: name.clone(),
-            sha256: sha.clone(),
-            already_registered: true,
-        };
-        match m.role {
-            Role::Expert => {
-                let cluster = m.cluster.with_context(|| {
-                    format!("{name}: an expert with no cluster id (a monolith cannot join an ensemble)")
-                })?;
-                if cluster >= idx.k {
-                    bail!("{name}: cluster {cluster} is out of range for K = {}", idx.k);
-                }
-                if let Some(old) = idx.experts.get(&cluster) {
-                    if unchanged(old) {
-                        lines.push(already(Some(cluster), None));
-                        continue;
-                    }
-                    if !replace {
-                        bail!(
-                            "{name}: cluster {cluster} already has an expert ({}); pass --replace to replace it",
-                            ddm_core::text::short(&old.sha256, 12)
-                        );
-                    }
-                }
-                let stats = p.with_file_name(STATS_FILE);
-                if remote.is_none() && stats.exists() {
-                    let (sm, _) = ClusterStats::load(&stats)?;
-                    if sm.partition == idx.partition && sm.cluster == Some(cluster) {
-                        let s = sha256_file(&stats)?;
-                        let b = std::fs::metadata(&stats).map(|m| m.len()).unwrap_or(0);
-                        items.push(Item::Stats {
-                            cluster,
-                            path: stats,
-                            sha: s,
-                            bytes: b,
-                        });
-                    }
-                }
-                items.push(Item::Expert {
-                    cluster,
-                    path: p.clone(),
-                    sha,
-                    bytes,
-                    classes: m.model.num_classes(),
-                    remote,
-                });
-            }
-            Role::Classifier => {
-                bail!("{name}: a classifier (used by ddm eval) cannot join an ensemble")
-            }
-            Role::Autoencoder => unreachable!("VAEs are planned above"),
-            Role::Router if remote.is_some() => {
-                bail!("{name}: a served router cannot be registered; register its checkpoint file")
-            }
-            Role::Router => {
-                let k = m.num_clusters.unwrap_or(0);
-                if k != idx.k {
-                    bail!("{name}: a router for K = {k}, but the registry has K = {}", idx.k);
-                }
-                if let Some(old) = &idx.router {
-                    if unchanged(old) {
-                        lines.push(already(None, Some(k)));
-                        continue;
-                    }
-                    if !replace {
-                        bail!(
-                            "{name}: the registry already has a router ({}); pass --replace",
-                            ddm_core::text::short(&old.sha256, 12)
-                        );
-                    }
-                }
-                items.push(Item::Router {
-                    path: p.clone(),
-                    sha,
-                    bytes,
-                    k,
-                    priors: m.priors.clone(),
-                    classes: m.model.num_classes(),
-                });
-            }
+        match check(&idx, origin, m, replace)? {
+            Checked::Held(line) => lines.push(line),
+            Checked::Add(new) => items.extend(new),
         }
     }
-    changed |= !items.is_empty();
+    let changed = is_new || !items.is_empty();
     check_conditioning(classes, &mut idx, &items)?;
     // 2. The entries, and the blobs they name.
+    let blobs = add(items, &mut idx, &mut lines);
+    Ok(Plan {
+        index: idx,
+        blobs,
+        lines,
+        changed,
+    })
+}
+
+/// A new registry's index: K, priors and partition from the partition (or a router among the
+/// files), the data spec and latent space from the first model.
+fn new_index(
+    metas: &[(Origin, CheckpointMeta)],
+    partition: Option<&PartitionManifest>,
+) -> anyhow::Result<Index> {
+    let (partition_fp, k, priors) = match partition {
+        Some(m) => (m.fingerprint.clone(), m.k, Some(m.priors())),
+        None => match metas.iter().find(|(_, m)| m.role == Role::Router) {
+            Some((_, m)) => (
+                m.partition.clone().context("the router names no partition")?,
+                m.num_clusters.context("the router names no K")?,
+                m.priors.clone(),
+            ),
+            None => bail!(
+                "a new registry needs --partition DIR (or a router among the files) to know K and the partition"
+            ),
+        },
+    };
+    let first = metas
+        .iter()
+        .map(|(_, m)| m)
+        .find(|m| m.role != Role::Autoencoder)
+        .context("nothing to register but a VAE: register the experts first (they say which latent space the registry is in)")?;
+    Ok(Index {
+        latent: first.latent.clone(),
+        vae: None,
+        data: first.data.clone(),
+        format_version: FORMAT,
+        partition: partition_fp,
+        k,
+        priors,
+        router: None,
+        experts: BTreeMap::new(),
+        stats: BTreeMap::new(),
+    })
+}
+
+/// One checkpoint, checked: the registry holds it already, or what it adds.
+enum Checked {
+    Held(Registered),
+    Add(Vec<Item>),
+}
+
+/// Check one checkpoint against the registry: its role, space, partition and data, its place.
+fn check(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> anyhow::Result<Checked> {
+    let name = origin.name();
+    if m.role == Role::Autoencoder {
+        return check_vae(idx, origin, m, replace);
+    }
+    check_same_ensemble(idx, &name, m)?;
+    let (blob, remote) = origin.blob();
+    // The same file from the same place: registered already.
+    let held = |old: &Entry| old.sha256 == blob.sha256 && old.remote == remote;
+    let refuse = |what: &str, old: &Entry| {
+        anyhow::anyhow!(
+            "{name}: {what} ({}); pass --replace to replace it",
+            ddm_core::text::short(&old.sha256, 12)
+        )
+    };
+    let classes = m.model.num_classes();
+    match m.role {
+        Role::Expert => {
+            let cluster = m.cluster.with_context(|| {
+                format!("{name}: an expert with no cluster id (a monolith cannot join an ensemble)")
+            })?;
+            if cluster >= idx.k {
+                bail!("{name}: cluster {cluster} is out of range for K = {}", idx.k);
+            }
+            if let Some(old) = idx.experts.get(&cluster) {
+                if held(old) {
+                    return Ok(Checked::Held(Registered::held(
+                        "expert",
+                        Some(cluster),
+                        None,
+                        &name,
+                        &blob,
+                    )));
+                }
+                if !replace {
+                    return Err(refuse(&format!("cluster {cluster} already has an expert"), old));
+                }
+            }
+            let mut items = stats_item(idx, origin, cluster).into_iter().collect::<Vec<_>>();
+            items.push(Item::Expert {
+                cluster,
+                blob,
+                classes,
+                remote,
+            });
+            Ok(Checked::Add(items))
+        }
+        Role::Classifier => bail!("{name}: a classifier (used by ddm eval) cannot join an ensemble"),
+        Role::Autoencoder => unreachable!("VAEs are checked above"),
+        Role::Router if remote.is_some() => {
+            bail!("{name}: a served router cannot be registered; register its checkpoint file")
+        }
+        Role::Router => {
+            let k = m.num_clusters.unwrap_or(0);
+            if k != idx.k {
+                bail!("{name}: a router for K = {k}, but the registry has K = {}", idx.k);
+            }
+            if let Some(old) = &idx.router {
+                if held(old) {
+                    return Ok(Checked::Held(Registered::held(
+                        "router",
+                        None,
+                        Some(k),
+                        &name,
+                        &blob,
+                    )));
+                }
+                if !replace {
+                    return Err(refuse("the registry already has a router", old));
+                }
+            }
+            let priors = m.priors.clone();
+            Ok(Checked::Add(vec![Item::Router {
+                blob,
+                k,
+                priors,
+                classes,
+            }]))
+        }
+    }
+}
+
+/// A model joins only an ensemble of its own space, partition and data.
+fn check_same_ensemble(idx: &Index, name: &str, m: &CheckpointMeta) -> anyhow::Result<()> {
+    if m.latent != idx.latent {
+        let space = |l: &Option<ddm_core::vae::LatentSpace>| {
+            l.as_ref().map_or("pixel space".to_string(), |l| {
+                format!("the latent space of {}", l.describe())
+            })
+        };
+        bail!(
+            "{name}: trained in {}, but this registry's experts are in {}; an ensemble cannot mix spaces",
+            space(&m.latent),
+            space(&idx.latent)
+        );
+    }
+    if m.partition.as_deref() != Some(idx.partition.as_str()) {
+        bail!(
+            "{name}: trained on partition {}, but this registry is for partition {}",
+            m.partition.as_deref().unwrap_or("(none)"),
+            idx.partition
+        );
+    }
+    if m.data != idx.data {
+        bail!(
+            "{name}: a model of {}, but the registry holds {}",
+            m.data,
+            idx.data
+        );
+    }
+    Ok(())
+}
+
+/// The statistics beside an expert's file, when they are this cluster's of this partition.
+fn stats_item(idx: &Index, origin: &Origin, cluster: usize) -> Option<Item> {
+    let Origin::File { stats: Some(s), .. } = origin else {
+        return None;
+    };
+    (s.meta.partition == idx.partition && s.meta.cluster == Some(cluster)).then(|| Item::Stats {
+        cluster,
+        blob: s.blob.clone(),
+    })
+}
+
+/// A VAE joins a registry whose experts were trained in its latent space.
+fn check_vae(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> anyhow::Result<Checked> {
+    let name = origin.name();
+    let Origin::File { blob, .. } = origin else {
+        bail!("{name}: a served VAE cannot be registered; register its checkpoint file");
+    };
+    let ddm_core::model::ModelConfig::Vae(config) = &m.model else {
+        bail!(
+            "{name}: an autoencoder checkpoint whose model is a {}",
+            m.model.arch()
+        );
+    };
+    let space = ddm_core::vae::LatentSpace::of(config, &m.tensors_sha256);
+    match &idx.latent {
+        None => bail!("{name}: a VAE, but this registry's experts were trained in pixel space"),
+        Some(l) if *l != space => bail!(
+            "{name}: this VAE's latent space is {}, but the registry's experts were trained in {}",
+            space.describe(),
+            l.describe()
+        ),
+        Some(_) => {}
+    }
+    if let Some(old) = &idx.vae {
+        if old.sha256 == blob.sha256 {
+            return Ok(Checked::Held(Registered::held("vae", None, None, &name, blob)));
+        }
+        // Same latent space (checked above), so the same weights: a re-saved copy.
+        if !replace {
+            bail!(
+                "{name}: the registry already has a VAE ({}); pass --replace",
+                ddm_core::text::short(&old.sha256, 12)
+            );
+        }
+    }
+    Ok(Checked::Add(vec![Item::Vae { blob: blob.clone() }]))
+}
+
+/// Enter the checked items into the index, a line each (statistics come along unlisted); the
+/// blobs to store (a served expert has none).
+fn add(items: Vec<Item>, idx: &mut Index, lines: &mut Vec<Registered>) -> Vec<Blob> {
     let mut blobs = vec![];
     for item in items {
-        let (path, sha, bytes) = match &item {
-            Item::Expert { path, sha, bytes, .. }
-            | Item::Router { path, sha, bytes, .. }
-            | Item::Stats { path, sha, bytes, .. }
-            | Item::Vae { path, sha, bytes } => (path.clone(), sha.clone(), *bytes),
-        };
-        let classes = match &item {
-            Item::Expert { classes, .. } | Item::Router { classes, .. } => Some(*classes),
-            Item::Stats { .. } | Item::Vae { .. } => None,
-        };
-        let remote = match &item {
-            Item::Expert { remote, .. } => remote.clone(),
-            _ => None,
+        let (blob, classes, remote) = match &item {
+            Item::Expert {
+                blob,
+                classes,
+                remote,
+                ..
+            } => (blob.clone(), Some(*classes), remote.clone()),
+            Item::Router { blob, classes, .. } => (blob.clone(), Some(*classes), None),
+            Item::Stats { blob, .. } | Item::Vae { blob } => (blob.clone(), None, None),
         };
         let entry = Entry {
-            sha256: sha.clone(),
-            bytes,
-            source: path.display().to_string(),
+            sha256: blob.sha256.clone(),
+            bytes: blob.bytes,
+            source: blob.path.display().to_string(),
             registered_at: now(),
             classes,
             remote: remote.clone(),
         };
-        if remote.is_none() {
-            blobs.push((path.clone(), sha.clone()));
-        }
         let line = |role, cluster, k| Registered {
             role,
             cluster,
             k,
-            source: path.display().to_string(),
-            sha256: sha.clone(),
+            source: blob.path.display().to_string(),
+            sha256: blob.sha256.clone(),
             already_registered: false,
         };
+        if remote.is_none() {
+            blobs.push(blob.clone());
+        }
         match item {
             Item::Expert { cluster, .. } => {
                 lines.push(line("expert", Some(cluster), None));
@@ -530,12 +597,7 @@ pub(crate) fn plan(
             }
         }
     }
-    Ok(Plan {
-        index: idx,
-        blobs,
-        lines,
-        changed,
-    })
+    blobs
 }
 
 /// The experts of one registry share their conditioning (all unconditional, or all on the same C
@@ -568,13 +630,13 @@ fn check_conditioning(
         match item {
             Item::Expert {
                 cluster,
-                path,
+                blob,
                 classes,
                 ..
             } => {
-                experts.insert(*cluster, (*classes, path.display().to_string()));
+                experts.insert(*cluster, (*classes, blob.path.display().to_string()));
             }
-            Item::Router { path, classes, .. } => router = Some((*classes, path.display().to_string())),
+            Item::Router { blob, classes, .. } => router = Some((*classes, blob.path.display().to_string())),
             Item::Stats { .. } | Item::Vae { .. } => {}
         }
     }
@@ -621,11 +683,7 @@ const DEFAULT_LOCK_WAIT_S: f64 = 300.0;
 fn lock_registry(dir: &Path) -> anyhow::Result<File> {
     let path = dir.join(LOCK);
     let lock = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    let wait = std::env::var("DDM_REGISTRY_LOCK_WAIT")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v >= 0.0)
-        .unwrap_or(DEFAULT_LOCK_WAIT_S);
+    let wait = ddm_core::env::registry_lock_wait()?.map_or(DEFAULT_LOCK_WAIT_S, |d| d.as_secs_f64());
     let start = std::time::Instant::now();
     let mut said = false;
     loop {

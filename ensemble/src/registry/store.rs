@@ -27,7 +27,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use ddm_core::checkpoint::CheckpointMeta;
 use ddm_core::digest::{Sha256Stream, sha256_file, sha256_hex};
-use ddm_datasets::partition::PartitionManifest;
+use ddm_core::partition::PartitionManifest;
 use futures_util::StreamExt;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, UpdateVersion};
@@ -165,7 +165,7 @@ impl std::fmt::Debug for StoreRegistry {
 impl StoreRegistry {
     /// The store a URL names, configured from the environment. Builds no connection yet.
     pub fn new(url: &str) -> anyhow::Result<Self> {
-        ddm_datasets::download::install_crypto_provider();
+        ddm_net::install_crypto_provider();
         let (scheme, rest) = url.split_once("://").context("not a URL")?;
         let prefix = rest
             .split_once('/')
@@ -350,9 +350,9 @@ impl StoreRegistry {
                 return Ok((None, lines));
             }
             // Blobs before the index that names them (once each, however many retries).
-            for (path, sha) in &blobs {
-                if uploaded.insert(sha.clone()) {
-                    self.put_blob(path, sha).await?;
+            for b in &blobs {
+                if uploaded.insert(b.sha256.clone()) {
+                    self.put_blob(&b.path, &b.sha256).await?;
                 }
             }
             Ok((Some(index), lines))
@@ -371,7 +371,7 @@ impl StoreRegistry {
 
     /// This registry's local cache directory.
     pub fn cache_dir(&self) -> PathBuf {
-        ddm_datasets::env::cache_dir()
+        ddm_core::env::cache_dir()
             .join("registries")
             .join(&sha256_hex(self.url.as_bytes())[..16])
     }
@@ -475,10 +475,7 @@ impl StoreRegistry {
     /// Delete the blobs no entry names, older than the grace period (younger ones may belong to
     /// a registration in flight). With `dry_run`, only lists them.
     pub fn gc(&self, dry_run: bool) -> anyhow::Result<(Vec<String>, u64)> {
-        let grace = std::env::var("DDM_REGISTRY_GC_GRACE")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(DEFAULT_GC_GRACE_S);
+        let grace = ddm_core::env::registry_gc_grace()?.map_or(DEFAULT_GC_GRACE_S, |d| d.as_secs());
         let idx = self
             .index()?
             .with_context(|| format!("{}: no registry here", self.url))?;

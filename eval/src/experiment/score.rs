@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::Checkpoint;
-use ddm_core::flow::{self, Solver, StepSchedule, VelocityField};
+use ddm_core::condition::Condition;
+use ddm_core::flow::{self, Drift, Solver, StepSchedule, VelocityField};
 use ddm_core::host::HostTensor;
 use ddm_ensemble::registry::Registry;
 use ddm_ensemble::sample::Classes;
@@ -21,11 +22,11 @@ use crate::mixture::MixtureReport;
 /// Integrate N samples from the seeded noise with `field` (class-balanced in a conditional
 /// setting); returns them and the seconds taken.
 fn integrate(
-    field: &dyn VelocityField<2>,
+    field: &mut dyn Drift<2>,
     setting: &Setting,
     shape: &[usize],
     device: &Device,
-) -> (Vec<f32>, f64) {
+) -> anyhow::Result<(Vec<f32>, f64)> {
     let per: usize = shape.iter().product();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(setting.seed);
     let x1 = flow::randn(vec![setting.n, per], &mut rng).to_tensor::<2>(device);
@@ -35,8 +36,14 @@ fn integrate(
     });
     let times = StepSchedule::Uniform.times(setting.sample_steps);
     let t0 = Instant::now();
-    let x0 = HostTensor::from_tensor(flow::integrate(field, x1, y, &times, Solver::Euler));
-    (x0.data, t0.elapsed().as_secs_f64())
+    let x0 = HostTensor::from_tensor(flow::integrate(
+        field,
+        x1,
+        &Condition::maybe_class(y),
+        &times,
+        Solver::Euler,
+    )?);
+    Ok((x0.data, t0.elapsed().as_secs_f64()))
 }
 
 fn write_grid(path: &Path, x: &[f32], shape: &[usize]) -> anyhow::Result<()> {
@@ -45,23 +52,23 @@ fn write_grid(path: &Path, x: &[f32], shape: &[usize]) -> anyhow::Result<()> {
     }
     let per: usize = shape.iter().product();
     let shown = &x[..(100 * per).min(x.len())];
-    let px = ddm_datasets::grid::to_u8(shown);
+    let px = ddm_core::grid::to_u8(shown);
     let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
     std::fs::create_dir_all(path.parent().unwrap())?;
-    ddm_datasets::grid::write_grid_png(path, &cells, [shape[0], shape[1], shape[2]], 10, 2, 40)?;
+    ddm_core::grid::write_grid_png(path, &cells, [shape[0], shape[1], shape[2]], 10, 2, 40)?;
     Ok(())
 }
 
 fn judge(
     j: &Judge,
-    field: &dyn VelocityField<2>,
+    field: &mut dyn Drift<2>,
     x: &[f32],
     seed: u64,
     device: &Device,
 ) -> anyhow::Result<(Option<ImageReport>, Option<MixtureReport>)> {
     Ok(match j {
         Judge::Images(e) => (Some(e.evaluate(x, seed)?), None),
-        Judge::Mixture(g) => (None, Some(crate::mixture::evaluate(field, x, g, seed, device))),
+        Judge::Mixture(g) => (None, Some(crate::mixture::evaluate(field, x, g, seed, device)?)),
     })
 }
 
@@ -91,9 +98,9 @@ pub(super) fn evaluate_system(
             }),
             None => Box::new(net),
         };
-        let (x, secs) = integrate(model.as_ref(), setting, &meta.data.shape, &device);
+        let (x, secs) = integrate(&mut model.as_ref(), setting, &meta.data.shape, &device)?;
         write_grid(&samples_png, &x, &meta.data.shape)?;
-        let (images, mixture) = judge(judge_with, model.as_ref(), &x, setting.seed, &device)?;
+        let (images, mixture) = judge(judge_with, &mut model.as_ref(), &x, setting.seed, &device)?;
         return Ok(Row {
             setting: setting.name.clone(),
             stage_pct: pct,
@@ -138,13 +145,10 @@ pub(super) fn evaluate_system(
             k,
         }))
     };
-    let ensemble = Ensemble::new(experts, router, strategy, setting.seed)?;
+    let mut ensemble = Ensemble::new(experts, router, strategy, setting.seed)?;
     let shape = reg.index.data.shape.clone();
-    let (x, secs) = integrate(&ensemble, setting, &shape, &device);
-    if let Some(e) = ensemble.take_error() {
-        return Err(e);
-    }
-    let (rows, router_rows) = ensemble.usage.borrow().iter().fold((0, 0), |(r, q), u| {
+    let (x, secs) = integrate(&mut ensemble, setting, &shape, &device)?;
+    let (rows, router_rows) = ensemble.usage.iter().fold((0, 0), |(r, q), u| {
         (r + u.rows_per_expert.iter().sum::<usize>(), q + u.router_rows)
     });
     // The analytic router's cost is a few dot products per cluster: not counted.
@@ -155,7 +159,7 @@ pub(super) fn evaluate_system(
     };
     let sample_gflops = (rows as f64 / setting.n as f64 * expert_flops * cfg_factor(sys) + router_cost) / 1e9;
     write_grid(&samples_png, &x, &shape)?;
-    let (images, mixture) = judge(judge_with, &ensemble, &x, setting.seed, &device)?;
+    let (images, mixture) = judge(judge_with, &mut ensemble, &x, setting.seed, &device)?;
     Ok(Row {
         setting: setting.name.clone(),
         stage_pct: pct,

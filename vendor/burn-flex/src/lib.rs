@@ -31,6 +31,7 @@ compile_error!(
 
 mod backend;
 mod layout;
+// ddm patch: element-wise loops across threads (see VENDORED.md).
 mod par;
 mod qtensor;
 mod strided_index;

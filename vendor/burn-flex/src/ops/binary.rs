@@ -1,4 +1,8 @@
 //! Binary tensor operations (add, sub, mul, div).
+//!
+//! ddm patch (whole file, many small hunks): the element-wise fast paths (incl. the SIMD in-place
+//! add / sub / mul / div and the scalar ops) run through `crate::par`, split across threads above
+//! 32 Ki elements; their closures gain a `Sync` bound. See VENDORED.md.
 
 use alloc::vec::Vec;
 use burn_backend::{DType, Element};

@@ -1,4 +1,7 @@
 //! Comparison operations returning boolean tensors.
+//!
+//! ddm patch (whole file, small hunks): the closures of the zip helpers this file shares with
+//! `binary.rs` gain a `Sync` bound, as `crate::par` needs. See VENDORED.md.
 
 use alloc::boxed::Box;
 #[cfg(feature = "simd")]

@@ -1,4 +1,7 @@
 //! Unary tensor operations (exp, log, sqrt, sin, cos, etc.).
+//!
+//! ddm patch (whole file, small hunks): the element-wise fast paths run through `crate::par`,
+//! split across threads above 32 Ki elements; their closures gain a `Sync` bound. See VENDORED.md.
 
 use alloc::vec::Vec;
 use burn_backend::DType;

@@ -1,4 +1,4 @@
-//! HTTP(S) for every network use of ddm (data downloads, registration by URL, served experts):
+//! ddm-net: HTTP(S) for every network use of ddm (data downloads, registration by URL, served experts):
 //! one client configuration, and downloads that stream to disk, resume and verify.
 //!
 //! TLS is rustls with the `ring` provider; certificates are checked against the system's roots
@@ -13,13 +13,33 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use ddm_core::env::CA_CERT as CA_CERT_ENV;
 use ddm_core::error::chain;
 use ddm_core::progress::Progress;
 
-/// A PEM file of extra trusted roots (for https to a server with a private or self-signed
-/// certificate).
-pub const CA_CERT_ENV: &str = "DDM_CA_CERT";
+/// What a client or a download can end in: the file, or the URL and what went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How long to wait for a connection, and for each read of a transfer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,8 +64,7 @@ pub fn client_builder() -> Result<reqwest::blocking::ClientBuilder> {
         // each read of the body, not the whole transfer.
         .timeout(READ_TIMEOUT)
         .user_agent(concat!("ddm/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = std::env::var_os(CA_CERT_ENV).filter(|p| !p.is_empty()) {
-        let path = PathBuf::from(path);
+    if let Some(path) = ddm_core::env::ca_cert() {
         let pem = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
             Error::Invalid(format!(

@@ -2,8 +2,6 @@
 
 use std::path::Path;
 
-use image::{ImageEncoder, codecs::png::PngEncoder};
-
 use crate::error::{Error, Result};
 
 /// Write `images` (each `u8` `[C, H, W]`, C = 1 or 3) as a PNG grid with `cols` columns, a
@@ -19,8 +17,9 @@ pub fn write_grid_png(
 ) -> Result<()> {
     let [c, h, w] = shape;
     if c != 1 && c != 3 {
-        return Err(Error::Invalid(format!(
-            "grids take 1- or 3-channel images, got {c} channels"
+        return Err(Error::InvalidConfig(format!(
+            "{}: grids take 1- or 3-channel images, got {c} channels",
+            path.display()
         )));
     }
     let cols = cols.max(1);
@@ -44,22 +43,25 @@ pub fn write_grid_png(
             }
         }
     }
-    let mut png = Vec::new();
-    PngEncoder::new(&mut png)
-        .write_image(&buf, gw as u32, gh as u32, image::ExtendedColorType::Rgb8)
-        .map_err(|e| Error::bad(path, format!("cannot encode PNG: {e}")))?;
-    ddm_core::fsio::write_bytes_atomic(path, &png)?;
-    Ok(())
+    write_rgb_png(path, &buf, gw, gh)
 }
 
 /// Write an RGB8 buffer (`w * h * 3` bytes, row-major) as a PNG, atomically.
 pub fn write_rgb_png(path: &Path, rgb: &[u8], w: usize, h: usize) -> Result<()> {
-    let mut png = Vec::new();
-    PngEncoder::new(&mut png)
-        .write_image(rgb, w as u32, h as u32, image::ExtendedColorType::Rgb8)
-        .map_err(|e| Error::bad(path, format!("cannot encode PNG: {e}")))?;
-    ddm_core::fsio::write_bytes_atomic(path, &png)?;
-    Ok(())
+    let encoded = encode_rgb(rgb, w, h)
+        .map_err(|e| Error::InvalidConfig(format!("{}: cannot encode PNG: {e}", path.display())))?;
+    crate::fsio::write_bytes_atomic(path, &encoded)
+}
+
+fn encode_rgb(rgb: &[u8], w: usize, h: usize) -> Result<Vec<u8>, png::EncodingError> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, w as u32, h as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()?;
+    Ok(out)
 }
 
 /// Map values in [-1, 1] to bytes (clamped): how generated samples become pixels.

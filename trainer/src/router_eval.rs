@@ -12,7 +12,7 @@ use ddm_datasets::Dataset;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::net::RouterNet;
+use ddm_router::net::RouterNet;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BinReport {

@@ -102,6 +102,13 @@ pub fn attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
     }
 }
 
+/// LayerNorm over the last axis without affine parameters, with the given eps:
+/// `(x - mean) / sqrt(var + eps)`.
+pub fn layer_norm_eps<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
+    let (var, mean) = x.clone().var_mean_bias(D - 1);
+    (x - mean) / (var + eps).sqrt()
+}
+
 /// The same operations composed of burn ops: the path on GPU backends, and the reference the
 /// fused kernels are tested against.
 pub mod composite {
@@ -115,7 +122,7 @@ pub mod composite {
     }
 
     pub fn layer_norm_modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>, eps: f64) -> Tensor<3> {
-        let xhat = crate::dit::layer_norm_eps(x, eps);
+        let xhat = super::layer_norm_eps(x, eps);
         xhat * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
     }
 
