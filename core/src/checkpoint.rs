@@ -179,6 +179,30 @@ pub struct CheckpointMeta {
 }
 
 impl CheckpointMeta {
+    /// Whether the recorded values are usable: a valid model, a finite data range, priors that
+    /// are a distribution, K and the cluster in range, the data shape the model's.
+    fn check_values(&self) -> std::result::Result<(), String> {
+        self.model.validate().map_err(|e| format!("model: {e}"))?;
+        check_range(self.data.range).map_err(|e| format!("data: {e}"))?;
+        if let Some(p) = &self.priors {
+            check_priors(p).map_err(|e| format!("priors: {e}"))?;
+        }
+        if let Some(k) = self.num_clusters.filter(|&k| k == 0 || k > MAX_CLUSTERS) {
+            return Err(format!("num_clusters {k}: expected 1 ..= {MAX_CLUSTERS}"));
+        }
+        if let Some(c) = self.cluster.filter(|&c| c >= MAX_CLUSTERS) {
+            return Err(format!("cluster {c}: expected 0 ..= {}", MAX_CLUSTERS - 1));
+        }
+        if self.data.shape != self.model.data_shape() {
+            return Err(format!(
+                "data shape {:?} does not match the model's {:?}",
+                self.data.shape,
+                self.model.data_shape()
+            ));
+        }
+        Ok(())
+    }
+
     /// Metadata for an expert with no partition or training history yet.
     pub fn expert(model: ModelConfig, range: [f32; 2], objective: Objective) -> Self {
         Self::new(Role::Expert, model, range, objective)
@@ -359,24 +383,7 @@ impl Checkpoint {
             }
             _ => {}
         }
-        meta.model.validate().map_err(|e| bad(format!("model: {e}")))?;
-        check_range(meta.data.range).map_err(|e| bad(format!("data: {e}")))?;
-        if let Some(p) = &meta.priors {
-            check_priors(p).map_err(|e| bad(format!("priors: {e}")))?;
-        }
-        if let Some(k) = meta.num_clusters.filter(|&k| k == 0 || k > MAX_CLUSTERS) {
-            return Err(bad(format!("num_clusters {k}: expected 1 ..= {MAX_CLUSTERS}")));
-        }
-        if let Some(c) = meta.cluster.filter(|&c| c >= MAX_CLUSTERS) {
-            return Err(bad(format!("cluster {c}: expected 0 ..= {}", MAX_CLUSTERS - 1)));
-        }
-        if meta.data.shape != meta.model.data_shape() {
-            return Err(bad(format!(
-                "data shape {:?} does not match the model's {:?}",
-                meta.data.shape,
-                meta.model.data_shape()
-            )));
-        }
+        meta.check_values().map_err(bad)?;
         let mut tensors = BTreeMap::new();
         for name in file.names() {
             let t = file.f32(name)?;

@@ -190,29 +190,7 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
         unreachable!("built above")
     };
     let floor = eval.floor(a.n, a.seed)?;
-    let header = format!(
-        "{} ({} training images), K = {}. Experts and monolith {} ({:.3} GFLOPs/forward), lr {}, {} steps; \
-         monolith batch {}, experts batch {}. Router {} ({} steps, batch {}). Samples: N = {} per system \
-         from the same noise, {} Euler steps. Scores in the features of the committed classifier \
-         (sha256 {}…) against the {} test images. Wall time of this setting, all invocations: {:.1} min.",
-        data.name,
-        data.len(),
-        a.k,
-        a.model,
-        experiment::expert_flops(&expert, &data)? / 1e9,
-        a.lr,
-        a.steps,
-        a.batch_size,
-        (a.batch_size / a.k).max(1),
-        a.router_model,
-        router.steps,
-        router.batch_size,
-        a.n,
-        a.sample_steps,
-        &sha[..16],
-        reference_len,
-        experiment::wall_seconds(&dir) / 60.0
-    );
+    let header = images_header(a, &data, &expert, &router, &sha, reference_len, &dir)?;
     let (title, header) = match conditional {
         Some(c) => (
             "Fashion-MNIST, class-conditional",
@@ -236,6 +214,41 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
     )?;
     doc.push_str(&format!("\n![FD vs training FLOPs]({name}/fd.png)\n\n"));
     Ok(doc)
+}
+
+/// The images setting's header: data, K, models, batches, sampling, the classifier, wall time.
+fn images_header(
+    a: &PaperTableConfig,
+    data: &ddm_datasets::Dataset,
+    expert: &TrainConfig,
+    router: &TrainConfig,
+    sha: &str,
+    reference_len: usize,
+    dir: &Path,
+) -> anyhow::Result<String> {
+    Ok(format!(
+        "{} ({} training images), K = {}. Experts and monolith {} ({:.3} GFLOPs/forward), lr {}, {} steps; \
+         monolith batch {}, experts batch {}. Router {} ({} steps, batch {}). Samples: N = {} per system \
+         from the same noise, {} Euler steps. Scores in the features of the committed classifier \
+         (sha256 {}…) against the {} test images. Wall time of this setting, all invocations: {:.1} min.",
+        data.name,
+        data.len(),
+        a.k,
+        a.model,
+        experiment::expert_flops(expert, data)? / 1e9,
+        a.lr,
+        a.steps,
+        a.batch_size,
+        (a.batch_size / a.k).max(1),
+        a.router_model,
+        router.steps,
+        router.batch_size,
+        a.n,
+        a.sample_steps,
+        &sha[..16],
+        reference_len,
+        experiment::wall_seconds(dir) / 60.0
+    ))
 }
 
 /// The Gaussian-mixture setting, scored against the closed form, with the exact field as the

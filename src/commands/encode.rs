@@ -85,33 +85,7 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<()> {
         ddm_core::fsio::check_writable(r)?;
     }
     let n = data.len();
-    let per_latent: usize = space.latent_shape.iter().product();
-    let mut latents = Vec::with_capacity(n * per_latent);
-    let mut reconstructions = vec![];
-    let bar = crate::ui::Bar::new(args.quiet);
-    bar.begin(&format!("encode {}", data.name), n as u64);
-    let mut image_shape = vec![0];
-    image_shape.extend(config.image_shape());
-    for start in (0..n).step_by(args.batch_size) {
-        let idx: Vec<usize> = (start..(start + args.batch_size).min(n)).collect();
-        image_shape[0] = idx.len();
-        let x = HostTensor::new(image_shape.clone(), data.gather(&idx)).to_tensor::<4>(&device);
-        let mean = vae.encode(x).mean; // [B, L, s, s]
-        if args.reconstructions.is_some() {
-            reconstructions.extend(HostTensor::from_tensor(vae.decode(mean.clone())).data);
-        }
-        latents.extend(HostTensor::from_tensor(space.to_model(mean)).data);
-        bar.advance(idx.len() as u64);
-    }
-    bar.finish();
-    if let Some(i) = latents.iter().position(|v| !v.is_finite()) {
-        bail!(
-            "the VAE {} gives a non-finite latent for image {} of {}",
-            args.vae.display(),
-            i / per_latent,
-            data.name
-        );
-    }
+    let (latents, reconstructions) = encode_all(&args, &vae, &space, &data, &device)?;
     let mut shape = vec![n];
     shape.extend(&space.latent_shape);
     let mut tensors = BTreeMap::from([("x".to_string(), HostTensor::new(shape, latents))]);
@@ -153,4 +127,44 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<()> {
         space.describe()
     );
     Ok(())
+}
+
+/// Every image's latent (in the model's scaling), `args.batch_size` at a time, and its
+/// reconstruction when asked for; a non-finite latent is an error naming the image.
+fn encode_all(
+    args: &EncodeArgs,
+    vae: &ddm_core::vae::AutoencoderKL,
+    space: &ddm_core::vae::LatentSpace,
+    data: &ddm_datasets::Dataset,
+    device: &ddm_core::burn::prelude::Device,
+) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+    let n = data.len();
+    let per_latent: usize = space.latent_shape.iter().product();
+    let mut latents = Vec::with_capacity(n * per_latent);
+    let mut reconstructions = vec![];
+    let bar = crate::ui::Bar::new(args.quiet);
+    bar.begin(&format!("encode {}", data.name), n as u64);
+    let mut image_shape = vec![0];
+    image_shape.extend(vae.config().image_shape());
+    for start in (0..n).step_by(args.batch_size) {
+        let idx: Vec<usize> = (start..(start + args.batch_size).min(n)).collect();
+        image_shape[0] = idx.len();
+        let x = HostTensor::new(image_shape.clone(), data.gather(&idx)).to_tensor::<4>(device);
+        let mean = vae.encode(x).mean; // [B, L, s, s]
+        if args.reconstructions.is_some() {
+            reconstructions.extend(HostTensor::from_tensor(vae.decode(mean.clone())).data);
+        }
+        latents.extend(HostTensor::from_tensor(space.to_model(mean)).data);
+        bar.advance(idx.len() as u64);
+    }
+    bar.finish();
+    if let Some(i) = latents.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "the VAE {} gives a non-finite latent for image {} of {}",
+            args.vae.display(),
+            i / per_latent,
+            data.name
+        );
+    }
+    Ok((latents, reconstructions))
 }

@@ -75,8 +75,33 @@ pub fn read_diffusers(dir: &Path) -> Result<(DiTConfig, BTreeMap<String, HostTen
         config_path,
         mut tensors,
     } = crate::diffusers::read::<DiffusersDiT>(dir, "DiTTransformer2DModel")?;
+    let config = config_of(&c, &tensors, &config_path)?;
+    let hidden = config.hidden_size;
+
+    let mut renamed = BTreeMap::new();
+    let t = &mut tensors;
+    let r = &mut renamed;
+    rename(t, r, "pos_embed.proj", "x_embedder.proj");
+    rename(t, r, "proj_out_1", "final_layer.adaLN_modulation.1");
+    rename(t, r, "proj_out_2", "final_layer.linear");
+    for i in 0..c.num_layers {
+        rename_block(t, r, i, dir)?;
+    }
+    renamed.insert("pos_embed".into(), pos_embed_2d(hidden, config.grid()));
+    // Whatever was not renamed keeps diffusers' name, so the loader refuses it by that name.
+    renamed.extend(tensors);
+    Ok((config, renamed))
+}
+
+/// ddm's DiT config for a diffusers `DiTTransformer2DModel` config, refused (naming the config
+/// file) when it is not the architecture ddm's DiT is.
+fn config_of(
+    c: &DiffusersDiT,
+    tensors: &BTreeMap<String, HostTensor>,
+    config_path: &Path,
+) -> Result<DiTConfig> {
     let bad = |reason: String| Error::BadMetadata {
-        path: config_path.clone(),
+        path: config_path.to_path_buf(),
         reason,
     };
     if c.norm_type != "ada_norm_zero"
@@ -122,77 +147,75 @@ pub fn read_diffusers(dir: &Path) -> Result<(DiTConfig, BTreeMap<String, HostTen
         mlp_norm_eps: c.norm_eps,
     };
     config.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(config)
+}
 
-    let mut renamed = BTreeMap::new();
-    let t = &mut tensors;
-    let r = &mut renamed;
-    rename(t, r, "pos_embed.proj", "x_embedder.proj");
-    rename(t, r, "proj_out_1", "final_layer.adaLN_modulation.1");
-    rename(t, r, "proj_out_2", "final_layer.linear");
-    for i in 0..c.num_layers {
-        let (d, b) = (format!("transformer_blocks.{i}"), format!("blocks.{i}"));
-        let emb = format!("{d}.norm1.emb");
-        for (from, to) in [
-            (
-                format!("{emb}.timestep_embedder.linear_1"),
-                format!("{b}.t_embedder.mlp.0"),
-            ),
-            (
-                format!("{emb}.timestep_embedder.linear_2"),
-                format!("{b}.t_embedder.mlp.2"),
-            ),
-            (
-                format!("{emb}.class_embedder.embedding_table"),
-                format!("{b}.y_embedder.embedding_table"),
-            ),
-            (format!("{d}.norm1.linear"), format!("{b}.adaLN_modulation.1")),
-            (format!("{d}.attn1.to_out.0"), format!("{b}.attn.proj")),
-            (format!("{d}.ff.net.0.proj"), format!("{b}.mlp.fc1")),
-            (format!("{d}.ff.net.2"), format!("{b}.mlp.fc2")),
-        ] {
-            rename(t, r, &from, &to);
-        }
-        // q, k, v stacked along the output axis: ddm's fused qkv.
-        for suffix in ["weight", "bias"] {
-            let parts: Vec<Option<HostTensor>> = ["to_q", "to_k", "to_v"]
-                .iter()
-                .map(|p| t.remove(&format!("{d}.attn1.{p}.{suffix}")))
+/// Rename transformer block `i` to ddm's names, its q, k, v stacked into ddm's fused qkv.
+fn rename_block(
+    t: &mut BTreeMap<String, HostTensor>,
+    r: &mut BTreeMap<String, HostTensor>,
+    i: usize,
+    dir: &Path,
+) -> Result<()> {
+    let (d, b) = (format!("transformer_blocks.{i}"), format!("blocks.{i}"));
+    let emb = format!("{d}.norm1.emb");
+    for (from, to) in [
+        (
+            format!("{emb}.timestep_embedder.linear_1"),
+            format!("{b}.t_embedder.mlp.0"),
+        ),
+        (
+            format!("{emb}.timestep_embedder.linear_2"),
+            format!("{b}.t_embedder.mlp.2"),
+        ),
+        (
+            format!("{emb}.class_embedder.embedding_table"),
+            format!("{b}.y_embedder.embedding_table"),
+        ),
+        (format!("{d}.norm1.linear"), format!("{b}.adaLN_modulation.1")),
+        (format!("{d}.attn1.to_out.0"), format!("{b}.attn.proj")),
+        (format!("{d}.ff.net.0.proj"), format!("{b}.mlp.fc1")),
+        (format!("{d}.ff.net.2"), format!("{b}.mlp.fc2")),
+    ] {
+        rename(t, r, &from, &to);
+    }
+    // q, k, v stacked along the output axis: ddm's fused qkv.
+    for suffix in ["weight", "bias"] {
+        let parts: Vec<Option<HostTensor>> = ["to_q", "to_k", "to_v"]
+            .iter()
+            .map(|p| t.remove(&format!("{d}.attn1.{p}.{suffix}")))
+            .collect();
+        if let [Some(q), Some(k), Some(v)] = &parts[..] {
+            if q.shape != k.shape || q.shape != v.shape {
+                return Err(Error::ShapeMismatch {
+                    path: dir.join(crate::diffusers::WEIGHTS),
+                    name: format!("{d}.attn1.to_k.{suffix}"),
+                    expected: q.shape.clone(),
+                    actual: if q.shape != k.shape {
+                        k.shape.clone()
+                    } else {
+                        v.shape.clone()
+                    },
+                });
+            }
+            let mut shape = q.shape.clone();
+            shape[0] *= 3;
+            let data = [&q.data, &k.data, &v.data]
+                .into_iter()
+                .flatten()
+                .copied()
                 .collect();
-            if let [Some(q), Some(k), Some(v)] = &parts[..] {
-                if q.shape != k.shape || q.shape != v.shape {
-                    return Err(Error::ShapeMismatch {
-                        path: dir.join(crate::diffusers::WEIGHTS),
-                        name: format!("{d}.attn1.to_k.{suffix}"),
-                        expected: q.shape.clone(),
-                        actual: if q.shape != k.shape {
-                            k.shape.clone()
-                        } else {
-                            v.shape.clone()
-                        },
-                    });
-                }
-                let mut shape = q.shape.clone();
-                shape[0] *= 3;
-                let data = [&q.data, &k.data, &v.data]
-                    .into_iter()
-                    .flatten()
-                    .copied()
-                    .collect();
-                r.insert(format!("{b}.attn.qkv.{suffix}"), HostTensor::new(shape, data));
-            } else {
-                // Put back what was there: the loader names what is missing or left over.
-                for (p, x) in ["to_q", "to_k", "to_v"].iter().zip(parts) {
-                    if let Some(x) = x {
-                        t.insert(format!("{d}.attn1.{p}.{suffix}"), x);
-                    }
+            r.insert(format!("{b}.attn.qkv.{suffix}"), HostTensor::new(shape, data));
+        } else {
+            // Put back what was there: the loader names what is missing or left over.
+            for (p, x) in ["to_q", "to_k", "to_v"].iter().zip(parts) {
+                if let Some(x) = x {
+                    t.insert(format!("{d}.attn1.{p}.{suffix}"), x);
                 }
             }
         }
     }
-    renamed.insert("pos_embed".into(), pos_embed_2d(hidden, config.grid()));
-    // Whatever was not renamed keeps diffusers' name, so the loader refuses it by that name.
-    renamed.extend(tensors);
-    Ok((config, renamed))
+    Ok(())
 }
 
 /// Move `from.weight` / `from.bias` to `to.weight` / `to.bias`.

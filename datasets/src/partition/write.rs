@@ -118,26 +118,7 @@ pub fn write(
         Ok(())
     };
     // Centroids (and the PCA that maps samples to their feature space).
-    let mut c = BTreeMap::new();
-    if !clustering.centroids.is_empty() {
-        c.insert(
-            "centroids".into(),
-            RawTensor::f32(&HostTensor::new(
-                vec![k, clustering.feature_dim],
-                clustering.centroids.clone(),
-            )),
-        );
-    }
-    if let Some(p) = &clustering.pca {
-        c.insert(
-            "pca_mean".into(),
-            RawTensor::f32(&HostTensor::new(vec![p.dim], p.mean.clone())),
-        );
-        c.insert(
-            "pca_components".into(),
-            RawTensor::f32(&HostTensor::new(vec![p.dim, p.d], p.components.clone())),
-        );
-    }
+    let c = centroid_tensors(clustering, k);
     if !c.is_empty() {
         put("centroids.safetensors", &raw_to_safetensors_bytes(&c, None)?)?;
     }
@@ -159,23 +140,12 @@ pub fn write(
             dataset: info.clone(),
         };
         put(&shard_name(j), &shard_bytes(dataset, idx, &meta)?)?;
-        let label_counts = dataset.labels.as_ref().map(|l| {
-            let mut counts = vec![
-                0usize;
-                dataset
-                    .num_classes
-                    .unwrap_or(0)
-                    .max(1 + *l.iter().max().unwrap_or(&0) as usize)
-            ];
-            idx.iter().for_each(|&i| counts[l[i] as usize] += 1);
-            counts
-        });
         clusters.push(ClusterEntry {
             id: j,
             count: idx.len(),
             prior: idx.len() as f64 / n as f64,
             shard: shard_name(j),
-            label_counts,
+            label_counts: label_counts(dataset, idx),
         });
     }
     let manifest = PartitionManifest {
@@ -194,4 +164,33 @@ pub fn write(
     // Move into place: the directory appears whole or not at all.
     tmp.publish(out)?;
     Ok(manifest)
+}
+
+/// The centroids `[K, F]` and the PCA (`pca_mean` `[F0]`, `pca_components` `[F0, F]`) that maps
+/// samples into their feature space, as tensors to write (none for random shards).
+fn centroid_tensors(clustering: &Clustering, k: usize) -> BTreeMap<String, RawTensor> {
+    let mut c = BTreeMap::new();
+    if !clustering.centroids.is_empty() {
+        let centroids = HostTensor::new(vec![k, clustering.feature_dim], clustering.centroids.clone());
+        c.insert("centroids".into(), RawTensor::f32(&centroids));
+    }
+    if let Some(p) = &clustering.pca {
+        let mean = HostTensor::new(vec![p.dim], p.mean.clone());
+        let components = HostTensor::new(vec![p.dim, p.d], p.components.clone());
+        c.insert("pca_mean".into(), RawTensor::f32(&mean));
+        c.insert("pca_components".into(), RawTensor::f32(&components));
+    }
+    c
+}
+
+/// Samples per label among the samples `idx` (None for unlabelled data).
+fn label_counts(dataset: &Dataset, idx: &[usize]) -> Option<Vec<usize>> {
+    let l = dataset.labels.as_ref()?;
+    let classes = dataset
+        .num_classes
+        .unwrap_or(0)
+        .max(1 + *l.iter().max().unwrap_or(&0) as usize);
+    let mut counts = vec![0usize; classes];
+    idx.iter().for_each(|&i| counts[l[i] as usize] += 1);
+    Some(counts)
 }

@@ -6,26 +6,32 @@
 //! around the read-modify-write makes concurrent registrations from several processes lose nothing.
 
 //!
-//! [`index`] is the file format, [`register`] adds and removes entries, [`publish`] verifies and
-//! exports, [`fetch`] turns URLs and exported folders into local files. Building the sampler's
+//! [`index`] is the file format, [`claims`] what each entry must be, [`register`] checks and
+//! plans a registration and removes entries, [`publish`] verifies and exports, [`fetch`] turns
+//! URLs and exported folders into local files. Where a registry lives is one seam,
+//! [`backend::Backend`]: a directory ([`dir`]) or an object store ([`store`]). Building the sampler's
 //! experts and routers from a registry is the sampler side's job (`crate::experts`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+pub mod backend;
 pub mod claims;
+pub mod dir;
 pub mod fetch;
 pub mod index;
 pub mod publish;
 pub mod register;
 pub mod store;
 
+pub use backend::{Backend, Location};
+pub use dir::DirRegistry;
 pub use fetch::expand_sources;
 pub use index::{Entry, INDEX, Index, read_index};
 pub use publish::{export, verify};
-pub use register::{Registered, gc, register, register_remote, remove};
-pub use store::{Location, StoreRegistry};
+pub use register::{Registered, gc, register, remove};
+pub use store::StoreRegistry;
 
 /// `, conditioned on C classes` for an entry that records it.
 fn conditioning(e: &Entry) -> String {

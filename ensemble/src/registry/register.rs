@@ -16,7 +16,7 @@ use super::index::{Entry, FORMAT, INDEX, Index, LOCK, now, read_index};
 
 /// A file on its way into a registry: where it is, its sha256 and size, hashed once when read.
 #[derive(Debug, Clone)]
-pub(crate) struct Blob {
+pub struct Blob {
     pub path: PathBuf,
     pub sha256: String,
     pub bytes: u64,
@@ -33,14 +33,14 @@ impl Blob {
 }
 
 /// An expert's statistics file found beside it, and whose they say they are.
-pub(crate) struct StatsBeside {
+pub struct StatsBeside {
     blob: Blob,
     meta: StatsMeta,
 }
 
 /// Where a checkpoint to register is: a file (with its statistics, for an expert that has them
 /// beside it), or a server that serves it.
-pub(crate) enum Origin {
+pub enum Origin {
     File { blob: Blob, stats: Option<StatsBeside> },
     Served { url: String, sha256: String, bytes: u64 },
 }
@@ -187,21 +187,15 @@ pub(crate) fn read_checkpoints(paths: &[PathBuf]) -> anyhow::Result<Vec<(Origin,
     Ok(metas)
 }
 
-/// Register checkpoints (experts, a router; an expert's `cluster-stats.safetensors` beside it
-/// comes along). `partition` gives K and the data spec when the registry is new (a router gives K
-/// too). A file the registry already holds (same sha256, same place) is not registered again.
-/// Returns what was registered, in order.
+/// Register checkpoint files into the registry directory `dir` (see
+/// [`super::Location::register`]).
 pub fn register(
     dir: &Path,
     paths: &[PathBuf],
     partition: Option<&PartitionManifest>,
     replace: bool,
 ) -> anyhow::Result<Vec<Registered>> {
-    std::fs::create_dir_all(dir.join("blobs"))
-        .with_context(|| format!("creating the registry {}", dir.display()))?;
-    let metas = read_checkpoints(paths)?;
-    let _lock = lock_registry(dir)?;
-    commit_locked(dir, &metas, partition, replace)
+    commit(dir, &read_checkpoints(paths)?, partition, replace)
 }
 
 /// The experts a `ddm serve` at `url` serves (those of `clusters`, or all), as registration
@@ -248,21 +242,17 @@ pub(crate) fn served_checkpoints(
     Ok(metas)
 }
 
-/// Register experts served by a `ddm serve` at `url` (those of `clusters`, or all it serves):
-/// their metadata (partition fingerprint, data spec, cluster, conditioning) is checked as a
-/// file's would be, and each entry records the URL and the served checkpoint's sha256.
-pub fn register_remote(
+/// The registration of a directory registry: its lock, then [`commit_locked`].
+pub(crate) fn commit(
     dir: &Path,
-    url: &str,
-    clusters: Option<&[usize]>,
+    metas: &[(Origin, CheckpointMeta)],
     partition: Option<&PartitionManifest>,
     replace: bool,
 ) -> anyhow::Result<Vec<Registered>> {
-    let metas = served_checkpoints(url, clusters)?;
     std::fs::create_dir_all(dir.join("blobs"))
         .with_context(|| format!("creating the registry {}", dir.display()))?;
     let _lock = lock_registry(dir)?;
-    commit_locked(dir, &metas, partition, replace)
+    commit_locked(dir, metas, partition, replace)
 }
 
 /// The registration of a directory registry, under its lock: plan, then blobs, then the index.
@@ -294,7 +284,7 @@ fn commit_locked(
 /// What one registration does, decided before anything is written: the index after it, the
 /// files to store as blobs and a line per registered file. `changed` is false
 /// when the registry holds every file already (then nothing is to be written).
-pub(crate) struct Plan {
+pub struct Plan {
     pub index: Index,
     pub blobs: Vec<Blob>,
     pub lines: Vec<Registered>,
@@ -304,7 +294,7 @@ pub(crate) struct Plan {
 /// Check every checkpoint against the registry `existing` (or a new one, from `partition` or a
 /// router), and plan the registration. `classes` gives the conditioning of an existing entry
 /// that does not record it (read from its blob). Reads and writes nothing itself.
-pub(crate) fn plan(
+pub fn plan(
     existing: Option<Index>,
     metas: &[(Origin, CheckpointMeta)],
     partition: Option<&PartitionManifest>,

@@ -20,7 +20,6 @@
 //! `AZURE_*`), else the machine's metadata service. ddm never prints them.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,113 +39,6 @@ const MAX_CONFLICTS: u32 = 200;
 /// `registry gc` on a store leaves blobs younger than this (`DDM_REGISTRY_GC_GRACE`, seconds): a
 /// registration puts its blobs before its index, so a young unnamed blob may be one in flight.
 const DEFAULT_GC_GRACE_S: u64 = 3600;
-
-/// Where a registry is: a directory (`file://` URLs included) or an object store.
-#[derive(Clone, Debug)]
-pub enum Location {
-    Dir(PathBuf),
-    Store(Arc<StoreRegistry>),
-}
-
-impl FromStr for Location {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.split_once("://") {
-            None => Ok(Location::Dir(PathBuf::from(s))),
-            Some(("file", path)) => Ok(Location::Dir(PathBuf::from(path))),
-            Some(_) => StoreRegistry::new(s)
-                .map(|r| Location::Store(Arc::new(r)))
-                .map_err(|e| format!("{e:#}")),
-        }
-    }
-}
-
-impl std::fmt::Display for Location {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Location::Dir(d) => write!(f, "{}", d.display()),
-            Location::Store(s) => write!(f, "{}", s.url),
-        }
-    }
-}
-
-impl Location {
-    /// A directory holding the registry: the directory itself, or the local cache of a store
-    /// registry, pulled now (the index and every blob it names, each checked).
-    pub fn local(&self) -> anyhow::Result<PathBuf> {
-        match self {
-            Location::Dir(d) => Ok(d.clone()),
-            Location::Store(s) => s.pull(),
-        }
-    }
-
-    /// The registry's index (a store's without fetching its blobs).
-    pub fn index(&self) -> anyhow::Result<Index> {
-        match self {
-            Location::Dir(d) => Ok(super::Registry::open(d)?.index),
-            Location::Store(s) => s.index()?.with_context(|| format!("{}: no registry here", s.url)),
-        }
-    }
-
-    /// [`super::register`] into this registry.
-    pub fn register(
-        &self,
-        paths: &[PathBuf],
-        partition: Option<&PartitionManifest>,
-        replace: bool,
-    ) -> anyhow::Result<Vec<Registered>> {
-        match self {
-            Location::Dir(d) => super::register(d, paths, partition, replace),
-            Location::Store(s) => s.register(&super::register::read_checkpoints(paths)?, partition, replace),
-        }
-    }
-
-    /// [`super::register_remote`] into this registry.
-    pub fn register_remote(
-        &self,
-        url: &str,
-        clusters: Option<&[usize]>,
-        partition: Option<&PartitionManifest>,
-        replace: bool,
-    ) -> anyhow::Result<Vec<Registered>> {
-        match self {
-            Location::Dir(d) => super::register_remote(d, url, clusters, partition, replace),
-            Location::Store(s) => s.register(
-                &super::register::served_checkpoints(url, clusters)?,
-                partition,
-                replace,
-            ),
-        }
-    }
-
-    /// [`super::verify`]: a store's blobs are fetched and hashed again (not the cache's).
-    pub fn verify(&self) -> anyhow::Result<Vec<String>> {
-        match self {
-            Location::Dir(d) => super::verify(d),
-            Location::Store(s) => s.verify(),
-        }
-    }
-
-    /// [`super::remove`].
-    pub fn remove(&self, cluster: Option<usize>, router: bool) -> anyhow::Result<()> {
-        match self {
-            Location::Dir(d) => super::remove(d, cluster, router),
-            Location::Store(s) => s.remove(cluster, router),
-        }
-    }
-
-    /// [`super::gc`]: the names (paths, or URLs) of the orphan blobs and their bytes.
-    pub fn gc(&self, dry_run: bool) -> anyhow::Result<(Vec<String>, u64)> {
-        match self {
-            Location::Dir(d) => {
-                let (files, bytes) = super::gc(d, dry_run)?;
-                Ok((files.iter().map(|f| f.display().to_string()).collect(), bytes))
-            }
-            Location::Store(s) => s.gc(dry_run),
-        }
-    }
-}
 
 /// A registry under a prefix of an object store.
 pub struct StoreRegistry {
@@ -506,5 +398,40 @@ impl StoreRegistry {
             let bytes = orphans.iter().map(|o| o.2).sum();
             anyhow::Ok((orphans.into_iter().map(|o| o.1).collect(), bytes))
         })?
+    }
+}
+
+impl super::backend::Backend for StoreRegistry {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn local(&self) -> anyhow::Result<PathBuf> {
+        self.pull()
+    }
+
+    fn index(&self) -> anyhow::Result<Option<Index>> {
+        StoreRegistry::index(self)
+    }
+
+    fn register(
+        &self,
+        metas: &[(Origin, CheckpointMeta)],
+        partition: Option<&PartitionManifest>,
+        replace: bool,
+    ) -> anyhow::Result<Vec<Registered>> {
+        StoreRegistry::register(self, metas, partition, replace)
+    }
+
+    fn verify(&self) -> anyhow::Result<Vec<String>> {
+        StoreRegistry::verify(self)
+    }
+
+    fn remove(&self, cluster: Option<usize>, router: bool) -> anyhow::Result<()> {
+        StoreRegistry::remove(self, cluster, router)
+    }
+
+    fn gc(&self, dry_run: bool) -> anyhow::Result<(Vec<String>, u64)> {
+        StoreRegistry::gc(self, dry_run)
     }
 }
