@@ -152,13 +152,21 @@ impl std::fmt::Display for Registered {
     }
 }
 
-/// Read and check the checkpoints to register: each file's own checksum, finite weights; hashed
-/// once here (the registry's sha256 covers the whole file). An expert's statistics file beside it
-/// is read and hashed here too, so that planning reads nothing.
+/// Read and check the checkpoints to register: each file's own checksum, finite weights, and its
+/// sha256 (the registry's covers the whole file), from one read of the file. An expert's
+/// statistics file beside it is read and hashed here too, so that planning reads nothing; the
+/// file is read once more, and hashed again, only when it is copied into the registry.
 pub(crate) fn read_checkpoints(paths: &[PathBuf]) -> anyhow::Result<Vec<(Origin, CheckpointMeta)>> {
     let mut metas = vec![];
     for p in paths {
-        let ckpt = Checkpoint::read(p)?; // verifies the file's seals and that its weights are finite
+        let raw = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        let blob = Blob {
+            path: p.clone(),
+            sha256: sha256_hex(&raw),
+            bytes: raw.len() as u64,
+        };
+        // Verifies the file's seals and that its weights are finite.
+        let ckpt = Checkpoint::from_file(ddm_core::host::TensorFile::from_bytes(p, raw)?)?;
         if !ckpt.sealed() {
             bail!(
                 "{}: written by an older ddm (checkpoint format {}), whose seal does not cover the whole file; \
@@ -176,13 +184,7 @@ pub(crate) fn read_checkpoints(paths: &[PathBuf]) -> anyhow::Result<Vec<(Origin,
             }),
             false => None,
         };
-        metas.push((
-            Origin::File {
-                blob: Blob::hash(p)?,
-                stats,
-            },
-            ckpt.meta,
-        ));
+        metas.push((Origin::File { blob, stats }, ckpt.meta));
     }
     Ok(metas)
 }
