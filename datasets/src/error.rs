@@ -24,8 +24,6 @@ pub enum Error {
     NotFound { what: String, hint: String },
     #[error(transparent)]
     Core(#[from] ddm_core::Error),
-    #[error(transparent)]
-    Net(#[from] ddm_net::Error),
 }
 
 impl Error {

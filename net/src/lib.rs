@@ -15,31 +15,8 @@ use sha2::{Digest, Sha256};
 
 use ddm_core::env::CA_CERT as CA_CERT_ENV;
 use ddm_core::error::chain;
+use ddm_core::error::{Error, Result};
 use ddm_core::progress::Progress;
-
-/// What a client or a download can end in: the file, or the URL and what went wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl Error {
-    fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
-    }
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How long to wait for a connection, and for each read of a transfer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
