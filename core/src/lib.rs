@@ -17,10 +17,13 @@
 //! - [`condition`]: what a sample is conditioned on (a class, a vector), as experts and routers
 //!   take it; [`partition`]: `partition.json`'s types, the contract islands and registries read.
 //! - [`grid`]: PNG grids of samples.
+//! - [`clip`]: the text encoder (transformers' `CLIPTextModel`) and [`tokenizer`] (captions -> token
+//!   ids through a `tokenizer.json`): what turns a caption into a [`condition::Condition`].
 //!
 //! Depends on one other ddm crate, `ddm-kernels` (re-exported as [`fused`] and [`update`]).
 
 pub mod checkpoint;
+pub mod clip;
 pub mod condition;
 pub mod device;
 pub mod diffusers;
@@ -41,6 +44,7 @@ pub mod partition;
 pub mod progress;
 pub mod stats;
 pub mod text;
+pub mod tokenizer;
 pub mod vae;
 
 /// The fused CPU kernels the DiT and the optimizer run (`ddm-kernels`).

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::clip::ClipTextConfig;
 use crate::dit::{DiT, DiTConfig};
 use crate::error::{Error, Result};
 use crate::flow::{Condition, VelocityError, VelocityField};
@@ -19,14 +20,18 @@ use crate::vae::AutoencoderKLConfig;
 /// A model's architecture and hyper-parameters. Serialised with an `arch` tag (`"dit"`, `"mlp"`,
 /// `"vae"`), as in checkpoint metadata and `ddm import --config`.
 ///
-/// `Vae` is the autoencoder latents come from: a checkpoint can hold it, but it is not a velocity
-/// field ([`ModelConfig::build`] refuses it; [`AutoencoderKLConfig::build`] builds it).
+/// `Vae` is the autoencoder latents come from and `ClipText` the text encoder captions go through
+/// (`"clip-text"`): a checkpoint can hold them, but they are not velocity fields
+/// ([`ModelConfig::build`] refuses them; [`AutoencoderKLConfig::build`] and
+/// [`ClipTextConfig::build`] build them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "arch", rename_all = "lowercase")]
 pub enum ModelConfig {
     Dit(DiTConfig),
     Mlp(MlpConfig),
     Vae(AutoencoderKLConfig),
+    #[serde(rename = "clip-text")]
+    ClipText(ClipTextConfig),
 }
 
 impl ModelConfig {
@@ -72,7 +77,7 @@ impl ModelConfig {
                 c.validate()?;
                 Ok(ModelConfig::Mlp(c))
             }
-            ModelConfig::Vae(_) => Err(not_a_velocity_field()),
+            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => Err(self.not_a_velocity_field()),
         }
     }
 
@@ -82,6 +87,7 @@ impl ModelConfig {
             ModelConfig::Dit(c) => c.validate(),
             ModelConfig::Mlp(c) => c.validate(),
             ModelConfig::Vae(c) => c.validate(),
+            ModelConfig::ClipText(c) => c.validate(),
         }
     }
 
@@ -91,6 +97,7 @@ impl ModelConfig {
             ModelConfig::Dit(c) => c.activation_floats_per_sample(),
             ModelConfig::Mlp(c) => c.activation_floats_per_sample(),
             ModelConfig::Vae(c) => c.activation_floats_per_sample(),
+            ModelConfig::ClipText(c) => c.activation_floats_per_sample(),
         }
     }
 
@@ -99,6 +106,7 @@ impl ModelConfig {
             ModelConfig::Dit(_) => "dit",
             ModelConfig::Mlp(_) => "mlp",
             ModelConfig::Vae(_) => "vae",
+            ModelConfig::ClipText(_) => "clip-text",
         }
     }
 
@@ -108,6 +116,7 @@ impl ModelConfig {
             ModelConfig::Dit(c) => vec![c.in_channels, c.input_size, c.input_size],
             ModelConfig::Mlp(c) => vec![c.dim],
             ModelConfig::Vae(c) => c.image_shape(),
+            ModelConfig::ClipText(c) => c.data_shape(),
         }
     }
 
@@ -117,7 +126,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.num_classes,
             ModelConfig::Mlp(c) => c.num_classes,
-            ModelConfig::Vae(_) => 0,
+            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => 0,
         }
     }
 
@@ -127,7 +136,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.class_rows() > c.num_classes,
             ModelConfig::Mlp(c) => c.class_rows() > c.num_classes,
-            ModelConfig::Vae(_) => false,
+            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => false,
         }
     }
 
@@ -136,6 +145,7 @@ impl ModelConfig {
             ModelConfig::Dit(c) => c.flops_per_sample(),
             ModelConfig::Mlp(c) => c.flops_per_sample(),
             ModelConfig::Vae(c) => c.flops_per_sample(),
+            ModelConfig::ClipText(c) => c.flops_per_sample(),
         }
     }
 
@@ -143,7 +153,7 @@ impl ModelConfig {
         Ok(match self {
             ModelConfig::Dit(c) => Model::Dit(c.build(src)?),
             ModelConfig::Mlp(c) => Model::Mlp(c.build(src)?),
-            ModelConfig::Vae(_) => return Err(not_a_velocity_field()),
+            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => return Err(self.not_a_velocity_field()),
         })
     }
 
@@ -167,10 +177,16 @@ impl ModelConfig {
     }
 }
 
-fn not_a_velocity_field() -> Error {
-    Error::InvalidConfig(
-        "an autoencoder (arch \"vae\") is not a velocity field: it encodes and decodes latents, it cannot be an expert, router or classifier".into(),
-    )
+impl ModelConfig {
+    fn not_a_velocity_field(&self) -> Error {
+        let what = match self {
+            ModelConfig::ClipText(_) => {
+                "a text encoder (arch \"clip-text\") is not a velocity field: it encodes captions"
+            }
+            _ => "an autoencoder (arch \"vae\") is not a velocity field: it encodes and decodes latents",
+        };
+        Error::InvalidConfig(format!("{what}, it cannot be an expert, router or classifier"))
+    }
 }
 
 /// A DiT or an MLP. (Models are few and long-lived, so the size gap between variants is moot.)

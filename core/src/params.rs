@@ -15,7 +15,10 @@ use std::path::PathBuf;
 
 use burn::module::{Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, Linear, PaddingConfig2d};
+use burn::nn::{
+    Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear,
+    PaddingConfig2d,
+};
 use burn::prelude::*;
 use rand::SeedableRng;
 use rand_distr::{Distribution as _, StandardNormal, Uniform};
@@ -81,6 +84,8 @@ pub trait ParamSource {
     fn conv(&mut self, name: &str, spec: ConvSpec, init: Init) -> Result<Conv2d>;
     /// A GroupNorm with affine parameters `name.weight` (ones) and `name.bias` (zeros), `[channels]`.
     fn group_norm(&mut self, name: &str, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm>;
+    /// A LayerNorm with affine parameters `name.weight` (ones) and `name.bias` (zeros), `[d]`.
+    fn layer_norm(&mut self, name: &str, d: usize, eps: f64) -> Result<LayerNorm>;
     /// An embedding table: `name.weight` `[n, d]`.
     fn embedding(&mut self, name: &str, n: usize, d: usize, init: Init) -> Result<Embedding>;
     /// A fixed (untrained) buffer such as `pos_embed`; `computed` is its value when initialising.
@@ -156,6 +161,13 @@ fn check_groups(name: &str, groups: usize, channels: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+fn layer_norm_from(name: &str, eps: f64, w: &HostTensor, b: &HostTensor, device: &Device) -> LayerNorm {
+    let mut norm = LayerNormConfig::new(w.shape[0]).with_epsilon(eps).init(device);
+    norm.gamma = named_param(&format!("{name}.weight"), w.to_tensor::<1>(device));
+    norm.beta = Some(named_param(&format!("{name}.bias"), b.to_tensor::<1>(device)));
+    norm
 }
 
 fn embedding_from(name: &str, w: &HostTensor, device: &Device) -> Embedding {
@@ -246,6 +258,12 @@ impl ParamSource for RandomInit {
         let w = HostTensor::new(vec![channels], vec![1.0; channels]);
         let b = HostTensor::new(vec![channels], vec![0.0; channels]);
         Ok(group_norm_from(name, groups, eps, &w, &b, &self.device))
+    }
+
+    fn layer_norm(&mut self, name: &str, d: usize, eps: f64) -> Result<LayerNorm> {
+        let w = HostTensor::new(vec![d], vec![1.0; d]);
+        let b = HostTensor::new(vec![d], vec![0.0; d]);
+        Ok(layer_norm_from(name, eps, &w, &b, &self.device))
     }
 
     fn embedding(&mut self, name: &str, n: usize, d: usize, init: Init) -> Result<Embedding> {
@@ -350,6 +368,12 @@ impl ParamSource for StateLoader {
         Ok(group_norm_from(name, groups, eps, &w, &b, &self.device))
     }
 
+    fn layer_norm(&mut self, name: &str, d: usize, eps: f64) -> Result<LayerNorm> {
+        let w = self.take(&format!("{name}.weight"), &[d])?;
+        let b = self.take(&format!("{name}.bias"), &[d])?;
+        Ok(layer_norm_from(name, eps, &w, &b, &self.device))
+    }
+
     fn embedding(&mut self, name: &str, n: usize, d: usize, _init: Init) -> Result<Embedding> {
         let w = self.take(&format!("{name}.weight"), &[n, d])?;
         Ok(embedding_from(name, &w, &self.device))
@@ -389,6 +413,15 @@ impl StateDict {
                 self.0
                     .insert(format!("{name}.{suffix}"), HostTensor::from_tensor(p.val()));
             }
+        }
+    }
+
+    pub fn layer_norm(&mut self, name: &str, n: &LayerNorm) {
+        self.0
+            .insert(format!("{name}.weight"), HostTensor::from_tensor(n.gamma.val()));
+        if let Some(b) = &n.beta {
+            self.0
+                .insert(format!("{name}.bias"), HostTensor::from_tensor(b.val()));
         }
     }
 

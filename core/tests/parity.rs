@@ -135,3 +135,52 @@ fn diffusers_dit_matches_diffusers() {
     println!("dit-tiny max abs error vs diffusers: {err:e}");
     assert!(err <= 1e-4, "max abs error {err}");
 }
+
+/// ddm's text encoder and tokenizer against transformers': `testdata/transformers/clip-tiny` (a
+/// random CLIPTextModel and a small CLIP-style tokenizer, made by
+/// `scripts/make_transformers_reference.py`). The captions tokenize to CLIPTokenizerFast's ids and
+/// mask (whitespace folded, cased letters lowered, the long one cut with its end-of-text kept), and
+/// the token states and pooled vector match CLIPTextModel's.
+#[test]
+fn clip_text_model_matches_transformers() {
+    let device = ddm_core::device::cpu();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/transformers");
+    let (config, tensors) = ddm_core::clip::read_transformers(&dir.join("clip-tiny")).unwrap();
+    assert_eq!((config.max_position_embeddings, config.eos_token_id), (16, 1));
+    let model = config.load(tensors, &dir.join("clip-tiny"), &device).unwrap();
+    let tokenizer = ddm_core::clip::read_transformers_tokenizer(&dir.join("clip-tiny"), &config).unwrap();
+
+    let io = TensorFile::read(&dir.join("clip-tiny.io.safetensors")).unwrap();
+    let captions: Vec<String> = serde_json::from_str(&io.metadata["captions"]).unwrap();
+    let batch = tokenizer.encode(&captions).unwrap();
+    assert_eq!(batch.ids, io.i64("input_ids").unwrap().data);
+    let want_mask: Vec<f32> = io
+        .i64("attention_mask")
+        .unwrap()
+        .data
+        .iter()
+        .map(|&m| m as f32)
+        .collect();
+    assert_eq!(batch.mask, want_mask);
+
+    let (ids, mask) = batch.to_tensors(&device);
+    let got = model.forward(ids, mask);
+    for (name, got) in [
+        ("last_hidden_state", HostTensor::from_tensor(got.tokens)),
+        ("pooler_output", HostTensor::from_tensor(got.pooled)),
+    ] {
+        let want = io.f32(name).unwrap();
+        assert_eq!(got.shape, want.shape, "{name}");
+        let err = max_abs_diff(&got.data, &want.data);
+        println!("clip-tiny {name}: max abs error vs transformers {err:e}");
+        assert!(err <= 1e-4, "{name}: max abs error {err}");
+    }
+
+    // Written out and read back (what a checkpoint stores), the tokenizer gives the same ids.
+    let json = tokenizer.to_json().unwrap();
+    let back = ddm_core::tokenizer::TextTokenizer::from_json(&json, "stored", 16, "<|endoftext|>").unwrap();
+    assert_eq!(
+        back.encode(&captions).unwrap(),
+        tokenizer.encode(&captions).unwrap()
+    );
+}

@@ -79,10 +79,11 @@ impl RouterNet {
                 }
                 (RouterBody::Mlp(m.build(src)?), m.hidden_size)
             }
-            ModelConfig::Vae(_) => {
-                return Err(ddm_core::Error::InvalidConfig(
-                    "a router is a DiT trunk or an MLP, not an autoencoder".into(),
-                ));
+            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => {
+                return Err(ddm_core::Error::InvalidConfig(format!(
+                    "a router is a DiT trunk or an MLP, not a model of arch \"{}\"",
+                    config.arch()
+                )));
             }
         };
         let c_embedder = match condition_dim {
