@@ -35,6 +35,8 @@ pub enum Commands {
     TrainAutoencoder(commands::train_autoencoder::TrainAutoencoderArgs),
     /// Encode images into a VAE's latent space: a `tensors:` dataset to partition and train on.
     Encode(commands::encode::EncodeArgs),
+    /// Encode captions with a text encoder: pooled vectors (and token states) to condition on.
+    EncodeText(commands::encode_text::EncodeTextArgs),
     /// Evaluate a router per noise level: accuracy, cross-entropy, calibration.
     EvalRouter(commands::eval_router::EvalRouterArgs),
     /// Add experts and a router to a registry (verified; concurrent-safe).
@@ -71,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Commands::TrainRouter(args) => commands::train_router::run(args),
         Commands::TrainAutoencoder(args) => commands::train_autoencoder::run(args),
         Commands::Encode(args) => commands::encode::run(args).map(|()| 0),
+        Commands::EncodeText(args) => commands::encode_text::run(args).map(|()| 0),
         Commands::EvalRouter(args) => commands::eval_router::run(args).map(|()| 0),
         Commands::Register(args) => commands::register::register(args).map(|()| 0),
         Commands::Registry(args) => commands::register::registry_cmd(args).map(|()| 0),

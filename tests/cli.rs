@@ -31,6 +31,7 @@ fn help_lists_every_verb_and_each_has_help() {
         "train-router",
         "train-autoencoder",
         "encode",
+        "encode-text",
         "eval-router",
         "register",
         "registry",

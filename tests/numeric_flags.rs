@@ -150,6 +150,19 @@ fn fixture() -> &'static Path {
                 "--quiet",
             ],
         ));
+        let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/transformers/clip-tiny");
+        common::ok(common::ddm(
+            d,
+            &[
+                "import",
+                "--from",
+                "transformers-clip",
+                clip.to_str().unwrap(),
+                "--out",
+                "te.safetensors",
+            ],
+        ));
+        std::fs::write(d.join("captions.txt"), "a dark ankle boot\na light pullover\n").unwrap();
         let x = ddm_core::host::HostTensor::new(vec![2, 2], vec![0.5, -0.5, 1.0, 0.0]);
         let t = ddm_core::host::HostTensor::new(vec![2], vec![0.3, 0.7]);
         ddm_core::host::write_tensors(
@@ -269,6 +282,16 @@ fn context(path: &[String]) -> Option<Vec<String>> {
             "idx:F/imgs",
             "--out",
             "l.safetensors",
+            "{FLAG}",
+        ],
+        ["encode-text"] => &[
+            "encode-text",
+            "--encoder",
+            "F/te.safetensors",
+            "--captions",
+            "F/captions.txt",
+            "--out",
+            "t.safetensors",
             "{FLAG}",
         ],
         ["eval-router"] => &[

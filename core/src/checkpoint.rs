@@ -13,10 +13,12 @@ use std::path::Path;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::clip::{ClipTextConfig, ClipTextModel, TextSpace};
 use crate::error::{Error, Result};
 use crate::flow::DdpmSchedule;
 use crate::host::{HostTensor, TensorFile};
 use crate::model::{Model, ModelConfig};
+use crate::tokenizer::TextTokenizer;
 use crate::vae::{AutoencoderKL, LatentSpace};
 
 /// The checkpoint format this build writes. Version 3 seals the whole file: the metadata carries
@@ -76,6 +78,10 @@ pub enum Role {
     /// The VAE whose latents experts are trained on (`ddm train-autoencoder`, `ddm import --from
     /// diffusers-vae`).
     Autoencoder,
+    /// The text encoder captions go through (`ddm import --from transformers-clip`), with its
+    /// tokenizer.
+    #[serde(rename = "text-encoder")]
+    TextEncoder,
 }
 
 impl std::fmt::Display for Role {
@@ -86,6 +92,7 @@ impl std::fmt::Display for Role {
             Role::Router => "router",
             Role::Classifier => "classifier",
             Role::Autoencoder => "autoencoder",
+            Role::TextEncoder => "text-encoder",
         })
     }
 }
@@ -161,6 +168,10 @@ pub struct CheckpointMeta {
     /// A router conditioned on per-sample conditioning vectors: their length (the data's `c`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition_dim: Option<usize>,
+    /// A text encoder's tokenizer: the `tokenizer.json` text, its padding and length set (sealed
+    /// with the rest of the file, so the ids a caption becomes cannot drift from the weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
     #[serde(default)]
     pub training: Option<TrainingSummary>,
     /// Free-form provenance, e.g. "imported from PyTorch weights x.safetensors".
@@ -200,6 +211,20 @@ impl CheckpointMeta {
                 self.model.data_shape()
             ));
         }
+        let is_text_encoder = matches!(self.model, ModelConfig::ClipText(_));
+        if (self.role == Role::TextEncoder) != is_text_encoder {
+            return Err(format!(
+                "role {} with a model of arch {}",
+                self.role,
+                self.model.arch()
+            ));
+        }
+        if (self.role == Role::TextEncoder) != self.tokenizer.is_some() {
+            return Err(match self.tokenizer {
+                None => "a text encoder without its tokenizer".into(),
+                Some(_) => format!("a tokenizer in a checkpoint of role {}", self.role),
+            });
+        }
         Ok(())
     }
 
@@ -222,6 +247,20 @@ impl CheckpointMeta {
     /// for it.
     pub fn classifier(model: ModelConfig, range: [f32; 2]) -> Self {
         Self::new(Role::Classifier, model, range, Objective::Velocity)
+    }
+
+    /// Metadata for a text encoder with its tokenizer (a `tokenizer.json` text); the data it reads
+    /// are token ids.
+    pub fn text_encoder(config: ClipTextConfig, tokenizer: String) -> Self {
+        let range = [0.0, config.vocab_size as f32];
+        let mut m = Self::new(
+            Role::TextEncoder,
+            ModelConfig::ClipText(config),
+            range,
+            Objective::Velocity,
+        );
+        m.tokenizer = Some(tokenizer);
+        m
     }
 
     /// Metadata for a VAE (`model` is `ModelConfig::Vae`) of images in `range`.
@@ -248,6 +287,7 @@ impl CheckpointMeta {
             extra: BTreeMap::new(),
             condition_dim: None,
             latent: None,
+            tokenizer: None,
             tensors_sha256: String::new(),
             table_sha256: String::new(),
         }
@@ -420,6 +460,32 @@ impl Checkpoint {
             });
         };
         config.load(self.tensors.clone(), path, device)
+    }
+
+    /// Build the text encoder and tokenizer a `Role::TextEncoder` checkpoint holds.
+    pub fn text_encoder(&self, path: &Path, device: &Device) -> Result<(ClipTextModel, TextTokenizer)> {
+        let bad = |reason: String| Error::BadMetadata {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (ModelConfig::ClipText(config), Some(json)) = (&self.meta.model, &self.meta.tokenizer) else {
+            return Err(bad(format!(
+                "holds a model of role {} ({}), not a text encoder",
+                self.meta.role,
+                self.meta.model.arch()
+            )));
+        };
+        let origin = format!("{}: its tokenizer", path.display());
+        let tokenizer = TextTokenizer::from_json(json, &origin, config.max_position_embeddings, "")?;
+        Ok((config.load(self.tensors.clone(), path, device)?, tokenizer))
+    }
+
+    /// The text space of the encoder this checkpoint holds (its tensors' sha256 names it).
+    pub fn text_space(&self) -> Option<TextSpace> {
+        match &self.meta.model {
+            ModelConfig::ClipText(c) => Some(TextSpace::of(c, &self.meta.tensors_sha256)),
+            _ => None,
+        }
     }
 
     /// The latent space of the VAE this checkpoint holds (its tensors' sha256 names it).

@@ -359,6 +359,39 @@ impl EncoderLayer {
     }
 }
 
+/// The space text conditions live in: which encoder made them (the sha256 of its checkpoint's
+/// tensors) and their shapes. Data, experts and routers conditioned on text record it; what was
+/// made by one encoder is refused beside another's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextSpace {
+    /// sha256 (hex) of the text encoder checkpoint's tensors (its `tensors_sha256`).
+    pub encoder_sha256: String,
+    /// The width D of pooled vectors and token states.
+    pub dim: usize,
+    /// The token sequence length L.
+    pub length: usize,
+}
+
+impl TextSpace {
+    pub fn of(config: &ClipTextConfig, encoder_sha256: &str) -> Self {
+        Self {
+            encoder_sha256: encoder_sha256.to_string(),
+            dim: config.hidden_size,
+            length: config.max_position_embeddings,
+        }
+    }
+
+    /// A short name for messages: the encoder's first 12 hex digits and the shapes.
+    pub fn describe(&self) -> String {
+        format!(
+            "text encoder {} (D {}, L {})",
+            crate::text::short(&self.encoder_sha256, 12),
+            self.dim,
+            self.length
+        )
+    }
+}
+
 /// transformers' config.json for a text encoder: a `CLIPTextModel`'s (`model_type`
 /// `clip_text_model`), or a whole `CLIPModel`'s whose `text_config` is read.
 #[derive(Deserialize)]

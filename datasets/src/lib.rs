@@ -7,6 +7,7 @@
 //! [`partition`] writes the partition directory: `partition.json` plus one shard per cluster, which
 //! is all one island needs.
 
+pub mod captions;
 pub mod cifar;
 pub mod dataset;
 pub mod embedded;

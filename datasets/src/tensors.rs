@@ -92,6 +92,10 @@ impl Source for TensorsFile {
 /// The metadata key under which `ddm encode` records the latent space (JSON).
 pub const LATENT_KEY: &str = "ddm-latent";
 
+/// The metadata key under which `ddm encode-text` records the text space of `c` (JSON: which
+/// encoder, D, L).
+pub const TEXT_SPACE_KEY: &str = "ddm-text-space";
+
 /// The metadata key under which `ddm encode` keeps the source's class names (a JSON list).
 pub const CLASS_NAMES_KEY: &str = "ddm-class-names";
 

@@ -5,6 +5,8 @@
 //! `hidden_size`, `depth`, `num_heads`, ...: the form `ddm_core::dit::config::DitConfig` reads).
 //! `--from diffusers-vae`: a diffusers AutoencoderKL directory (`config.json`,
 //! `diffusion_pytorch_model.safetensors`, as `save_pretrained` writes it; Stable Diffusion's VAE).
+//! `--from transformers-clip`: a transformers CLIPTextModel directory (`config.json`,
+//! `model.safetensors`) and its `tokenizer.json`: the text encoder, its tokenizer sealed inside.
 //! Every tensor is checked against the config (names and shapes, nothing missing, nothing extra)
 //! before the checkpoint is written.
 
@@ -28,6 +30,9 @@ pub enum Source {
     Diffusers,
     /// A diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors).
     DiffusersVae,
+    /// A transformers CLIPTextModel (or CLIPModel) directory (config.json + model.safetensors)
+    /// with its tokenizer.json there or in ../tokenizer/: a text encoder for `ddm encode-text`.
+    TransformersClip,
     /// A checkpoint written by an older ddm (format 1 or 2), whose seal does not cover the whole
     /// file: verified as far as its format allows, then written sealed whole, its metadata and
     /// tensors unchanged (--objective and --range are not read). A format-1 file without any seal
@@ -38,14 +43,14 @@ pub enum Source {
 /// Import a model trained elsewhere as a ddm expert checkpoint.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  ddm import --from pytorch dit.safetensors --config dit.json --out expert.safetensors\n  ddm import --from pytorch ddpm.safetensors --config dit.json --objective epsilon-linear --out e.safetensors\n  ddm import --from diffusers dit-xl-2-256/transformer --objective epsilon-linear --out expert.safetensors\n  ddm import --from diffusers island-3/transformer --partition part --cluster 3 --out expert-3.safetensors\n  ddm import --from diffusers-vae sd-vae-ft-mse/ --out vae.safetensors"
+    after_help = "Examples:\n  ddm import --from pytorch dit.safetensors --config dit.json --out expert.safetensors\n  ddm import --from pytorch ddpm.safetensors --config dit.json --objective epsilon-linear --out e.safetensors\n  ddm import --from diffusers dit-xl-2-256/transformer --objective epsilon-linear --out expert.safetensors\n  ddm import --from diffusers island-3/transformer --partition part --cluster 3 --out expert-3.safetensors\n  ddm import --from diffusers-vae sd-vae-ft-mse/ --out vae.safetensors\n  ddm import --from transformers-clip sd-v1-5/text_encoder --out text-encoder.safetensors"
 )]
 pub struct ImportArgs {
     /// Where the weights come from.
     #[arg(long, value_enum, default_value = "pytorch")]
     pub from: Source,
     /// The weights (safetensors, PyTorch parameter names, Linear weights [out, in]); with
-    /// --from diffusers-vae, the model's directory.
+    /// --from diffusers, diffusers-vae or transformers-clip, the model's directory.
     pub weights: PathBuf,
     /// The model's config as JSON: `{"arch": "dit", "input_size": 28, "patch_size": 4, ...}`
     /// (`arch` defaults to "dit"). Not for diffusers (its directory has config.json).
@@ -102,10 +107,11 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     }
     let (config, tensors, origin) = match (args.from, &args.config) {
         (Source::DiffusersVae, None) => return import_diffusers_vae(&args),
+        (Source::TransformersClip, None) => return import_transformers_clip(&args),
         (Source::Ddm, None) => return reseal(&args),
-        (Source::Diffusers | Source::DiffusersVae | Source::Ddm, Some(_)) => {
+        (Source::Diffusers | Source::DiffusersVae | Source::TransformersClip | Source::Ddm, Some(_)) => {
             bail!(
-                "--config is for --from pytorch; a diffusers directory and a ddm checkpoint carry their own"
+                "--config is for --from pytorch; a diffusers or transformers directory and a ddm checkpoint carry their own"
             )
         }
         (Source::Diffusers, None) => {
@@ -243,6 +249,35 @@ fn import_diffusers_vae(args: &ImportArgs) -> anyhow::Result<()> {
         ckpt.tensors.len(),
         space.latent_shape,
         space.scaling_factor
+    );
+    Ok(())
+}
+
+/// A transformers CLIP text encoder directory and its tokenizer -> a ddm text-encoder checkpoint
+/// (transformers' tensors and config; the tokenizer, padded to the encoder's length, in its
+/// metadata).
+fn import_transformers_clip(args: &ImportArgs) -> anyhow::Result<()> {
+    let (config, tensors) = ddm_core::clip::read_transformers(&args.weights)?;
+    let origin = args.weights.join(ddm_core::clip::TRANSFORMERS_WEIGHTS);
+    let encoder = config.load(tensors, &origin, &ddm_core::device::cpu())?;
+    let tokenizer = ddm_core::clip::read_transformers_tokenizer(&args.weights, &config)?;
+    let mut meta = CheckpointMeta::text_encoder(config, tokenizer.to_json()?);
+    meta.source = Some(format!(
+        "imported from the transformers CLIPTextModel {}",
+        args.weights.display()
+    ));
+    let ckpt = Checkpoint {
+        meta,
+        tensors: encoder.state_dict().0,
+    };
+    ckpt.save(&args.out)?;
+    let space = ckpt.text_space().expect("a text encoder has a text space");
+    println!(
+        "wrote {} ({} tensors; captions of up to {} tokens -> vectors of {})",
+        args.out.display(),
+        ckpt.tensors.len(),
+        space.length,
+        space.dim
     );
     Ok(())
 }

@@ -3,6 +3,7 @@
 pub mod data;
 pub mod distill;
 pub mod encode;
+pub mod encode_text;
 pub mod eval;
 pub mod eval_router;
 pub mod experiment;

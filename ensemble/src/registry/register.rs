@@ -350,7 +350,7 @@ fn new_index(
     let first = metas
         .iter()
         .map(|(_, m)| m)
-        .find(|m| m.role != Role::Autoencoder)
+        .find(|m| matches!(m.role, Role::Expert | Role::Router))
         .context("nothing to register but a VAE: register the experts first (they say which latent space the registry is in)")?;
     Ok(Index {
         latent: first.latent.clone(),
@@ -377,6 +377,11 @@ fn check(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> any
     let name = origin.name();
     if m.role == Role::Autoencoder {
         return check_vae(idx, origin, m, replace);
+    }
+    if m.role == Role::TextEncoder {
+        bail!(
+            "{name}: a text encoder is not a member of an ensemble; `ddm encode-text` turns captions into the conditioning experts and routers read"
+        );
     }
     check_same_ensemble(idx, &name, m)?;
     let (blob, remote) = origin.blob();
@@ -422,6 +427,7 @@ fn check(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> any
         }
         Role::Classifier => bail!("{name}: a classifier (used by ddm eval) cannot join an ensemble"),
         Role::Autoencoder => unreachable!("VAEs are checked above"),
+        Role::TextEncoder => unreachable!("text encoders are refused above"),
         Role::Router if remote.is_some() => {
             bail!("{name}: a served router cannot be registered; register its checkpoint file")
         }

@@ -1,0 +1,204 @@
+//! Text conditioning from the command line: a transformers CLIP text encoder imported with its
+//! tokenizer, captions encoded into the vectors (and token states) models condition on, joined to
+//! the samples they describe, and the refusals that keep one encoder's conditions from another's.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{ddm, fails, ok, registry_fixture, tiny_images};
+use ddm_core::checkpoint::Checkpoint;
+use ddm_core::host::TensorFile;
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/transformers")
+}
+
+fn import_encoder(d: &Path) {
+    let src = testdata().join("clip-tiny");
+    let out = ok(ddm(
+        d,
+        &[
+            "import",
+            "--from",
+            "transformers-clip",
+            src.to_str().unwrap(),
+            "--out",
+            "te.safetensors",
+        ],
+    ));
+    assert!(out.contains("up to 16 tokens -> vectors of 32"), "{out}");
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// `ddm import --from transformers-clip` then `ddm encode-text --tokens` on the reference captions
+/// (a .jsonl file): the file's `c`, `c_tokens` and `c_mask` are transformers' pooled output, token
+/// states and attention mask, and its metadata names the encoder by its tensors' sha256.
+#[test]
+fn imported_clip_encodes_captions_as_transformers_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    import_encoder(d);
+    let info = ok(ddm(d, &["info", "te.safetensors"]));
+    assert!(info.contains("text-encoder"), "{info}");
+
+    let io = TensorFile::read(&testdata().join("clip-tiny.io.safetensors")).unwrap();
+    let captions: Vec<String> = serde_json::from_str(&io.metadata["captions"]).unwrap();
+    let lines: Vec<String> = captions
+        .iter()
+        .map(|c| serde_json::json!({ "caption": c }).to_string())
+        .collect();
+    std::fs::write(d.join("captions.jsonl"), lines.join("\n")).unwrap();
+    let out = ok(ddm(
+        d,
+        &[
+            "encode-text",
+            "--encoder",
+            "te.safetensors",
+            "--captions",
+            "captions.jsonl",
+            "--tokens",
+            "--quiet",
+            "--out",
+            "text.safetensors",
+        ],
+    ));
+    assert!(
+        out.contains("4 captions -> c [4, 32], c_tokens [4, 16, 32], c_mask [4, 16]"),
+        "{out}"
+    );
+
+    let text = TensorFile::read(&d.join("text.safetensors")).unwrap();
+    for (ours, theirs) in [("c", "pooler_output"), ("c_tokens", "last_hidden_state")] {
+        let (got, want) = (text.f32(ours).unwrap(), io.f32(theirs).unwrap());
+        assert_eq!(got.shape, want.shape, "{ours}");
+        let err = max_abs_diff(&got.data, &want.data);
+        assert!(
+            err <= 1e-4,
+            "{ours}: max abs error {err} against transformers' {theirs}"
+        );
+    }
+    let mask = text.f32("c_mask").unwrap().data;
+    let want: Vec<f32> = io
+        .i64("attention_mask")
+        .unwrap()
+        .data
+        .iter()
+        .map(|&m| m as f32)
+        .collect();
+    assert_eq!(mask, want);
+    let space: ddm_core::clip::TextSpace =
+        serde_json::from_str(&text.metadata[ddm_datasets::tensors::TEXT_SPACE_KEY]).unwrap();
+    let encoder = Checkpoint::read(&d.join("te.safetensors")).unwrap();
+    assert_eq!(space, encoder.text_space().unwrap());
+}
+
+/// With --data, caption i is written beside sample i: a `tensors:` dataset (`x` as bytes, `y`,
+/// `c`) that `ddm partition` reads as it is. Caption and sample counts must agree.
+#[test]
+fn captions_join_their_samples_as_one_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    import_encoder(d);
+    tiny_images(&d.join("data"));
+    let captions: Vec<String> = (0..96)
+        .map(|i| match i % 2 {
+            0 => format!("a bright left half, number {i}"),
+            _ => format!("a bright top half, number {i}"),
+        })
+        .collect();
+    std::fs::write(d.join("captions.txt"), captions.join("\n")).unwrap();
+    let args = |captions: &'static str| {
+        [
+            "encode-text",
+            "--encoder",
+            "te.safetensors",
+            "--captions",
+            captions,
+            "--data",
+            "idx:data",
+            "--quiet",
+            "--out",
+            "train.safetensors",
+        ]
+    };
+    ok(ddm(d, &args("captions.txt")));
+    let f = TensorFile::read(&d.join("train.safetensors")).unwrap();
+    assert_eq!(f.u8("x").unwrap().0, vec![96, 1, 8, 8]);
+    assert_eq!(f.i64("y").unwrap().data.len(), 96);
+    assert_eq!(f.f32("c").unwrap().shape, vec![96, 32]);
+    // Different captions, different vectors; the same caption twice, the same vector.
+    let c = f.f32("c").unwrap().data;
+    assert!(max_abs_diff(&c[..32], &c[32..64]) > 1e-3);
+    ok(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "tensors:train.safetensors",
+            "--k",
+            "2",
+            "--out",
+            "part",
+            "--quiet",
+        ],
+    ));
+
+    std::fs::write(d.join("few.txt"), "one caption\nand another\n").unwrap();
+    let err = fails(ddm(d, &args("few.txt")));
+    assert!(
+        err.contains("few.txt has 2 captions") && err.contains("96 samples"),
+        "{err}"
+    );
+}
+
+/// What is not a text encoder is refused as one, and a text encoder is not an ensemble member.
+#[test]
+fn a_text_encoder_is_used_only_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    import_encoder(d);
+    let experts = registry_fixture(d, 2);
+    std::fs::write(d.join("c.txt"), "a caption\n").unwrap();
+    let expert = experts[0].to_str().unwrap();
+    let err = fails(ddm(
+        d,
+        &[
+            "encode-text",
+            "--encoder",
+            expert,
+            "--captions",
+            "c.txt",
+            "--out",
+            "t.safetensors",
+        ],
+    ));
+    assert!(
+        err.contains("role expert") && err.contains("--encoder takes a text encoder"),
+        "{err}"
+    );
+    let err = fails(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            expert,
+            "te.safetensors",
+        ],
+    ));
+    assert!(
+        err.contains("te.safetensors: a text encoder is not a member of an ensemble"),
+        "{err}"
+    );
+    assert!(
+        !d.join("reg/registry.json").exists(),
+        "a refused registration writes nothing"
+    );
+}
