@@ -202,3 +202,156 @@ fn a_text_encoder_is_used_only_as_one() {
         "a refused registration writes nothing"
     );
 }
+
+/// `ddm data captions` measures what each image shows and phrases it; `ddm encode-text` reads the
+/// .jsonl it writes as it is. Three classes of bars (narrow, medium, wide) at four brightnesses:
+/// each caption names its class, its width's third and its shade's.
+#[test]
+fn measured_captions_describe_their_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    import_encoder(d);
+    for (class, cols) in [("bag", 3..5), ("coat", 2..6), ("dress", 1..7)] {
+        std::fs::create_dir_all(d.join("imgs").join(class)).unwrap();
+        for (i, v) in [60u8, 120, 180, 240].into_iter().enumerate() {
+            let px: Vec<u8> = (0..64)
+                .map(|p| {
+                    if (1..7).contains(&(p / 8)) && cols.contains(&(p % 8)) {
+                        v
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let path = d.join(format!("imgs/{class}/{i}.png"));
+            ddm_core::grid::write_grid_png(&path, &[Some(px.as_slice())], [1, 8, 8], 1, 0, 0).unwrap();
+        }
+    }
+    let out = ok(ddm(
+        d,
+        &[
+            "data",
+            "captions",
+            "--data",
+            "images:imgs@8",
+            "--out",
+            "captions.jsonl",
+        ],
+    ));
+    assert!(out.contains("12 captions"), "{out}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(d.join("captions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 12);
+    for (i, l) in lines.iter().enumerate() {
+        let (class, width) = [("bag", "narrow"), ("coat", "medium-width"), ("dress", "wide")][i / 4];
+        assert_eq!(
+            (l["class"].as_str(), l["width"].as_str()),
+            (Some(class), Some(width)),
+            "image {i}: {l}"
+        );
+        let shade = if i % 4 == 0 {
+            "dark"
+        } else if i % 4 == 3 {
+            "light"
+        } else {
+            ""
+        };
+        if !shade.is_empty() {
+            assert_eq!(l["shade"], shade, "image {i}: {l}");
+        }
+        assert!(l["caption"].as_str().unwrap().contains(class), "{l}");
+    }
+    let openings: std::collections::BTreeSet<&str> = lines
+        .iter()
+        .map(|l| l["caption"].as_str().unwrap().split(' ').next().unwrap())
+        .collect();
+    assert!(openings.len() >= 2, "captions open with {openings:?} only");
+    ok(ddm(
+        d,
+        &[
+            "encode-text",
+            "--encoder",
+            "te.safetensors",
+            "--captions",
+            "captions.jsonl",
+            "--data",
+            "images:imgs@8",
+            "--quiet",
+            "--out",
+            "train.safetensors",
+        ],
+    ));
+    assert_eq!(
+        TensorFile::read(&d.join("train.safetensors"))
+            .unwrap()
+            .f32("c")
+            .unwrap()
+            .shape,
+        vec![12, 32]
+    );
+}
+
+/// An image folder with a caption beside each image (webdataset's layout) needs no --captions;
+/// without captions of its own, the folder is named.
+#[test]
+fn an_image_folder_brings_its_own_captions() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    import_encoder(d);
+    std::fs::create_dir_all(d.join("photos")).unwrap();
+    for (i, caption) in ["a dark square", "a light square", "a bag"].iter().enumerate() {
+        let v = [30u8, 220, 120][i];
+        let px = vec![v; 64];
+        ddm_core::grid::write_grid_png(
+            &d.join(format!("photos/{i}.png")),
+            &[Some(px.as_slice())],
+            [1, 8, 8],
+            1,
+            0,
+            1,
+        )
+        .unwrap();
+        std::fs::write(d.join(format!("photos/{i}.txt")), caption).unwrap();
+    }
+    let args = [
+        "encode-text",
+        "--encoder",
+        "te.safetensors",
+        "--data",
+        "images:photos@8",
+        "--quiet",
+        "--out",
+        "t.safetensors",
+    ];
+    let out = ok(ddm(d, &args));
+    assert!(out.contains("3 captions"), "{out}");
+    // The same captions from a file give the same vectors.
+    std::fs::write(d.join("c.txt"), "a dark square\na light square\na bag\n").unwrap();
+    ok(ddm(
+        d,
+        &[
+            "encode-text",
+            "--encoder",
+            "te.safetensors",
+            "--captions",
+            "c.txt",
+            "--quiet",
+            "--out",
+            "u.safetensors",
+        ],
+    ));
+    let c = |f: &str| TensorFile::read(&d.join(f)).unwrap().f32("c").unwrap().data;
+    assert_eq!(c("t.safetensors"), c("u.safetensors"));
+
+    for i in 0..3 {
+        std::fs::remove_file(d.join(format!("photos/{i}.txt"))).unwrap();
+    }
+    let err = fails(ddm(d, &args));
+    assert!(
+        err.contains("photos") && err.contains("has no captions of its own"),
+        "{err}"
+    );
+}

@@ -1,8 +1,9 @@
 //! Captions from a file, one per sample in order: a `captions.jsonl` (one JSON object a line, its
 //! `caption` or `text` field, as LAION and webdataset exports write them) or plain text (one
-//! caption a line).
+//! caption a line); or the captions an image folder keeps beside its images ([`of_images`]).
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -43,6 +44,88 @@ pub fn read_captions(path: &Path) -> Result<Vec<String>> {
     Ok(captions)
 }
 
+/// The file a folder's `captions.jsonl` gives captions by name.
+pub const FOLDER_CAPTIONS: &str = "captions.jsonl";
+
+/// The captions of `images` (files under `dir`, in order), if the folder has them:
+/// `dir/captions.jsonl`, whose lines name their image (`file`, relative to `dir`) beside the
+/// caption, or a `NAME.txt` beside every image `NAME.png`. None when it has neither; an error
+/// naming the first image without a caption when only some have one.
+pub fn of_images(dir: &Path, images: &[PathBuf]) -> Result<Option<Vec<String>>> {
+    let listed = dir.join(FOLDER_CAPTIONS);
+    if listed.is_file() {
+        let by_file = read_named(&listed)?;
+        return images
+            .iter()
+            .map(|p| {
+                let rel = p.strip_prefix(dir).unwrap_or(p);
+                by_file
+                    .get(rel)
+                    .cloned()
+                    .ok_or_else(|| Error::bad(&listed, format!("no caption for the image {}", rel.display())))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some);
+    }
+    let beside: Vec<PathBuf> = images.iter().map(|p| p.with_extension("txt")).collect();
+    let present = beside.iter().filter(|t| t.is_file()).count();
+    if present == 0 {
+        return Ok(None);
+    }
+    beside
+        .iter()
+        .zip(images)
+        .map(|(txt, image)| match txt.is_file() {
+            true => {
+                let text = std::fs::read_to_string(txt).map_err(|e| Error::io(txt, e))?;
+                if text.len() > MAX_CAPTION_BYTES {
+                    return Err(Error::bad(
+                        txt,
+                        format!("{} bytes, more than a caption's {MAX_CAPTION_BYTES}", text.len()),
+                    ));
+                }
+                Ok(text.trim_end().to_string())
+            }
+            false => Err(Error::bad(
+                image,
+                format!(
+                    "no caption beside it ({} of the folder's images have a .txt caption)",
+                    present
+                ),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// A folder's `captions.jsonl`: each line's `file` and caption.
+fn read_named(path: &Path) -> Result<HashMap<PathBuf, String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut by_file = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let at = |reason: String| Error::bad(path, format!("line {}: {reason}", i + 1));
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.len() > MAX_CAPTION_BYTES {
+            return Err(at(format!(
+                "{} bytes, more than a caption's {MAX_CAPTION_BYTES}",
+                line.len()
+            )));
+        }
+        let caption = caption_of(line).map_err(at)?;
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| at(format!("not JSON: {e}")))?;
+        let Some(file) = value.get("file").and_then(|f| f.as_str()) else {
+            return Err(at("no `file`: a folder's captions name their image".into()));
+        };
+        if by_file.insert(PathBuf::from(file), caption).is_some() {
+            return Err(at(format!("a second caption for {file}")));
+        }
+    }
+    Ok(by_file)
+}
+
 /// The caption of one JSON line.
 fn caption_of(line: &str) -> std::result::Result<String, String> {
     let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
@@ -74,6 +157,54 @@ mod tests {
         assert_eq!(read_captions(&p).unwrap(), vec!["a dark boot", "", "é \"q\""]);
         let (_d, p) = write("c.txt", "a dark boot\r\nsneakers\n");
         assert_eq!(read_captions(&p).unwrap(), vec!["a dark boot", "sneakers"]);
+    }
+
+    /// A folder's captions: from `captions.jsonl` by file name (in the images' order, whatever the
+    /// lines' order), or from a `.txt` beside each image; none when it has neither; the image
+    /// without one named.
+    #[test]
+    fn folder_captions_follow_their_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let images: Vec<PathBuf> = ["a/1.png", "a/2.png", "b/3.jpg"]
+            .iter()
+            .map(|p| d.join(p))
+            .collect();
+        assert_eq!(of_images(d, &images).unwrap(), None);
+        std::fs::create_dir_all(d.join("a")).unwrap();
+        std::fs::create_dir_all(d.join("b")).unwrap();
+        std::fs::write(d.join("a/1.txt"), "one\n").unwrap();
+        std::fs::write(d.join("b/3.txt"), "three").unwrap();
+        let err = of_images(d, &images).unwrap_err().to_string();
+        assert!(
+            err.contains("a/2.png") && err.contains("2 of the folder's images"),
+            "{err}"
+        );
+        std::fs::write(d.join("a/2.txt"), "two  \n\n").unwrap();
+        assert_eq!(
+            of_images(d, &images).unwrap().unwrap(),
+            vec!["one", "two", "three"]
+        );
+
+        std::fs::write(
+            d.join(FOLDER_CAPTIONS),
+            "{\"file\": \"b/3.jpg\", \"caption\": \"C\"}\n{\"file\": \"a/1.png\", \"text\": \"A\"}\n",
+        )
+        .unwrap();
+        let err = of_images(d, &images).unwrap_err().to_string();
+        assert!(
+            err.contains("captions.jsonl: no caption for the image a/2.png"),
+            "{err}"
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.join(FOLDER_CAPTIONS))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"{\"file\": \"a/2.png\", \"caption\": \"B\"}\n").unwrap();
+        assert_eq!(of_images(d, &images).unwrap().unwrap(), vec!["A", "B", "C"]);
+        std::io::Write::write_all(&mut f, b"{\"file\": \"a/2.png\", \"caption\": \"again\"}\n").unwrap();
+        let err = of_images(d, &images).unwrap_err().to_string();
+        assert!(err.contains("line 4: a second caption for a/2.png"), "{err}");
     }
 
     #[test]

@@ -265,4 +265,9 @@ pub trait Source {
     fn describe(&self) -> String;
     /// Read all samples.
     fn load(&self) -> Result<Dataset>;
+    /// The captions the source carries, one per sample in `load`'s order, if it has them (an
+    /// image folder's `captions.jsonl` or `NAME.txt` files).
+    fn captions(&self) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
 }

@@ -1,6 +1,9 @@
 //! A folder of PNG/JPEG images, resized (shorter side) and centre-cropped to `size x size`.
 //! If the folder has sub-directories, each is a class (sorted by name) and its images carry that
 //! label; otherwise the images are unlabelled. Grayscale output if every image is grayscale.
+//! Captions, when the folder has them: a `captions.jsonl` at its top (each line's `file`, relative
+//! to the folder, and `caption`) or a `NAME.txt` beside each image (webdataset's and LAION's
+//! layout); see [`crate::captions::of_images`].
 
 use std::path::{Path, PathBuf};
 
@@ -33,12 +36,12 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-impl Source for ImageFolder {
-    fn describe(&self) -> String {
-        format!("images ({}, {}x{})", self.dir.display(), self.size, self.size)
-    }
+/// The class directories (sorted; none for an unlabelled folder) and every image with its label,
+/// in the order samples are loaded.
+type Listing = (Vec<PathBuf>, Vec<(PathBuf, Option<u32>)>);
 
-    fn load(&self) -> Result<Dataset> {
+impl ImageFolder {
+    fn list(&self) -> Result<Listing> {
         let entries = sorted_entries(&self.dir)?;
         let classes: Vec<PathBuf> = entries.iter().filter(|p| p.is_dir()).cloned().collect();
         let mut files: Vec<(PathBuf, Option<u32>)> = vec![];
@@ -57,6 +60,23 @@ impl Source for ImageFolder {
         if files.is_empty() {
             return Err(Error::bad(&self.dir, "no .png, .jpg or .jpeg images found"));
         }
+        Ok((classes, files))
+    }
+}
+
+impl Source for ImageFolder {
+    fn describe(&self) -> String {
+        format!("images ({}, {}x{})", self.dir.display(), self.size, self.size)
+    }
+
+    fn captions(&self) -> Result<Option<Vec<String>>> {
+        let (_, files) = self.list()?;
+        let images: Vec<PathBuf> = files.into_iter().map(|(p, _)| p).collect();
+        crate::captions::of_images(&self.dir, &images)
+    }
+
+    fn load(&self) -> Result<Dataset> {
+        let (classes, files) = self.list()?;
         let s = self.size as u32;
         let mut images = Vec::with_capacity(files.len());
         let mut all_gray = true;

@@ -10,6 +10,7 @@
 pub mod captions;
 pub mod cifar;
 pub mod dataset;
+pub mod describe;
 pub mod embedded;
 pub mod error;
 pub mod features;

@@ -29,9 +29,10 @@ pub struct EncodeTextArgs {
     #[arg(long)]
     pub encoder: PathBuf,
     /// The captions, one per sample in order: a .jsonl file (a `caption` or `text` field a line)
-    /// or plain text (one caption a line).
-    #[arg(long)]
-    pub captions: PathBuf,
+    /// or plain text (one caption a line). Without it, --data's own captions (an image folder's
+    /// captions.jsonl, or a NAME.txt beside each image).
+    #[arg(long, required_unless_present = "data")]
+    pub captions: Option<PathBuf>,
     /// The samples the captions describe (any `--data` source), written beside them.
     #[arg(long)]
     pub data: Option<String>,
@@ -54,7 +55,8 @@ pub struct EncodeTextArgs {
 const EXAMPLES: &str = "Examples:
   ddm import --from transformers-clip clip-text/ --out text-encoder.safetensors
   ddm encode-text --encoder text-encoder.safetensors --captions captions.jsonl --out text.safetensors
-  ddm encode-text --encoder text-encoder.safetensors --captions captions.txt --data images:photos@64 --tokens --out train.safetensors";
+  ddm encode-text --encoder text-encoder.safetensors --captions captions.txt --data fashion-mnist --tokens --out train.safetensors
+  ddm encode-text --encoder text-encoder.safetensors --data images:laion-part@64 --out train.safetensors   # NAME.txt beside each image";
 
 /// What the encoder gives for every caption, on the host.
 struct Encoded {
@@ -75,18 +77,32 @@ pub fn run(args: EncodeTextArgs) -> anyhow::Result<()> {
     }
     let (encoder, tokenizer) = ckpt.text_encoder(&args.encoder, &device)?;
     let space = ckpt.text_space().expect("a text encoder has a text space");
-    let captions = ddm_datasets::captions::read_captions(&args.captions)?;
+    let source = args
+        .data
+        .as_deref()
+        .map(|s| ddm_datasets::parse_source(s, true))
+        .transpose()?;
+    let captions = match (&args.captions, &source) {
+        (Some(path), _) => ddm_datasets::captions::read_captions(path)?,
+        (None, Some(s)) => s.captions()?.with_context(|| {
+            format!(
+                "{} has no captions of its own (a captions.jsonl, or a NAME.txt beside each image): pass --captions FILE",
+                s.describe()
+            )
+        })?,
+        (None, None) => unreachable!("clap requires --captions or --data"),
+    };
     let n = captions.len();
-    let data = match &args.data {
-        Some(source) => Some(ddm_eval::load_data(source, true)?),
+    let data = match &source {
+        Some(s) => Some(s.load().with_context(|| format!("loading {}", s.describe()))?),
         None => None,
     };
-    if let Some(d) = &data
+    if let (Some(d), Some(path)) = (&data, &args.captions)
         && d.len() != n
     {
         bail!(
             "{} has {n} captions, but {} has {} samples: caption i describes sample i",
-            args.captions.display(),
+            path.display(),
             d.name,
             d.len()
         );
