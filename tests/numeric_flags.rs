@@ -284,6 +284,15 @@ fn context(path: &[String]) -> Option<Vec<String>> {
             "l.safetensors",
             "{FLAG}",
         ],
+        ["data", "captions"] => &[
+            "data",
+            "captions",
+            "--data",
+            "idx:F/imgs",
+            "--out",
+            "c.jsonl",
+            "{FLAG}",
+        ],
         ["encode-text"] => &[
             "encode-text",
             "--encoder",
