@@ -56,7 +56,7 @@ fn forward_and_gradients(name: &str, device: &Device) -> (Vec<f32>, Vec<f32>, BT
         let y = io.i64("y").unwrap();
         Tensor::<1, Int>::from_data(TensorData::new(y.data, y.shape), &device)
     });
-    let v = model.predict(x_t.clone(), t, y);
+    let v = model.predict(x_t.clone(), t, &ddm_core::condition::Condition::maybe_class(y));
     let velocity = HostTensor::from_tensor(v.clone()).data;
     let loss = (v.clone() * v).sum();
     let grads = loss.backward();

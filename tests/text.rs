@@ -355,3 +355,188 @@ fn an_image_folder_brings_its_own_captions() {
         "{err}"
     );
 }
+
+/// Experts that read text: captions -> `ddm encode-text --data` -> partition -> two islands
+/// trained with --condition-vectors -> register -> `ddm sample --condition`. The experts record
+/// the width they read, the registry keeps it, and the caption changes the samples even with the
+/// analytic router (which ignores vectors), so the experts read them.
+#[test]
+fn experts_trained_on_captions_sample_by_caption() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    import_encoder(d);
+    tiny_images(&d.join("data"));
+    let captions: Vec<&str> = (0..96)
+        .map(|i| {
+            if i % 2 == 0 {
+                "a bright left half"
+            } else {
+                "a bright top half"
+            }
+        })
+        .collect();
+    std::fs::write(d.join("captions.txt"), captions.join("\n")).unwrap();
+    ok(ddm(
+        d,
+        &[
+            "encode-text",
+            "--encoder",
+            "te.safetensors",
+            "--captions",
+            "captions.txt",
+            "--data",
+            "idx:data",
+            "--quiet",
+            "--out",
+            "train.safetensors",
+        ],
+    ));
+    ok(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "tensors:train.safetensors",
+            "--k",
+            "2",
+            "--algorithm",
+            "random",
+            "--out",
+            "p",
+        ],
+    ));
+    for k in ["0", "1"] {
+        let out = format!("e{k}");
+        ok(ddm(
+            d,
+            &[
+                "train",
+                "--partition",
+                "p",
+                "--cluster",
+                k,
+                "--out",
+                &out,
+                "--model",
+                "mlp",
+                "--mlp-hidden",
+                "32",
+                "--steps",
+                "30",
+                "--batch-size",
+                "16",
+                "--condition-vectors",
+                "--quiet",
+            ],
+        ));
+        let meta = Checkpoint::read(&d.join(format!("e{k}/expert.safetensors")))
+            .unwrap()
+            .meta;
+        assert_eq!(
+            (meta.condition_dim, meta.model.condition_dim()),
+            (Some(32), 32),
+            "expert {k}"
+        );
+    }
+    ok(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            "e0/expert.safetensors",
+            "e1/expert.safetensors",
+        ],
+    ));
+    let index = ddm_ensemble::registry::read_index(&d.join("reg"))
+        .unwrap()
+        .unwrap();
+    assert!(index.experts.values().all(|e| e.condition_dim == Some(32)));
+
+    // Four samples of one caption, then of the other, then of the first again; the same seed.
+    let text = TensorFile::read(&d.join("train.safetensors"))
+        .unwrap()
+        .f32("c")
+        .unwrap()
+        .data;
+    let mut samples = vec![];
+    for (name, row) in [("left", 0), ("top", 1), ("left-again", 0)] {
+        let c: Vec<f32> = (0..4)
+            .flat_map(|_| text[row * 32..(row + 1) * 32].to_vec())
+            .collect();
+        let cond = format!("c-{name}.safetensors");
+        ddm_core::host::write_tensors(
+            &d.join(&cond),
+            &[("c".to_string(), ddm_core::host::HostTensor::new(vec![4, 32], c))].into(),
+            &Default::default(),
+        )
+        .unwrap();
+        let out = format!("{name}.png");
+        ok(ddm(
+            d,
+            &[
+                "sample",
+                "--registry",
+                "reg",
+                "--router",
+                "analytic",
+                "--strategy",
+                "full",
+                "--n",
+                "4",
+                "--steps",
+                "8",
+                "--condition",
+                &cond,
+                "--out",
+                &out,
+            ],
+        ));
+        samples.push(
+            TensorFile::read(&d.join(format!("{name}.safetensors")))
+                .unwrap()
+                .f32("x0")
+                .unwrap()
+                .data,
+        );
+    }
+    // Sampling is deterministic, so any difference is the caption's (30 steps of training move
+    // the samples by about 6e-4).
+    assert_eq!(samples[0], samples[2]);
+    assert!(
+        max_abs_diff(&samples[0], &samples[1]) > 0.0,
+        "the caption does not reach the experts"
+    );
+
+    // Vectors of another width are refused by name.
+    ddm_core::host::write_tensors(
+        &d.join("narrow.safetensors"),
+        &[(
+            "c".to_string(),
+            ddm_core::host::HostTensor::new(vec![4, 8], vec![0.0; 32]),
+        )]
+        .into(),
+        &Default::default(),
+    )
+    .unwrap();
+    let err = fails(ddm(
+        d,
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--router",
+            "analytic",
+            "--n",
+            "4",
+            "--condition",
+            "narrow.safetensors",
+        ],
+    ));
+    assert!(
+        err.contains("narrow.safetensors: `c` has shape [4, 8]") && err.contains("[4, 32]"),
+        "{err}"
+    );
+}

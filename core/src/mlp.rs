@@ -12,6 +12,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use serde::{Deserialize, Serialize};
 
+use crate::condition::Condition;
 use crate::dit::TimestepEmbedder;
 use crate::error::{Error, Result};
 use crate::params::{Init, ParamSource, StateDict};
@@ -38,6 +39,14 @@ pub struct MlpConfig {
     pub num_classes: usize,
     #[serde(default)]
     pub class_dropout_prob: f64,
+    /// Width of the per-sample conditioning vectors the model reads (`c_embedder`), as in
+    /// [`crate::dit::DiTConfig`]; 0: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub condition_dim: usize,
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
 }
 
 fn default_hidden() -> usize {
@@ -64,6 +73,7 @@ impl MlpConfig {
             out_dim: None,
             num_classes: 0,
             class_dropout_prob: 0.0,
+            condition_dim: 0,
         }
     }
 
@@ -91,6 +101,7 @@ impl MlpConfig {
             ("depth", self.depth, 1 << 10),
             ("out_dim", self.out_dim.unwrap_or(0), 1 << 24),
             ("num_classes", self.num_classes, 1 << 24),
+            ("condition_dim", self.condition_dim, 1 << 16),
             ("frequency_embedding_size", self.frequency_embedding_size, 1 << 14),
         ] {
             if v > max {
@@ -135,6 +146,10 @@ impl MlpConfig {
                 d,
                 (self.frequency_embedding_size, self.t_scale, 0.0),
             )?,
+            c_embedder: match self.condition_dim {
+                0 => None,
+                dc => Some(src.linear("c_embedder", dc, d, Init::Xavier)?),
+            },
             y_embedder: if self.num_classes > 0 {
                 Some(src.embedding(
                     "y_embedder.embedding_table",
@@ -172,6 +187,7 @@ pub struct Mlp {
     x_embedder: Linear,
     t_embedder: TimestepEmbedder,
     y_embedder: Option<Embedding>,
+    c_embedder: Option<Linear>,
     blocks: Vec<MlpBlock>,
     final_layer: Linear,
     #[module(skip)]
@@ -184,10 +200,13 @@ impl Mlp {
     }
 
     /// # Shapes
-    /// - `x`: `[N, X]`, `t`: `[N]` in [0, 1], `y`: `[N]` class ids (null class = num_classes;
-    ///   ignored by an unconditional model) -> `[N, out_dim]` (`[N, X]` for a velocity)
-    pub fn forward(&self, x: Tensor<2>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<2> {
-        self.final_layer.forward(self.features(x, t, y)) // [N, X]
+    /// - `x`: `[N, X]`, `t`: `[N]` in [0, 1]; the condition's class `[N]` (null class =
+    ///   num_classes; ignored by an unconditional model) and vector `[N, condition_dim]` (absent:
+    ///   the null, zero, vector) -> `[N, out_dim]` (`[N, X]` for a velocity)
+    pub fn forward(&self, x: Tensor<2>, t: Tensor<1>, cond: &Condition) -> Tensor<2> {
+        let extra = crate::dit::vector_embedding(self.c_embedder.as_ref(), cond, x.dims()[0], &x.device());
+        self.final_layer
+            .forward(self.features_with(x, t, cond.class.clone(), extra)) // [N, X]
     }
 
     /// The output layer on features (a router's logits from [`Self::features_with`]).
@@ -232,6 +251,9 @@ impl Mlp {
         self.t_embedder.export("t_embedder", &mut sd);
         if let Some(e) = &self.y_embedder {
             sd.embedding("y_embedder.embedding_table", e);
+        }
+        if let Some(l) = &self.c_embedder {
+            sd.linear("c_embedder", l);
         }
         for (i, b) in self.blocks.iter().enumerate() {
             sd.linear(&format!("blocks.{i}.fc1"), &b.fc1);

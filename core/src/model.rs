@@ -81,6 +81,34 @@ impl ModelConfig {
         }
     }
 
+    /// This network also reading per-sample conditioning vectors of width `dim` (a caption's
+    /// pooled text embedding) through its `c_embedder`; dropped to the zero vector with the
+    /// class dropout probability in training.
+    pub fn with_condition_vectors(self, dim: usize) -> Result<Self> {
+        match self {
+            ModelConfig::Dit(mut c) => {
+                c.condition_dim = dim;
+                c.validate()?;
+                Ok(ModelConfig::Dit(c))
+            }
+            ModelConfig::Mlp(mut c) => {
+                c.condition_dim = dim;
+                c.validate()?;
+                Ok(ModelConfig::Mlp(c))
+            }
+            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => Err(self.not_a_velocity_field()),
+        }
+    }
+
+    /// Width of the conditioning vectors the network reads (0: none).
+    pub fn condition_dim(&self) -> usize {
+        match self {
+            ModelConfig::Dit(c) => c.condition_dim,
+            ModelConfig::Mlp(c) => c.condition_dim,
+            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => 0,
+        }
+    }
+
     /// The configuration is one ddm can build: consistent, and within sane sizes.
     pub fn validate(&self) -> Result<()> {
         match self {
@@ -207,34 +235,48 @@ impl Model {
     }
 
     /// The model's prediction for a batch of any rank `[N, ...]` whose per-sample size matches
-    /// the model (velocity, or noise for an epsilon expert).
-    pub fn predict<const D: usize>(
-        &self,
-        x: Tensor<D>,
-        t: Tensor<1>,
-        y: Option<Tensor<1, Int>>,
-    ) -> Tensor<D> {
+    /// the model (velocity, or noise for an epsilon expert), given the batch's condition (the
+    /// network reads the parts it was trained on: its class, its vector).
+    pub fn predict<const D: usize>(&self, x: Tensor<D>, t: Tensor<1>, cond: &Condition) -> Tensor<D> {
         let shape = x.dims();
         let n = shape[0];
         match self {
             Model::Dit(m) => {
                 let c = m.config();
                 let x = x.reshape([n, c.in_channels, c.input_size, c.input_size]);
-                m.forward(x, t, y).reshape(shape)
+                m.forward(x, t, cond).reshape(shape)
             }
             Model::Mlp(m) => {
                 let x = x.reshape([n as i64, -1]);
-                m.forward(x, t, y).reshape(shape)
+                m.forward(x, t, cond).reshape(shape)
             }
+        }
+    }
+
+    /// Width of the conditioning vectors the network reads (0: none).
+    pub fn condition_dim(&self) -> usize {
+        match self {
+            Model::Dit(m) => m.config().condition_dim,
+            Model::Mlp(m) => m.config().condition_dim,
         }
     }
 }
 
 impl<const D: usize> VelocityField<D> for Model {
-    /// The network's prediction; it reads the class of the condition (pooled vectors and token
-    /// sequences reach the networks that read them).
+    /// The network's prediction; it reads the condition's class and vector (token sequences
+    /// reach the networks that read them). A vector of another width is refused.
     fn velocity(&self, x_t: Tensor<D>, t: Tensor<1>, c: &Condition) -> Result<Tensor<D>, VelocityError> {
-        Ok(self.predict(x_t, t, c.class.clone()))
+        let want = self.condition_dim();
+        if let Some(v) = &c.vector
+            && want > 0
+            && v.dims()[1] != want
+        {
+            return Err(VelocityError::Model(Error::InvalidConfig(format!(
+                "conditioning vectors of width {}, but the model reads vectors of width {want}",
+                v.dims()[1]
+            ))));
+        }
+        Ok(self.predict(x_t, t, c))
     }
 }
 
@@ -265,7 +307,7 @@ mod tests {
         let x = Tensor::<2>::random([4, 3], burn::tensor::Distribution::Default, &device);
         let t = Tensor::<1>::from_floats([0.1, 0.2, 0.3, 0.9], &device);
         assert!(
-            HostTensor::from_tensor(m.predict(x, t, None))
+            HostTensor::from_tensor(m.predict(x, t, &Condition::none()))
                 .data
                 .iter()
                 .all(|&v| v == 0.0)
@@ -275,5 +317,49 @@ mod tests {
             .load(sd.clone(), std::path::Path::new("mem"), &device)
             .unwrap();
         assert_eq!(back.state_dict(), sd);
+    }
+
+    /// A network that reads conditioning vectors: different vectors, different velocities; no
+    /// vector is the null (zero) vector; a vector of another width is refused, not run.
+    #[test]
+    fn vectors_reach_the_network_and_none_is_the_zero_vector() {
+        let device = crate::device::cpu();
+        for config in [
+            ModelConfig::Mlp(MlpConfig {
+                hidden_size: 16,
+                ..MlpConfig::new(4)
+            }),
+            ModelConfig::named("DiT-XS/2", "x", &[1, 4, 4], 0, 0).unwrap(),
+        ] {
+            let config = config.with_condition_vectors(3).unwrap();
+            assert_eq!(config.condition_dim(), 3);
+            // adaLN-Zero and zero output layers make a fresh model constant: perturb every tensor.
+            let mut sd = config.init(2, &device).unwrap().state_dict();
+            for (i, t) in sd.values_mut().enumerate() {
+                for (j, v) in t.data.iter_mut().enumerate() {
+                    *v += 0.1 * (((i * 31 + j * 17) % 13) as f32 / 6.0 - 1.0);
+                }
+            }
+            let m = config.load(sd, std::path::Path::new("mem"), &device).unwrap();
+            let per = config.data_shape().iter().product::<usize>();
+            let x = Tensor::<2>::random([2, per], burn::tensor::Distribution::Default, &device);
+            let t = Tensor::<1>::from_floats([0.3, 0.8], &device);
+            let v =
+                |c: &Condition| HostTensor::from_tensor(m.velocity(x.clone(), t.clone(), c).unwrap()).data;
+            let a = Condition::vector(Tensor::<2>::from_floats(
+                [[1.0, 0.0, -1.0], [0.5, 0.5, 0.5]],
+                &device,
+            ));
+            let b = Condition::vector(Tensor::<2>::from_floats(
+                [[0.0, 2.0, 1.0], [-1.0, 0.0, 0.3]],
+                &device,
+            ));
+            let zero = Condition::vector(Tensor::<2>::zeros([2, 3], &device));
+            assert_ne!(v(&a), v(&b), "{}", config.arch());
+            assert_eq!(v(&Condition::none()), v(&zero), "{}", config.arch());
+            let wide = Condition::vector(Tensor::<2>::zeros([2, 5], &device));
+            let err = m.velocity(x.clone(), t.clone(), &wide).unwrap_err().to_string();
+            assert!(err.contains("width 5") && err.contains("width 3"), "{err}");
+        }
     }
 }

@@ -27,7 +27,7 @@ fn tiny_dit_overfits_a_fixed_batch() {
 
     let mut losses = vec![];
     for _ in 0..300 {
-        let v = model.predict(x_t.clone(), t.clone(), None);
+        let v = model.predict(x_t.clone(), t.clone(), &ddm_core::condition::Condition::none());
         let loss = flow_matching_loss(v, x0.clone(), e.clone());
         losses.push(loss.clone().into_scalar::<f32>());
         let grads = GradientsParams::from_grads(loss.backward(), &model);

@@ -43,7 +43,7 @@ fn run_reference(name: &str) -> f32 {
         Tensor::<1, Int>::from_data(TensorData::new(y.data, y.shape), &device)
     });
     let want = io.f32("v").unwrap();
-    let got = HostTensor::from_tensor(model.predict(x_t, t, y));
+    let got = HostTensor::from_tensor(model.predict(x_t, t, &ddm_core::condition::Condition::maybe_class(y)));
     assert_eq!(got.shape, want.shape);
     max_abs_diff(&got.data, &want.data)
 }
@@ -124,7 +124,7 @@ fn diffusers_dit_matches_diffusers() {
     let t = io.f32("timestep").unwrap().to_tensor::<1>(&device) / 1000.0;
     let y = io.i64("class_labels").unwrap();
     let y = Tensor::<1, Int>::from_data(TensorData::new(y.data, y.shape), &device);
-    let got = HostTensor::from_tensor(model.predict(x, t, Some(y)));
+    let got = HostTensor::from_tensor(model.predict(x, t, &ddm_core::condition::Condition::class(y)));
     let want = io.f32("sample").unwrap(); // [3, 8, 8, 8]: prediction then variance channels
     assert_eq!(got.shape, vec![3, 4, 8, 8]);
     let per = 4 * 64;

@@ -323,7 +323,7 @@ impl Task for DistillTask<'_> {
         let y =
             ddm_trainer::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
         let target = self.teacher.velocity(&x_t, &t, y.as_ref(), batch.targets)?;
-        let v = net.predict(x_t, t, y);
+        let v = net.predict(x_t, t, &ddm_core::condition::Condition::maybe_class(y));
         let diff = v - target;
         Ok((diff.clone() * diff).mean())
     }

@@ -422,9 +422,15 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     }
     let condition = match &o.condition {
         None => None,
-        Some(path) => Some(condition_vectors(path, o.n, router.as_deref())?),
+        Some(path) => Some(condition_vectors(
+            path,
+            o.n,
+            router.as_deref(),
+            experts_vector_dim(&reg)?,
+        )?),
     };
-    let router_sees_vectors = condition.is_some();
+    let router_sees_vectors =
+        condition.is_some() && router.as_ref().is_some_and(|r| r.condition_dim().is_some());
     let strategy = o
         .strategy
         .unwrap_or_else(|| Strategy::default_for(router_sees_class));
@@ -477,22 +483,47 @@ fn router(o: &SampleOptions, reg: &Registry, device: &Device) -> anyhow::Result<
     }))
 }
 
+/// The width of the conditioning vectors the registry's experts read (None: they read none);
+/// experts that disagree are refused.
+fn experts_vector_dim(reg: &Registry) -> anyhow::Result<Option<usize>> {
+    let dims: std::collections::BTreeSet<Option<usize>> =
+        reg.index.experts.values().map(|e| e.condition_dim).collect();
+    match dims.len() {
+        0 | 1 => Ok(dims.into_iter().next().flatten()),
+        _ => bail!(
+            "the registry's experts read conditioning vectors of different widths ({dims:?}): they cannot share a condition"
+        ),
+    }
+}
+
 /// The conditioning vectors `c` `[n, Dc]` of `--condition FILE`, checked against what the router
-/// reads.
-fn condition_vectors(path: &Path, n: usize, router: Option<&dyn Posterior>) -> anyhow::Result<HostTensor> {
+/// and the experts read (at least one of them must).
+fn condition_vectors(
+    path: &Path,
+    n: usize,
+    router: Option<&dyn Posterior>,
+    experts: Option<usize>,
+) -> anyhow::Result<HostTensor> {
     let c = ddm_core::host::TensorFile::read(path)?.f32("c")?;
-    match router.and_then(|r| r.condition_dim()) {
-        None => bail!(
-            "{}: conditioning vectors given, but the router reads none (train it with --condition-vectors)",
+    let router = router.and_then(|r| r.condition_dim());
+    let d = match (router, experts) {
+        (None, None) => bail!(
+            "{}: conditioning vectors given, but neither the router nor the experts read any (train them with --condition-vectors)",
             path.display()
         ),
-        Some(d) if c.shape != [n, d] => bail!(
-            "{}: `c` has shape {:?}; the router reads [{n}, {d}] (one vector per sample, --n {n})",
+        (Some(r), Some(e)) if r != e => {
+            bail!("the router reads conditioning vectors of width {r}, the experts of width {e}")
+        }
+        (Some(d), _) | (None, Some(d)) => d,
+    };
+    if c.shape != [n, d] {
+        bail!(
+            "{}: `c` has shape {:?}; the models read [{n}, {d}] (one vector per sample, --n {n})",
             path.display(),
             c.shape
-        ),
-        Some(_) => Ok(c),
+        );
     }
+    Ok(c)
 }
 
 /// `--class` as guidance for experts conditioned on `classes` classes: (the largest class id

@@ -47,6 +47,11 @@ pub struct TrainArgs {
     /// it twice.
     #[arg(long, conflicts_with = "monolith")]
     pub register: Option<Location>,
+    /// Condition the expert on the data's per-sample conditioning vectors `c` (a caption's
+    /// pooled text embedding: `ddm encode-text --data`), through adaLN like the class; each is
+    /// dropped to the zero vector (the null condition, for guidance) with --class-dropout.
+    #[arg(long)]
+    pub condition_vectors: bool,
     #[command(flatten)]
     pub settings: TrainSettings,
 }
@@ -60,6 +65,7 @@ const EXAMPLES: &str = "Examples:
 /// Run an island from its arguments; returns the process exit status.
 pub fn run(args: TrainArgs) -> anyhow::Result<u8> {
     let mut config = args.settings.resolve_config()?;
+    config.condition_vectors |= args.condition_vectors;
     if let Some(o) = args.objective {
         config.objective = o.objective();
     }

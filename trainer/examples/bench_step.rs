@@ -56,7 +56,11 @@ fn main() {
         let t: Vec<f32> = (0..batch).map(|i| (i as f32 + 0.5) / batch as f32).collect();
         let t = Tensor::<1>::from_data(TensorData::new(t, [batch]), &device);
         let t1 = Instant::now();
-        let v = model.predict(interpolate(x0.clone(), e.clone(), t.clone()), t, None);
+        let v = model.predict(
+            interpolate(x0.clone(), e.clone(), t.clone()),
+            t,
+            &ddm_core::condition::Condition::none(),
+        );
         let loss = flow_matching_loss(v, x0, e);
         let _ = sync(loss.clone());
         let t2 = Instant::now();
@@ -83,7 +87,7 @@ fn main() {
         let t: Vec<f32> = (0..256).map(|i| (i as f32 + 0.5) / 256.0).collect();
         let t = Tensor::<1>::from_data(TensorData::new(t, [256]), &plain);
         let t0 = Instant::now();
-        let _ = HostTensor::from_tensor(net.predict(x, t, None));
+        let _ = HostTensor::from_tensor(net.predict(x, t, &ddm_core::condition::Condition::none()));
         if i > 0 {
             fwd.push(t0.elapsed().as_secs_f64());
         }

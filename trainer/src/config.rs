@@ -41,8 +41,12 @@ pub struct TrainConfig {
     pub time_sampler: TimeSampler,
     /// Condition on class labels (when the data has them), with label dropout for guidance.
     pub class_conditional: bool,
-    /// Probability of replacing a label by the null class (classifier-free guidance).
+    /// Probability of replacing a label by the null class (classifier-free guidance), and an
+    /// expert's conditioning vector by the zero vector.
     pub class_dropout: f64,
+    /// Condition an expert on the data's per-sample conditioning vectors `c` (a caption's pooled
+    /// text embedding, `ddm encode-text`), through adaLN like the class.
+    pub condition_vectors: bool,
     /// Save the whole training state every this many steps (and at the end).
     pub checkpoint_every: u64,
     /// Write a grid of EMA samples every this many steps (0: only at the end).
@@ -73,6 +77,7 @@ impl Default for TrainConfig {
             time_sampler: TimeSampler::Uniform,
             class_conditional: false,
             class_dropout: 0.1,
+            condition_vectors: false,
             checkpoint_every: 500,
             sample_every: 0,
             log_every: 10,

@@ -70,15 +70,21 @@ impl Task for ExpertTask {
     ) -> anyhow::Result<Tensor<1>> {
         let (e, t, x_t) = crate::task::noise(&batch.x0, config, rng);
         let y = crate::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
+        let vector = (net_config.condition_dim() > 0)
+            .then(|| crate::task::dropped_vectors(&batch, config.class_dropout, rng));
+        let c = Condition {
+            vector,
+            ..Condition::maybe_class(y)
+        };
         Ok(match &self.objective {
             Objective::Velocity => {
-                let v = net.predict(x_t, t, y);
+                let v = net.predict(x_t, t, &c);
                 flow::flow_matching_loss(v, batch.x0, e)
             }
             // The same draws; t is DDPM's continuous time u, the input DDPM's forward process.
             Objective::Epsilon { schedule } => {
                 let x_u = flow::ddpm_forward(batch.x0, e.clone(), t.clone(), schedule);
-                let e_hat = net.predict(x_u, t, y);
+                let e_hat = net.predict(x_u, t, &c);
                 flow::epsilon_loss(e_hat, e)
             }
         })
@@ -99,6 +105,7 @@ impl Task for ExpertTask {
         meta.partition = Some(manifest.fingerprint.clone());
         meta.cluster = self.target.cluster();
         meta.latent = manifest.dataset.latent.clone();
+        meta.condition_dim = Some(net_config.condition_dim()).filter(|&d| d > 0);
         meta.source = Some(format!(
             "ddm-trainer {} on {}",
             self.name(),
@@ -136,15 +143,24 @@ impl Task for ExpertTask {
 }
 
 /// The expert's network for this data (`--model`, conditioned on the labels with
-/// `--class-conditional`).
+/// `--class-conditional`, on the conditioning vectors with `--condition-vectors`).
 pub fn model_config(config: &TrainConfig, data: &Dataset) -> anyhow::Result<ModelConfig> {
-    let net = ModelConfig::named(
+    let mut net = ModelConfig::named(
         &config.model,
         &data.name,
         &data.shape,
         config.mlp_hidden,
         config.mlp_depth,
     )?;
+    if config.condition_vectors {
+        let c = data.cond.as_ref().with_context(|| {
+            format!(
+                "--condition-vectors, but {} has no conditioning vectors (`c` in a tensors: file: ddm encode-text --data)",
+                data.name
+            )
+        })?;
+        net = net.with_condition_vectors(c.shape[1])?;
+    }
     if !config.class_conditional {
         return Ok(net);
     }

@@ -86,7 +86,7 @@ pub fn dropped_vectors(batch: &Batch<'_>, dropout: f64, rng: &mut ChaCha8Rng) ->
     let c = batch
         .cond
         .clone()
-        .expect("a vector-conditioned router's data has conditioning vectors");
+        .expect("data a network reads vectors of has conditioning vectors");
     let [b, _] = c.dims();
     let keep: Vec<f32> = (0..b)
         .map(|_| if rng.random::<f64>() < dropout { 0.0 } else { 1.0 })

@@ -44,6 +44,16 @@ pub struct DiTConfig {
     /// reference; diffusers' `DiTTransformer2DModel` uses its `norm_eps` (1e-5) there.
     #[serde(default = "default_ln_eps", skip_serializing_if = "is_default_ln_eps")]
     pub mlp_norm_eps: f64,
+    /// Width of the per-sample conditioning vectors (a caption's pooled text embedding) the model
+    /// reads: projected by `c_embedder` and added to the conditioning like the class embedding
+    /// (adaLN). 0: none. The zero vector is the null condition (dropped with
+    /// `class_dropout_prob` in training).
+    #[serde(default, skip_serializing_if = "is_zero_usize")]
+    pub condition_dim: usize,
+}
+
+fn is_zero_usize(x: &usize) -> bool {
+    *x == 0
 }
 
 fn default_ln_eps() -> f64 {
@@ -98,6 +108,7 @@ impl DiTConfig {
             per_block_conditioning: false,
             freq_shift: 0.0,
             mlp_norm_eps: 1e-6,
+            condition_dim: 0,
         };
         config.validate()?;
         Ok(config)
@@ -153,6 +164,7 @@ impl DiTConfig {
             ("hidden_size", self.hidden_size, 1 << 15),
             ("depth", self.depth, 1 << 10),
             ("num_classes", self.num_classes, 1 << 24),
+            ("condition_dim", self.condition_dim, 1 << 16),
             ("frequency_embedding_size", self.frequency_embedding_size, 1 << 14),
             (
                 "tokens x hidden_size",
@@ -244,6 +256,10 @@ impl DiTConfig {
                 None
             } else {
                 Some(Conditioning::build(src, "", self)?)
+            },
+            c_embedder: match self.condition_dim {
+                0 => None,
+                dc => Some(src.linear("c_embedder", dc, d, Init::Xavier)?),
             },
             pos_embed: pos.to_tensor::<3>(src.device()),
             blocks: (0..self.depth)

@@ -143,6 +143,7 @@ fn config_of(
         frequency_embedding_size: 256,
         t_scale: 1000.0,
         per_block_conditioning: true,
+        condition_dim: 0,
         freq_shift: 1.0,
         mlp_norm_eps: c.norm_eps,
     };

@@ -16,6 +16,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use serde::{Deserialize, Serialize};
 
+use crate::condition::Condition;
 use crate::error::{Error, Result};
 use crate::fused::{gated_residual, layer_norm_modulate};
 use crate::host::HostTensor;
@@ -201,6 +202,22 @@ impl Conditioning {
     }
 }
 
+/// A model's projection of the condition's vector `[N, Dc]` (the zero vector, the null condition,
+/// when it has none) -> `[N, D]`; None for a model that reads no vectors.
+pub fn vector_embedding(
+    c_embedder: Option<&Linear>,
+    cond: &Condition,
+    n: usize,
+    device: &Device,
+) -> Option<Tensor<2>> {
+    let embed = c_embedder?;
+    let v = match &cond.vector {
+        Some(v) => v.clone(),
+        None => Tensor::<2>::zeros([n, embed.weight.dims()[0]], device),
+    };
+    Some(embed.forward(v))
+}
+
 // ------------------------------------------------------------------------------------------------
 // The adaLN-Zero block
 // ------------------------------------------------------------------------------------------------
@@ -323,6 +340,8 @@ pub struct DiT {
     x_embedder: Conv2d,
     /// The conditioning every block reads; None when each block has its own.
     cond: Option<Conditioning>,
+    /// Projects a per-sample conditioning vector into the conditioning (`condition_dim` > 0).
+    c_embedder: Option<Linear>,
     /// Fixed 2-D sin-cos position embedding `[1, T, D]`; not trained.
     pos_embed: Tensor<3>,
     blocks: Vec<DiTBlock>,
@@ -382,10 +401,12 @@ impl DiT {
     /// Predict the velocity (or, for an epsilon expert, the noise).
     ///
     /// # Shapes
-    /// - `x`: `[N, C, S, S]`, `t`: `[N]` in [0, 1], `y`: `[N]` class ids (null class = num_classes)
+    /// - `x`: `[N, C, S, S]`, `t`: `[N]` in [0, 1]; the condition's class `[N]` (null class =
+    ///   num_classes) and vector `[N, condition_dim]` (absent: the null, zero, vector)
     /// - returns `[N, C, S, S]` (with `learn_sigma`, the first C of the 2C output channels)
-    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, y: Option<Tensor<1, Int>>) -> Tensor<4> {
-        let (x, c) = self.trunk(x, t, y, None);
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, cond: &Condition) -> Tensor<4> {
+        let extra = vector_embedding(self.c_embedder.as_ref(), cond, x.dims()[0], &x.device());
+        let (x, c) = self.trunk(x, t, cond.class.clone(), extra);
         let head = self
             .final_layer
             .as_ref()
@@ -416,6 +437,9 @@ impl DiT {
     pub fn state_dict(&self) -> StateDict {
         let mut sd = StateDict::default();
         sd.conv("x_embedder.proj", &self.x_embedder);
+        if let Some(l) = &self.c_embedder {
+            sd.linear("c_embedder", l);
+        }
         if let Some(c) = &self.cond {
             c.export("", &mut sd);
         }
@@ -484,7 +508,7 @@ mod tests {
         );
         let t = Tensor::<1>::from_floats([0.0, 0.5, 1.0], &device);
         let y = Tensor::<1, Int>::from_ints([0, 4, 5], &device);
-        let v = HostTensor::from_tensor(dit.forward(x, t, Some(y)));
+        let v = HostTensor::from_tensor(dit.forward(x, t, &Condition::class(y)));
         assert_eq!(v.shape, vec![3, 3, 16, 16]);
         assert!(v.data.iter().all(|&v| v == 0.0));
         // ...and the block gates are zero too, so every block starts as the identity.

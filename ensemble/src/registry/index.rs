@@ -26,6 +26,10 @@ pub struct Entry {
     /// and in entries registered before ddm recorded it (then read from the blob).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<usize>,
+    /// Width of the conditioning vectors an expert reads (a caption's pooled text embedding);
+    /// absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition_dim: Option<usize>,
     /// An expert served elsewhere (`ddm serve`): its server's base URL. `sha256` is then the
     /// served checkpoint's, checked against the server by `registry verify`; there is no blob.
     #[serde(default, skip_serializing_if = "Option::is_none")]

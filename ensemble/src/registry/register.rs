@@ -75,6 +75,8 @@ enum Item {
         cluster: usize,
         blob: Blob,
         classes: usize,
+        /// Width of the conditioning vectors it reads (None: none).
+        condition_dim: Option<usize>,
         /// Served at this URL (no blob is stored).
         remote: Option<String>,
     },
@@ -417,10 +419,16 @@ fn check(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> any
                 }
             }
             let mut items = stats_item(idx, origin, cluster).into_iter().collect::<Vec<_>>();
+            if remote.is_some() && m.model.condition_dim() > 0 {
+                bail!(
+                    "{name}: an expert that reads conditioning vectors cannot be served yet (the served protocol carries classes only); register its checkpoint file"
+                );
+            }
             items.push(Item::Expert {
                 cluster,
                 blob,
                 classes,
+                condition_dim: Some(m.model.condition_dim()).filter(|&d| d > 0),
                 remote,
             });
             Ok(Checked::Add(items))
@@ -545,15 +553,16 @@ fn check_vae(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) ->
 fn add(items: Vec<Item>, idx: &mut Index, lines: &mut Vec<Registered>) -> Vec<Blob> {
     let mut blobs = vec![];
     for item in items {
-        let (blob, classes, remote) = match &item {
+        let (blob, classes, condition_dim, remote) = match &item {
             Item::Expert {
                 blob,
                 classes,
+                condition_dim,
                 remote,
                 ..
-            } => (blob.clone(), Some(*classes), remote.clone()),
-            Item::Router { blob, classes, .. } => (blob.clone(), Some(*classes), None),
-            Item::Stats { blob, .. } | Item::Vae { blob } => (blob.clone(), None, None),
+            } => (blob.clone(), Some(*classes), *condition_dim, remote.clone()),
+            Item::Router { blob, classes, .. } => (blob.clone(), Some(*classes), None, None),
+            Item::Stats { blob, .. } | Item::Vae { blob } => (blob.clone(), None, None, None),
         };
         let entry = Entry {
             sha256: blob.sha256.clone(),
@@ -561,6 +570,7 @@ fn add(items: Vec<Item>, idx: &mut Index, lines: &mut Vec<Registered>) -> Vec<Bl
             source: blob.path.display().to_string(),
             registered_at: now(),
             classes,
+            condition_dim,
             remote: remote.clone(),
         };
         let line = |role, cluster, k| Registered {
