@@ -1275,7 +1275,7 @@ fn conditioning_vectors_reach_the_router() {
         ],
     ));
     let e = fails(sample("6"));
-    assert!(e.contains("the router reads none"), "{e}");
+    assert!(e.contains("neither the router nor the experts read any"), "{e}");
 }
 
 /// A registration waits for another one's lock, but not forever: it says which file is locked.
