@@ -28,6 +28,7 @@ fn tiny_partition(dir: &Path) -> PathBuf {
         mixture: None,
         cond: None,
         latent: None,
+        text: None,
     };
     let c = PartitionConfig {
         k: 2,

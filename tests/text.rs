@@ -359,7 +359,9 @@ fn an_image_folder_brings_its_own_captions() {
 /// Experts that read text: captions -> `ddm encode-text --data` -> partition -> two islands
 /// trained with --condition-vectors -> register -> `ddm sample --condition`. The experts record
 /// the width they read, the registry keeps it, and the caption changes the samples even with the
-/// analytic router (which ignores vectors), so the experts read them.
+/// analytic router (which ignores vectors), so the experts read them; `--prompt` samples what the
+/// caption's vector does, through the registry's text encoder only. A served expert that reads
+/// vectors is refused.
 #[test]
 fn experts_trained_on_captions_sample_by_caption() {
     let dir = tempfile::tempdir().unwrap();
@@ -509,6 +511,76 @@ fn experts_trained_on_captions_sample_by_caption() {
         max_abs_diff(&samples[0], &samples[1]) > 0.0,
         "the caption does not reach the experts"
     );
+
+    // The registry knows the text space; `--prompt` encodes the caption into the same vector
+    // `ddm encode-text` made (to float rounding: one caption, not a batch of 96), so it samples
+    // what `--condition` did.
+    let index = ddm_ensemble::registry::read_index(&d.join("reg"))
+        .unwrap()
+        .unwrap();
+    let encoder = Checkpoint::read(&d.join("te.safetensors")).unwrap();
+    assert_eq!(index.text, encoder.text_space());
+    let prompt = |encoder: &str| {
+        ddm(
+            d,
+            &[
+                "sample",
+                "--registry",
+                "reg",
+                "--router",
+                "analytic",
+                "--strategy",
+                "full",
+                "--n",
+                "4",
+                "--steps",
+                "8",
+                "--prompt",
+                "a bright left half",
+                "--text-encoder",
+                encoder,
+                "--out",
+                "prompted.png",
+            ],
+        )
+    };
+    ok(prompt("te.safetensors"));
+    let prompted = TensorFile::read(&d.join("prompted.safetensors"))
+        .unwrap()
+        .f32("x0")
+        .unwrap()
+        .data;
+    assert!(max_abs_diff(&prompted, &samples[0]) < 1e-5);
+    // Another encoder's vectors are refused, naming both encoders.
+    let mut other = encoder.clone();
+    let t = other.tensors.get_mut("final_layer_norm.bias").unwrap();
+    t.data[0] += 0.5;
+    other.save(&d.join("te2.safetensors")).unwrap();
+    let err = fails(prompt("te2.safetensors"));
+    assert!(
+        err.contains("--text-encoder is text encoder") && err.contains("the registry's models read"),
+        "{err}"
+    );
+
+    // A served expert that reads vectors is refused: the served protocol carries classes only.
+    let server = common::Server::start(d, &["--registry", "reg", "--experts", "0"], None);
+    let err = fails(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "mixed",
+            "--partition",
+            "p",
+            "--remote",
+            &server.url,
+        ],
+    ));
+    assert!(
+        err.contains("reads conditioning vectors cannot be served yet"),
+        "{err}"
+    );
+    drop(server);
 
     // Vectors of another width are refused by name.
     ddm_core::host::write_tensors(

@@ -168,6 +168,9 @@ pub struct CheckpointMeta {
     /// A router conditioned on per-sample conditioning vectors: their length (the data's `c`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition_dim: Option<usize>,
+    /// The text space of the conditioning vectors a model reads (which encoder made them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextSpace>,
     /// A text encoder's tokenizer: the `tokenizer.json` text, its padding and length set (sealed
     /// with the rest of the file, so the ids a caption becomes cannot drift from the weights).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,6 +290,7 @@ impl CheckpointMeta {
             extra: BTreeMap::new(),
             condition_dim: None,
             latent: None,
+            text: None,
             tokenizer: None,
             tensors_sha256: String::new(),
             table_sha256: String::new(),

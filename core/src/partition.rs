@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clip::TextSpace;
 use crate::error::{Error, Result};
 use crate::gmm::GaussianMixture;
 use crate::vae::LatentSpace;
@@ -37,6 +38,10 @@ pub struct DatasetInfo {
     /// For VAE latents (`ddm encode`): the latent space, which every model trained on them records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latent: Option<LatentSpace>,
+    /// For conditioning vectors made from captions (`ddm encode-text`): the text encoder's space,
+    /// which every model that reads them records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextSpace>,
 }
 
 /// The most values one sample may have (a 4096 x 4096 RGB image has 50 M).

@@ -87,6 +87,7 @@ impl Source for Cifar10 {
             class_names: Some(CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect()),
             mixture: None,
             latent: None,
+            text: None,
             cond: None,
         })
     }

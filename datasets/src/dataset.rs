@@ -5,6 +5,7 @@
 //! Images are kept as `u8` and scaled to [-1, 1] when a batch is gathered (`x / 127.5 - 1`);
 //! vector data is kept as `f32` as given.
 
+use ddm_core::clip::TextSpace;
 use ddm_core::digest::hex;
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
@@ -39,6 +40,9 @@ pub struct Dataset {
     pub cond: Option<HostTensor>,
     /// For VAE latents: the latent space they are in (a `tensors:` file written by `ddm encode`).
     pub latent: Option<LatentSpace>,
+    /// For conditioning vectors from captions: the text space they are in (which encoder; a
+    /// `tensors:` file written by `ddm encode-text`).
+    pub text: Option<TextSpace>,
 }
 
 impl Dataset {
@@ -120,6 +124,7 @@ impl Dataset {
             class_names: self.class_names.clone(),
             mixture: self.mixture.clone(),
             latent: self.latent.clone(),
+            text: self.text.clone(),
         }
     }
 
@@ -246,6 +251,7 @@ impl Dataset {
             mixture: self.mixture.clone(),
             cond: self.gather_cond(indices),
             latent: self.latent.clone(),
+            text: self.text.clone(),
         }
     }
 

@@ -257,6 +257,7 @@ mod tests {
             mixture: None,
             cond: None,
             latent: None,
+            text: None,
         };
         let (d, _) = describe(&data, 7).unwrap();
         let words: Vec<[&str; 3]> = d

@@ -119,6 +119,7 @@ impl Source for ImageFolder {
             labels,
             mixture: None,
             latent: None,
+            text: None,
             cond: None,
         })
     }

@@ -172,6 +172,7 @@ pub fn idx_dataset(
         class_names,
         mixture: None,
         latent: None,
+        text: None,
         cond: None,
     })
 }

@@ -88,6 +88,7 @@ impl MixtureSpec {
             class_names: None,
             mixture: Some(self.mixture.clone()),
             latent: None,
+            text: None,
             cond: None,
         }
     }

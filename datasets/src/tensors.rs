@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use ddm_core::clip::TextSpace;
 use ddm_core::host::{Dtype, TensorFile};
 use ddm_core::vae::LatentSpace;
 
@@ -85,6 +86,7 @@ impl Source for TensorsFile {
             class_names,
             mixture: None,
             latent: read_latent_space(&f)?,
+            text: read_text_space(&f)?,
         })
     }
 }
@@ -98,6 +100,19 @@ pub const TEXT_SPACE_KEY: &str = "ddm-text-space";
 
 /// The metadata key under which `ddm encode` keeps the source's class names (a JSON list).
 pub const CLASS_NAMES_KEY: &str = "ddm-class-names";
+
+/// The text space a tensors file's conditioning vectors are in, if `ddm encode-text` made them.
+fn read_text_space(f: &TensorFile) -> Result<Option<TextSpace>> {
+    let Some(json) = f.metadata.get(TEXT_SPACE_KEY) else {
+        return Ok(None);
+    };
+    serde_json::from_str(json).map(Some).map_err(|e| {
+        Error::bad(
+            &f.path,
+            format!("`{TEXT_SPACE_KEY}` metadata is not a text space: {e}"),
+        )
+    })
+}
 
 /// The class names a tensors file carries, if any (one per class its labels use, at least).
 fn read_class_names(f: &TensorFile, labels: Option<&[u32]>) -> Result<Option<Vec<String>>> {

@@ -63,6 +63,7 @@ fn distill(target: Target, steps: u64) -> (f64, f64, u64) {
         mixture: None,
         cond: None,
         latent: None,
+        text: None,
     };
     let range = data.range();
     let experts: Vec<ExpertSlot> = (0..2)

@@ -2,8 +2,9 @@
 //! write a PNG grid, the samples as safetensors, and a JSON report (expert usage per step range,
 //! time per step, peak memory).
 
+use ddm_core::clip::TextSpace;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -105,9 +106,8 @@ pub struct SampleOptions {
     pub batch: usize,
     /// Class-conditional sampling: which classes, and the guidance scale.
     pub class: Option<(Classes, f64)>,
-    /// Per-sample conditioning vectors for a vector-conditioned router: a safetensors file with
-    /// `c` `[N, Dc]`, row i for sample i.
-    pub condition: Option<PathBuf>,
+    /// Per-sample conditioning vectors for a vector-conditioned router and experts.
+    pub condition: Option<ConditionInput>,
     pub seed: u64,
     /// The PNG grid (`NAME.png`); `NAME.safetensors` and `NAME.json` are written beside it.
     pub out: PathBuf,
@@ -422,12 +422,15 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     }
     let condition = match &o.condition {
         None => None,
-        Some(path) => Some(condition_vectors(
-            path,
-            o.n,
-            router.as_deref(),
-            experts_vector_dim(&reg)?,
-        )?),
+        Some(input) => {
+            let c = input.vectors(reg.index.text.as_ref())?;
+            Some(condition_vectors(
+                c,
+                o.n,
+                router.as_deref(),
+                experts_vector_dim(&reg)?,
+            )?)
+        }
     };
     let router_sees_vectors =
         condition.is_some() && router.as_ref().is_some_and(|r| r.condition_dim().is_some());
@@ -496,20 +499,51 @@ fn experts_vector_dim(reg: &Registry) -> anyhow::Result<Option<usize>> {
     }
 }
 
-/// The conditioning vectors `c` `[n, Dc]` of `--condition FILE`, checked against what the router
-/// and the experts read (at least one of them must).
+/// Where the conditioning vectors come from.
+#[derive(Debug, Clone)]
+pub enum ConditionInput {
+    /// A safetensors file with `c` `[N, Dc]`, row i for sample i.
+    File(PathBuf),
+    /// Prompts encoded by a text encoder: `c` `[N, D]`, and the encoder's text space (which must
+    /// be the registry's).
+    Prompts { c: HostTensor, text: TextSpace },
+}
+
+impl ConditionInput {
+    /// The vectors, named for messages; prompts only in the registry's text space `registry`.
+    fn vectors(&self, registry: Option<&TextSpace>) -> anyhow::Result<(HostTensor, String)> {
+        match self {
+            ConditionInput::File(path) => Ok((
+                ddm_core::host::TensorFile::read(path)?.f32("c")?,
+                path.display().to_string(),
+            )),
+            ConditionInput::Prompts { c, text } => match registry {
+                None => bail!(
+                    "--prompt: the registry does not record which text encoder made its models' vectors (they were not trained on `ddm encode-text` output); give the vectors with --condition"
+                ),
+                Some(r) if r != text => bail!(
+                    "--text-encoder is {}, but the registry's models read the vectors of {}",
+                    text.describe(),
+                    r.describe()
+                ),
+                Some(_) => Ok((c.clone(), "the prompts".into())),
+            },
+        }
+    }
+}
+
+/// The conditioning vectors `c` `[n, Dc]` (named `what`), checked against what the router and
+/// the experts read (at least one of them must).
 fn condition_vectors(
-    path: &Path,
+    (c, what): (HostTensor, String),
     n: usize,
     router: Option<&dyn Posterior>,
     experts: Option<usize>,
 ) -> anyhow::Result<HostTensor> {
-    let c = ddm_core::host::TensorFile::read(path)?.f32("c")?;
     let router = router.and_then(|r| r.condition_dim());
     let d = match (router, experts) {
         (None, None) => bail!(
-            "{}: conditioning vectors given, but neither the router nor the experts read any (train them with --condition-vectors)",
-            path.display()
+            "{what}: conditioning vectors given, but neither the router nor the experts read any (train them with --condition-vectors)"
         ),
         (Some(r), Some(e)) if r != e => {
             bail!("the router reads conditioning vectors of width {r}, the experts of width {e}")
@@ -518,8 +552,7 @@ fn condition_vectors(
     };
     if c.shape != [n, d] {
         bail!(
-            "{}: `c` has shape {:?}; the models read [{n}, {d}] (one vector per sample, --n {n})",
-            path.display(),
+            "{what}: `c` has shape {:?}; the models read [{n}, {d}] (one vector per sample, --n {n})",
             c.shape
         );
     }

@@ -76,6 +76,18 @@ pub struct SampleArgs {
     /// with `c` [N, Dc], row i for sample i.
     #[arg(long)]
     pub condition: Option<PathBuf>,
+    /// Sample this prompt (every sample): encoded with --text-encoder into the vector that
+    /// models trained with --condition-vectors on `ddm encode-text` output read.
+    #[arg(long, conflicts_with_all = ["condition", "prompts"], requires = "text_encoder")]
+    pub prompt: Option<String>,
+    /// Prompts from a file (one a line, or a .jsonl with a `caption` field a line): sample i gets
+    /// prompt i modulo their count.
+    #[arg(long, conflicts_with = "condition", requires = "text_encoder")]
+    pub prompts: Option<PathBuf>,
+    /// The text encoder prompts go through: the one whose vectors the models were trained on
+    /// (`ddm import --from transformers-clip`; the registry checks it).
+    #[arg(long)]
+    pub text_encoder: Option<PathBuf>,
     /// Classifier-free guidance scale with --class (1 = none; 0 to 100).
     #[arg(long, default_value_t = 1.0, requires = "class", value_parser = super::values::guidance)]
     pub guidance: f64,
@@ -107,7 +119,8 @@ const EXAMPLES: &str = "Examples:
   ddm sample --registry reg --class all --strategy trajectory --n 100 --out balanced.png
   ddm sample --registry reg --strategy top-2 --max-memory 2048
   ddm sample --checkpoint student/expert.safetensors --n 64 --out student.png
-  ddm sample --registry latent-reg --decode --n 64 --out decoded.png";
+  ddm sample --registry latent-reg --decode --n 64 --out decoded.png
+  ddm sample --registry text-reg --prompt \"a dark ankle boot\" --text-encoder text-encoder.safetensors --n 16";
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let strategy: Option<Strategy> = match &args.strategy {
@@ -115,6 +128,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         None => None,
     };
     let bar = crate::ui::Bar::new(args.quiet);
+    let condition = condition_input(&args)?;
     let options = SampleOptions {
         source: match (args.registry, args.checkpoint) {
             (Some(r), _) => Source::Registry(r.local()?),
@@ -136,7 +150,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         max_memory: args.max_memory,
         batch: args.batch_size,
         class: args.class.map(|c| (c, args.guidance)),
-        condition: args.condition,
+        condition,
         seed: args.seed,
         out: args.out,
         device: args.device.device()?,
@@ -152,4 +166,39 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         report.png, report.n, report.steps, report.seconds_per_step, report.strategy, report.experts_loaded
     );
     Ok(())
+}
+
+/// `--condition FILE`, or `--prompt` / `--prompts` encoded with `--text-encoder`: sample i gets
+/// prompt i modulo their count.
+fn condition_input(args: &SampleArgs) -> anyhow::Result<Option<ddm_ensemble::sample::ConditionInput>> {
+    use ddm_ensemble::sample::ConditionInput;
+    let prompts = match (&args.prompt, &args.prompts) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(file)) => ddm_datasets::captions::read_captions(file)?,
+        (None, None) => return Ok(args.condition.clone().map(ConditionInput::File)),
+    };
+    let path = args
+        .text_encoder
+        .as_ref()
+        .expect("clap requires --text-encoder with prompts");
+    let ckpt = ddm_core::checkpoint::Checkpoint::read(path)?;
+    if ckpt.meta.role != ddm_core::checkpoint::Role::TextEncoder {
+        anyhow::bail!(
+            "{}: a checkpoint of role {}; --text-encoder takes a text encoder (ddm import --from transformers-clip)",
+            path.display(),
+            ckpt.meta.role
+        );
+    }
+    let device = ddm_core::device::cpu();
+    let (encoder, tokenizer) = ckpt.text_encoder(path, &device)?;
+    let (ids, mask) = tokenizer.encode(&prompts)?.to_tensors(&device);
+    let pooled = ddm_core::host::HostTensor::from_tensor(encoder.forward(ids, mask).pooled); // [P, D]
+    let d = pooled.shape[1];
+    let c: Vec<f32> = (0..args.n)
+        .flat_map(|i| pooled.data[(i % prompts.len()) * d..(i % prompts.len() + 1) * d].to_vec())
+        .collect();
+    Ok(Some(ConditionInput::Prompts {
+        c: ddm_core::host::HostTensor::new(vec![args.n, d], c),
+        text: ckpt.text_space().expect("a text encoder has a text space"),
+    }))
 }

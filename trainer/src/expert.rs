@@ -106,6 +106,11 @@ impl Task for ExpertTask {
         meta.cluster = self.target.cluster();
         meta.latent = manifest.dataset.latent.clone();
         meta.condition_dim = Some(net_config.condition_dim()).filter(|&d| d > 0);
+        meta.text = manifest
+            .dataset
+            .text
+            .clone()
+            .filter(|_| meta.condition_dim.is_some());
         meta.source = Some(format!(
             "ddm-trainer {} on {}",
             self.name(),

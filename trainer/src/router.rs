@@ -146,6 +146,11 @@ impl Task for RouterTask {
         );
         meta.source = Some(format!("ddm train-router on {}", manifest.dataset.name));
         meta.condition_dim = self.condition_dim;
+        meta.text = manifest
+            .dataset
+            .text
+            .clone()
+            .filter(|_| self.condition_dim.is_some());
         meta.latent = manifest.dataset.latent.clone();
         // Cost relative to one expert (per forward pass).
         let expert = TrainConfig {

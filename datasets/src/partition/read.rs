@@ -205,6 +205,7 @@ pub fn load_shard(dir: &Path, manifest: &PartitionManifest, k: usize) -> Result<
         mixture: d.mixture.clone(),
         cond,
         latent: d.latent.clone(),
+        text: d.text.clone(),
     })
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use ddm_core::checkpoint::DataSpec;
+use ddm_core::clip::TextSpace;
 use ddm_core::vae::LatentSpace;
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +78,10 @@ pub struct Index {
     /// The VAE of that latent space, which `ddm sample --decode` decodes with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae: Option<Entry>,
+    /// The text space of the conditioning vectors its models read (which text encoder made
+    /// them): what `ddm sample --prompt` encodes prompts into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextSpace>,
 }
 
 pub fn read_index(dir: &Path) -> anyhow::Result<Option<Index>> {

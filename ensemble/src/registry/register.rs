@@ -317,6 +317,9 @@ pub fn plan(
             Checked::Held(line) => lines.push(line),
             Checked::Add(new) => items.extend(new),
         }
+        if idx.text.is_none() {
+            idx.text = m.text.clone(); // the first model that reads text vectors names their space
+        }
     }
     let changed = is_new || !items.is_empty();
     check_conditioning(classes, &mut idx, &items)?;
@@ -357,6 +360,7 @@ fn new_index(
     Ok(Index {
         latent: first.latent.clone(),
         vae: None,
+        text: None,
         data: first.data.clone(),
         format_version: FORMAT,
         partition: partition_fp,
@@ -481,6 +485,15 @@ fn check_same_ensemble(idx: &Index, name: &str, m: &CheckpointMeta) -> anyhow::R
             "{name}: trained in {}, but this registry's experts are in {}; an ensemble cannot mix spaces",
             space(&m.latent),
             space(&idx.latent)
+        );
+    }
+    if let (Some(a), Some(b)) = (&m.text, &idx.text)
+        && a != b
+    {
+        bail!(
+            "{name}: reads the conditioning vectors of {}, but this registry's models read those of {}",
+            a.describe(),
+            b.describe()
         );
     }
     if m.partition.as_deref() != Some(idx.partition.as_str()) {
