@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::flow::DdpmSchedule;
 use crate::host::{HostTensor, TensorFile};
 use crate::model::{Model, ModelConfig};
-use crate::tokenizer::TextTokenizer;
+use crate::tokenizer::{Pad, TextTokenizer};
 use crate::vae::{AutoencoderKL, LatentSpace};
 
 /// The checkpoint format this build writes. Version 3 seals the whole file: the metadata carries
@@ -480,7 +480,9 @@ impl Checkpoint {
             )));
         };
         let origin = format!("{}: its tokenizer", path.display());
-        let tokenizer = TextTokenizer::from_json(json, &origin, config.max_position_embeddings, "")?;
+        // The stored tokenizer sets its own padding; the end-of-text id is the fallback.
+        let pad = Pad::Id(config.eos_token_id as u32);
+        let tokenizer = TextTokenizer::from_json(json, &origin, config.max_position_embeddings, pad)?;
         Ok((config.load(self.tensors.clone(), path, device)?, tokenizer))
     }
 

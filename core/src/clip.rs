@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::host::HostTensor;
 use crate::params::{Init, ParamSource, StateDict, StateLoader};
-use crate::tokenizer::TextTokenizer;
+use crate::tokenizer::{Pad, TextTokenizer};
 
 /// transformers' `CLIPTextConfig` (its config.json; the defaults are transformers', which are
 /// CLIP ViT-B/32's text tower).
@@ -491,21 +491,17 @@ pub fn read_transformers_tokenizer(dir: &Path, config: &ClipTextConfig) -> Resul
         }
         Err(_) => None,
     };
-    let origin = path.display().to_string();
-    let length = config.max_position_embeddings;
-    if let Some(pad) = named_pad {
-        return TextTokenizer::from_json(&json, &origin, length, &pad);
-    }
     // No padding token named: the end-of-text token, by its id in the encoder's config.
-    let plain = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&json)
-        .map_err(|e| Error::InvalidConfig(format!("{origin}: not a tokenizer.json: {e}")))?;
-    let eos = plain.id_to_token(config.eos_token_id as u32).ok_or_else(|| {
-        Error::InvalidConfig(format!(
-            "{origin}: the end-of-text id {} of the encoder's config is not in its vocabulary",
-            config.eos_token_id
-        ))
-    })?;
-    TextTokenizer::from_json(&json, &origin, length, &eos)
+    let pad = match &named_pad {
+        Some(token) => Pad::Token(token),
+        None => Pad::Id(config.eos_token_id as u32),
+    };
+    TextTokenizer::from_json(
+        &json,
+        &path.display().to_string(),
+        config.max_position_embeddings,
+        pad,
+    )
 }
 
 #[cfg(test)]

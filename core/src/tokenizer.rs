@@ -43,19 +43,34 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
+/// The token sequences are padded with, where a `tokenizer.json` sets no padding of its own.
+#[derive(Debug, Clone, Copy)]
+pub enum Pad<'a> {
+    /// By its text (transformers' `tokenizer_config.json` names it so).
+    Token(&'a str),
+    /// By its id (an encoder config's end-of-text id).
+    Id(u32),
+}
+
 impl TextTokenizer {
     /// Read `json` (a `tokenizer.json`'s text; `origin` is named in errors) for sequences of
-    /// `length` ids, padded with the token `pad` where the file sets no padding of its own.
-    pub fn from_json(json: &str, origin: &str, length: usize, pad: &str) -> Result<Self> {
+    /// `length` ids, padded with `pad` where the file sets no padding of its own.
+    pub fn from_json(json: &str, origin: &str, length: usize, pad: Pad<'_>) -> Result<Self> {
         let bad = |reason: String| Error::InvalidConfig(format!("{origin}: {reason}"));
         let mut inner = Tokenizer::from_str(json).map_err(|e| bad(format!("not a tokenizer.json: {e}")))?;
-        let pad_token = match inner.get_padding() {
-            Some(p) => (p.pad_id, p.pad_token.clone()),
-            None => {
+        let pad_token = match (inner.get_padding(), pad) {
+            (Some(p), _) => (p.pad_id, p.pad_token.clone()),
+            (None, Pad::Token(token)) => {
                 let id = inner
-                    .token_to_id(pad)
-                    .ok_or_else(|| bad(format!("the padding token `{pad}` is not in its vocabulary")))?;
-                (id, pad.to_string())
+                    .token_to_id(token)
+                    .ok_or_else(|| bad(format!("the padding token `{token}` is not in its vocabulary")))?;
+                (id, token.to_string())
+            }
+            (None, Pad::Id(id)) => {
+                let token = inner
+                    .id_to_token(id)
+                    .ok_or_else(|| bad(format!("the padding id {id} is not in its vocabulary")))?;
+                (id, token)
             }
         };
         inner.with_padding(Some(PaddingParams {
@@ -74,23 +89,12 @@ impl TextTokenizer {
         Ok(Self { inner, length })
     }
 
-    /// Read a `tokenizer.json` file.
-    pub fn read(path: &std::path::Path, length: usize, pad: &str) -> Result<Self> {
-        let json = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json(&json, &path.display().to_string(), length, pad)
-    }
-
     /// This tokenizer as a `tokenizer.json` text, its padding and length included (what a
     /// checkpoint stores: read back, it tokenizes the same).
     pub fn to_json(&self) -> Result<String> {
         self.inner
             .to_string(false)
             .map_err(|e| Error::InvalidConfig(format!("cannot write the tokenizer: {e}")))
-    }
-
-    /// The token `id` stands for, if any.
-    pub fn token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
     }
 
     pub fn length(&self) -> usize {

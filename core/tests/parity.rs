@@ -178,7 +178,13 @@ fn clip_text_model_matches_transformers() {
 
     // Written out and read back (what a checkpoint stores), the tokenizer gives the same ids.
     let json = tokenizer.to_json().unwrap();
-    let back = ddm_core::tokenizer::TextTokenizer::from_json(&json, "stored", 16, "<|endoftext|>").unwrap();
+    let back = ddm_core::tokenizer::TextTokenizer::from_json(
+        &json,
+        "stored",
+        16,
+        ddm_core::tokenizer::Pad::Token("<|endoftext|>"),
+    )
+    .unwrap();
     assert_eq!(
         back.encode(&captions).unwrap(),
         tokenizer.encode(&captions).unwrap()
