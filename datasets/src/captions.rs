@@ -27,7 +27,7 @@ pub fn read_captions(path: &Path) -> Result<Vec<String>> {
         }
         let caption = match jsonl {
             true if line.trim().is_empty() => continue,
-            true => caption_of(line).map_err(at)?,
+            true => caption_of(&parse_line(line).map_err(at)?).map_err(at)?,
             false if line.trim().is_empty() => {
                 return Err(at(
                     "blank: one caption a line (an empty caption is `{\"caption\": \"\"}` in a .jsonl file)"
@@ -113,9 +113,8 @@ fn read_named(path: &Path) -> Result<HashMap<PathBuf, String>> {
                 line.len()
             )));
         }
-        let caption = caption_of(line).map_err(at)?;
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| at(format!("not JSON: {e}")))?;
+        let value = parse_line(line).map_err(at)?;
+        let caption = caption_of(&value).map_err(at)?;
         let Some(file) = value.get("file").and_then(|f| f.as_str()) else {
             return Err(at("no `file`: a folder's captions name their image".into()));
         };
@@ -127,8 +126,13 @@ fn read_named(path: &Path) -> Result<HashMap<PathBuf, String>> {
 }
 
 /// The caption of one JSON line.
-fn caption_of(line: &str) -> std::result::Result<String, String> {
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+/// One JSON line.
+fn parse_line(line: &str) -> std::result::Result<serde_json::Value, String> {
+    serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))
+}
+
+/// The caption of one JSON line's object: its `caption` (or `text`) string.
+fn caption_of(value: &serde_json::Value) -> std::result::Result<String, String> {
     let field = ["caption", "text"].into_iter().find_map(|k| value.get(k));
     match field {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
