@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{ddm, fails, ok, tiny_images};
+use common::{ddm, fails, max_abs_diff, ok, tiny_images};
 use ddm_core::checkpoint::Checkpoint;
 use ddm_core::host::TensorFile;
 
@@ -32,11 +32,6 @@ fn train_vae(d: &Path, out: &str, steps: &str, seed: &str) {
             out,
         ],
     ));
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// train-autoencoder -> encode -> partition -> 2 islands -> router -> register (with the VAE) ->

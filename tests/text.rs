@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{ddm, fails, ok, registry_fixture, tiny_images};
+use common::{ddm, fails, max_abs_diff, ok, registry_fixture, tiny_images};
 use ddm_core::checkpoint::Checkpoint;
 use ddm_core::host::TensorFile;
 
@@ -28,11 +28,6 @@ fn import_encoder(d: &Path) {
         ],
     ));
     assert!(out.contains("up to 16 tokens -> vectors of 32"), "{out}");
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// `ddm import --from transformers-clip` then `ddm encode-text --tokens` on the reference captions

@@ -14,6 +14,12 @@ pub fn ddm(dir: &Path, args: &[&str]) -> Output {
         .expect("ddm runs")
 }
 
+/// The largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
 pub fn ok(out: Output) -> String {
     let (so, se) = (
         String::from_utf8_lossy(&out.stdout),
