@@ -917,6 +917,10 @@ fn class_conditional_guided_sampling() {
         (&["--strategy", "top-9"][..], "more experts than the K = 2"),
         (&["--strategy", "threshold:2"][..], "must be in (0, 1]"),
         (&["--strategy", "sample:0"][..], "positive number"),
+        (
+            &["--guidance", "2"][..],
+            "guidance needs a condition: --class, --condition or --prompt",
+        ),
     ] {
         let mut a = vec!["sample", "--registry", "reg", "--out", "bad.png"];
         a.extend(args);

@@ -355,8 +355,8 @@ fn an_image_folder_brings_its_own_captions() {
 /// trained with --condition-vectors -> register -> `ddm sample --condition`. The experts record
 /// the width they read, the registry keeps it, and the caption changes the samples even with the
 /// analytic router (which ignores vectors), so the experts read them; `--prompt` samples what the
-/// caption's vector does, through the registry's text encoder only. A served expert that reads
-/// vectors is refused.
+/// caption's vector does, through the registry's text encoder only; guidance on the caption, a
+/// served expert and a distilled student read it too.
 #[test]
 fn experts_trained_on_captions_sample_by_caption() {
     let dir = tempfile::tempdir().unwrap();
@@ -515,15 +515,17 @@ fn experts_trained_on_captions_sample_by_caption() {
         .unwrap();
     let encoder = Checkpoint::read(&d.join("te.safetensors")).unwrap();
     assert_eq!(index.text, encoder.text_space());
-    let prompt = |encoder: &str| {
-        ddm(
+    let prompt = |registry: &str, encoder: &str, guidance: &str, out: &str| {
+        // The analytic router needs every cluster's statistics; a served expert brings none.
+        let router = if registry == "reg" { "analytic" } else { "learned" };
+        let got = ddm(
             d,
             &[
                 "sample",
                 "--registry",
-                "reg",
+                registry,
                 "--router",
-                "analytic",
+                router,
                 "--strategy",
                 "full",
                 "--n",
@@ -534,32 +536,86 @@ fn experts_trained_on_captions_sample_by_caption() {
                 "a bright left half",
                 "--text-encoder",
                 encoder,
+                "--guidance",
+                guidance,
                 "--out",
-                "prompted.png",
+                &format!("{out}.png"),
             ],
-        )
+        );
+        let x0 = TensorFile::read(&d.join(format!("{out}.safetensors")))
+            .and_then(|f| f.f32("x0"))
+            .map(|x| x.data);
+        (got, x0)
     };
-    ok(prompt("te.safetensors"));
-    let prompted = TensorFile::read(&d.join("prompted.safetensors"))
-        .unwrap()
-        .f32("x0")
-        .unwrap()
-        .data;
-    assert!(max_abs_diff(&prompted, &samples[0]) < 1e-5);
+    let (got, prompted) = prompt("reg", "te.safetensors", "1", "prompted");
+    ok(got);
+    assert!(max_abs_diff(&prompted.unwrap(), &samples[0]) < 1e-5);
     // Another encoder's vectors are refused, naming both encoders.
     let mut other = encoder.clone();
     let t = other.tensors.get_mut("final_layer_norm.bias").unwrap();
     t.data[0] += 0.5;
     other.save(&d.join("te2.safetensors")).unwrap();
-    let err = fails(prompt("te2.safetensors"));
+    let err = fails(prompt("reg", "te2.safetensors", "1", "refused").0);
     assert!(
-        err.contains("--text-encoder is text encoder") && err.contains("the registry's models read"),
+        err.contains("--text-encoder is text encoder") && err.contains("the models sampled read"),
         "{err}"
     );
 
-    // A served expert that reads vectors is refused: the served protocol carries classes only.
-    let server = common::Server::start(d, &["--registry", "reg", "--experts", "0"], None);
-    let err = fails(ddm(
+    // Guidance on the caption (the experts learnt the zero vector: --class-dropout 0.1) moves
+    // the samples.
+    let (got, guided) = prompt("reg", "te.safetensors", "3", "guided");
+    ok(got);
+    let guided = guided.unwrap();
+    assert!(
+        max_abs_diff(&guided, &samples[0]) > 0.0,
+        "guidance changed nothing"
+    );
+
+    // With a router that reads the caption too: expert 1 served, expert 0 and the router from
+    // their files. The served expert receives the vectors (and its guidance's null rows), so the
+    // samples are those of the same registry held locally, guided or not.
+    ok(ddm(
+        d,
+        &[
+            "train-router",
+            "--partition",
+            "p",
+            "--out",
+            "r",
+            "--model",
+            "mlp",
+            "--mlp-hidden",
+            "32",
+            "--steps",
+            "30",
+            "--batch-size",
+            "16",
+            "--eval-samples",
+            "20",
+            "--condition-vectors",
+            "--quiet",
+        ],
+    ));
+    let (e0, router) = ("e0/expert.safetensors", "r/router.safetensors");
+    ok(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "local",
+            "--partition",
+            "p",
+            e0,
+            "e1/expert.safetensors",
+            router,
+        ],
+    ));
+    let server = common::Server::start(d, &["--registry", "reg", "--experts", "1"], None);
+    ok(ddm(
+        d,
+        &["register", "--registry", "mixed", "--partition", "p", e0, router],
+    ));
+    ok(ddm(
         d,
         &[
             "register",
@@ -571,11 +627,80 @@ fn experts_trained_on_captions_sample_by_caption() {
             &server.url,
         ],
     ));
-    assert!(
-        err.contains("reads conditioning vectors cannot be served yet"),
-        "{err}"
-    );
+    for guidance in ["1", "3"] {
+        let (got, local) = prompt("local", "te.safetensors", guidance, "local");
+        ok(got);
+        let (got, served) = prompt("mixed", "te.safetensors", guidance, "served");
+        ok(got);
+        let diff = max_abs_diff(&served.unwrap(), &local.unwrap());
+        assert!(diff < 1e-5, "guidance {guidance}: served differs by {diff}");
+    }
     drop(server);
+
+    // A student distilled from the experts reads the vectors too, records their text space, and
+    // samples by prompt from its checkpoint.
+    ok(ddm(
+        d,
+        &[
+            "distill",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            "--out",
+            "student",
+            "--model",
+            "mlp",
+            "--mlp-hidden",
+            "32",
+            "--steps",
+            "20",
+            "--batch-size",
+            "16",
+            "--quiet",
+        ],
+    ));
+    let student = Checkpoint::read(&d.join("student/expert.safetensors"))
+        .unwrap()
+        .meta;
+    assert_eq!(
+        (student.model.condition_dim(), student.text.clone()),
+        (32, encoder.text_space())
+    );
+    let mut drawn = vec![];
+    for caption in ["a bright left half", "a bright top half"] {
+        ok(ddm(
+            d,
+            &[
+                "sample",
+                "--checkpoint",
+                "student/expert.safetensors",
+                "--n",
+                "4",
+                "--steps",
+                "8",
+                "--prompt",
+                caption,
+                "--text-encoder",
+                "te.safetensors",
+                "--guidance",
+                "2",
+                "--out",
+                "student.png",
+            ],
+        ));
+        drawn.push(
+            TensorFile::read(&d.join("student.safetensors"))
+                .unwrap()
+                .f32("x0")
+                .unwrap()
+                .data,
+        );
+    }
+    assert!(
+        max_abs_diff(&drawn[0], &drawn[1]) > 0.0,
+        "the caption does not reach the student"
+    );
 
     // Vectors of another width are refused by name.
     ddm_core::host::write_tensors(

@@ -219,14 +219,15 @@ pub fn randn(shape: Vec<usize>, rng: &mut impl Rng) -> HostTensor {
 }
 
 /// Classifier-free guidance on a conditional velocity field:
-/// v = v(x, t, null) + scale (v(x, t, c) - v(x, t, null)), the null condition being the null class
-/// (and zero vectors, padding-only sequences: [`Condition::null`]). Scale 1 is plain conditional
-/// sampling; the conditional and null halves run as one batch of 2N. Without a class the samples
-/// are drawn unconditionally: the null class for every sample.
+/// v = v(x, t, null) + scale (v(x, t, c) - v(x, t, null)), the null condition being the null class,
+/// zero vectors and padding-only sequences ([`Condition::null`]). Scale 1 is plain conditional
+/// sampling; the conditional and null halves run as one batch of 2N. A class-conditional field
+/// given no class reads the null class: without any condition the samples are unconditional.
 pub struct ClassifierFreeGuidance<F> {
     pub inner: F,
-    /// The null class id (DiT: `num_classes`).
-    pub null_class: usize,
+    /// The null class id of a class-conditional field (DiT: `num_classes`); None: it reads no
+    /// class.
+    pub null_class: Option<usize>,
     pub scale: f64,
 }
 
@@ -234,22 +235,22 @@ impl<F: VelocityField<2>> VelocityField<2> for ClassifierFreeGuidance<F> {
     fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, c: &Condition) -> Result<Tensor<2>, VelocityError> {
         let n = x_t.dims()[0];
         let device = x_t.device();
-        if c.class.is_none() {
-            let null = Tensor::<1, Int>::full([n], self.null_class as i64, &device);
-            let c = Condition {
-                class: Some(null),
-                ..c.clone()
-            };
+        let conditioned = !c.is_none();
+        let mut c = c.clone();
+        if let (Some(null), None) = (self.null_class, &c.class) {
+            c.class = Some(Tensor::<1, Int>::full([n], null as i64, &device));
+        }
+        if !conditioned || self.scale == 1.0 {
             return self.inner.velocity(x_t, t, &c);
         }
-        if self.scale == 1.0 {
-            return self.inner.velocity(x_t, t, c);
+        let mut null = c.null(n, self.null_class.unwrap_or(0), &device);
+        if self.null_class.is_none() {
+            null.class = c.class.clone(); // a field that reads no class is not guided on it
         }
-        let both = c.clone().cat(c.null(n, self.null_class, &device));
         let v = self.inner.velocity(
             Tensor::cat(vec![x_t.clone(), x_t], 0), // [2N, X]
             Tensor::cat(vec![t.clone(), t], 0),
-            &both,
+            &c.cat(null),
         )?;
         let (v_cond, v_null) = (v.clone().narrow(0, 0, n), v.narrow(0, n, n));
         Ok(v_null.clone() + (v_cond - v_null) * self.scale)
@@ -581,7 +582,7 @@ mod tests {
         ] {
             let g = ClassifierFreeGuidance {
                 inner: ByClass,
-                null_class: 10,
+                null_class: Some(10),
                 scale,
             };
             let v = HostTensor::from_tensor(
@@ -596,6 +597,62 @@ mod tests {
                     .collect::<Vec<_>>(),
                 "scale {scale}"
             );
+        }
+    }
+
+    /// The exact field of Gaussian data N(mu, s2 I) whose mean is the conditioning vector
+    /// (mu = c; the zero vector, the null condition, gives N(0, s2 I)).
+    struct GaussianByVector {
+        s2: f64,
+    }
+    impl VelocityField<2> for GaussianByVector {
+        fn velocity(&self, x_t: Tensor<2>, t: Tensor<1>, c: &Condition) -> Result<Tensor<2>, VelocityError> {
+            let [n, _] = x_t.dims();
+            let mu = c.vector.clone().unwrap_or_else(|| x_t.zeros_like());
+            let t = t.reshape([n, 1]);
+            let s = t.clone().neg() + 1.0; // 1 - t
+            let var = s.clone().powi_scalar(2) * self.s2 + t.clone().powi_scalar(2);
+            let gain = (t - s.clone() * self.s2) / var;
+            Ok(gain * (x_t - mu.clone() * s) - mu)
+        }
+    }
+
+    /// The field of N(mu, s2 I) is affine in mu, so guidance at scale w from the null vector is
+    /// the exact field of N(w mu, s2 I), whose flow carries noise x1 to w mu + s x1: the guided
+    /// samples, integrated with Heun, land there (per sample, each with its own vector).
+    #[test]
+    fn guidance_on_vectors_has_its_closed_form_on_gaussians() {
+        let d = dev();
+        let s2 = 0.25f64;
+        let mu = [[1.0f32, -2.0], [0.5, 3.0], [-1.5, 0.0]];
+        let x1 = [[0.3f32, -1.1], [1.4, 0.2], [-0.7, 0.9]];
+        let c = Condition::vector(Tensor::<2>::from_floats(mu, &d));
+        let times = StepSchedule::Uniform.times(64);
+        for scale in [0.0, 1.0, 3.0] {
+            let g = ClassifierFreeGuidance {
+                inner: GaussianByVector { s2 },
+                null_class: None,
+                scale,
+            };
+            let x0 = integrate(
+                &mut &g,
+                Tensor::<2>::from_floats(x1, &d),
+                &c,
+                &times,
+                Solver::Heun,
+            )
+            .unwrap();
+            let x0 = HostTensor::from_tensor(x0).data;
+            for (i, (m, z)) in mu.iter().zip(&x1).enumerate() {
+                for j in 0..2 {
+                    let want = scale * m[j] as f64 + s2.sqrt() * z[j] as f64;
+                    let got = x0[i * 2 + j] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-3,
+                        "scale {scale}, sample {i}: {got} vs {want}"
+                    );
+                }
+            }
         }
     }
 

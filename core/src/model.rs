@@ -82,17 +82,19 @@ impl ModelConfig {
     }
 
     /// This network also reading per-sample conditioning vectors of width `dim` (a caption's
-    /// pooled text embedding) through its `c_embedder`; dropped to the zero vector with the
-    /// class dropout probability in training.
-    pub fn with_condition_vectors(self, dim: usize) -> Result<Self> {
+    /// pooled text embedding) through its `c_embedder`, dropped to the zero vector with
+    /// probability `dropout` in training (> 0 gives classifier-free guidance its null vector).
+    pub fn with_condition_vectors(self, dim: usize, dropout: f64) -> Result<Self> {
         match self {
             ModelConfig::Dit(mut c) => {
                 c.condition_dim = dim;
+                c.class_dropout_prob = dropout;
                 c.validate()?;
                 Ok(ModelConfig::Dit(c))
             }
             ModelConfig::Mlp(mut c) => {
                 c.condition_dim = dim;
+                c.class_dropout_prob = dropout;
                 c.validate()?;
                 Ok(ModelConfig::Mlp(c))
             }
@@ -164,6 +166,17 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.class_rows() > c.num_classes,
             ModelConfig::Mlp(c) => c.class_rows() > c.num_classes,
+            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => false,
+        }
+    }
+
+    /// Whether the model learnt a null condition for classifier-free guidance: it was trained
+    /// with condition dropout (a class-conditional model has its null class; one that reads
+    /// vectors saw the zero vector).
+    pub fn has_null_condition(&self) -> bool {
+        match self {
+            ModelConfig::Dit(c) => c.class_dropout_prob > 0.0,
+            ModelConfig::Mlp(c) => c.class_dropout_prob > 0.0,
             ModelConfig::Vae(_) | ModelConfig::ClipText(_) => false,
         }
     }
@@ -331,7 +344,7 @@ mod tests {
             }),
             ModelConfig::named("DiT-XS/2", "x", &[1, 4, 4], 0, 0).unwrap(),
         ] {
-            let config = config.with_condition_vectors(3).unwrap();
+            let config = config.with_condition_vectors(3, 0.1).unwrap();
             assert_eq!(config.condition_dim(), 3);
             // adaLN-Zero and zero output layers make a fresh model constant: perturb every tensor.
             let mut sd = config.init(2, &device).unwrap().state_dict();

@@ -27,6 +27,7 @@ use ddm_core::host::HostTensor;
 use ddm_core::model::{Model, ModelConfig};
 use ddm_core::params::ParamSource;
 use ddm_datasets::Dataset;
+use ddm_ensemble::experts::Guidance;
 use ddm_ensemble::registry::Registry;
 use ddm_ensemble::sample::RouterChoice;
 use ddm_ensemble::sampler::{Ensemble, ExpertSlot, LearnedRouter, Posterior};
@@ -147,16 +148,17 @@ impl<'a> Teacher<'a> {
         }
     }
 
-    /// The teacher's velocity at `x_t` (rows of `clusters`), as a constant on `x_t`'s device; an
-    /// expert that fails (a server that stopped answering) is the error.
+    /// The teacher's velocity at `x_t` (rows of `clusters`) under the condition `c` (the
+    /// student's: its dropped labels and vectors), as a constant on `x_t`'s device; an expert
+    /// that fails (a server that stopped answering) is the error.
     ///
     /// # Shapes
-    /// - `x_t`: `[B, X]`, `t`: `[B]`, `y`: `[B]`, `clusters`: B ids -> `[B, X]`
+    /// - `x_t`: `[B, X]`, `t`: `[B]`, `c`: B rows, `clusters`: B ids -> `[B, X]`
     pub fn velocity(
         &self,
         x_t: &Tensor<2>,
         t: &Tensor<1>,
-        y: Option<&Tensor<1, Int>>,
+        c: &Condition,
         clusters: Option<&[u32]>,
     ) -> anyhow::Result<Tensor<2>> {
         let out_device = x_t.device();
@@ -167,15 +169,19 @@ impl<'a> Teacher<'a> {
         // Through the host: the teacher's tensors carry no autodiff graph.
         let x = HostTensor::from_tensor(x_t.clone()).to_tensor::<2>(&self.device);
         let tt = HostTensor::from_tensor(t.clone()).to_tensor::<1>(&self.device);
-        let yy = y.map(|y| {
-            let ids: Vec<i64> = y.clone().into_data().convert::<i64>().iter::<i64>().collect();
-            let n = ids.len();
-            Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &self.device)
-        });
+        let cc = Condition {
+            class: c.class_ids().map(|ids| {
+                let n = ids.len();
+                Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &self.device)
+            }),
+            vector: c
+                .vector
+                .clone()
+                .map(|v| HostTensor::from_tensor(v).to_tensor::<2>(&self.device)),
+            tokens: None,
+        };
         let mut ensemble = self.ensemble.borrow_mut();
-        let v = ensemble
-            .drift(x, tt, &Condition::maybe_class(yy))
-            .context("the teacher failed")?;
+        let v = ensemble.drift(x, tt, &cc).context("the teacher failed")?;
         let (mut flops, mut rows) = self.spent.get();
         for u in ensemble.usage.drain(..) {
             flops += u
@@ -214,8 +220,15 @@ pub fn registry_teacher<'a>(
             reg.dir.display()
         );
     }
+    // The student's condition reaches every expert: its classes, its vectors (or their null).
+    let classes = reg.expert_classes()?;
+    let guidance = Guidance {
+        max_class: classes.checked_sub(1),
+        vectors: reg.index.experts.values().any(|e| e.condition_dim.is_some()),
+        scale: 1.0,
+    };
     let experts = (0..k)
-        .map(|c| reg.expert_slot(c, device, None))
+        .map(|c| reg.expert_slot(c, device, guidance))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut expert_flops = vec![];
     for c in 0..k {
@@ -233,17 +246,11 @@ pub fn registry_teacher<'a>(
     if expert_flops.contains(&0.0) {
         tracing::warn!("served experts' FLOPs are not counted in the student's training cost");
     }
-    let classes = reg.expert_classes()?;
     let (posterior, router_flops, router_sees_class): (Option<Box<dyn Posterior + 'a>>, f64, bool) =
         match target {
             Target::Routed(s) if s.uses_router() => match router {
                 RouterChoice::Learned => {
                     let net = reg.router(device)?;
-                    if net.condition_dim().is_some() {
-                        bail!(
-                            "the router reads conditioning vectors, which distillation does not feed yet: use --teacher own-cluster or --router analytic"
-                        );
-                    }
                     let flops = net.config().flops_per_sample();
                     let sees = net.classes() > 0 && net.classes() == classes;
                     if sees && !net.routes_without_class() {
@@ -290,6 +297,9 @@ pub struct DistillTask<'a> {
     pub partition: Option<String>,
     /// The latent space of the teacher's experts (None: pixel space), recorded for the student.
     pub latent: Option<ddm_core::vae::LatentSpace>,
+    /// The text space of the experts' conditioning vectors, recorded for a student that reads
+    /// them.
+    pub text: Option<ddm_core::clip::TextSpace>,
 }
 
 impl Task for DistillTask<'_> {
@@ -322,8 +332,14 @@ impl Task for DistillTask<'_> {
         let (_, t, x_t) = ddm_trainer::task::noise(&batch.x0, config, rng);
         let y =
             ddm_trainer::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
-        let target = self.teacher.velocity(&x_t, &t, y.as_ref(), batch.targets)?;
-        let v = net.predict(x_t, t, &ddm_core::condition::Condition::maybe_class(y));
+        let vector = (net_config.condition_dim() > 0)
+            .then(|| ddm_trainer::task::dropped_vectors(&batch, config.class_dropout, rng));
+        let c = Condition {
+            vector,
+            ..Condition::maybe_class(y)
+        };
+        let target = self.teacher.velocity(&x_t, &t, &c, batch.targets)?;
+        let v = net.predict(x_t, t, &c);
         let diff = v - target;
         Ok((diff.clone() * diff).mean())
     }
@@ -339,6 +355,8 @@ impl Task for DistillTask<'_> {
         let mut meta = CheckpointMeta::expert(net_config.clone(), self.range, Objective::Velocity);
         meta.partition = self.partition.clone();
         meta.latent = self.latent.clone();
+        meta.condition_dim = Some(net_config.condition_dim()).filter(|&d| d > 0);
+        meta.text = self.text.clone().filter(|_| meta.condition_dim.is_some());
         meta.source = Some(format!(
             "ddm distill: a student of the {}",
             self.teacher.description

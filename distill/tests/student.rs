@@ -92,6 +92,7 @@ fn distill(target: Target, steps: u64) -> (f64, f64, u64) {
         }),
         range,
         latent: None,
+        text: None,
         partition: None,
     };
     let out = tempfile::tempdir().unwrap();

@@ -20,7 +20,7 @@ use crate::sampler::ExpertSlot;
 impl Registry {
     /// Expert `k` as a velocity field on `device` (epsilon experts are converted).
     pub fn expert(&self, k: usize, device: &Device) -> anyhow::Result<Box<dyn VelocityField<2>>> {
-        self.expert_guided(k, device, None)
+        self.expert_guided(k, device, Guidance::default())
     }
 
     /// The index entry a claim names.
@@ -80,7 +80,7 @@ impl Registry {
         &'a self,
         k: usize,
         device: &Device,
-        guidance: Option<(usize, f64)>,
+        guidance: Guidance,
     ) -> anyhow::Result<ExpertSlot<'a>> {
         let Some(e) = self.index.experts.get(&k) else {
             return Ok(ExpertSlot::missing());
@@ -92,23 +92,16 @@ impl Registry {
             return Ok(ExpertSlot::lazy(move || self.expert_guided(k, &device, guidance))
                 .at(blob.display().to_string(), bytes));
         };
-        let classes = e.classes(&self.dir)?;
-        let guidance = match guidance {
-            None if classes > 0 => Some((classes, 1.0)), // no class given: the null class
-            None => None,
-            Some((class, _)) if classes == 0 => bail!(
-                "expert {k} ({url}) is not class-conditional; sample without --class (asked for class {class})"
-            ),
-            Some((class, _)) if class >= classes => bail!(
-                "class {class} is out of range: expert {k} ({url}) knows classes 0..={}",
-                classes - 1
-            ),
-            Some((_, scale)) => Some((classes, scale)),
-        };
+        // The server holds the checkpoint: what the entry records is checked here, the rest (a
+        // null class) by the server.
+        let (classes, dim) = (e.classes(&self.dir)?, e.condition_dim.unwrap_or(0));
+        let null_class = guidance.check(&format!("expert {k} ({url})"), classes, dim, None)?;
         Ok(ExpertSlot::remote(RemoteExpert {
             client: Client::new(url)?,
             cluster: k,
-            guidance,
+            null_class,
+            reads_vectors: dim > 0,
+            scale: guidance.scale,
         }))
     }
 
@@ -121,13 +114,13 @@ impl Registry {
         }
     }
 
-    /// Expert `k`, with classifier-free guidance at `guidance` (the largest class id that will
-    /// be asked for, scale) if given; the expert must be class-conditional.
+    /// Expert `k` for samples conditioned as `guidance` says, with classifier-free guidance at
+    /// its scale.
     pub fn expert_guided(
         &self,
         k: usize,
         device: &Device,
-        guidance: Option<(usize, f64)>,
+        guidance: Guidance,
     ) -> anyhow::Result<Box<dyn VelocityField<2>>> {
         let e = self
             .index
@@ -163,40 +156,172 @@ impl Registry {
     }
 }
 
-/// A checkpoint's network as a velocity field: an epsilon expert converted, and with
-/// classifier-free guidance at `guidance` (the largest class id that will be asked for, scale) if
-/// given, which needs a class-conditional network. `what` names it in errors.
+/// What the samples are conditioned on, as every expert is asked for it, and the scale of
+/// classifier-free guidance on that condition.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Guidance {
+    /// The largest class id asked for (None: no class given).
+    pub max_class: Option<usize>,
+    /// Whether the samples carry conditioning vectors.
+    pub vectors: bool,
+    /// 1: plain conditional sampling.
+    pub scale: f64,
+}
+
+impl Default for Guidance {
+    /// Unconditional samples, no guidance.
+    fn default() -> Self {
+        Self {
+            max_class: None,
+            vectors: false,
+            scale: 1.0,
+        }
+    }
+}
+
+impl Guidance {
+    /// Check the condition against a model conditioned on `classes` classes (0: none) that
+    /// reads vectors of width `dim` (0: none); `null` says whether it learnt a null condition
+    /// (None: not known here). Returns the null class of a class-conditional model, which it
+    /// reads when no class is given. `what` names the model in errors.
+    pub fn check(
+        &self,
+        what: &str,
+        classes: usize,
+        dim: usize,
+        null: Option<bool>,
+    ) -> anyhow::Result<Option<usize>> {
+        match self.max_class {
+            Some(class) if classes == 0 => bail!(
+                "{what} is not class-conditional (train with --class-conditional); sample without --class (asked for class {class})"
+            ),
+            Some(class) if class >= classes => bail!(
+                "class {class} is out of range: {what} knows classes 0..={}",
+                classes - 1
+            ),
+            None if classes > 0 && null == Some(false) => bail!(
+                "{what} is class-conditional and was trained without label dropout (no null class): sample with --class"
+            ),
+            _ => {}
+        }
+        if self.scale != 1.0 {
+            if self.max_class.is_none() && !(self.vectors && dim > 0) {
+                bail!(
+                    "--guidance {}: {what} reads {}: guidance needs a condition it reads",
+                    self.scale,
+                    match (classes, dim) {
+                        (0, 0) => "no condition".to_string(),
+                        (0, _) => "conditioning vectors, and none were given".to_string(),
+                        _ => "a class, and none was given".to_string(),
+                    }
+                );
+            }
+            if null == Some(false) {
+                bail!(
+                    "{what} was trained without condition dropout (no null class or null vector), so it cannot use --guidance other than 1"
+                );
+            }
+        }
+        Ok((classes > 0).then_some(classes))
+    }
+}
+
+/// A checkpoint's network as a velocity field for samples conditioned as `guidance` says: an
+/// epsilon expert converted, a class-conditional network given its null class where no class is
+/// given, and classifier-free guidance at the guidance scale. `what` names it in errors.
 pub fn velocity_field(
     what: &str,
     meta: &ddm_core::checkpoint::CheckpointMeta,
     model: ddm_core::model::Model,
-    guidance: Option<(usize, f64)>,
+    guidance: Guidance,
 ) -> anyhow::Result<Box<dyn VelocityField<2>>> {
-    let (classes, null_class) = (meta.model.num_classes(), meta.model.has_null_class());
+    let m = &meta.model;
+    let null_class = guidance.check(
+        what,
+        m.num_classes(),
+        m.condition_dim(),
+        Some(m.has_null_condition()),
+    )?;
     let field: Box<dyn VelocityField<2>> = match meta.objective {
         Objective::Velocity => Box::new(model),
         Objective::Epsilon { schedule } => Box::new(EpsilonToVelocity::new(model, schedule, meta.data.range)),
     };
-    let Some((class, scale)) = guidance else {
+    if null_class.is_none() && guidance.scale == 1.0 {
         return Ok(field);
-    };
-    if classes == 0 {
-        bail!("{what} is not class-conditional (train with --class-conditional); sample without --class");
-    }
-    if class >= classes {
-        bail!(
-            "class {class} is out of range: {what} knows classes 0..={}",
-            classes - 1
-        );
-    }
-    if scale != 1.0 && !null_class {
-        bail!(
-            "{what} was trained without label dropout (no null class), so it cannot use --guidance other than 1"
-        );
     }
     Ok(Box::new(ddm_core::flow::ClassifierFreeGuidance {
         inner: field,
-        null_class: classes,
-        scale,
+        null_class,
+        scale: guidance.scale,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(max_class: Option<usize>, vectors: bool, scale: f64) -> Guidance {
+        Guidance {
+            max_class,
+            vectors,
+            scale,
+        }
+    }
+
+    /// What each kind of model may be asked for; the refusals name the model and the reason.
+    #[test]
+    fn guidance_is_checked_against_what_the_model_reads() {
+        let check = |guidance: Guidance, classes, dim, null| guidance.check("expert 0", classes, dim, null);
+        // A class-conditional model reads its null class when no class is given.
+        assert_eq!(
+            check(g(Some(9), false, 2.0), 10, 0, Some(true)).unwrap(),
+            Some(10)
+        );
+        assert_eq!(check(Guidance::default(), 10, 0, Some(true)).unwrap(), Some(10));
+        // A model that reads vectors is guided on them, and has no null class.
+        assert_eq!(check(g(None, true, 3.0), 0, 32, Some(true)).unwrap(), None);
+        assert_eq!(check(g(None, true, 3.0), 0, 32, None).unwrap(), None);
+        for (guidance, classes, dim, null, says) in [
+            (
+                g(Some(3), false, 1.0),
+                0,
+                32,
+                Some(true),
+                "is not class-conditional",
+            ),
+            (
+                g(Some(10), false, 1.0),
+                10,
+                0,
+                Some(true),
+                "class 10 is out of range",
+            ),
+            (Guidance::default(), 10, 0, Some(false), "sample with --class"),
+            (
+                g(None, true, 2.0),
+                10,
+                0,
+                Some(true),
+                "reads a class, and none was given",
+            ),
+            (
+                g(None, false, 2.0),
+                0,
+                32,
+                Some(true),
+                "conditioning vectors, and none were given",
+            ),
+            (g(None, true, 2.0), 0, 0, Some(true), "reads no condition"),
+            (
+                g(None, true, 2.0),
+                0,
+                32,
+                Some(false),
+                "without condition dropout",
+            ),
+        ] {
+            let e = check(guidance, classes, dim, null).unwrap_err().to_string();
+            assert!(e.contains("expert 0") && e.contains(says), "{guidance:?}: {e}");
+        }
+    }
 }

@@ -330,61 +330,61 @@ impl Client {
 }
 
 /// An expert served elsewhere, as the sampler runs it: the server's field for cluster `k`, with
-/// classifier-free guidance applied here (as [`ddm_core::flow::ClassifierFreeGuidance`] does for a
-/// local expert).
+/// the null class filled in and classifier-free guidance applied here (as
+/// [`ddm_core::flow::ClassifierFreeGuidance`] does for a local expert).
 #[derive(Clone)]
 pub struct RemoteExpert {
     pub client: Client,
     pub cluster: usize,
-    /// (null class id, scale) for a class-conditional expert.
-    pub guidance: Option<(usize, f64)>,
+    /// The null class of a class-conditional expert (read where no class is given).
+    pub null_class: Option<usize>,
+    /// Whether the expert reads conditioning vectors (they are sent only then).
+    pub reads_vectors: bool,
+    /// The guidance scale (1: none).
+    pub scale: f64,
 }
 
 impl RemoteExpert {
-    /// `x_t` `[M, ...]`, `t` `[M]`, `y` `[M]` -> `v` `[M, ...]`.
-    pub fn velocity(&self, x_t: HostTensor, t: Vec<f32>, y: Option<Vec<i64>>) -> anyhow::Result<HostTensor> {
+    /// `x_t` `[M, ...]`, `t` `[M]`, `y` `[M]`?, `c` `[M, Dc]`? -> `v` `[M, ...]`.
+    pub fn velocity(
+        &self,
+        x_t: HostTensor,
+        t: Vec<f32>,
+        y: Option<Vec<i64>>,
+        c: Option<HostTensor>,
+    ) -> anyhow::Result<HostTensor> {
         let m = t.len();
-        let plain = |y| {
-            self.client.velocity(
-                self.cluster,
-                &Request {
-                    x_t: x_t.clone(),
-                    t: t.clone(),
-                    y,
-                    c: None,
-                },
-            )
-        };
-        let Some((null, scale)) = self.guidance else {
-            return plain(y);
-        };
-        let Some(y) = y else {
-            return plain(Some(vec![null as i64; m]));
-        };
-        if scale == 1.0 {
-            return plain(Some(y));
+        let c = c.filter(|_| self.reads_vectors);
+        let conditioned = y.is_some() || c.is_some();
+        let y = y.or_else(|| self.null_class.map(|null| vec![null as i64; m]));
+        if !conditioned || self.scale == 1.0 {
+            let request = Request { x_t, t, y, c };
+            return self.client.velocity(self.cluster, &request);
         }
-        // Conditional and null rows in one request: [2M, X].
-        let mut x2 = x_t.data.clone();
-        x2.extend_from_slice(&x_t.data);
+        // Conditional and null rows in one request: [2M, X]. The null condition is the null
+        // class and the zero vector (a class the expert does not read stays as given).
+        let twice = |v: &[f32]| [v, v].concat();
         let mut shape2 = x_t.shape.clone();
         shape2[0] = 2 * m;
-        let mut t2 = t.clone();
-        t2.extend_from_slice(&t);
-        let mut y2 = y;
-        y2.extend(std::iter::repeat_n(null as i64, m));
-        let v = self.client.velocity(
-            self.cluster,
-            &Request {
-                x_t: HostTensor::new(shape2, x2),
-                t: t2,
-                y: Some(y2),
-                c: None,
-            },
-        )?;
-        let half = v.data.len() / 2;
-        let (cond, null_v) = v.data.split_at(half);
-        let s = scale as f32;
+        let y2 = y.map(|y| {
+            let null = self.null_class.map_or(y.clone(), |n| vec![n as i64; m]);
+            [y, null].concat()
+        });
+        let c2 = c.map(|c| {
+            let mut shape = c.shape.clone();
+            shape[0] = 2 * m;
+            let zeros = vec![0.0; c.data.len()];
+            HostTensor::new(shape, [c.data, zeros].concat())
+        });
+        let request = Request {
+            x_t: HostTensor::new(shape2, twice(&x_t.data)),
+            t: twice(&t),
+            y: y2,
+            c: c2,
+        };
+        let v = self.client.velocity(self.cluster, &request)?;
+        let (cond, null_v) = v.data.split_at(v.data.len() / 2);
+        let s = self.scale as f32;
         let data = cond.iter().zip(null_v).map(|(&c, &u)| u + (c - u) * s).collect();
         Ok(HostTensor::new(x_t.shape, data))
     }

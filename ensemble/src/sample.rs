@@ -18,6 +18,7 @@ use ddm_core::vae::{AutoencoderKL, LatentSpace};
 use rand::SeedableRng;
 use serde::Serialize;
 
+use crate::experts::Guidance;
 use crate::registry::Registry;
 use crate::sampler::{Ensemble, ExpertSlot, LearnedRouter, Posterior};
 use crate::strategy::Strategy;
@@ -104,8 +105,10 @@ pub struct SampleOptions {
     pub max_memory: Option<u64>,
     /// Samples integrated at once (the rest wait for the next batch).
     pub batch: usize,
-    /// Class-conditional sampling: which classes, and the guidance scale.
-    pub class: Option<(Classes, f64)>,
+    /// Class-conditional sampling: which classes.
+    pub class: Option<Classes>,
+    /// Classifier-free guidance scale on the class and the conditioning vectors (1: none).
+    pub guidance: f64,
     /// Per-sample conditioning vectors for a vector-conditioned router and experts.
     pub condition: Option<ConditionInput>,
     pub seed: u64,
@@ -519,10 +522,10 @@ impl ConditionInput {
             )),
             ConditionInput::Prompts { c, text } => match registry {
                 None => bail!(
-                    "--prompt: the registry does not record which text encoder made its models' vectors (they were not trained on `ddm encode-text` output); give the vectors with --condition"
+                    "--prompt: the models sampled do not record which text encoder made the vectors they read (they were not trained on `ddm encode-text` output); give the vectors with --condition"
                 ),
                 Some(r) if r != text => bail!(
-                    "--text-encoder is {}, but the registry's models read the vectors of {}",
+                    "--text-encoder is {}, but the models sampled read the vectors of {}",
                     text.describe(),
                     r.describe()
                 ),
@@ -559,20 +562,31 @@ fn condition_vectors(
     Ok(c)
 }
 
-/// `--class` as guidance for experts conditioned on `classes` classes: (the largest class id
-/// asked for, the scale).
-fn guidance(o: &SampleOptions, classes: usize) -> anyhow::Result<Option<(usize, f64)>> {
-    Ok(match o.class {
-        Some((which, _)) if classes == 0 => {
+/// What every expert is asked for: `--class` for experts conditioned on `classes` classes (the
+/// largest class id asked for), whether vectors are given, and the guidance scale.
+fn guidance(o: &SampleOptions, classes: usize) -> anyhow::Result<Guidance> {
+    let max_class = match o.class {
+        Some(which) if classes == 0 => {
             bail!("--class {which}: the model is not class-conditional (train it with --class-conditional)")
         }
-        Some((Classes::All, _)) if !o.n.is_multiple_of(classes) => bail!(
+        Some(Classes::All) if !o.n.is_multiple_of(classes) => bail!(
             "--class all with --n {}: the {classes} classes get equal counts only when --n is a multiple of {classes} (e.g. --n {})",
             o.n,
             o.n.div_ceil(classes) * classes
         ),
-        Some((which, scale)) => Some((which.max_id(classes), scale)),
+        Some(which) => Some(which.max_id(classes)),
         None => None,
+    };
+    if o.guidance != 1.0 && max_class.is_none() && o.condition.is_none() {
+        bail!(
+            "--guidance {}: guidance needs a condition: --class, --condition or --prompt",
+            o.guidance
+        );
+    }
+    Ok(Guidance {
+        max_class,
+        vectors: o.condition.is_some(),
+        scale: o.guidance,
     })
 }
 
@@ -582,9 +596,6 @@ fn sample_checkpoint(
     path: &std::path::Path,
     progress: &dyn Progress,
 ) -> anyhow::Result<Report> {
-    if o.condition.is_some() {
-        bail!("--condition is for a router's conditioning vectors; a single checkpoint has no router");
-    }
     let (meta, model) = ddm_core::checkpoint::load(path, &o.device)?;
     if meta.role != ddm_core::checkpoint::Role::Expert {
         bail!(
@@ -594,6 +605,15 @@ fn sample_checkpoint(
         );
     }
     let classes = meta.model.num_classes();
+    let condition = match &o.condition {
+        None => None,
+        Some(input) => Some(condition_vectors(
+            input.vectors(meta.text.as_ref())?,
+            o.n,
+            None,
+            Some(meta.model.condition_dim()).filter(|&d| d > 0),
+        )?),
+    };
     let field =
         crate::experts::velocity_field(&path.display().to_string(), &meta, model, guidance(o, classes)?)?;
     let strategy = Strategy::Oracle { cluster: 0 };
@@ -610,7 +630,7 @@ fn sample_checkpoint(
             shape: meta.data.shape.clone(),
             router_sees_class: false,
             router_sees_vectors: false,
-            condition: None,
+            condition,
             decoder,
         },
         progress,
@@ -678,7 +698,7 @@ fn integrate_batches(
     let device = o.device.clone();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
     let times = StepSchedule::Uniform.times(o.steps);
-    let ids = o.class.map(|(which, _)| which.ids(o.n, s.classes));
+    let ids = o.class.map(|which| which.ids(o.n, s.classes));
     let batches = o.n.div_ceil(o.batch);
     progress.begin(
         &format!("sample {} ({})", o.n, s.strategy),
@@ -783,8 +803,8 @@ fn report(o: &SampleOptions, s: &Sampled<'_>, seconds: f64, tensors: PathBuf) ->
     let t_of = |i: usize| times[(i / evals_per_step).min(o.steps.saturating_sub(1))];
     let router_rows: usize = usage.iter().map(|u| u.router_rows).sum();
     Report {
-        class: o.class.map(|(c, _)| c.to_string()),
-        guidance: o.class.map(|(_, g)| g),
+        class: o.class.map(|c| c.to_string()),
+        guidance: (o.class.is_some() || o.condition.is_some()).then_some(o.guidance),
         router_sees_class: s.router_sees_class,
         router_sees_vectors: s.router_sees_vectors,
         router_calls_per_sample: router_rows as f64 / o.n.max(1) as f64,

@@ -377,6 +377,7 @@ impl Ensemble<'_> {
                     HostTensor::from_tensor(xe),
                     HostTensor::from_tensor(te).data,
                     ce.class_ids(),
+                    ce.vector.map(HostTensor::from_tensor),
                 ))
             })
             .collect();
@@ -389,7 +390,7 @@ impl Ensemble<'_> {
         let (local_result, answers) = std::thread::scope(|s| {
             let handles: Vec<_> = calls
                 .into_iter()
-                .map(|(e, remote, xe, te, ye)| (e, s.spawn(move || remote.velocity(xe, te, ye))))
+                .map(|(e, remote, xe, te, ye, ce)| (e, s.spawn(move || remote.velocity(xe, te, ye, ce))))
                 .collect();
             let local_result = self.local_velocities(&local, &groups, (x_t, t, c), &mut out);
             let answers: Vec<_> = handles

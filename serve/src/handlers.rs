@@ -189,10 +189,19 @@ pub(crate) async fn velocity(
     let model = &app.metadata.experts[&k].meta.model;
     let (classes, null) = (model.num_classes(), model.has_null_class());
     check_classes(&r.y, classes, null, &format!("expert {k}"))?;
-    if r.c.is_some() {
-        return Err(ServeError::BadRequest(
-            "experts read no conditioning vectors: send no c".into(),
-        ));
+    match (model.condition_dim(), &r.c) {
+        (0, Some(_)) => {
+            return Err(ServeError::BadRequest(format!(
+                "expert {k} reads no conditioning vectors: send no c"
+            )));
+        }
+        (d, Some(c)) if c.shape[1] != d => {
+            return Err(ServeError::BadRequest(format!(
+                "c has {} columns; expert {k} reads vectors of width {d}",
+                c.shape[1]
+            )));
+        }
+        _ => {} // no vectors: the zero vector, the null condition
     }
     if classes > 0 && r.y.is_none() {
         if !null {

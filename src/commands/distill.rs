@@ -91,15 +91,19 @@ pub fn run(args: DistillArgs) -> anyhow::Result<u8> {
         );
     }
     let classes = reg.expert_classes()?;
+    let vectors = reg.index.experts.values().any(|e| e.condition_dim.is_some());
     let mut config = config;
-    config.class_conditional |= classes > 0; // the student sees the class when the experts do
-    if classes > 0 && config.class_dropout > 0.0 {
-        // The student's dropped labels reach the experts as the null class: they must know it.
+    // The student sees what the experts see: the class, the conditioning vectors.
+    config.class_conditional |= classes > 0;
+    config.condition_vectors |= vectors;
+    if (classes > 0 || vectors) && config.class_dropout > 0.0 {
+        // The student's dropped conditions reach the experts as the null class and the zero
+        // vector: they must have learnt them.
         if let Some((&k, _)) = reg.index.experts.iter().find(|(_, e)| e.remote.is_none()) {
             let (_, ckpt) = reg.verified_checkpoint(ddm_ensemble::registry::claims::Claim::Expert(k))?;
-            if !ckpt.meta.model.has_null_class() {
+            if !ckpt.meta.model.has_null_condition() {
                 bail!(
-                    "the experts were trained without label dropout (no null class): distill with --class-dropout 0"
+                    "the experts were trained without condition dropout (no null class or null vector): distill with --class-dropout 0"
                 );
             }
         }
@@ -117,6 +121,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<u8> {
         range,
         partition: Some(partition.fingerprint().to_string()),
         latent: reg.index.latent.clone(),
+        text: reg.index.text.clone(),
     };
     run_task(&task, &args.settings, config, &args.out)
 }

@@ -88,8 +88,9 @@ pub struct SampleArgs {
     /// (`ddm import --from transformers-clip`; the registry checks it).
     #[arg(long)]
     pub text_encoder: Option<PathBuf>,
-    /// Classifier-free guidance scale with --class (1 = none; 0 to 100).
-    #[arg(long, default_value_t = 1.0, requires = "class", value_parser = super::values::guidance)]
+    /// Classifier-free guidance scale on the condition: --class, --condition or prompts (1 =
+    /// none; 0 to 100). The experts must have been trained with condition dropout.
+    #[arg(long, default_value_t = 1.0, value_parser = super::values::guidance)]
     pub guidance: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -120,7 +121,7 @@ const EXAMPLES: &str = "Examples:
   ddm sample --registry reg --strategy top-2 --max-memory 2048
   ddm sample --checkpoint student/expert.safetensors --n 64 --out student.png
   ddm sample --registry latent-reg --decode --n 64 --out decoded.png
-  ddm sample --registry text-reg --prompt \"a dark ankle boot\" --text-encoder text-encoder.safetensors --n 16";
+  ddm sample --registry text-reg --prompt \"a dark ankle boot\" --text-encoder text-encoder.safetensors --guidance 3 --n 16";
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     let strategy: Option<Strategy> = match &args.strategy {
@@ -149,7 +150,8 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         allow_missing: args.allow_missing,
         max_memory: args.max_memory,
         batch: args.batch_size,
-        class: args.class.map(|c| (c, args.guidance)),
+        class: args.class,
+        guidance: args.guidance,
         condition,
         seed: args.seed,
         out: args.out,

@@ -164,7 +164,7 @@ pub fn model_config(config: &TrainConfig, data: &Dataset) -> anyhow::Result<Mode
                 data.name
             )
         })?;
-        net = net.with_condition_vectors(c.shape[1])?;
+        net = net.with_condition_vectors(c.shape[1], config.class_dropout)?;
     }
     if !config.class_conditional {
         return Ok(net);

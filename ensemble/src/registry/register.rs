@@ -423,11 +423,6 @@ fn check(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> any
                 }
             }
             let mut items = stats_item(idx, origin, cluster).into_iter().collect::<Vec<_>>();
-            if remote.is_some() && m.model.condition_dim() > 0 {
-                bail!(
-                    "{name}: an expert that reads conditioning vectors cannot be served yet (the served protocol carries classes only); register its checkpoint file"
-                );
-            }
             items.push(Item::Expert {
                 cluster,
                 blob,

@@ -10,6 +10,7 @@ use ddm_core::checkpoint::Checkpoint;
 use ddm_core::condition::Condition;
 use ddm_core::flow::{self, Drift, Solver, StepSchedule, VelocityField};
 use ddm_core::host::HostTensor;
+use ddm_ensemble::experts::Guidance;
 use ddm_ensemble::registry::Registry;
 use ddm_ensemble::sample::Classes;
 use ddm_ensemble::sampler::{Ensemble, ExpertSlot, LearnedRouter, Posterior};
@@ -93,7 +94,7 @@ pub(super) fn evaluate_system(
         let model: Box<dyn VelocityField<2>> = match setting.conditional {
             Some(c) => Box::new(ddm_core::flow::ClassifierFreeGuidance {
                 inner: net,
-                null_class: c.classes,
+                null_class: Some(c.classes),
                 scale: sys.guidance,
             }),
             None => Box::new(net),
@@ -116,7 +117,14 @@ pub(super) fn evaluate_system(
     let reg = Registry::open(&dir.join(format!("registry/{which}-{pct}")))?;
     let k = reg.index.k;
     let strategy = sys.strategy.expect("an ensemble has a strategy");
-    let guidance = setting.conditional.map(|c| (c.classes - 1, sys.guidance));
+    let guidance = match setting.conditional {
+        Some(c) => Guidance {
+            max_class: Some(c.classes - 1),
+            vectors: false,
+            scale: sys.guidance,
+        },
+        None => Guidance::default(),
+    };
     let experts: Vec<ExpertSlot> = (0..k)
         .map(|c| {
             let (reg, device) = (&reg, device.clone());
