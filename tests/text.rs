@@ -732,3 +732,196 @@ fn experts_trained_on_captions_sample_by_caption() {
         "{err}"
     );
 }
+
+/// Write `name` holding F32 tensors.
+fn write(d: &Path, name: &str, tensors: Vec<(&str, ddm_core::host::HostTensor)>) {
+    let map = tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    ddm_core::host::write_tensors(&d.join(name), &map, &Default::default()).unwrap();
+}
+
+/// A diffusers PixArt (`testdata/diffusers/pixart-tiny`) imported as an epsilon expert samples by
+/// its caption's token sequence (`c_tokens`, `c_mask` from `--condition`): another caption, other
+/// samples; a padded-out token changes nothing. Token sequences of another width, guidance
+/// without caption dropout, and an ensemble (which does not carry tokens) are refused by name.
+#[test]
+fn an_imported_pixart_samples_by_its_captions_tokens() {
+    use ddm_core::host::HostTensor;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/diffusers/pixart-tiny");
+    let out = ok(ddm(
+        d,
+        &[
+            "import",
+            "--from",
+            "diffusers",
+            src.to_str().unwrap(),
+            "--objective",
+            "epsilon-linear",
+            "--out",
+            "pixart.safetensors",
+        ],
+    ));
+    assert!(out.contains("wrote pixart.safetensors"), "{out}");
+    let meta = Checkpoint::read(&d.join("pixart.safetensors")).unwrap().meta;
+    assert_eq!((meta.model.arch(), meta.model.token_dim()), ("pixart", 24));
+    assert!(meta.source.unwrap().contains("PixArtTransformer2DModel"));
+
+    // Two captions of 3 tokens (padded to 5), one per run; the second run's padding differs.
+    let caption = |seed: u32, pad: f32| {
+        let mut v: Vec<f32> = (0..5 * 24)
+            .map(|i| (((i as u32 * 7919 + seed * 104729) % 200) as f32 / 100.0) - 1.0)
+            .collect();
+        v[3 * 24..].iter_mut().for_each(|x| *x = pad);
+        v
+    };
+    let mask = HostTensor::new(vec![2, 5], [[1.0, 1.0, 1.0, 0.0, 0.0]; 2].concat());
+    let mut drawn = vec![];
+    for (name, seed, pad) in [("a", 1, 0.0), ("b", 2, 0.0), ("a-padded", 1, 5.0)] {
+        let tokens = HostTensor::new(vec![2, 5, 24], [caption(seed, pad), caption(seed, pad)].concat());
+        write(
+            d,
+            &format!("{name}.safetensors"),
+            vec![("c_tokens", tokens), ("c_mask", mask.clone())],
+        );
+        ok(ddm(
+            d,
+            &[
+                "sample",
+                "--checkpoint",
+                "pixart.safetensors",
+                "--n",
+                "2",
+                "--steps",
+                "4",
+                "--condition",
+                &format!("{name}.safetensors"),
+                "--out",
+                "p.png",
+            ],
+        ));
+        drawn.push(
+            TensorFile::read(&d.join("p.safetensors"))
+                .unwrap()
+                .f32("x0")
+                .unwrap()
+                .data,
+        );
+    }
+    assert!(
+        max_abs_diff(&drawn[0], &drawn[1]) > 1e-3,
+        "the caption does not reach the model"
+    );
+    assert!(
+        max_abs_diff(&drawn[0], &drawn[2]) < 1e-5,
+        "padding reaches the model"
+    );
+
+    let sample = |condition: &str, extra: &[&str]| {
+        let mut a = vec![
+            "sample",
+            "--checkpoint",
+            "pixart.safetensors",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--condition",
+            condition,
+        ];
+        a.extend(extra);
+        ddm(d, &a)
+    };
+    write(
+        d,
+        "wide.safetensors",
+        vec![
+            ("c_tokens", HostTensor::new(vec![2, 5, 32], vec![0.0; 320])),
+            ("c_mask", mask.clone()),
+        ],
+    );
+    let err = fails(sample("wide.safetensors", &[]));
+    assert!(
+        err.contains("`c_tokens` has shape [2, 5, 32]") && err.contains("[2, L, 24]"),
+        "{err}"
+    );
+    write(
+        d,
+        "pooled.safetensors",
+        vec![("c", HostTensor::new(vec![2, 24], vec![0.0; 48]))],
+    );
+    let err = fails(sample("pooled.safetensors", &[]));
+    assert!(err.contains("no token sequences"), "{err}");
+    let err = fails(sample("a.safetensors", &["--guidance", "2"]));
+    assert!(err.contains("without condition dropout"), "{err}");
+
+    // An ensemble of PixArt experts would sample them without their captions: refused.
+    write(
+        d,
+        "latents.safetensors",
+        vec![("x", HostTensor::new(vec![8, 4, 8, 8], vec![0.1; 8 * 256]))],
+    );
+    let err = fails(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "tensors:latents.safetensors",
+            "--k",
+            "2",
+            "--out",
+            "p",
+        ],
+    ));
+    assert!(err.contains("holds one value (0.1) in every entry"), "{err}");
+    let x = (0..8 * 256).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+    write(
+        d,
+        "latents.safetensors",
+        vec![("x", HostTensor::new(vec![8, 4, 8, 8], x))],
+    );
+    ok(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "tensors:latents.safetensors",
+            "--k",
+            "2",
+            "--algorithm",
+            "random",
+            "--out",
+            "p",
+        ],
+    ));
+    ok(ddm(
+        d,
+        &[
+            "import",
+            "--from",
+            "diffusers",
+            src.to_str().unwrap(),
+            "--partition",
+            "p",
+            "--cluster",
+            "0",
+            "--out",
+            "expert-0.safetensors",
+        ],
+    ));
+    let err = fails(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            "expert-0.safetensors",
+        ],
+    ));
+    assert!(
+        err.contains("cannot join an ensemble yet") && err.contains("--checkpoint"),
+        "{err}"
+    );
+}

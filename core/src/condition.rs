@@ -53,6 +53,14 @@ impl Condition {
         }
     }
 
+    /// Token sequences: embeddings `[N, L, D]` and their mask `[N, L]`.
+    pub fn tokens(embeddings: Tensor<3>, mask: Tensor<2>) -> Self {
+        Self {
+            tokens: Some(Tokens { embeddings, mask }),
+            ..Self::default()
+        }
+    }
+
     pub fn is_none(&self) -> bool {
         self.class.is_none() && self.vector.is_none() && self.tokens.is_none()
     }

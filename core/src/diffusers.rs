@@ -1,7 +1,7 @@
 //! A diffusers model directory, as `save_pretrained` writes it: `config.json` (the constructor's
 //! arguments; `_class_name` names the class) and `diffusion_pytorch_model.safetensors`. Read by
-//! [`crate::vae::read_diffusers`] (AutoencoderKL) and [`crate::dit::diffusers`]
-//! (DiTTransformer2DModel).
+//! [`crate::vae::read_diffusers`] (AutoencoderKL), [`crate::dit::diffusers`]
+//! (DiTTransformer2DModel) and [`crate::pixart::read_diffusers`] (PixArtTransformer2DModel).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,23 @@ impl<T> Directory<T> {
             reason,
         }
     }
+}
+
+/// The class `dir`'s config names (`_class_name`), if it names one.
+pub fn class_name(dir: &Path) -> Result<Option<String>> {
+    let config_path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::Io {
+        path: config_path.clone(),
+        source: e,
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadMetadata {
+        path: config_path.clone(),
+        reason: format!("not JSON: {e}"),
+    })?;
+    Ok(value
+        .get("_class_name")
+        .and_then(|c| c.as_str())
+        .map(String::from))
 }
 
 /// Read `dir`, whose config must name `class` (a config without `_class_name` is taken as one).

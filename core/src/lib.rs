@@ -41,6 +41,7 @@ pub mod mlp;
 pub mod model;
 pub mod params;
 pub mod partition;
+pub mod pixart;
 pub mod progress;
 pub mod stats;
 pub mod text;

@@ -15,6 +15,7 @@ use crate::flow::{Condition, VelocityError, VelocityField};
 use crate::host::HostTensor;
 use crate::mlp::{Mlp, MlpConfig};
 use crate::params::{ParamSource, RandomInit, StateLoader};
+use crate::pixart::{PixArt, PixArtConfig};
 use crate::vae::AutoencoderKLConfig;
 
 /// A model's architecture and hyper-parameters. Serialised with an `arch` tag (`"dit"`, `"mlp"`,
@@ -29,6 +30,10 @@ use crate::vae::AutoencoderKLConfig;
 pub enum ModelConfig {
     Dit(DiTConfig),
     Mlp(MlpConfig),
+    /// PixArt-α's transformer: a DiT that reads the caption's tokens by cross-attention
+    /// (`"pixart"`).
+    #[serde(rename = "pixart")]
+    PixArt(PixArtConfig),
     Vae(AutoencoderKLConfig),
     #[serde(rename = "clip-text")]
     ClipText(ClipTextConfig),
@@ -77,6 +82,9 @@ impl ModelConfig {
                 c.validate()?;
                 Ok(ModelConfig::Mlp(c))
             }
+            ModelConfig::PixArt(_) => Err(Error::InvalidConfig(
+                "a PixArt reads captions (token sequences), not classes".into(),
+            )),
             ModelConfig::Vae(_) | ModelConfig::ClipText(_) => Err(self.not_a_velocity_field()),
         }
     }
@@ -98,7 +106,19 @@ impl ModelConfig {
                 c.validate()?;
                 Ok(ModelConfig::Mlp(c))
             }
+            ModelConfig::PixArt(_) => Err(Error::InvalidConfig(
+                "a PixArt reads captions as token sequences, not pooled vectors".into(),
+            )),
             ModelConfig::Vae(_) | ModelConfig::ClipText(_) => Err(self.not_a_velocity_field()),
+        }
+    }
+
+    /// Width of the token embeddings (a caption's sequence) the network reads by
+    /// cross-attention (0: none).
+    pub fn token_dim(&self) -> usize {
+        match self {
+            ModelConfig::PixArt(c) => c.caption_channels,
+            _ => 0,
         }
     }
 
@@ -107,7 +127,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.condition_dim,
             ModelConfig::Mlp(c) => c.condition_dim,
-            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => 0,
+            ModelConfig::PixArt(_) | ModelConfig::Vae(_) | ModelConfig::ClipText(_) => 0,
         }
     }
 
@@ -116,6 +136,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.validate(),
             ModelConfig::Mlp(c) => c.validate(),
+            ModelConfig::PixArt(c) => c.validate(),
             ModelConfig::Vae(c) => c.validate(),
             ModelConfig::ClipText(c) => c.validate(),
         }
@@ -126,6 +147,7 @@ impl ModelConfig {
         4.0 * match self {
             ModelConfig::Dit(c) => c.activation_floats_per_sample(),
             ModelConfig::Mlp(c) => c.activation_floats_per_sample(),
+            ModelConfig::PixArt(c) => c.activation_floats_per_sample(),
             ModelConfig::Vae(c) => c.activation_floats_per_sample(),
             ModelConfig::ClipText(c) => c.activation_floats_per_sample(),
         }
@@ -135,6 +157,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(_) => "dit",
             ModelConfig::Mlp(_) => "mlp",
+            ModelConfig::PixArt(_) => "pixart",
             ModelConfig::Vae(_) => "vae",
             ModelConfig::ClipText(_) => "clip-text",
         }
@@ -145,6 +168,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => vec![c.in_channels, c.input_size, c.input_size],
             ModelConfig::Mlp(c) => vec![c.dim],
+            ModelConfig::PixArt(c) => vec![c.in_channels, c.input_size, c.input_size],
             ModelConfig::Vae(c) => c.image_shape(),
             ModelConfig::ClipText(c) => c.data_shape(),
         }
@@ -156,7 +180,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.num_classes,
             ModelConfig::Mlp(c) => c.num_classes,
-            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => 0,
+            ModelConfig::PixArt(_) | ModelConfig::Vae(_) | ModelConfig::ClipText(_) => 0,
         }
     }
 
@@ -166,7 +190,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.class_rows() > c.num_classes,
             ModelConfig::Mlp(c) => c.class_rows() > c.num_classes,
-            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => false,
+            ModelConfig::PixArt(_) | ModelConfig::Vae(_) | ModelConfig::ClipText(_) => false,
         }
     }
 
@@ -177,6 +201,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.class_dropout_prob > 0.0,
             ModelConfig::Mlp(c) => c.class_dropout_prob > 0.0,
+            ModelConfig::PixArt(c) => c.caption_dropout_prob > 0.0,
             ModelConfig::Vae(_) | ModelConfig::ClipText(_) => false,
         }
     }
@@ -185,6 +210,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.flops_per_sample(),
             ModelConfig::Mlp(c) => c.flops_per_sample(),
+            ModelConfig::PixArt(c) => c.flops_per_sample(),
             ModelConfig::Vae(c) => c.flops_per_sample(),
             ModelConfig::ClipText(c) => c.flops_per_sample(),
         }
@@ -194,6 +220,7 @@ impl ModelConfig {
         Ok(match self {
             ModelConfig::Dit(c) => Model::Dit(c.build(src)?),
             ModelConfig::Mlp(c) => Model::Mlp(c.build(src)?),
+            ModelConfig::PixArt(c) => Model::PixArt(c.build(src)?),
             ModelConfig::Vae(_) | ModelConfig::ClipText(_) => return Err(self.not_a_velocity_field()),
         })
     }
@@ -236,6 +263,7 @@ impl ModelConfig {
 pub enum Model {
     Dit(DiT),
     Mlp(Mlp),
+    PixArt(PixArt),
 }
 
 impl Model {
@@ -244,6 +272,7 @@ impl Model {
         match self {
             Model::Dit(m) => m.state_dict().0,
             Model::Mlp(m) => m.state_dict().0,
+            Model::PixArt(m) => m.state_dict().0,
         }
     }
 
@@ -263,6 +292,11 @@ impl Model {
                 let x = x.reshape([n as i64, -1]);
                 m.forward(x, t, cond).reshape(shape)
             }
+            Model::PixArt(m) => {
+                let c = m.config();
+                let x = x.reshape([n, c.in_channels, c.input_size, c.input_size]);
+                m.forward(x, t, cond).reshape(shape)
+            }
         }
     }
 
@@ -271,6 +305,15 @@ impl Model {
         match self {
             Model::Dit(m) => m.config().condition_dim,
             Model::Mlp(m) => m.config().condition_dim,
+            Model::PixArt(_) => 0,
+        }
+    }
+
+    /// Width of the token embeddings the network reads by cross-attention (0: none).
+    pub fn token_dim(&self) -> usize {
+        match self {
+            Model::PixArt(m) => m.config().caption_channels,
+            Model::Dit(_) | Model::Mlp(_) => 0,
         }
     }
 }
@@ -287,6 +330,16 @@ impl<const D: usize> VelocityField<D> for Model {
             return Err(VelocityError::Model(Error::InvalidConfig(format!(
                 "conditioning vectors of width {}, but the model reads vectors of width {want}",
                 v.dims()[1]
+            ))));
+        }
+        let want = self.token_dim();
+        if let Some(tokens) = &c.tokens
+            && want > 0
+            && tokens.embeddings.dims()[2] != want
+        {
+            return Err(VelocityError::Model(Error::InvalidConfig(format!(
+                "token embeddings of width {}, but the model reads tokens of width {want}",
+                tokens.embeddings.dims()[2]
             ))));
         }
         Ok(self.predict(x_t, t, c))

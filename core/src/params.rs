@@ -90,6 +90,8 @@ pub trait ParamSource {
     fn embedding(&mut self, name: &str, n: usize, d: usize, init: Init) -> Result<Embedding>;
     /// A fixed (untrained) buffer such as `pos_embed`; `computed` is its value when initialising.
     fn buffer(&mut self, name: &str, computed: HostTensor) -> Result<HostTensor>;
+    /// A trained table `name` `[rows, cols]` used as it is (PixArt's `scale_shift_table`).
+    fn table(&mut self, name: &str, rows: usize, cols: usize, init: Init) -> Result<Param<Tensor<2>>>;
 }
 
 /// A trainable parameter whose id is derived from its PyTorch name.
@@ -271,6 +273,11 @@ impl ParamSource for RandomInit {
         Ok(embedding_from(name, &w, &self.device))
     }
 
+    fn table(&mut self, name: &str, rows: usize, cols: usize, init: Init) -> Result<Param<Tensor<2>>> {
+        let w = self.fill(vec![rows, cols], cols, rows, init);
+        Ok(named_param(name, w.to_tensor::<2>(&self.device)))
+    }
+
     fn buffer(&mut self, _name: &str, computed: HostTensor) -> Result<HostTensor> {
         Ok(computed)
     }
@@ -381,6 +388,11 @@ impl ParamSource for StateLoader {
 
     fn buffer(&mut self, name: &str, computed: HostTensor) -> Result<HostTensor> {
         self.take(name, &computed.shape)
+    }
+
+    fn table(&mut self, name: &str, rows: usize, cols: usize, _init: Init) -> Result<Param<Tensor<2>>> {
+        let w = self.take(name, &[rows, cols])?;
+        Ok(named_param(name, w.to_tensor::<2>(&self.device)))
     }
 }
 

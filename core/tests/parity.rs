@@ -136,6 +136,38 @@ fn diffusers_dit_matches_diffusers() {
     assert!(err <= 1e-4, "max abs error {err}");
 }
 
+/// diffusers' `PixArtTransformer2DModel` (adaLN-single, cross-attention to a masked caption,
+/// learned sigma) read as a ddm PixArt: `testdata/diffusers/pixart-tiny`, every parameter
+/// perturbed, against diffusers' output. The third caption is all padding (the null caption).
+#[test]
+fn diffusers_pixart_matches_diffusers() {
+    let device = ddm_core::device::cpu();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/diffusers");
+    let (config, tensors) = ddm_core::pixart::read_diffusers(&dir.join("pixart-tiny")).unwrap();
+    assert!(config.learn_sigma);
+    assert_eq!((config.hidden_size, config.caption_channels), (32, 24));
+    let model = ModelConfig::PixArt(config)
+        .load(tensors, &dir.join("pixart-tiny"), &device)
+        .unwrap();
+    let io = TensorFile::read(&dir.join("pixart-tiny.io.safetensors")).unwrap();
+    let x = io.f32("x").unwrap().to_tensor::<4>(&device);
+    let t = io.f32("timestep").unwrap().to_tensor::<1>(&device) / 1000.0;
+    let c = ddm_core::condition::Condition::tokens(
+        io.f32("encoder_hidden_states").unwrap().to_tensor::<3>(&device),
+        io.f32("encoder_attention_mask").unwrap().to_tensor::<2>(&device),
+    );
+    let got = HostTensor::from_tensor(model.predict(x, t, &c));
+    let want = io.f32("sample").unwrap(); // [3, 8, 8, 8]: prediction then variance channels
+    assert_eq!(got.shape, vec![3, 4, 8, 8]);
+    let per = 4 * 64;
+    let err = (0..3)
+        .flat_map(|n| (0..per).map(move |i| (n, i)))
+        .map(|(n, i)| (got.data[n * per + i] - want.data[n * 2 * per + i]).abs())
+        .fold(0.0, f32::max);
+    println!("pixart-tiny max abs error vs diffusers: {err:e}");
+    assert!(err <= 1e-4, "max abs error {err}");
+}
+
 /// ddm's text encoder and tokenizer against transformers': `testdata/transformers/clip-tiny` (a
 /// random CLIPTextModel and a small CLIP-style tokenizer, made by
 /// `scripts/make_transformers_reference.py`). The captions tokenize to CLIPTokenizerFast's ids and

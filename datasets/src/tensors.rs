@@ -42,6 +42,13 @@ impl Source for TensorsFile {
                     format!("`x` has {bad} NaN or infinite values"),
                 ));
             }
+            // A model learns a range of values; one value has none (and no scale to record).
+            if x.iter().all(|&v| v == x[0]) {
+                return Err(Error::bad(
+                    &self.path,
+                    format!("`x` holds one value ({}) in every entry: nothing to learn", x[0]),
+                ));
+            }
         }
         let labels = if f.contains("y") {
             let y = f.i64("y")?;

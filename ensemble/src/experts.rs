@@ -162,7 +162,7 @@ impl Registry {
 pub struct Guidance {
     /// The largest class id asked for (None: no class given).
     pub max_class: Option<usize>,
-    /// Whether the samples carry conditioning vectors.
+    /// Whether the samples carry conditioning vectors or token sequences.
     pub vectors: bool,
     /// 1: plain conditional sampling.
     pub scale: f64,
@@ -239,7 +239,7 @@ pub fn velocity_field(
     let null_class = guidance.check(
         what,
         m.num_classes(),
-        m.condition_dim(),
+        m.condition_dim().max(m.token_dim()),
         Some(m.has_null_condition()),
     )?;
     let field: Box<dyn VelocityField<2>> = match meta.objective {

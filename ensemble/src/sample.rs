@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::Checkpoint;
-use ddm_core::condition::Condition;
+use ddm_core::condition::{Condition, Tokens};
 use ddm_core::flow::{self, Drift, Solver, StepSchedule, VelocityError};
 use ddm_core::host::{HostTensor, write_tensors};
 use ddm_core::progress::Progress;
@@ -426,13 +426,12 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     let condition = match &o.condition {
         None => None,
         Some(input) => {
-            let c = input.vectors(reg.index.text.as_ref())?;
-            Some(condition_vectors(
-                c,
-                o.n,
-                router.as_deref(),
-                experts_vector_dim(&reg)?,
-            )?)
+            let (c, what) = input.read(reg.index.text.as_ref())?;
+            let dims = (router.as_deref(), experts_vector_dim(&reg)?);
+            Some(ConditionTensors {
+                vectors: Some(condition_vectors(c.vectors, &what, o.n, dims)?),
+                tokens: None, // registered experts read no token sequences
+            })
         }
     };
     let router_sees_vectors =
@@ -502,25 +501,91 @@ fn experts_vector_dim(reg: &Registry) -> anyhow::Result<Option<usize>> {
     }
 }
 
-/// Where the conditioning vectors come from.
+/// Where the condition comes from.
 #[derive(Debug, Clone)]
 pub enum ConditionInput {
-    /// A safetensors file with `c` `[N, Dc]`, row i for sample i.
+    /// A safetensors file, row i for sample i: pooled vectors `c` `[N, Dc]` and/or token
+    /// sequences `c_tokens` `[N, L, Dt]` with their mask `c_mask` `[N, L]` (1: token, 0: padding).
     File(PathBuf),
-    /// Prompts encoded by a text encoder: `c` `[N, D]`, and the encoder's text space (which must
-    /// be the registry's).
-    Prompts { c: HostTensor, text: TextSpace },
+    /// Prompts encoded by a text encoder (its pooled vectors and token states), and the
+    /// encoder's text space (which must be the models').
+    Prompts {
+        condition: ConditionTensors,
+        text: TextSpace,
+    },
+}
+
+/// A per-sample condition on the host: pooled vectors `[N, Dc]`, token sequences `[N, L, Dt]`
+/// and their mask `[N, L]`.
+#[derive(Debug, Clone, Default)]
+pub struct ConditionTensors {
+    pub vectors: Option<HostTensor>,
+    pub tokens: Option<(HostTensor, HostTensor)>,
+}
+
+impl ConditionTensors {
+    /// Rows `rows` on `device`.
+    fn rows(&self, rows: std::ops::Range<usize>, device: &Device) -> (Option<Tensor<2>>, Option<Tokens>) {
+        let b = rows.len();
+        let take = |t: &HostTensor| {
+            let per: usize = t.shape[1..].iter().product();
+            let mut shape = t.shape.clone();
+            shape[0] = b;
+            HostTensor::new(shape, t.data[rows.start * per..rows.end * per].to_vec())
+        };
+        (
+            self.vectors.as_ref().map(|c| take(c).to_tensor::<2>(device)),
+            self.tokens.as_ref().map(|(e, m)| Tokens {
+                embeddings: take(e).to_tensor::<3>(device),
+                mask: take(m).to_tensor::<2>(device),
+            }),
+        )
+    }
+
+    /// The token sequences, checked for `n` samples of models that read tokens of width `dt`.
+    fn check_tokens(&self, what: &str, n: usize, dt: usize) -> anyhow::Result<()> {
+        let Some((e, m)) = &self.tokens else {
+            bail!(
+                "{what}: no token sequences (`c_tokens`, `c_mask`), and the model reads a caption's tokens"
+            );
+        };
+        let l = e.shape.get(1).copied().unwrap_or(0);
+        if e.shape.len() != 3 || e.shape[0] != n || e.shape[2] != dt || l == 0 {
+            bail!(
+                "{what}: `c_tokens` has shape {:?}; the model reads [{n}, L, {dt}] (one sequence per sample, --n {n})",
+                e.shape
+            );
+        }
+        if m.shape != [n, l] {
+            bail!("{what}: `c_mask` has shape {:?}; expected [{n}, {l}]", m.shape);
+        }
+        if let Some(bad) = m.data.iter().find(|v| **v != 0.0 && **v != 1.0) {
+            bail!("{what}: `c_mask` holds {bad}; expected 1 (a token) or 0 (padding)");
+        }
+        Ok(())
+    }
 }
 
 impl ConditionInput {
-    /// The vectors, named for messages; prompts only in the registry's text space `registry`.
-    fn vectors(&self, registry: Option<&TextSpace>) -> anyhow::Result<(HostTensor, String)> {
+    /// The condition, named for messages; prompts only in the models' text space `models`.
+    fn read(&self, models: Option<&TextSpace>) -> anyhow::Result<(ConditionTensors, String)> {
         match self {
-            ConditionInput::File(path) => Ok((
-                ddm_core::host::TensorFile::read(path)?.f32("c")?,
-                path.display().to_string(),
-            )),
-            ConditionInput::Prompts { c, text } => match registry {
+            ConditionInput::File(path) => {
+                let f = ddm_core::host::TensorFile::read(path)?;
+                let vectors = f.contains("c").then(|| f.f32("c")).transpose()?;
+                let tokens = match f.contains("c_tokens") {
+                    false => None,
+                    true => Some((f.f32("c_tokens")?, f.f32("c_mask")?)),
+                };
+                if vectors.is_none() && tokens.is_none() {
+                    bail!(
+                        "{}: holds neither `c` (pooled vectors) nor `c_tokens` and `c_mask` (token sequences)",
+                        path.display()
+                    );
+                }
+                Ok((ConditionTensors { vectors, tokens }, path.display().to_string()))
+            }
+            ConditionInput::Prompts { condition, text } => match models {
                 None => bail!(
                     "--prompt: the models sampled do not record which text encoder made the vectors they read (they were not trained on `ddm encode-text` output); give the vectors with --condition"
                 ),
@@ -529,19 +594,19 @@ impl ConditionInput {
                     text.describe(),
                     r.describe()
                 ),
-                Some(_) => Ok((c.clone(), "the prompts".into())),
+                Some(_) => Ok((condition.clone(), "the prompts".into())),
             },
         }
     }
 }
 
-/// The conditioning vectors `c` `[n, Dc]` (named `what`), checked against what the router and
-/// the experts read (at least one of them must).
+/// The conditioning vectors `c` `[n, Dc]` (of `what`), checked against what the router and the
+/// experts read (at least one of them must).
 fn condition_vectors(
-    (c, what): (HostTensor, String),
+    c: Option<HostTensor>,
+    what: &str,
     n: usize,
-    router: Option<&dyn Posterior>,
-    experts: Option<usize>,
+    (router, experts): (Option<&dyn Posterior>, Option<usize>),
 ) -> anyhow::Result<HostTensor> {
     let router = router.and_then(|r| r.condition_dim());
     let d = match (router, experts) {
@@ -552,6 +617,9 @@ fn condition_vectors(
             bail!("the router reads conditioning vectors of width {r}, the experts of width {e}")
         }
         (Some(d), _) | (None, Some(d)) => d,
+    };
+    let Some(c) = c else {
+        bail!("{what}: no pooled vectors `c`, and the models read conditioning vectors of width {d}");
     };
     if c.shape != [n, d] {
         bail!(
@@ -607,12 +675,25 @@ fn sample_checkpoint(
     let classes = meta.model.num_classes();
     let condition = match &o.condition {
         None => None,
-        Some(input) => Some(condition_vectors(
-            input.vectors(meta.text.as_ref())?,
-            o.n,
-            None,
-            Some(meta.model.condition_dim()).filter(|&d| d > 0),
-        )?),
+        Some(input) => {
+            let (c, what) = input.read(meta.text.as_ref())?;
+            Some(match meta.model.token_dim() {
+                0 => {
+                    let dim = Some(meta.model.condition_dim()).filter(|&d| d > 0);
+                    ConditionTensors {
+                        vectors: Some(condition_vectors(c.vectors, &what, o.n, (None, dim))?),
+                        tokens: None,
+                    }
+                }
+                dt => {
+                    c.check_tokens(&what, o.n, dt)?;
+                    ConditionTensors {
+                        vectors: None,
+                        tokens: c.tokens,
+                    }
+                }
+            })
+        }
     };
     let field =
         crate::experts::velocity_field(&path.display().to_string(), &meta, model, guidance(o, classes)?)?;
@@ -647,8 +728,9 @@ struct Sampled<'a> {
     shape: Vec<usize>,
     router_sees_class: bool,
     router_sees_vectors: bool,
-    /// The router's conditioning vectors `[N, Dc]`, row i for sample i.
-    condition: Option<HostTensor>,
+    /// The per-sample condition (the router's and the experts' vectors, the experts' token
+    /// sequences), row i for sample i.
+    condition: Option<ConditionTensors>,
     decoder: Option<Decoder>,
 }
 
@@ -716,12 +798,14 @@ fn integrate_batches(
             class: ids.as_ref().map(|ids| {
                 Tensor::<1, Int>::from_data(TensorData::new(ids[rows.clone()].to_vec(), [b]), &device)
             }),
-            vector: s.condition.as_ref().map(|c| {
-                let dc = c.shape[1];
-                HostTensor::new(vec![b, dc], c.data[rows.start * dc..rows.end * dc].to_vec())
-                    .to_tensor::<2>(&device)
-            }),
-            tokens: None,
+            ..Default::default()
+        };
+        let c = match &s.condition {
+            Some(cond) => {
+                let (vector, tokens) = cond.rows(rows.clone(), &device);
+                Condition { vector, tokens, ..c }
+            }
+            None => c,
         };
         s.ensemble.restart(); // new trajectories
         let mut counted = Counted {

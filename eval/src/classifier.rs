@@ -89,7 +89,7 @@ fn classes_of(config: &ModelConfig) -> usize {
     match config {
         ModelConfig::Dit(c) => c.num_classes,
         ModelConfig::Mlp(m) => m.out_dim.unwrap_or(0),
-        ModelConfig::Vae(_) | ModelConfig::ClipText(_) => 0,
+        ModelConfig::PixArt(_) | ModelConfig::Vae(_) | ModelConfig::ClipText(_) => 0,
     }
 }
 
@@ -256,7 +256,7 @@ impl FeatureNet {
         match &self.meta.model {
             ModelConfig::Mlp(m) => m.hidden_size,
             ModelConfig::Dit(c) => c.hidden_size,
-            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => 0, // a classifier is never one (checked when it is read)
+            ModelConfig::PixArt(_) | ModelConfig::Vae(_) | ModelConfig::ClipText(_) => 0, // a classifier is never one (checked when it is read)
         }
     }
 

@@ -79,7 +79,7 @@ impl RouterNet {
                 }
                 (RouterBody::Mlp(m.build(src)?), m.hidden_size)
             }
-            ModelConfig::Vae(_) | ModelConfig::ClipText(_) => {
+            ModelConfig::PixArt(_) | ModelConfig::Vae(_) | ModelConfig::ClipText(_) => {
                 return Err(ddm_core::Error::InvalidConfig(format!(
                     "a router is a DiT trunk or an MLP, not a model of arch \"{}\"",
                     config.arch()

@@ -25,8 +25,10 @@ use super::settings::ObjectiveArg;
 pub enum Source {
     /// A PyTorch state dict in safetensors format with PyTorch DiT parameter names.
     Pytorch,
-    /// A diffusers DiTTransformer2DModel directory (config.json +
-    /// diffusion_pytorch_model.safetensors): an expert trained with diffusers.
+    /// A diffusers DiTTransformer2DModel or PixArtTransformer2DModel directory (config.json +
+    /// diffusion_pytorch_model.safetensors): an expert trained with diffusers (a PixArt reads
+    /// the caption's token embeddings: `c_tokens` and `c_mask` given with `ddm sample
+    /// --condition`).
     Diffusers,
     /// A diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors).
     DiffusersVae,
@@ -43,7 +45,7 @@ pub enum Source {
 /// Import a model trained elsewhere as a ddm expert checkpoint.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  ddm import --from pytorch dit.safetensors --config dit.json --out expert.safetensors\n  ddm import --from pytorch ddpm.safetensors --config dit.json --objective epsilon-linear --out e.safetensors\n  ddm import --from diffusers dit-xl-2-256/transformer --objective epsilon-linear --out expert.safetensors\n  ddm import --from diffusers island-3/transformer --partition part --cluster 3 --out expert-3.safetensors\n  ddm import --from diffusers-vae sd-vae-ft-mse/ --out vae.safetensors\n  ddm import --from transformers-clip sd-v1-5/text_encoder --out text-encoder.safetensors"
+    after_help = "Examples:\n  ddm import --from pytorch dit.safetensors --config dit.json --out expert.safetensors\n  ddm import --from pytorch ddpm.safetensors --config dit.json --objective epsilon-linear --out e.safetensors\n  ddm import --from diffusers dit-xl-2-256/transformer --objective epsilon-linear --out expert.safetensors\n  ddm import --from diffusers island-3/transformer --partition part --cluster 3 --out expert-3.safetensors\n  ddm import --from diffusers pixart-512/transformer --objective epsilon-linear --out pixart.safetensors\n  ddm import --from diffusers-vae sd-vae-ft-mse/ --out vae.safetensors\n  ddm import --from transformers-clip sd-v1-5/text_encoder --out text-encoder.safetensors"
 )]
 pub struct ImportArgs {
     /// Where the weights come from.
@@ -115,9 +117,15 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             )
         }
         (Source::Diffusers, None) => {
-            let (config, tensors) = ddm_core::dit::diffusers::read_diffusers(&args.weights)?;
             let origin = args.weights.join(ddm_core::diffusers::WEIGHTS);
-            (ModelConfig::Dit(config), tensors, origin)
+            let class = ddm_core::diffusers::class_name(&args.weights)?;
+            if class.as_deref() == Some(ddm_core::pixart::DIFFUSERS_CLASS) {
+                let (config, tensors) = ddm_core::pixart::read_diffusers(&args.weights)?;
+                (ModelConfig::PixArt(config), tensors, origin)
+            } else {
+                let (config, tensors) = ddm_core::dit::diffusers::read_diffusers(&args.weights)?;
+                (ModelConfig::Dit(config), tensors, origin)
+            }
         }
         (Source::Pytorch, Some(c)) => {
             let config = read_model_config(c)?;
@@ -143,6 +151,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         Some(m) => m.dataset.range,
         None => [args.range[0], args.range[1]],
     };
+    let config_arch = config.arch();
     let mut meta = CheckpointMeta::expert(config, range, objective);
     if let (Some(m), Some(k)) = (&manifest, args.cluster) {
         let dir = args
@@ -167,7 +176,11 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     }
     meta.source = Some(match args.from {
         Source::Diffusers => format!(
-            "imported from the diffusers DiTTransformer2DModel {}",
+            "imported from the diffusers {} {}",
+            match config_arch {
+                "pixart" => ddm_core::pixart::DIFFUSERS_CLASS,
+                _ => "DiTTransformer2DModel",
+            },
             args.weights.display()
         ),
         _ => format!("imported from PyTorch weights {}", args.weights.display()),

@@ -37,7 +37,7 @@ pub struct SampleArgs {
     pub registry: Option<ddm_ensemble::registry::Location>,
     /// Sample one dense checkpoint instead of a registry's ensemble: a monolith, a student from
     /// `ddm distill`, or a single expert.
-    #[arg(long, conflicts_with_all = ["strategy", "allow_missing", "max_memory", "condition"])]
+    #[arg(long, conflicts_with_all = ["strategy", "allow_missing", "max_memory"])]
     pub checkpoint: Option<PathBuf>,
     /// Number of samples.
     #[arg(long, default_value_t = 64, value_parser = super::values::count(1, super::values::MAX_SAMPLES))]
@@ -72,8 +72,9 @@ pub struct SampleArgs {
     /// only).
     #[arg(long)]
     pub class: Option<Classes>,
-    /// Conditioning vectors for a router trained with --condition-vectors: a safetensors file
-    /// with `c` [N, Dc], row i for sample i.
+    /// The per-sample condition, a safetensors file, row i for sample i: pooled vectors `c`
+    /// [N, Dc] (models trained with --condition-vectors), or token sequences `c_tokens` [N, L,
+    /// Dt] with their mask `c_mask` [N, L] (a PixArt's caption).
     #[arg(long)]
     pub condition: Option<PathBuf>,
     /// Sample this prompt (every sample): encoded with --text-encoder into the vector that
@@ -173,7 +174,8 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
 /// `--condition FILE`, or `--prompt` / `--prompts` encoded with `--text-encoder`: sample i gets
 /// prompt i modulo their count.
 fn condition_input(args: &SampleArgs) -> anyhow::Result<Option<ddm_ensemble::sample::ConditionInput>> {
-    use ddm_ensemble::sample::ConditionInput;
+    use ddm_core::host::HostTensor;
+    use ddm_ensemble::sample::{ConditionInput, ConditionTensors};
     let prompts = match (&args.prompt, &args.prompts) {
         (Some(p), _) => vec![p.clone()],
         (None, Some(file)) => ddm_datasets::captions::read_captions(file)?,
@@ -194,13 +196,27 @@ fn condition_input(args: &SampleArgs) -> anyhow::Result<Option<ddm_ensemble::sam
     let device = ddm_core::device::cpu();
     let (encoder, tokenizer) = ckpt.text_encoder(path, &device)?;
     let (ids, mask) = tokenizer.encode(&prompts)?.to_tensors(&device);
-    let pooled = ddm_core::host::HostTensor::from_tensor(encoder.forward(ids, mask).pooled); // [P, D]
-    let d = pooled.shape[1];
-    let c: Vec<f32> = (0..args.n)
-        .flat_map(|i| pooled.data[(i % prompts.len()) * d..(i % prompts.len() + 1) * d].to_vec())
-        .collect();
+    let out = encoder.forward(ids, mask.clone());
+    // Sample i reads prompt i modulo their count: rows of [P, ...] -> [N, ...].
+    let rows = |t: HostTensor| {
+        let per: usize = t.shape[1..].iter().product();
+        let mut shape = t.shape.clone();
+        shape[0] = args.n;
+        let p = prompts.len();
+        let data = (0..args.n)
+            .flat_map(|i| t.data[(i % p) * per..(i % p + 1) * per].to_vec())
+            .collect();
+        HostTensor::new(shape, data)
+    };
+    let condition = ConditionTensors {
+        vectors: Some(rows(HostTensor::from_tensor(out.pooled))), // [N, D]
+        tokens: Some((
+            rows(HostTensor::from_tensor(out.tokens)), // [N, L, D]
+            rows(HostTensor::from_tensor(mask)),       // [N, L]
+        )),
+    };
     Ok(Some(ConditionInput::Prompts {
-        c: ddm_core::host::HostTensor::new(vec![args.n, d], c),
+        condition,
         text: ckpt.text_space().expect("a text encoder has a text space"),
     }))
 }

@@ -92,8 +92,13 @@ fn sincos_1d(dim: usize, pos: &[f64]) -> Vec<Vec<f64>> {
 /// The fixed 2-D sin-cos position embedding `[1, T, D]` for a `grid x grid` token grid.
 /// As in the reference, the first D/2 channels encode the column (w) and the rest the row (h).
 pub fn pos_embed_2d(dim: usize, grid: usize) -> HostTensor {
-    let cols: Vec<f64> = (0..grid * grid).map(|r| (r % grid) as f64).collect();
-    let rows: Vec<f64> = (0..grid * grid).map(|r| (r / grid) as f64).collect();
+    pos_embed_2d_scaled(dim, grid, 1.0)
+}
+
+/// [`pos_embed_2d`] at positions divided by `scale` (diffusers' `interpolation_scale`).
+pub fn pos_embed_2d_scaled(dim: usize, grid: usize, scale: f64) -> HostTensor {
+    let cols: Vec<f64> = (0..grid * grid).map(|r| (r % grid) as f64 / scale).collect();
+    let rows: Vec<f64> = (0..grid * grid).map(|r| (r / grid) as f64 / scale).collect();
     let (ew, eh) = (sincos_1d(dim / 2, &cols), sincos_1d(dim / 2, &rows));
     let data = ew
         .into_iter()

@@ -405,6 +405,12 @@ fn check(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> any
             let cluster = m.cluster.with_context(|| {
                 format!("{name}: an expert with no cluster id (a monolith cannot join an ensemble)")
             })?;
+            if m.model.token_dim() > 0 {
+                bail!(
+                    "{name}: an expert that reads a caption's token sequence (arch \"{}\") cannot join an ensemble yet: the routed sampler does not carry token sequences; sample it with `ddm sample --checkpoint`",
+                    m.model.arch()
+                );
+            }
             if cluster >= idx.k {
                 bail!("{name}: cluster {cluster} is out of range for K = {}", idx.k);
             }
