@@ -22,8 +22,10 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    remove_abandoned(dir, "tmp");
+    let prefix = tmp_prefix();
     let mut builder = tempfile::Builder::new();
-    builder.prefix(".ddm-tmp-");
+    builder.prefix(&prefix);
     // Outputs are meant to be shared (copied to islands, read by other users): rw-r--r--, not the
     // temp file's private default.
     #[cfg(unix)]
@@ -44,6 +46,12 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::
     Ok(())
 }
 
+/// A temporary file's name prefix, `.ddm-tmp-<pid>-`: a file left by a killed process (SIGKILL
+/// runs no cleanup) is known as abandoned by its pid, and removed by the next write beside it.
+fn tmp_prefix() -> String {
+    format!(".ddm-tmp-{}-", std::process::id())
+}
+
 /// The OS's error alone: `tempfile` appends the random temporary name, which means nothing to a
 /// user (the error already names the directory).
 fn plain(e: std::io::Error) -> std::io::Error {
@@ -62,8 +70,9 @@ fn plain(e: std::io::Error) -> std::io::Error {
 pub fn check_writable(path: &Path) -> Result<()> {
     let dir = parent_of(path);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    remove_abandoned(&dir, "tmp");
     tempfile::Builder::new()
-        .prefix(".ddm-tmp-")
+        .prefix(&tmp_prefix())
         .tempfile_in(&dir)
         .map(drop)
         .map_err(|e| Error::io(&dir, plain(e)))
@@ -173,7 +182,7 @@ fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
     Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 
-/// Remove `.ddm-<what>-<pid>-*` directories in `parent` whose process no longer runs.
+/// Remove `.ddm-<what>-<pid>-*` entries (directories or files) of `parent` whose process is gone.
 fn remove_abandoned(parent: &Path, what: &str) {
     let prefix = format!(".ddm-{what}-");
     let Ok(entries) = std::fs::read_dir(parent) else {
@@ -192,7 +201,10 @@ fn remove_abandoned(parent: &Path, what: &str) {
             && Path::new("/proc/self").exists()
         {
             tracing::info!("removing {}, left by an interrupted run", e.path().display());
-            let _ = std::fs::remove_dir_all(e.path());
+            let _ = match e.file_type().is_ok_and(|t| t.is_dir()) {
+                true => std::fs::remove_dir_all(e.path()),
+                false => std::fs::remove_file(e.path()),
+            };
         }
     }
 }
@@ -200,6 +212,22 @@ fn remove_abandoned(parent: &Path, what: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A temporary file left by a killed process is removed by the next write beside it; one of
+    /// a process still running is not.
+    #[test]
+    fn temp_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let abandoned = dir.path().join(format!(".ddm-tmp-{dead}-abc123"));
+        let alive = dir.path().join(format!(".ddm-tmp-{}-def456", std::process::id()));
+        std::fs::write(&abandoned, b"half").unwrap();
+        std::fs::write(&alive, b"busy").unwrap();
+        write_bytes_atomic(&dir.path().join("out.bin"), b"x").unwrap();
+        assert!(!abandoned.exists() && alive.exists());
+    }
 
     #[test]
     fn writes_and_replaces_without_leaving_temp_files() {
