@@ -27,6 +27,7 @@ fn tiny_partition(dir: &Path) -> PathBuf {
         class_names: None,
         mixture: None,
         cond: None,
+        tokens: None,
         latent: None,
         text: None,
     };

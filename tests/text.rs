@@ -855,7 +855,8 @@ fn an_imported_pixart_samples_by_its_captions_tokens() {
     let err = fails(sample("a.safetensors", &["--guidance", "2"]));
     assert!(err.contains("without condition dropout"), "{err}");
 
-    // An ensemble of PixArt experts would sample them without their captions: refused.
+    // A PixArt expert joins a registry (recording the width of the tokens it reads), but is not
+    // served: the served protocol does not carry token sequences.
     write(
         d,
         "latents.safetensors",
@@ -909,7 +910,7 @@ fn an_imported_pixart_samples_by_its_captions_tokens() {
             "expert-0.safetensors",
         ],
     ));
-    let err = fails(ddm(
+    ok(ddm(
         d,
         &[
             "register",
@@ -920,8 +921,233 @@ fn an_imported_pixart_samples_by_its_captions_tokens() {
             "expert-0.safetensors",
         ],
     ));
+    let index = ddm_ensemble::registry::read_index(&d.join("reg"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(index.experts[&0].token_dim, Some(24));
+    let err = fails(ddm(
+        d,
+        &[
+            "serve",
+            "--registry",
+            "reg",
+            "--experts",
+            "0",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    ));
+    assert!(err.contains("expert 0 reads a caption's token sequence"), "{err}");
+}
+
+/// A PixArt trained in ddm on captioned images: `encode-text --tokens --data` -> partition (the
+/// shards carry each caption's token states) -> `train --model PixArt-XS/2` (caption dropout:
+/// the padding-only null caption) -> `sample --checkpoint --prompt`: the caption's tokens reach
+/// the model through cross-attention, the checkpoint records the encoder, guidance runs.
+#[test]
+fn a_pixart_trained_on_captions_samples_by_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    import_encoder(d);
+    tiny_images(&d.join("data"));
+    let captions: Vec<&str> = (0..96)
+        .map(|i| match i % 2 {
+            0 => "a bright left half",
+            _ => "a bright top half",
+        })
+        .collect();
+    std::fs::write(d.join("captions.txt"), captions.join("\n")).unwrap();
+    ok(ddm(
+        d,
+        &[
+            "encode-text",
+            "--encoder",
+            "te.safetensors",
+            "--captions",
+            "captions.txt",
+            "--data",
+            "idx:data",
+            "--tokens",
+            "--quiet",
+            "--out",
+            "train.safetensors",
+        ],
+    ));
+    ok(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "tensors:train.safetensors",
+            "--k",
+            "2",
+            "--algorithm",
+            "random",
+            "--out",
+            "p",
+        ],
+    ));
+    let train = |out: &str| {
+        ddm(
+            d,
+            &[
+                "train",
+                "--partition",
+                "p",
+                "--cluster",
+                "0",
+                "--out",
+                out,
+                "--model",
+                "PixArt-XS/2",
+                "--steps",
+                "20",
+                "--batch-size",
+                "16",
+                "--quiet",
+            ],
+        )
+    };
+    ok(train("e0"));
+    let meta = Checkpoint::read(&d.join("e0/expert.safetensors")).unwrap().meta;
+    let encoder = Checkpoint::read(&d.join("te.safetensors")).unwrap();
+    assert_eq!((meta.model.arch(), meta.model.token_dim()), ("pixart", 32));
+    assert!(meta.model.has_null_condition());
+    assert_eq!(meta.text, encoder.text_space());
+
+    let sample = |prompt: &str, guidance: &str| {
+        ok(ddm(
+            d,
+            &[
+                "sample",
+                "--checkpoint",
+                "e0/expert.safetensors",
+                "--n",
+                "4",
+                "--steps",
+                "8",
+                "--prompt",
+                prompt,
+                "--text-encoder",
+                "te.safetensors",
+                "--guidance",
+                guidance,
+                "--out",
+                "s.png",
+            ],
+        ));
+        TensorFile::read(&d.join("s.safetensors"))
+            .unwrap()
+            .f32("x0")
+            .unwrap()
+            .data
+    };
+    let left = sample("a bright left half", "1");
+    let top = sample("a bright top half", "1");
+    let guided = sample("a bright left half", "3");
     assert!(
-        err.contains("cannot join an ensemble yet") && err.contains("--checkpoint"),
+        max_abs_diff(&left, &top) > 0.0,
+        "the caption does not reach the PixArt"
+    );
+    assert!(max_abs_diff(&left, &guided) > 0.0, "guidance changed nothing");
+
+    // Two PixArt islands as a routed ensemble: every expert selected reads the caption's tokens
+    // (its own rows of them), guided or not.
+    ok(ddm(
+        d,
+        &[
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            "1",
+            "--out",
+            "e1",
+            "--model",
+            "PixArt-XS/2",
+            "--steps",
+            "20",
+            "--batch-size",
+            "16",
+            "--quiet",
+        ],
+    ));
+    ok(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "reg",
+            "--partition",
+            "p",
+            "e0/expert.safetensors",
+            "e1/expert.safetensors",
+        ],
+    ));
+    let routed = |prompt: &str, guidance: &str| {
+        ok(ddm(
+            d,
+            &[
+                "sample",
+                "--registry",
+                "reg",
+                "--router",
+                "analytic",
+                "--strategy",
+                "full",
+                "--n",
+                "4",
+                "--steps",
+                "8",
+                "--prompt",
+                prompt,
+                "--text-encoder",
+                "te.safetensors",
+                "--guidance",
+                guidance,
+                "--out",
+                "r.png",
+            ],
+        ));
+        TensorFile::read(&d.join("r.safetensors"))
+            .unwrap()
+            .f32("x0")
+            .unwrap()
+            .data
+    };
+    let (left, top, guided) = (
+        routed("a bright left half", "1"),
+        routed("a bright top half", "1"),
+        routed("a bright left half", "3"),
+    );
+    assert!(
+        max_abs_diff(&left, &top) > 0.0,
+        "the caption does not reach the routed PixArts"
+    );
+    assert!(
+        max_abs_diff(&left, &guided) > 0.0,
+        "guidance changed nothing in the ensemble"
+    );
+
+    // Data without token sequences cannot train a PixArt.
+    ok(ddm(
+        d,
+        &[
+            "partition",
+            "--data",
+            "idx:data",
+            "--k",
+            "2",
+            "--algorithm",
+            "random",
+            "--out",
+            "p",
+            "--force",
+        ],
+    ));
+    let err = fails(train("e-untokened"));
+    assert!(
+        err.contains("a PixArt reads each caption's token sequence") && err.contains("--tokens"),
         "{err}"
     );
 }

@@ -61,6 +61,14 @@ impl ModelConfig {
                 "a DiT needs square images [C, S, S]; {data_name} has samples of shape {shape:?} (use --model mlp for vectors)"
             )));
         }
+        if let Some(size) = name
+            .strip_prefix("PixArt-")
+            .or_else(|| name.strip_prefix("pixart-"))
+        {
+            return Ok(ModelConfig::PixArt(PixArtConfig::named(
+                size, shape[1], shape[0],
+            )?));
+        }
         let mut dit = DiTConfig::named(name, shape[1], shape[0])?;
         dit.class_dropout_prob = 0.0;
         Ok(ModelConfig::Dit(dit))
@@ -110,6 +118,24 @@ impl ModelConfig {
                 "a PixArt reads captions as token sequences, not pooled vectors".into(),
             )),
             ModelConfig::Vae(_) | ModelConfig::ClipText(_) => Err(self.not_a_velocity_field()),
+        }
+    }
+
+    /// This PixArt reading token sequences of width `dim` (the caption's token states), each
+    /// replaced by the null sequence with probability `dropout` in training (> 0 gives
+    /// classifier-free guidance its null caption).
+    pub fn with_caption_tokens(self, dim: usize, dropout: f64) -> Result<Self> {
+        match self {
+            ModelConfig::PixArt(mut c) => {
+                c.caption_channels = dim;
+                c.caption_dropout_prob = dropout;
+                c.validate()?;
+                Ok(ModelConfig::PixArt(c))
+            }
+            _ => Err(Error::InvalidConfig(format!(
+                "a model of arch \"{}\" reads no token sequences (--model PixArt-<size>/<patch> does)",
+                self.arch()
+            ))),
         }
     }
 

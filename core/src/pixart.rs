@@ -80,6 +80,32 @@ const LN_EPS: f64 = 1e-6;
 const FF_MULT: usize = 4;
 
 impl PixArtConfig {
+    /// The PixArt of a DiT size (`S/2`: DiT-S's width, depth and heads, patch 2) for images
+    /// `[C, S, S]`, reading captions of width 1 until [`crate::model::ModelConfig::with_caption_tokens`]
+    /// sets the data's.
+    pub fn named(size: &str, input_size: usize, in_channels: usize) -> Result<Self> {
+        let dit = crate::dit::DiTConfig::named(size, input_size, in_channels).map_err(|_| {
+            Error::InvalidConfig(format!(
+                "unknown PixArt size `PixArt-{size}`: expected PixArt-<size>/<patch> with a DiT size (e.g. PixArt-S/2)"
+            ))
+        })?;
+        let config = Self {
+            input_size,
+            patch_size: dit.patch_size,
+            in_channels,
+            hidden_size: dit.hidden_size,
+            depth: dit.depth,
+            num_heads: dit.num_heads,
+            caption_channels: 1,
+            learn_sigma: false,
+            t_scale: default_t_scale(),
+            interpolation_scale: 1.0,
+            caption_dropout_prob: 0.0,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Tokens per side: S / P.
     pub fn grid(&self) -> usize {
         self.input_size / self.patch_size

@@ -89,6 +89,7 @@ impl Source for Cifar10 {
             latent: None,
             text: None,
             cond: None,
+            tokens: None,
         })
     }
 }

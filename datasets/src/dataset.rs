@@ -23,6 +23,70 @@ pub enum Values {
     F32(Vec<f32>),
 }
 
+/// Per-sample token sequences (a caption's token states): embeddings `[N, L, Dt]` and their mask
+/// `[N, L]` (1: a token, 0: padding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenSequences {
+    pub embeddings: HostTensor,
+    pub mask: HostTensor,
+}
+
+impl TokenSequences {
+    /// The sequences of `indices`.
+    pub fn gather(&self, indices: &[usize]) -> Self {
+        Self {
+            embeddings: gather_rows(&self.embeddings, indices),
+            mask: gather_rows(&self.mask, indices),
+        }
+    }
+
+    /// `c_tokens` `[n, L, Dt]` and `c_mask` `[n, L]` of a tensors file (`path`, named in errors),
+    /// if it has them: finite, the mask of zeros and ones.
+    pub fn read(f: &ddm_core::host::TensorFile, path: &std::path::Path, n: usize) -> Result<Option<Self>> {
+        if !f.contains("c_tokens") {
+            return Ok(None);
+        }
+        let bad = |m: String| Err(crate::error::Error::bad(path, m));
+        let (embeddings, mask) = (f.f32("c_tokens")?, f.f32("c_mask")?);
+        let s = &embeddings.shape;
+        if s.len() != 3 || s[0] != n || s[1] == 0 || s[2] == 0 {
+            return bad(format!(
+                "`c_tokens` has shape {s:?}; expected [{n}, L, Dt] (one token sequence per sample)"
+            ));
+        }
+        if mask.shape != [n, s[1]] {
+            return bad(format!(
+                "`c_mask` has shape {:?}; expected [{n}, {}]",
+                mask.shape, s[1]
+            ));
+        }
+        if embeddings.data.iter().any(|v| !v.is_finite()) {
+            return bad("`c_tokens` has non-finite values".into());
+        }
+        if let Some(v) = mask.data.iter().find(|v| **v != 0.0 && **v != 1.0) {
+            return bad(format!("`c_mask` holds {v}; expected 1 (a token) or 0 (padding)"));
+        }
+        Ok(Some(Self { embeddings, mask }))
+    }
+
+    /// Width Dt of a token's embedding.
+    pub fn dim(&self) -> usize {
+        self.embeddings.shape[2]
+    }
+}
+
+/// Rows `indices` of a `[N, ...]` tensor.
+fn gather_rows(t: &HostTensor, indices: &[usize]) -> HostTensor {
+    let per: usize = t.shape[1..].iter().product();
+    let data = indices
+        .iter()
+        .flat_map(|&i| t.data[i * per..(i + 1) * per].iter().copied())
+        .collect();
+    let mut shape = t.shape.clone();
+    shape[0] = indices.len();
+    HostTensor::new(shape, data)
+}
+
 /// Samples in memory.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -38,6 +102,9 @@ pub struct Dataset {
     /// Per-sample conditioning vectors `c` `[N, Dc]` (a `tensors:` file's `c`), if any: what a
     /// router conditioned on vectors reads.
     pub cond: Option<HostTensor>,
+    /// Per-sample token sequences (a `tensors:` file's `c_tokens` and `c_mask`), if any: what a
+    /// PixArt reads by cross-attention.
+    pub tokens: Option<TokenSequences>,
     /// For VAE latents: the latent space they are in (a `tensors:` file written by `ddm encode`).
     pub latent: Option<LatentSpace>,
     /// For conditioning vectors from captions: the text space they are in (which encoder; a
@@ -106,6 +173,12 @@ impl Dataset {
                 h.update(x.to_le_bytes());
             }
         }
+        if let Some(t) = &self.tokens {
+            h.update(format!("tokens {:?}", t.embeddings.shape).as_bytes());
+            for x in t.embeddings.data.iter().chain(&t.mask.data) {
+                h.update(x.to_le_bytes());
+            }
+        }
         hex(&h.finalize())
     }
 
@@ -143,7 +216,6 @@ impl Dataset {
         out
     }
 
-    /// The labels of `indices`, if any.
     /// Count, mean and diagonal variance of every sample, and the count of each class for
     /// labelled data (what an island publishes for the analytic router), read in pieces of 4096
     /// samples.
@@ -164,16 +236,15 @@ impl Dataset {
 
     /// The conditioning vectors of `indices` `[indices.len(), Dc]`, if any.
     pub fn gather_cond(&self, indices: &[usize]) -> Option<HostTensor> {
-        self.cond.as_ref().map(|c| {
-            let d = c.shape[1];
-            let data = indices
-                .iter()
-                .flat_map(|&i| c.data[i * d..(i + 1) * d].iter().copied())
-                .collect();
-            HostTensor::new(vec![indices.len(), d], data)
-        })
+        self.cond.as_ref().map(|c| gather_rows(c, indices))
     }
 
+    /// The token sequences of `indices`, if any.
+    pub fn gather_tokens(&self, indices: &[usize]) -> Option<TokenSequences> {
+        self.tokens.as_ref().map(|t| t.gather(indices))
+    }
+
+    /// The labels of `indices`, if any.
     pub fn gather_labels(&self, indices: &[usize]) -> Option<Vec<u32>> {
         self.labels
             .as_ref()
@@ -219,6 +290,16 @@ impl Dataset {
                 }
                 _ => None,
             };
+            all.tokens = match (all.tokens.take(), p.tokens) {
+                (Some(mut a), Some(b)) if a.embeddings.shape[1..] == b.embeddings.shape[1..] => {
+                    a.embeddings.shape[0] += b.embeddings.shape[0];
+                    a.embeddings.data.extend(b.embeddings.data);
+                    a.mask.shape[0] += b.mask.shape[0];
+                    a.mask.data.extend(b.mask.data);
+                    Some(a)
+                }
+                _ => None,
+            };
         }
         all.name = name;
         Ok(all)
@@ -250,6 +331,7 @@ impl Dataset {
             class_names: self.class_names.clone(),
             mixture: self.mixture.clone(),
             cond: self.gather_cond(indices),
+            tokens: self.gather_tokens(indices),
             latent: self.latent.clone(),
             text: self.text.clone(),
         }

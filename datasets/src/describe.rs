@@ -256,6 +256,7 @@ mod tests {
             class_names: Some(vec!["Ankle boot".into(), "Bag".into()]),
             mixture: None,
             cond: None,
+            tokens: None,
             latent: None,
             text: None,
         };

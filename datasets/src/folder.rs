@@ -121,6 +121,7 @@ impl Source for ImageFolder {
             latent: None,
             text: None,
             cond: None,
+            tokens: None,
         })
     }
 }

@@ -174,6 +174,7 @@ pub fn idx_dataset(
         latent: None,
         text: None,
         cond: None,
+        tokens: None,
     })
 }
 

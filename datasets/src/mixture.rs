@@ -90,6 +90,7 @@ impl MixtureSpec {
             latent: None,
             text: None,
             cond: None,
+            tokens: None,
         }
     }
 }

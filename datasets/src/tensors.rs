@@ -1,6 +1,8 @@
 //! Precomputed tensors in a safetensors file: latents to train on (`x`, f32 `[N, ...]`, or u8
 //! images), optional labels `y` `[N]`, optional per-sample conditioning vectors `c` `[N, Dc]`
-//! (e.g. text embeddings; what a vector-conditioned router reads), and clustering embeddings computed elsewhere (DINOv2, CLIP),
+//! (e.g. text embeddings; what a vector-conditioned router reads), optional token sequences
+//! `c_tokens` `[N, L, Dt]` with their mask `c_mask` `[N, L]` (a caption's token states, what a
+//! PixArt reads), and clustering embeddings computed elsewhere (DINOv2, CLIP),
 //! aligned by index (`embeddings` `[N, E]`, in this file or another).
 
 use std::path::PathBuf;
@@ -83,6 +85,7 @@ impl Source for TensorsFile {
         let class_names = read_class_names(&f, labels.as_deref())?;
         Ok(Dataset {
             cond,
+            tokens: crate::dataset::TokenSequences::read(&f, &self.path, shape[0])?,
             name: format!("tensors:{}", self.path.display()),
             shape: shape[1..].to_vec(),
             values,

@@ -193,6 +193,59 @@ fn safetensors_tensors_and_embeddings() {
     assert!(err.contains("emb.safetensors") && err.contains("[4, E]"), "{err}");
 }
 
+/// Token sequences (`c_tokens`, `c_mask`) load with their samples and follow them into a subset;
+/// a wrong shape, a mask that is not 0/1, or a constant `x` is refused, naming the file.
+#[test]
+fn tensors_files_carry_token_sequences() {
+    use ddm_core::host::{HostTensor, write_tensors};
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("captioned.safetensors");
+    let write = |tensors: Vec<(&str, HostTensor)>| {
+        let map = tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        write_tensors(&p, &map, &BTreeMap::new()).unwrap();
+    };
+    let x = HostTensor::new(vec![3, 4], (0..12).map(|v| v as f32).collect());
+    let tokens = HostTensor::new(vec![3, 2, 5], (0..30).map(|v| v as f32).collect());
+    let mask = HostTensor::new(vec![3, 2], vec![1.0, 1.0, 1.0, 0.0, 1.0, 1.0]);
+    write(vec![
+        ("x", x.clone()),
+        ("c_tokens", tokens.clone()),
+        ("c_mask", mask.clone()),
+    ]);
+    let d = load(&format!("tensors:{}", p.display())).unwrap();
+    let t = d.subset(&[1]).tokens.unwrap();
+    assert_eq!(
+        (t.embeddings.data, t.mask.data),
+        ((10..20).map(|v| v as f32).collect(), vec![1.0, 0.0])
+    );
+    let bad_mask = HostTensor::new(vec![3, 2], vec![1.0, 0.5, 1.0, 0.0, 1.0, 1.0]);
+    let short = HostTensor::new(vec![2, 2, 5], vec![0.0; 20]);
+    let constant = HostTensor::new(vec![3, 4], vec![0.5; 12]);
+    for (tensors, says) in [
+        (
+            vec![
+                ("x", x.clone()),
+                ("c_tokens", tokens.clone()),
+                ("c_mask", bad_mask),
+            ],
+            "`c_mask` holds 0.5",
+        ),
+        (
+            vec![("x", x.clone()), ("c_tokens", short), ("c_mask", mask.clone())],
+            "expected [3, L, Dt]",
+        ),
+        (vec![("x", constant)], "holds one value (0.5)"),
+    ] {
+        write(tensors);
+        let err = load(&format!("tensors:{}", p.display())).unwrap_err();
+        assert!(
+            err.contains("captioned.safetensors") && err.contains(says),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn gaussian_mixture_spec_travels_with_the_data() {
     let dir = tempfile::tempdir().unwrap();

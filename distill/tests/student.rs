@@ -62,6 +62,7 @@ fn distill(target: Target, steps: u64) -> (f64, f64, u64) {
         class_names: None,
         mixture: None,
         cond: None,
+        tokens: None,
         latent: None,
         text: None,
     };

@@ -428,14 +428,24 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
         Some(input) => {
             let (c, what) = input.read(reg.index.text.as_ref())?;
             let dims = (router.as_deref(), experts_vector_dim(&reg)?);
-            Some(ConditionTensors {
-                vectors: Some(condition_vectors(c.vectors, &what, o.n, dims)?),
-                tokens: None, // registered experts read no token sequences
-            })
+            let reads_vectors = dims.1.is_some() || dims.0.is_some_and(|r| r.condition_dim().is_some());
+            // PixArt experts read the token sequences; vectors go to whoever reads them.
+            let tokens = match experts_token_dim(&reg)? {
+                Some(dt) => {
+                    c.check_tokens(&what, o.n, dt)?;
+                    c.tokens
+                }
+                None => None,
+            };
+            let vectors = match reads_vectors || tokens.is_none() {
+                true => Some(condition_vectors(c.vectors, &what, o.n, dims)?),
+                false => None,
+            };
+            Some(ConditionTensors { vectors, tokens })
         }
     };
-    let router_sees_vectors =
-        condition.is_some() && router.as_ref().is_some_and(|r| r.condition_dim().is_some());
+    let router_sees_vectors = condition.as_ref().is_some_and(|c| c.vectors.is_some())
+        && router.as_ref().is_some_and(|r| r.condition_dim().is_some());
     let strategy = o
         .strategy
         .unwrap_or_else(|| Strategy::default_for(router_sees_class));
@@ -497,6 +507,19 @@ fn experts_vector_dim(reg: &Registry) -> anyhow::Result<Option<usize>> {
         0 | 1 => Ok(dims.into_iter().next().flatten()),
         _ => bail!(
             "the registry's experts read conditioning vectors of different widths ({dims:?}): they cannot share a condition"
+        ),
+    }
+}
+
+/// The width of the token embeddings the registry's experts read (None: they read none); experts
+/// that disagree are refused.
+fn experts_token_dim(reg: &Registry) -> anyhow::Result<Option<usize>> {
+    let dims: std::collections::BTreeSet<Option<usize>> =
+        reg.index.experts.values().map(|e| e.token_dim).collect();
+    match dims.len() {
+        0 | 1 => Ok(dims.into_iter().next().flatten()),
+        _ => bail!(
+            "the registry's experts read token sequences of different widths ({dims:?}): they cannot share a caption"
         ),
     }
 }

@@ -116,6 +116,11 @@ pub(crate) fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> 
     let mut batchers = BTreeMap::new();
     for &k in &experts {
         let entry = &reg.index.experts[&k];
+        if entry.token_dim.is_some() {
+            bail!(
+                "expert {k} reads a caption's token sequence (a PixArt), which the served protocol does not carry yet; serve the others with --experts"
+            );
+        }
         metadata.experts.insert(k, served(Claim::Expert(k), entry)?);
         let (dir, device) = (o.registry.clone(), o.device.clone());
         let load = move || -> anyhow::Result<ExpertModel> {

@@ -56,7 +56,7 @@ pub struct TrainSettings {
     /// A TOML file of training settings (keys as the flags below, with underscores); flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, help = default_help("Network: a DiT size (DiT-T/4, DiT-Bench/4, DiT-S/2, DiT-B/2, ...) or `mlp`", TrainConfig::default().model))]
+    #[arg(long, help = default_help("Network: a DiT size (DiT-T/4, DiT-Bench/4, DiT-S/2, DiT-B/2, ...), `mlp`, or a PixArt of a DiT size (PixArt-S/2: cross-attention to each caption's token states, `c_tokens` from ddm encode-text --tokens)", TrainConfig::default().model))]
     pub model: Option<String>,
     #[arg(long, value_parser = super::values::count(1, super::values::MAX_WIDTH), help = default_help("MLP width (vector data)", TrainConfig::default().mlp_hidden))]
     pub mlp_hidden: Option<usize>,

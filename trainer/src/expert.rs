@@ -72,8 +72,11 @@ impl Task for ExpertTask {
         let y = crate::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
         let vector = (net_config.condition_dim() > 0)
             .then(|| crate::task::dropped_vectors(&batch, config.class_dropout, rng));
+        let tokens = (net_config.token_dim() > 0)
+            .then(|| crate::task::dropped_tokens(&batch, config.class_dropout, rng));
         let c = Condition {
             vector,
+            tokens,
             ..Condition::maybe_class(y)
         };
         Ok(match &self.objective {
@@ -106,11 +109,8 @@ impl Task for ExpertTask {
         meta.cluster = self.target.cluster();
         meta.latent = manifest.dataset.latent.clone();
         meta.condition_dim = Some(net_config.condition_dim()).filter(|&d| d > 0);
-        meta.text = manifest
-            .dataset
-            .text
-            .clone()
-            .filter(|_| meta.condition_dim.is_some());
+        let reads_text = meta.condition_dim.is_some() || net_config.token_dim() > 0;
+        meta.text = manifest.dataset.text.clone().filter(|_| reads_text);
         meta.source = Some(format!(
             "ddm-trainer {} on {}",
             self.name(),
@@ -157,6 +157,15 @@ pub fn model_config(config: &TrainConfig, data: &Dataset) -> anyhow::Result<Mode
         config.mlp_hidden,
         config.mlp_depth,
     )?;
+    if let ModelConfig::PixArt(_) = net {
+        let tokens = data.tokens.as_ref().with_context(|| {
+            format!(
+                "--model {}: a PixArt reads each caption's token sequence, but {} has none (`c_tokens` and `c_mask` in a tensors: file: ddm encode-text --tokens --data)",
+                config.model, data.name
+            )
+        })?;
+        net = net.with_caption_tokens(tokens.dim(), config.class_dropout)?;
+    }
     if config.condition_vectors {
         let c = data.cond.as_ref().with_context(|| {
             format!(

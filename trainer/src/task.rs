@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use ddm_core::burn::module::Module;
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::TrainingSummary;
+use ddm_core::condition::Tokens;
 use ddm_core::host::HostTensor;
 use ddm_core::model::{Model, ModelConfig};
 use ddm_core::params::ParamSource;
@@ -95,6 +96,24 @@ pub fn dropped_vectors(batch: &Batch<'_>, dropout: f64, rng: &mut ChaCha8Rng) ->
     c * keep
 }
 
+/// The batch's token sequences, each replaced by the null sequence (zeros, every token padding)
+/// with probability `dropout`, one draw from `rng` per sample.
+pub fn dropped_tokens(batch: &Batch<'_>, dropout: f64, rng: &mut ChaCha8Rng) -> Tokens {
+    let Tokens { embeddings, mask } = batch
+        .tokens
+        .clone()
+        .expect("data a network reads token sequences of has them");
+    let [b, _, _] = embeddings.dims();
+    let keep: Vec<f32> = (0..b)
+        .map(|_| if rng.random::<f64>() < dropout { 0.0 } else { 1.0 })
+        .collect();
+    let keep = Tensor::<1>::from_data(TensorData::new(keep, [b]), &embeddings.device());
+    Tokens {
+        embeddings: embeddings * keep.clone().reshape([b, 1, 1]),
+        mask: mask * keep.reshape([b, 1]),
+    }
+}
+
 /// What a task trains on.
 pub struct TrainData {
     pub data: Dataset,
@@ -115,6 +134,8 @@ pub struct Batch<'a> {
     pub targets: Option<&'a [u32]>,
     /// Per-sample conditioning vectors `[B, Dc]`, if the data has them.
     pub cond: Option<Tensor<2>>,
+    /// Per-sample token sequences (`[B, L, Dt]` and their mask `[B, L]`), if the data has them.
+    pub tokens: Option<Tokens>,
 }
 
 pub trait Task {

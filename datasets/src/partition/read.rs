@@ -204,6 +204,7 @@ pub fn load_shard(dir: &Path, manifest: &PartitionManifest, k: usize) -> Result<
         class_names: d.class_names.clone(),
         mixture: d.mixture.clone(),
         cond,
+        tokens: crate::dataset::TokenSequences::read(&f, &p, entry.count)?,
         latent: d.latent.clone(),
         text: d.text.clone(),
     })

@@ -27,6 +27,10 @@ fn shard_bytes(dataset: &Dataset, idx: &[usize], meta: &ShardMeta) -> Result<Vec
     if let Some(c) = &sub.cond {
         t.insert("c".into(), RawTensor::f32(c));
     }
+    if let Some(s) = &sub.tokens {
+        t.insert("c_tokens".into(), RawTensor::f32(&s.embeddings));
+        t.insert("c_mask".into(), RawTensor::f32(&s.mask));
+    }
     if let Some(l) = &sub.labels {
         t.insert(
             "y".into(),

@@ -31,6 +31,10 @@ pub struct Entry {
     /// absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition_dim: Option<usize>,
+    /// Width of the token embeddings an expert reads by cross-attention (a PixArt reading a
+    /// caption's token states); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_dim: Option<usize>,
     /// An expert served elsewhere (`ddm serve`): its server's base URL. `sha256` is then the
     /// served checkpoint's, checked against the server by `registry verify`; there is no blob.
     #[serde(default, skip_serializing_if = "Option::is_none")]

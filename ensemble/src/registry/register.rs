@@ -77,6 +77,8 @@ enum Item {
         classes: usize,
         /// Width of the conditioning vectors it reads (None: none).
         condition_dim: Option<usize>,
+        /// Width of the token embeddings it reads (None: none).
+        token_dim: Option<usize>,
         /// Served at this URL (no blob is stored).
         remote: Option<String>,
     },
@@ -405,9 +407,9 @@ fn check(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> any
             let cluster = m.cluster.with_context(|| {
                 format!("{name}: an expert with no cluster id (a monolith cannot join an ensemble)")
             })?;
-            if m.model.token_dim() > 0 {
+            if m.model.token_dim() > 0 && remote.is_some() {
                 bail!(
-                    "{name}: an expert that reads a caption's token sequence (arch \"{}\") cannot join an ensemble yet: the routed sampler does not carry token sequences; sample it with `ddm sample --checkpoint`",
+                    "{name}: a served expert that reads a caption's token sequence (arch \"{}\") cannot be registered yet: the served protocol carries classes and vectors only; register its checkpoint file",
                     m.model.arch()
                 );
             }
@@ -434,6 +436,7 @@ fn check(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> any
                 blob,
                 classes,
                 condition_dim: Some(m.model.condition_dim()).filter(|&d| d > 0),
+                token_dim: Some(m.model.token_dim()).filter(|&d| d > 0),
                 remote,
             });
             Ok(Checked::Add(items))
@@ -492,7 +495,7 @@ fn check_same_ensemble(idx: &Index, name: &str, m: &CheckpointMeta) -> anyhow::R
         && a != b
     {
         bail!(
-            "{name}: reads the conditioning vectors of {}, but this registry's models read those of {}",
+            "{name}: reads the text (vectors or tokens) of {}, but this registry's models read that of {}",
             a.describe(),
             b.describe()
         );
@@ -567,16 +570,22 @@ fn check_vae(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) ->
 fn add(items: Vec<Item>, idx: &mut Index, lines: &mut Vec<Registered>) -> Vec<Blob> {
     let mut blobs = vec![];
     for item in items {
-        let (blob, classes, condition_dim, remote) = match &item {
+        let (blob, classes, (condition_dim, token_dim), remote) = match &item {
             Item::Expert {
                 blob,
                 classes,
                 condition_dim,
+                token_dim,
                 remote,
                 ..
-            } => (blob.clone(), Some(*classes), *condition_dim, remote.clone()),
-            Item::Router { blob, classes, .. } => (blob.clone(), Some(*classes), None, None),
-            Item::Stats { blob, .. } | Item::Vae { blob } => (blob.clone(), None, None, None),
+            } => (
+                blob.clone(),
+                Some(*classes),
+                (*condition_dim, *token_dim),
+                remote.clone(),
+            ),
+            Item::Router { blob, classes, .. } => (blob.clone(), Some(*classes), (None, None), None),
+            Item::Stats { blob, .. } | Item::Vae { blob } => (blob.clone(), None, (None, None), None),
         };
         let entry = Entry {
             sha256: blob.sha256.clone(),
@@ -585,6 +594,7 @@ fn add(items: Vec<Item>, idx: &mut Index, lines: &mut Vec<Registered>) -> Vec<Bl
             registered_at: now(),
             classes,
             condition_dim,
+            token_dim,
             remote: remote.clone(),
         };
         let line = |role, cluster, k| Registered {
