@@ -107,6 +107,30 @@ pub enum Objective {
     Epsilon { schedule: DdpmSchedule },
 }
 
+impl std::fmt::Display for Objective {
+    /// `velocity`, `epsilon (DDPM linear betas 0.0001..0.02 over 1000 steps)`, `epsilon (cosine
+    /// schedule, s = 0.008)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Objective::Velocity => write!(f, "velocity"),
+            Objective::Epsilon {
+                schedule:
+                    DdpmSchedule::Linear {
+                        beta_start,
+                        beta_end,
+                        steps,
+                    },
+            } => write!(
+                f,
+                "epsilon (DDPM linear betas {beta_start}..{beta_end} over {steps} steps)"
+            ),
+            Objective::Epsilon {
+                schedule: DdpmSchedule::Cosine { s },
+            } => write!(f, "epsilon (cosine schedule, s = {s})"),
+        }
+    }
+}
+
 /// The data a model was trained on: per-sample shape and value range.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataSpec {

@@ -26,7 +26,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     }
     let params: usize = ckpt.tensors.values().map(|t| t.numel()).sum();
     println!("{}", args.checkpoint.display());
-    println!("  role        {:?}", ckpt.meta.role);
+    println!("  role        {}", ckpt.meta.role);
     println!(
         "  model       {} ({params} parameters in {} tensors)",
         ckpt.meta.model.arch(),
@@ -44,7 +44,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             space.describe()
         );
     }
-    println!("  objective   {:?}", ckpt.meta.objective);
+    println!("  objective   {}", ckpt.meta.objective);
     println!("  GFLOPs/fwd  {:.3}", ckpt.meta.model.flops_per_sample() / 1e9);
     println!("  sha256      {} (verified)", ckpt.meta.tensors_sha256);
     println!("metadata:\n{json}");
