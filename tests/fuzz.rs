@@ -61,6 +61,7 @@ fn valid_request() -> Vec<u8> {
         t: vec![0.1, 0.5, 0.9],
         y: Some(vec![0, 1, 2]),
         c: Some(HostTensor::new(vec![3, 2], vec![0.5; 6])),
+        tokens: None,
     }
     .to_bytes()
     .unwrap()

@@ -332,6 +332,7 @@ fn every_verb_runs_on_wgpu_and_agrees_with_the_cpu() {
         t: input.f32("t").unwrap().data,
         y: None,
         c: None,
+        tokens: None,
     };
     let served = client.velocity(0, &request).unwrap();
     let dserve = max_diff(&served.data, &tensor(&d.join("v-cpu.safetensors"), "v"));

@@ -46,6 +46,7 @@ fn request(rows: usize, seed: u64) -> Request {
         t,
         y: None,
         c: None,
+        tokens: None,
     }
 }
 
@@ -147,6 +148,7 @@ fn served_experts_equal_local_ones_and_bad_requests_are_refused() {
         t: vec![0.5, 0.5],
         y: None,
         c: None,
+        tokens: None,
     };
     let (status, body) = post(&http, &v1, Some(token), wide.to_bytes().unwrap());
     assert_eq!(status, 400);

@@ -23,6 +23,7 @@ fn request(rows: usize) -> Request {
         t: (0..rows).map(|i| (i % 9) as f32 / 10.0 + 0.05).collect(),
         y: None,
         c: None,
+        tokens: None,
     }
 }
 

@@ -741,8 +741,9 @@ fn write(d: &Path, name: &str, tensors: Vec<(&str, ddm_core::host::HostTensor)>)
 
 /// A diffusers PixArt (`testdata/diffusers/pixart-tiny`) imported as an epsilon expert samples by
 /// its caption's token sequence (`c_tokens`, `c_mask` from `--condition`): another caption, other
-/// samples; a padded-out token changes nothing. Token sequences of another width, guidance
-/// without caption dropout, and an ensemble (which does not carry tokens) are refused by name.
+/// samples; a padded-out token changes nothing. Token sequences of another width and guidance
+/// without caption dropout are refused by name; the expert joins a registry, which records the
+/// width of its tokens.
 #[test]
 fn an_imported_pixart_samples_by_its_captions_tokens() {
     use ddm_core::host::HostTensor;
@@ -855,8 +856,7 @@ fn an_imported_pixart_samples_by_its_captions_tokens() {
     let err = fails(sample("a.safetensors", &["--guidance", "2"]));
     assert!(err.contains("without condition dropout"), "{err}");
 
-    // A PixArt expert joins a registry (recording the width of the tokens it reads), but is not
-    // served: the served protocol does not carry token sequences.
+    // A PixArt expert joins a registry, which records the width of the tokens it reads.
     write(
         d,
         "latents.safetensors",
@@ -925,25 +925,13 @@ fn an_imported_pixart_samples_by_its_captions_tokens() {
         .unwrap()
         .unwrap();
     assert_eq!(index.experts[&0].token_dim, Some(24));
-    let err = fails(ddm(
-        d,
-        &[
-            "serve",
-            "--registry",
-            "reg",
-            "--experts",
-            "0",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    ));
-    assert!(err.contains("expert 0 reads a caption's token sequence"), "{err}");
 }
 
 /// A PixArt trained in ddm on captioned images: `encode-text --tokens --data` -> partition (the
 /// shards carry each caption's token states) -> `train --model PixArt-XS/2` (caption dropout:
 /// the padding-only null caption) -> `sample --checkpoint --prompt`: the caption's tokens reach
-/// the model through cross-attention, the checkpoint records the encoder, guidance runs.
+/// the model through cross-attention, the checkpoint records the encoder, guidance runs; two such
+/// islands sample as a routed ensemble, local or with one expert served.
 #[test]
 fn a_pixart_trained_on_captions_samples_by_prompt() {
     let dir = tempfile::tempdir().unwrap();
@@ -1128,6 +1116,67 @@ fn a_pixart_trained_on_captions_samples_by_prompt() {
         max_abs_diff(&left, &guided) > 0.0,
         "guidance changed nothing in the ensemble"
     );
+
+    // Expert 1 served: it receives the caption's tokens (and the null caption's under guidance),
+    // so its samples (`oracle:1`, every sample by expert 1) are those of the registry held here.
+    let server = common::Server::start(d, &["--registry", "reg", "--experts", "1"], None);
+    ok(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "mixed",
+            "--partition",
+            "p",
+            "e0/expert.safetensors",
+        ],
+    ));
+    ok(ddm(
+        d,
+        &[
+            "register",
+            "--registry",
+            "mixed",
+            "--partition",
+            "p",
+            "--remote",
+            &server.url,
+        ],
+    ));
+    let oracle = |registry: &str, guidance: &str| {
+        ok(ddm(
+            d,
+            &[
+                "sample",
+                "--registry",
+                registry,
+                "--strategy",
+                "oracle:1",
+                "--n",
+                "4",
+                "--steps",
+                "8",
+                "--prompt",
+                "a bright left half",
+                "--text-encoder",
+                "te.safetensors",
+                "--guidance",
+                guidance,
+                "--out",
+                "o.png",
+            ],
+        ));
+        TensorFile::read(&d.join("o.safetensors"))
+            .unwrap()
+            .f32("x0")
+            .unwrap()
+            .data
+    };
+    for guidance in ["1", "3"] {
+        let diff = max_abs_diff(&oracle("mixed", guidance), &oracle("reg", guidance));
+        assert!(diff < 1e-5, "guidance {guidance}: served differs by {diff}");
+    }
+    drop(server);
 
     // Data without token sequences cannot train a PixArt.
     ok(ddm(

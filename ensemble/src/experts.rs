@@ -94,13 +94,19 @@ impl Registry {
         };
         // The server holds the checkpoint: what the entry records is checked here, the rest (a
         // null class) by the server.
-        let (classes, dim) = (e.classes(&self.dir)?, e.condition_dim.unwrap_or(0));
-        let null_class = guidance.check(&format!("expert {k} ({url})"), classes, dim, None)?;
+        let (classes, dim, token_dim) = (
+            e.classes(&self.dir)?,
+            e.condition_dim.unwrap_or(0),
+            e.token_dim.unwrap_or(0),
+        );
+        let what = format!("expert {k} ({url})");
+        let null_class = guidance.check(&what, classes, dim.max(token_dim), None)?;
         Ok(ExpertSlot::remote(RemoteExpert {
             client: Client::new(url)?,
             cluster: k,
             null_class,
             reads_vectors: dim > 0,
+            reads_tokens: token_dim > 0,
             scale: guidance.scale,
         }))
     }

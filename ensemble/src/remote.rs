@@ -8,7 +8,7 @@
 //! | `GET /health` | | `ok` (no token needed) |
 //! | `GET /v1/metadata` | | JSON [`ServedMetadata`] |
 //! | `GET /metrics` | | Prometheus text |
-//! | `POST /v1/experts/{k}/velocity` | safetensors `x_t` F32 `[N, ...]`, `t` F32 `[N]`, `y` I64 `[N]`? | `v` F32, the shape of `x_t` |
+//! | `POST /v1/experts/{k}/velocity` | safetensors `x_t` F32 `[N, ...]`, `t` F32 `[N]`, `y` I64 `[N]`?, `c` F32 `[N, Dc]`?, `c_tokens` F32 `[N, L, Dt]` + `c_mask` F32 `[N, L]`? | `v` F32, the shape of `x_t` |
 //! | `POST /v1/router/logits` | `x_t`, `t`, `y`?, `c` F32 `[N, Dc]`? | `logits` F32 `[N, K]` |
 //!
 //! Tensors travel as safetensors bytes, the format checkpoints already use. When the server has a
@@ -52,14 +52,16 @@ pub struct ServedMetadata {
     pub max_rows: usize,
 }
 
-/// A request's tensors: `x_t` `[N, ...]`, `t` `[N]`, optional class ids `y` `[N]` and
-/// conditioning vectors `c` `[N, Dc]`.
+/// A request's tensors: `x_t` `[N, ...]`, `t` `[N]`, optional class ids `y` `[N]`,
+/// conditioning vectors `c` `[N, Dc]` and token sequences (`c_tokens` `[N, L, Dt]`, `c_mask`
+/// `[N, L]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub x_t: HostTensor,
     pub t: Vec<f32>,
     pub y: Option<Vec<i64>>,
     pub c: Option<HostTensor>,
+    pub tokens: Option<(HostTensor, HostTensor)>,
 }
 
 impl Request {
@@ -77,6 +79,10 @@ impl Request {
         ]);
         if let Some(c) = &self.c {
             f.insert("c".into(), c.clone());
+        }
+        if let Some((e, m)) = &self.tokens {
+            f.insert("c_tokens".into(), e.clone());
+            f.insert("c_mask".into(), m.clone());
         }
         let mut i = BTreeMap::new();
         if let Some(y) = &self.y {
@@ -153,8 +159,36 @@ impl Request {
                 Some(c)
             }
         };
-        Ok(Self { x_t, t: t.data, y, c })
+        let tokens = match f.contains("c_tokens") {
+            false => None,
+            true => Some(tokens_of(&f, n)?),
+        };
+        Ok(Self {
+            x_t,
+            t: t.data,
+            y,
+            c,
+            tokens,
+        })
     }
+}
+
+/// A request's `c_tokens` `[n, L, Dt]` and `c_mask` `[n, L]`: finite, the mask of zeros and ones.
+fn tokens_of(f: &TensorFile, n: usize) -> anyhow::Result<(HostTensor, HostTensor)> {
+    let (e, m) = (f.f32("c_tokens")?, f.f32("c_mask")?);
+    if e.shape.len() != 3 || e.shape[0] != n || e.shape[1] == 0 || e.shape[2] == 0 {
+        bail!("c_tokens has shape {:?}; expected [{n}, L, Dt]", e.shape);
+    }
+    if m.shape != [n, e.shape[1]] {
+        bail!("c_mask has shape {:?}; expected [{n}, {}]", m.shape, e.shape[1]);
+    }
+    if e.data.iter().any(|v| !v.is_finite()) {
+        bail!("c_tokens holds a non-finite value");
+    }
+    if let Some(v) = m.data.iter().find(|v| **v != 0.0 && **v != 1.0) {
+        bail!("c_mask holds {v}; expected 1 (a token) or 0 (padding)");
+    }
+    Ok((e, m))
 }
 
 /// A response body: one F32 tensor named `name`.
@@ -340,25 +374,29 @@ pub struct RemoteExpert {
     pub null_class: Option<usize>,
     /// Whether the expert reads conditioning vectors (they are sent only then).
     pub reads_vectors: bool,
+    /// Whether the expert reads token sequences (they are sent only then).
+    pub reads_tokens: bool,
     /// The guidance scale (1: none).
     pub scale: f64,
 }
 
 impl RemoteExpert {
-    /// `x_t` `[M, ...]`, `t` `[M]`, `y` `[M]`?, `c` `[M, Dc]`? -> `v` `[M, ...]`.
+    /// `x_t` `[M, ...]`, `t` `[M]`, `y` `[M]`?, `c` `[M, Dc]`?, token sequences `[M, L, Dt]` and
+    /// `[M, L]`? -> `v` `[M, ...]`.
     pub fn velocity(
         &self,
         x_t: HostTensor,
         t: Vec<f32>,
         y: Option<Vec<i64>>,
-        c: Option<HostTensor>,
+        (c, tokens): (Option<HostTensor>, Option<(HostTensor, HostTensor)>),
     ) -> anyhow::Result<HostTensor> {
         let m = t.len();
         let c = c.filter(|_| self.reads_vectors);
-        let conditioned = y.is_some() || c.is_some();
+        let tokens = tokens.filter(|_| self.reads_tokens);
+        let conditioned = y.is_some() || c.is_some() || tokens.is_some();
         let y = y.or_else(|| self.null_class.map(|null| vec![null as i64; m]));
         if !conditioned || self.scale == 1.0 {
-            let request = Request { x_t, t, y, c };
+            let request = Request { x_t, t, y, c, tokens };
             return self.client.velocity(self.cluster, &request);
         }
         // Conditional and null rows in one request: [2M, X]. The null condition is the null
@@ -370,17 +408,19 @@ impl RemoteExpert {
             let null = self.null_class.map_or(y.clone(), |n| vec![n as i64; m]);
             [y, null].concat()
         });
-        let c2 = c.map(|c| {
-            let mut shape = c.shape.clone();
+        // Rows, then as many null rows (zeros).
+        let with_null = |a: HostTensor| {
+            let mut shape = a.shape.clone();
             shape[0] = 2 * m;
-            let zeros = vec![0.0; c.data.len()];
-            HostTensor::new(shape, [c.data, zeros].concat())
-        });
+            let zeros = vec![0.0; a.data.len()];
+            HostTensor::new(shape, [a.data, zeros].concat())
+        };
         let request = Request {
             x_t: HostTensor::new(shape2, twice(&x_t.data)),
             t: twice(&t),
             y: y2,
-            c: c2,
+            c: c.map(with_null),
+            tokens: tokens.map(|(e, mask)| (with_null(e), with_null(mask))),
         };
         let v = self.client.velocity(self.cluster, &request)?;
         let (cond, null_v) = v.data.split_at(v.data.len() / 2);
@@ -401,9 +441,44 @@ mod tests {
             t,
             y: None,
             c: None,
+            tokens: None,
         }
         .to_bytes()
         .unwrap()
+    }
+
+    /// Token sequences travel with their mask and come back as sent; a wrong shape or a mask
+    /// that is not 0/1 is refused by name.
+    #[test]
+    fn requests_carry_token_sequences() {
+        let tokens = |l: usize, mask: Vec<f32>| {
+            Some((
+                HostTensor::new(vec![2, l, 3], (0..2 * l * 3).map(|v| v as f32).collect()),
+                HostTensor::new(vec![2, mask.len() / 2], mask),
+            ))
+        };
+        let request = |tokens| Request {
+            x_t: HostTensor::new(vec![2, 4], vec![0.5; 8]),
+            t: vec![0.5; 2],
+            y: None,
+            c: None,
+            tokens,
+        };
+        let sent = request(tokens(2, vec![1.0, 0.0, 1.0, 1.0]));
+        let got = Request::from_bytes(sent.to_bytes().unwrap(), &[4]).unwrap();
+        assert_eq!(got, sent);
+        for (bad, why) in [
+            (tokens(2, vec![1.0, 0.5, 1.0, 1.0]), "c_mask holds 0.5"),
+            (
+                tokens(2, vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+                "c_mask has shape [2, 3]",
+            ),
+        ] {
+            let e = Request::from_bytes(request(bad).to_bytes().unwrap(), &[4])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{e}");
+        }
     }
 
     #[test]

@@ -377,7 +377,15 @@ impl Ensemble<'_> {
                     HostTensor::from_tensor(xe),
                     HostTensor::from_tensor(te).data,
                     ce.class_ids(),
-                    ce.vector.map(HostTensor::from_tensor),
+                    (
+                        ce.vector.map(HostTensor::from_tensor),
+                        ce.tokens.map(|s| {
+                            (
+                                HostTensor::from_tensor(s.embeddings),
+                                HostTensor::from_tensor(s.mask),
+                            )
+                        }),
+                    ),
                 ))
             })
             .collect();

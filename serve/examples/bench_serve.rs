@@ -69,6 +69,7 @@ fn load(url: &str, clients: usize, batch: usize, per: usize, seconds: f64) -> (f
         t: (0..batch).map(|i| 0.1 + 0.8 * i as f32 / batch as f32).collect(),
         y: None,
         c: None,
+        tokens: None,
     }
     .to_bytes()
     .unwrap();

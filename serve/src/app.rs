@@ -34,7 +34,7 @@ pub(crate) struct App {
 }
 
 /// A request's rows on `device`: `x_t` flattened to `[N, X]`, `t` `[N]`, and its condition
-/// (class ids `y` `[N]`, vectors `c` `[N, Dc]`).
+/// (class ids `y` `[N]`, vectors `c` `[N, Dc]`, token sequences `[N, L, Dt]` and `[N, L]`).
 fn tensors(r: &Request, device: &Device) -> (Tensor<2>, Tensor<1>, Condition) {
     let n = r.rows();
     let x = HostTensor::new(vec![n, r.x_t.data.len() / n], r.x_t.data.clone()).to_tensor::<2>(device);
@@ -45,7 +45,10 @@ fn tensors(r: &Request, device: &Device) -> (Tensor<2>, Tensor<1>, Condition) {
             .as_ref()
             .map(|y| Tensor::<1, Int>::from_data(TensorData::new(y.clone(), [n]), device)),
         vector: r.c.as_ref().map(|c| c.to_tensor::<2>(device)),
-        tokens: None,
+        tokens: r.tokens.as_ref().map(|(e, m)| ddm_core::condition::Tokens {
+            embeddings: e.to_tensor::<3>(device),
+            mask: m.to_tensor::<2>(device),
+        }),
     };
     (x, t, c)
 }
@@ -116,11 +119,6 @@ pub(crate) fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> 
     let mut batchers = BTreeMap::new();
     for &k in &experts {
         let entry = &reg.index.experts[&k];
-        if entry.token_dim.is_some() {
-            bail!(
-                "expert {k} reads a caption's token sequence (a PixArt), which the served protocol does not carry yet; serve the others with --experts"
-            );
-        }
         metadata.experts.insert(k, served(Claim::Expert(k), entry)?);
         let (dir, device) = (o.registry.clone(), o.device.clone());
         let load = move || -> anyhow::Result<ExpertModel> {

@@ -213,6 +213,8 @@ fn compatible(a: &Request, b: &Request) -> bool {
     a.x_t.shape[1..] == b.x_t.shape[1..]
         && a.y.is_some() == b.y.is_some()
         && a.c.as_ref().map(|c| c.shape[1]) == b.c.as_ref().map(|c| c.shape[1])
+        && a.tokens.as_ref().map(|(e, _)| e.shape[1..].to_vec())
+            == b.tokens.as_ref().map(|(e, _)| e.shape[1..].to_vec())
 }
 
 /// A worker's model: held, or (under a budget) unloaded until the next request.
@@ -374,10 +376,27 @@ fn merge<'a>(requests: impl Iterator<Item = &'a Request> + Clone) -> Request {
                 .collect(),
         )
     });
+    let tokens = all[0].tokens.as_ref().map(|(e0, _)| {
+        let both = |pick: fn(&(HostTensor, HostTensor)) -> &HostTensor, shape: Vec<usize>| {
+            let data = all
+                .iter()
+                .flat_map(|r| {
+                    r.tokens
+                        .as_ref()
+                        .map(|s| pick(s).data.clone())
+                        .unwrap_or_default()
+                })
+                .collect();
+            HostTensor::new(shape, data)
+        };
+        let (l, dt) = (e0.shape[1], e0.shape[2]);
+        (both(|s| &s.0, vec![rows, l, dt]), both(|s| &s.1, vec![rows, l]))
+    });
     Request {
         x_t: HostTensor::new(shape, x),
         t,
         y,
         c,
+        tokens,
     }
 }

@@ -203,6 +203,20 @@ pub(crate) async fn velocity(
         }
         _ => {} // no vectors: the zero vector, the null condition
     }
+    match (model.token_dim(), &r.tokens) {
+        (0, Some(_)) => {
+            return Err(ServeError::BadRequest(format!(
+                "expert {k} reads no token sequences: send no c_tokens"
+            )));
+        }
+        (d, Some((e, _))) if e.shape[2] != d => {
+            return Err(ServeError::BadRequest(format!(
+                "c_tokens has width {}; expert {k} reads tokens of width {d}",
+                e.shape[2]
+            )));
+        }
+        _ => {} // no tokens: the null caption
+    }
     if classes > 0 && r.y.is_none() {
         if !null {
             return Err(ServeError::BadRequest(format!(

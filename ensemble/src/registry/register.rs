@@ -407,12 +407,6 @@ fn check(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> any
             let cluster = m.cluster.with_context(|| {
                 format!("{name}: an expert with no cluster id (a monolith cannot join an ensemble)")
             })?;
-            if m.model.token_dim() > 0 && remote.is_some() {
-                bail!(
-                    "{name}: a served expert that reads a caption's token sequence (arch \"{}\") cannot be registered yet: the served protocol carries classes and vectors only; register its checkpoint file",
-                    m.model.arch()
-                );
-            }
             if cluster >= idx.k {
                 bail!("{name}: cluster {cluster} is out of range for K = {}", idx.k);
             }
