@@ -27,7 +27,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::condition::{Condition, Tokens};
-use crate::dit::{gelu_tanh, pos_embed_2d_scaled, timestep_embedding};
+use crate::dit::diffusers::{gelu_approximate, yes};
+use crate::dit::{gelu_tanh, linear_tokens, pos_embed_2d_scaled, timestep_embedding, unpatchify};
 use crate::error::{Error, Result};
 use crate::fused::{gated_residual, layer_norm_modulate};
 use crate::host::HostTensor;
@@ -256,17 +257,6 @@ impl PixArtConfig {
 // Attention
 // ------------------------------------------------------------------------------------------------
 
-/// A Linear layer over tokens, as one `[N*T, D]` matmul.
-///
-/// # Shapes
-/// - `x`: `[N, T, D_in]` -> `[N, T, D_out]`
-fn linear_tokens(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
-    let [n, t, d] = x.dims();
-    let y = layer.forward(x.reshape([n * t, d]));
-    let d_out = y.dims()[1];
-    y.reshape([n, t, d_out])
-}
-
 /// diffusers' `Attention` with separate q, k, v projections: self-attention (keys from the image
 /// tokens) or cross-attention (keys from the caption), scale 1/sqrt(head width).
 #[derive(Module, Debug)]
@@ -457,24 +447,12 @@ impl PixArt {
             m.narrow(1, 1, 1).reshape([n, d]),
         );
         let x = linear_tokens(&self.proj_out, layer_norm_modulate(x, shift, scale, LN_EPS)); // [N, T, P*P*C_out]
-        let x = self.unpatchify(x); // [N, C_out, S, S]
+        let (p, c) = (self.config.patch_size, self.config.out_channels());
+        let x = unpatchify(x, g, p, c); // [N, C_out, S, S]
         match self.config.learn_sigma {
             true => x.narrow(1, 0, self.config.in_channels),
             false => x,
         }
-    }
-
-    /// `[N, T, P*P*C]` -> `[N, C, S, S]` ("nhwpqc -> nchpwq").
-    fn unpatchify(&self, x: Tensor<3>) -> Tensor<4> {
-        let [n, _, _] = x.dims();
-        let (g, p, c) = (
-            self.config.grid(),
-            self.config.patch_size,
-            self.config.out_channels(),
-        );
-        x.reshape([n, g, g, p, p, c])
-            .permute([0, 5, 1, 3, 2, 4])
-            .reshape([n, c, g * p, g * p])
     }
 
     /// Every parameter under its diffusers name.
@@ -530,17 +508,11 @@ struct DiffusersPixArt {
     use_additional_conditions: Option<bool>,
 }
 
-fn gelu_approximate() -> String {
-    "gelu-approximate".into()
-}
 fn ada_norm_single() -> String {
     "ada_norm_single".into()
 }
 fn ln_eps() -> f64 {
     LN_EPS
-}
-fn yes() -> bool {
-    true
 }
 
 /// The diffusers class this module reads.

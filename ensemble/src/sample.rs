@@ -501,12 +501,22 @@ fn router(o: &SampleOptions, reg: &Registry, device: &Device) -> anyhow::Result<
 /// The width of the conditioning vectors the registry's experts read (None: they read none);
 /// experts that disagree are refused.
 fn experts_vector_dim(reg: &Registry) -> anyhow::Result<Option<usize>> {
-    let dims: std::collections::BTreeSet<Option<usize>> =
-        reg.index.experts.values().map(|e| e.condition_dim).collect();
+    experts_width(reg, |e| e.condition_dim, "conditioning vectors", "a condition")
+}
+
+/// The one width of `what` the registry's experts read (`width` of each entry; None: none);
+/// experts that disagree are refused, as they cannot share `shared`.
+fn experts_width(
+    reg: &Registry,
+    width: impl Fn(&crate::registry::Entry) -> Option<usize>,
+    what: &str,
+    shared: &str,
+) -> anyhow::Result<Option<usize>> {
+    let dims: std::collections::BTreeSet<Option<usize>> = reg.index.experts.values().map(width).collect();
     match dims.len() {
         0 | 1 => Ok(dims.into_iter().next().flatten()),
         _ => bail!(
-            "the registry's experts read conditioning vectors of different widths ({dims:?}): they cannot share a condition"
+            "the registry's experts read {what} of different widths ({dims:?}): they cannot share {shared}"
         ),
     }
 }
@@ -514,14 +524,7 @@ fn experts_vector_dim(reg: &Registry) -> anyhow::Result<Option<usize>> {
 /// The width of the token embeddings the registry's experts read (None: they read none); experts
 /// that disagree are refused.
 fn experts_token_dim(reg: &Registry) -> anyhow::Result<Option<usize>> {
-    let dims: std::collections::BTreeSet<Option<usize>> =
-        reg.index.experts.values().map(|e| e.token_dim).collect();
-    match dims.len() {
-        0 | 1 => Ok(dims.into_iter().next().flatten()),
-        _ => bail!(
-            "the registry's experts read token sequences of different widths ({dims:?}): they cannot share a caption"
-        ),
-    }
+    experts_width(reg, |e| e.token_dim, "token sequences", "a caption")
 }
 
 /// Where the condition comes from.
@@ -817,18 +820,16 @@ fn integrate_batches(
         let rows = start..(start + o.batch).min(o.n);
         let b = rows.len();
         let x1 = flow::randn(vec![b, per], &mut rng).to_tensor::<2>(&device);
+        let (vector, tokens) = match &s.condition {
+            Some(cond) => cond.rows(rows.clone(), &device),
+            None => (None, None),
+        };
         let c = Condition {
             class: ids.as_ref().map(|ids| {
                 Tensor::<1, Int>::from_data(TensorData::new(ids[rows.clone()].to_vec(), [b]), &device)
             }),
-            ..Default::default()
-        };
-        let c = match &s.condition {
-            Some(cond) => {
-                let (vector, tokens) = cond.rows(rows.clone(), &device);
-                Condition { vector, tokens, ..c }
-            }
-            None => c,
+            vector,
+            tokens,
         };
         s.ensemble.restart(); // new trajectories
         let mut counted = Counted {

@@ -56,13 +56,13 @@ fn norm_eps() -> f64 {
     1e-5
 }
 
-fn gelu_approximate() -> String {
+pub(crate) fn gelu_approximate() -> String {
     "gelu-approximate".into()
 }
 fn ada_norm_zero() -> String {
     "ada_norm_zero".into()
 }
-fn yes() -> bool {
+pub(crate) fn yes() -> bool {
     true
 }
 

@@ -50,11 +50,19 @@ pub use crate::fused::gelu_tanh;
 ///
 /// # Shapes
 /// - `x`: `[N, T, D_in]` -> `[N, T, D_out]`
-fn linear_tokens(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
+pub(crate) fn linear_tokens(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [n, t, d] = x.dims();
     let y = layer.forward(x.reshape([n * t, d])); // [N*T, D_out]
     let d_out = y.dims()[1];
     y.reshape([n, t, d_out])
+}
+
+/// Tokens back into images: `[N, g*g, P*P*C]` -> `[N, C, g*P, g*P]` ("nhwpqc -> nchpwq").
+pub(crate) fn unpatchify(x: Tensor<3>, g: usize, p: usize, c: usize) -> Tensor<4> {
+    let [n, _, _] = x.dims();
+    x.reshape([n, g, g, p, p, c])
+        .permute([0, 5, 1, 3, 2, 4]) // [N, C, g, P, g, P]
+        .reshape([n, c, g * p, g * p])
 }
 
 /// DiT's sinusoidal timestep embedding: `[cos, sin]` of `t * exp(-ln(10000) i / (F/2 - shift))`
@@ -427,15 +435,8 @@ impl DiT {
 
     /// `[N, T, P*P*C]` -> `[N, C, S, S]` ("nhwpqc -> nchpwq").
     fn unpatchify(&self, x: Tensor<3>) -> Tensor<4> {
-        let [n, _, _] = x.dims();
-        let (g, p, c) = (
-            self.config.grid(),
-            self.config.patch_size,
-            self.config.out_channels(),
-        );
-        x.reshape([n, g, g, p, p, c])
-            .permute([0, 5, 1, 3, 2, 4]) // [N, C, g, P, g, P]
-            .reshape([n, c, g * p, g * p])
+        let c = &self.config;
+        unpatchify(x, c.grid(), c.patch_size, c.out_channels())
     }
 
     /// All tensors under their PyTorch reference names.
