@@ -33,6 +33,8 @@ pub enum Commands {
     TrainRouter(commands::train_router::TrainRouterArgs),
     /// Train the VAE whose latents experts can be trained on (AutoencoderKL, diffusers' names).
     TrainAutoencoder(commands::train_autoencoder::TrainAutoencoderArgs),
+    /// Train a text encoder (CLIP's text tower) contrastively on captioned images.
+    TrainTextEncoder(commands::train_text_encoder::TrainTextEncoderArgs),
     /// Encode images into a VAE's latent space: a `tensors:` dataset to partition and train on.
     Encode(commands::encode::EncodeArgs),
     /// Encode captions with a text encoder: pooled vectors (and token states) to condition on.
@@ -72,6 +74,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Commands::Train(args) => commands::train::run(args),
         Commands::TrainRouter(args) => commands::train_router::run(args),
         Commands::TrainAutoencoder(args) => commands::train_autoencoder::run(args),
+        Commands::TrainTextEncoder(args) => commands::train_text_encoder::run(args),
         Commands::Encode(args) => commands::encode::run(args).map(|()| 0),
         Commands::EncodeText(args) => commands::encode_text::run(args).map(|()| 0),
         Commands::EvalRouter(args) => commands::eval_router::run(args).map(|()| 0),

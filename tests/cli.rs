@@ -30,6 +30,7 @@ fn help_lists_every_verb_and_each_has_help() {
         "train",
         "train-router",
         "train-autoencoder",
+        "train-text-encoder",
         "encode",
         "encode-text",
         "eval-router",

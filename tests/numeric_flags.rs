@@ -163,6 +163,17 @@ fn fixture() -> &'static Path {
             ],
         ));
         std::fs::write(d.join("captions.txt"), "a dark ankle boot\na light pullover\n").unwrap();
+        common::ok(common::ddm(
+            d,
+            &[
+                "data",
+                "captions",
+                "--data",
+                "idx:imgs",
+                "--out",
+                "imgs-captions.jsonl",
+            ],
+        ));
         let x = ddm_core::host::HostTensor::new(vec![2, 2], vec![0.5, -0.5, 1.0, 0.0]);
         let t = ddm_core::host::HostTensor::new(vec![2], vec![0.3, 0.7]);
         ddm_core::host::write_tensors(
@@ -267,6 +278,23 @@ fn context(path: &[String]) -> Option<Vec<String>> {
             "a",
             "--model",
             "vae:1:8:2",
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--quiet",
+            "{FLAG}",
+        ],
+        ["train-text-encoder"] => &[
+            "train-text-encoder",
+            "--data",
+            "idx:F/imgs",
+            "--captions",
+            "F/imgs-captions.jsonl",
+            "--out",
+            "t",
+            "--model",
+            "clip:8:1:2",
             "--steps",
             "1",
             "--batch-size",

@@ -20,6 +20,7 @@ pub mod settings;
 pub mod train;
 pub mod train_autoencoder;
 pub mod train_router;
+pub mod train_text_encoder;
 pub mod values;
 
 use clap::Args;

@@ -3,8 +3,9 @@
 //! An island reads `partition.json` and its own shard, trains a flow-matching expert, and writes
 //! a checkpoint; it talks to no other island and opens no network connection. [`train`] holds the
 //! loop and [`task`] what a loop optimises: an [`expert`] (flow matching on one cluster), a
-//! [`router`] (cross-entropy on cluster ids), an [`autoencoder`] (the VAE latents come from), or a
-//! task of another crate (eval's classifier).
+//! [`router`] (cross-entropy on cluster ids), an [`autoencoder`] (the VAE latents come from), a
+//! [`text_encoder`] (CLIP's contrastive loss on captioned images), or a task of another crate
+//! (eval's classifier).
 //! [`state`] is the resumable state, [`ema`] the weight average, [`island`] which cluster and
 //! data, [`config`] the settings, [`metrics`] the JSON-lines log, [`plot`] the loss curve.
 //! The command lines (`ddm train`, the `ddm-trainer` binary) live in the `ddm` crate.
@@ -20,4 +21,5 @@ pub mod router;
 pub mod router_eval;
 pub mod state;
 pub mod task;
+pub mod text_encoder;
 pub mod train;
