@@ -257,6 +257,26 @@ impl ClipTextModel {
         TextEncoding { tokens, pooled }
     }
 
+    /// The pooled vectors `[N, D]` of `captions`, tokenized and encoded `batch` at a time, on the
+    /// host.
+    pub fn encode_pooled(
+        &self,
+        tokenizer: &TextTokenizer,
+        captions: &[String],
+        batch: usize,
+    ) -> Result<HostTensor> {
+        let device = self.token_embedding.weight.device();
+        let mut pooled = Vec::with_capacity(captions.len() * self.config.hidden_size);
+        for chunk in captions.chunks(batch.max(1)) {
+            let (ids, mask) = tokenizer.encode(chunk)?.to_tensors(&device);
+            pooled.extend(HostTensor::from_tensor(self.forward(ids, mask).pooled).data);
+        }
+        Ok(HostTensor::new(
+            vec![captions.len(), self.config.hidden_size],
+            pooled,
+        ))
+    }
+
     /// Each row's end-of-text position `[N]`: the first `eos_token_id`, or (transformers' legacy
     /// rule for configs whose `eos_token_id` is 2) the largest id.
     fn end_of_text(&self, ids: Tensor<2, Int>) -> Tensor<1, Int> {

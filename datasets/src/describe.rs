@@ -157,8 +157,18 @@ fn phrase(noun: &str, [shade, width, size]: [&str; 3], rng: &mut ChaCha8Rng) -> 
 }
 
 /// Captions for every image of `data` (images of bytes), phrasings drawn with `seed`; with the
-/// thresholds they were cut at.
+/// thresholds they were cut at (`data`'s own terciles).
 pub fn describe(data: &Dataset, seed: u64) -> Result<(Vec<Described>, Thresholds)> {
+    describe_with(data, None, seed)
+}
+
+/// [`describe`], cut at `thresholds` when given (another set's terciles: prompts made from test
+/// images in the words of the training captions), else at `data`'s own.
+pub fn describe_with(
+    data: &Dataset,
+    thresholds: Option<Thresholds>,
+    seed: u64,
+) -> Result<(Vec<Described>, Thresholds)> {
     let Values::U8(_) = &data.values else {
         return Err(Error::Invalid(format!(
             "{}: captions are measured from images of bytes; this data holds vectors or latents",
@@ -174,7 +184,7 @@ pub fn describe(data: &Dataset, seed: u64) -> Result<(Vec<Described>, Thresholds
     let measures: Vec<Measures> = (0..data.len())
         .map(|i| measure(data.image_bytes(i).expect("byte images"), &data.shape))
         .collect();
-    let thresholds = Thresholds::of(&measures);
+    let thresholds = thresholds.unwrap_or_else(|| Thresholds::of(&measures));
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let described = measures
         .iter()

@@ -62,7 +62,13 @@ pub struct PaperTableConfig {
     /// Run the class-conditional Fashion-MNIST setting (in `OUT/fashion-mnist-conditional`)
     /// instead of the unconditional one.
     pub conditional: bool,
-    /// The guided rows' scale in the class-conditional setting.
+    /// Run the text-conditional Fashion-MNIST setting (in `OUT/fashion-mnist-text`) instead:
+    /// captions measured from the images, a text encoder trained on them, experts, monolith and
+    /// one router reading each caption's vector, samples asked for prompts made from test images.
+    pub text: bool,
+    /// The text setting's text encoder: training steps (`clip:128:2:4`, batch 256).
+    pub text_encoder_steps: u64,
+    /// The guided rows' scale in the class- and text-conditional settings.
     pub guidance: f64,
     pub device: ddm_core::device::DeviceChoice,
     pub seed: u64,
@@ -132,10 +138,11 @@ pub fn run(a: &PaperTableConfig) -> anyhow::Result<(String, PathBuf)> {
 /// committed classifier's features; its table, diagnostics and plot as markdown.
 fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<String> {
     let mut doc = String::new();
-    let data = crate::load_data(&a.data, false)?;
+    let mut data = crate::load_data(&a.data, false)?;
     let net = FeatureNet::open(a.classifier.as_deref(), device)?;
     let sha = net.sha256.clone();
-    let eval = ImageEval::new(net, crate::load_data(&a.reference, false)?, data.clone())?;
+    let reference = crate::load_data(&a.reference, false)?;
+    let eval = ImageEval::new(net, reference.clone(), data.clone())?;
     let expert = TrainConfig {
         model: a.model.clone(),
         steps: a.steps,
@@ -143,6 +150,7 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
         lr: a.lr,
         checkpoint_every: 200,
         class_conditional: a.conditional,
+        condition_vectors: a.text,
         ..TrainConfig::default()
     };
     let router = TrainConfig {
@@ -154,20 +162,22 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
         class_conditional: a.conditional,
         ..TrainConfig::default()
     };
-    let conditional = match a.conditional {
+    let conditional = match a.conditional || a.text {
         true => Some(experiment::Conditional {
             classes: data
                 .num_classes
-                .context("the class-conditional setting needs labelled data")?,
+                .context("the class- and text-conditional settings need labelled data")?,
             guidance: a.guidance,
+            text: None,
         }),
         false => None,
     };
-    let name = match a.conditional {
-        true => "fashion-mnist-conditional",
-        false => "fashion-mnist",
+    let name = match (a.conditional, a.text) {
+        (_, true) => "fashion-mnist-text",
+        (true, false) => "fashion-mnist-conditional",
+        (false, false) => "fashion-mnist",
     };
-    let setting = Setting {
+    let mut setting = Setting {
         conditional,
         name: name.into(),
         k: a.k,
@@ -183,6 +193,25 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
         progress: !a.quiet,
     };
     let dir = a.out.join(name);
+    if a.text {
+        let encoder = TrainConfig {
+            model: ddm_trainer::text_encoder::DEFAULT_MODEL.into(),
+            steps: a.text_encoder_steps,
+            batch_size: 256,
+            lr: 1e-3,
+            checkpoint_every: 200,
+            ..TrainConfig::default()
+        };
+        let prompts = experiment::text::prepare(&setting, &dir, &encoder, &mut data, &reference)?;
+        // Sample i's prompt on line i: the grids' cells read against it (10 a row).
+        ddm_core::fsio::write_bytes_atomic(
+            &dir.join("prompts.txt"),
+            (prompts.captions.join("\n") + "\n").as_bytes(),
+        )?;
+        if let Some(c) = setting.conditional.as_mut() {
+            c.text = Some(std::sync::Arc::new(prompts));
+        }
+    }
     let reference_len = eval.reference_data.len();
     let judge = Judge::Images(Box::new(eval));
     let rows = experiment::run(&setting, &dir, &data, &judge)?;
@@ -191,7 +220,11 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
     };
     let floor = eval.floor(a.n, a.seed)?;
     let header = images_header(a, &data, &expert, &router, &sha, reference_len, &dir)?;
-    let (title, header) = match conditional {
+    let (title, header) = match &setting.conditional {
+        Some(c) if c.text.is_some() => (
+            "Fashion-MNIST, text-conditional",
+            text_header(&header, &setting, &eval.net, &reference, a)?,
+        ),
         Some(c) => (
             "Fashion-MNIST, class-conditional",
             format!(
@@ -214,6 +247,42 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
     )?;
     doc.push_str(&format!("\n![FD vs training FLOPs]({name}/fd.png)\n\n"));
     Ok(doc)
+}
+
+/// The text setting's part of the header: how captions, encoder, experts and router are made,
+/// what the prompts are, and the adherence of the prompts' own test images (the ceiling).
+fn text_header(
+    header: &str,
+    setting: &Setting,
+    net: &FeatureNet,
+    reference: &ddm_datasets::Dataset,
+    a: &PaperTableConfig,
+) -> anyhow::Result<String> {
+    let p = setting.prompts().context("a text setting has prompts")?;
+    let real = experiment::text::adherence(p, &reference.gather(&p.sources), &reference.shape, net)?;
+    Ok(format!(
+        "{header} Text-conditional: every training image's caption is measured from its pixels (its class and \
+         two or three of shade, width, size, in six phrasings: `ddm data captions`); a CLIP text tower ({}, {} \
+         steps, batch 256) is trained contrastively on those captions inside the run (caption -> image top-1 \
+         among 256 training pairs: {:.1}%, chance 0.4%), and each caption's pooled vector ({} wide) is the \
+         image's condition: experts and monolith read it through adaLN (condition dropout 0.1), the router \
+         beside x_t (the `router without text` rows use an unconditioned router beside the same experts). \
+         Sample i is asked for prompt i, made the same way from a test image of class i mod {} (e.g. \"{}\", \
+         \"{}\"). *Prompted class*: samples the evaluation classifier gives the prompt's class; *prompted \
+         attributes*: the attributes a prompt says that are measured on its sample (chance about 1/3). The \
+         prompts' own test images score {:.3} and {:.3}. Guided rows: classifier-free guidance {} on the text \
+         (the null condition is the zero vector).",
+        ddm_trainer::text_encoder::DEFAULT_MODEL,
+        a.text_encoder_steps,
+        100.0 * p.retrieval_top1,
+        p.vectors.shape[1],
+        p.classes.iter().max().map_or(0, |c| c + 1),
+        ddm_core::text::printable(&p.captions[0]),
+        ddm_core::text::printable(&p.captions[p.captions.len().min(9) - 1]),
+        real.class,
+        real.attributes,
+        a.guidance
+    ))
 }
 
 /// The images setting's header: data, K, models, batches, sampling, the classifier, wall time.
@@ -316,6 +385,7 @@ fn mixture_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Stri
         sample_seconds: 0.0,
         images: None,
         mixture: Some(mixture::evaluate(&mut &exact, &x.data, &g, a.seed, device)?),
+        adherence: None,
     });
     let header = format!(
         "8 Gaussians on a ring (weights 1..8 / 36, variance 0.15), 20,000 training points, K = {}. \

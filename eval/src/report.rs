@@ -36,13 +36,26 @@ pub fn markdown(title: &str, rows: &[Row], floor: Option<&ImageReport>, header: 
     let final_rows: Vec<&Row> = rows.iter().filter(|r| r.stage_pct == last).collect();
     let images = final_rows.iter().any(|r| r.images.is_some());
     s.push_str(&format!("### At {last}% of the training budget\n\n"));
+    // The text setting's rows also say how well the samples show their prompts.
+    let prompted = final_rows.iter().any(|r| r.adherence.is_some());
     if images {
-        s.push_str("| system | train TFLOPs | FD ↓ | precision ↑ | recall ↑ | class TV ↓ | nn-train RMS | sample GFLOPs/img | sample ms/img |\n");
-        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        let (extra_head, extra_rule) = match prompted {
+            true => (" prompted class ↑ | prompted attributes ↑ |", "---:|---:|"),
+            false => ("", ""),
+        };
+        s.push_str(&format!("| system | train TFLOPs | FD ↓ | precision ↑ | recall ↑ | class TV ↓ |{extra_head} nn-train RMS | sample GFLOPs/img | sample ms/img |\n"));
+        s.push_str(&format!(
+            "|---|---:|---:|---:|---:|---:|{extra_rule}---:|---:|---:|\n"
+        ));
         for r in &final_rows {
             let Some(i) = r.images.as_ref() else { continue };
+            let extra = match (prompted, &r.adherence) {
+                (true, Some(a)) => format!(" {:.3} | {:.3} |", a.class, a.attributes),
+                (true, None) => " – | – |".into(),
+                (false, _) => String::new(),
+            };
             s.push_str(&format!(
-                "| {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.4} | {:.2} | {:.1} |\n",
+                "| {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} |{extra} {:.4} | {:.2} | {:.1} |\n",
                 r.system,
                 r.train_flops / 1e12,
                 i.fd,
@@ -55,8 +68,9 @@ pub fn markdown(title: &str, rows: &[Row], floor: Option<&ImageReport>, header: 
             ));
         }
         if let Some(f) = floor {
+            let extra = if prompted { " – | – |" } else { "" };
             s.push_str(&format!(
-                "| *real train images (floor)* | – | {:.3} | {:.3} | {:.3} | {:.3} | {:.4} (test imgs) | – | – |\n",
+                "| *real train images (floor)* | – | {:.3} | {:.3} | {:.3} | {:.3} |{extra} {:.4} (test imgs) | – | – |\n",
                 f.fd, f.precision, f.recall, f.class_tv, f.nn_train_rms
             ));
         }

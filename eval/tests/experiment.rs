@@ -168,6 +168,7 @@ fn class_conditional_paper_table_on_a_mixture() {
         conditional: Some(experiment::Conditional {
             classes: 8,
             guidance: 2.0,
+            text: None,
         }),
     };
     let rows = experiment::run(&setting, dir.path(), &data, &Judge::Mixture(g)).unwrap();
@@ -189,4 +190,119 @@ fn class_conditional_paper_table_on_a_mixture() {
         assert_eq!(r.expert_classes().unwrap(), 8);
     }
     assert!(!dir.path().join("partition-random").exists());
+}
+
+/// The text setting at toy size on real images: captions measured from Fashion-MNIST, a text
+/// encoder trained in the run, experts and a router reading the captions' vectors, samples asked
+/// for test prompts and scored on whether they show them.
+#[test]
+fn text_setting_trains_on_captions_and_scores_prompt_adherence() {
+    use ddm_eval::classifier::FeatureNet;
+    use ddm_eval::experiment::text;
+    use ddm_eval::images::ImageEval;
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: set before any thread of this test reads it.
+    unsafe { std::env::set_var("DDM_CACHE", dir.path().join("cache")) };
+    let load = |s: &str| ddm_datasets::parse_source(s, false).unwrap().load().unwrap();
+    let mut data = load("fashion-mnist-10k");
+    let reference = load("fashion-mnist:test");
+    let device = ddm_core::device::cpu();
+    let eval = ImageEval::new(
+        FeatureNet::embedded(&device).unwrap(),
+        reference.clone(),
+        data.clone(),
+    )
+    .unwrap();
+    let expert = TrainConfig {
+        model: "DiT-T/4".into(),
+        steps: 12,
+        batch_size: 16,
+        lr: 1e-3,
+        warmup_steps: 2,
+        checkpoint_every: 1000,
+        condition_vectors: true,
+        ..TrainConfig::default()
+    };
+    let router = TrainConfig {
+        model: "DiT-XS/4".into(),
+        condition_vectors: false,
+        ..expert.clone()
+    };
+    let mut setting = Setting {
+        name: "fashion-mnist-text".into(),
+        k: 2,
+        clustering: experiment::default_clustering(2, &data, 0),
+        expert,
+        router,
+        stages: 1,
+        n: 40,
+        sample_steps: 3,
+        threshold: 0.1,
+        device: ddm_core::device::DeviceChoice::Cpu,
+        seed: 0,
+        progress: false,
+        conditional: Some(experiment::Conditional {
+            classes: 10,
+            guidance: 2.0,
+            text: None,
+        }),
+    };
+    let encoder = TrainConfig {
+        model: "clip:32:1:2".into(),
+        steps: 20,
+        batch_size: 64,
+        lr: 1e-3,
+        checkpoint_every: 1000,
+        ..TrainConfig::default()
+    };
+    let prompts = text::prepare(&setting, dir.path(), &encoder, &mut data, &reference).unwrap();
+    // Every training image got its caption's 32-wide vector; the prompts are class-balanced and
+    // each says at least two attributes.
+    assert_eq!(data.cond.as_ref().unwrap().shape, vec![data.len(), 32]);
+    assert_eq!(prompts.vectors.shape, vec![40, 32]);
+    assert_eq!(prompts.classes[..12], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]);
+    assert!(prompts.said.iter().all(|s| s.iter().flatten().count() >= 2));
+    let labels = reference.labels.as_ref().unwrap();
+    assert!(
+        prompts
+            .sources
+            .iter()
+            .zip(&prompts.classes)
+            .all(|(&i, &c)| labels[i] == c)
+    );
+    // Adherence of the prompts' own images: every attribute (cut where the prompts were), most
+    // classes; shown each other's images (shifted by one: always another class), far less.
+    let own = reference.gather(&prompts.sources);
+    let real = text::adherence(&prompts, &own, &reference.shape, &eval.net).unwrap();
+    assert_eq!(real.attributes, 1.0);
+    assert!(real.class > 0.8, "{real:?}");
+    let mut shifted = prompts.sources.clone();
+    shifted.rotate_left(1);
+    let wrong = text::adherence(&prompts, &reference.gather(&shifted), &reference.shape, &eval.net).unwrap();
+    assert!(wrong.class < 0.25 && wrong.attributes < 0.8, "{wrong:?}");
+
+    let space = data.text.clone().unwrap();
+    setting.conditional.as_mut().unwrap().text = Some(std::sync::Arc::new(prompts));
+    let rows = experiment::run(&setting, dir.path(), &data, &Judge::Images(Box::new(eval))).unwrap();
+    let names = systems(&setting);
+    assert_eq!(names.len(), 9);
+    assert_eq!(rows.len(), names.len());
+    for r in &rows {
+        let a = r
+            .adherence
+            .unwrap_or_else(|| panic!("{}: no adherence", r.system));
+        assert!(
+            (0.0..=1.0).contains(&a.class) && (0.0..=1.0).contains(&a.attributes),
+            "{a:?}"
+        );
+        assert!(r.images.as_ref().unwrap().fd.is_finite());
+    }
+    // The text router reads the caption vectors, the plain one does not; both registries
+    // record the encoder's text space.
+    for (reg, dim) in [("clustered-100", Some(32)), ("clustered-plain-100", None)] {
+        let r = ddm_ensemble::registry::Registry::open(&dir.path().join("registry").join(reg)).unwrap();
+        assert_eq!(r.router(&device).unwrap().condition_dim(), dim, "{reg}");
+        assert_eq!(r.router(&device).unwrap().classes(), 0, "{reg}");
+        assert_eq!(r.index.text.as_ref(), Some(&space), "{reg}");
+    }
 }

@@ -22,7 +22,8 @@ pub struct ExperimentArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum ExperimentCommand {
-    /// Monolith vs ensembles (top-1, top-2, full, sample, threshold, analytic top-1, random top-1).
+    /// Monolith vs ensembles (top-1, top-2, full, sample, threshold, analytic top-1, random top-1);
+    /// class-conditional (--conditional) and text-conditional (--text) settings.
     PaperTable(PaperTableArgs),
 }
 
@@ -88,7 +89,16 @@ pub struct PaperTableArgs {
     /// class, class-balanced samples, guided rows.
     #[arg(long)]
     pub conditional: bool,
-    /// Classifier-free guidance scale of the guided rows (with --conditional).
+    /// Run the text-conditional Fashion-MNIST setting (OUT/fashion-mnist-text) instead: captions
+    /// measured from the images (`ddm data captions`), a text encoder trained on them in the run,
+    /// experts, monolith and a router reading each caption's vector (and a router without it),
+    /// samples asked for prompts made from test images, scored for prompt adherence too.
+    #[arg(long, conflicts_with_all = ["conditional", "gmm_only"])]
+    pub text: bool,
+    /// The text setting's text encoder (clip:128:2:4, batch 256): training steps.
+    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS), default_value_t = 600)]
+    pub text_encoder_steps: u64,
+    /// Classifier-free guidance scale of the guided rows (with --conditional or --text).
     #[arg(long, value_parser = super::values::guidance, default_value_t = 2.0)]
     pub guidance: f64,
     #[arg(long, default_value = "cpu")]
@@ -123,6 +133,8 @@ impl From<PaperTableArgs> for PaperTableConfig {
             gmm_only: a.gmm_only,
             skip_gmm: a.skip_gmm,
             conditional: a.conditional,
+            text: a.text,
+            text_encoder_steps: a.text_encoder_steps,
             guidance: a.guidance,
             device: a.device,
             seed: a.seed,

@@ -12,6 +12,9 @@
 //! 4. rows go to `results.jsonl` (a rerun skips what is there: the experiment resumes), then
 //!    `table.md` and `fd.png` / `mixture.png` are rewritten from all rows.
 //!
+//! A conditional setting (on the class, or on captions: [`text`](mod@text)) trains the clustered
+//! partition only, with a router that sees the condition and one that does not.
+//!
 //! [`stages`](mod@stages) trains, [`score`](mod@score) samples and judges.
 //!
 //! Staged training is exact: the learning rate is constant after warm-up and a resumed run
@@ -19,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -37,6 +41,7 @@ use crate::mixture::MixtureReport;
 
 mod score;
 mod stages;
+pub mod text;
 
 pub use score::read_rows;
 use score::{append_row, evaluate_system};
@@ -45,13 +50,16 @@ use stages::{ensure_partition, stage_snapshot_complete, train_stage};
 /// The two partitions the unconditional experiment compares.
 pub const PARTITIONS: [&str; 2] = ["clustered", "random"];
 
-/// A class-conditional setting: experts, monolith and one router see the class; samples are
+/// A conditional setting: experts, monolith and one router see the condition; samples are
 /// class-balanced (sample i of class i mod C).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Conditional {
     pub classes: usize,
     /// The guided rows' classifier-free guidance scale (the others use 1).
     pub guidance: f64,
+    /// Text-conditional: the condition is each image's caption (the pooled vectors in the data's
+    /// `cond`), and sample i reads prompt i. None: the condition is the class.
+    pub text: Option<Arc<text::Prompts>>,
 }
 
 /// Everything one setting (images or a mixture) needs.
@@ -73,12 +81,17 @@ pub struct Setting {
     pub device: DeviceChoice,
     pub seed: u64,
     pub progress: bool,
-    /// Class-conditional: only the clustered partition, a conditioned router (registry
-    /// `clustered`) and an unconditioned one (registry `clustered-plain`, same experts).
+    /// Conditional (on the class or on text): only the clustered partition, a conditioned router
+    /// (registry `clustered`) and an unconditioned one (registry `clustered-plain`, same experts).
     pub conditional: Option<Conditional>,
 }
 
 impl Setting {
+    /// The text setting's prompts, if it is one.
+    pub fn prompts(&self) -> Option<&text::Prompts> {
+        self.conditional.as_ref()?.text.as_deref()
+    }
+
     /// The partitions trained.
     pub fn partitions(&self) -> &'static [&'static str] {
         match self.conditional {
@@ -125,7 +138,8 @@ pub fn systems(setting: &Setting) -> Vec<System> {
         guidance: 1.0,
     };
     let threshold = setting.threshold;
-    // Both settings compare these, in this order, after the monolith.
+    // The unconditional and class-conditional settings compare these, in this order, after the
+    // monolith.
     let mut systems = vec![
         monolith.clone(),
         ens("clustered top-1", "clustered", "top-1", false),
@@ -140,7 +154,40 @@ pub fn systems(setting: &Setting) -> Vec<System> {
         ),
         ens("clustered trajectory", "clustered", "trajectory", false),
     ];
-    match setting.conditional {
+    match &setting.conditional {
+        Some(c) if c.text.is_some() => {
+            // The rows: top-1, trajectory and full, a router with and without the text,
+            // guidance 1 and one guided scale.
+            let g = c.guidance;
+            let guided = |s: System| System {
+                name: format!("{}, guidance {g}", s.name),
+                guidance: g,
+                ..s
+            };
+            let top1 = ens("clustered top-1", "clustered", "top-1", false);
+            let trajectory = ens("clustered trajectory", "clustered", "trajectory", false);
+            systems = vec![
+                monolith.clone(),
+                top1.clone(),
+                trajectory.clone(),
+                ens("clustered full", "clustered", "full", false),
+                ens(
+                    "clustered top-1, router without text",
+                    "clustered-plain",
+                    "top-1",
+                    false,
+                ),
+                ens(
+                    "clustered trajectory, router without text",
+                    "clustered-plain",
+                    "trajectory",
+                    false,
+                ),
+                guided(monolith),
+                guided(top1),
+                guided(trajectory),
+            ];
+        }
         Some(c) => {
             let g = c.guidance;
             let guided = |s: System| System {
@@ -195,6 +242,9 @@ pub struct Row {
     pub images: Option<ImageReport>,
     #[serde(default)]
     pub mixture: Option<MixtureReport>,
+    /// The text setting's prompt adherence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adherence: Option<text::Adherence>,
 }
 
 impl Row {

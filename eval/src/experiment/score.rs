@@ -16,12 +16,13 @@ use ddm_ensemble::sample::Classes;
 use ddm_ensemble::sampler::{Ensemble, ExpertSlot, LearnedRouter, Posterior};
 use rand::SeedableRng;
 
+use super::text::Adherence;
 use super::{Judge, Row, Setting, System};
 use crate::images::ImageReport;
 use crate::mixture::MixtureReport;
 
 /// Integrate N samples from the seeded noise with `field` (class-balanced in a conditional
-/// setting); returns them and the seconds taken.
+/// setting: the class, or the prompts' vectors); returns them and the seconds taken.
 fn integrate(
     field: &mut dyn Drift<2>,
     setting: &Setting,
@@ -31,19 +32,20 @@ fn integrate(
     let per: usize = shape.iter().product();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(setting.seed);
     let x1 = flow::randn(vec![setting.n, per], &mut rng).to_tensor::<2>(device);
-    let y = setting.conditional.map(|c| {
-        let ids = Classes::All.ids(setting.n, c.classes);
-        Tensor::<1, Int>::from_data(TensorData::new(ids, [setting.n]), device)
-    });
+    let condition = match (&setting.conditional, setting.prompts()) {
+        (_, Some(p)) => Condition::vector(p.vectors.to_tensor::<2>(device)),
+        (Some(c), None) => {
+            let ids = Classes::All.ids(setting.n, c.classes);
+            Condition::class(Tensor::<1, Int>::from_data(
+                TensorData::new(ids, [setting.n]),
+                device,
+            ))
+        }
+        (None, None) => Condition::none(),
+    };
     let times = StepSchedule::Uniform.times(setting.sample_steps);
     let t0 = Instant::now();
-    let x0 = HostTensor::from_tensor(flow::integrate(
-        field,
-        x1,
-        &Condition::maybe_class(y),
-        &times,
-        Solver::Euler,
-    )?);
+    let x0 = HostTensor::from_tensor(flow::integrate(field, x1, &condition, &times, Solver::Euler)?);
     Ok((x0.data, t0.elapsed().as_secs_f64()))
 }
 
@@ -60,17 +62,39 @@ fn write_grid(path: &Path, x: &[f32], shape: &[usize]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The scores of samples `x` `[N, ...shape]`: image metrics (with prompt adherence in the text
+/// setting) or the mixture's exact metrics.
 fn judge(
     j: &Judge,
+    setting: &Setting,
     field: &mut dyn Drift<2>,
     x: &[f32],
-    seed: u64,
+    shape: &[usize],
     device: &Device,
-) -> anyhow::Result<(Option<ImageReport>, Option<MixtureReport>)> {
+) -> anyhow::Result<Scores> {
+    let seed = setting.seed;
     Ok(match j {
-        Judge::Images(e) => (Some(e.evaluate(x, seed)?), None),
-        Judge::Mixture(g) => (None, Some(crate::mixture::evaluate(field, x, g, seed, device)?)),
+        Judge::Images(e) => Scores {
+            images: Some(e.evaluate(x, seed)?),
+            mixture: None,
+            adherence: match setting.prompts() {
+                Some(p) => Some(super::text::adherence(p, x, shape, &e.net)?),
+                None => None,
+            },
+        },
+        Judge::Mixture(g) => Scores {
+            images: None,
+            mixture: Some(crate::mixture::evaluate(field, x, g, seed, device)?),
+            adherence: None,
+        },
     })
+}
+
+/// What [`judge`] gives a row.
+struct Scores {
+    images: Option<ImageReport>,
+    mixture: Option<MixtureReport>,
+    adherence: Option<Adherence>,
 }
 
 /// Classifier-free guidance evaluates every model row twice (with the class and the null class).
@@ -91,17 +115,24 @@ pub(super) fn evaluate_system(
     let Some(which) = sys.partition else {
         let path = dir.join(format!("registry/monolith-{pct}.safetensors"));
         let (meta, net) = ddm_core::checkpoint::load(&path, &device)?;
-        let model: Box<dyn VelocityField<2>> = match setting.conditional {
+        let model: Box<dyn VelocityField<2>> = match &setting.conditional {
             Some(c) => Box::new(ddm_core::flow::ClassifierFreeGuidance {
                 inner: net,
-                null_class: Some(c.classes),
+                null_class: c.text.is_none().then_some(c.classes),
                 scale: sys.guidance,
             }),
             None => Box::new(net),
         };
         let (x, secs) = integrate(&mut model.as_ref(), setting, &meta.data.shape, &device)?;
         write_grid(&samples_png, &x, &meta.data.shape)?;
-        let (images, mixture) = judge(judge_with, &mut model.as_ref(), &x, setting.seed, &device)?;
+        let scores = judge(
+            judge_with,
+            setting,
+            &mut model.as_ref(),
+            &x,
+            &meta.data.shape,
+            &device,
+        )?;
         return Ok(Row {
             setting: setting.name.clone(),
             stage_pct: pct,
@@ -110,17 +141,18 @@ pub(super) fn evaluate_system(
             sample_gflops: setting.sample_steps as f64 * meta.model.flops_per_sample() * cfg_factor(sys)
                 / 1e9,
             sample_seconds: secs / setting.n as f64,
-            images,
-            mixture,
+            images: scores.images,
+            mixture: scores.mixture,
+            adherence: scores.adherence,
         });
     };
     let reg = Registry::open(&dir.join(format!("registry/{which}-{pct}")))?;
     let k = reg.index.k;
     let strategy = sys.strategy.expect("an ensemble has a strategy");
-    let guidance = match setting.conditional {
+    let guidance = match &setting.conditional {
         Some(c) => Guidance {
-            max_class: Some(c.classes - 1),
-            vectors: false,
+            max_class: c.text.is_none().then(|| c.classes - 1),
+            vectors: c.text.is_some(),
             scale: sys.guidance,
         },
         None => Guidance::default(),
@@ -167,7 +199,7 @@ pub(super) fn evaluate_system(
     };
     let sample_gflops = (rows as f64 / setting.n as f64 * expert_flops * cfg_factor(sys) + router_cost) / 1e9;
     write_grid(&samples_png, &x, &shape)?;
-    let (images, mixture) = judge(judge_with, &mut ensemble, &x, setting.seed, &device)?;
+    let scores = judge(judge_with, setting, &mut ensemble, &x, &shape, &device)?;
     Ok(Row {
         setting: setting.name.clone(),
         stage_pct: pct,
@@ -175,8 +207,9 @@ pub(super) fn evaluate_system(
         train_flops,
         sample_gflops,
         sample_seconds: secs / setting.n as f64,
-        images,
-        mixture,
+        images: scores.images,
+        mixture: scores.mixture,
+        adherence: scores.adherence,
     })
 }
 

@@ -42,7 +42,7 @@ pub(super) fn ensure_partition(
     Ok(Partition::open(&out)?)
 }
 
-fn train_to(
+pub(super) fn train_to(
     setting: &Setting,
     task: &impl ddm_trainer::task::Task,
     out: &Path,
@@ -118,12 +118,13 @@ pub(super) fn train_stage(
             )?;
             runs.push(out);
         }
-        // The router (conditioned on the class in a conditional setting), and there also one
-        // without the class, registered beside the same experts as `<which>-plain`.
-        let mut routers = vec![(which.to_string(), setting.router.class_conditional)];
+        // The router (conditioned on the class or the text in a conditional setting), and there
+        // also one without it, registered beside the same experts as `<which>-plain`.
+        let mut routers = vec![(which.to_string(), setting.conditional.is_some())];
         if setting.conditional.is_some() {
             routers.push((format!("{which}-plain"), false));
         }
+        let text_dim = setting.prompts().map(|p| p.vectors.shape[1]);
         for (name, conditioned) in routers {
             let rout = train.join(format!("{name}-router"));
             train_to(
@@ -132,12 +133,12 @@ pub(super) fn train_stage(
                     partition: partitions[which].clone(),
                     expert_model: setting.expert.model.clone(),
                     eval_samples: 1000,
-                    condition_dim: None,
+                    condition_dim: text_dim.filter(|_| conditioned),
                 },
                 &rout,
                 TrainConfig {
                     steps: router_steps,
-                    class_conditional: conditioned,
+                    class_conditional: conditioned && text_dim.is_none(),
                     ..setting.router.clone()
                 },
             )?;
