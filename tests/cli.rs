@@ -1905,6 +1905,82 @@ fn a_memory_cap_unloads_experts_and_changes_no_sample() {
     assert!(e.contains("--max-memory"), "{e}");
 }
 
+/// `--solver` and `--schedule` reach the sampler: the report names both, counts evaluations by
+/// the solver and reports usage at the schedule's times; a bad schedule is refused naming the
+/// flag. (The solvers' accuracy is tested against closed forms in core and ensemble.)
+#[test]
+fn solvers_and_schedules_sample_the_ensemble() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    registered_with_router(d, 2);
+    let mut seen = vec![];
+    for (solver, schedule, evaluations) in [
+        ("euler", "uniform", 6),
+        ("heun", "uniform", 12),
+        ("dpm++2m", "uniform", 6),
+        ("dpm++2m", "shifted:3", 6),
+    ] {
+        ok(ddm(
+            d,
+            &[
+                "sample",
+                "--registry",
+                "reg",
+                "--n",
+                "8",
+                "--steps",
+                "6",
+                "--strategy",
+                "full",
+                "--solver",
+                solver,
+                "--schedule",
+                schedule,
+                "--quiet",
+                "--out",
+                "s.png",
+            ],
+        ));
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("s.json")).unwrap()).unwrap();
+        assert_eq!(
+            (report["solver"].as_str(), report["schedule"].as_str()),
+            (Some(solver), Some(schedule))
+        );
+        // `full` runs both experts at every evaluation.
+        assert_eq!(
+            report["expert_evaluations"],
+            2 * evaluations,
+            "{solver} {schedule}: {report}"
+        );
+        // The times the usage is reported at are the schedule's.
+        let times: Vec<f64> = report["usage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["t_from"].as_f64().unwrap())
+            .collect();
+        seen.push((schedule, times));
+    }
+    assert_eq!(seen[0].1, seen[2].1);
+    assert_ne!(seen[2].1, seen[3].1, "{seen:?}");
+    let e = fails(ddm(
+        d,
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--n",
+            "4",
+            "--schedule",
+            "shifted:0",
+            "--out",
+            "b.png",
+        ],
+    ));
+    assert!(e.contains("--schedule") && e.contains("above 0"), "{e}");
+}
+
 /// Run `ddm args` in `d` and SIGKILL it after `delay` unless it finished first; whether it
 /// finished successfully.
 fn killed_after(d: &Path, args: &[&str], delay: std::time::Duration) -> bool {

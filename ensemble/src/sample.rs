@@ -97,6 +97,8 @@ pub struct SampleOptions {
     pub n: usize,
     pub steps: usize,
     pub solver: Solver,
+    /// Where the steps fall between t = 1 and t = 0.
+    pub schedule: StepSchedule,
     /// The strategy; None: [`Strategy::default_for`] (chosen by whether the router sees the class).
     pub strategy: Option<Strategy>,
     pub router: RouterChoice,
@@ -257,6 +259,8 @@ pub struct Report {
     pub n: usize,
     pub steps: usize,
     pub solver: String,
+    #[serde(default)]
+    pub schedule: String,
     pub experts_present: Vec<usize>,
     pub experts_missing: Vec<usize>,
     pub experts_loaded: Vec<usize>,
@@ -789,10 +793,7 @@ fn run(o: &SampleOptions, mut s: Sampled<'_>, progress: &dyn Progress) -> anyhow
 
 /// Evaluations of the ensemble per integration.
 fn evaluations(o: &SampleOptions) -> usize {
-    match o.solver {
-        Solver::Euler => o.steps,
-        Solver::Heun => 2 * o.steps,
-    }
+    o.solver.evaluations_per_step() * o.steps
 }
 
 /// The N samples `[N, X]`, integrated batch by batch. The noise is drawn in order from one seeded
@@ -805,7 +806,7 @@ fn integrate_batches(
 ) -> anyhow::Result<HostTensor> {
     let device = o.device.clone();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
-    let times = StepSchedule::Uniform.times(o.steps);
+    let times = o.schedule.times(o.steps);
     let ids = o.class.map(|which| which.ids(o.n, s.classes));
     let batches = o.n.div_ceil(o.batch);
     progress.begin(
@@ -906,7 +907,7 @@ fn report(o: &SampleOptions, s: &Sampled<'_>, seconds: f64, tensors: PathBuf) ->
         .sum();
     let usage = per_evaluation(&ensemble.usage, evaluations, k);
     // Evaluation i belongs to step i / (evaluations per step), which starts at times[step].
-    let times = StepSchedule::Uniform.times(o.steps);
+    let times = o.schedule.times(o.steps);
     let evals_per_step = evaluations / o.steps;
     let t_of = |i: usize| times[(i / evals_per_step).min(o.steps.saturating_sub(1))];
     let router_rows: usize = usage.iter().map(|u| u.router_rows).sum();
@@ -924,7 +925,8 @@ fn report(o: &SampleOptions, s: &Sampled<'_>, seconds: f64, tensors: PathBuf) ->
         },
         n: o.n,
         steps: o.steps,
-        solver: format!("{:?}", o.solver).to_lowercase(),
+        solver: o.solver.name().into(),
+        schedule: o.schedule.to_string(),
         experts_present: (0..k).filter(|c| !s.missing.contains(c)).collect(),
         experts_missing: s.missing.clone(),
         experts_loaded: (0..k).filter(|&c| ensemble.experts[c].is_loaded()).collect(),

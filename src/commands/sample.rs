@@ -19,8 +19,13 @@ pub enum RouterArg {
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SolverArg {
+    /// One evaluation per step, first order.
     Euler,
+    /// Two evaluations per step, second order.
     Heun,
+    /// DPM-Solver++(2M): one evaluation per step, second order (multistep, per sample).
+    #[value(name = "dpm++2m")]
+    DpmSolver2m,
 }
 
 /// Sample from the routed ensemble: at every step, for every sample, the router weights the experts
@@ -58,6 +63,10 @@ pub struct SampleArgs {
     pub router: RouterArg,
     #[arg(long, value_enum, default_value = "euler")]
     pub solver: SolverArg,
+    /// Where the steps fall between noise (t = 1) and data: `uniform`, or `shifted:S` (SD3's
+    /// schedule, S > 1 spends more steps near noise).
+    #[arg(long, default_value = "uniform")]
+    pub schedule: ddm_core::flow::StepSchedule,
     /// Sample even if some experts are missing (their islands failed) or fail while sampling (a
     /// server that stops answering, a checkpoint that is gone or corrupted): the router's weights
     /// are renormalised over the experts present.
@@ -142,7 +151,9 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         solver: match args.solver {
             SolverArg::Euler => Solver::Euler,
             SolverArg::Heun => Solver::Heun,
+            SolverArg::DpmSolver2m => Solver::DpmSolver2m,
         },
+        schedule: args.schedule,
         strategy,
         router: match args.router {
             RouterArg::Learned => RouterChoice::Learned,
