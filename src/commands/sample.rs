@@ -23,7 +23,8 @@ pub enum SolverArg {
     Euler,
     /// Two evaluations per step, second order.
     Heun,
-    /// DPM-Solver++(2M): one evaluation per step, second order (multistep, per sample).
+    /// DPM-Solver++(2M): one evaluation per step, second order (multistep, per sample); in
+    /// README's FD-vs-NFE table, 6 of its steps match 50 Euler steps for the routed ensemble.
     #[value(name = "dpm++2m")]
     DpmSolver2m,
 }
