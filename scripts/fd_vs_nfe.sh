@@ -30,7 +30,7 @@ sweep() {
     echo "$(date +%T) $name"
   done
 }
-for solver in euler heun dpm++2m; do
+for solver in ${SOLVERS:-euler heun dpm++2m unipc}; do
   for system in monolith top-1 trajectory; do
     sweep $system $solver "$NFES"
   done

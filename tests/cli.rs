@@ -1919,6 +1919,7 @@ fn solvers_and_schedules_sample_the_ensemble() {
         ("heun", "uniform", 12),
         ("dpm++2m", "uniform", 6),
         ("dpm++2m", "shifted:3", 6),
+        ("unipc", "uniform", 6),
     ] {
         ok(ddm(
             d,

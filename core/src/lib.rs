@@ -39,6 +39,7 @@ pub mod host;
 pub mod json;
 pub mod mlp;
 pub mod model;
+pub mod multistep;
 pub mod params;
 pub mod partition;
 pub mod pixart;

@@ -435,7 +435,7 @@ fn every_strategy_runs_with_every_solver_deterministically() {
         "trajectory",
     ] {
         let strategy: Strategy = strategy.parse().unwrap();
-        for solver in [Solver::Euler, Solver::Heun, Solver::DpmSolver2m] {
+        for solver in [Solver::Euler, Solver::Heun, Solver::DpmSolver2m, Solver::UniPc] {
             let run = || {
                 let mut e = ensemble(&g, &device, strategy, None);
                 let times = StepSchedule::Uniform.times(8);
