@@ -49,8 +49,11 @@ pub struct PaperTableConfig {
     pub checkpoints: u64,
     /// Samples per system and checkpoint (same noise for every system).
     pub n: usize,
-    /// Euler steps per sample.
+    /// Steps per sample.
     pub sample_steps: usize,
+    /// The solver and schedule every system samples with.
+    pub solver: Solver,
+    pub schedule: StepSchedule,
     /// tau of the threshold strategy.
     pub threshold: f64,
     /// A classifier checkpoint (`None`: the committed one).
@@ -187,6 +190,8 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
         stages: a.checkpoints,
         n: a.n,
         sample_steps: a.sample_steps,
+        solver: a.solver,
+        schedule: a.schedule,
         threshold: a.threshold,
         device: a.device,
         seed: a.seed,
@@ -298,7 +303,7 @@ fn images_header(
     Ok(format!(
         "{} ({} training images), K = {}. Experts and monolith {} ({:.3} GFLOPs/forward), lr {}, {} steps; \
          monolith batch {}, experts batch {}. Router {} ({} steps, batch {}). Samples: N = {} per system \
-         from the same noise, {} Euler steps. Scores in the features of the committed classifier \
+         from the same noise, {}. Scores in the features of the committed classifier \
          (sha256 {}…) against the {} test images. Wall time of this setting, all invocations: {:.1} min.",
         data.name,
         data.len(),
@@ -313,11 +318,19 @@ fn images_header(
         router.steps,
         router.batch_size,
         a.n,
-        a.sample_steps,
+        steps_in_words(a, a.sample_steps),
         &sha[..16],
         reference_len,
         experiment::wall_seconds(dir) / 60.0
     ))
+}
+
+/// `16 Euler steps`, or `8 steps of unipc (shifted:3 schedule)`.
+fn steps_in_words(a: &PaperTableConfig, steps: usize) -> String {
+    match (a.solver, a.schedule) {
+        (Solver::Euler, StepSchedule::Uniform) => format!("{steps} Euler steps"),
+        (solver, schedule) => format!("{steps} steps of {} ({schedule} schedule)", solver.name()),
+    }
 }
 
 /// The Gaussian-mixture setting, scored against the closed form, with the exact field as the
@@ -357,6 +370,8 @@ fn mixture_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Stri
         stages: a.checkpoints,
         n: 2000,
         sample_steps: 50,
+        solver: a.solver,
+        schedule: a.schedule,
         threshold: a.threshold,
         device: a.device,
         seed: a.seed,
@@ -372,8 +387,8 @@ fn mixture_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Stri
         &mut &exact,
         x1,
         &ddm_core::condition::Condition::none(),
-        &StepSchedule::Uniform.times(setting.sample_steps),
-        Solver::Euler,
+        &setting.schedule.times(setting.sample_steps),
+        setting.solver,
     )?);
     let last = rows.iter().map(|r| r.stage_pct).max().unwrap_or(100);
     rows.push(Row {
@@ -390,10 +405,11 @@ fn mixture_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Stri
     let header = format!(
         "8 Gaussians on a ring (weights 1..8 / 36, variance 0.15), 20,000 training points, K = {}. \
          MLP 256 x 3 experts and monolith, {} steps, monolith batch 256, experts batch {}; MLP 64 x 2 \
-         router (batch 256, same steps). N = 2000 samples, 50 Euler steps. Wall time, all invocations: {:.1} min.",
+         router (batch 256, same steps). N = 2000 samples, {}. Wall time, all invocations: {:.1} min.",
         a.k,
         a.gmm_steps,
         256 / a.k,
+        steps_in_words(a, 50),
         experiment::wall_seconds(&dir) / 60.0
     );
     doc.push_str(&report::markdown("Gaussian mixture", &rows, None, &header));

@@ -34,6 +34,8 @@ fn paper_table_runs_and_resumes_on_a_mixture() {
         stages: 2,
         n: 200,
         sample_steps: 10,
+        solver: ddm_core::flow::Solver::Euler,
+        schedule: ddm_core::flow::StepSchedule::Uniform,
         threshold: 0.1,
         device: ddm_core::device::DeviceChoice::Cpu,
         seed: 0,
@@ -79,6 +81,18 @@ fn paper_table_runs_and_resumes_on_a_mixture() {
     assert_eq!(
         read_rows(&dir.path().join("results.jsonl")).unwrap().len(),
         rows.len()
+    );
+    // Rows sampled one way are not resumed another way.
+    let unipc = Setting {
+        solver: ddm_core::flow::Solver::UniPc,
+        ..setting.clone()
+    };
+    let e = experiment::run(&unipc, dir.path(), &data, &judge)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`euler uniform`") && e.contains("`unipc uniform`"),
+        "{e}"
     );
 
     let md = ddm_eval::report::markdown("Gaussian mixture", &rows, None, "toy");
@@ -161,6 +175,8 @@ fn class_conditional_paper_table_on_a_mixture() {
         stages: 1,
         n: 160,
         sample_steps: 8,
+        solver: ddm_core::flow::Solver::Euler,
+        schedule: ddm_core::flow::StepSchedule::Uniform,
         threshold: 0.1,
         device: ddm_core::device::DeviceChoice::Cpu,
         seed: 0,
@@ -237,6 +253,8 @@ fn text_setting_trains_on_captions_and_scores_prompt_adherence() {
         stages: 1,
         n: 40,
         sample_steps: 3,
+        solver: ddm_core::flow::Solver::Euler,
+        schedule: ddm_core::flow::StepSchedule::Uniform,
         threshold: 0.1,
         device: ddm_core::device::DeviceChoice::Cpu,
         seed: 0,

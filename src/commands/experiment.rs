@@ -66,9 +66,15 @@ pub struct PaperTableArgs {
     /// Samples per system and checkpoint (same noise for every system).
     #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLES), default_value_t = 500)]
     pub n: usize,
-    /// Euler steps per sample.
+    /// Steps per sample (of --solver).
     #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLING_STEPS), default_value_t = 16)]
     pub sample_steps: usize,
+    /// The solver every system samples with (as in `ddm sample`); a resumed run keeps its own.
+    #[arg(long, value_enum, default_value = "euler")]
+    pub solver: super::sample::SolverArg,
+    /// Where the steps fall: `uniform`, or `shifted:S` (as in `ddm sample`).
+    #[arg(long, default_value = "uniform")]
+    pub schedule: ddm_core::flow::StepSchedule,
     /// tau of the threshold strategy.
     #[arg(long, value_parser = super::values::probability, default_value_t = 0.1)]
     pub threshold: f64,
@@ -127,6 +133,8 @@ impl From<PaperTableArgs> for PaperTableConfig {
             checkpoints: a.checkpoints,
             n: a.n,
             sample_steps: a.sample_steps,
+            solver: a.solver.into(),
+            schedule: a.schedule,
             threshold: a.threshold,
             classifier: a.classifier,
             gmm_steps: a.gmm_steps,

@@ -34,6 +34,17 @@ pub enum SolverArg {
     UniPc,
 }
 
+impl From<SolverArg> for Solver {
+    fn from(s: SolverArg) -> Self {
+        match s {
+            SolverArg::Euler => Solver::Euler,
+            SolverArg::Heun => Solver::Heun,
+            SolverArg::DpmSolver2m => Solver::DpmSolver2m,
+            SolverArg::UniPc => Solver::UniPc,
+        }
+    }
+}
+
 /// Sample from the routed ensemble: at every step, for every sample, the router weights the experts
 /// and the strategy picks which run (grouped so each expert runs once per step). Writes a PNG grid
 /// (OUT), the samples (OUT with .safetensors) and a report (OUT with .json: expert usage per step
@@ -154,12 +165,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         },
         n: args.n,
         steps: args.steps,
-        solver: match args.solver {
-            SolverArg::Euler => Solver::Euler,
-            SolverArg::Heun => Solver::Heun,
-            SolverArg::DpmSolver2m => Solver::DpmSolver2m,
-            SolverArg::UniPc => Solver::UniPc,
-        },
+        solver: args.solver.into(),
         schedule: args.schedule,
         strategy,
         router: match args.router {

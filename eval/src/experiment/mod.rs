@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use ddm_core::device::DeviceChoice;
+use ddm_core::flow::{Solver, StepSchedule};
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::model::ModelConfig;
 use ddm_datasets::Dataset;
@@ -77,6 +78,9 @@ pub struct Setting {
     /// Samples per system and stage.
     pub n: usize,
     pub sample_steps: usize,
+    /// How every system integrates its samples.
+    pub solver: Solver,
+    pub schedule: StepSchedule,
     pub threshold: f64,
     pub device: DeviceChoice,
     pub seed: u64,
@@ -286,6 +290,7 @@ fn stage_pct(s: u64, stages: u64) -> u32 {
 /// Run (or resume) the experiment for one setting; returns every row.
 pub fn run(setting: &Setting, dir: &Path, data: &Dataset, judge_with: &Judge) -> anyhow::Result<Vec<Row>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    check_sampling(setting, dir)?;
     let t0 = Instant::now();
     let mut partitions = BTreeMap::new();
     for &which in setting.partitions() {
@@ -325,6 +330,29 @@ pub fn run(setting: &Setting, dir: &Path, data: &Dataset, judge_with: &Judge) ->
 }
 
 const WALL_FILE: &str = "wall-seconds.txt";
+const SAMPLING_FILE: &str = "sampling.txt";
+
+/// The run's rows are all sampled one way: the first run records its solver and schedule, and a
+/// resumed run must use the same (a run from before the file existed used Euler, uniform).
+fn check_sampling(setting: &Setting, dir: &Path) -> anyhow::Result<()> {
+    let this = format!("{} {}", setting.solver.name(), setting.schedule);
+    let path = dir.join(SAMPLING_FILE);
+    let recorded = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().to_string(),
+        Err(_) if dir.join("results.jsonl").exists() => "euler uniform".into(),
+        Err(_) => {
+            ddm_core::fsio::write_bytes_atomic(&path, format!("{this}\n").as_bytes())?;
+            return Ok(());
+        }
+    };
+    if recorded != this {
+        anyhow::bail!(
+            "{} was sampled with `{recorded}` (solver, schedule); this run asks for `{this}`: use another --out, or the same --solver and --schedule",
+            dir.display()
+        );
+    }
+    Ok(())
+}
 
 /// Seconds spent in [`run`] on this setting, over every invocation (a resumed run adds its own).
 pub fn wall_seconds(dir: &Path) -> f64 {

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::Checkpoint;
 use ddm_core::condition::Condition;
-use ddm_core::flow::{self, Drift, Solver, StepSchedule, VelocityField};
+use ddm_core::flow::{self, Drift, VelocityField};
 use ddm_core::host::HostTensor;
 use ddm_ensemble::experts::Guidance;
 use ddm_ensemble::registry::Registry;
@@ -43,9 +43,9 @@ fn integrate(
         }
         (None, None) => Condition::none(),
     };
-    let times = StepSchedule::Uniform.times(setting.sample_steps);
+    let times = setting.schedule.times(setting.sample_steps);
     let t0 = Instant::now();
-    let x0 = HostTensor::from_tensor(flow::integrate(field, x1, &condition, &times, Solver::Euler)?);
+    let x0 = HostTensor::from_tensor(flow::integrate(field, x1, &condition, &times, setting.solver)?);
     Ok((x0.data, t0.elapsed().as_secs_f64()))
 }
 
@@ -138,7 +138,9 @@ pub(super) fn evaluate_system(
             stage_pct: pct,
             system: sys.name.clone(),
             train_flops: meta.training.as_ref().map(|t| t.flops).unwrap_or(0.0),
-            sample_gflops: setting.sample_steps as f64 * meta.model.flops_per_sample() * cfg_factor(sys)
+            sample_gflops: (setting.sample_steps * setting.solver.evaluations_per_step()) as f64
+                * meta.model.flops_per_sample()
+                * cfg_factor(sys)
                 / 1e9,
             sample_seconds: secs / setting.n as f64,
             images: scores.images,
