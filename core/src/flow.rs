@@ -575,49 +575,44 @@ mod tests {
         }
     }
 
-    /// Integrating the exact velocity of a 2-D, two-component Gaussian mixture from N(0, I)
-    /// must land on the mixture: component weights, means and variances.
-    /// Each solver's global error against steps, on a mixture whose velocity is exact: it falls
-    /// as steps^-order (Euler 1; Heun and DPM-Solver++(2M) 2), the reference being Heun at 2048
-    /// steps. Returns the slopes of log error against log steps between 16 and 64 steps.
-    fn orders<'a>(field: &mut dyn FnMut() -> Box<dyn Drift<2> + 'a>) -> Vec<(Solver, f64, f64)> {
+    /// The 2-D, two-component mixture the solver tests integrate exactly.
+    fn two_gaussians() -> GaussianMixture {
+        GaussianMixture {
+            weights: vec![0.3, 0.7],
+            means: vec![vec![-2.0, 1.0], vec![2.0, -1.0]],
+            vars: vec![vec![0.25, 0.1], vec![0.5, 0.2]],
+        }
+    }
+
+    /// Each solver's global error against steps, on a mixture whose velocity is exact (the
+    /// reference: Heun at 2048 steps), falls as steps^-order: Euler 1; Heun, DPM-Solver++(2M) and
+    /// UniPC 2 (slopes of log error against log steps between 16 and 64 steps).
+    #[test]
+    fn solvers_converge_at_their_order() {
+        let gmm = two_gaussians();
         let d = dev();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let x1 = randn(vec![256, 2], &mut rng).to_tensor::<2>(&d);
-        let c = Condition::none();
-        let run = |f: &mut dyn Drift<2>, steps: usize, solver: Solver| {
+        let field = gmm.field(&d);
+        let x1 = randn(vec![256, 2], &mut rand_chacha::ChaCha8Rng::seed_from_u64(3)).to_tensor::<2>(&d);
+        let run = |steps: usize, solver: Solver| {
+            let times = StepSchedule::Uniform.times(steps);
             HostTensor::from_tensor(
-                integrate(f, x1.clone(), &c, &StepSchedule::Uniform.times(steps), solver).unwrap(),
+                integrate(&mut &field, x1.clone(), &Condition::none(), &times, solver).unwrap(),
             )
             .data
         };
-        let exact = run(field().as_mut(), 2048, Solver::Heun);
+        let exact = run(2048, Solver::Heun);
         let error = |x: Vec<f32>| {
             let se: f64 = x.iter().zip(&exact).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             (se / x.len() as f64).sqrt()
         };
-        [Solver::Euler, Solver::Heun, Solver::DpmSolver2m, Solver::UniPc]
-            .into_iter()
-            .map(|solver| {
-                let (e16, e64) = (
-                    error(run(field().as_mut(), 16, solver)),
-                    error(run(field().as_mut(), 64, solver)),
-                );
-                (solver, (e16 / e64).ln() / 4f64.ln(), e16)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn solvers_converge_at_their_order() {
-        let gmm = GaussianMixture {
-            weights: vec![0.3, 0.7],
-            means: vec![vec![-2.0, 1.0], vec![2.0, -1.0]],
-            vars: vec![vec![0.25, 0.1], vec![0.5, 0.2]],
-        };
-        let d = dev();
-        let field = gmm.field(&d);
-        let slopes = orders(&mut || Box::new(&field));
+        let slopes: Vec<(Solver, f64, f64)> =
+            [Solver::Euler, Solver::Heun, Solver::DpmSolver2m, Solver::UniPc]
+                .into_iter()
+                .map(|solver| {
+                    let (e16, e64) = (error(run(16, solver)), error(run(64, solver)));
+                    (solver, (e16 / e64).ln() / 4f64.ln(), e16)
+                })
+                .collect();
         for (solver, slope, e16) in &slopes {
             let want = match solver {
                 Solver::Euler => 1.0,
@@ -634,13 +629,11 @@ mod tests {
         assert!(slopes[3].2 < slopes[2].2, "{slopes:?}");
     }
 
+    /// Integrating the exact velocity of a 2-D, two-component Gaussian mixture from N(0, I)
+    /// must land on the mixture: component weights, means and variances.
     #[test]
     fn euler_and_heun_transport_noise_to_the_mixture() {
-        let gmm = GaussianMixture {
-            weights: vec![0.3, 0.7],
-            means: vec![vec![-2.0, 1.0], vec![2.0, -1.0]],
-            vars: vec![vec![0.25, 0.1], vec![0.5, 0.2]],
-        };
+        let gmm = two_gaussians();
         let d = dev();
         let n = 4000;
         for (solver, steps) in [(Solver::Euler, 200), (Solver::Heun, 30)] {

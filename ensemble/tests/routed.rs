@@ -365,27 +365,34 @@ fn trajectory_with_a_conditioned_router_follows_p_k_given_c() {
     }
 }
 
-/// Global error of `solver` at `steps` against Heun at 2048 steps, for fresh ensembles of exact
-/// experts (the same seed each time: a trajectory draws the same experts).
-fn solver_error(g: &GaussianMixture, strategy: Strategy, solver: Solver, steps: usize) -> f64 {
+/// `x1` integrated over `steps` uniform steps of `solver` by a fresh ensemble of exact experts
+/// (its seed fixed: a trajectory draws the same experts each time).
+fn integrate_fresh(
+    g: &GaussianMixture,
+    strategy: Strategy,
+    solver: Solver,
+    steps: usize,
+    x1: &HostTensor,
+) -> Vec<f32> {
     let device = ddm_core::device::cpu();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let x1 = flow::randn(vec![256, 2], &mut rng);
-    let run = |solver, steps| {
-        let mut e = ensemble(g, &device, strategy, None);
-        let times = StepSchedule::Uniform.times(steps);
-        let x = flow::integrate(
-            &mut e,
-            x1.to_tensor::<2>(&device),
-            &Condition::none(),
-            &times,
-            solver,
-        )
-        .unwrap();
-        HostTensor::from_tensor(x).data
-    };
-    let exact = run(Solver::Heun, 2048);
-    let got = run(solver, steps);
+    let mut e = ensemble(g, &device, strategy, None);
+    let times = StepSchedule::Uniform.times(steps);
+    let x = flow::integrate(
+        &mut e,
+        x1.to_tensor::<2>(&device),
+        &Condition::none(),
+        &times,
+        solver,
+    )
+    .unwrap();
+    HostTensor::from_tensor(x).data
+}
+
+/// Global error of `solver` at `steps` against Heun at 2048 steps.
+fn solver_error(g: &GaussianMixture, strategy: Strategy, solver: Solver, steps: usize) -> f64 {
+    let x1 = flow::randn(vec![256, 2], &mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
+    let exact = integrate_fresh(g, strategy, Solver::Heun, 2048, &x1);
+    let got = integrate_fresh(g, strategy, solver, steps, &x1);
     let se: f64 = got
         .iter()
         .zip(&exact)
@@ -423,7 +430,6 @@ fn solvers_keep_their_order_on_the_routed_ensemble() {
 #[test]
 fn every_strategy_runs_with_every_solver_deterministically() {
     let g = mixture();
-    let device = ddm_core::device::cpu();
     let x1 = flow::randn(vec![64, 2], &mut rand_chacha::ChaCha8Rng::seed_from_u64(9));
     for strategy in [
         "full",
@@ -436,19 +442,7 @@ fn every_strategy_runs_with_every_solver_deterministically() {
     ] {
         let strategy: Strategy = strategy.parse().unwrap();
         for solver in [Solver::Euler, Solver::Heun, Solver::DpmSolver2m, Solver::UniPc] {
-            let run = || {
-                let mut e = ensemble(&g, &device, strategy, None);
-                let times = StepSchedule::Uniform.times(8);
-                let x = flow::integrate(
-                    &mut e,
-                    x1.to_tensor::<2>(&device),
-                    &Condition::none(),
-                    &times,
-                    solver,
-                )
-                .unwrap();
-                HostTensor::from_tensor(x).data
-            };
+            let run = || integrate_fresh(&g, strategy, solver, 8, &x1);
             let (a, b) = (run(), run());
             assert!(a.iter().all(|v| v.is_finite()), "{strategy} {solver:?}");
             assert_eq!(a, b, "{strategy} with {solver:?} is not deterministic");

@@ -144,8 +144,7 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
     let mut data = crate::load_data(&a.data, false)?;
     let net = FeatureNet::open(a.classifier.as_deref(), device)?;
     let sha = net.sha256.clone();
-    let reference = crate::load_data(&a.reference, false)?;
-    let eval = ImageEval::new(net, reference.clone(), data.clone())?;
+    let eval = ImageEval::new(net, crate::load_data(&a.reference, false)?, data.clone())?;
     let expert = TrainConfig {
         model: a.model.clone(),
         steps: a.steps,
@@ -207,7 +206,7 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
             checkpoint_every: 200,
             ..TrainConfig::default()
         };
-        let prompts = experiment::text::prepare(&setting, &dir, &encoder, &mut data, &reference)?;
+        let prompts = experiment::text::prepare(&setting, &dir, &encoder, &mut data, &eval.reference_data)?;
         // Sample i's prompt on line i: the grids' cells read against it (10 a row).
         ddm_core::fsio::write_bytes_atomic(
             &dir.join("prompts.txt"),
@@ -228,7 +227,7 @@ fn images_section(a: &PaperTableConfig, device: &Device) -> anyhow::Result<Strin
     let (title, header) = match &setting.conditional {
         Some(c) if c.text.is_some() => (
             "Fashion-MNIST, text-conditional",
-            text_header(&header, &setting, &eval.net, &reference, a)?,
+            text_header(&header, &setting, &eval.net, &eval.reference_data, a)?,
         ),
         Some(c) => (
             "Fashion-MNIST, class-conditional",

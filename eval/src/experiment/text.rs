@@ -75,10 +75,10 @@ pub fn prepare(
     tracing::info!("encoding {} training captions", captions.len());
     data.cond = Some(encoder.encode_pooled(&tokenizer, &captions, ENCODE_BATCH)?);
     data.text = ckpt.text_space();
-    let picked = balanced_prompts(reference, thresholds, setting)?;
+    let classes = balanced_classes(setting.n, reference)?;
+    let picked = balanced_prompts(reference, thresholds, &classes, setting.seed)?;
     let prompt_captions: Vec<String> = picked.iter().map(|(_, d)| d.caption.clone()).collect();
     let said = picked.iter().map(|(_, d)| said_attributes(d)).collect();
-    let classes = balanced_classes(setting.n, reference)?;
     Ok(Prompts {
         vectors: encoder.encode_pooled(&tokenizer, &prompt_captions, ENCODE_BATCH)?,
         captions: prompt_captions,
@@ -121,12 +121,13 @@ fn balanced_classes(n: usize, reference: &Dataset) -> anyhow::Result<Vec<u32>> {
     Ok((0..n).map(|i| (i % classes) as u32).collect())
 }
 
-/// The captions of N test images (with their indices), class-balanced: prompt i describes the
-/// (i / C)-th image of class i mod C, in the words (thresholds) of the training captions.
+/// The captions of test images (with their indices) for samples of `classes` (i mod C): prompt i
+/// describes the (i / C)-th image of its class, in the words (thresholds) of the training captions.
 fn balanced_prompts(
     reference: &Dataset,
     thresholds: Thresholds,
-    setting: &Setting,
+    classes: &[u32],
+    seed: u64,
 ) -> anyhow::Result<Vec<(usize, Described)>> {
     let labels = reference.labels.as_ref().with_context(|| {
         format!(
@@ -134,15 +135,14 @@ fn balanced_prompts(
             reference.name
         )
     })?;
-    let (described, _) = describe::describe_with(reference, Some(thresholds), setting.seed + 1)?;
-    let classes = balanced_classes(setting.n, reference)?;
+    let (described, _) = describe::describe_with(reference, Some(thresholds), seed + 1)?;
     let mut of_class: Vec<Vec<usize>> = vec![vec![]; reference.num_classes.unwrap_or(0)];
     for (i, &l) in labels.iter().enumerate() {
         if let Some(list) = of_class.get_mut(l as usize) {
             list.push(i);
         }
     }
-    let mut out = Vec::with_capacity(setting.n);
+    let mut out = Vec::with_capacity(classes.len());
     for (i, &c) in classes.iter().enumerate() {
         let nth = i / of_class.len();
         let Some(&at) = of_class[c as usize].get(nth) else {
