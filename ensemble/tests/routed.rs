@@ -403,7 +403,7 @@ fn solver_error(g: &GaussianMixture, strategy: Strategy, solver: Solver, steps: 
 
 /// The solvers keep their order on a routed ensemble whose field is smooth in x and t: `full`
 /// (the global velocity) and `trajectory` (one expert per sample, drawn once). Error against
-/// steps falls as steps^-1 for Euler, steps^-2 for Heun and DPM-Solver++(2M).
+/// steps falls as steps^-1 for Euler, steps^-2 for Heun, DPM-Solver++(2M) and UniPC.
 #[test]
 fn solvers_keep_their_order_on_the_routed_ensemble() {
     let g = mixture();
@@ -412,6 +412,7 @@ fn solvers_keep_their_order_on_the_routed_ensemble() {
             (Solver::Euler, 1.0),
             (Solver::Heun, 2.0),
             (Solver::DpmSolver2m, 2.0),
+            (Solver::UniPc, 2.0),
         ] {
             let (e16, e64) = (
                 solver_error(&g, strategy, solver, 16),
