@@ -222,6 +222,7 @@ pub fn write_samples(
     };
     let px = ddm_core::grid::to_u8(&HostTensor::from_tensor(x0).data);
     let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
-    ddm_core::grid::write_grid_png(path, &cells, [shape[0], shape[1], shape[2]], 8, 2, 40)?;
+    let layout = ddm_core::grid::Layout::for_people(8, shape[1]);
+    ddm_core::grid::write_grid_png_with(path, &cells, [shape[0], shape[1], shape[2]], &layout)?;
     Ok(())
 }

@@ -67,7 +67,15 @@ pub fn describe(dir: &Path, png: Option<&Path>, per_row: usize) -> Result<String
             }
             let refs: Vec<Option<&[u8]>> = cells.iter().map(|c| c.as_deref()).collect();
             let s = &m.dataset.shape;
-            ddm_core::grid::write_grid_png(png, &refs, [s[0], s[1], s[2]], per_row, 2, 40)?;
+            let layout = ddm_core::grid::Layout {
+                row_labels: m
+                    .clusters
+                    .iter()
+                    .map(|c| format!("cluster {} ({:.0}%)", c.id, 100.0 * c.prior))
+                    .collect(),
+                ..ddm_core::grid::Layout::for_people(per_row, s[1])
+            };
+            ddm_core::grid::write_grid_png_with(png, &refs, [s[0], s[1], s[2]], &layout)?;
             out.push_str(&format!("\nexamples (one row per cluster): {}\n", png.display()));
         }
     }
