@@ -12,6 +12,7 @@ use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::Checkpoint;
 use ddm_core::condition::{Condition, Tokens};
 use ddm_core::flow::{self, Drift, Solver, StepSchedule, VelocityError};
+use ddm_core::grid::Layout;
 use ddm_core::host::{HostTensor, write_tensors};
 use ddm_core::progress::Progress;
 use ddm_core::vae::{AutoencoderKL, LatentSpace};
@@ -473,6 +474,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             k,
             missing,
             classes,
+            class_names: reg.index.class_names.clone(),
             shape,
             router_sees_class,
             router_sees_vectors,
@@ -738,6 +740,7 @@ fn sample_checkpoint(
             k: 1,
             missing: vec![],
             classes,
+            class_names: None,
             shape: meta.data.shape.clone(),
             router_sees_class: false,
             router_sees_vectors: false,
@@ -755,6 +758,8 @@ struct Sampled<'a> {
     k: usize,
     missing: Vec<usize>,
     classes: usize,
+    /// The classes' names, from the registry (labels of a `--class all` grid).
+    class_names: Option<Vec<String>>,
     shape: Vec<usize>,
     router_sees_class: bool,
     router_sees_vectors: bool,
@@ -872,12 +877,33 @@ fn write_outputs(
     if shape.len() == 3 && (shape[0] == 1 || shape[0] == 3) {
         let px = ddm_core::grid::to_u8(&x0.data);
         let cells: Vec<Option<&[u8]>> = px.chunks(per).map(Some).collect();
-        let cols = (o.n as f64).sqrt().ceil() as usize;
-        ddm_core::grid::write_grid_png(&o.out, &cells, [shape[0], shape[1], shape[2]], cols, 2, 40)?;
+        let layout = grid_layout(o, s, shape[1]);
+        ddm_core::grid::write_grid_png_with(&o.out, &cells, [shape[0], shape[1], shape[2]], &layout)?;
     }
     outputs.insert("x0".to_string(), HostTensor::new(full_shape, x0.data));
     write_tensors(&tensors_path, &outputs, &BTreeMap::new())?;
     Ok(tensors_path)
+}
+
+/// The PNG grid's layout: for `--class all`, one column per class (sample i is of class i mod C)
+/// under its name; else a square. Cells are upscaled to be seen, unless there are hundreds.
+fn grid_layout(o: &SampleOptions, s: &Sampled<'_>, height: usize) -> Layout {
+    let mut layout = match o.class {
+        Some(Classes::All) if s.classes > 0 && o.n >= s.classes => {
+            let name = |c: usize| s.class_names.as_ref().and_then(|n| n.get(c).cloned());
+            Layout {
+                col_labels: (0..s.classes)
+                    .map(|c| name(c).unwrap_or_else(|| format!("class {c}")))
+                    .collect(),
+                ..Layout::for_people(s.classes, height)
+            }
+        }
+        _ => Layout::for_people((o.n as f64).sqrt().ceil() as usize, height),
+    };
+    if o.n > 400 {
+        layout.scale = 1;
+    }
+    layout
 }
 
 /// Expert usage per step range: the evaluations of every batch summed, in at most 5 ranges of t.

@@ -86,6 +86,10 @@ pub struct Index {
     /// them): what `ddm sample --prompt` encodes prompts into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<TextSpace>,
+    /// The names of the data's classes, from the partition (`ddm sample --class all` labels its
+    /// grid's columns with them); absent for unlabelled data and registries made without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_names: Option<Vec<String>>,
 }
 
 pub fn read_index(dir: &Path) -> anyhow::Result<Option<Index>> {

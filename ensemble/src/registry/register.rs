@@ -323,7 +323,8 @@ pub fn plan(
             idx.text = m.text.clone(); // the first model that reads text vectors names their space
         }
     }
-    let changed = is_new || !items.is_empty();
+    let named = idx.class_names.is_none() && name_classes(&mut idx, partition);
+    let changed = is_new || named || !items.is_empty();
     check_conditioning(classes, &mut idx, &items)?;
     // 2. The entries, and the blobs they name.
     let blobs = add(items, &mut idx, &mut lines);
@@ -333,6 +334,18 @@ pub fn plan(
         lines,
         changed,
     })
+}
+
+/// Record the partition's class names in a registry that has none (the partition must be the
+/// registry's); true if it did.
+fn name_classes(idx: &mut Index, partition: Option<&PartitionManifest>) -> bool {
+    match partition {
+        Some(m) if m.fingerprint == idx.partition && m.dataset.class_names.is_some() => {
+            idx.class_names = m.dataset.class_names.clone();
+            true
+        }
+        _ => false,
+    }
 }
 
 /// A new registry's index: K, priors and partition from the partition (or a router among the
@@ -371,6 +384,7 @@ fn new_index(
         router: None,
         experts: BTreeMap::new(),
         stats: BTreeMap::new(),
+        class_names: None,
     })
 }
 
