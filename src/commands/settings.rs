@@ -74,7 +74,7 @@ pub struct TrainSettings {
     pub weight_decay: Option<f64>,
     #[arg(long, value_parser = super::values::non_negative, help = default_help("Gradient-norm clipping, 0 = off", TrainConfig::default().grad_clip))]
     pub grad_clip: Option<f64>,
-    #[arg(long, value_parser = super::values::below_one, help = default_help("EMA decay", TrainConfig::default().ema_decay))]
+    #[arg(long, value_parser = super::values::below_one, help = default_help("EMA decay, reached after the warm-up min(decay, (1 + step) / (10 + step)): 0.995 at step 1800, 0.999 only after about 9000 steps, so a shorter run ignores a decay above its own", TrainConfig::default().ema_decay))]
     pub ema_decay: Option<f64>,
     #[arg(long, help = default_help("Time sampler: uniform, or logit-normal:MEAN:STD", time_sampler_name(&TrainConfig::default().time_sampler)))]
     pub time_sampler: Option<String>,
