@@ -820,6 +820,69 @@ fn export_folder_and_url_registration() {
     assert!(ok(ddm(dir.path(), &["registry", "--registry", "reg3", "list"])).contains(&sha[..12]));
 }
 
+/// A PNG's width and height, from its header.
+fn png_size(path: &Path) -> (u32, u32) {
+    let b = std::fs::read(path).unwrap();
+    let be = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+/// The quickstart on labelled images (Fashion-MNIST, Debian's or the embedded 10k):
+/// class-conditional islands and router, a grid with one named column per class, the
+/// unconditional grid, and the samples scored beside the floor (or why not, without a test set).
+#[test]
+fn quickstart_draws_every_class_and_scores_its_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    #[rustfmt::skip]
+    let printed = ok(ddm(dir.path(), &[
+        "quickstart", "--k", "2", "--expert-model", "DiT-XS/4", "--expert-steps", "10",
+        "--router-model", "DiT-XS/4", "--router-steps", "5", "--n", "15", "--steps", "2",
+        "--fd-samples", "35", "--out", "q",
+    ]));
+    let q = dir.path().join("q");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(q.join("registry/registry.json")).unwrap()).unwrap();
+    assert_eq!(index["class_names"][1], "Trouser", "{index}");
+    assert_eq!(index["experts"]["0"]["classes"], 10, "class-conditional experts");
+    assert_eq!(index["router"]["classes"], 10, "a router that sees the class");
+    // 15 samples -> 2 of each class: two rows of ten columns of 28-pixel images drawn 3x (84
+    // pixels and a 2-pixel border), under a band of class names.
+    let (w, h) = png_size(&q.join("samples-by-class.png"));
+    assert_eq!(w, 2 + 10 * (84 + 2));
+    assert!(
+        h > 2 + 2 * (84 + 2) + 14 && h < 2 + 2 * (84 + 2) + 40,
+        "height {h}: two rows and the labels"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(q.join("samples-by-class.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            report["class"].as_str(),
+            report["strategy"].as_str(),
+            report["n"].as_u64()
+        ),
+        (Some("all"), Some("top-1"), Some(20))
+    );
+    assert_eq!(report["solver"], "unipc");
+    let uncond: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(q.join("samples-trajectory.json")).unwrap()).unwrap();
+    assert!(uncond["class"].is_null(), "{uncond}");
+    for says in [
+        "samples-by-class.png",
+        "one column per class",
+        "samples-trajectory.png",
+    ] {
+        assert!(printed.contains(says), "{says}: {printed}");
+    }
+    // Scored beside the floor where the test set is on disk (Debian's package), else the reason.
+    let scored = printed.lines().find(|l| l.contains("fd/")).expect("a score line");
+    assert!(
+        (scored.contains("40 such samples scored: FD ") && scored.contains("floor"))
+            || scored.contains("not scored"),
+        "{scored}"
+    );
+}
+
 /// Class-conditional islands, sampled with a class and classifier-free guidance.
 #[test]
 fn class_conditional_guided_sampling() {

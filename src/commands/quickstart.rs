@@ -3,11 +3,15 @@
 //! 1. partition Fashion-MNIST (the Debian package if installed, else the 10,000 images embedded in
 //!    ddm) into K = 4 clusters;
 //! 2. train the 4 experts as 4 separate `ddm-trainer` processes (islands; 2 at a time, one thread
-//!    each) that share nothing but the partition directory;
-//! 3. train the router; 4. register everything; 5. sample 64 images with one expert per
-//!    trajectory (`ddm sample`'s unconditional default, the best in README's paper table) and
-//!    with full;
-//! 6. print where everything is.
+//!    each) that share nothing but the partition directory: class-conditional when the data has
+//!    labels (label dropout, for guidance), as in the paper's ImageNet setting;
+//! 3. train the router (it sees the class too); 4. register everything;
+//! 5. sample a grid with one column per class (top-1: the expert the router picks given the class,
+//!    guided), the unconditional grid (one expert per trajectory), and 500 class-balanced samples
+//!    scored by `ddm eval images` (Fashion-MNIST only);
+//! 6. print where everything is and the FD beside its floor.
+//!
+//! The defaults were chosen by a measured sweep (README, "The quickstart's settings").
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,11 +19,18 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use ddm_core::flow::StepSchedule;
 
-/// Run partition -> 4 island trainers -> router -> registry -> samples on the default data.
+use super::sample::SolverArg;
+
+/// Run partition -> 4 island trainers -> router -> registry -> samples on the default data:
+/// class-conditional experts and router when the data has labels, a grid of each class and an
+/// unconditional grid, and the samples' FD beside the floor. The defaults (DiT-T/4, 1500 steps
+/// at lr 1e-3, UniPC in 8 steps, guidance 1.5) come from a measured sweep: README, "The
+/// quickstart".
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  ddm quickstart\n  ddm quickstart --data fashion-mnist --k 8 --expert-steps 4000 --out runs/k8"
+    after_help = "Examples:\n  ddm quickstart\n  ddm quickstart --data fashion-mnist --k 8 --expert-steps 4000 --out runs/k8\n  ddm quickstart --unconditional --out runs/quickstart-unconditional"
 )]
 pub struct QuickstartArgs {
     /// Where everything goes.
@@ -35,8 +46,11 @@ pub struct QuickstartArgs {
     #[arg(long, default_value = "DiT-T/4")]
     pub expert_model: String,
     /// Training steps per expert.
-    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS), default_value_t = 1200)]
+    #[arg(long, value_parser = super::values::count64(1, super::values::MAX_STEPS), default_value_t = 1500)]
     pub expert_steps: u64,
+    /// The experts' peak learning rate.
+    #[arg(long, value_parser = super::values::positive, default_value_t = 1e-3)]
+    pub lr: f64,
     /// The router's network.
     #[arg(long, default_value = "DiT-XS/4")]
     pub router_model: String,
@@ -49,12 +63,28 @@ pub struct QuickstartArgs {
     /// Islands training at the same time.
     #[arg(long, value_parser = super::values::count(1, 64), default_value_t = 2)]
     pub parallel: usize,
-    /// Samples per strategy.
-    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLES), default_value_t = 64)]
+    /// Samples per grid (the class grid rounds it up to a multiple of the classes).
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLES), default_value_t = 100)]
     pub n: usize,
     /// Sampling steps.
-    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLING_STEPS), default_value_t = 50)]
+    #[arg(long, value_parser = super::values::count(1, super::values::MAX_SAMPLING_STEPS), default_value_t = 8)]
     pub steps: usize,
+    /// The sampling solver (see `ddm sample --solver`).
+    #[arg(long, value_enum, default_value_t = SolverArg::UniPc)]
+    pub solver: SolverArg,
+    /// Where the sampling steps fall (see `ddm sample --schedule`).
+    #[arg(long, default_value = "uniform")]
+    pub schedule: StepSchedule,
+    /// Classifier-free guidance scale of the class-conditional samples (1 = none).
+    #[arg(long, default_value_t = 1.5, value_parser = super::values::guidance)]
+    pub guidance: f64,
+    /// Class-balanced samples scored by `ddm eval images` (FD, precision, recall; Fashion-MNIST
+    /// only), 0 = none.
+    #[arg(long, value_parser = super::values::count(0, super::values::MAX_SAMPLES), default_value_t = 500)]
+    pub fd_samples: usize,
+    /// Train unconditional experts and router even when the data has labels.
+    #[arg(long)]
+    pub unconditional: bool,
 }
 
 fn ddm_exe() -> anyhow::Result<PathBuf> {
@@ -179,41 +209,42 @@ pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
     let (part, reg) = (a.out.join("partition"), a.out.join("registry"));
     // 1. Partition (kept if it is already there: rerunning the quickstart resumes).
     if !part.join("partition.json").exists() {
-        eprintln!("== 1/5 partition {} into K = {}", a.data, a.k);
+        eprintln!("== 1/6 partition {} into K = {}", a.data, a.k);
         let mut c = Command::new(&exe);
         c.args(["partition", "--data", &a.data, "--k", &a.k.to_string()])
             .arg("--out")
             .arg(&part);
         run_ok(c, "ddm partition")?;
     }
-    train_islands(&a, &part)?;
-    train_router(&a, &exe, &part)?;
+    let data = ddm_datasets::partition::read_manifest(&part)?.dataset;
+    let images = data.shape.len() == 3;
+    let classes = match (a.unconditional, images, data.num_classes) {
+        (false, true, Some(c)) if c > 1 => Some(c),
+        _ => None,
+    };
+    train_islands(&a, &part, classes.is_some())?;
+    train_router(&a, &exe, &part, classes.is_some())?;
     register(&a, &exe, &part, &reg)?;
-    for strategy in ["trajectory", "full"] {
-        eprintln!("== 5/5 sample {} images with {strategy}", a.n);
-        let mut c = Command::new(&exe);
-        c.args(["sample", "--strategy", strategy, "--n", &a.n.to_string()])
-            .args(["--steps", &a.steps.to_string()])
-            .arg("--registry")
-            .arg(&reg)
-            .arg("--out")
-            .arg(a.out.join(format!("samples-{strategy}.png")));
-        run_ok(c, "ddm sample")?;
-    }
+    let pictures = sample(&a, &exe, &reg, classes)?;
+    let score = match (images, data.name.starts_with("fashion-mnist"), a.fd_samples) {
+        (true, true, n) if n > 0 => score(&a, &exe, &reg, classes),
+        _ => None,
+    };
     println!(
         "\nquickstart done in {:.1} min. Outputs in {}:",
         t_all.elapsed().as_secs_f64() / 60.0,
         a.out.display()
     );
-    println!("  partition/clusters.png   what each island got (ddm partition --describe)");
+    println!("  partition/clusters.png   what each island got: a row of its images per cluster");
     println!("  expert-K/                each island's expert, loss.png, samples.png, metrics.jsonl");
     println!("  router/                  router.safetensors, router-eval.json (accuracy per noise level)");
     println!("  registry/                the verified registry (ddm registry --registry ... list)");
-    println!(
-        "  samples-trajectory.png   {} samples, one expert per trajectory (+ .json report, .safetensors)",
-        a.n
-    );
-    println!("  samples-full.png         {} samples, full mixture", a.n);
+    for (name, what) in pictures {
+        println!("  {name:<24} {what}");
+    }
+    if let Some(line) = score {
+        println!("{line}");
+    }
     let mut c = Command::new(&exe);
     c.args(["partition", "--describe"])
         .arg(&part)
@@ -222,10 +253,138 @@ pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The sampling flags every picture shares.
+fn sampling_args(a: &QuickstartArgs, reg: &Path) -> Vec<std::ffi::OsString> {
+    let solver = clap::ValueEnum::to_possible_value(&a.solver).expect("every solver has a name");
+    let mut v: Vec<std::ffi::OsString> = vec!["sample".into(), "--registry".into(), reg.into()];
+    for (flag, value) in [
+        ("--steps", a.steps.to_string()),
+        ("--solver", solver.get_name().to_string()),
+        ("--schedule", a.schedule.to_string()),
+    ] {
+        v.extend([flag.into(), value.into()]);
+    }
+    v
+}
+
+/// Step 5, the pictures: with classes, a grid of one column per class (top-1, guided) and the
+/// unconditional grid (trajectory); without, trajectory and full. Returns (file, what it shows).
+fn sample(
+    a: &QuickstartArgs,
+    exe: &Path,
+    reg: &Path,
+    classes: Option<usize>,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut pictures = vec![];
+    let mut draw = |name: &str, n: usize, extra: &[String], what: String| -> anyhow::Result<()> {
+        eprintln!("== 5/6 sample {name}");
+        let mut c = Command::new(exe);
+        c.args(sampling_args(a, reg))
+            .args(["--n", &n.to_string()])
+            .args(extra)
+            .arg("--out")
+            .arg(a.out.join(name));
+        run_ok(c, "ddm sample")?;
+        pictures.push((name.to_string(), what));
+        Ok(())
+    };
+    let n = a.n;
+    match classes {
+        Some(c) => {
+            let per_class = n.div_ceil(c);
+            let guided = ["--class", "all", "--guidance"].map(String::from);
+            let mut extra = guided.to_vec();
+            extra.push(a.guidance.to_string());
+            draw(
+                "samples-by-class.png",
+                per_class * c,
+                &extra,
+                format!(
+                    "{per_class} samples of each class, one column per class: the router sees the class, the expert it ranks first draws it (top-1), guidance {}",
+                    a.guidance
+                ),
+            )?;
+            draw(
+                "samples-trajectory.png",
+                n,
+                &["--strategy".into(), "trajectory".into()],
+                format!(
+                    "{n} samples without a class: one expert per sample, drawn by the router at the first step"
+                ),
+            )?;
+        }
+        None => {
+            for (strategy, what) in [
+                (
+                    "trajectory",
+                    "one expert per sample, drawn by the router at the first step",
+                ),
+                ("full", "every expert at every step, weighted by the router"),
+            ] {
+                draw(
+                    &format!("samples-{strategy}.png"),
+                    n,
+                    &["--strategy".into(), strategy.into()],
+                    format!("{n} samples, {what}"),
+                )?;
+            }
+        }
+    }
+    Ok(pictures)
+}
+
+/// Step 6: FD, precision and recall of `fd_samples` samples drawn as the first picture was, beside the
+/// floor (real training images against the test set at the same N). A failure (no test set on
+/// this machine) is reported, not fatal: the run itself succeeded.
+fn score(a: &QuickstartArgs, exe: &Path, reg: &Path, classes: Option<usize>) -> Option<String> {
+    let dir = a.out.join("fd");
+    // Class-balanced: a multiple of the classes.
+    let n = classes.map_or(a.fd_samples, |c| a.fd_samples.div_ceil(c) * c);
+    let run = || -> anyhow::Result<String> {
+        eprintln!("== 6/6 score {n} samples (ddm eval images)");
+        let mut c = Command::new(exe);
+        c.args(sampling_args(a, reg))
+            .args(["--n", &n.to_string(), "--quiet"])
+            .arg("--out")
+            .arg(dir.join("samples.png"))
+            .stdout(std::process::Stdio::null());
+        match classes {
+            Some(_) => c.args(["--class", "all", "--guidance", &a.guidance.to_string()]),
+            None => c.args(["--strategy", "trajectory"]),
+        };
+        run_ok(c, "ddm sample")?;
+        let json = dir.join("fd.json");
+        let mut e = Command::new(exe);
+        e.args(["eval", "images", "--quiet", "--json"])
+            .arg(&json)
+            .arg(dir.join("samples.safetensors"))
+            .stdout(std::process::Stdio::null());
+        run_ok(e, "ddm eval images")?;
+        let text = std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let get = |entry: &serde_json::Value, key: &str| entry.get(key).and_then(|x| x.as_f64());
+        let ours = v
+            .as_object()
+            .and_then(|o| o.iter().find(|(k, _)| k.as_str() != "floor"))
+            .map(|(_, r)| r.clone())
+            .context("no score in the report")?;
+        let floor = v.get("floor").context("no floor in the report")?;
+        let f = |x: Option<f64>| x.map_or("?".into(), |x| format!("{x:.2}"));
+        Ok(format!(
+            "  fd/                      {n} such samples scored: FD {} (floor {}: real training images), precision {}, recall {}",
+            f(get(&ours, "fd")),
+            f(get(floor, "fd")),
+            f(get(&ours, "precision")),
+            f(get(&ours, "recall")),
+        ))
+    };
+    Some(run().unwrap_or_else(|e| format!("  fd/                      not scored: {e:#}")))
+}
+
 /// 2. The islands: separate processes, `parallel` at a time, their threads shared out.
-fn train_islands(a: &QuickstartArgs, part: &Path) -> anyhow::Result<()> {
+fn train_islands(a: &QuickstartArgs, part: &Path, class_conditional: bool) -> anyhow::Result<()> {
     eprintln!(
-        "== 2/5 train {} experts ({}, {} steps) as separate island processes, {} at a time",
+        "== 2/6 train {} experts ({}, {} steps) as separate island processes, {} at a time",
         a.k, a.expert_model, a.expert_steps, a.parallel
     );
     let t_islands = Instant::now();
@@ -245,8 +404,14 @@ fn train_islands(a: &QuickstartArgs, part: &Path) -> anyhow::Result<()> {
                 .arg("--out")
                 .arg(island_dir(k))
                 .args(["--model", &a.expert_model, "--steps", &a.expert_steps.to_string()])
-                .args(["--batch-size", &a.batch_size.to_string(), "--lr", "5e-4"])
+                .args([
+                    "--batch-size",
+                    &a.batch_size.to_string(),
+                    "--lr",
+                    &a.lr.to_string(),
+                ])
                 .args(["--checkpoint-every", "200", "--quiet"])
+                .args(class_conditional.then_some("--class-conditional"))
                 .env("RAYON_NUM_THREADS", threads.to_string())
                 .env("RUST_LOG", "warn")
                 .stdout(std::process::Stdio::null());
@@ -269,9 +434,9 @@ fn train_islands(a: &QuickstartArgs, part: &Path) -> anyhow::Result<()> {
 }
 
 /// 3. The router.
-fn train_router(a: &QuickstartArgs, exe: &Path, part: &Path) -> anyhow::Result<()> {
+fn train_router(a: &QuickstartArgs, exe: &Path, part: &Path, class_conditional: bool) -> anyhow::Result<()> {
     eprintln!(
-        "== 3/5 train the router ({}, {} steps)",
+        "== 3/6 train the router ({}, {} steps)",
         a.router_model, a.router_steps
     );
     let mut c = Command::new(exe);
@@ -288,13 +453,14 @@ fn train_router(a: &QuickstartArgs, exe: &Path, part: &Path) -> anyhow::Result<(
             "--eval-samples",
             "1000",
             "--quiet",
-        ]);
+        ])
+        .args(class_conditional.then_some("--class-conditional"));
     run_ok(c, "ddm train-router")
 }
 
 /// 4. The registry: every expert and the router.
 fn register(a: &QuickstartArgs, exe: &Path, part: &Path, reg: &Path) -> anyhow::Result<()> {
-    eprintln!("== 4/5 register");
+    eprintln!("== 4/6 register");
     let mut c = Command::new(exe);
     c.arg("register")
         .arg("--registry")
