@@ -4,7 +4,7 @@
 # trajectory, full), with each solver and schedule, N = 500 class-balanced samples, seed 0.
 # Run from the repository root after
 #   cargo run --release -- experiment paper-table --out runs/paper-table-cond --conditional --skip-gmm --checkpoints 1
-# Writes runs/fd-vs-nfe/ (samples, fd.json, time.tsv: wall ms per image, load included). About 25
+# Writes runs/fd-vs-nfe/ (samples, fd.json, fd-vs-nfe.png, time.tsv: wall ms per image, load included). About 25
 # min on 2 cores. Heun spends 2 evaluations a step, so its
 # NFE 4 is 2 steps; odd NFEs round its steps down.
 set -euo pipefail
@@ -38,6 +38,7 @@ for solver in ${SOLVERS:-euler heun dpm++2m unipc}; do
   sweep top-1 $solver "4 6 8 12 16" shifted:3
 done
 "$DDM" eval images --quiet --json "$OUT/fd.json" "$OUT"/*.safetensors > "$OUT/eval.txt"
+cargo run --release -q -p ddm-eval --example fd_vs_nfe_plot -- "$OUT/fd.json" "$OUT/fd-vs-nfe.png"
 # One row per system, solver and schedule: FD at each NFE, and the sampler's own time per image
 # (integration only, from each sample's report) at the largest NFE.
 python3 - "$OUT" > "$OUT/table.md" <<'PY'
