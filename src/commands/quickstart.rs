@@ -300,7 +300,8 @@ fn sample(
                 per_class * c,
                 &extra,
                 format!(
-                    "{per_class} samples of each class, one column per class: the router sees the class, the expert it ranks first draws it (top-1), guidance {}",
+                    "{per_class} sample{} of each class, one column per class: the router sees the class, the expert it ranks first draws it (top-1), guidance {}",
+                    if per_class == 1 { "" } else { "s" },
                     a.guidance
                 ),
             )?;
