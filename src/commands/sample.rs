@@ -64,8 +64,11 @@ pub struct SampleArgs {
     /// Number of samples.
     #[arg(long, default_value_t = 64, value_parser = super::values::count(1, super::values::MAX_SAMPLES))]
     pub n: usize,
-    /// Integration steps from t = 1 to 0.
-    #[arg(long, default_value_t = 50, value_parser = super::values::count(1, super::values::MAX_SAMPLING_STEPS))]
+    /// Integration steps from t = 1 to 0. The default, 12 UniPC steps, comes from README's
+    /// FD-vs-NFE measurements: at a quarter of the cost of 50 Euler steps, as good or at most 0.13
+    /// FD worse on every registry measured (class-conditional top-1, trajectory and monolith;
+    /// unconditional trajectory). A class-conditional ensemble needs only 8.
+    #[arg(long, default_value_t = 12, value_parser = super::values::count(1, super::values::MAX_SAMPLING_STEPS))]
     pub steps: usize,
     /// Samples integrated at once: --n samples are drawn in batches of this many (the noise is
     /// the same as in one batch; the memory is one batch's).
@@ -78,7 +81,8 @@ pub struct SampleArgs {
     pub strategy: Option<String>,
     #[arg(long, value_enum, default_value = "learned")]
     pub router: RouterArg,
-    #[arg(long, value_enum, default_value = "euler")]
+    /// The ODE solver (default: unipc, see --steps).
+    #[arg(long, value_enum, default_value = "unipc")]
     pub solver: SolverArg,
     /// Where the steps fall between noise (t = 1) and data: `uniform`, or `shifted:S` (SD3's
     /// schedule, S > 1 spends more steps near noise).
