@@ -135,23 +135,6 @@ fn panel_chart<'a>(
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
     }
-    if let Some(f) = floor {
-        let grey = RGBColor(120, 120, 120);
-        chart
-            .draw_series(DashedLineSeries::new(
-                vec![(3.5, f), (56.0, f)],
-                6,
-                4,
-                grey.stroke_width(1),
-            ))?
-            .label("real images (floor)")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
+    ddm_eval::report::floor_and_legend(&mut chart, floor, (3.5, 56.0))?;
     Ok(())
 }

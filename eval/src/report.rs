@@ -223,11 +223,23 @@ fn draw<'a>(
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
     }
+    floor_and_legend(&mut chart, floor, (0.0, x_max))?;
+    root.present()?;
+    Ok(())
+}
+
+/// The floor as a dashed grey line across `[x0, x1]` (if any), and the legend in the upper
+/// right: how every FD plot ends.
+pub fn floor_and_legend<'a, DB: DrawingBackend + 'a, X: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, plotters::coord::types::RangedCoordf64>>,
+    floor: Option<f64>,
+    (x0, x1): (f64, f64),
+) -> Result<(), Box<dyn std::error::Error + 'a>> {
     if let Some(f) = floor {
         let grey = RGBColor(120, 120, 120);
         chart
             .draw_series(DashedLineSeries::new(
-                vec![(0.0, f), (x_max, f)],
+                vec![(x0, f), (x1, f)],
                 6,
                 4,
                 grey.stroke_width(1),
@@ -241,6 +253,5 @@ fn draw<'a>(
         .border_style(BLACK)
         .position(SeriesLabelPosition::UpperRight)
         .draw()?;
-    root.present()?;
     Ok(())
 }
