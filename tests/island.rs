@@ -244,6 +244,19 @@ fn diverging_loss_stops_and_keeps_the_last_good_checkpoint() {
         expert_before,
         "expert untouched"
     );
+    // The divergence is marked for `ddm ui`, and cleared by the next run in the directory.
+    let mark: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("diverged.json")).unwrap()).unwrap();
+    assert_eq!(mark["last_good_checkpoint"], 10, "{mark}");
+    assert!(mark["step"].as_u64().unwrap() > 10, "{mark}");
+    ok(trainer(
+        &part,
+        &out,
+        &["--cluster", "0", "--steps", "12", "--checkpoint-every", "10"],
+    )
+    .output()
+    .unwrap());
+    assert!(!out.join("diverged.json").exists(), "a good run clears the mark");
 }
 
 #[test]

@@ -86,6 +86,11 @@ fn check_memory(net: &ddm_core::model::ModelConfig, batch_size: usize) -> anyhow
 /// The lock file a running trainer holds in its output directory.
 pub const LOCK_FILE: &str = "train.lock";
 
+/// Written into the output directory when the loss stops being finite (JSON: the step, the loss
+/// as text, the learning rate, the step of the last good checkpoint); removed when a run starts
+/// there again. What `ddm ui` shows as a diverged island.
+pub const DIVERGED_FILE: &str = "diverged.json";
+
 /// Run (or resume) training for `task`. The output directory is locked for the whole run.
 pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     let Run {
@@ -100,6 +105,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
 
     let train_data = task.data()?;
     let _lock = lock_out(&out)?;
+    remove_divergence_mark(&out)?;
     let saved = state::read_loop_state(&out)?;
     if let Some(s) = &saved {
         check_same_run(s, &config, &task.name(), &train_data.fingerprint, &out)?;
@@ -177,6 +183,13 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         let loss_value = loss.clone().into_scalar::<f32>() as f64; // device sync point
         if !loss_value.is_finite() {
             bar.abandon();
+            mark_divergence(
+                &out,
+                st.step + 1,
+                loss_value,
+                config.lr_at(st.step),
+                last_good_ckpt,
+            );
             bail!(
                 "the loss became {loss_value} at step {} (lr {:.3e}); training stopped. The last good checkpoint \
                  (step {last_good_ckpt}) is intact in {}: rerun with a lower --lr to resume from it",
@@ -240,6 +253,32 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         checkpoint,
         final_loss: st.last_loss,
     })
+}
+
+/// Record that the loss stopped being finite ([`DIVERGED_FILE`]). Best effort: the error that
+/// stops training says the same, so a mark that cannot be written is only logged.
+fn mark_divergence(out: &std::path::Path, step: u64, loss: f64, lr: f64, last_good: u64) {
+    let mark = serde_json::json!({
+        "step": step,
+        "loss": loss.to_string(),
+        "lr": lr,
+        "last_good_checkpoint": last_good,
+    });
+    let path = out.join(DIVERGED_FILE);
+    if let Err(e) = ddm_core::fsio::write_bytes_atomic(&path, mark.to_string().as_bytes()) {
+        tracing::warn!("writing {}: {e}", path.display());
+    }
+}
+
+/// A run starting again clears the mark of an earlier divergence.
+fn remove_divergence_mark(out: &std::path::Path) -> anyhow::Result<()> {
+    let path = out.join(DIVERGED_FILE);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Create and lock the output directory: one trainer per directory (a second one would
