@@ -256,12 +256,17 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> anyhow::Result<Self> {
+        Self::with_timeout(base, Duration::from_secs(600))
+    }
+
+    /// A client whose every request must be answered within `timeout`.
+    pub fn with_timeout(base: &str, timeout: Duration) -> anyhow::Result<Self> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("{base}: a served expert's URL starts with http:// or https://");
         }
         let http = ddm_net::client_builder()?
-            .timeout(Duration::from_secs(600))
+            .timeout(timeout)
             .build()
             .context("building the HTTP client")?;
         Ok(Self {

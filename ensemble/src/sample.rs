@@ -4,7 +4,7 @@
 
 use ddm_core::clip::TextSpace;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -531,6 +531,48 @@ fn experts_width(
 /// that disagree are refused.
 fn experts_token_dim(reg: &Registry) -> anyhow::Result<Option<usize>> {
     experts_width(reg, |e| e.token_dim, "token sequences", "a caption")
+}
+
+/// `prompts` through the text encoder at `text_encoder` (pooled vectors and token states): sample
+/// i of `n` gets prompt i modulo their count.
+pub fn prompt_condition(prompts: &[String], text_encoder: &Path, n: usize) -> anyhow::Result<ConditionInput> {
+    let ckpt = ddm_core::checkpoint::Checkpoint::read(text_encoder)?;
+    if ckpt.meta.role != ddm_core::checkpoint::Role::TextEncoder {
+        bail!(
+            "{}: a checkpoint of role {}; prompts go through a text encoder (ddm import --from transformers-clip)",
+            text_encoder.display(),
+            ckpt.meta.role
+        );
+    }
+    if prompts.is_empty() {
+        bail!("no prompt to sample");
+    }
+    let device = ddm_core::device::cpu();
+    let (encoder, tokenizer) = ckpt.text_encoder(text_encoder, &device)?;
+    let (ids, mask) = tokenizer.encode(prompts)?.to_tensors(&device);
+    let out = encoder.forward(ids, mask.clone());
+    // Sample i reads prompt i modulo their count: rows of [P, ...] -> [N, ...].
+    let rows = |t: HostTensor| {
+        let per: usize = t.shape[1..].iter().product();
+        let mut shape = t.shape.clone();
+        shape[0] = n;
+        let p = prompts.len();
+        let data = (0..n)
+            .flat_map(|i| t.data[(i % p) * per..(i % p + 1) * per].to_vec())
+            .collect();
+        HostTensor::new(shape, data)
+    };
+    let condition = ConditionTensors {
+        vectors: Some(rows(HostTensor::from_tensor(out.pooled))), // [N, D]
+        tokens: Some((
+            rows(HostTensor::from_tensor(out.tokens)), // [N, L, D]
+            rows(HostTensor::from_tensor(mask)),       // [N, L]
+        )),
+    };
+    Ok(ConditionInput::Prompts {
+        condition,
+        text: ckpt.text_space().expect("a text encoder has a text space"),
+    })
 }
 
 /// Where the condition comes from.

@@ -202,8 +202,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
 /// `--condition FILE`, or `--prompt` / `--prompts` encoded with `--text-encoder`: sample i gets
 /// prompt i modulo their count.
 fn condition_input(args: &SampleArgs) -> anyhow::Result<Option<ddm_ensemble::sample::ConditionInput>> {
-    use ddm_core::host::HostTensor;
-    use ddm_ensemble::sample::{ConditionInput, ConditionTensors};
+    use ddm_ensemble::sample::ConditionInput;
     let prompts = match (&args.prompt, &args.prompts) {
         (Some(p), _) => vec![p.clone()],
         (None, Some(file)) => ddm_datasets::captions::read_captions(file)?,
@@ -213,38 +212,7 @@ fn condition_input(args: &SampleArgs) -> anyhow::Result<Option<ddm_ensemble::sam
         .text_encoder
         .as_ref()
         .expect("clap requires --text-encoder with prompts");
-    let ckpt = ddm_core::checkpoint::Checkpoint::read(path)?;
-    if ckpt.meta.role != ddm_core::checkpoint::Role::TextEncoder {
-        anyhow::bail!(
-            "{}: a checkpoint of role {}; --text-encoder takes a text encoder (ddm import --from transformers-clip)",
-            path.display(),
-            ckpt.meta.role
-        );
-    }
-    let device = ddm_core::device::cpu();
-    let (encoder, tokenizer) = ckpt.text_encoder(path, &device)?;
-    let (ids, mask) = tokenizer.encode(&prompts)?.to_tensors(&device);
-    let out = encoder.forward(ids, mask.clone());
-    // Sample i reads prompt i modulo their count: rows of [P, ...] -> [N, ...].
-    let rows = |t: HostTensor| {
-        let per: usize = t.shape[1..].iter().product();
-        let mut shape = t.shape.clone();
-        shape[0] = args.n;
-        let p = prompts.len();
-        let data = (0..args.n)
-            .flat_map(|i| t.data[(i % p) * per..(i % p + 1) * per].to_vec())
-            .collect();
-        HostTensor::new(shape, data)
-    };
-    let condition = ConditionTensors {
-        vectors: Some(rows(HostTensor::from_tensor(out.pooled))), // [N, D]
-        tokens: Some((
-            rows(HostTensor::from_tensor(out.tokens)), // [N, L, D]
-            rows(HostTensor::from_tensor(mask)),       // [N, L]
-        )),
-    };
-    Ok(Some(ConditionInput::Prompts {
-        condition,
-        text: ckpt.text_space().expect("a text encoder has a text space"),
-    }))
+    Ok(Some(ddm_ensemble::sample::prompt_condition(
+        &prompts, path, args.n,
+    )?))
 }
