@@ -14,13 +14,9 @@ use axum::response::{IntoResponse, Response};
 use ddm_ensemble::remote::{Request, response_bytes};
 
 use crate::app::App;
+use crate::auth::{bearer, same};
 use crate::batcher::Batcher;
 use crate::error::ServeError;
-
-/// Constant-time comparison (the token must not leak through timing).
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
 
 /// With a token set, a request without it (or with another) is refused with 401. The scheme is
 /// case-insensitive (RFC 9110); the token is compared exactly.
@@ -30,16 +26,10 @@ pub(crate) async fn authorize(
     req: HttpRequest,
     next: Next,
 ) -> Response {
-    if let Some(token) = &app.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim_start().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token);
-        if !given.is_some_and(|g| same(g.trim().as_bytes(), token.as_bytes())) {
-            return ServeError::Unauthorized.into_response();
-        }
+    if let Some(token) = &app.token
+        && !bearer(&headers).is_some_and(|g| same(g.as_bytes(), token.as_bytes()))
+    {
+        return ServeError::Unauthorized.into_response();
     }
     next.run(req).await
 }

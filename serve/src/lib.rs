@@ -12,6 +12,7 @@
 //! requests finish, for at most the shutdown timeout.
 
 mod app;
+pub mod auth;
 pub mod batcher;
 pub mod error;
 mod handlers;
@@ -29,7 +30,6 @@ use axum::middleware;
 use axum::routing::{get, post};
 use ddm_core::burn::prelude::*;
 
-use app::App;
 use batcher::BatchPolicy;
 use metrics::Metrics;
 /// What `ddm serve` was asked for.
@@ -110,7 +110,7 @@ pub fn serve(o: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Resu
             .layer(DefaultBodyLimit::max(o.max_body_bytes))
             .with_state(app.clone());
         on_ready(addr);
-        accept_until_stopped(listener, routes, &app, o.limits).await;
+        accept_until_stopped(listener, routes, &app.metrics, o.limits).await;
         anyhow::Ok(())
     })?;
     drop(app); // closes the queues; the workers finish what they hold
@@ -119,10 +119,10 @@ pub fn serve(o: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Resu
 
 /// Accept connections until SIGTERM / Ctrl-C, each served by hyper with the header timeout, at most
 /// `max_connections` at once; then let in-flight requests finish for at most the shutdown timeout.
-async fn accept_until_stopped(
+pub async fn accept_until_stopped(
     listener: tokio::net::TcpListener,
     routes: Router,
-    app: &Arc<App>,
+    metrics: &Metrics,
     limits: Limits,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -146,13 +146,13 @@ async fn accept_until_stopped(
             _ = &mut stop => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            app.metrics.connection_refused();
+            metrics.connection_refused();
             tokio::spawn(refuse(stream));
             continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(routes.clone());
         let connection = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
-        let metrics = app.metrics.clone();
+        let metrics = metrics.clone();
         metrics.connection_opened();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
