@@ -51,6 +51,8 @@ pub enum Commands {
     Distill(commands::distill::DistillArgs),
     /// Serve a registry's experts (and router) over HTTP, for samplers on other machines.
     Serve(commands::serve::ServeArgs),
+    /// Show a run in a browser: islands live, partition, registry, router, sampling by hand.
+    Ui(commands::ui::UiArgs),
     /// Write (and submit) the scheduler jobs for every island and the router: Slurm, Kubernetes.
     Launch(commands::launch::LaunchArgs),
     /// The whole mission on the default data: partition, 4 island trainers, router, registry, samples.
@@ -82,6 +84,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Commands::Registry(args) => commands::register::registry_cmd(args).map(|()| 0),
         Commands::Sample(args) => commands::sample::run(args).map(|()| 0),
         Commands::Serve(args) => commands::serve::run(args).map(|()| 0),
+        Commands::Ui(args) => commands::ui::run(args).map(|()| 0),
         Commands::Launch(args) => commands::launch::run(args).map(|()| 0),
         Commands::Distill(args) => commands::distill::run(args),
         Commands::Quickstart(args) => commands::quickstart::run(args).map(|()| 0),

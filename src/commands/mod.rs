@@ -21,6 +21,7 @@ pub mod train;
 pub mod train_autoencoder;
 pub mod train_router;
 pub mod train_text_encoder;
+pub mod ui;
 pub mod values;
 
 use clap::Args;

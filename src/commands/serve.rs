@@ -93,19 +93,21 @@ const EXAMPLES: &str = "Examples:
   ddm register --registry sampler-reg --remote http://island-2:8470   # then ddm sample as usual
   ddm serve --registry reg --max-memory 4096   # every expert, at most 4 GiB of them at once";
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let token = match &args.token_file {
-        Some(p) => {
-            let t = std::fs::read_to_string(p)
-                .with_context(|| format!("reading the token file {}", p.display()))?;
-            let t = t.trim().to_string();
-            if t.is_empty() {
-                bail!("{}: the token file is empty", p.display());
-            }
-            Some(t)
-        }
-        None => token_from_env(),
+/// The bearer token: the file's (trimmed; an empty file is refused), else DDM_SERVE_TOKEN's.
+pub fn token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let Some(p) = file else {
+        return Ok(token_from_env());
     };
+    let t = std::fs::read_to_string(p).with_context(|| format!("reading the token file {}", p.display()))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        bail!("{}: the token file is empty", p.display());
+    }
+    Ok(Some(t))
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let token = token(args.token_file.as_deref())?;
     let options = ServeOptions {
         registry: args.registry.local()?,
         experts: args.experts,

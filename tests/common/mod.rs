@@ -172,10 +172,19 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path, args: &[&str], token: Option<&str>) -> Server {
+        Self::start_verb(
+            dir,
+            "serve",
+            &[args, &["--listen", "127.0.0.1:0"]].concat(),
+            token,
+        )
+    }
+
+    /// `ddm VERB ARGS` (a server that prints `listening on URL` when ready: `serve`, `ui`).
+    pub fn start_verb(dir: &Path, verb: &str, args: &[&str], token: Option<&str>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddm"));
-        cmd.arg("serve")
+        cmd.arg(verb)
             .args(args)
-            .args(["--listen", "127.0.0.1:0"])
             .current_dir(dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -183,7 +192,7 @@ impl Server {
         if let Some(t) = token {
             cmd.env("DDM_SERVE_TOKEN", t);
         }
-        let mut child = cmd.spawn().expect("ddm serve starts");
+        let mut child = cmd.spawn().expect("ddm starts");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -191,7 +200,7 @@ impl Server {
         let Some(rest) = line.strip_prefix("listening on ") else {
             let mut err = String::new();
             child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-            panic!("ddm serve did not start: {line}\n{err}");
+            panic!("ddm {verb} did not start: {line}\n{err}");
         };
         let url = rest.split_whitespace().next().unwrap().to_string();
         Server { child, url }
