@@ -135,6 +135,20 @@ pub fn read_loop_state(out: &Path) -> anyhow::Result<Option<LoopState>> {
     Ok(Some(parse_meta(&f)?))
 }
 
+/// The step of the state saved in `out`, from the file's header alone (the weights and moments
+/// are not read, nor their checksum checked): for watching a run, not for resuming it.
+pub fn saved_step(out: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path(out)).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let mut header = vec![0u8; usize::try_from(u64::from_le_bytes(len)).ok()?.min(1 << 24)];
+    f.read_exact(&mut header).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    let state: serde_json::Value = serde_json::from_str(header["__metadata__"][META_KEY].as_str()?).ok()?;
+    state["step"].as_u64()
+}
+
 fn checksum(data: &[u8], json: &str) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();

@@ -295,19 +295,11 @@ async fn island_list(State(ui): State<Arc<Ui>>) -> Answer {
     let list = blocking(move || {
         Ok(islands_of(&ui)
             .iter()
-            .map(|i| islands::progress(i, saved_step))
+            .map(|i| islands::progress(i, ddm_trainer::state::saved_step))
             .collect::<Vec<_>>())
     })
     .await?;
     json_answer(list)
-}
-
-/// The step of an island's saved training state.
-fn saved_step(dir: &Path) -> Option<u64> {
-    ddm_trainer::state::read_loop_state(dir)
-        .ok()
-        .flatten()
-        .map(|s| s.step)
 }
 
 async fn island_loss(State(ui): State<Arc<Ui>>, UrlPath(name): UrlPath<String>) -> Answer {
