@@ -153,7 +153,14 @@ pub enum StepSchedule {
     Uniform,
     /// SD3's shifted schedule: t' = s t / (1 + (s - 1) t). s > 1 spends more steps near noise.
     Shifted { shift: f64 },
+    /// Beta sampling (Lee et al., 2024; diffusers' `use_beta_sigmas`), made for few steps:
+    /// t_i = F^-1(1 - i / n), F the CDF of Beta(a, b). a = b < 1 puts more steps at both ends,
+    /// near noise and near the data, and fewer in the middle; a = b = 1 is uniform.
+    Beta { a: f64, b: f64 },
 }
+
+/// diffusers' default shape for beta sampling: Beta(0.6, 0.6).
+pub const BETA_SHAPE: f64 = 0.6;
 
 impl StepSchedule {
     /// The `steps + 1` times from 1 down to 0 (both included).
@@ -164,6 +171,7 @@ impl StepSchedule {
                 match *self {
                     StepSchedule::Uniform => t,
                     StepSchedule::Shifted { shift } => shift * t / (1.0 + (shift - 1.0) * t),
+                    StepSchedule::Beta { a, b } => beta_quantile(a, b, t),
                 }
             })
             .collect()
@@ -175,6 +183,7 @@ impl std::fmt::Display for StepSchedule {
         match self {
             StepSchedule::Uniform => write!(f, "uniform"),
             StepSchedule::Shifted { shift } => write!(f, "shifted:{shift}"),
+            StepSchedule::Beta { a, b } => write!(f, "beta:{a}:{b}"),
         }
     }
 }
@@ -182,19 +191,48 @@ impl std::fmt::Display for StepSchedule {
 impl std::str::FromStr for StepSchedule {
     type Err = String;
 
-    /// `uniform`, or `shifted:S` with S > 0 (SD3 samples with 3).
+    /// `uniform`, `shifted:S` with S > 0 (SD3 samples with 3), or `beta` / `beta:A:B` with
+    /// A, B > 0 (`beta` is Beta(0.6, 0.6)).
     fn from_str(s: &str) -> Result<Self, String> {
+        let positive = |v: &str, what: &str| match v.parse::<f64>() {
+            Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+            _ => Err(format!("`{v}`: {what} is a number above 0")),
+        };
         match s.split_once(':') {
             None if s == "uniform" => Ok(StepSchedule::Uniform),
-            Some(("shifted", v)) => match v.parse::<f64>() {
-                Ok(shift) if shift.is_finite() && shift > 0.0 => Ok(StepSchedule::Shifted { shift }),
-                _ => Err(format!(
-                    "`{v}`: the shift of `shifted:S` is a number above 0 (SD3 uses 3)"
+            None if s == "beta" => Ok(StepSchedule::Beta {
+                a: BETA_SHAPE,
+                b: BETA_SHAPE,
+            }),
+            Some(("shifted", v)) => Ok(StepSchedule::Shifted {
+                shift: positive(v, "the shift of `shifted:S` (SD3 uses 3)")?,
+            }),
+            Some(("beta", v)) => match v.split_once(':') {
+                Some((a, b)) => Ok(StepSchedule::Beta {
+                    a: positive(a, "the shape A of `beta:A:B`")?,
+                    b: positive(b, "the shape B of `beta:A:B`")?,
+                }),
+                None => Err(format!(
+                    "`{s}`: the beta schedule is `beta` or `beta:A:B` (two shapes)"
                 )),
             },
-            _ => Err(format!("`{s}`: a schedule is `uniform` or `shifted:S` (S > 0)")),
+            _ => Err(format!(
+                "`{s}`: a schedule is `uniform`, `shifted:S` (S > 0), `beta` or `beta:A:B` (A, B > 0)"
+            )),
         }
     }
+}
+
+/// The p-quantile of Beta(a, b), with the ends exact: the first step starts at pure noise and
+/// the last ends at the data.
+fn beta_quantile(a: f64, b: f64, p: f64) -> f64 {
+    use statrs::distribution::{Beta, ContinuousCDF};
+    if p <= 0.0 || p >= 1.0 {
+        return p.clamp(0.0, 1.0);
+    }
+    // `--schedule` refuses shapes that are not positive and finite; a schedule built in code
+    // with such shapes falls back to uniform.
+    Beta::new(a, b).map_or(p, |d| d.inverse_cdf(p))
 }
 
 /// The ODE integrator.
@@ -544,7 +582,12 @@ mod tests {
 
     #[test]
     fn schedules_run_from_one_to_zero() {
-        for s in [StepSchedule::Uniform, StepSchedule::Shifted { shift: 3.0 }] {
+        let beta = StepSchedule::Beta {
+            a: BETA_SHAPE,
+            b: BETA_SHAPE,
+        };
+        let all = [StepSchedule::Uniform, StepSchedule::Shifted { shift: 3.0 }, beta];
+        for s in all {
             let ts = s.times(10);
             assert_eq!(ts.len(), 11);
             assert!((ts[0] - 1.0).abs() < 1e-12 && ts[10].abs() < 1e-12);
@@ -552,11 +595,46 @@ mod tests {
         }
         // Shift > 1 puts the midpoint closer to noise.
         assert!(StepSchedule::Shifted { shift: 3.0 }.times(2)[1] > 0.5);
-        // `--schedule` spells them `uniform` and `shifted:S`, and refuses anything else.
-        for s in [StepSchedule::Uniform, StepSchedule::Shifted { shift: 3.0 }] {
+        // Beta(0.6, 0.6) is symmetric, and its first and last steps are shorter than uniform's.
+        let ts = beta.times(8);
+        assert!((ts[4] - 0.5).abs() < 1e-9);
+        assert!(
+            ts.iter()
+                .zip(ts.iter().rev())
+                .all(|(x, y)| (x + y - 1.0).abs() < 1e-9)
+        );
+        assert!(1.0 - ts[1] < 1.0 / 8.0 && ts[7] < 1.0 / 8.0);
+        // Quantiles against closed forms: Beta(1, 1) is uniform, Beta(a, 1) has t = p^(1/a),
+        // Beta(1/2, 1/2) (the arcsine law) has t = sin^2(pi p / 2).
+        let closed: [(f64, f64, fn(f64) -> f64); 3] = [
+            (1.0, 1.0, |p| p),
+            (2.5, 1.0, |p| p.powf(1.0 / 2.5)),
+            (0.5, 0.5, |p| (std::f64::consts::FRAC_PI_2 * p).sin().powi(2)),
+        ];
+        for (a, b, quantile) in closed {
+            for (i, t) in (StepSchedule::Beta { a, b }).times(7).into_iter().enumerate() {
+                let want = quantile(1.0 - i as f64 / 7.0);
+                assert!((t - want).abs() < 1e-6, "Beta({a}, {b}) step {i}: {t} vs {want}");
+            }
+        }
+        // `--schedule` spells them `uniform`, `shifted:S` and `beta[:A:B]`, and refuses the rest.
+        for s in all.into_iter().chain([StepSchedule::Beta { a: 2.0, b: 0.5 }]) {
             assert_eq!(s.to_string().parse::<StepSchedule>(), Ok(s));
         }
-        for bad in ["shifted:0", "shifted:-1", "shifted:nan", "shifted", "linear", ""] {
+        assert_eq!("beta".parse::<StepSchedule>(), Ok(beta));
+        for bad in [
+            "shifted:0",
+            "shifted:-1",
+            "shifted:nan",
+            "shifted",
+            "linear",
+            "",
+            "beta:0.6",
+            "beta:0:1",
+            "beta:1:inf",
+            "beta:a:b",
+            "beta:1:1:1",
+        ] {
             assert!(bad.parse::<StepSchedule>().is_err(), "{bad}");
         }
     }

@@ -72,7 +72,7 @@ pub struct PaperTableArgs {
     /// The solver every system samples with (as in `ddm sample`); a resumed run keeps its own.
     #[arg(long, value_enum, default_value = "euler")]
     pub solver: super::sample::SolverArg,
-    /// Where the steps fall: `uniform`, or `shifted:S` (as in `ddm sample`).
+    /// Where the steps fall: `uniform`, `shifted:S` or `beta[:A:B]` (as in `ddm sample`).
     #[arg(long, default_value = "uniform")]
     pub schedule: ddm_core::flow::StepSchedule,
     /// tau of the threshold strategy.

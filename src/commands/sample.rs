@@ -84,8 +84,9 @@ pub struct SampleArgs {
     /// The ODE solver (default: unipc, see --steps).
     #[arg(long, value_enum, default_value = "unipc")]
     pub solver: SolverArg,
-    /// Where the steps fall between noise (t = 1) and data: `uniform`, or `shifted:S` (SD3's
-    /// schedule, S > 1 spends more steps near noise).
+    /// Where the steps fall between noise (t = 1) and data: `uniform`, `shifted:S` (SD3's
+    /// schedule, S > 1 spends more steps near noise), or `beta` / `beta:A:B` (beta sampling,
+    /// made for few steps: Beta(0.6, 0.6) puts more steps near noise and near the data).
     #[arg(long, default_value = "uniform")]
     pub schedule: ddm_core::flow::StepSchedule,
     /// Sample even if some experts are missing (their islands failed) or fail while sampling (a

@@ -29,7 +29,7 @@ pub struct SampleRequest {
     pub steps: usize,
     #[serde(default = "default_solver")]
     pub solver: Solver,
-    /// `uniform` or `shifted:S`.
+    /// `uniform`, `shifted:S` or `beta[:A:B]`.
     #[serde(default)]
     pub schedule: Option<String>,
     /// A strategy as `ddm sample --strategy` takes it (none: its default).
