@@ -4,13 +4,14 @@
 # trajectory, full), with each solver and schedule, N = 500 class-balanced samples, seed 0.
 # Run from the repository root after
 #   cargo run --release -- experiment paper-table --out runs/paper-table-cond --conditional --skip-gmm --checkpoints 1
-# Writes runs/fd-vs-nfe/ (samples, fd.json, fd-vs-nfe.png, time.tsv: wall ms per image, load included). About 25
-# min on 2 cores. Heun spends 2 evaluations a step, so its
-# NFE 4 is 2 steps; odd NFEs round its steps down.
+# Writes runs/fd-vs-nfe/ (samples, fd.json, fd-vs-nfe.png, table.md). About 30 min on 2 cores.
+# Heun spends 2 evaluations a step, so its NFE 4 is 2 steps; odd NFEs round its steps down.
+# SEED=1 OUT=runs/fd-vs-nfe-seed1 draws the same rows from other noise.
 set -euo pipefail
 DDM=${DDM:-$PWD/target/release/ddm}
 PT=${PT:-$PWD/runs/paper-table-cond/fashion-mnist-conditional}
 OUT=${OUT:-$PWD/runs/fd-vs-nfe}
+SEED=${SEED:-0}
 NFES=${NFES:-"4 6 8 12 16 25 50"}
 mkdir -p "$OUT"
 # One system with one solver and schedule at every NFE of $3.
@@ -23,10 +24,10 @@ sweep() {
   for nfe in $nfes; do
     steps=$nfe
     [ "$solver" = heun ] && steps=$((nfe / 2))
-    name="$system-$solver-${schedule/:/}-$nfe"
+    name="$system-$solver-${schedule//:/_}-$nfe" # no colon in a file name: shifted_3
     [ -f "$OUT/$name.safetensors" ] && continue
     "$DDM" sample "${src[@]}" --class all --n 500 --steps "$steps" --solver "$solver" \
-      --schedule "$schedule" --seed 0 --quiet --out "$OUT/$name.png" > /dev/null
+      --schedule "$schedule" --seed "$SEED" --quiet --out "$OUT/$name.png" > /dev/null
     echo "$(date +%T) $name"
   done
 }
@@ -36,6 +37,12 @@ for solver in ${SOLVERS:-euler heun dpm++2m unipc}; do
   done
   sweep full $solver "4 8 16" # four experts a step: the costliest system, fewer points
   sweep top-1 $solver "4 6 8 12 16" shifted:3
+  for system in monolith top-1 trajectory; do
+    # The beta schedule's shape chosen on seed 1 by scripts/tune_schedule.sh, and (multistep
+    # solvers only) the shape beta sampling and diffusers use.
+    sweep $system $solver "4 6 8 12 16" beta:1:0.8
+    case $solver in dpm++2m | unipc) sweep $system $solver "4 6 8 12 16" beta:0.6:0.6 ;; esac
+  done
 done
 "$DDM" eval images --quiet --json "$OUT/fd.json" "$OUT"/*.safetensors > "$OUT/eval.txt"
 cargo run --release -q -p ddm-eval --example fd_vs_nfe_plot -- "$OUT/fd.json" "$OUT/fd-vs-nfe.png"

@@ -120,15 +120,15 @@ fn panel_chart<'a>(
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         let label = match schedule.as_str() {
             "uniform" => solver.clone(),
-            // File names drop the colon: shifted3 is `--schedule shifted:3`.
-            s => format!(
-                "{solver}, {}",
-                s.replacen("shifted", "shifted:", 1).replace("::", ":")
-            ),
+            // File names spell colons as underscores: shifted_3 is `--schedule shifted:3`.
+            s => format!("{solver}, {}", s.replace('_', ":")),
         };
-        let drawn = match schedule.as_str() {
-            "uniform" => chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?,
-            _ => chart.draw_series(DashedLineSeries::new(pts.clone(), 8, 5, color.stroke_width(2)))?,
+        // Uniform solid, shifted dashed, beta dotted.
+        let style = color.stroke_width(2);
+        let drawn = match schedule.split('_').next() {
+            Some("uniform") => chart.draw_series(LineSeries::new(pts.clone(), style))?,
+            Some("beta") => chart.draw_series(DashedLineSeries::new(pts.clone(), 2, 4, style))?,
+            _ => chart.draw_series(DashedLineSeries::new(pts.clone(), 8, 5, style))?,
         };
         drawn
             .label(label)
