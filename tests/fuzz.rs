@@ -273,7 +273,8 @@ enum HeaderEdit {
     Dtype(usize, &'static str),
     ReverseShape(usize),
     Rename(usize, String),
-    /// Replace the metadata's character at (index mod its length) by this one.
+    /// Replace the metadata's character at (index mod its length less the closing brace) by this
+    /// one.
     MetadataChar(usize, char),
     DropSeal,
     /// Set `format_version` (and keep the seal, or drop it).
@@ -329,8 +330,10 @@ fn edited(valid: &[u8], edit: &HeaderEdit) -> Vec<u8> {
                 h[new.as_str()] = t;
             }
             HeaderEdit::MetadataChar(i, c) => {
+                // Any character but the last: that is the object's closing brace, which sealing
+                // moves after the seal (without it there is no object to seal).
                 let mut chars: Vec<char> = body.chars().collect();
-                let at = i % chars.len();
+                let at = i % (chars.len() - 1);
                 chars[at] = *c;
                 let body: String = chars.into_iter().collect();
                 h["__metadata__"]["ddm"] = ddm_core::digest::seal_json(&body, &sha).into();
