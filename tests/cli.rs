@@ -1951,8 +1951,9 @@ fn a_memory_cap_unloads_experts_and_changes_no_sample() {
         );
         if strategy == "full" {
             assert_eq!(free["experts_held_peak"], 4);
-            // Every step needs all four: each is unloaded and loaded again.
-            assert!(capped["expert_evictions"].as_u64().unwrap() >= 4 * 2, "{capped}");
+            // Every step needs all four; the two still held run first, so each step after the
+            // first unloads only two (in order 0..4, all four: 14 over 4 steps).
+            assert_eq!(capped["expert_evictions"], 2 * 4, "{capped}");
             let loads: u64 = capped["expert_loads"]
                 .as_array()
                 .unwrap()

@@ -329,7 +329,13 @@ impl Ensemble<'_> {
         (x_t, t, c): (&Tensor<2>, &Tensor<1>, &Condition),
         out: &mut Tensor<2>,
     ) -> Result<(), ExpertFailure> {
-        for &e in local {
+        // The experts in memory first: under a memory cap (least recently used unloaded), the
+        // order 0..K would unload every expert before its turn at every step; held first, each
+        // step reloads only those the cap could not keep (K - held instead of K).
+        let mut order = local.to_vec();
+        order.sort_by_key(|&e| self.experts[e].loaded.is_none()); // stable: by index within
+        let mut velocities = Vec::with_capacity(order.len());
+        for e in order {
             let fail = |error| ExpertFailure { expert: e, error };
             self.load(e)
                 .map_err(|error| fail(VelocityError::other(error.as_ref())))?;
@@ -337,9 +343,14 @@ impl Ensemble<'_> {
             let field = self.experts[e].loaded.as_ref().expect("loaded above");
             let v = field.velocity(xe, te, &ce).map_err(fail)?;
             match non_finite(&v) {
-                0 => *out = groups.add(out.clone(), e, v),
+                0 => velocities.push((e, v)),
                 count => return Err(fail(VelocityError::NonFinite { count })),
             }
+        }
+        // Added in expert order, so a row's sum has the same bits whatever order they ran in.
+        velocities.sort_by_key(|&(e, _)| e);
+        for (e, v) in velocities {
+            *out = groups.add(out.clone(), e, v);
         }
         Ok(())
     }
