@@ -606,7 +606,8 @@ mod tests {
         assert!(1.0 - ts[1] < 1.0 / 8.0 && ts[7] < 1.0 / 8.0);
         // Quantiles against closed forms: Beta(1, 1) is uniform, Beta(a, 1) has t = p^(1/a),
         // Beta(1/2, 1/2) (the arcsine law) has t = sin^2(pi p / 2).
-        let closed: [(f64, f64, fn(f64) -> f64); 3] = [
+        type ClosedForm = (f64, f64, fn(f64) -> f64); // Beta(a, b) and its quantile function
+        let closed: [ClosedForm; 3] = [
             (1.0, 1.0, |p| p),
             (2.5, 1.0, |p| p.powf(1.0 / 2.5)),
             (0.5, 0.5, |p| (std::f64::consts::FRAC_PI_2 * p).sin().powi(2)),
