@@ -65,7 +65,7 @@ fn main() {
     let image = vec![batch, c.in_channels, c.sample_size, c.sample_size];
     let mut latent = vec![batch];
     latent.extend(c.latent_shape());
-    let x = ddm_core::flow::randn(image.clone(), &mut rng)
+    let x = ddm_core::flow::randn(image, &mut rng)
         .to_tensor::<4>(&plain)
         .clamp(-1.0, 1.0);
     let z = ddm_core::flow::randn(latent.clone(), &mut rng).to_tensor::<4>(&plain);
