@@ -1,6 +1,6 @@
 //! The wgpu backend against the CPU (burn flex), on whatever adapter the machine has: in CI,
-//! Mesa's software Vulkan (lavapipe, Debian `mesa-vulkan-drivers`). A build with
-//! `--features wgpu` runs these: `cargo test --release --features wgpu --test gpu`.
+//! Mesa's software Vulkan (lavapipe, Debian `mesa-vulkan-drivers`). The `wgpu` feature is on by
+//! default, so `cargo test --release --workspace` runs these (`--test gpu` alone).
 //!
 //! f32 on both sides; the GPU sums in another order, so values agree to a tolerance, not bits.
 #![cfg(feature = "wgpu")]

@@ -3,7 +3,8 @@
 //! The CPU backend is burn's `flex` (pure Rust, rayon + gemm). It was chosen by measurement on the
 //! 2-core development machines (a DiT training step was ~20% faster on flex than on ndarray, and
 //! burn 0.22 deprecates ndarray). GPU backends are cargo
-//! features of the `ddm` package (`wgpu`, `cuda`), off by default because they are large to build.
+//! features of the `ddm` package: `wgpu` (on by default: one build serves the CPU and any GPU with
+//! a Vulkan, Metal or DX12 driver) and `cuda` (off: it does not build from the registries alone).
 
 use std::str::FromStr;
 

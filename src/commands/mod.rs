@@ -29,8 +29,8 @@ use clap::Args;
 /// Where tensors run.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
-    /// Backend: `cpu` (burn flex), `wgpu` or `cuda` (the last two need a build with
-    /// `--features wgpu` / `--features cuda`).
+    /// Backend: `cpu` (burn flex), `wgpu[:API][:ADAPTER]` (built by default) or `cuda` (a build
+    /// with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: ddm_core::device::DeviceChoice,
 }
