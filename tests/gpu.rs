@@ -69,6 +69,7 @@ fn forward_and_gradients(name: &str, device: &Device) -> (Vec<f32>, Vec<f32>, BT
 /// DiT forward and gradients on wgpu equal flex within 1e-4, at the reference shapes (with and
 /// without classes); the forward also equals PyTorch's output.
 #[test]
+#[ignore = "needs a Vulkan driver: apt-get install mesa-vulkan-drivers (.ci/run installs it)"]
 fn dit_forward_and_gradients_on_wgpu_equal_flex() {
     let gpu = wgpu();
     let cpu = ddm_core::device::cpu();
@@ -154,6 +155,7 @@ const ISLAND: [&str; 10] = [
 /// wgpu and its checkpoint predicts the same on the CPU; a router trains; routed sampling equals
 /// the CPU's at a fixed seed; `ddm serve` answers on wgpu.
 #[test]
+#[ignore = "needs a Vulkan driver: apt-get install mesa-vulkan-drivers (.ci/run installs it)"]
 fn every_verb_runs_on_wgpu_and_agrees_with_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -344,6 +346,7 @@ fn every_verb_runs_on_wgpu_and_agrees_with_the_cpu() {
 
 /// `--device` names an API and an adapter; a bad one is refused with the choices.
 #[test]
+#[ignore = "needs a Vulkan driver: apt-get install mesa-vulkan-drivers (.ci/run installs it)"]
 fn device_choices_parse_and_a_software_adapter_is_named() {
     let soft: DeviceChoice = "wgpu:software".parse().unwrap();
     if ddm_core::device::device(soft).is_ok() {
