@@ -1,6 +1,7 @@
 //! The wgpu backend against the CPU (burn flex), on whatever adapter the machine has: in CI,
 //! Mesa's software Vulkan (lavapipe, Debian `mesa-vulkan-drivers`). The `wgpu` feature is on by
-//! default, so `cargo test --release --workspace` runs these (`--test gpu` alone).
+//! default; the tests are ignored unless asked for, as they need a Vulkan driver:
+//! `cargo test --release --test gpu -- --include-ignored` (CI runs them with the workspace).
 //!
 //! f32 on both sides; the GPU sums in another order, so values agree to a tolerance, not bits.
 #![cfg(feature = "wgpu")]
