@@ -1,6 +1,6 @@
 //! The wgpu backend against the CPU (burn flex), on whatever adapter the machine has: in CI,
 //! Mesa's software Vulkan (lavapipe, Debian `mesa-vulkan-drivers`). The `wgpu` feature is on by
-//! default; the tests are ignored unless asked for, as they need a Vulkan driver:
+//! default; the two tests that need a Vulkan driver are ignored unless asked for:
 //! `cargo test --release --test gpu -- --include-ignored` (CI runs them with the workspace).
 //!
 //! f32 on both sides; the GPU sums in another order, so values agree to a tolerance, not bits.
@@ -347,7 +347,6 @@ fn every_verb_runs_on_wgpu_and_agrees_with_the_cpu() {
 
 /// `--device` names an API and an adapter; a bad one is refused with the choices.
 #[test]
-#[ignore = "needs a Vulkan driver: apt-get install mesa-vulkan-drivers (.ci/run installs it)"]
 fn device_choices_parse_and_a_software_adapter_is_named() {
     let soft: DeviceChoice = "wgpu:software".parse().unwrap();
     if ddm_core::device::device(soft).is_ok() {
