@@ -435,8 +435,7 @@ fn remote_experts_sample_like_local_ones_and_a_lost_server_is_survived_or_named(
     let local = HostTensor::from_tensor(net.logits(
         r.x_t.to_tensor::<2>(&device),
         HostTensor::new(vec![8], r.t.clone()).to_tensor::<1>(&device),
-        None,
-        None,
+        &ddm_core::condition::Condition::none(),
     ));
     assert!(max_diff(&served.data, &local.data) <= 1e-6);
     let (status, _) = post(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::{ddm, fails, max_abs_diff, ok, registry_fixture, tiny_images};
 use ddm_core::checkpoint::Checkpoint;
-use ddm_core::host::TensorFile;
+use ddm_core::host::{HostTensor, TensorFile};
 
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/transformers")
@@ -746,7 +746,6 @@ fn write(d: &Path, name: &str, tensors: Vec<(&str, ddm_core::host::HostTensor)>)
 /// width of its tokens.
 #[test]
 fn an_imported_pixart_samples_by_its_captions_tokens() {
-    use ddm_core::host::HostTensor;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/diffusers/pixart-tiny");
@@ -1115,6 +1114,171 @@ fn a_pixart_trained_on_captions_samples_by_prompt() {
     assert!(
         max_abs_diff(&left, &guided) > 0.0,
         "guidance changed nothing in the ensemble"
+    );
+
+    // A router that reads the caption's tokens (their mean, padding left out), trained on the
+    // partition's token sequences and registered: sampling gives it each prompt's tokens, and
+    // `ddm predict` shows its logits move with the caption and with its absence (the null caption).
+    ok(ddm(
+        d,
+        &[
+            "train-router",
+            "--partition",
+            "p",
+            "--out",
+            "router",
+            "--condition-tokens",
+            "--class-dropout",
+            "0.2",
+            "--steps",
+            "20",
+            "--batch-size",
+            "16",
+            "--eval-samples",
+            "20",
+            "--quiet",
+        ],
+    ));
+    let router = Checkpoint::read(&d.join("router/router.safetensors")).unwrap().meta;
+    assert_eq!(
+        (router.condition_token_dim, router.condition_dim, &router.text),
+        (Some(32), None, &encoder.text_space())
+    );
+    ok(ddm(
+        d,
+        &["register", "--registry", "reg", "router/router.safetensors"],
+    ));
+    ok(ddm(
+        d,
+        &[
+            "sample",
+            "--registry",
+            "reg",
+            "--strategy",
+            "full",
+            "--n",
+            "4",
+            "--steps",
+            "4",
+            "--prompt",
+            "a bright left half",
+            "--text-encoder",
+            "te.safetensors",
+            "--out",
+            "learned.png",
+        ],
+    ));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("learned.json")).unwrap()).unwrap();
+    assert_eq!(
+        (report["router"].as_str(), report["router_sees_tokens"].as_bool()),
+        (Some("learned"), Some(true)),
+        "{report}"
+    );
+    let captions = TensorFile::read(&d.join("train.safetensors")).unwrap();
+    let (tokens, mask) = (captions.f32("c_tokens").unwrap(), captions.f32("c_mask").unwrap());
+    let (l, dt) = (tokens.shape[1], tokens.shape[2]);
+    let x_t = HostTensor::new(vec![2, 1, 8, 8], vec![0.1; 128]);
+    let t = HostTensor::new(vec![2], vec![0.9; 2]);
+    let logits = |with_tokens: bool| {
+        let mut input = vec![("x_t", x_t.clone()), ("t", t.clone())];
+        if with_tokens {
+            // Rows 0 and 1: "a bright left half", "a bright top half".
+            input.push(("c_tokens", HostTensor::new(vec![2, l, dt], tokens.data[..2 * l * dt].to_vec())));
+            input.push(("c_mask", HostTensor::new(vec![2, l], mask.data[..2 * l].to_vec())));
+        }
+        write(d, "router-in.safetensors", input);
+        ok(ddm(
+            d,
+            &[
+                "predict",
+                "--checkpoint",
+                "router/router.safetensors",
+                "--input",
+                "router-in.safetensors",
+                "--out",
+                "router-out.safetensors",
+            ],
+        ));
+        TensorFile::read(&d.join("router-out.safetensors"))
+            .unwrap()
+            .f32("logits")
+            .unwrap()
+            .data
+    };
+    let (given, null) = (logits(true), logits(false));
+    assert!(
+        max_abs_diff(&given[..2], &given[2..]) > 0.0,
+        "the caption does not reach the router"
+    );
+    assert!(max_abs_diff(&given, &null) > 0.0, "the null caption is the caption");
+
+    // A PixArt student distilled from the PixArt experts reads the caption's tokens (the teacher
+    // is given the student's), records the text space, and samples by prompt; a student that
+    // reads no tokens is refused.
+    let distill = |out: &str, model: &str| {
+        ddm(
+            d,
+            &[
+                "distill",
+                "--registry",
+                "reg",
+                "--partition",
+                "p",
+                "--out",
+                out,
+                "--model",
+                model,
+                "--steps",
+                "10",
+                "--batch-size",
+                "16",
+                "--quiet",
+            ],
+        )
+    };
+    ok(distill("student", "PixArt-XS/2"));
+    let student = Checkpoint::read(&d.join("student/expert.safetensors")).unwrap().meta;
+    assert_eq!(
+        (student.model.arch(), student.model.token_dim(), &student.text),
+        ("pixart", 32, &encoder.text_space())
+    );
+    assert!(student.model.has_null_condition());
+    let by_student = |prompt: &str| {
+        ok(ddm(
+            d,
+            &[
+                "sample",
+                "--checkpoint",
+                "student/expert.safetensors",
+                "--n",
+                "4",
+                "--steps",
+                "4",
+                "--prompt",
+                prompt,
+                "--text-encoder",
+                "te.safetensors",
+                "--guidance",
+                "2",
+                "--out",
+                "student.png",
+            ],
+        ));
+        TensorFile::read(&d.join("student.safetensors"))
+            .unwrap()
+            .f32("x0")
+            .unwrap()
+            .data
+    };
+    assert!(
+        max_abs_diff(&by_student("a bright left half"), &by_student("a bright top half")) > 0.0,
+        "the caption does not reach the student"
+    );
+    let err = fails(distill("dit-student", "DiT-XS/4"));
+    assert!(
+        err.contains("PixArts reading each caption's token sequence") && err.contains("--model DiT-XS/4"),
+        "{err}"
     );
 
     // Expert 1 served: it receives the caption's tokens (and the null caption's under guidance),

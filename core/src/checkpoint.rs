@@ -192,6 +192,10 @@ pub struct CheckpointMeta {
     /// A router conditioned on per-sample conditioning vectors: their length (the data's `c`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition_dim: Option<usize>,
+    /// A router conditioned on per-sample token sequences (a caption's token states): their
+    /// width Dt (the data's `c_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition_token_dim: Option<usize>,
     /// The text space of the conditioning vectors a model reads (which encoder made them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<TextSpace>,
@@ -313,6 +317,7 @@ impl CheckpointMeta {
             source: None,
             extra: BTreeMap::new(),
             condition_dim: None,
+            condition_token_dim: None,
             latent: None,
             text: None,
             tokenizer: None,

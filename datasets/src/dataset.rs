@@ -32,6 +32,14 @@ pub struct TokenSequences {
 }
 
 impl TokenSequences {
+    /// The sequences as tensors on `device`.
+    pub fn to_tensors(&self, device: &ddm_core::burn::prelude::Device) -> ddm_core::condition::Tokens {
+        ddm_core::condition::Tokens {
+            embeddings: self.embeddings.to_tensor::<3>(device),
+            mask: self.mask.to_tensor::<2>(device),
+        }
+    }
+
     /// The sequences of `indices`.
     pub fn gather(&self, indices: &[usize]) -> Self {
         Self {

@@ -21,7 +21,7 @@ use std::rc::Rc;
 use anyhow::{Context, bail};
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, Objective, TrainingSummary};
-use ddm_core::condition::Condition;
+use ddm_core::condition::{Condition, Tokens};
 use ddm_core::flow::Drift;
 use ddm_core::host::HostTensor;
 use ddm_core::model::{Model, ModelConfig};
@@ -149,7 +149,7 @@ impl<'a> Teacher<'a> {
     }
 
     /// The teacher's velocity at `x_t` (rows of `clusters`) under the condition `c` (the
-    /// student's: its dropped labels and vectors), as a constant on `x_t`'s device; an expert
+    /// student's: its dropped labels, vectors and token sequences), as a constant on `x_t`'s device; an expert
     /// that fails (a server that stopped answering) is the error.
     ///
     /// # Shapes
@@ -178,7 +178,10 @@ impl<'a> Teacher<'a> {
                 .vector
                 .clone()
                 .map(|v| HostTensor::from_tensor(v).to_tensor::<2>(&self.device)),
-            tokens: None,
+            tokens: c.tokens.as_ref().map(|s| Tokens {
+                embeddings: HostTensor::from_tensor(s.embeddings.clone()).to_tensor::<3>(&self.device),
+                mask: HostTensor::from_tensor(s.mask.clone()).to_tensor::<2>(&self.device),
+            }),
         };
         let mut ensemble = self.ensemble.borrow_mut();
         let v = ensemble.drift(x, tt, &cc).context("the teacher failed")?;
@@ -220,11 +223,16 @@ pub fn registry_teacher<'a>(
             reg.dir.display()
         );
     }
-    // The student's condition reaches every expert: its classes, its vectors (or their null).
+    // The student's condition reaches every expert: its classes, vectors and token sequences (or
+    // their null).
     let classes = reg.expert_classes()?;
     let guidance = Guidance {
         max_class: classes.checked_sub(1),
-        vectors: reg.index.experts.values().any(|e| e.condition_dim.is_some()),
+        vectors: reg
+            .index
+            .experts
+            .values()
+            .any(|e| e.condition_dim.is_some() || e.token_dim.is_some()),
         scale: 1.0,
     };
     let experts = (0..k)
@@ -330,14 +338,9 @@ impl Task for DistillTask<'_> {
         rng: &mut ChaCha8Rng,
     ) -> anyhow::Result<Tensor<1>> {
         let (_, t, x_t) = ddm_trainer::task::noise(&batch.x0, config, rng);
-        let y =
-            ddm_trainer::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
-        let vector = (net_config.condition_dim() > 0)
-            .then(|| ddm_trainer::task::dropped_vectors(&batch, config.class_dropout, rng));
-        let c = Condition {
-            vector,
-            ..Condition::maybe_class(y)
-        };
+        // The student's condition, dropped, is the teacher's: the student learns the teacher's
+        // field given what the student reads (its null condition for what it does not).
+        let c = ddm_trainer::task::dropped_condition(&batch, net_config, config.class_dropout, rng);
         let target = self.teacher.velocity(&x_t, &t, &c, batch.targets)?;
         let v = net.predict(x_t, t, &c);
         let diff = v - target;
@@ -356,7 +359,8 @@ impl Task for DistillTask<'_> {
         meta.partition = self.partition.clone();
         meta.latent = self.latent.clone();
         meta.condition_dim = Some(net_config.condition_dim()).filter(|&d| d > 0);
-        meta.text = self.text.clone().filter(|_| meta.condition_dim.is_some());
+        let reads_text = meta.condition_dim.is_some() || net_config.token_dim() > 0;
+        meta.text = self.text.clone().filter(|_| reads_text);
         meta.source = Some(format!(
             "ddm distill: a student of the {}",
             self.teacher.description
@@ -397,4 +401,45 @@ pub fn partition_data(partition: &ddm_datasets::partition::Partition) -> anyhow:
         targets: Some(clusters),
         fingerprint: partition.fingerprint().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ddm_core::flow::{VelocityError, VelocityField};
+
+    /// A field whose velocity is each sample's count of caption tokens (0 without a caption).
+    struct CountsTokens;
+
+    impl VelocityField<2> for CountsTokens {
+        fn velocity(&self, x_t: Tensor<2>, _t: Tensor<1>, c: &Condition) -> Result<Tensor<2>, VelocityError> {
+            let [n, d] = x_t.dims();
+            Ok(match &c.tokens {
+                None => x_t.zeros_like(),
+                Some(s) => s.mask.clone().sum_dim(1).expand([n, d]), // [N, 1] -> [N, X]
+            })
+        }
+    }
+
+    /// The student's token sequences reach the teacher's experts (a PixArt teacher reads them).
+    #[test]
+    fn the_teacher_reads_the_students_token_sequences() {
+        let device = ddm_core::device::cpu();
+        let teacher = Teacher::new(
+            vec![ExpertSlot::ready(Box::new(CountsTokens))],
+            None,
+            Target::OwnCluster,
+            &device,
+            vec![1.0],
+            0.0,
+            "a test teacher".into(),
+        )
+        .unwrap();
+        let x = Tensor::<2>::zeros([2, 3], &device);
+        let t = Tensor::<1>::ones([2], &device);
+        let mask = Tensor::<2>::from_floats([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]], &device);
+        let c = Condition::tokens(Tensor::<3>::ones([2, 4, 5], &device), mask);
+        let v = teacher.velocity(&x, &t, &c, Some(&[0, 0])).unwrap();
+        assert_eq!(HostTensor::from_tensor(v).data, vec![2.0, 2.0, 2.0, 3.0, 3.0, 3.0]);
+    }
 }

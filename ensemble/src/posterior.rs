@@ -17,9 +17,14 @@ pub trait Posterior {
     fn condition_dim(&self) -> Option<usize> {
         None
     }
+    /// The width of the token states it reads (None: it reads no token sequences).
+    fn token_dim(&self) -> Option<usize> {
+        None
+    }
     /// # Shapes
     /// - `x_t`: `[N, X]`, `t`: `[N]`, `c`: the N samples' condition (a class id `[N]`, the null
-    ///   class = `classes()`; vectors `[N, Dc]`) -> N rows of K probabilities
+    ///   class = `classes()`; vectors `[N, Dc]`; token sequences `[N, L, Dt]` + `[N, L]`) -> N
+    ///   rows of K probabilities
     fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, c: &Condition) -> Vec<Vec<f64>>;
 }
 
@@ -42,10 +47,12 @@ impl Posterior for LearnedRouter {
         self.net.condition_dim()
     }
 
+    fn token_dim(&self) -> Option<usize> {
+        self.net.token_dim()
+    }
+
     fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, c: &Condition) -> Vec<Vec<f64>> {
-        let logits = self
-            .net
-            .logits(x_t.clone(), t.clone(), c.class.clone(), c.vector.clone());
+        let logits = self.net.logits(x_t.clone(), t.clone(), c);
         let p = HostTensor::from_tensor(softmax(logits, 1)); // device sync
         p.data
             .chunks(self.k)
@@ -63,7 +70,8 @@ impl Posterior for AnalyticRouter {
         AnalyticRouter::classes(self)
     }
 
-    /// Conditioning vectors are ignored: the analytic router has no model of p(k | c) for them.
+    /// Conditioning vectors and token sequences are ignored: the analytic router has no model of
+    /// p(k | c) for them.
     fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, c: &Condition) -> Vec<Vec<f64>> {
         let x = HostTensor::from_tensor(x_t.clone());
         let t = HostTensor::from_tensor(t.clone()).data;

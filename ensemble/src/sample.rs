@@ -255,6 +255,9 @@ pub struct Report {
     pub router_sees_class: bool,
     /// Whether the router saw per-sample conditioning vectors (`--condition`).
     pub router_sees_vectors: bool,
+    /// Whether the router saw per-sample token sequences (`--condition`'s `c_tokens`, or
+    /// `--prompt`).
+    pub router_sees_tokens: bool,
     /// Router evaluations per sample (steps for most strategies, 1 for `trajectory`).
     pub router_calls_per_sample: f64,
     pub n: usize,
@@ -434,8 +437,9 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             let (c, what) = input.read(reg.index.text.as_ref())?;
             let dims = (router.as_deref(), experts_vector_dim(&reg)?);
             let reads_vectors = dims.1.is_some() || dims.0.is_some_and(|r| r.condition_dim().is_some());
-            // PixArt experts read the token sequences; vectors go to whoever reads them.
-            let tokens = match experts_token_dim(&reg)? {
+            // Token sequences go to PixArt experts and a router that reads them; vectors to
+            // whoever reads them.
+            let tokens = match token_width(router.as_deref(), experts_token_dim(&reg)?)? {
                 Some(dt) => {
                     c.check_tokens(&what, o.n, dt)?;
                     c.tokens
@@ -451,6 +455,8 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     };
     let router_sees_vectors = condition.as_ref().is_some_and(|c| c.vectors.is_some())
         && router.as_ref().is_some_and(|r| r.condition_dim().is_some());
+    let router_sees_tokens = condition.as_ref().is_some_and(|c| c.tokens.is_some())
+        && router.as_ref().is_some_and(|r| r.token_dim().is_some());
     let strategy = o
         .strategy
         .unwrap_or_else(|| Strategy::default_for(router_sees_class));
@@ -478,6 +484,7 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
             shape,
             router_sees_class,
             router_sees_vectors,
+            router_sees_tokens,
             condition,
             decoder,
         },
@@ -531,6 +538,17 @@ fn experts_width(
 /// that disagree are refused.
 fn experts_token_dim(reg: &Registry) -> anyhow::Result<Option<usize>> {
     experts_width(reg, |e| e.token_dim, "token sequences", "a caption")
+}
+
+/// The width of the token states the router and the experts read (None: neither reads token
+/// sequences); the two must agree.
+fn token_width(router: Option<&dyn Posterior>, experts: Option<usize>) -> anyhow::Result<Option<usize>> {
+    match (router.and_then(|r| r.token_dim()), experts) {
+        (Some(r), Some(e)) if r != e => {
+            bail!("the router reads token states of width {r}, the experts of width {e}")
+        }
+        (r, e) => Ok(r.or(e)),
+    }
 }
 
 /// `prompts` through the text encoder at `text_encoder` (pooled vectors and token states): sample
@@ -786,6 +804,7 @@ fn sample_checkpoint(
             shape: meta.data.shape.clone(),
             router_sees_class: false,
             router_sees_vectors: false,
+            router_sees_tokens: false,
             condition,
             decoder,
         },
@@ -805,6 +824,7 @@ struct Sampled<'a> {
     shape: Vec<usize>,
     router_sees_class: bool,
     router_sees_vectors: bool,
+    router_sees_tokens: bool,
     /// The per-sample condition (the router's and the experts' vectors, the experts' token
     /// sequences), row i for sample i.
     condition: Option<ConditionTensors>,
@@ -984,6 +1004,7 @@ fn report(o: &SampleOptions, s: &Sampled<'_>, seconds: f64, tensors: PathBuf) ->
         guidance: (o.class.is_some() || o.condition.is_some()).then_some(o.guidance),
         router_sees_class: s.router_sees_class,
         router_sees_vectors: s.router_sees_vectors,
+        router_sees_tokens: s.router_sees_tokens,
         router_calls_per_sample: router_rows as f64 / o.n.max(1) as f64,
         strategy: s.strategy.to_string(),
         router: match (s.strategy.uses_router(), o.router) {

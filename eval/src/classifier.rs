@@ -18,7 +18,8 @@ use ddm_core::host::{HostTensor, TensorFile};
 use ddm_core::model::ModelConfig;
 use ddm_core::params::{ParamSource, StateLoader};
 use ddm_datasets::Dataset;
-use ddm_router::net::RouterNet;
+use ddm_core::condition::Condition;
+use ddm_router::net::{RouterInputs, RouterNet};
 use ddm_trainer::config::TrainConfig;
 use ddm_trainer::router::{cross_entropy, network_config};
 use ddm_trainer::task::{Batch, Task, TrainData};
@@ -50,7 +51,7 @@ impl Classifier {
     pub fn logits(&self, x: Tensor<2>) -> Tensor<2> {
         let [n, _] = x.dims();
         let t = self.t_zero(n, &x.device());
-        self.net.logits(x, t, None, None)
+        self.net.logits(x, t, &Condition::none())
     }
 
     /// # Shapes
@@ -58,7 +59,7 @@ impl Classifier {
     pub fn features(&self, x: Tensor<2>) -> Tensor<2> {
         let [n, _] = x.dims();
         let t = self.t_zero(n, &x.device());
-        self.net.features(x, t, None, None)
+        self.net.features(x, t, &Condition::none())
     }
 }
 
@@ -108,7 +109,7 @@ fn build(config: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<Cla
         mlp => mlp.clone(),
     };
     Ok(Classifier {
-        net: RouterNet::build(&trunk, classes, None, src)?,
+        net: RouterNet::build(&trunk, classes, RouterInputs::default(), src)?,
     })
 }
 

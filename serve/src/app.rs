@@ -72,7 +72,7 @@ struct RouterModel(RouterNet, Device);
 impl Forward for RouterModel {
     fn forward(&self, r: &Request) -> Result<HostTensor, VelocityError> {
         let (x, t, c) = tensors(r, &self.1);
-        Ok(HostTensor::from_tensor(self.0.logits(x, t, c.class, c.vector)))
+        Ok(HostTensor::from_tensor(self.0.logits(x, t, &c)))
     }
 }
 

@@ -229,13 +229,27 @@ pub(crate) async fn router_logits(State(app): State<Arc<App>>, body: Bytes) -> R
     let model = &served.meta.model;
     check_classes(&r.y, model.num_classes(), model.has_null_class(), "the router")?;
     match (served.meta.condition_dim, &r.c) {
+        (None, Some(_)) => {
+            return Err(ServeError::BadRequest(
+                "the router reads no conditioning vectors".into(),
+            ));
+        }
+        (Some(d), Some(c)) if c.shape[1] != d => {
+            return Err(ServeError::BadRequest(format!(
+                "c has {} columns; the router reads {d}",
+                c.shape[1]
+            )));
+        }
+        _ => {} // no vectors: the zero vector, the null condition
+    }
+    match (served.meta.condition_token_dim, &r.tokens) {
         (None, Some(_)) => Err(ServeError::BadRequest(
-            "the router reads no conditioning vectors".into(),
+            "the router reads no token sequences: send no c_tokens".into(),
         )),
-        (Some(d), Some(c)) if c.shape[1] != d => Err(ServeError::BadRequest(format!(
-            "c has {} columns; the router reads {d}",
-            c.shape[1]
+        (Some(d), Some((e, _))) if e.shape[2] != d => Err(ServeError::BadRequest(format!(
+            "c_tokens has width {}; the router reads tokens of width {d}",
+            e.shape[2]
         ))),
-        _ => run(&app, batcher, r, "logits").await,
+        _ => run(&app, batcher, r, "logits").await, // no tokens: the null caption
     }
 }

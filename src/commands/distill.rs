@@ -55,6 +55,7 @@ pub struct DistillArgs {
 const EXAMPLES: &str = "Examples:
   ddm distill --registry reg --partition part --out student --model DiT-T/4 --steps 4000
   ddm distill --registry reg --partition part --out student-full --teacher routed --strategy full
+  ddm distill --registry pixart-reg --partition part-of-captions --out student --model PixArt-XS/2 --class-dropout 0.1
   ddm sample --checkpoint student/expert.safetensors --n 64 --out student.png";
 
 pub fn run(args: DistillArgs) -> anyhow::Result<u8> {
@@ -92,18 +93,26 @@ pub fn run(args: DistillArgs) -> anyhow::Result<u8> {
     }
     let classes = reg.expert_classes()?;
     let vectors = reg.index.experts.values().any(|e| e.condition_dim.is_some());
+    let tokens = reg.index.experts.values().any(|e| e.token_dim.is_some());
     let mut config = config;
-    // The student sees what the experts see: the class, the conditioning vectors.
+    // The student sees what the experts see: the class, the conditioning vectors, the caption's
+    // tokens (a PixArt student reads them from the partition's data).
     config.class_conditional |= classes > 0;
     config.condition_vectors |= vectors;
-    if (classes > 0 || vectors) && config.class_dropout > 0.0 {
+    if tokens && !config.model.starts_with("PixArt-") {
+        bail!(
+            "the experts are PixArts reading each caption's token sequence, and --model {} reads none: distill into a PixArt (--model PixArt-XS/2, or another PixArt-<size>/<patch>)",
+            config.model
+        );
+    }
+    if (classes > 0 || vectors || tokens) && config.class_dropout > 0.0 {
         // The student's dropped conditions reach the experts as the null class and the zero
         // vector: they must have learnt them.
         if let Some((&k, _)) = reg.index.experts.iter().find(|(_, e)| e.remote.is_none()) {
             let (_, ckpt) = reg.verified_checkpoint(ddm_ensemble::registry::claims::Claim::Expert(k))?;
             if !ckpt.meta.model.has_null_condition() {
                 bail!(
-                    "the experts were trained without condition dropout (no null class or null vector): distill with --class-dropout 0"
+                    "the experts were trained without condition dropout (no null class, vector or caption): distill with --class-dropout 0"
                 );
             }
         }

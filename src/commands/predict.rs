@@ -2,8 +2,10 @@
 //!
 //! Input: a safetensors file with `x_t` `[N, ...]` (the model's data shape), `t` `[N]` (flow time in
 //! [0, 1], t = 0 data) and, for class-conditional models, `y` `[N]` (int; the null class is
-//! `num_classes`). Output: a safetensors file with `v`, the velocity. Epsilon experts are converted
-//! to velocity (see `ddm_core::flow::EpsilonToVelocity`).
+//! `num_classes`); for models that read them, `c` `[N, Dc]` or `c_tokens` `[N, L, Dt]` with
+//! `c_mask` `[N, L]` (absent: the null condition). Output: a safetensors file with `v`, the
+//! velocity, or a router's `logits`. Epsilon experts are converted to velocity (see
+//! `ddm_core::flow::EpsilonToVelocity`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,12 +18,14 @@ use ddm_core::condition::Condition;
 use ddm_core::flow::{EpsilonToVelocity, VelocityField};
 use ddm_core::host::{HostTensor, TensorFile, write_tensors};
 use ddm_core::model::check_data_shape;
+use ddm_router::net::RouterInputs;
 
 use super::DeviceArgs;
 
 /// Evaluate a checkpoint on inputs from a file (for debugging and for comparing with other
 /// frameworks). Experts write the velocity `v`; routers write cluster `logits` [N, K] (a
-/// conditioned router reads `y`, or routes without the class when it is absent).
+/// conditioned router reads `y`, or routes without the class when it is absent; `c` [N, Dc] or
+/// `c_tokens` [N, L, Dt] with `c_mask` [N, L] for a router that reads vectors or tokens).
 #[derive(Args, Debug)]
 #[command(
     after_help = "Examples:\n  ddm predict --checkpoint expert.safetensors --input batch.safetensors --out v.safetensors\n  ddm predict --checkpoint router/router.safetensors --input batch.safetensors --out logits.safetensors"
@@ -30,7 +34,8 @@ pub struct PredictArgs {
     /// The checkpoint (`ddm import`, or a trained expert).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Input tensors: `x_t` [N, ...], `t` [N] and optionally `y` [N] (int).
+    /// Input tensors: `x_t` [N, ...], `t` [N] and optionally `y` [N] (int), `c` [N, Dc], or
+    /// `c_tokens` [N, L, Dt] with `c_mask` [N, L].
     #[arg(long)]
     pub input: PathBuf,
     /// Where to write the output tensors (`v`).
@@ -83,11 +88,8 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
                 args.input.display()
             );
         }
-        let c = match input.contains("c") {
-            true => Some(condition_vectors(&input, &args.input, &net, n)?.to_tensor::<2>(&device)),
-            false => None,
-        };
-        let logits = HostTensor::from_tensor(net.logits(x_t, t, y, c));
+        let c = condition(&input, &args.input, y, net.inputs(), n, &device)?;
+        let logits = HostTensor::from_tensor(net.logits(x_t, t, &c));
         write_tensors(
             &args.out,
             &BTreeMap::from([("logits".to_string(), logits)]),
@@ -99,11 +101,17 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let reads = RouterInputs {
+        vector: Some(meta.model.condition_dim()).filter(|&d| d > 0),
+        tokens: Some(meta.model.token_dim()).filter(|&d| d > 0),
+    };
+    let c = condition(&input, &args.input, y, reads, n, &device)?;
     let model = ckpt.model(&args.checkpoint, &device)?;
     let v = match meta.objective {
-        Objective::Velocity => model.velocity(x_t, t, &Condition::maybe_class(y))?,
-        Objective::Epsilon { schedule } => EpsilonToVelocity::new(&model, schedule, meta.data.range)
-            .velocity(x_t, t, &Condition::maybe_class(y))?,
+        Objective::Velocity => model.velocity(x_t, t, &c)?,
+        Objective::Epsilon { schedule } => {
+            EpsilonToVelocity::new(&model, schedule, meta.data.range).velocity(x_t, t, &c)?
+        }
     };
     let v = HostTensor::new(x.shape, HostTensor::from_tensor(v).data);
     write_tensors(
@@ -150,22 +158,53 @@ fn class_ids(
     Ok(Tensor::<1, Int>::from_data(TensorData::new(y.data, [n]), device))
 }
 
-/// The conditioning vectors `c` `[n, Dc]` of the input file, as the router reads them.
-fn condition_vectors(
+/// The condition of the input file's `n` samples: the classes `y`, and the vectors `c` `[n, Dc]`
+/// and token sequences `c_tokens` `[n, L, Dt]` + `c_mask` `[n, L]` where the file has them, each
+/// checked against what the model `reads` (absent: the model reads its null condition).
+fn condition(
     input: &TensorFile,
     file: &std::path::Path,
-    net: &ddm_router::net::RouterNet,
+    y: Option<Tensor<1, Int>>,
+    reads: RouterInputs,
     n: usize,
-) -> anyhow::Result<HostTensor> {
-    let c = input.f32("c")?;
-    let want = net.condition_dim();
-    if want.is_none() || c.shape != [n, want.unwrap_or(0)] {
-        bail!(
-            "{}: `c` has shape {:?}, but the router reads {}",
-            file.display(),
-            c.shape,
-            want.map_or("no conditioning vectors".to_string(), |d| format!("[{n}, {d}]"))
-        );
-    }
-    Ok(c)
+    device: &Device,
+) -> anyhow::Result<Condition> {
+    let vector = match input.contains("c") {
+        false => None,
+        true => {
+            let c = input.f32("c")?;
+            if reads.vector.is_none() || c.shape != [n, reads.vector.unwrap_or(0)] {
+                bail!(
+                    "{}: `c` has shape {:?}, but the model reads {}",
+                    file.display(),
+                    c.shape,
+                    reads
+                        .vector
+                        .map_or("no conditioning vectors".to_string(), |d| format!("[{n}, {d}]"))
+                );
+            }
+            Some(c.to_tensor::<2>(device))
+        }
+    };
+    let tokens = match ddm_datasets::dataset::TokenSequences::read(input, file, n)? {
+        None => None,
+        Some(s) => {
+            let width = s.embeddings.shape[2];
+            if reads.tokens != Some(width) {
+                bail!(
+                    "{}: `c_tokens` holds token states of width {width}, but the model reads {}",
+                    file.display(),
+                    reads
+                        .tokens
+                        .map_or("no token sequences".to_string(), |d| format!("width {d}"))
+                );
+            }
+            Some(s.to_tensors(device))
+        }
+    };
+    Ok(Condition {
+        class: y,
+        vector,
+        tokens,
+    })
 }

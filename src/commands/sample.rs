@@ -104,12 +104,14 @@ pub struct SampleArgs {
     #[arg(long)]
     pub class: Option<Classes>,
     /// The per-sample condition, a safetensors file, row i for sample i: pooled vectors `c`
-    /// [N, Dc] (models trained with --condition-vectors), or token sequences `c_tokens` [N, L,
-    /// Dt] with their mask `c_mask` [N, L] (a PixArt's caption).
+    /// [N, Dc] (models trained with --condition-vectors), and/or token sequences `c_tokens`
+    /// [N, L, Dt] with their mask `c_mask` [N, L] (a PixArt's caption; a router trained with
+    /// --condition-tokens).
     #[arg(long)]
     pub condition: Option<PathBuf>,
-    /// Sample this prompt (every sample): encoded with --text-encoder into the vector that
-    /// models trained with --condition-vectors on `ddm encode-text` output read.
+    /// Sample this prompt (every sample): encoded with --text-encoder into the vector and token
+    /// states that models trained on `ddm encode-text` output read (--condition-vectors,
+    /// --condition-tokens, a PixArt).
     #[arg(long, conflicts_with_all = ["condition", "prompts"], requires = "text_encoder")]
     pub prompt: Option<String>,
     /// Prompts from a file (one a line, or a .jsonl with a `caption` field a line): sample i gets

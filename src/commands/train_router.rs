@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use ddm_datasets::partition::Partition;
+use ddm_router::net::RouterInputs;
 use ddm_trainer::router::{DEFAULT_ROUTER_MODEL, EVAL_FILE, RouterTask};
 use ddm_trainer::router_eval::{RouterEval, tables};
 use ddm_trainer::train::Outcome;
@@ -39,6 +40,12 @@ pub struct TrainRouterArgs {
     /// --class-dropout also zeroes c, so the router learns the unconditional case too.
     #[arg(long)]
     pub condition_vectors: bool,
+    /// Condition on the data's per-sample token sequences (a `tensors:` file's `c_tokens`
+    /// [N, L, Dt] and `c_mask` [N, L], from `ddm encode-text --tokens`; what PixArt experts read):
+    /// each sequence's mean token, padding left out, is projected into the router's conditioning;
+    /// --class-dropout also drops the sequence to padding only, the null caption.
+    #[arg(long)]
+    pub condition_tokens: bool,
     #[command(flatten)]
     pub settings: TrainSettings,
 }
@@ -47,7 +54,8 @@ const EXAMPLES: &str = "Examples:
   ddm train-router --partition part --out router
   ddm train-router --partition part --out router --model DiT-T/4 --steps 4000
   ddm train-router --partition part --out router --class-conditional --class-dropout 0.2
-  ddm train-router --partition part-of-tensors --out router --condition-vectors --model mlp";
+  ddm train-router --partition part-of-tensors --out router --condition-vectors --model mlp
+  ddm train-router --partition part-of-captions --out router --condition-tokens --class-dropout 0.1";
 
 pub fn run(args: TrainRouterArgs) -> anyhow::Result<u8> {
     let mut config = args.settings.resolve_config()?;
@@ -60,7 +68,7 @@ pub fn run(args: TrainRouterArgs) -> anyhow::Result<u8> {
         config.model = DEFAULT_ROUTER_MODEL.into();
     }
     let partition = Partition::open(&args.partition)?;
-    let condition_dim = match args.condition_vectors {
+    let vector = match args.condition_vectors {
         false => None,
         true => Some(partition.condition_dim()?.with_context(|| {
             format!(
@@ -69,11 +77,20 @@ pub fn run(args: TrainRouterArgs) -> anyhow::Result<u8> {
             )
         })?),
     };
+    let tokens = match args.condition_tokens {
+        false => None,
+        true => Some(partition.token_dim()?.with_context(|| {
+            format!(
+                "{}: --condition-tokens, but the partition's data has no token sequences (`c_tokens` and `c_mask` in a tensors: file: ddm encode-text --tokens --data)",
+                args.partition.display()
+            )
+        })?),
+    };
     let task = RouterTask {
         partition,
         expert_model: args.expert_model.clone(),
         eval_samples: args.eval_samples,
-        condition_dim,
+        inputs: RouterInputs { vector, tokens },
     };
     let outcome = train(&task, &args.settings, config, &args.out)?;
     if let Outcome::Finished { .. } = outcome {

@@ -69,16 +69,7 @@ impl Task for ExpertTask {
         rng: &mut ChaCha8Rng,
     ) -> anyhow::Result<Tensor<1>> {
         let (e, t, x_t) = crate::task::noise(&batch.x0, config, rng);
-        let y = crate::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
-        let vector = (net_config.condition_dim() > 0)
-            .then(|| crate::task::dropped_vectors(&batch, config.class_dropout, rng));
-        let tokens = (net_config.token_dim() > 0)
-            .then(|| crate::task::dropped_tokens(&batch, config.class_dropout, rng));
-        let c = Condition {
-            vector,
-            tokens,
-            ..Condition::maybe_class(y)
-        };
+        let c = crate::task::dropped_condition(&batch, net_config, config.class_dropout, rng);
         Ok(match &self.objective {
             Objective::Velocity => {
                 let v = net.predict(x_t, t, &c);

@@ -12,11 +12,12 @@ use anyhow::Context;
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::activation::log_softmax;
 use ddm_core::checkpoint::{Checkpoint, CheckpointMeta, TrainingSummary};
+use ddm_core::condition::Condition;
 use ddm_core::model::ModelConfig;
 use ddm_core::params::ParamSource;
 use ddm_datasets::Dataset;
 use ddm_datasets::partition::Partition;
-use ddm_router::net::{RouterNet, router_config};
+use ddm_router::net::{RouterInputs, RouterNet, router_config};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::TrainConfig;
@@ -68,9 +69,9 @@ pub struct RouterTask {
     pub expert_model: String,
     /// Samples for the evaluation printed at the end.
     pub eval_samples: usize,
-    /// Condition on the data's per-sample conditioning vectors `c` of this length
-    /// ([`Partition::condition_dim`]); None: the router does not read them.
-    pub condition_dim: Option<usize>,
+    /// The data's per-sample conditioning the router reads: vectors `c` of this length
+    /// ([`Partition::condition_dim`]), token sequences of this width ([`Partition::token_dim`]).
+    pub inputs: RouterInputs,
 }
 
 impl Task for RouterTask {
@@ -83,12 +84,21 @@ impl Task for RouterTask {
     fn data(&self) -> anyhow::Result<TrainData> {
         let (data, clusters) = self.partition.all()?;
         let found = data.cond.as_ref().map(|c| c.shape[1]);
-        if self.condition_dim.is_some() && found != self.condition_dim {
+        if self.inputs.vector.is_some() && found != self.inputs.vector {
             anyhow::bail!(
                 "{}: the router is to read conditioning vectors of length {}, but the partition's data has {}",
                 self.partition.dir().display(),
-                self.condition_dim.unwrap_or(0),
+                self.inputs.vector.unwrap_or(0),
                 found.map_or("none".to_string(), |d| format!("vectors of length {d}"))
+            );
+        }
+        let found = data.tokens.as_ref().map(|t| t.embeddings.shape[2]);
+        if self.inputs.tokens.is_some() && found != self.inputs.tokens {
+            anyhow::bail!(
+                "{}: the router is to read token states of width {}, but the partition's data has {}",
+                self.partition.dir().display(),
+                self.inputs.tokens.unwrap_or(0),
+                found.map_or("no token sequences".to_string(), |d| format!("token states of width {d}"))
             );
         }
         Ok(TrainData {
@@ -103,12 +113,7 @@ impl Task for RouterTask {
     }
 
     fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<RouterNet> {
-        Ok(RouterNet::build(
-            net,
-            self.partition.k(),
-            self.condition_dim,
-            src,
-        )?)
+        Ok(RouterNet::build(net, self.partition.k(), self.inputs, src)?)
     }
 
     fn loss(
@@ -121,11 +126,19 @@ impl Task for RouterTask {
     ) -> anyhow::Result<Tensor<1>> {
         let (_, t, x_t) = crate::task::noise(&batch.x0, config, rng);
         let targets = batch.targets.context("router batches carry cluster ids")?;
-        let y = crate::task::dropped_labels(&batch, net_config.num_classes(), config.class_dropout, rng);
-        let c = self
-            .condition_dim
-            .map(|_| crate::task::dropped_vectors(&batch, config.class_dropout, rng));
-        Ok(cross_entropy(net.logits(x_t, t, y, c), targets))
+        let dropout = config.class_dropout;
+        let c = Condition {
+            class: crate::task::dropped_labels(&batch, net_config.num_classes(), dropout, rng),
+            vector: self
+                .inputs
+                .vector
+                .map(|_| crate::task::dropped_vectors(&batch, dropout, rng)),
+            tokens: self
+                .inputs
+                .tokens
+                .map(|_| crate::task::dropped_tokens(&batch, dropout, rng)),
+        };
+        Ok(cross_entropy(net.logits(x_t, t, &c), targets))
     }
 
     fn finish(
@@ -145,12 +158,13 @@ impl Task for RouterTask {
             priors.clone(),
         );
         meta.source = Some(format!("ddm train-router on {}", manifest.dataset.name));
-        meta.condition_dim = self.condition_dim;
+        meta.condition_dim = self.inputs.vector;
+        meta.condition_token_dim = self.inputs.tokens;
         meta.text = manifest
             .dataset
             .text
             .clone()
-            .filter(|_| self.condition_dim.is_some());
+            .filter(|_| self.inputs != RouterInputs::default());
         meta.latent = manifest.dataset.latent.clone();
         // Cost relative to one expert (per forward pass).
         let expert = TrainConfig {

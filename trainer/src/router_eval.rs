@@ -6,6 +6,7 @@
 
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::activation::softmax;
+use ddm_core::condition::Condition;
 use ddm_core::flow;
 use ddm_core::host::HostTensor;
 use ddm_datasets::Dataset;
@@ -23,7 +24,7 @@ pub struct BinReport {
     pub ece: f64,
     /// Mean total-variation distance between the prediction and the t = 1 ideal: the prior
     /// w_k, or p(k | c) when the router was given the class (None when it was given
-    /// conditioning vectors: their p(k | c) has no count to compare with).
+    /// conditioning vectors or token sequences: their p(k | c) has no count to compare with).
     pub tv_to_prior: Option<f64>,
 }
 
@@ -32,7 +33,7 @@ pub struct BinReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouterEval {
     pub without_class: Vec<BinReport>,
-    /// Given the condition: `class`, `vector` or `class and vector`.
+    /// Given the condition: `class`, `vector`, `tokens`, or several joined by `and`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,8 +80,8 @@ pub fn class_priors(clusters: &[u32], labels: &[u32], k: usize, classes: usize) 
 }
 
 /// Evaluate `net` without the condition, and also with it if the router is conditioned and `data`
-/// has what it reads (labels, conditioning vectors). `n_eval` samples (seeded), 10 t bins plus
-/// t = 1 exactly.
+/// has what it reads (labels, conditioning vectors, token sequences). `n_eval` samples (seeded),
+/// 10 t bins plus t = 1 exactly.
 pub fn evaluate(
     net: &RouterNet,
     data: &Dataset,
@@ -90,42 +91,65 @@ pub fn evaluate(
     seed: u64,
     device: &Device,
 ) -> RouterEval {
-    let labels = data.labels.as_ref().filter(|_| net.classes() > 0);
-    let cond = data.cond.as_ref().filter(|_| net.condition_dim().is_some());
-    let given = match (labels.is_some(), cond.is_some()) {
-        (true, false) => Some("class"),
-        (false, true) => Some("vector"),
-        (true, true) => Some("class and vector"),
-        (false, false) => None,
+    let given = Given {
+        labels: data.labels.as_ref().filter(|_| net.classes() > 0),
+        vectors: data.cond.is_some() && net.condition_dim().is_some(),
+        tokens: data.tokens.is_some() && net.token_dim().is_some(),
     };
-    let with_condition =
-        given.map(|_| evaluate_given(net, data, clusters, k, labels, cond, n_eval, seed, device));
+    let with_condition = given
+        .name()
+        .map(|_| evaluate_given(net, data, clusters, k, given, n_eval, seed, device));
     let without_class = if net.routes_without_class() {
-        evaluate_given(net, data, clusters, k, None, None, n_eval, seed, device)
+        evaluate_given(net, data, clusters, k, Given::default(), n_eval, seed, device)
     } else {
         vec![]
     };
     RouterEval {
         without_class,
-        given: given.map(String::from),
+        given: given.name(),
         with_condition,
     }
 }
 
-/// Evaluate with the classes `labels` and the conditioning vectors `cond` given to the router
-/// (None: not given).
+/// What the router is given of each sample's condition.
+#[derive(Debug, Clone, Copy, Default)]
+struct Given<'a> {
+    /// The classes (None: not given).
+    labels: Option<&'a Vec<u32>>,
+    /// The conditioning vectors.
+    vectors: bool,
+    /// The token sequences.
+    tokens: bool,
+}
+
+impl Given<'_> {
+    /// `class`, `vector`, `tokens` or several joined by `and`; None: nothing is given.
+    fn name(&self) -> Option<String> {
+        let parts: Vec<&str> = [
+            (self.labels.is_some(), "class"),
+            (self.vectors, "vector"),
+            (self.tokens, "tokens"),
+        ]
+        .into_iter()
+        .filter_map(|(given, name)| given.then_some(name))
+        .collect();
+        (!parts.is_empty()).then(|| parts.join(" and "))
+    }
+}
+
+/// Evaluate with the parts of the condition in `given` given to the router.
 #[allow(clippy::too_many_arguments)]
 fn evaluate_given(
     net: &RouterNet,
     data: &Dataset,
     clusters: &[u32],
     k: usize,
-    labels: Option<&Vec<u32>>,
-    cond: Option<&HostTensor>,
+    given: Given<'_>,
     n_eval: usize,
     seed: u64,
     device: &Device,
 ) -> Vec<BinReport> {
+    let labels = given.labels;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n = data.len();
     let idx: Vec<usize> = rand::seq::index::sample(&mut rng, n, n_eval.min(n)).into_vec();
@@ -157,17 +181,25 @@ fn evaluate_given(
             let eb = HostTensor::new(vec![b, per], e.data[r.start * per..r.end * per].to_vec())
                 .to_tensor::<2>(device);
             let tb = Tensor::<1>::from_data(TensorData::new(t[r.clone()].to_vec(), [b]), device);
-            let yb = labels.map(|l| {
-                let y: Vec<i64> = idx[r.clone()].iter().map(|&s| l[s] as i64).collect();
-                Tensor::<1, Int>::from_data(TensorData::new(y, [b]), device)
-            });
-            let cb = cond.map(|_| {
-                data.gather_cond(&idx[r.clone()])
-                    .expect("the data has conditioning vectors")
-                    .to_tensor::<2>(device)
-            });
+            let rows = &idx[r.clone()];
+            let c = Condition {
+                class: labels.map(|l| {
+                    let y: Vec<i64> = rows.iter().map(|&s| l[s] as i64).collect();
+                    Tensor::<1, Int>::from_data(TensorData::new(y, [b]), device)
+                }),
+                vector: given
+                    .vectors
+                    .then(|| data.gather_cond(rows))
+                    .flatten()
+                    .map(|c| c.to_tensor::<2>(device)),
+                tokens: given
+                    .tokens
+                    .then(|| data.gather_tokens(rows))
+                    .flatten()
+                    .map(|t| t.to_tensors(device)),
+            };
             let x_t = flow::interpolate(x0b, eb, tb.clone());
-            probs.extend(HostTensor::from_tensor(softmax(net.logits(x_t, tb, yb, cb), 1)).data);
+            probs.extend(HostTensor::from_tensor(softmax(net.logits(x_t, tb, &c), 1)).data);
         }
         let (mut correct, mut ce, mut tv) = (0usize, 0f64, 0f64);
         let mut conf_bins = vec![(0f64, 0f64, 0usize); 10]; // (sum conf, sum correct, count)
@@ -203,7 +235,7 @@ fn evaluate_given(
             accuracy: correct as f64 / m,
             cross_entropy: ce / m,
             ece,
-            tv_to_prior: cond.is_none().then_some(tv / m),
+            tv_to_prior: (!given.vectors && !given.tokens).then_some(tv / m),
         });
     }
     out

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use ddm_core::burn::module::Module;
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::TrainingSummary;
-use ddm_core::condition::Tokens;
+use ddm_core::condition::{Condition, Tokens};
 use ddm_core::host::HostTensor;
 use ddm_core::model::{Model, ModelConfig};
 use ddm_core::params::ParamSource;
@@ -111,6 +111,25 @@ pub fn dropped_tokens(batch: &Batch<'_>, dropout: f64, rng: &mut ChaCha8Rng) -> 
     Tokens {
         embeddings: embeddings * keep.clone().reshape([b, 1, 1]),
         mask: mask * keep.reshape([b, 1]),
+    }
+}
+
+/// The batch's condition as a network of `config` reads it (its classes, vectors and token
+/// sequences; none of those it does not read), each part dropped to its null with probability
+/// `dropout` (drawn from `rng` in that order).
+pub fn dropped_condition(
+    batch: &Batch<'_>,
+    config: &ModelConfig,
+    dropout: f64,
+    rng: &mut ChaCha8Rng,
+) -> Condition {
+    let class = dropped_labels(batch, config.num_classes(), dropout, rng);
+    let vector = (config.condition_dim() > 0).then(|| dropped_vectors(batch, dropout, rng));
+    let tokens = (config.token_dim() > 0).then(|| dropped_tokens(batch, dropout, rng));
+    Condition {
+        class,
+        vector,
+        tokens,
     }
 }
 

@@ -166,10 +166,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         let x0 = HostTensor::new(vec![b, per_sample], data.gather(&idx)).to_tensor::<2>(&train_device);
         let labels = data.gather_labels(&idx);
         let cond = data.gather_cond(&idx).map(|c| c.to_tensor::<2>(&train_device));
-        let tokens = data.gather_tokens(&idx).map(|s| ddm_core::condition::Tokens {
-            embeddings: s.embeddings.to_tensor::<3>(&train_device),
-            mask: s.mask.to_tensor::<2>(&train_device),
-        });
+        let tokens = data.gather_tokens(&idx).map(|s| s.to_tensors(&train_device));
         let batch_targets: Option<Vec<u32>> = targets.as_ref().map(|t| idx.iter().map(|&i| t[i]).collect());
         // 2. The task's loss (noise, times, labels drawn from the run's RNG).
         let batch = Batch {

@@ -5,12 +5,15 @@ use std::path::{Path, PathBuf};
 
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::activation::softmax;
+use ddm_core::condition::Condition;
 use ddm_core::gmm::GaussianMixture;
 use ddm_core::host::HostTensor;
 use ddm_core::stats::ClusterStats;
+use ddm_datasets::dataset::TokenSequences;
 use ddm_datasets::features::{Distance, FeatureMethod};
 use ddm_datasets::partition::{self, Algorithm, Partition, PartitionConfig, PartitionManifest};
 use ddm_router::analytic::AnalyticRouter;
+use ddm_router::net::RouterInputs;
 use ddm_trainer::config::TrainConfig;
 use ddm_trainer::router::RouterTask;
 use ddm_trainer::train::Run;
@@ -119,7 +122,7 @@ fn kl_by_bin(router: &dyn Fn(&[f64], f64) -> Vec<f64>, g: &GaussianMixture) -> V
 fn train_mlp_router(
     dir: &Path,
     partition: Partition,
-    condition_dim: Option<usize>,
+    inputs: RouterInputs,
     tweak: impl FnOnce(&mut TrainConfig),
 ) -> PathBuf {
     let mut config = TrainConfig {
@@ -140,7 +143,7 @@ fn train_mlp_router(
         partition,
         expert_model: "mlp".into(),
         eval_samples: 500,
-        condition_dim,
+        inputs,
     };
     let run = Run {
         out: out.clone(),
@@ -159,7 +162,7 @@ fn trained_router_matches_the_posterior_and_broken_ones_do_not() {
     let dir = tempfile::tempdir().unwrap();
     let (part, manifest, component) = partition_of(dir.path(), 8000);
     let g = mixture();
-    let out = train_mlp_router(dir.path(), Partition::open(&part).unwrap(), None, |_| {});
+    let out = train_mlp_router(dir.path(), Partition::open(&part).unwrap(), RouterInputs::default(), |_| {});
 
     let device = ddm_core::device::cpu();
     let (meta, net) = ddm_router::load_checked(&out.join("router.safetensors"), &manifest, &device).unwrap();
@@ -168,7 +171,7 @@ fn trained_router_matches_the_posterior_and_broken_ones_do_not() {
     let trained = |x: &[f64], t: f64| -> Vec<f64> {
         let xt = HostTensor::new(vec![1, 2], x.iter().map(|&v| v as f32).collect()).to_tensor::<2>(&device);
         let tt = Tensor::<1>::from_floats([t as f32], &device);
-        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, None, None), 1)).data;
+        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, &Condition::none()), 1)).data;
         let mut q = vec![0.0; 4];
         for (k, &c) in component.iter().enumerate() {
             q[c] = p[k] as f64;
@@ -245,7 +248,7 @@ fn a_router_of_another_partition_or_k_is_refused() {
         partition: Partition::open(&part).unwrap(),
         expert_model: "mlp".into(),
         eval_samples: 100,
-        condition_dim: None,
+        inputs: RouterInputs::default(),
     };
     let run = Run {
         out: out.clone(),
@@ -297,12 +300,16 @@ fn exact_class_priors(g: &GaussianMixture) -> Vec<Vec<f64>> {
 /// A k-means partition of mixture samples labelled with 3 classes drawn from p(c | k), and the
 /// component behind each cluster (the mixture mean nearest the cluster's mean).
 fn labelled_partition(dir: &Path, n: usize) -> (PathBuf, PartitionManifest, Vec<usize>) {
-    labelled_partition_with(dir, n, false)
+    labelled_partition_with(dir, n, Conditioning::Labels)
 }
 
 /// [`labelled_partition`], and with `vectors` each sample also carries a conditioning vector:
 /// its class one-hot plus N(0, 0.1^2) noise (`c` `[N, 3]`).
-fn labelled_partition_with(dir: &Path, n: usize, vectors: bool) -> (PathBuf, PartitionManifest, Vec<usize>) {
+fn labelled_partition_with(
+    dir: &Path,
+    n: usize,
+    conditioning: Conditioning,
+) -> (PathBuf, PartitionManifest, Vec<usize>) {
     use rand::Rng;
     let spec: ddm_datasets::mixture::MixtureSpec =
         serde_json::from_value(serde_json::json!({"weights": [0.1, 0.2, 0.3, 0.4],
@@ -325,17 +332,20 @@ fn labelled_partition_with(dir: &Path, n: usize, vectors: bool) -> (PathBuf, Par
     d.labels = Some(labels.collect());
     d.num_classes = Some(3);
     d.class_names = None;
-    if vectors {
-        let noise = ddm_core::flow::randn(vec![n, 3], &mut rng);
-        let c: Vec<f32> = d
-            .labels
-            .as_ref()
-            .unwrap()
-            .iter()
-            .zip(noise.data.chunks(3))
-            .flat_map(|(&l, e)| (0..3).map(move |j| (j == l as usize) as u8 as f32 + 0.1 * e[j]))
-            .collect();
-        d.cond = Some(HostTensor::new(vec![n, 3], c));
+    // Each label as a noisy one-hot vector.
+    let noise = ddm_core::flow::randn(vec![n, 3], &mut rng);
+    let one_hots: Vec<f32> = d
+        .labels
+        .as_ref()
+        .unwrap()
+        .iter()
+        .zip(noise.data.chunks(3))
+        .flat_map(|(&l, e)| (0..3).map(move |j| (j == l as usize) as u8 as f32 + 0.1 * e[j]))
+        .collect();
+    match conditioning {
+        Conditioning::Labels => {}
+        Conditioning::Vectors => d.cond = Some(HostTensor::new(vec![n, 3], one_hots)),
+        Conditioning::Tokens => d.tokens = Some(token_sequences(&one_hots, &mut rng)),
     }
     let c = PartitionConfig {
         k: 4,
@@ -364,6 +374,43 @@ fn labelled_partition_with(dir: &Path, n: usize, vectors: bool) -> (PathBuf, Par
         })
         .collect();
     (out, m, component)
+}
+
+/// What a labelled partition's samples carry of their label besides the label itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Conditioning {
+    Labels,
+    /// A noisy one-hot vector `c` `[3]`.
+    Vectors,
+    /// A sequence of L = 4 token slots: 1 to 3 tokens, one of them the noisy one-hot and the
+    /// others small noise, then padding that holds large junk (masked out, so it must not count).
+    Tokens,
+}
+
+/// Token sequences `[N, 4, 3]` + mask `[N, 4]` that carry the rows of `one_hots` `[N, 3]` as
+/// [`Conditioning::Tokens`] says.
+fn token_sequences(one_hots: &[f32], rng: &mut rand_chacha::ChaCha8Rng) -> TokenSequences {
+    use rand::Rng;
+    const L: usize = 4;
+    let n = one_hots.len() / 3;
+    let (mut embeddings, mut mask) = (vec![0f32; n * L * 3], vec![0f32; n * L]);
+    for (i, one_hot) in one_hots.chunks(3).enumerate() {
+        let len = rng.random_range(1..L);
+        let at = rng.random_range(0..len);
+        for j in 0..L {
+            let token: [f32; 3] = match j {
+                _ if j == at => [one_hot[0], one_hot[1], one_hot[2]],
+                _ if j < len => [0.0; 3].map(|_| 0.1 * (rng.random::<f32>() - 0.5)),
+                _ => [0.0; 3].map(|_| 5.0 * rng.random::<f32>()),
+            };
+            embeddings[(i * L + j) * 3..(i * L + j + 1) * 3].copy_from_slice(&token);
+            mask[i * L + j] = (j < len) as u8 as f32;
+        }
+    }
+    TokenSequences {
+        embeddings: HostTensor::new(vec![n, L, 3], embeddings),
+        mask: HostTensor::new(vec![n, L], mask),
+    }
 }
 
 /// The conditioned analytic router (label counts from each island) is the closed-form
@@ -429,7 +476,7 @@ fn conditioned_router_learns_p_k_given_c() {
     let (part, manifest, component) = labelled_partition(dir.path(), 8000);
     let g = mixture();
     let pkc = exact_class_priors(&g);
-    let out = train_mlp_router(dir.path(), Partition::open(&part).unwrap(), None, |c| {
+    let out = train_mlp_router(dir.path(), Partition::open(&part).unwrap(), RouterInputs::default(), |c| {
         c.class_conditional = true;
         c.class_dropout = 0.2;
     });
@@ -441,7 +488,7 @@ fn conditioned_router_learns_p_k_given_c() {
         let xt = HostTensor::new(vec![1, 2], x.iter().map(|&v| v as f32).collect()).to_tensor::<2>(&device);
         let tt = Tensor::<1>::from_floats([t as f32], &device);
         let y = c.map(|c| Tensor::<1, Int>::from_data(TensorData::new(vec![c], [1]), &device));
-        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, y, None), 1)).data;
+        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, &Condition::maybe_class(y)), 1)).data;
         let mut q = vec![0.0; 4];
         for (k, &comp) in component.iter().enumerate() {
             q[comp] = p[k] as f64;
@@ -519,12 +566,16 @@ fn conditioned_router_learns_p_k_given_c() {
 #[test]
 fn vector_conditioned_router_learns_p_k_given_c() {
     let dir = tempfile::tempdir().unwrap();
-    let (part, manifest, component) = labelled_partition_with(dir.path(), 8000, true);
+    let (part, manifest, component) = labelled_partition_with(dir.path(), 8000, Conditioning::Vectors);
     let g = mixture();
     let pkc = exact_class_priors(&g);
     let partition = Partition::open(&part).unwrap();
     assert_eq!(partition.condition_dim().unwrap(), Some(3));
-    let out = train_mlp_router(dir.path(), partition, Some(3), |c| c.class_dropout = 0.2);
+    let inputs = RouterInputs {
+        vector: Some(3),
+        tokens: None,
+    };
+    let out = train_mlp_router(dir.path(), partition, inputs, |c| c.class_dropout = 0.2);
     let device = ddm_core::device::cpu();
     let (meta, net) = ddm_router::load_checked(&out.join("router.safetensors"), &manifest, &device).unwrap();
     assert_eq!(
@@ -535,7 +586,7 @@ fn vector_conditioned_router_learns_p_k_given_c() {
         let xt = Tensor::<2>::from_floats([[0.3, -0.2]], &device);
         let tt = Tensor::<1>::from_floats([1.0], &device);
         let c = Tensor::<2>::from_floats([c], &device);
-        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, None, Some(c)), 1)).data;
+        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, &Condition::vector(c)), 1)).data;
         let mut q = vec![0.0; 4];
         for (k, &comp) in component.iter().enumerate() {
             q[comp] = p[k] as f64;
@@ -565,6 +616,84 @@ fn vector_conditioned_router_learns_p_k_given_c() {
     let (data, clusters) = Partition::open(&part).unwrap().all().unwrap();
     let report = ddm_trainer::router_eval::evaluate(&net, &data, &clusters, 4, 1000, 0, &device);
     assert_eq!(report.given.as_deref(), Some("vector"));
+    let with = report.with_condition.as_ref().unwrap();
+    assert!(with[10].tv_to_prior.is_none());
+    assert!(
+        with[10].accuracy > report.without_class[10].accuracy + 0.1,
+        "{report:?}"
+    );
+}
+
+/// A router conditioned on per-sample token sequences (a noisy class one-hot among small-noise
+/// tokens, padding full of junk; no labels given): at t = 1 it predicts p(k | c) for a class's
+/// sequence and the prior for the all-padding sequence (the null caption condition dropout
+/// trains), and what padding holds changes nothing.
+#[test]
+fn token_conditioned_router_learns_p_k_given_the_caption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (part, manifest, component) = labelled_partition_with(dir.path(), 8000, Conditioning::Tokens);
+    let g = mixture();
+    let pkc = exact_class_priors(&g);
+    let partition = Partition::open(&part).unwrap();
+    assert_eq!(
+        (partition.token_dim().unwrap(), partition.condition_dim().unwrap()),
+        (Some(3), None)
+    );
+    let inputs = RouterInputs {
+        vector: None,
+        tokens: Some(3),
+    };
+    let out = train_mlp_router(dir.path(), partition, inputs, |c| c.class_dropout = 0.2);
+    let device = ddm_core::device::cpu();
+    let (meta, net) = ddm_router::load_checked(&out.join("router.safetensors"), &manifest, &device).unwrap();
+    assert_eq!(
+        (meta.condition_token_dim, meta.condition_dim, net.inputs(), net.classes()),
+        (Some(3), None, inputs, 0)
+    );
+    // Sequences of 4 slots: `tokens` real ones, then padding holding `junk`.
+    let at_noise = |tokens: &[[f32; 3]], junk: f32| -> Vec<f64> {
+        let xt = Tensor::<2>::from_floats([[0.3, -0.2]], &device);
+        let tt = Tensor::<1>::from_floats([1.0], &device);
+        let mut e = [[junk; 3]; 4];
+        e[..tokens.len()].copy_from_slice(tokens);
+        let mask: Vec<f32> = (0..4).map(|j| (j < tokens.len()) as u8 as f32).collect();
+        let c = Condition::tokens(
+            Tensor::<3>::from_floats([e], &device),
+            Tensor::<2>::from_data(TensorData::new(mask, [1, 4]), &device),
+        );
+        let p = HostTensor::from_tensor(softmax(net.logits(xt, tt, &c), 1)).data;
+        let mut q = vec![0.0; 4];
+        for (k, &comp) in component.iter().enumerate() {
+            q[comp] = p[k] as f64;
+        }
+        q
+    };
+    for (class, prior) in pkc.iter().enumerate() {
+        let mut one_hot = [0.0; 3];
+        one_hot[class] = 1.0;
+        let p = at_noise(&[one_hot, [0.0; 3]], 0.0);
+        for (a, b) in p.iter().zip(prior) {
+            assert!(
+                (a - b).abs() < 0.06,
+                "class {class} at t = 1: {p:?} vs p(k | c) {prior:?}"
+            );
+        }
+        let junk = at_noise(&[one_hot, [0.0; 3]], 7.0);
+        let moved = p.iter().zip(&junk).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(moved < 1e-6, "padding's content moved the router by {moved}");
+    }
+    let null = at_noise(&[], 3.0);
+    for (a, w) in null.iter().zip(&g.weights) {
+        assert!(
+            (a - w).abs() < 0.06,
+            "all padding: {null:?} vs prior {:?}",
+            g.weights
+        );
+    }
+    // Its evaluation reports accuracy with the token sequences.
+    let (data, clusters) = Partition::open(&part).unwrap().all().unwrap();
+    let report = ddm_trainer::router_eval::evaluate(&net, &data, &clusters, 4, 1000, 0, &device);
+    assert_eq!(report.given.as_deref(), Some("tokens"));
     let with = report.with_condition.as_ref().unwrap();
     assert!(with[10].tv_to_prior.is_none());
     assert!(

@@ -50,20 +50,33 @@ impl Partition {
         load_shard(&self.dir, &self.manifest, k)
     }
 
-    /// Every shard, concatenated in cluster order, with each sample's cluster id (what a router
-    /// and the monolith baseline train on).
     /// The length of the data's per-sample conditioning vectors `c` (None: the data has none),
     /// read from the first non-empty shard.
     pub fn condition_dim(&self) -> Result<Option<usize>> {
+        Ok(self.first_sample_shard()?.and_then(|s| s.cond.map(|c| c.shape[1])))
+    }
+
+    /// The width Dt of the data's token states (`c_tokens` of a tensors: file), read from the
+    /// first non-empty shard; None: the data has no token sequences.
+    pub fn token_dim(&self) -> Result<Option<usize>> {
+        Ok(self
+            .first_sample_shard()?
+            .and_then(|s| s.tokens.map(|t| t.embeddings.shape[2])))
+    }
+
+    /// The first shard that holds samples (None: every shard is empty).
+    fn first_sample_shard(&self) -> Result<Option<Dataset>> {
         for k in 0..self.k() {
             let shard = self.shard(k)?;
             if !shard.is_empty() {
-                return Ok(shard.cond.map(|c| c.shape[1]));
+                return Ok(Some(shard));
             }
         }
         Ok(None)
     }
 
+    /// Every shard, concatenated in cluster order, with each sample's cluster id (what a router
+    /// and the monolith baseline train on).
     pub fn all(&self) -> Result<(Dataset, Vec<u32>)> {
         let shards = (0..self.k()).map(|k| self.shard(k)).collect::<Result<Vec<_>>>()?;
         let clusters: Vec<u32> = shards

@@ -27,12 +27,12 @@ pub struct Entry {
     /// and in entries registered before ddm recorded it (then read from the blob).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<usize>,
-    /// Width of the conditioning vectors an expert reads (a caption's pooled text embedding);
-    /// absent: none.
+    /// Width of the conditioning vectors an expert or router reads (a caption's pooled text
+    /// embedding); absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub condition_dim: Option<usize>,
     /// Width of the token embeddings an expert reads by cross-attention (a PixArt reading a
-    /// caption's token states); absent: none.
+    /// caption's token states), or a router averages; absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_dim: Option<usize>,
     /// An expert served elsewhere (`ddm serve`): its server's base URL. `sha256` is then the

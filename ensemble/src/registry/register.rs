@@ -87,6 +87,8 @@ enum Item {
         k: usize,
         priors: Option<Vec<f64>>,
         classes: usize,
+        /// Widths of the conditioning vectors and token states it reads (None: none).
+        widths: (Option<usize>, Option<usize>),
     },
     Stats {
         cluster: usize,
@@ -480,6 +482,7 @@ fn check(idx: &Index, origin: &Origin, m: &CheckpointMeta, replace: bool) -> any
                 k,
                 priors,
                 classes,
+                widths: (m.condition_dim, m.condition_token_dim),
             }]))
         }
     }
@@ -592,7 +595,12 @@ fn add(items: Vec<Item>, idx: &mut Index, lines: &mut Vec<Registered>) -> Vec<Bl
                 (*condition_dim, *token_dim),
                 remote.clone(),
             ),
-            Item::Router { blob, classes, .. } => (blob.clone(), Some(*classes), (None, None), None),
+            Item::Router {
+                blob,
+                classes,
+                widths,
+                ..
+            } => (blob.clone(), Some(*classes), *widths, None),
             Item::Stats { blob, .. } | Item::Vae { blob } => (blob.clone(), None, (None, None), None),
         };
         let entry = Entry {

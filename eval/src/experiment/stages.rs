@@ -12,6 +12,7 @@ use ddm_ensemble::registry;
 use ddm_trainer::config::TrainConfig;
 use ddm_trainer::expert::{EXPERT_FILE, ExpertTask};
 use ddm_trainer::island::Target;
+use ddm_router::net::RouterInputs;
 use ddm_trainer::router::{ROUTER_FILE, RouterTask};
 use ddm_trainer::train::Run;
 
@@ -133,7 +134,10 @@ pub(super) fn train_stage(
                     partition: partitions[which].clone(),
                     expert_model: setting.expert.model.clone(),
                     eval_samples: 1000,
-                    condition_dim: text_dim.filter(|_| conditioned),
+                    inputs: RouterInputs {
+                        vector: text_dim.filter(|_| conditioned),
+                        tokens: None,
+                    },
                 },
                 &rout,
                 TrainConfig {
