@@ -853,7 +853,93 @@ fn an_imported_pixart_samples_by_its_captions_tokens() {
     let err = fails(sample("pooled.safetensors", &[]));
     assert!(err.contains("no token sequences"), "{err}");
     let err = fails(sample("a.safetensors", &["--guidance", "2"]));
-    assert!(err.contains("without condition dropout"), "{err}");
+    assert!(
+        err.contains("without condition dropout") && err.contains("--null-caption"),
+        "{err}"
+    );
+
+    // Given its encoder's null caption (one token, then padding), the imported PixArt is guided;
+    // unguided, its samples are those it drew without one.
+    let null = (0..5 * 24).map(|i| if i < 24 { (i as f32 * 0.3).sin() } else { 0.0 });
+    write(
+        d,
+        "null.safetensors",
+        vec![
+            ("c_tokens", HostTensor::new(vec![1, 5, 24], null.collect())),
+            ("c_mask", HostTensor::new(vec![1, 5], vec![1.0, 0.0, 0.0, 0.0, 0.0])),
+        ],
+    );
+    let import_with_null = |null: &str| {
+        ddm(
+            d,
+            &[
+                "import",
+                "--from",
+                "diffusers",
+                src.to_str().unwrap(),
+                "--objective",
+                "epsilon-linear",
+                "--null-caption",
+                null,
+                "--out",
+                "pixart-null.safetensors",
+            ],
+        )
+    };
+    ok(import_with_null("null.safetensors"));
+    let meta = Checkpoint::read(&d.join("pixart-null.safetensors")).unwrap().meta;
+    assert!(meta.model.has_null_condition());
+    let guided = |scale: &str| {
+        ok(ddm(
+            d,
+            &[
+                "sample",
+                "--checkpoint",
+                "pixart-null.safetensors",
+                "--n",
+                "2",
+                "--steps",
+                "4",
+                "--condition",
+                "a.safetensors",
+                "--guidance",
+                scale,
+                "--out",
+                "g.png",
+            ],
+        ));
+        TensorFile::read(&d.join("g.safetensors"))
+            .unwrap()
+            .f32("x0")
+            .unwrap()
+            .data
+    };
+    assert!(max_abs_diff(&guided("1"), &drawn[0]) < 1e-6);
+    assert!(max_abs_diff(&guided("3"), &drawn[0]) > 1e-3, "guidance changed nothing");
+    // A null caption of another width, or of padding only, is refused by name.
+    write(
+        d,
+        "wide-null.safetensors",
+        vec![
+            ("c_tokens", HostTensor::new(vec![1, 5, 32], vec![0.5; 160])),
+            ("c_mask", HostTensor::new(vec![1, 5], vec![1.0, 0.0, 0.0, 0.0, 0.0])),
+        ],
+    );
+    let err = fails(import_with_null("wide-null.safetensors"));
+    assert!(
+        err.contains("wide-null.safetensors") && err.contains("width 32") && err.contains("width 24"),
+        "{err}"
+    );
+    write(
+        d,
+        "padding.safetensors",
+        vec![
+            ("c_tokens", HostTensor::new(vec![1, 5, 24], vec![0.0; 120])),
+            ("c_mask", HostTensor::new(vec![1, 5], vec![0.0; 5])),
+        ],
+    );
+    let err = fails(import_with_null("padding.safetensors"));
+    assert!(err.contains("padding.safetensors: `c_mask` is padding only"), "{err}");
 
     // A PixArt expert joins a registry, which records the width of the tokens it reads.
     write(

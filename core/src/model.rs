@@ -121,13 +121,14 @@ impl ModelConfig {
         }
     }
 
-    /// This PixArt reading token sequences of width `dim` (the caption's token states), each
-    /// replaced by the null sequence with probability `dropout` in training (> 0 gives
-    /// classifier-free guidance its null caption).
-    pub fn with_caption_tokens(self, dim: usize, dropout: f64) -> Result<Self> {
+    /// This PixArt reading token sequences of `length` tokens of width `dim` (the caption's
+    /// token states), each replaced by the null sequence with probability `dropout` in training
+    /// (> 0 gives classifier-free guidance its null caption).
+    pub fn with_caption_tokens(self, dim: usize, length: usize, dropout: f64) -> Result<Self> {
         match self {
             ModelConfig::PixArt(mut c) => {
                 c.caption_channels = dim;
+                c.caption_length = Some(length);
                 c.caption_dropout_prob = dropout;
                 c.validate()?;
                 Ok(ModelConfig::PixArt(c))
@@ -227,7 +228,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Dit(c) => c.class_dropout_prob > 0.0,
             ModelConfig::Mlp(c) => c.class_dropout_prob > 0.0,
-            ModelConfig::PixArt(c) => c.caption_dropout_prob > 0.0,
+            ModelConfig::PixArt(c) => c.caption_dropout_prob > 0.0 || c.null_caption_length.is_some(),
             ModelConfig::Vae(_) | ModelConfig::ClipText(_) => false,
         }
     }

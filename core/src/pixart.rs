@@ -64,6 +64,15 @@ pub struct PixArtConfig {
     /// be used).
     #[serde(default)]
     pub caption_dropout_prob: f64,
+    /// The caption's token length L the model was trained on (the text space's); None: not
+    /// known (an imported PixArt), and FLOPs are stated for PixArt-α's 120 T5 tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_length: Option<usize>,
+    /// The length of the null caption stored with the weights (`null_caption.*`: the text
+    /// encoder's tokens for the empty prompt, which an imported PixArt was trained to read as no
+    /// caption); None: the null caption is padding only, as ddm's training drops captions to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub null_caption_length: Option<usize>,
 }
 
 fn default_t_scale() -> f64 {
@@ -102,6 +111,8 @@ impl PixArtConfig {
             t_scale: default_t_scale(),
             interpolation_scale: 1.0,
             caption_dropout_prob: 0.0,
+            caption_length: None,
+            null_caption_length: None,
         };
         config.validate()?;
         Ok(config)
@@ -140,8 +151,12 @@ impl PixArtConfig {
                 self.hidden_size
             ));
         }
-        if self.depth == 0 || self.in_channels == 0 || self.caption_channels == 0 {
-            return bad("depth, in_channels and caption_channels must be positive".into());
+        let lengths = [self.caption_length, self.null_caption_length];
+        if self.depth == 0 || self.in_channels == 0 || self.caption_channels == 0 || lengths.contains(&Some(0)) {
+            return bad(
+                "depth, in_channels, caption_channels, caption_length and null_caption_length must be positive"
+                    .into(),
+            );
         }
         if !(0.0..1.0).contains(&self.caption_dropout_prob) {
             return bad(format!(
@@ -162,6 +177,8 @@ impl PixArtConfig {
             ("hidden_size", self.hidden_size, 1 << 15),
             ("depth", self.depth, 1 << 10),
             ("caption_channels", self.caption_channels, 1 << 16),
+            ("caption_length", self.caption_length.unwrap_or(1), 1 << 16),
+            ("null_caption_length", self.null_caption_length.unwrap_or(1), 1 << 16),
             (
                 "tokens x hidden_size",
                 tokens.saturating_mul(self.hidden_size),
@@ -193,9 +210,10 @@ impl PixArtConfig {
         2.0 * (self.depth as f64 * block + embed + head)
     }
 
-    /// Forward FLOPs per sample for a caption of 120 tokens (PixArt's T5 length).
+    /// Forward FLOPs per sample for a caption of the length the model was trained on, or of
+    /// PixArt-α's 120 T5 tokens where that is not known.
     pub fn flops_per_sample(&self) -> f64 {
-        self.flops_per_sample_with(120)
+        self.flops_per_sample_with(self.caption_length.unwrap_or(120))
     }
 
     /// Floats one training sample keeps for the backward pass (a lower estimate).
@@ -248,6 +266,10 @@ impl PixArtConfig {
                 self.patch_size.pow(2) * self.out_channels(),
                 Init::Zeros,
             )?,
+            null_caption: match self.null_caption_length {
+                Some(l) => Some(NullCaption::build(src, l, self.caption_channels)?),
+                None => None,
+            },
             config: self.clone(),
         })
     }
@@ -393,8 +415,68 @@ pub struct PixArt {
     /// `[2, D]`: the output modulation's shift and scale.
     scale_shift_table: Param<Tensor<2>>,
     proj_out: Linear,
+    /// The null caption stored with the weights (None: padding only is the null caption).
+    null_caption: Option<NullCaption>,
     #[module(skip)]
     config: PixArtConfig,
+}
+
+/// A fixed (untrained) null caption: the text encoder's token states for the empty prompt,
+/// `embeddings` `[L, Dc]` and `mask` `[L]`, which the model reads wherever it is given a caption
+/// of padding only (ddm's null caption: classifier-free guidance's null half, no caption).
+#[derive(Module, Debug)]
+pub struct NullCaption {
+    embeddings: Tensor<2>,
+    mask: Tensor<1>,
+}
+
+impl NullCaption {
+    fn build(src: &mut impl ParamSource, length: usize, channels: usize) -> Result<Self> {
+        let embeddings = src.buffer(
+            "null_caption.embeddings",
+            HostTensor::new(vec![length, channels], vec![0.0; length * channels]),
+        )?;
+        let mask = src.buffer("null_caption.mask", HostTensor::new(vec![length], vec![1.0; length]))?;
+        Ok(Self {
+            embeddings: embeddings.to_tensor::<2>(src.device()),
+            mask: mask.to_tensor::<1>(src.device()),
+        })
+    }
+
+    /// `tokens` with every row of padding only replaced by the null caption. Both are padded
+    /// to the longer length first: padding is masked, so it changes no attention output.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[N, L, Dc]` + `[N, L]` -> `[N, max(L, L0), Dc]` + `[N, max(L, L0)]`
+    fn replace_padding_only(&self, tokens: Tokens) -> Tokens {
+        let [n, l, dc] = tokens.embeddings.dims();
+        let l0 = self.mask.dims()[0];
+        let len = l.max(l0);
+        let pad = |e: Tensor<3>, m: Tensor<2>| {
+            let [rows, have, _] = e.dims();
+            match len - have {
+                0 => (e, m),
+                more => {
+                    let device = e.device();
+                    (
+                        Tensor::cat(vec![e, Tensor::zeros([rows, more, dc], &device)], 1),
+                        Tensor::cat(vec![m, Tensor::zeros([rows, more], &device)], 1),
+                    )
+                }
+            }
+        };
+        let (e, m) = pad(tokens.embeddings, tokens.mask);
+        let (e0, m0) = pad(
+            self.embeddings.clone().unsqueeze_dim::<3>(0),
+            self.mask.clone().unsqueeze_dim::<2>(0),
+        ); // [1, len, Dc], [1, len]
+        let empty = m.clone().sum_dim(1).equal_elem(0.0).float(); // [N, 1]: 1 for padding only
+        let keep = empty.clone().neg() + 1.0;
+        Tokens {
+            embeddings: e * keep.clone().reshape([n, 1, 1]) + e0.expand([n, len, dc]) * empty.clone().reshape([n, 1, 1]),
+            mask: m * keep + m0.expand([n, len]) * empty,
+        }
+    }
 }
 
 impl PixArt {
@@ -403,17 +485,22 @@ impl PixArt {
     }
 
     /// The caption of `cond` projected to the model's width, and its mask as attention bias (the
-    /// null caption, one padding token, when there is none).
+    /// null caption when there is none: one padding token, or the stored null caption, which
+    /// also replaces any caption of padding only).
     ///
     /// # Shapes
     /// -> (`[N, L, D]`, `[N, L]`)
     fn caption(&self, cond: &Condition, n: usize, device: &Device) -> (Tensor<3>, Tensor<2>) {
-        let Tokens { embeddings, mask } = match &cond.tokens {
+        let tokens = match &cond.tokens {
             Some(t) => t.clone(),
             None => Tokens {
                 embeddings: Tensor::zeros([n, 1, self.config.caption_channels], device),
                 mask: Tensor::zeros([n, 1], device),
             },
+        };
+        let Tokens { embeddings, mask } = match &self.null_caption {
+            Some(null) => null.replace_padding_only(tokens),
+            None => tokens,
         };
         let caption = linear_tokens(
             &self.caption_2,
@@ -469,6 +556,10 @@ impl PixArt {
         }
         sd.tensor("scale_shift_table", &self.scale_shift_table.val());
         sd.linear("proj_out", &self.proj_out);
+        if let Some(null) = &self.null_caption {
+            sd.tensor("null_caption.embeddings", &null.embeddings);
+            sd.tensor("null_caption.mask", &null.mask);
+        }
         sd
     }
 }
@@ -586,6 +677,8 @@ pub fn read_diffusers(dir: &std::path::Path) -> Result<(PixArtConfig, BTreeMap<S
             .interpolation_scale
             .unwrap_or((c.sample_size / 64).max(1) as f64),
         caption_dropout_prob: 0.0,
+        caption_length: None,
+        null_caption_length: None,
     };
     config.validate().map_err(|e| bad(e.to_string()))?;
     Ok((config, tensors))
@@ -604,9 +697,27 @@ mod tests {
         HostTensor::new(shape.to_vec(), data).to_tensor::<D>(device)
     }
 
+    /// A PixArt's stated FLOPs grow with the caption length it was trained on (cross-attention
+    /// and the caption projection); an imported one, whose length is not known, states 120.
+    #[test]
+    fn flops_count_the_trained_caption_length() {
+        let c = PixArtConfig::named("XS/2", 8, 1).unwrap();
+        assert_eq!(c.flops_per_sample(), c.flops_per_sample_with(120));
+        let crate::model::ModelConfig::PixArt(trained) = crate::model::ModelConfig::PixArt(c)
+            .with_caption_tokens(32, 16, 0.1)
+            .unwrap()
+        else {
+            unreachable!("a PixArt stays a PixArt")
+        };
+        assert_eq!(trained.caption_length, Some(16));
+        assert_eq!(trained.flops_per_sample(), trained.flops_per_sample_with(16));
+        assert!(trained.flops_per_sample() < trained.flops_per_sample_with(120));
+    }
+
     /// Cross-attention's gradients (with respect to the image tokens, the caption tokens and a
-    /// projection's weight) are the loss's central differences; a masked caption token gets no
-    /// gradient, and changing it changes nothing.
+    /// projection's weight; on this device, through the fused CPU kernel's backward) are the
+    /// loss's central differences; a masked caption token gets no gradient, and changing it
+    /// changes nothing.
     #[test]
     fn cross_attention_gradients_match_finite_differences() {
         let device = crate::device::cpu().autodiff();
@@ -687,5 +798,63 @@ mod tests {
                 dq[i]
             );
         }
+    }
+
+    /// A PixArt with a stored null caption reads it wherever it is given padding only, or no
+    /// caption: exactly what the same weights give for that caption spelled out (at any padded
+    /// length); real captions are read as before.
+    #[test]
+    fn a_stored_null_caption_is_read_for_padding_only() {
+        let device = crate::device::cpu();
+        let mut config = PixArtConfig::named("XS/2", 8, 1).unwrap();
+        config.caption_channels = 6;
+        let load = |config: &PixArtConfig, tensors: BTreeMap<String, HostTensor>| {
+            let mut src = crate::params::StateLoader::new("test", tensors, &device);
+            let model = config.build(&mut src).unwrap();
+            src.finish("pixart").unwrap();
+            model
+        };
+        // Random weights, the output projection too (it starts at zero).
+        let mut tensors = config.build(&mut RandomInit::new(3, &device)).unwrap().state_dict().0;
+        let out = tensors["proj_out.weight"].shape.clone();
+        let n_out = out.iter().product::<usize>();
+        let w = (0..n_out).map(|i| (i as f32 * 0.71).cos() * 0.2).collect();
+        tensors.insert("proj_out.weight".into(), HostTensor::new(out, w));
+        let plain = load(&config, tensors.clone());
+        // The null caption: 2 tokens.
+        let null = HostTensor::new(vec![2, 6], (0..12).map(|i| (i as f32 * 0.37).sin()).collect());
+        tensors.insert("null_caption.embeddings".into(), null.clone());
+        tensors.insert("null_caption.mask".into(), HostTensor::new(vec![2], vec![1.0; 2]));
+        config.null_caption_length = Some(2);
+        let stored = load(&config, tensors);
+        assert!(crate::model::ModelConfig::PixArt(config.clone()).has_null_condition());
+
+        let x = tensor([2, 1, 8, 8], 4, &device);
+        let t = Tensor::<1>::from_floats([0.3, 0.8], &device);
+        let v = |model: &PixArt, e: Tensor<3>, m: Tensor<2>| {
+            HostTensor::from_tensor(model.forward(x.clone(), t.clone(), &Condition::tokens(e, m))).data
+        };
+        // Row 0 a caption of 3 tokens out of 4, row 1 padding only.
+        let caption = tensor([2, 4, 6], 5, &device);
+        let mask = Tensor::<2>::from_floats([[1.0, 1.0, 1.0, 0.0], [0.0; 4]], &device);
+        let got = v(&stored, caption.clone(), mask.clone());
+        // Spelled out: row 1 is the null caption, padded to 4 tokens.
+        let null_row = Tensor::cat(
+            vec![null.to_tensor::<2>(&device), Tensor::zeros([2, 6], &device)],
+            0,
+        )
+        .reshape([1, 4, 6]);
+        let spelled = Tensor::cat(vec![caption.clone().narrow(0, 0, 1), null_row], 0);
+        let spelled_mask = Tensor::<2>::from_floats([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], &device);
+        let want = v(&plain, spelled, spelled_mask);
+        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff(&got, &want) < 1e-6, "{}", diff(&got, &want));
+        // Without the stored null caption, padding only is another input.
+        assert!(diff(&v(&plain, caption, mask), &want) > 1e-4);
+        // No caption at all: the null caption, at its own length.
+        let none = HostTensor::from_tensor(stored.forward(x.clone(), t.clone(), &Condition::none())).data;
+        let null_both = null.to_tensor::<2>(&device).unsqueeze_dim::<3>(0).repeat_dim(0, 2);
+        let want = v(&plain, null_both, Tensor::ones([2, 2], &device));
+        assert!(diff(&none, &want) < 1e-5, "{}", diff(&none, &want));
     }
 }

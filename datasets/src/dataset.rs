@@ -81,6 +81,11 @@ impl TokenSequences {
     pub fn dim(&self) -> usize {
         self.embeddings.shape[2]
     }
+
+    /// The sequence length L.
+    pub fn length(&self) -> usize {
+        self.embeddings.shape[1]
+    }
 }
 
 /// Rows `indices` of a `[N, ...]` tensor.

@@ -224,7 +224,7 @@ impl Guidance {
             }
             if null == Some(false) {
                 bail!(
-                    "{what} was trained without condition dropout (no null class or null vector), so it cannot use --guidance other than 1"
+                    "{what} was trained without condition dropout (no null class, vector or caption), so it cannot use --guidance other than 1 (an imported PixArt is given its text encoder's null caption by `ddm import --null-caption`)"
                 );
             }
         }

@@ -79,6 +79,13 @@ pub struct ImportArgs {
     /// be verified: only do this for a file you trust).
     #[arg(long)]
     pub trust_unsealed: bool,
+    /// With a diffusers PixArt: its null caption, the text encoder's token states for the empty
+    /// prompt (what PixArt's pipeline uses as the negative prompt): a tensors file with `c_tokens`
+    /// [1, L, Dc] and `c_mask` [1, L], made by the same encoder as the captions you sample with.
+    /// Stored in the checkpoint, it is what the model reads for no caption, so `ddm sample
+    /// --guidance` works (without it an imported PixArt has no null caption it was trained on).
+    #[arg(long)]
+    pub null_caption: Option<PathBuf>,
 }
 
 /// Parse a model config, defaulting `arch` to "dit" (the PyTorch reference's configs name it).
@@ -107,6 +114,9 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             args.range[1]
         );
     }
+    if args.null_caption.is_some() && !matches!(args.from, Source::Diffusers) {
+        bail!("--null-caption is for --from diffusers: a PixArt's null caption");
+    }
     let (config, tensors, origin) = match (args.from, &args.config) {
         (Source::DiffusersVae, None) => return import_diffusers_vae(&args),
         (Source::TransformersClip, None) => return import_transformers_clip(&args),
@@ -120,7 +130,13 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
             let origin = args.weights.join(ddm_core::diffusers::WEIGHTS);
             let class = ddm_core::diffusers::class_name(&args.weights)?;
             if class.as_deref() == Some(ddm_core::pixart::DIFFUSERS_CLASS) {
-                let (config, tensors) = ddm_core::pixart::read_diffusers(&args.weights)?;
+                let (mut config, mut tensors) = ddm_core::pixart::read_diffusers(&args.weights)?;
+                if let Some(path) = &args.null_caption {
+                    let (embeddings, mask) = null_caption(path, config.caption_channels)?;
+                    config.null_caption_length = Some(mask.shape[0]);
+                    tensors.insert("null_caption.embeddings".into(), embeddings);
+                    tensors.insert("null_caption.mask".into(), mask);
+                }
                 (ModelConfig::PixArt(config), tensors, origin)
             } else {
                 let (config, tensors) = ddm_core::dit::diffusers::read_diffusers(&args.weights)?;
@@ -138,6 +154,9 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         }
         (Source::Pytorch, None) => unreachable!("clap requires --config with --from pytorch"),
     };
+    if args.null_caption.is_some() && config.arch() != "pixart" {
+        bail!("--null-caption is for a diffusers PixArt (PixArtTransformer2DModel): the model read has none");
+    }
     // Build the model once: this checks every name and shape against the config.
     let device = ddm_core::device::cpu();
     let model = config.load(tensors, &origin, &device)?;
@@ -194,6 +213,36 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         ckpt.tensors.len()
     );
     Ok(())
+}
+
+/// The null caption of the tensors file `path` for a PixArt reading token states of width
+/// `channels`: its one sequence up to its last token (embeddings `[L, Dc]`, mask `[L]`).
+fn null_caption(path: &std::path::Path, channels: usize) -> anyhow::Result<(HostTensor, HostTensor)> {
+    let file = TensorFile::read(path)?;
+    let Some(s) = ddm_datasets::dataset::TokenSequences::read(&file, path, 1)? else {
+        bail!(
+            "{}: no `c_tokens`: the null caption is one token sequence, `c_tokens` [1, L, {channels}] with `c_mask` [1, L]",
+            path.display()
+        );
+    };
+    if s.dim() != channels {
+        bail!(
+            "{}: `c_tokens` holds token states of width {}, but the PixArt reads width {channels}",
+            path.display(),
+            s.dim()
+        );
+    }
+    let Some(last) = s.mask.data.iter().rposition(|&m| m == 1.0) else {
+        bail!(
+            "{}: `c_mask` is padding only; that is ddm's own null caption (give the encoder's tokens for the empty prompt)",
+            path.display()
+        );
+    };
+    let l = last + 1;
+    Ok((
+        HostTensor::new(vec![l, channels], s.embeddings.data[..l * channels].to_vec()),
+        HostTensor::new(vec![l], s.mask.data[..l].to_vec()),
+    ))
 }
 
 /// An older ddm checkpoint -> the same checkpoint sealed whole (format 3).

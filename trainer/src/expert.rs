@@ -155,7 +155,7 @@ pub fn model_config(config: &TrainConfig, data: &Dataset) -> anyhow::Result<Mode
                 config.model, data.name
             )
         })?;
-        net = net.with_caption_tokens(tokens.dim(), config.class_dropout)?;
+        net = net.with_caption_tokens(tokens.dim(), tokens.length(), config.class_dropout)?;
     }
     if config.condition_vectors {
         let c = data.cond.as_ref().with_context(|| {
