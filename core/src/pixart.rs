@@ -22,8 +22,7 @@ use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::linear;
 use serde::{Deserialize, Serialize};
 
 use crate::condition::{Condition, Tokens};
@@ -303,25 +302,25 @@ impl MultiHeadAttention {
         })
     }
 
-    /// `[N, T, D]` -> `[N, h, T, D/h]`.
-    fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
-        let [n, t, d] = x.dims();
-        x.reshape([n, t, self.heads, d / self.heads]).swap_dims(1, 2)
+    /// Self-attention of the image tokens: the q, k, v projections as one (their weights side by
+    /// side), then the fused attention the DiT runs.
+    ///
+    /// # Shapes
+    /// - `x`: `[N, T, D]` -> `[N, T, D]`
+    pub fn self_attention(&self, x: Tensor<3>) -> Tensor<3> {
+        let qkv = side_by_side(&[&self.to_q, &self.to_k, &self.to_v], x); // [N, T, 3D]
+        linear_tokens(&self.to_out, crate::fused::attention(qkv, self.heads))
     }
 
-    /// The queries' tokens attend over the keys' tokens, `bias` added to every score.
+    /// The image tokens attend over the caption's tokens, `bias` added to every score of a
+    /// caption token (0 for a token, -10000 for padding); k and v projected as one.
     ///
     /// # Shapes
     /// - `x`: `[N, T, D]`, `keys`: `[N, L, D]`, `bias`: `[N, L]` -> `[N, T, D]`
-    pub fn forward(&self, x: Tensor<3>, keys: Tensor<3>, bias: Option<Tensor<2>>) -> Tensor<3> {
-        let [n, t, d] = x.dims();
-        let l = keys.dims()[1];
-        let q = self.split_heads(linear_tokens(&self.to_q, x)); // [N, h, T, D/h]
-        let k = self.split_heads(linear_tokens(&self.to_k, keys.clone())); // [N, h, L, D/h]
-        let v = self.split_heads(linear_tokens(&self.to_v, keys));
-        let bias = bias.map(|b| b.reshape([n, 1, 1, l]).expand([n, self.heads, t, l])); // [N, h, T, L]
-        let out = attention(q, k, v, None, bias, AttentionModuleOptions::default()); // [N, h, T, D/h]
-        linear_tokens(&self.to_out, out.swap_dims(1, 2).reshape([n, t, d]))
+    pub fn cross_attention(&self, x: Tensor<3>, keys: Tensor<3>, bias: Tensor<2>) -> Tensor<3> {
+        let q = linear_tokens(&self.to_q, x); // [N, T, D]
+        let kv = side_by_side(&[&self.to_k, &self.to_v], keys); // [N, L, 2D]
+        linear_tokens(&self.to_out, crate::fused::cross_attention(q, kv, bias, self.heads))
     }
 
     fn export(&self, prefix: &str, sd: &mut StateDict) {
@@ -331,6 +330,25 @@ impl MultiHeadAttention {
         sd.linear(&p("to_v"), &self.to_v);
         sd.linear(&p("to_out.0"), &self.to_out);
     }
+}
+
+/// Linear layers of the same input as one: their weights `[D_in, D_out_i]` (and biases) side by
+/// side, one matmul. (Layers of which only some have a bias run one by one.)
+///
+/// # Shapes
+/// - `x`: `[N, T, D_in]` -> `[N, T, sum of D_out_i]`
+fn side_by_side(layers: &[&Linear], x: Tensor<3>) -> Tensor<3> {
+    let biases: Vec<Option<Tensor<1>>> = layers.iter().map(|l| l.bias.as_ref().map(|b| b.val())).collect();
+    let bias = match biases.iter().filter(|b| b.is_some()).count() {
+        0 => None,
+        k if k == layers.len() => Some(Tensor::cat(biases.into_iter().flatten().collect(), 0)),
+        _ => return Tensor::cat(layers.iter().map(|l| linear_tokens(l, x.clone())).collect(), 2),
+    };
+    let [n, t, d] = x.dims();
+    let weight = Tensor::cat(layers.iter().map(|l| l.weight.val()).collect(), 1); // [D_in, sum D_out]
+    let y = linear(x.reshape([n * t, d]), weight, bias); // [N*T, sum D_out]
+    let d_out = y.dims()[1];
+    y.reshape([n, t, d_out])
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -376,8 +394,8 @@ impl PixArtBlock {
         let m = time.reshape([n, 6, d]) + self.scale_shift_table.val().unsqueeze_dim::<3>(0); // [N, 6, D]
         let part = |i: usize| m.clone().narrow(1, i, 1).reshape([n, d]); // [N, D]
         let h = layer_norm_modulate(x.clone(), part(0), part(1), LN_EPS);
-        let x = gated_residual(x, part(2), self.attn1.forward(h.clone(), h, None));
-        let x = x.clone() + self.attn2.forward(x, caption, Some(bias));
+        let x = gated_residual(x, part(2), self.attn1.self_attention(h));
+        let x = x.clone() + self.attn2.cross_attention(x, caption, bias);
         let h = layer_norm_modulate(x.clone(), part(3), part(4), LN_EPS);
         let h = linear_tokens(&self.ff_2, gelu_tanh(linear_tokens(&self.ff_1, h)));
         gated_residual(x, part(5), h)
@@ -730,7 +748,7 @@ mod tests {
         let mask = Tensor::<2>::from_floats([[1.0, 1.0, 1.0, 0.0], [1.0; 4]], &device);
         let bias = (mask.neg() + 1.0) * MASKED;
         let loss = |attn: &MultiHeadAttention, x: Tensor<3>, keys: Tensor<3>| {
-            (attn.forward(x, keys, Some(bias.clone())) * w.clone()).sum()
+            (attn.cross_attention(x, keys, bias.clone()) * w.clone()).sum()
         };
         let (xg, kg) = (x.clone().require_grad(), keys.clone().require_grad());
         let grads = loss(&attn, xg.clone(), kg.clone()).backward();

@@ -1,6 +1,6 @@
-//! The fused DiT ops (`kernels/src/fused.rs`) against the same operations composed of burn ops
-//! (`fused::composite`, differentiated by burn's autodiff): values and the gradients of every
-//! input, at several shapes (odd sizes, one token, one channel, the bench DiT's), and the same
+//! The fused DiT and PixArt ops (`kernels/src/fused.rs`) against the same operations composed of
+//! burn ops (`fused::composite`, differentiated by burn's autodiff): values and the gradients of
+//! every input, at several shapes (odd sizes, one token, one channel, the bench DiT's), and the same
 //! bits on one thread and on all.
 
 use ddm_core::burn::prelude::*;
@@ -191,6 +191,42 @@ fn attention_matches_the_composite() {
     }
 }
 
+/// A caption mask's bias `[N, L]`: sample i keeps its first L - i tokens (at least one), except
+/// sample 2, which is padding only (ddm's null caption).
+fn caption_bias(n: usize, l: usize, device: &Device) -> Tensor<2> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..l).map(move |j| (i != 2 && j < l.saturating_sub(i).max(1)) as u8 as f32))
+        .collect();
+    (Tensor::<2>::from_data(TensorData::new(mask, [n, l]), device).neg() + 1.0) * -10000.0
+}
+
+#[test]
+fn cross_attention_matches_the_composite() {
+    // [N, T, L, heads, head size]: one token and one key, one head, odd sizes, a PixArt-S/2's
+    // 28 x 28 latents under a 77-token caption.
+    for [n, t, l, heads, hd] in [
+        [1, 1, 1, 1, 1],
+        [2, 3, 2, 1, 5],
+        [3, 7, 5, 3, 11],
+        [4, 49, 77, 6, 64],
+    ] {
+        let d = heads * hd;
+        check(
+            "cross_attention",
+            &[(vec![n, t, d], 1, 2.0), (vec![n, l, 2 * d], 2, 2.0)],
+            &move |x| {
+                let bias = caption_bias(n, l, &x[0].device());
+                fused::cross_attention(x[0].clone(), x[1].clone(), bias, heads)
+            },
+            &move |x| {
+                let bias = caption_bias(n, l, &x[0].device());
+                composite::cross_attention(x[0].clone(), x[1].clone(), bias, heads)
+            },
+            1e-4,
+        );
+    }
+}
+
 /// Without autodiff (the sampler's forward) each op runs the plain CPU kernel.
 #[test]
 fn forward_without_autodiff_matches_the_composite() {
@@ -213,7 +249,11 @@ fn forward_without_autodiff_matches_the_composite() {
         ),
         (
             fused::attention(qkv.clone(), heads),
-            composite::attention(qkv, heads),
+            composite::attention(qkv.clone(), heads),
+        ),
+        (
+            fused::cross_attention(x.clone(), qkv.clone().narrow(2, 0, 2 * d), caption_bias(n, t, &device), heads),
+            composite::cross_attention(x.clone(), qkv.narrow(2, 0, 2 * d), caption_bias(n, t, &device), heads),
         ),
     ];
     for (i, (got, want)) in pairs.into_iter().enumerate() {

@@ -1,4 +1,4 @@
-//! Fused element-wise operations of the DiT block, forward and backward.
+//! Fused operations of the DiT and PixArt blocks, forward and backward.
 //!
 //! Written as burn tensor ops, each of these is a chain of passes over memory, and autodiff adds
 //! as many again backward: the tanh GELU is seven ops on the widest activation of the block, the
@@ -15,7 +15,7 @@
 //! reductions (the gradients of the per-sample modulation vectors) add over tokens in order, so
 //! results are deterministic for a fixed seed on any number of threads.
 //!
-//! Letters in shape comments: N batch, T tokens, D hidden.
+//! Letters in shape comments: N batch, T tokens, D hidden, L keys of a cross-attention (a caption).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -102,6 +102,27 @@ pub fn attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
     }
 }
 
+/// Multi-head cross-attention with a bias added to every score of a key (a caption's mask as 0 or
+/// -10000): softmax(q kᵀ / sqrt(hd) + bias) v per head, from the queries and the keys and values
+/// side by side to the token-major output the output projection reads. `bias` is a constant: it
+/// gets no gradient.
+///
+/// # Shapes
+/// - `q`: `[N, T, D]`, `kv`: `[N, L, 2D]` (k, then v, each `[h, hd]` per key), `bias`: `[N, L]`
+///   -> `[N, T, D]`
+pub fn cross_attention(q: Tensor<3>, kv: Tensor<3>, bias: Tensor<2>, heads: usize) -> Tensor<3> {
+    if fused_here(&q) {
+        Tensor::from_dispatch(<Dispatch as FusedOps>::cross_attention(
+            q.into_dispatch(),
+            kv.into_dispatch(),
+            bias.into_dispatch(),
+            heads,
+        ))
+    } else {
+        composite::cross_attention(q, kv, bias, heads)
+    }
+}
+
 /// LayerNorm over the last axis without affine parameters, with the given eps:
 /// `(x - mean) / sqrt(var + eps)`.
 pub fn layer_norm_eps<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
@@ -141,6 +162,20 @@ pub mod composite {
         let out = attention(part(0), part(1), part(2), None, None, options); // [N, h, T, hd]
         out.swap_dims(1, 2).reshape([n, t, d])
     }
+
+    pub fn cross_attention(q: Tensor<3>, kv: Tensor<3>, bias: Tensor<2>, heads: usize) -> Tensor<3> {
+        use burn::tensor::module::attention;
+        use burn::tensor::ops::AttentionModuleOptions;
+        let [n, t, d] = q.dims();
+        let (l, hd) = (kv.dims()[1], d / heads);
+        let q = q.reshape([n, t, heads, hd]).swap_dims(1, 2); // [N, h, T, hd]
+        let kv = kv.reshape([n, l, 2, heads, hd]).permute([2, 0, 3, 1, 4]); // [2, N, h, L, hd]
+        let part = |i: usize| kv.clone().narrow(0, i, 1).reshape([n, heads, l, hd]);
+        let bias = bias.reshape([n, 1, 1, l]).expand([n, heads, t, l]); // [N, h, T, L]
+        let options = AttentionModuleOptions::default();
+        let out = attention(q, part(0), part(1), None, Some(bias), options); // [N, h, T, hd]
+        out.swap_dims(1, 2).reshape([n, t, d])
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -167,6 +202,13 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     /// `qkv`: `[N, T, 3D]` -> `[N, T, D]`.
     fn attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
+    /// `q`: `[N, T, D]`, `kv`: `[N, L, 2D]`, `bias`: `[N, L]` -> `[N, T, D]`.
+    fn cross_attention(
+        q: FloatTensor<Self>,
+        kv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
 }
 
 /// The backward of each fused op on a concrete backend: the gradients of its inputs given the
@@ -196,6 +238,22 @@ pub trait FusedBackward: Backend {
         grad: FloatTensor<Self>,
         heads: usize,
     ) -> FloatTensor<Self>;
+    /// [`FusedOps::cross_attention`] that also returns the attention probabilities `[N, h, T, L]`.
+    fn cross_attention_train(
+        q: FloatTensor<Self>,
+        kv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// (d/dq `[N, T, D]`, d/dkv `[N, L, 2D]`) of [`FusedOps::cross_attention`], from its
+    /// probabilities.
+    fn cross_attention_backward(
+        q: FloatTensor<Self>,
+        kv: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
@@ -355,6 +413,59 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
                 prep.finish((state, probs, heads), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(<B as FusedOps>::attention(qkv.into_primitive(), heads)),
+        }
+    }
+
+    fn cross_attention(
+        q: FloatTensor<Self>,
+        kv: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct CrossAttention;
+
+        impl<B: FusedBackward> Backward<B, 2> for CrossAttention {
+            /// (q, kv, the probabilities, heads)
+            type State = (NodeId, NodeId, FloatTensor<B>, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_q, node_kv] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (q, kv, probs, heads) = ops.state;
+                let (q, kv) = (
+                    checkpointer.retrieve_node_output(q),
+                    checkpointer.retrieve_node_output(kv),
+                );
+                let (dq, dkv) = B::cross_attention_backward(q, kv, probs, grad, heads);
+                for (node, g) in [(node_q, dq), (node_kv, dkv)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        // The bias is a constant (a mask): not a parent, no gradient.
+        let bias = bias.into_primitive();
+        match CrossAttention.prepare::<C>([q.node(), kv.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let (q_id, kv_id) = (prep.checkpoint(&q), prep.checkpoint(&kv));
+                let (out, probs) =
+                    B::cross_attention_train(q.into_primitive(), kv.into_primitive(), bias, heads);
+                prep.finish((q_id, kv_id, probs, heads), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<B as FusedOps>::cross_attention(
+                q.into_primitive(),
+                kv.into_primitive(),
+                bias,
+                heads,
+            )),
         }
     }
 }
@@ -820,6 +931,177 @@ fn attention_sample_backward(
     }
 }
 
+/// Sizes of one sample's cross-attention: query tokens, keys, hidden, heads, head size.
+#[derive(Clone, Copy)]
+struct CrossDims {
+    t: usize,
+    l: usize,
+    d: usize,
+    heads: usize,
+    hd: usize,
+}
+
+impl CrossDims {
+    fn of(q: &FlexTensor, kv: &FlexTensor, heads: usize) -> (usize, Self) {
+        let (s, sk) = (q.layout().shape(), kv.layout().shape());
+        assert!(
+            s.num_dims() == 3 && sk.num_dims() == 3,
+            "cross-attention takes q as [N, T, D] and kv as [N, L, 2D]"
+        );
+        let (n, t, d, l) = (s[0], s[1], s[2], sk[1]);
+        assert_eq!(
+            (sk[0], sk[2]),
+            (n, 2 * d),
+            "cross-attention: kv must be [N, L, 2D] for q [N, T, D]"
+        );
+        assert!(
+            heads > 0 && d % heads == 0 && l > 0,
+            "cross-attention: D = {d} is not {heads} heads x head size, or no keys"
+        );
+        (
+            n,
+            Self {
+                t,
+                l,
+                d,
+                heads,
+                hd: d / heads,
+            },
+        )
+    }
+
+    /// The bias, checked to be `[N, L]`.
+    fn bias<'a>(&self, n: usize, bias: &'a FlexTensor) -> &'a [f32] {
+        assert_eq!(
+            bias.layout().shape().as_slice(),
+            &[n, self.l],
+            "cross-attention: the bias must be [N, L]"
+        );
+        values(bias)
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.hd as f32).sqrt()
+    }
+}
+
+/// One sample's cross-attention: `q` `[T, D]`, `kv` `[L, 2D]`, `bias` `[L]` -> `out` `[T, D]`
+/// (every element written), each head's probabilities into `probs` `[h, T, L]`.
+fn cross_attention_sample(
+    q: &[f32],
+    kv: &[f32],
+    bias: &[f32],
+    a: CrossDims,
+    out: &mut [MaybeUninit<f32>],
+    probs: &mut [f32],
+) {
+    let CrossDims { t, l, d, hd, .. } = a;
+    assert!(
+        q.len() == t * d
+            && kv.len() == l * 2 * d
+            && bias.len() == l
+            && out.len() == t * d
+            && probs.len() == a.heads * t * l
+    );
+    let (row, row2, ll) = (d as isize, 2 * d as isize, l as isize);
+    for (head, p) in probs.chunks_exact_mut(t * l).enumerate() {
+        let (qh, k, v) = (&q[head * hd..], &kv[head * hd..], &kv[d + head * hd..]);
+        // SAFETY: qh is [T, hd] at row stride D inside q; k, v are [L, hd] at row stride 2D inside
+        // kv; p is [T, L]; this head's output columns are [T, hd] at row stride D inside out.
+        unsafe {
+            // S = q kᵀ scale: [T, hd] x [hd, L] (kᵀ: row stride 1, column stride 2D)
+            matmul(
+                (t, l, hd),
+                (p.as_mut_ptr(), ll, 1),
+                (qh.as_ptr(), row, 1),
+                (k.as_ptr(), 1, row2),
+                a.scale(),
+            );
+        }
+        for scores in p.chunks_exact_mut(l) {
+            scores.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
+        }
+        softmax_rows(p, l);
+        let o = out[head * hd..].as_mut_ptr().cast::<f32>();
+        // SAFETY: as above. O = P v: [T, L] x [L, hd]
+        unsafe {
+            matmul(
+                (t, hd, l),
+                (o, row, 1),
+                (p.as_ptr(), ll, 1),
+                (v.as_ptr(), row2, 1),
+                1.0,
+            )
+        };
+    }
+}
+
+/// One sample's d q `[T, D]` (every element written) and d kv `[L, 2D]` from its q, kv,
+/// probabilities `[h, T, L]` and output gradient `[T, D]`.
+fn cross_attention_sample_backward(
+    (q, kv, probs, g): (&[f32], &[f32], &[f32], &[f32]),
+    a: CrossDims,
+    dq: &mut [MaybeUninit<f32>],
+    dkv: &mut [f32],
+) {
+    let CrossDims { t, l, d, hd, .. } = a;
+    assert!(
+        q.len() == t * d
+            && dq.len() == t * d
+            && kv.len() == l * 2 * d
+            && dkv.len() == l * 2 * d
+            && g.len() == t * d
+            && probs.len() == a.heads * t * l
+    );
+    let (row, row2, ll) = (d as isize, 2 * d as isize, l as isize);
+    let mut ds = vec![0f32; t * l];
+    for (head, p) in probs.chunks_exact(t * l).enumerate() {
+        let (qh, k, v) = (&q[head * hd..], &kv[head * hd..], &kv[d + head * hd..]);
+        let go = &g[head * hd..];
+        let dqh = dq[head * hd..].as_mut_ptr().cast::<f32>();
+        let dk = dkv[head * hd..].as_mut_ptr();
+        let dv = dkv[d + head * hd..].as_mut_ptr();
+        // SAFETY: qh, go, dqh are [T, hd] at row stride D inside q, g, dq; k, v, dk, dv are
+        // [L, hd] at row stride 2D inside kv and dkv; p and ds are [T, L].
+        unsafe {
+            // dV = Pᵀ dO: [L, T] x [T, hd]
+            matmul(
+                (l, hd, t),
+                (dv, row2, 1),
+                (p.as_ptr(), 1, ll),
+                (go.as_ptr(), row, 1),
+                1.0,
+            );
+            // dP = dO vᵀ: [T, hd] x [hd, L]
+            matmul(
+                (t, l, hd),
+                (ds.as_mut_ptr(), ll, 1),
+                (go.as_ptr(), row, 1),
+                (v.as_ptr(), 1, row2),
+                1.0,
+            );
+        }
+        softmax_rows_backward(p, &mut ds, l, a.scale());
+        // SAFETY: as above. dQ = dS k: [T, L] x [L, hd]; dK = dSᵀ q: [L, T] x [T, hd]
+        unsafe {
+            matmul(
+                (t, hd, l),
+                (dqh, row, 1),
+                (ds.as_ptr(), ll, 1),
+                (k.as_ptr(), row2, 1),
+                1.0,
+            );
+            matmul(
+                (l, hd, t),
+                (dk, row2, 1),
+                (ds.as_ptr(), 1, ll),
+                (qh.as_ptr(), row, 1),
+                1.0,
+            );
+        }
+    }
+}
+
 impl FusedOps for Flex {
     fn gelu_tanh(x: FlexTensor) -> FlexTensor {
         let x = dense(x);
@@ -874,9 +1156,72 @@ impl FusedOps for Flex {
         });
         tensor(out, vec![n, t, d])
     }
+
+    fn cross_attention(q: FlexTensor, kv: FlexTensor, bias: FlexTensor, heads: usize) -> FlexTensor {
+        let (q, kv, bias) = (dense(q), dense(kv), dense(bias));
+        let (n, a) = CrossDims::of(&q, &kv, heads);
+        let CrossDims { t, l, d, .. } = a;
+        let (qs, kvs, bs) = (values(&q), values(&kv), a.bias(n, &bias));
+        // Without autodiff the probabilities are one sample's scratch.
+        let out = par_fill(n * t * d, t * d, parts(n * t * d, t * d), |i, out, ()| {
+            let mut probs = vec![0f32; heads * t * l];
+            let (q, kv) = (part(qs, i, t * d), part(kvs, i, 2 * l * d));
+            cross_attention_sample(q, kv, part(bs, i, l), a, out, &mut probs)
+        });
+        tensor(out, vec![n, t, d])
+    }
 }
 
 impl FusedBackward for Flex {
+    fn cross_attention_train(
+        q: FlexTensor,
+        kv: FlexTensor,
+        bias: FlexTensor,
+        heads: usize,
+    ) -> (FlexTensor, FlexTensor) {
+        let (q, kv, bias) = (dense(q), dense(kv), dense(bias));
+        let (n, a) = CrossDims::of(&q, &kv, heads);
+        let CrossDims { t, l, d, .. } = a;
+        let (qs, kvs, bs) = (values(&q), values(&kv), a.bias(n, &bias));
+        let mut probs = vec![0f32; n * heads * t * l];
+        let piece = (heads * t * l).max(1);
+        let out = par_fill(n * t * d, t * d, probs.par_chunks_mut(piece), |i, out, probs| {
+            let (q, kv) = (part(qs, i, t * d), part(kvs, i, 2 * l * d));
+            cross_attention_sample(q, kv, part(bs, i, l), a, out, probs)
+        });
+        (tensor(out, vec![n, t, d]), tensor(probs, vec![n, heads, t, l]))
+    }
+
+    fn cross_attention_backward(
+        q: FlexTensor,
+        kv: FlexTensor,
+        probs: FlexTensor,
+        grad: FlexTensor,
+        heads: usize,
+    ) -> (FlexTensor, FlexTensor) {
+        let (q, kv, probs, grad) = (dense(q), dense(kv), dense(probs), dense(grad));
+        let (n, a) = CrossDims::of(&q, &kv, heads);
+        let CrossDims { t, l, d, .. } = a;
+        let (qs, kvs, ps, g) = (values(&q), values(&kv), values(&probs), values(&grad));
+        // Each sample's task also writes its own rows of d kv.
+        let mut dkv = vec![0f32; n * l * 2 * d];
+        let dq = par_fill(
+            n * t * d,
+            t * d,
+            dkv.par_chunks_mut((2 * l * d).max(1)),
+            |i, dq, dkv| {
+                let inputs = (
+                    part(qs, i, t * d),
+                    part(kvs, i, 2 * l * d),
+                    part(ps, i, heads * t * l),
+                    part(g, i, t * d),
+                );
+                cross_attention_sample_backward(inputs, a, dq, dkv)
+            },
+        );
+        (tensor(dq, vec![n, t, d]), tensor(dkv, vec![n, l, 2 * d]))
+    }
+
     fn attention_train(qkv: FlexTensor, heads: usize) -> (FlexTensor, FlexTensor) {
         let qkv = dense(qkv);
         let (n, a) = AttnDims::of(&qkv, heads);

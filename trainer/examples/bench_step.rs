@@ -2,19 +2,25 @@
 //! Same model and settings as the PyTorch peer (`dit_fm.py bench --model a`; README, Benchmarks)
 //! for `--size Bench`
 //! (hidden 256, depth 6, 4 heads, patch 4; AdamW lr 1e-4; batch 64).
+//! `--size PixArt-Bench/4` is the same trunk as a PixArt, cross-attending to random captions of
+//! `--caption L` tokens (77 by default, CLIP's length) of width 256, a quarter of each sample's
+//! caption padding.
 //!
 //! Then, like the peer's `fwd256` phase, the median time of an inference forward of 256 samples.
 //!
-//! cargo run --release -p ddm-trainer --example bench_step -- [--size DiT-Bench/4] [--batch 64] [--steps 20] [--fwd-iters 5]
+//! cargo build --release --workspace --examples
+//! target/release/examples/bench_step [--size DiT-Bench/4] [--batch 64] [--steps 20] [--fwd-iters 5] [--caption 77]
 
 use std::time::Instant;
 
 use ddm_core::burn::optim::{GradientsParams, ModuleOptimizer};
 use ddm_core::burn::prelude::*;
+use ddm_core::condition::Condition;
 use ddm_core::dit::DiTConfig;
 use ddm_core::flow::{flow_matching_loss, interpolate, randn};
 use ddm_core::host::HostTensor;
 use ddm_core::model::ModelConfig;
+use ddm_core::pixart::PixArtConfig;
 use rand::SeedableRng;
 
 fn main() {
@@ -30,10 +36,21 @@ fn main() {
     let batch: usize = arg("--batch", "64").parse().unwrap();
     let steps: usize = arg("--steps", "20").parse().unwrap();
     let fwd_iters: usize = arg("--fwd-iters", "5").parse().unwrap();
+    let caption: usize = arg("--caption", "77").parse().unwrap();
     let warmup = 3;
     let plain = ddm_core::device::cpu();
     let device = plain.clone().autodiff();
-    let config = ModelConfig::Dit(DiTConfig::named(&size, 28, 1).unwrap());
+    let config = match size.strip_prefix("PixArt-") {
+        Some(dit) => ModelConfig::PixArt(PixArtConfig::named(dit, 28, 1).unwrap())
+            .with_caption_tokens(CAPTION_WIDTH, caption, 0.0)
+            .unwrap(),
+        None => ModelConfig::Dit(DiTConfig::named(&size, 28, 1).unwrap()),
+    };
+    let reads_captions = config.token_dim() > 0;
+    let condition = |n: usize, rng: &mut rand_chacha::ChaCha8Rng, device: &Device| match reads_captions {
+        true => captions(n, caption, rng, device),
+        false => Condition::none(),
+    };
     let params: usize = config
         .init(0, &plain)
         .unwrap()
@@ -55,12 +72,9 @@ fn main() {
         let e = randn(vec![batch, 784], &mut rng).to_tensor::<2>(&device);
         let t: Vec<f32> = (0..batch).map(|i| (i as f32 + 0.5) / batch as f32).collect();
         let t = Tensor::<1>::from_data(TensorData::new(t, [batch]), &device);
+        let c = condition(batch, &mut rng, &device);
         let t1 = Instant::now();
-        let v = model.predict(
-            interpolate(x0.clone(), e.clone(), t.clone()),
-            t,
-            &ddm_core::condition::Condition::none(),
-        );
+        let v = model.predict(interpolate(x0.clone(), e.clone(), t.clone()), t, &c);
         let loss = flow_matching_loss(v, x0, e);
         let _ = sync(loss.clone());
         let t2 = Instant::now();
@@ -86,8 +100,9 @@ fn main() {
         let x = randn(vec![256, 784], &mut rng).to_tensor::<2>(&plain);
         let t: Vec<f32> = (0..256).map(|i| (i as f32 + 0.5) / 256.0).collect();
         let t = Tensor::<1>::from_data(TensorData::new(t, [256]), &plain);
+        let c = condition(256, &mut rng, &plain);
         let t0 = Instant::now();
-        let _ = HostTensor::from_tensor(net.predict(x, t, &ddm_core::condition::Condition::none()));
+        let _ = HostTensor::from_tensor(net.predict(x, t, &c));
         if i > 0 {
             fwd.push(t0.elapsed().as_secs_f64());
         }
@@ -106,6 +121,17 @@ fn main() {
         times[3] * 1e3,
         times[4] * 1e3
     );
+}
+
+/// The width of the benchmark's caption token states.
+const CAPTION_WIDTH: usize = 256;
+
+/// `n` random captions of `l` token states, each with its last quarter (rounded down) padding.
+fn captions(n: usize, l: usize, rng: &mut rand_chacha::ChaCha8Rng, device: &Device) -> Condition {
+    let embeddings = randn(vec![n, l, CAPTION_WIDTH], rng).to_tensor::<3>(device);
+    let tokens = l - l / 4;
+    let mask: Vec<f32> = (0..n * l).map(|i| (i % l < tokens) as u8 as f32).collect();
+    Condition::tokens(embeddings, Tensor::from_data(TensorData::new(mask, [n, l]), device))
 }
 
 trait FirstTensor {
