@@ -866,7 +866,10 @@ fn an_imported_pixart_samples_by_its_captions_tokens() {
         "null.safetensors",
         vec![
             ("c_tokens", HostTensor::new(vec![1, 5, 24], null.collect())),
-            ("c_mask", HostTensor::new(vec![1, 5], vec![1.0, 0.0, 0.0, 0.0, 0.0])),
+            (
+                "c_mask",
+                HostTensor::new(vec![1, 5], vec![1.0, 0.0, 0.0, 0.0, 0.0]),
+            ),
         ],
     );
     let import_with_null = |null: &str| {
@@ -915,14 +918,20 @@ fn an_imported_pixart_samples_by_its_captions_tokens() {
             .data
     };
     assert!(max_abs_diff(&guided("1"), &drawn[0]) < 1e-6);
-    assert!(max_abs_diff(&guided("3"), &drawn[0]) > 1e-3, "guidance changed nothing");
+    assert!(
+        max_abs_diff(&guided("3"), &drawn[0]) > 1e-3,
+        "guidance changed nothing"
+    );
     // A null caption of another width, or of padding only, is refused by name.
     write(
         d,
         "wide-null.safetensors",
         vec![
             ("c_tokens", HostTensor::new(vec![1, 5, 32], vec![0.5; 160])),
-            ("c_mask", HostTensor::new(vec![1, 5], vec![1.0, 0.0, 0.0, 0.0, 0.0])),
+            (
+                "c_mask",
+                HostTensor::new(vec![1, 5], vec![1.0, 0.0, 0.0, 0.0, 0.0]),
+            ),
         ],
     );
     let err = fails(import_with_null("wide-null.safetensors"));
@@ -939,7 +948,10 @@ fn an_imported_pixart_samples_by_its_captions_tokens() {
         ],
     );
     let err = fails(import_with_null("padding.safetensors"));
-    assert!(err.contains("padding.safetensors: `c_mask` is padding only"), "{err}");
+    assert!(
+        err.contains("padding.safetensors: `c_mask` is padding only"),
+        "{err}"
+    );
 
     // A PixArt expert joins a registry, which records the width of the tokens it reads.
     write(
@@ -1225,7 +1237,9 @@ fn a_pixart_trained_on_captions_samples_by_prompt() {
             "--quiet",
         ],
     ));
-    let router = Checkpoint::read(&d.join("router/router.safetensors")).unwrap().meta;
+    let router = Checkpoint::read(&d.join("router/router.safetensors"))
+        .unwrap()
+        .meta;
     assert_eq!(
         (router.condition_token_dim, router.condition_dim, &router.text),
         (Some(32), None, &encoder.text_space())
@@ -1270,7 +1284,10 @@ fn a_pixart_trained_on_captions_samples_by_prompt() {
         let mut input = vec![("x_t", x_t.clone()), ("t", t.clone())];
         if with_tokens {
             // Rows 0 and 1: "a bright left half", "a bright top half".
-            input.push(("c_tokens", HostTensor::new(vec![2, l, dt], tokens.data[..2 * l * dt].to_vec())));
+            input.push((
+                "c_tokens",
+                HostTensor::new(vec![2, l, dt], tokens.data[..2 * l * dt].to_vec()),
+            ));
             input.push(("c_mask", HostTensor::new(vec![2, l], mask.data[..2 * l].to_vec())));
         }
         write(d, "router-in.safetensors", input);
@@ -1297,7 +1314,10 @@ fn a_pixart_trained_on_captions_samples_by_prompt() {
         max_abs_diff(&given[..2], &given[2..]) > 0.0,
         "the caption does not reach the router"
     );
-    assert!(max_abs_diff(&given, &null) > 0.0, "the null caption is the caption");
+    assert!(
+        max_abs_diff(&given, &null) > 0.0,
+        "the null caption is the caption"
+    );
 
     // A PixArt student distilled from the PixArt experts reads the caption's tokens (the teacher
     // is given the student's), records the text space, and samples by prompt; a student that
@@ -1324,7 +1344,9 @@ fn a_pixart_trained_on_captions_samples_by_prompt() {
         )
     };
     ok(distill("student", "PixArt-XS/2"));
-    let student = Checkpoint::read(&d.join("student/expert.safetensors")).unwrap().meta;
+    let student = Checkpoint::read(&d.join("student/expert.safetensors"))
+        .unwrap()
+        .meta;
     assert_eq!(
         (student.model.arch(), student.model.token_dim(), &student.text),
         ("pixart", 32, &encoder.text_space())
@@ -1358,7 +1380,10 @@ fn a_pixart_trained_on_captions_samples_by_prompt() {
             .data
     };
     assert!(
-        max_abs_diff(&by_student("a bright left half"), &by_student("a bright top half")) > 0.0,
+        max_abs_diff(
+            &by_student("a bright left half"),
+            &by_student("a bright top half")
+        ) > 0.0,
         "the caption does not reach the student"
     );
     let err = fails(distill("dit-student", "DiT-XS/4"));

@@ -151,7 +151,11 @@ impl PixArtConfig {
             ));
         }
         let lengths = [self.caption_length, self.null_caption_length];
-        if self.depth == 0 || self.in_channels == 0 || self.caption_channels == 0 || lengths.contains(&Some(0)) {
+        if self.depth == 0
+            || self.in_channels == 0
+            || self.caption_channels == 0
+            || lengths.contains(&Some(0))
+        {
             return bad(
                 "depth, in_channels, caption_channels, caption_length and null_caption_length must be positive"
                     .into(),
@@ -177,7 +181,11 @@ impl PixArtConfig {
             ("depth", self.depth, 1 << 10),
             ("caption_channels", self.caption_channels, 1 << 16),
             ("caption_length", self.caption_length.unwrap_or(1), 1 << 16),
-            ("null_caption_length", self.null_caption_length.unwrap_or(1), 1 << 16),
+            (
+                "null_caption_length",
+                self.null_caption_length.unwrap_or(1),
+                1 << 16,
+            ),
             (
                 "tokens x hidden_size",
                 tokens.saturating_mul(self.hidden_size),
@@ -320,7 +328,10 @@ impl MultiHeadAttention {
     pub fn cross_attention(&self, x: Tensor<3>, keys: Tensor<3>, bias: Tensor<2>) -> Tensor<3> {
         let q = linear_tokens(&self.to_q, x); // [N, T, D]
         let kv = side_by_side(&[&self.to_k, &self.to_v], keys); // [N, L, 2D]
-        linear_tokens(&self.to_out, crate::fused::cross_attention(q, kv, bias, self.heads))
+        linear_tokens(
+            &self.to_out,
+            crate::fused::cross_attention(q, kv, bias, self.heads),
+        )
     }
 
     fn export(&self, prefix: &str, sd: &mut StateDict) {
@@ -454,7 +465,10 @@ impl NullCaption {
             "null_caption.embeddings",
             HostTensor::new(vec![length, channels], vec![0.0; length * channels]),
         )?;
-        let mask = src.buffer("null_caption.mask", HostTensor::new(vec![length], vec![1.0; length]))?;
+        let mask = src.buffer(
+            "null_caption.mask",
+            HostTensor::new(vec![length], vec![1.0; length]),
+        )?;
         Ok(Self {
             embeddings: embeddings.to_tensor::<2>(src.device()),
             mask: mask.to_tensor::<1>(src.device()),
@@ -491,7 +505,8 @@ impl NullCaption {
         let empty = m.clone().sum_dim(1).equal_elem(0.0).float(); // [N, 1]: 1 for padding only
         let keep = empty.clone().neg() + 1.0;
         Tokens {
-            embeddings: e * keep.clone().reshape([n, 1, 1]) + e0.expand([n, len, dc]) * empty.clone().reshape([n, 1, 1]),
+            embeddings: e * keep.clone().reshape([n, 1, 1])
+                + e0.expand([n, len, dc]) * empty.clone().reshape([n, 1, 1]),
             mask: m * keep + m0.expand([n, len]) * empty,
         }
     }
@@ -833,7 +848,11 @@ mod tests {
             model
         };
         // Random weights, the output projection too (it starts at zero).
-        let mut tensors = config.build(&mut RandomInit::new(3, &device)).unwrap().state_dict().0;
+        let mut tensors = config
+            .build(&mut RandomInit::new(3, &device))
+            .unwrap()
+            .state_dict()
+            .0;
         let out = tensors["proj_out.weight"].shape.clone();
         let n_out = out.iter().product::<usize>();
         let w = (0..n_out).map(|i| (i as f32 * 0.71).cos() * 0.2).collect();
@@ -871,7 +890,10 @@ mod tests {
         assert!(diff(&v(&plain, caption, mask), &want) > 1e-4);
         // No caption at all: the null caption, at its own length.
         let none = HostTensor::from_tensor(stored.forward(x.clone(), t.clone(), &Condition::none())).data;
-        let null_both = null.to_tensor::<2>(&device).unsqueeze_dim::<3>(0).repeat_dim(0, 2);
+        let null_both = null
+            .to_tensor::<2>(&device)
+            .unsqueeze_dim::<3>(0)
+            .repeat_dim(0, 2);
         let want = v(&plain, null_both, Tensor::ones([2, 2], &device));
         assert!(diff(&none, &want) < 1e-5, "{}", diff(&none, &want));
     }

@@ -252,8 +252,18 @@ fn forward_without_autodiff_matches_the_composite() {
             composite::attention(qkv.clone(), heads),
         ),
         (
-            fused::cross_attention(x.clone(), qkv.clone().narrow(2, 0, 2 * d), caption_bias(n, t, &device), heads),
-            composite::cross_attention(x.clone(), qkv.narrow(2, 0, 2 * d), caption_bias(n, t, &device), heads),
+            fused::cross_attention(
+                x.clone(),
+                qkv.clone().narrow(2, 0, 2 * d),
+                caption_bias(n, t, &device),
+                heads,
+            ),
+            composite::cross_attention(
+                x.clone(),
+                qkv.narrow(2, 0, 2 * d),
+                caption_bias(n, t, &device),
+                heads,
+            ),
         ),
     ];
     for (i, (got, want)) in pairs.into_iter().enumerate() {

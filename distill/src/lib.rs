@@ -440,6 +440,9 @@ mod tests {
         let mask = Tensor::<2>::from_floats([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]], &device);
         let c = Condition::tokens(Tensor::<3>::ones([2, 4, 5], &device), mask);
         let v = teacher.velocity(&x, &t, &c, Some(&[0, 0])).unwrap();
-        assert_eq!(HostTensor::from_tensor(v).data, vec![2.0, 2.0, 2.0, 3.0, 3.0, 3.0]);
+        assert_eq!(
+            HostTensor::from_tensor(v).data,
+            vec![2.0, 2.0, 2.0, 3.0, 3.0, 3.0]
+        );
     }
 }

@@ -453,7 +453,11 @@ impl<B: FusedOps + FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B
 
         // The bias is a constant (a mask): not a parent, no gradient.
         let bias = bias.into_primitive();
-        match CrossAttention.prepare::<C>([q.node(), kv.node()]).compute_bound().stateful() {
+        match CrossAttention
+            .prepare::<C>([q.node(), kv.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(mut prep) => {
                 let (q_id, kv_id) = (prep.checkpoint(&q), prep.checkpoint(&kv));
                 let (out, probs) =

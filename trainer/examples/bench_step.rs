@@ -131,7 +131,10 @@ fn captions(n: usize, l: usize, rng: &mut rand_chacha::ChaCha8Rng, device: &Devi
     let embeddings = randn(vec![n, l, CAPTION_WIDTH], rng).to_tensor::<3>(device);
     let tokens = l - l / 4;
     let mask: Vec<f32> = (0..n * l).map(|i| (i % l < tokens) as u8 as f32).collect();
-    Condition::tokens(embeddings, Tensor::from_data(TensorData::new(mask, [n, l]), device))
+    Condition::tokens(
+        embeddings,
+        Tensor::from_data(TensorData::new(mask, [n, l]), device),
+    )
 }
 
 trait FirstTensor {

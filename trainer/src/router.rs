@@ -98,7 +98,9 @@ impl Task for RouterTask {
                 "{}: the router is to read token states of width {}, but the partition's data has {}",
                 self.partition.dir().display(),
                 self.inputs.tokens.unwrap_or(0),
-                found.map_or("no token sequences".to_string(), |d| format!("token states of width {d}"))
+                found.map_or("no token sequences".to_string(), |d| format!(
+                    "token states of width {d}"
+                ))
             );
         }
         Ok(TrainData {

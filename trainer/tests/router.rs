@@ -162,7 +162,12 @@ fn trained_router_matches_the_posterior_and_broken_ones_do_not() {
     let dir = tempfile::tempdir().unwrap();
     let (part, manifest, component) = partition_of(dir.path(), 8000);
     let g = mixture();
-    let out = train_mlp_router(dir.path(), Partition::open(&part).unwrap(), RouterInputs::default(), |_| {});
+    let out = train_mlp_router(
+        dir.path(),
+        Partition::open(&part).unwrap(),
+        RouterInputs::default(),
+        |_| {},
+    );
 
     let device = ddm_core::device::cpu();
     let (meta, net) = ddm_router::load_checked(&out.join("router.safetensors"), &manifest, &device).unwrap();
@@ -476,10 +481,15 @@ fn conditioned_router_learns_p_k_given_c() {
     let (part, manifest, component) = labelled_partition(dir.path(), 8000);
     let g = mixture();
     let pkc = exact_class_priors(&g);
-    let out = train_mlp_router(dir.path(), Partition::open(&part).unwrap(), RouterInputs::default(), |c| {
-        c.class_conditional = true;
-        c.class_dropout = 0.2;
-    });
+    let out = train_mlp_router(
+        dir.path(),
+        Partition::open(&part).unwrap(),
+        RouterInputs::default(),
+        |c| {
+            c.class_conditional = true;
+            c.class_dropout = 0.2;
+        },
+    );
     let device = ddm_core::device::cpu();
     let (meta, net) = ddm_router::load_checked(&out.join("router.safetensors"), &manifest, &device).unwrap();
     assert_eq!(meta.model.num_classes(), 3);
@@ -647,7 +657,12 @@ fn token_conditioned_router_learns_p_k_given_the_caption() {
     let device = ddm_core::device::cpu();
     let (meta, net) = ddm_router::load_checked(&out.join("router.safetensors"), &manifest, &device).unwrap();
     assert_eq!(
-        (meta.condition_token_dim, meta.condition_dim, net.inputs(), net.classes()),
+        (
+            meta.condition_token_dim,
+            meta.condition_dim,
+            net.inputs(),
+            net.classes()
+        ),
         (Some(3), None, inputs, 0)
     );
     // Sequences of 4 slots: `tokens` real ones, then padding holding `junk`.
@@ -679,7 +694,11 @@ fn token_conditioned_router_learns_p_k_given_the_caption() {
             );
         }
         let junk = at_noise(&[one_hot, [0.0; 3]], 7.0);
-        let moved = p.iter().zip(&junk).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let moved = p
+            .iter()
+            .zip(&junk)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         assert!(moved < 1e-6, "padding's content moved the router by {moved}");
     }
     let null = at_noise(&[], 3.0);

@@ -53,7 +53,9 @@ impl Partition {
     /// The length of the data's per-sample conditioning vectors `c` (None: the data has none),
     /// read from the first non-empty shard.
     pub fn condition_dim(&self) -> Result<Option<usize>> {
-        Ok(self.first_sample_shard()?.and_then(|s| s.cond.map(|c| c.shape[1])))
+        Ok(self
+            .first_sample_shard()?
+            .and_then(|s| s.cond.map(|c| c.shape[1])))
     }
 
     /// The width Dt of the data's token states (`c_tokens` of a tensors: file), read from the

@@ -9,10 +9,10 @@ use anyhow::bail;
 use ddm_datasets::Dataset;
 use ddm_datasets::partition::{self, Algorithm, Partition, PartitionConfig};
 use ddm_ensemble::registry;
+use ddm_router::net::RouterInputs;
 use ddm_trainer::config::TrainConfig;
 use ddm_trainer::expert::{EXPERT_FILE, ExpertTask};
 use ddm_trainer::island::Target;
-use ddm_router::net::RouterInputs;
 use ddm_trainer::router::{ROUTER_FILE, RouterTask};
 use ddm_trainer::train::Run;
 
