@@ -26,6 +26,7 @@ fn registry_with_stats(d: &Path) -> Vec<PathBuf> {
             mean: vec![sign, 0.0],
             var: vec![0.1, 0.1],
             label_counts: None,
+            condition: None,
         };
         stats
             .save(&island.join(ddm_core::stats::STATS_FILE), Some(c), fp)

@@ -353,10 +353,11 @@ fn an_image_folder_brings_its_own_captions() {
 
 /// Experts that read text: captions -> `ddm encode-text --data` -> partition -> two islands
 /// trained with --condition-vectors -> register -> `ddm sample --condition`. The experts record
-/// the width they read, the registry keeps it, and the caption changes the samples even with the
-/// analytic router (which ignores vectors), so the experts read them; `--prompt` samples what the
-/// caption's vector does, through the registry's text encoder only; guidance on the caption, a
-/// served expert and a distilled student read it too.
+/// the width they read, the registry keeps it, and the caption changes the samples of one expert
+/// alone (`oracle:0`), so the experts read them, and the analytic router weighs the clusters by
+/// it (their statistics of the vectors); `--prompt` samples what the caption's vector does,
+/// through the registry's text encoder only; guidance on the caption, a served expert and a
+/// distilled student read it too.
 #[test]
 fn experts_trained_on_captions_sample_by_caption() {
     let dir = tempfile::tempdir().unwrap();
@@ -504,6 +505,45 @@ fn experts_trained_on_captions_sample_by_caption() {
     assert_eq!(samples[0], samples[2]);
     assert!(
         max_abs_diff(&samples[0], &samples[1]) > 0.0,
+        "the caption changes nothing"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("left.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["router_sees_vectors"].as_bool(),
+        Some(true),
+        "the analytic router reads the islands' statistics of the vectors: {report}"
+    );
+    let by_expert_0 = |cond: &str| {
+        ok(ddm(
+            d,
+            &[
+                "sample",
+                "--registry",
+                "reg",
+                "--strategy",
+                "oracle:0",
+                "--n",
+                "4",
+                "--steps",
+                "8",
+                "--condition",
+                cond,
+                "--out",
+                "oracle.png",
+            ],
+        ));
+        TensorFile::read(&d.join("oracle.safetensors"))
+            .unwrap()
+            .f32("x0")
+            .unwrap()
+            .data
+    };
+    assert!(
+        max_abs_diff(
+            &by_expert_0("c-left.safetensors"),
+            &by_expert_0("c-top.safetensors")
+        ) > 0.0,
         "the caption does not reach the experts"
     );
 

@@ -5,8 +5,10 @@
 //!
 //! File: `OUT/cluster-stats.safetensors` with `mean` [X], `var` [X] and header JSON under the key
 //! `ddm-stats`: count, cluster (absent for a monolith), partition fingerprint, and for labelled
-//! data the count of each class (what the conditioned analytic router's p(k | c) is made of). Written by the
-//! trainer, read by the registry and the analytic router: a contract, so it lives here.
+//! data the count of each class (what the conditioned analytic router's p(k | c) is made of); for
+//! data with conditioning vectors (a caption's pooled text embedding) also their mean `c_mean`
+//! [Dc] and diagonal variance `c_var` [Dc]. Written by the trainer, read by the registry and the
+//! analytic router: a contract, so it lives here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -40,6 +42,15 @@ pub struct ClusterStats {
     pub mean: Vec<f64>,
     pub var: Vec<f64>,
     pub label_counts: Option<Vec<usize>>,
+    /// Mean and diagonal variance of the samples' conditioning vectors (data that has them).
+    pub condition: Option<Moments>,
+}
+
+/// Mean and diagonal variance of a set of vectors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
 }
 
 /// Sums and sums of squares, fed one sample at a time (data too large to hold at once).
@@ -82,6 +93,7 @@ impl Accumulator {
             mean,
             var,
             label_counts: None,
+            condition: None,
         }
     }
 }
@@ -98,10 +110,20 @@ impl ClusterStats {
     pub fn save(&self, path: &Path, cluster: Option<usize>, partition: &str) -> Result<()> {
         let d = self.mean.len();
         let f = |v: &[f64]| RawTensor::f32(&HostTensor::new(vec![d], v.iter().map(|&x| x as f32).collect()));
-        let t = BTreeMap::from([
+        let mut t = BTreeMap::from([
             ("mean".to_string(), f(&self.mean)),
             ("var".to_string(), f(&self.var)),
         ]);
+        if let Some(c) = &self.condition {
+            let f = |v: &[f64]| {
+                RawTensor::f32(&HostTensor::new(
+                    vec![v.len()],
+                    v.iter().map(|&x| x as f32).collect(),
+                ))
+            };
+            t.insert("c_mean".to_string(), f(&c.mean));
+            t.insert("c_var".to_string(), f(&c.var));
+        }
         let meta = StatsMeta {
             count: self.count,
             cluster,
@@ -144,6 +166,20 @@ impl ClusterStats {
                 meta.count
             )));
         }
+        let condition = match f.contains("c_mean") {
+            false => None,
+            true => {
+                let (mean, var) = (g("c_mean")?, g("c_var")?);
+                if mean.is_empty() || mean.len() != var.len() {
+                    return Err(bad(format!(
+                        "c_mean has {} values, c_var {}",
+                        mean.len(),
+                        var.len()
+                    )));
+                }
+                Some(Moments { mean, var })
+            }
+        };
         Ok((
             meta.clone(),
             Self {
@@ -151,6 +187,7 @@ impl ClusterStats {
                 mean,
                 var,
                 label_counts: meta.label_counts,
+                condition,
             },
         ))
     }
@@ -165,6 +202,10 @@ mod tests {
         let rows: [&[f32]; 3] = [&[1.0, 0.0], &[2.0, 0.0], &[3.0, 3.0]];
         let mut s = ClusterStats::of_rows(2, rows);
         s.label_counts = Some(vec![2, 0, 1]);
+        s.condition = Some(Moments {
+            mean: vec![0.5, -1.0, 2.0],
+            var: vec![0.25, 1.0, 0.0],
+        });
         assert_eq!(s.count, 3);
         assert_eq!(s.mean, vec![2.0, 1.0]);
         assert!((s.var[0] - 2.0 / 3.0).abs() < 1e-12 && (s.var[1] - 2.0).abs() < 1e-12);
@@ -178,6 +219,7 @@ mod tests {
         );
         assert_eq!(back.mean, s.mean);
         assert_eq!(back.label_counts, Some(vec![2, 0, 1]));
+        assert_eq!(back.condition, s.condition);
         // Written as f32: equal to f32 precision.
         assert!((back.var[0] - s.var[0]).abs() < 1e-6);
     }

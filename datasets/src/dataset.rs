@@ -239,6 +239,14 @@ impl Dataset {
             self.gather(piece).chunks(d).for_each(|row| acc.add(row));
         }
         let mut stats = acc.finish();
+        if let Some(c) = &self.cond {
+            let dc = c.shape[1];
+            let c = ddm_core::stats::ClusterStats::of_rows(dc, c.data.chunks(dc));
+            stats.condition = Some(ddm_core::stats::Moments {
+                mean: c.mean,
+                var: c.var,
+            });
+        }
         if let (Some(labels), Some(classes)) = (&self.labels, self.num_classes) {
             let mut counts = vec![0usize; classes];
             labels.iter().for_each(|&l| counts[l as usize] += 1);

@@ -70,8 +70,12 @@ impl Posterior for AnalyticRouter {
         AnalyticRouter::classes(self)
     }
 
-    /// Conditioning vectors and token sequences are ignored: the analytic router has no model of
-    /// p(k | c) for them.
+    fn condition_dim(&self) -> Option<usize> {
+        AnalyticRouter::condition_dim(self)
+    }
+
+    /// Conditioning vectors weigh each cluster by its Gaussian of them (when the islands published
+    /// one); token sequences are ignored: the analytic router has no model of p(k | c) for them.
     fn probs(&self, x_t: &Tensor<2>, t: &Tensor<1>, c: &Condition) -> Vec<Vec<f64>> {
         let x = HostTensor::from_tensor(x_t.clone());
         let t = HostTensor::from_tensor(t.clone()).data;
@@ -84,14 +88,24 @@ impl Posterior for AnalyticRouter {
                 .collect(),
             _ => vec![None; t.len()],
         };
+        // Vectors per row, for a router that reads them.
+        let vectors: Vec<Option<Vec<f64>>> = match (&c.vector, self.condition_dim()) {
+            (Some(v), Some(dc)) => HostTensor::from_tensor(v.clone())
+                .data
+                .chunks(dc)
+                .map(|r| Some(r.iter().map(|&v| v as f64).collect()))
+                .collect(),
+            _ => vec![None; t.len()],
+        };
         let d = x.shape[1];
         x.data
             .chunks(d)
             .zip(t)
             .zip(y)
-            .map(|((r, t), c)| {
+            .zip(vectors)
+            .map(|(((r, t), class), v)| {
                 let r: Vec<f64> = r.iter().map(|&v| v as f64).collect();
-                self.posterior_given(&r, t as f64, c)
+                self.posterior_with(&r, t as f64, class, v.as_deref())
             })
             .collect()
     }

@@ -27,6 +27,7 @@ fn analytic(g: &GaussianMixture) -> AnalyticRouter {
             mean: g.means[k].clone(),
             var: g.vars[k].clone(),
             label_counts: None,
+            condition: None,
         })
         .collect();
     AnalyticRouter::from_stats(&stats)
@@ -351,6 +352,7 @@ fn trajectory_with_a_conditioned_router_follows_p_k_given_c() {
                     .map(|c| (g.weights[k] * CLASS_GIVEN_COMPONENT[k][c] * 1e7).round() as usize)
                     .collect(),
             ),
+            condition: None,
         })
         .collect();
     let router = AnalyticRouter::from_stats(&stats);

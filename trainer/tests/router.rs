@@ -70,6 +70,7 @@ fn analytic_router_is_the_exact_posterior() {
             mean: g.means[k].clone(),
             var: g.vars[k].clone(),
             label_counts: None,
+            condition: None,
         })
         .collect();
     let r = AnalyticRouter::from_stats(&stats);
@@ -435,6 +436,7 @@ fn conditioned_analytic_router_is_the_exact_class_posterior() {
                     .map(|c| (g.weights[k] * CLASS_GIVEN_COMPONENT[k][c] * 1e7).round() as usize)
                     .collect(),
             ),
+            condition: None,
         })
         .collect();
     let r = AnalyticRouter::from_stats(&stats);
@@ -622,6 +624,40 @@ fn vector_conditioned_router_learns_p_k_given_c() {
             g.weights
         );
     }
+    // The analytic router from the shards' own statistics of c (each cluster's Gaussian of its
+    // vectors): at t = 1 nearer p(k | c) than the prior is (a Gaussian over noisy one-hots is an
+    // approximation, sharper than the truth where a cluster holds one class), and the zero vector
+    // leaves the prior.
+    let stats: Vec<ClusterStats> = (0..4)
+        .map(|k| {
+            partition::load_shard(&part, &manifest, k)
+                .unwrap()
+                .cluster_stats()
+        })
+        .collect();
+    let analytic = AnalyticRouter::from_stats(&stats);
+    assert_eq!(analytic.condition_dim(), Some(3));
+    let tv = |p: &[f64], q: &[f64]| 0.5 * p.iter().zip(q).map(|(a, b)| (a - b).abs()).sum::<f64>();
+    let x = [0.3, -0.2];
+    for (class, exact) in pkc.iter().enumerate() {
+        let mut c = [0.0; 3];
+        c[class] = 1.0;
+        let p = analytic.posterior_with(&x, 1.0, None, Some(&c));
+        let mut q = vec![0.0; 4];
+        for (k, &comp) in component.iter().enumerate() {
+            q[comp] = p[k];
+        }
+        println!("class {class}: analytic p(k | c) {q:.3?}, exact {exact:.3?}");
+        assert!(
+            tv(&q, exact) < tv(&g.weights, exact),
+            "class {class}: {q:?} is no nearer {exact:?} than the prior"
+        );
+    }
+    assert_eq!(
+        analytic.posterior_with(&x, 1.0, None, Some(&[0.0; 3])),
+        analytic.posterior(&x, 1.0)
+    );
+
     // Its evaluation reports accuracy with the vectors (no closed-form TV for vectors).
     let (data, clusters) = Partition::open(&part).unwrap().all().unwrap();
     let report = ddm_trainer::router_eval::evaluate(&net, &data, &clusters, 4, 1000, 0, &device);
