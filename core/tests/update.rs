@@ -197,7 +197,7 @@ fn optimizer_records_load_either_way() {
             model = linear_step(&mut a, model, s);
         }
         let bytes = a.into_bytes().unwrap();
-        let mut b = second.from_bytes(bytes).unwrap();
+        let mut b = second.from_bytes_on(bytes, &ddm_core::device::cpu()).unwrap();
         let (ma, mb) = (
             linear_step(&mut a, model.clone(), 9),
             linear_step(&mut b, model.clone(), 9),

@@ -222,7 +222,8 @@ pub fn load<T: Task>(
     let (_, opt) = f.u8("optimizer")?;
     // burn's record reader panics on some malformed records: a panic here is a bad file too.
     let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        optim.from_bytes(Bytes::from_bytes_vec(opt.to_vec()))
+        // On `device`, not burn's default device (the first GPU backend compiled in).
+        optim.from_bytes_on(Bytes::from_bytes_vec(opt.to_vec()), device)
     }));
     let optim = match restored {
         Ok(Ok(o)) => o,
