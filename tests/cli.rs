@@ -187,22 +187,28 @@ fn bad_inputs_give_clear_errors() {
         e.contains("`x_t` has shape [2, 3, 5]") && e.contains("[N, 1, 28, 28]"),
         "{e}"
     );
+    // `--device cuda` where this build or this machine lacks CUDA: an error naming what is
+    // missing (the cargo feature, or the NVIDIA driver on a machine without one), not a panic.
+    let cuda = ddm(
+        dir.path(),
+        &[
+            "predict",
+            "--checkpoint",
+            "c.safetensors",
+            "--input",
+            &io,
+            "--out",
+            "v.st",
+            "--device",
+            "cuda",
+        ],
+    );
     if !cfg!(feature = "cuda") {
-        let e = fails(ddm(
-            dir.path(),
-            &[
-                "predict",
-                "--checkpoint",
-                "c.safetensors",
-                "--input",
-                &io,
-                "--out",
-                "v.st",
-                "--device",
-                "cuda",
-            ],
-        ));
-        assert!(e.contains("--features cuda"), "{e}");
+        assert!(fails(cuda).contains("--features cuda"));
+    } else if !std::path::Path::new("/proc/driver/nvidia").exists() {
+        let e = fails(cuda);
+        assert!(e.contains("--device cuda: ") && e.contains("libcuda.so"), "{e}");
+        assert!(!e.contains("panicked"), "{e}");
     }
 
     // A missing file: its path and the OS's reason, each once.

@@ -1,10 +1,12 @@
-//! Backend selection. burn 0.22 picks the device at run time; ddm exposes `--device cpu|wgpu|cuda`.
+//! Backend selection. burn 0.22 picks the device at run time; ddm exposes
+//! `--device cpu|wgpu|cuda[:N]`.
 //!
 //! The CPU backend is burn's `flex` (pure Rust, rayon + gemm). It was chosen by measurement on the
 //! 2-core development machines (a DiT training step was ~20% faster on flex than on ndarray, and
 //! burn 0.22 deprecates ndarray). GPU backends are cargo
-//! features of the `ddm` package: `wgpu` (on by default: one build serves the CPU and any GPU with
-//! a Vulkan, Metal or DX12 driver) and `cuda` (off: it does not build from the registries alone).
+//! features of the `ddm` package, both on by default: `wgpu` (any GPU with a Vulkan, Metal or DX12
+//! driver) and `cuda` (NVIDIA GPUs). Neither needs a GPU, driver or toolkit to build: their
+//! libraries are loaded when a device is opened, so one build serves every machine.
 
 use std::str::FromStr;
 
@@ -17,7 +19,8 @@ use crate::error::{Error, Result};
 pub enum DeviceChoice {
     Cpu,
     Wgpu(WgpuChoice),
-    Cuda,
+    /// The N-th CUDA device (`cuda` is `cuda:0`).
+    Cuda(usize),
 }
 
 /// Which graphics API and adapter the wgpu backend uses: `wgpu[:API][:ADAPTER]`, e.g.
@@ -60,7 +63,14 @@ impl FromStr for DeviceChoice {
         let bad = |why: String| Error::Device(format!("device `{s}`: {why}"));
         match parts.next().unwrap_or("") {
             "cpu" if parts.clone().next().is_none() => Ok(DeviceChoice::Cpu),
-            "cuda" if parts.clone().next().is_none() => Ok(DeviceChoice::Cuda),
+            "cuda" => match (parts.next(), parts.next()) {
+                (None, _) => Ok(DeviceChoice::Cuda(0)),
+                (Some(n), None) => n
+                    .parse()
+                    .map(DeviceChoice::Cuda)
+                    .map_err(|_| bad(format!("`{n}`: not a CUDA device index (cuda:0, cuda:1, ...)"))),
+                (Some(_), Some(_)) => Err(bad("expected cuda or cuda:N".into())),
+            },
             "wgpu" => {
                 let mut w = WgpuChoice::default();
                 for p in parts {
@@ -96,7 +106,7 @@ impl FromStr for DeviceChoice {
                 Ok(DeviceChoice::Wgpu(w))
             }
             _ => Err(Error::Device(format!(
-                "unknown device `{s}`: expected cpu, wgpu[:API][:ADAPTER] (e.g. wgpu:vulkan:software) or cuda"
+                "unknown device `{s}`: expected cpu, wgpu[:API][:ADAPTER] (e.g. wgpu:vulkan:software) or cuda[:N]"
             ))),
         }
     }
@@ -106,7 +116,8 @@ impl std::fmt::Display for DeviceChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DeviceChoice::Cpu => f.write_str("cpu"),
-            DeviceChoice::Cuda => f.write_str("cuda"),
+            DeviceChoice::Cuda(0) => f.write_str("cuda"),
+            DeviceChoice::Cuda(i) => write!(f, "cuda:{i}"),
             DeviceChoice::Wgpu(w) => {
                 f.write_str("wgpu")?;
                 match w.api {
@@ -160,17 +171,71 @@ pub fn device(choice: DeviceChoice) -> Result<Device> {
         #[cfg(feature = "wgpu")]
         DeviceChoice::Wgpu(w) => gpu::open(w),
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda => Ok(Device::cuda(0)),
+        DeviceChoice::Cuda(index) => cuda::open(index),
         #[allow(unreachable_patterns)]
         other => {
             let feature = match other {
-                DeviceChoice::Cuda => "cuda",
+                DeviceChoice::Cuda(_) => "cuda",
                 _ => "wgpu",
             };
             Err(Error::Device(format!(
                 "this ddm was built without the `{feature}` backend (asked for `{other}`); rebuild with `cargo build --release --features {feature}`"
             )))
         }
+    }
+}
+
+/// Opening a CUDA device. The driver (libcuda), NVRTC (which compiles the kernels when they are
+/// first used) and the CUDA headers are found at run time, not at build time; burn's runtime
+/// panics on the first tensor when one is missing, so each is checked here first and a missing
+/// one is an error that names it.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use burn::prelude::Device;
+
+    use crate::error::{Error, Result};
+
+    pub fn open(index: usize) -> Result<Device> {
+        let choice = super::DeviceChoice::Cuda(index);
+        let fail = |why: String| Error::Device(format!("--device {choice}: {why}"));
+        // SAFETY: each only tries to `dlopen` the library under its usual names.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(fail(
+                "the NVIDIA driver's library (libcuda.so) is not on this machine: install the NVIDIA driver, or use --device wgpu or cpu".into(),
+            ));
+        }
+        let count = cudarc::driver::result::init()
+            .and_then(|()| cudarc::driver::result::device::get_count())
+            .map_err(|e| fail(format!("the CUDA driver did not start: {e}")))?;
+        if index >= count.max(0) as usize {
+            return Err(fail(format!("this machine has {count} CUDA device(s)")));
+        }
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(fail(
+                "NVRTC (libnvrtc.so), which compiles the GPU kernels at run time, was not found: install the CUDA toolkit's NVRTC (or `pip install nvidia-cuda-nvrtc-cu12`) and add its lib directory to LD_LIBRARY_PATH".into(),
+            ));
+        }
+        match cubecl_cuda::install::cuda_path() {
+            Some(p) if p.join("include").is_dir() => {
+                let name = name(index).unwrap_or_default();
+                tracing::info!("cuda: device {index} of {count} ({name}), headers in {}", p.display());
+                Ok(Device::cuda(index))
+            }
+            _ => Err(fail(
+                "the CUDA headers were not found (CUDA_PATH, /usr/local/cuda, /opt/cuda): install the CUDA toolkit's headers and set CUDA_PATH to the directory that holds include/".into(),
+            )),
+        }
+    }
+
+    /// The name of CUDA device `index` (e.g. "NVIDIA H100 80GB HBM3"), where the driver has one.
+    pub fn name(index: usize) -> Option<String> {
+        // SAFETY: only tries to `dlopen` libcuda.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return None;
+        }
+        cudarc::driver::result::init().ok()?;
+        let device = cudarc::driver::result::device::get(index.try_into().ok()?).ok()?;
+        cudarc::driver::result::device::get_name(device).ok()
     }
 }
 
@@ -266,11 +331,14 @@ mod gpu {
 }
 
 /// The wgpu adapter a `--device wgpu...` got in this process ("NAME (API, hardware|software,
-/// driver ...)"), once it is open; None on other devices or builds without wgpu.
+/// driver ...)"), once it is open, or the CUDA device's name; None on the CPU or builds without
+/// the backend.
 pub fn adapter(choice: DeviceChoice) -> Option<String> {
     match choice {
         #[cfg(feature = "wgpu")]
         DeviceChoice::Wgpu(w) => gpu::adapter(w),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(i) => cuda::name(i),
         _ => None,
     }
 }
@@ -305,15 +373,37 @@ mod tests {
                 adapter: WgpuAdapter::Software
             })
         );
-        for bad in ["wgpu:vulkn", "wgpu:discrete-x", "cpu:1"] {
+        assert_eq!("cuda:0".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(0));
+        for s in ["cuda", "cuda:3"] {
+            assert_eq!(s.parse::<DeviceChoice>().unwrap().to_string(), s);
+        }
+        for bad in ["wgpu:vulkn", "wgpu:discrete-x", "cpu:1", "cuda:x", "cuda:0:1"] {
             assert!(bad.parse::<DeviceChoice>().is_err(), "{bad}");
         }
         #[cfg(not(feature = "cuda"))]
         assert!(
-            device(DeviceChoice::Cuda)
+            device(DeviceChoice::Cuda(0))
                 .unwrap_err()
                 .to_string()
                 .contains("--features cuda")
         );
+    }
+
+    /// Without the NVIDIA driver (every CI machine) `--device cuda` is an error naming it, not a
+    /// panic in the runtime; with one, an index past the last device is refused by count.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_names_what_is_missing() {
+        // SAFETY: only tries to `dlopen` libcuda.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            let e = device(DeviceChoice::Cuda(0)).unwrap_err().to_string();
+            assert!(
+                e.starts_with("--device cuda: ") && e.contains("libcuda.so"),
+                "{e}"
+            );
+        } else {
+            let e = device(DeviceChoice::Cuda(1 << 20)).unwrap_err().to_string();
+            assert!(e.contains("CUDA device(s)"), "{e}");
+        }
     }
 }

@@ -29,8 +29,8 @@ use clap::Args;
 /// Where tensors run.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
-    /// Backend: `cpu` (burn flex), `wgpu[:API][:ADAPTER]` (built by default) or `cuda` (a build
-    /// with `--features cuda`).
+    /// Backend: `cpu` (burn flex), `wgpu[:API][:ADAPTER]` or `cuda[:N]` (both GPU backends are
+    /// built by default; their drivers are loaded when the device opens).
     #[arg(long, default_value = "cpu")]
     pub device: ddm_core::device::DeviceChoice,
 }

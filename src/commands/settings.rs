@@ -91,7 +91,7 @@ pub struct TrainSettings {
     pub log_every: Option<u64>,
     #[arg(long, help = default_help("Seed", TrainConfig::default().seed))]
     pub seed: Option<u64>,
-    /// Backend: cpu, wgpu, cuda.
+    /// Backend: cpu, wgpu[:API][:ADAPTER], cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub device: ddm_core::device::DeviceChoice,
     /// No progress bar.
