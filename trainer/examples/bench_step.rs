@@ -8,14 +8,21 @@
 //!
 //! Then, like the peer's `fwd256` phase, the median time of an inference forward of 256 samples.
 //!
+//! `--device` runs it on a GPU backend, and `--image S --channels C` on other data (DiT-B/2 on
+//! Stable Diffusion's latents of 256 x 256 images: `--image 32 --channels 4`). The model's forward
+//! FLOPs give the achieved TFLOP/s (a training step counted as 3 forwards); `--peak-tflops P`, the
+//! device's datasheet peak, adds the MFU (`scripts/gpu_bench.sh`).
+//!
 //! cargo build --release --workspace --examples
 //! target/release/examples/bench_step [--size DiT-Bench/4] [--batch 64] [--steps 20] [--fwd-iters 5] [--caption 77]
+//!     [--device cpu] [--image 28] [--channels 1] [--peak-tflops P]
 
 use std::time::Instant;
 
 use ddm_core::burn::optim::{GradientsParams, ModuleOptimizer};
 use ddm_core::burn::prelude::*;
 use ddm_core::condition::Condition;
+use ddm_core::device::DeviceChoice;
 use ddm_core::dit::DiTConfig;
 use ddm_core::flow::{flow_matching_loss, interpolate, randn};
 use ddm_core::host::HostTensor;
@@ -37,14 +44,27 @@ fn main() {
     let steps: usize = arg("--steps", "20").parse().unwrap();
     let fwd_iters: usize = arg("--fwd-iters", "5").parse().unwrap();
     let caption: usize = arg("--caption", "77").parse().unwrap();
+    let choice: DeviceChoice = arg("--device", "cpu").parse().unwrap();
+    let (image, channels): (usize, usize) = (
+        arg("--image", "28").parse().unwrap(),
+        arg("--channels", "1").parse().unwrap(),
+    );
+    let peak: Option<f64> = args
+        .iter()
+        .position(|a| a == "--peak-tflops")
+        .map(|i| args[i + 1].parse().unwrap());
+    let per = channels * image * image; // floats per sample: x is [N, C*H*W]
     let warmup = 3;
-    let plain = ddm_core::device::cpu();
+    let plain = ddm_core::device::device(choice).unwrap_or_else(|e| {
+        eprintln!("bench_step: {e}");
+        std::process::exit(2)
+    });
     let device = plain.clone().autodiff();
     let config = match size.strip_prefix("PixArt-") {
-        Some(dit) => ModelConfig::PixArt(PixArtConfig::named(dit, 28, 1).unwrap())
+        Some(dit) => ModelConfig::PixArt(PixArtConfig::named(dit, image, channels).unwrap())
             .with_caption_tokens(CAPTION_WIDTH, caption, 0.0)
             .unwrap(),
-        None => ModelConfig::Dit(DiTConfig::named(&size, 28, 1).unwrap()),
+        None => ModelConfig::Dit(DiTConfig::named(&size, image, channels).unwrap()),
     };
     let reads_captions = config.token_dim() > 0;
     let condition = |n: usize, rng: &mut rand_chacha::ChaCha8Rng, device: &Device| match reads_captions {
@@ -66,10 +86,10 @@ fn main() {
     let sync = |t: Tensor<1>| t.into_scalar::<f32>();
     for step in 0..warmup + steps {
         let t0 = Instant::now();
-        let x0 = randn(vec![batch, 784], &mut rng)
+        let x0 = randn(vec![batch, per], &mut rng)
             .to_tensor::<2>(&device)
             .clamp(-1.0, 1.0);
-        let e = randn(vec![batch, 784], &mut rng).to_tensor::<2>(&device);
+        let e = randn(vec![batch, per], &mut rng).to_tensor::<2>(&device);
         let t: Vec<f32> = (0..batch).map(|i| (i as f32 + 0.5) / batch as f32).collect();
         let t = Tensor::<1>::from_data(TensorData::new(t, [batch]), &device);
         let c = condition(batch, &mut rng, &device);
@@ -97,7 +117,7 @@ fn main() {
     let net = model.valid();
     let mut fwd = vec![];
     for i in 0..fwd_iters + 1 {
-        let x = randn(vec![256, 784], &mut rng).to_tensor::<2>(&plain);
+        let x = randn(vec![256, per], &mut rng).to_tensor::<2>(&plain);
         let t: Vec<f32> = (0..256).map(|i| (i as f32 + 0.5) / 256.0).collect();
         let t = Tensor::<1>::from_data(TensorData::new(t, [256]), &plain);
         let c = condition(256, &mut rng, &plain);
@@ -109,8 +129,23 @@ fn main() {
     }
     fwd.sort_by(f64::total_cmp);
     let fwd256 = fwd.get(fwd.len() / 2).copied().unwrap_or(f64::NAN);
+    // Achieved TFLOP/s from the model's forward FLOPs; a training step is ~3 forwards (the
+    // backward computes the input and the weight gradients of every matmul).
+    let flops = config.flops_per_sample();
+    let step_tflops = 3.0 * flops * batch as f64 / total / 1e12;
+    let fwd_tflops = flops * 256.0 / fwd256 / 1e12;
+    let mfu = match peak {
+        Some(p) => format!(
+            ", \"peak_tflops\": {p}, \"mfu_step\": {:.4}, \"mfu_fwd256\": {:.4}",
+            step_tflops / p,
+            fwd_tflops / p
+        ),
+        None => String::new(),
+    };
+    let adapter = ddm_core::device::adapter(choice).unwrap_or_default();
     println!(
-        "{{\"impl\": \"ddm\", \"size\": \"{size}\", \"params\": {params}, \"batch\": {batch}, \"threads\": \"{}\", \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
+        "{{\"impl\": \"ddm\", \"device\": \"{choice}\", \"adapter\": {adapter:?}, \"size\": \"{size}\", \"data\": [{channels}, {image}, {image}], \"params\": {params}, \"gflops_per_sample\": {:.3}, \"batch\": {batch}, \"threads\": \"{}\", \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"step_tflops\": {step_tflops:.3}, \"fwd256_tflops\": {fwd_tflops:.3}{mfu}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
+        flops / 1e9,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
         total * 1e3,
         batch as f64 / total,
