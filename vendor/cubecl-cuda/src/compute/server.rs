@@ -953,6 +953,9 @@ fn create_tensor_map(
         .map(|s| *s as u64 * map.elem_ty.expand_size(address_type) as u64)
         .collect();
     let elem_stride: Vec<_> = map.elem_stride.iter().rev().map(|s| *s as u32).collect();
+    // ddm patch: an element type or swizzle the driver cannot encode is an error, not a panic.
+    let data_type = elem_to_tensor_map_type(map.elem_ty)?;
+    let swizzle = swizzle_to_cuda(map.swizzle)?;
 
     match &map.format {
         // SAFETY: `map_ptr` is a zeroed `MaybeUninit<CUtensorMap>`. `device_ptr` is a
@@ -963,7 +966,7 @@ fn create_tensor_map(
 
             cuTensorMapEncodeTiled(
                 map_ptr.as_mut_ptr(),
-                elem_to_tensor_map_type(map.elem_ty),
+                data_type,
                 map.metadata.rank() as u32,
                 device_ptr,
                 shape.as_ptr(),
@@ -971,7 +974,7 @@ fn create_tensor_map(
                 tile_size.as_ptr(),
                 elem_stride.as_ptr(),
                 interleave_to_cuda(map.interleave),
-                swizzle_to_cuda(map.swizzle),
+                swizzle,
                 prefetch_to_cuda(map.prefetch),
                 oob_to_cuda(map.oob_fill),
             )
@@ -996,7 +999,7 @@ fn create_tensor_map(
 
             cuTensorMapEncodeIm2col(
                 map_ptr.as_mut_ptr(),
-                elem_to_tensor_map_type(map.elem_ty),
+                data_type,
                 map.metadata.rank() as u32,
                 device_ptr,
                 shape.as_ptr(),
@@ -1007,7 +1010,7 @@ fn create_tensor_map(
                 args.pixels_per_column,
                 elem_stride.as_ptr(),
                 interleave_to_cuda(map.interleave),
-                swizzle_to_cuda(map.swizzle),
+                swizzle,
                 prefetch_to_cuda(map.prefetch),
                 oob_to_cuda(map.oob_fill),
             )
@@ -1037,7 +1040,7 @@ fn create_tensor_map(
             use cudarc::driver::sys::{CUtensorMapIm2ColWideMode, cuTensorMapEncodeIm2colWide};
             cuTensorMapEncodeIm2colWide(
                 map_ptr.as_mut_ptr(),
-                elem_to_tensor_map_type(map.elem_ty),
+                data_type,
                 map.metadata.rank() as u32,
                 device_ptr,
                 shape.as_ptr(),
@@ -1049,7 +1052,7 @@ fn create_tensor_map(
                 elem_stride.as_ptr(),
                 interleave_to_cuda(map.interleave),
                 CUtensorMapIm2ColWideMode::CU_TENSOR_MAP_IM2COL_WIDE_MODE_W,
-                swizzle_to_cuda(map.swizzle),
+                swizzle,
                 prefetch_to_cuda(map.prefetch),
                 oob_to_cuda(map.oob_fill),
             )
@@ -1077,9 +1080,10 @@ fn create_tensor_map(
     Ok(unsafe { map_ptr.assume_init() })
 }
 
-fn elem_to_tensor_map_type(ty: ElemType) -> CUtensorMapDataType {
+/// ddm patch: a `Result` (upstream panicked on other types).
+fn elem_to_tensor_map_type(ty: ElemType) -> Result<CUtensorMapDataType, LaunchError> {
     use cudarc::driver::sys::CUtensorMapDataType::*;
-    match ty {
+    Ok(match ty {
         // packed fp4 should be treated as single 4-bit values to simplify indexing/shape handling
         // So a tile of width 16 with fp4 elements is 8 x fp4x2 elements wide.
         #[cfg(cuda_12080)]
@@ -1112,8 +1116,13 @@ fn elem_to_tensor_map_type(ty: ElemType) -> CUtensorMapDataType {
             UIntKind::U32 => CU_TENSOR_MAP_DATA_TYPE_UINT32,
             UIntKind::U64 => CU_TENSOR_MAP_DATA_TYPE_UINT64,
         },
-        _ => unimplemented!("Not supported for tensor map type"),
-    }
+        other => {
+            return Err(LaunchError::Unknown {
+                reason: format!("element type {other:?} is not supported by CUDA tensor maps"),
+                backtrace: BackTrace::capture(),
+            });
+        }
+    })
 }
 
 fn interleave_to_cuda(interleave: TensorMapInterleave) -> CUtensorMapInterleave {
@@ -1125,9 +1134,10 @@ fn interleave_to_cuda(interleave: TensorMapInterleave) -> CUtensorMapInterleave 
     }
 }
 
-fn swizzle_to_cuda(swizzle: TensorMapSwizzle) -> CUtensorMapSwizzle {
+/// ddm patch: a `Result` (upstream panicked below CUDA 12.8).
+fn swizzle_to_cuda(swizzle: TensorMapSwizzle) -> Result<CUtensorMapSwizzle, LaunchError> {
     use cudarc::driver::sys::CUtensorMapSwizzle::*;
-    match swizzle {
+    Ok(match swizzle {
         TensorMapSwizzle::None => CU_TENSOR_MAP_SWIZZLE_NONE,
         TensorMapSwizzle::B32 => CU_TENSOR_MAP_SWIZZLE_32B,
         TensorMapSwizzle::B64 => CU_TENSOR_MAP_SWIZZLE_64B,
@@ -1139,8 +1149,13 @@ fn swizzle_to_cuda(swizzle: TensorMapSwizzle) -> CUtensorMapSwizzle {
         #[cfg(cuda_12080)]
         TensorMapSwizzle::B128Atom64B => CU_TENSOR_MAP_SWIZZLE_128B_ATOM_64B,
         #[cfg(not(cuda_12080))]
-        _ => unimplemented!("Swizzle atomicity requires CUDA 12.8 or higher"),
-    }
+        other => {
+            return Err(LaunchError::Unknown {
+                reason: format!("swizzle {other:?} needs CUDA 12.8 or higher"),
+                backtrace: BackTrace::capture(),
+            });
+        }
+    })
 }
 
 fn prefetch_to_cuda(prefetch: TensorMapPrefetch) -> CUtensorMapL2promotion {
