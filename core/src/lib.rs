@@ -43,6 +43,7 @@ pub mod multistep;
 pub mod params;
 pub mod partition;
 pub mod pixart;
+pub mod precision;
 pub mod progress;
 pub mod stats;
 pub mod text;

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::fused::{gated_residual, layer_norm_modulate};
 use crate::host::HostTensor;
 use crate::params::{Init, ParamSource, StateDict};
+use crate::precision::like;
 
 mod config;
 pub mod diffusers;
@@ -76,7 +77,8 @@ pub fn timestep_embedding(t: Tensor<1>, dim: usize, shift: f64) -> Tensor<2> {
         .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32)
         .collect();
     let n = t.dims()[0];
-    let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &t.device()).reshape([1, half]);
+    let freqs = TensorData::new(freqs, [half]);
+    let freqs = Tensor::<1>::from_data(freqs, (&t.device(), t.dtype())).reshape([1, half]); // t's dtype
     let args = t.reshape([n, 1]) * freqs; // [N, F/2]
     Tensor::cat(vec![args.clone().cos(), args.sin()], 1) // [N, F]
 }
@@ -155,7 +157,9 @@ impl TimestepEmbedder {
     /// # Shapes
     /// - `t`: `[N]` in [0, 1] -> `[N, D]`
     pub fn forward(&self, t: Tensor<1>) -> Tensor<2> {
+        // In t's dtype (f32: 1000 t has too few bits in bf16 for the sinusoid), then the MLP's.
         let freq = timestep_embedding(t * self.t_scale, self.freq_dim, self.freq_shift); // [N, F]
+        let freq = like(freq, self.mlp_0.weight.val().dtype());
         self.mlp_2.forward(silu(self.mlp_0.forward(freq))) // [N, D]
     }
 
@@ -224,9 +228,10 @@ pub fn vector_embedding(
     device: &Device,
 ) -> Option<Tensor<2>> {
     let embed = c_embedder?;
+    let dtype = embed.weight.val().dtype();
     let v = match &cond.vector {
-        Some(v) => v.clone(),
-        None => Tensor::<2>::zeros([n, embed.weight.dims()[0]], device),
+        Some(v) => like(v.clone(), dtype),
+        None => Tensor::<2>::zeros([n, embed.weight.dims()[0]], (device, dtype)),
     };
     Some(embed.forward(v))
 }
@@ -387,7 +392,8 @@ impl DiT {
         let [n, _, _, _] = x.dims();
         let (g, d) = (self.config.grid(), self.config.hidden_size);
         let x = self.x_embedder.forward(x); // [N, D, S/P, S/P]
-        let mut x = x.reshape([n, d, g * g]).swap_dims(1, 2) + self.pos_embed.clone(); // [N, T, D]
+        let pos = like(self.pos_embed.clone(), x.dtype()); // a constant: not cast with the parameters
+        let mut x = x.reshape([n, d, g * g]).swap_dims(1, 2) + pos; // [N, T, D]
         let with_extra = |c: Tensor<2>| match &extra {
             Some(e) => c + e.clone(), // [N, D]
             None => c,
@@ -417,7 +423,12 @@ impl DiT {
     /// - `x`: `[N, C, S, S]`, `t`: `[N]` in [0, 1]; the condition's class `[N]` (null class =
     ///   num_classes) and vector `[N, condition_dim]` (absent: the null, zero, vector)
     /// - returns `[N, C, S, S]` (with `learn_sigma`, the first C of the 2C output channels)
+    ///
+    /// It computes in its parameters' dtype (`precision::cast`) and returns `x`'s.
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, cond: &Condition) -> Tensor<4> {
+        let io = x.dtype();
+        let dtype = self.x_embedder.weight.val().dtype();
+        let x = like(x, dtype); // t stays f32: the timestep embedder casts after its sinusoid
         let extra = vector_embedding(self.c_embedder.as_ref(), cond, x.dims()[0], &x.device());
         let (x, c) = self.trunk(x, t, cond.class.clone(), extra);
         let head = self
@@ -426,11 +437,12 @@ impl DiT {
             .expect("forward needs the velocity head; trunks are for routers");
         let x = head.forward(x, c); // [N, T, P*P*C_out]
         let x = self.unpatchify(x); // [N, C_out, S, S]
-        if self.config.learn_sigma {
+        let x = if self.config.learn_sigma {
             x.narrow(1, 0, self.config.in_channels)
         } else {
             x
-        }
+        };
+        like(x, io)
     }
 
     /// `[N, T, P*P*C]` -> `[N, C, S, S]` ("nhwpqc -> nchpwq").
