@@ -56,7 +56,7 @@ impl FromStr for Precision {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
             "f16" => Ok(Precision::F16),
-            other => Err(Error::Device(format!(
+            other => Err(Error::Invalid(format!(
                 "--precision {other}: expected f32, bf16 or f16"
             ))),
         }
