@@ -14,7 +14,9 @@
 #      forward of 256 samples; achieved TFLOP/s (a step counted as 3 forwards of the model's FLOPs)
 #      and MFU against the datasheet's dense FP32 peak (known for H100, H200, A100, L40S; else pass
 #      --peak-tflops). MFU against the TF32 tensor-core peak is printed beside it.
-#   2. bf16: not measured, because ddm trains in f32 only (`--precision` is issue 34's next part).
+#   2. the same step and forward in bf16 (`--precision bf16`: f32 master weights, AdamW and EMA in
+#      f32), or in f16 where the device has no bf16 (Vulkan), with the MFU against the datasheet's
+#      dense 16-bit tensor-core peak.
 #   3. a routed sampling step: K experts of that size trained 2 steps each on the device (on the
 #      Fashion-MNIST images embedded in ddm: the step's cost does not depend on what the weights
 #      learned), a router, a registry, then `ddm sample --n 256 --steps 8` with `full` and
@@ -64,26 +66,35 @@ run)
     [ -x "$p" ] || { echo "gpu_bench.sh: $p missing: run 'scripts/gpu_bench.sh pack' first" >&2; exit 2; }
   done
 
-  # The GPU and its datasheet peaks (dense, TFLOP/s: FP32 on CUDA cores, TF32 on tensor cores).
+  # The GPU and its datasheet peaks (dense, TFLOP/s: FP32 on CUDA cores, TF32 and BF16/FP16 on
+  # tensor cores).
   gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1 || true)
   tf32=""
   case "$gpu" in
-  *H100*PCIe*) fp32=51.2 tf32=378 ;;
-  *H100*NVL*) fp32=60 tf32=417.5 ;;
-  *H100* | *H200* | *GH200*) fp32=66.9 tf32=494.7 ;;
-  *A100*) fp32=19.5 tf32=156 ;;
-  *L40S*) fp32=91.6 tf32=183 ;;
-  *) fp32="" ;;
+  *H100*PCIe*) fp32=51.2 tf32=378 half=756 ;;
+  *H100*NVL*) fp32=60 tf32=417.5 half=835 ;;
+  *H100* | *H200* | *GH200*) fp32=66.9 tf32=494.7 half=989.4 ;;
+  *A100*) fp32=19.5 tf32=156 half=312 ;;
+  *L40S*) fp32=91.6 tf32=183 half=362 ;;
+  *) fp32="" half="" ;;
   esac
   peak=${peak:-$fp32}
-  echo "{\"gpu\": \"${gpu:-unknown (no nvidia-smi)}\", \"device\": \"$device\", \"fp32_peak_tflops\": \"${peak:-unknown}\", \"tf32_peak_tflops\": \"${tf32:-unknown}\", \"cpu\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\"}"
+  echo "{\"gpu\": \"${gpu:-unknown (no nvidia-smi)}\", \"device\": \"$device\", \"fp32_peak_tflops\": \"${peak:-unknown}\", \"tf32_peak_tflops\": \"${tf32:-unknown}\", \"bf16_peak_tflops\": \"${half:-unknown}\", \"cpu\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\"}"
 
   # 1. The training step and the sampling forward, f32.
   step=$("$bench_step" --device "$device" --size "$size" --image 32 --channels 4 --batch 256 \
     --steps 10 --fwd-iters 5 ${peak:+--peak-tflops "$peak"})
   echo "$step"
-  # 2. bf16.
-  echo '{"precision": "bf16", "measured": false, "why": "ddm trains in f32 only: --precision is not built yet (issue 34)"}'
+  # 2. The same in bf16, else f16 (a device without bf16 arithmetic refuses it by name).
+  err=$(mktemp)
+  for precision in bf16 f16; do
+    if "$bench_step" --device "$device" --size "$size" --image 32 --channels 4 --batch 256 \
+      --steps 10 --fwd-iters 5 --precision "$precision" ${half:+--peak-tflops "$half"} 2>"$err"; then
+      break
+    fi
+    printf '{"precision": "%s", "measured": false, "why": "%s"}\n' "$precision" "$(tail -1 "$err" | tr '"' "'")"
+  done
+  rm -f "$err"
 
   # 3. A routed sampling step: K experts of `size` and a router, trained 2 steps each on the device.
   work=$(mktemp -d)
@@ -116,7 +127,7 @@ run)
   fi
   ;;
 *)
-  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
   ;;
 esac

@@ -16,6 +16,7 @@ use crate::condition::Condition;
 use crate::dit::TimestepEmbedder;
 use crate::error::{Error, Result};
 use crate::params::{Init, ParamSource, StateDict};
+use crate::precision::like;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MlpConfig {
@@ -203,10 +204,15 @@ impl Mlp {
     /// - `x`: `[N, X]`, `t`: `[N]` in [0, 1]; the condition's class `[N]` (null class =
     ///   num_classes; ignored by an unconditional model) and vector `[N, condition_dim]` (absent:
     ///   the null, zero, vector) -> `[N, out_dim]` (`[N, X]` for a velocity)
+    ///
+    /// It computes in its parameters' dtype (`precision::cast`) and returns `x`'s.
     pub fn forward(&self, x: Tensor<2>, t: Tensor<1>, cond: &Condition) -> Tensor<2> {
+        let io = x.dtype();
         let extra = crate::dit::vector_embedding(self.c_embedder.as_ref(), cond, x.dims()[0], &x.device());
-        self.final_layer
-            .forward(self.features_with(x, t, cond.class.clone(), extra)) // [N, X]
+        let out = self
+            .final_layer
+            .forward(self.features_with(x, t, cond.class.clone(), extra)); // [N, X]
+        like(out, io)
     }
 
     /// The output layer on features (a router's logits from [`Self::features_with`]).
@@ -238,6 +244,7 @@ impl Mlp {
         if let (Some(emb), Some(y)) = (&self.y_embedder, y) {
             c = c + emb.weight.val().select(0, y); // [N, D]
         }
+        let x = like(x, self.x_embedder.weight.val().dtype()); // t stays f32 (the embedder casts)
         let mut h = self.x_embedder.forward(x); // [N, D]
         for b in &self.blocks {
             h = h.clone() + b.fc2.forward(silu(b.fc1.forward(silu(h + c.clone())))); // [N, D]

@@ -16,11 +16,14 @@ use std::str::FromStr;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// `--precision`: the dtype of the forward and backward passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// `--precision`: the dtype of the forward and backward passes (`"f32"`, `"bf16"`, `"f16"` in a
+/// training config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
     F32,
@@ -78,12 +81,12 @@ struct Cast(FloatDType);
 
 impl ModuleMapper for Cast {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let dtype = self.0;
-        param.map(|t| t.cast(dtype))
+        let dtype = DType::from(self.0);
+        param.map(|t| like(t, dtype))
     }
 }
 
-/// `module` with its float parameters in `precision`'s dtype (a no-op for f32 parameters in f32).
+/// `module` with its float parameters in `precision`'s dtype (parameters already in it unchanged).
 /// Under autodiff the cast is part of the graph: gradients flow back to the original parameters.
 pub fn cast<M: Module>(module: M, precision: Precision) -> M {
     module.map(&mut Cast(precision.dtype()))
@@ -210,5 +213,39 @@ mod tests {
         assert!(b.2.iter().all(|&d| d == DType::F32), "{:?}", b.2);
         let err = relative_error(&b.1, &a.1);
         assert!(err > 0.0 && err < 0.1, "relative error {err}");
+    }
+
+    /// The MLP expert (vector data) too: class and vector conditioned, cast to bf16 on the CPU, it
+    /// reads and returns f32 and predicts what the f32 MLP does.
+    #[test]
+    fn a_bf16_mlp_speaks_f32_and_predicts_close_to_the_f32_one() {
+        use crate::mlp::{Mlp, MlpConfig};
+        let device = crate::device::cpu();
+        let config = MlpConfig {
+            hidden_size: 32,
+            num_classes: 5,
+            class_dropout_prob: 0.1,
+            condition_dim: 4,
+            ..MlpConfig::new(6)
+        };
+        let model: Mlp = config
+            .build(&mut RandomInit::new(0, &device))
+            .unwrap()
+            .map(&mut Perturb);
+        let x = Tensor::<2>::random([3, 6], Distribution::Normal(0.0, 1.0), &device);
+        let t = Tensor::<1>::from_floats([0.1, 0.5, 0.9], &device);
+        let c = Condition {
+            vector: Some(Tensor::<2>::random(
+                [3, 4],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            )),
+            ..Condition::class(Tensor::<1, Int>::from_ints([0, 4, 5], &device))
+        };
+        let full = HostTensor::from_tensor(model.forward(x.clone(), t.clone(), &c)).data;
+        let v = cast(model, Precision::Bf16).forward(x, t, &c);
+        assert_eq!(v.dtype(), DType::F32);
+        let err = relative_error(&HostTensor::from_tensor(v).data, &full);
+        assert!(err > 0.0 && err < 0.05, "relative error {err}");
     }
 }

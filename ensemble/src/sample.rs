@@ -14,6 +14,7 @@ use ddm_core::condition::{Condition, Tokens};
 use ddm_core::flow::{self, Drift, Solver, StepSchedule, VelocityError};
 use ddm_core::grid::Layout;
 use ddm_core::host::{HostTensor, write_tensors};
+use ddm_core::precision::Precision;
 use ddm_core::progress::Progress;
 use ddm_core::vae::{AutoencoderKL, LatentSpace};
 use rand::SeedableRng;
@@ -118,6 +119,9 @@ pub struct SampleOptions {
     /// The PNG grid (`NAME.png`); `NAME.safetensors` and `NAME.json` are written beside it.
     pub out: PathBuf,
     pub device: Device,
+    /// The precision the experts compute in (bf16/f16: their f32 weights cast when loaded; the
+    /// router, the solver and the decoder stay f32).
+    pub precision: Precision,
     /// Decode latent samples into images (experts trained on VAE latents).
     pub decode: Decode,
 }
@@ -390,12 +394,14 @@ pub fn sample(o: &SampleOptions, progress: &dyn Progress) -> anyhow::Result<Repo
     output_paths(&o.out)?;
     // Sampling can take long: find an unwritable --out before it.
     ddm_core::fsio::check_writable(&o.out)?;
+    o.precision.check(&o.device)?;
     let device = o.device.clone();
     let reg_path = match &o.source {
         Source::Registry(p) => p,
         Source::Checkpoint(path) => return sample_checkpoint(o, path, progress),
     };
-    let reg = Registry::open(reg_path)?;
+    let mut reg = Registry::open(reg_path)?;
+    reg.precision = o.precision;
     let k = reg.index.k;
     let missing: Vec<usize> = (0..k).filter(|c| !reg.index.experts.contains_key(c)).collect();
     if !missing.is_empty() && !o.allow_missing {
@@ -757,6 +763,9 @@ fn sample_checkpoint(
     progress: &dyn Progress,
 ) -> anyhow::Result<Report> {
     let (meta, model) = ddm_core::checkpoint::load(path, &o.device)?;
+    let model = model
+        .in_precision(o.precision)
+        .with_context(|| path.display().to_string())?;
     if meta.role != ddm_core::checkpoint::Role::Expert {
         bail!(
             "{}: a checkpoint of role {}; --checkpoint samples an expert, a monolith or a distilled student",

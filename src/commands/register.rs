@@ -122,6 +122,7 @@ pub fn registry_cmd(args: RegistryArgs) -> anyhow::Result<()> {
             let reg = registry::Registry {
                 dir: args.registry.to_string().into(),
                 index: args.registry.index()?,
+                precision: Default::default(),
             };
             match args.json {
                 true => println!("{}", serde_json::to_string_pretty(&reg.index)?),

@@ -142,6 +142,11 @@ pub struct SampleArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// The precision the experts compute in: f32, or bf16/f16 (their f32 weights cast when
+    /// loaded; the router, the solver and the decoder stay f32). For GPUs: bf16 on CUDA, f16 on
+    /// Vulkan/Metal; on the CPU f32 is fastest.
+    #[arg(long, default_value = "f32")]
+    pub precision: ddm_core::precision::Precision,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -188,6 +193,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         seed: args.seed,
         out: args.out,
         device: args.device.device()?,
+        precision: args.precision,
         decode: match (args.vae, args.decode) {
             (Some(v), _) => Decode::File(v),
             (None, true) => Decode::Registry,

@@ -91,6 +91,8 @@ pub struct TrainSettings {
     pub log_every: Option<u64>,
     #[arg(long, help = default_help("Seed", TrainConfig::default().seed))]
     pub seed: Option<u64>,
+    #[arg(long, help = default_help("Compute precision: f32, or bf16/f16 with f32 master weights, optimizer and EMA (f16 with loss scaling; bf16 for CUDA GPUs, f16 for Vulkan/Metal ones; on the CPU f32 is fastest)", TrainConfig::default().precision))]
+    pub precision: Option<ddm_core::precision::Precision>,
     /// Backend: cpu, wgpu[:API][:ADAPTER], cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub device: ddm_core::device::DeviceChoice,
@@ -142,7 +144,8 @@ impl TrainSettings {
             checkpoint_every,
             sample_every,
             log_every,
-            seed
+            seed,
+            precision
         );
         if let Some(s) = &self.time_sampler {
             c.time_sampler = parse_time_sampler(s)?;

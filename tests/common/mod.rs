@@ -217,3 +217,50 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// [`tiny_images`] in `dir/data`, partitioned at random into two shards in `dir/p`.
+pub fn tiny_image_partition(dir: &Path) {
+    tiny_images(&dir.join("data"));
+    ok(ddm(
+        dir,
+        &[
+            "partition",
+            "--data",
+            "idx:data",
+            "--k",
+            "2",
+            "--features",
+            "raw",
+            "--algorithm",
+            "random",
+            "--out",
+            "p",
+        ],
+    ));
+}
+
+/// An expert checkpoint's prediction at a fixed noisy batch (8 samples, t from 0.05 to 0.95), on
+/// the CPU: what two checkpoints are compared by.
+pub fn fixed_prediction(checkpoint: &Path) -> Vec<f32> {
+    use ddm_core::burn::prelude::*;
+    let device = ddm_core::device::cpu();
+    let (meta, model) = ddm_core::checkpoint::load(checkpoint, &device).unwrap();
+    let shape = meta.model.data_shape();
+    let n = 8;
+    let x = ddm_core::flow::randn(
+        [vec![n], shape].concat(),
+        &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(7),
+    )
+    .to_tensor::<4>(&device);
+    let t: Vec<f32> = (0..n).map(|i| 0.05 + 0.9 * i as f32 / (n - 1) as f32).collect();
+    let t = Tensor::<1>::from_data(TensorData::new(t, [n]), &device);
+    let v = model.predict(x, t, &ddm_core::condition::Condition::none());
+    ddm_core::host::HostTensor::from_tensor(v).data
+}
+
+/// ||a - b|| / ||b||.
+pub fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let diff: f32 = a.iter().zip(b).map(|(a, b)| (a - b).powi(2)).sum();
+    (diff / b.iter().map(|b| b.powi(2)).sum::<f32>()).sqrt()
+}

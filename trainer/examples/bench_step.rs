@@ -8,6 +8,10 @@
 //!
 //! Then, like the peer's `fwd256` phase, the median time of an inference forward of 256 samples.
 //!
+//! `--precision bf16|f16` computes the forward and backward in that dtype on a cast copy of the f32
+//! weights, as `ddm train --precision` does (without f16's loss scaling; the optimizer and EMA
+//! stay f32), and the inference forward on a cast copy of the weights, as `ddm sample --precision`.
+//!
 //! `--device` runs it on a GPU backend, and `--image S --channels C` on other data (DiT-B/2 on
 //! Stable Diffusion's latents of 256 x 256 images: `--image 32 --channels 4`). The model's forward
 //! FLOPs give the achieved TFLOP/s (a training step counted as 3 forwards); `--peak-tflops P`, the
@@ -15,7 +19,7 @@
 //!
 //! cargo build --release --workspace --examples
 //! target/release/examples/bench_step [--size DiT-Bench/4] [--batch 64] [--steps 20] [--fwd-iters 5] [--caption 77]
-//!     [--device cpu] [--image 28] [--channels 1] [--peak-tflops P]
+//!     [--device cpu] [--precision f32] [--image 28] [--channels 1] [--peak-tflops P]
 
 use std::time::Instant;
 
@@ -28,6 +32,7 @@ use ddm_core::flow::{flow_matching_loss, interpolate, randn};
 use ddm_core::host::HostTensor;
 use ddm_core::model::ModelConfig;
 use ddm_core::pixart::PixArtConfig;
+use ddm_core::precision::{Precision, cast};
 use rand::SeedableRng;
 
 fn main() {
@@ -45,6 +50,10 @@ fn main() {
     let fwd_iters: usize = arg("--fwd-iters", "5").parse().unwrap();
     let caption: usize = arg("--caption", "77").parse().unwrap();
     let choice: DeviceChoice = arg("--device", "cpu").parse().unwrap();
+    let precision: Precision = arg("--precision", "f32").parse().unwrap_or_else(|e| {
+        eprintln!("bench_step: {e}");
+        std::process::exit(2)
+    });
     let (image, channels): (usize, usize) = (
         arg("--image", "28").parse().unwrap(),
         arg("--channels", "1").parse().unwrap(),
@@ -59,6 +68,10 @@ fn main() {
         eprintln!("bench_step: {e}");
         std::process::exit(2)
     });
+    if let Err(e) = precision.check(&plain) {
+        eprintln!("bench_step: {e}");
+        std::process::exit(2)
+    }
     let device = plain.clone().autodiff();
     let config = match size.strip_prefix("PixArt-") {
         Some(dit) => ModelConfig::PixArt(PixArtConfig::named(dit, image, channels).unwrap())
@@ -94,7 +107,8 @@ fn main() {
         let t = Tensor::<1>::from_data(TensorData::new(t, [batch]), &device);
         let c = condition(batch, &mut rng, &device);
         let t1 = Instant::now();
-        let v = model.predict(interpolate(x0.clone(), e.clone(), t.clone()), t, &c);
+        let compute = cast(model.clone(), precision); // f32: unchanged
+        let v = compute.predict(interpolate(x0.clone(), e.clone(), t.clone()), t, &c);
         let loss = flow_matching_loss(v, x0, e);
         let _ = sync(loss.clone());
         let t2 = Instant::now();
@@ -114,7 +128,7 @@ fn main() {
     }
     let total: f64 = times.iter().sum();
     // Inference: a forward of 256 samples on the plain (non-autodiff) device, as a sampler runs.
-    let net = model.valid();
+    let net = cast(model.valid(), precision);
     let mut fwd = vec![];
     for i in 0..fwd_iters + 1 {
         let x = randn(vec![256, per], &mut rng).to_tensor::<2>(&plain);
@@ -144,7 +158,7 @@ fn main() {
     };
     let adapter = ddm_core::device::adapter(choice).unwrap_or_default();
     println!(
-        "{{\"impl\": \"ddm\", \"device\": \"{choice}\", \"adapter\": {adapter:?}, \"size\": \"{size}\", \"data\": [{channels}, {image}, {image}], \"params\": {params}, \"gflops_per_sample\": {:.3}, \"batch\": {batch}, \"threads\": \"{}\", \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"step_tflops\": {step_tflops:.3}, \"fwd256_tflops\": {fwd_tflops:.3}{mfu}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
+        "{{\"impl\": \"ddm\", \"device\": \"{choice}\", \"adapter\": {adapter:?}, \"size\": \"{size}\", \"precision\": \"{precision}\", \"data\": [{channels}, {image}, {image}], \"params\": {params}, \"gflops_per_sample\": {:.3}, \"batch\": {batch}, \"threads\": \"{}\", \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"step_tflops\": {step_tflops:.3}, \"fwd256_tflops\": {fwd_tflops:.3}{mfu}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
         flops / 1e9,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
         total * 1e3,

@@ -4,6 +4,7 @@
 
 use ddm_core::checkpoint::Objective;
 use ddm_core::flow::TimeSampler;
+use ddm_core::precision::Precision;
 use serde::{Deserialize, Serialize};
 
 /// The most optimizer steps (and warm-up, checkpoint, sample and log intervals) a run takes.
@@ -59,6 +60,10 @@ pub struct TrainConfig {
     /// (`{ kind = "epsilon", schedule = { kind = "cosine", s = 0.008 } }`), converted to velocity
     /// when sampled. Routers ignore it.
     pub objective: Objective,
+    /// The dtype of the forward and backward passes: `f32`, or `bf16`/`f16` with f32 master
+    /// weights (the optimizer's moments, the EMA and the checkpoints stay f32; f16 adds dynamic
+    /// loss scaling). A resumed run keeps its precision.
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -83,6 +88,7 @@ impl Default for TrainConfig {
             log_every: 10,
             seed: 0,
             objective: Objective::Velocity,
+            precision: Precision::F32,
         }
     }
 }

@@ -13,6 +13,7 @@ use ddm_core::flow::{self, Solver, StepSchedule};
 use ddm_core::host::HostTensor;
 use ddm_core::model::{Model, ModelConfig};
 use ddm_core::params::ParamSource;
+use ddm_core::precision::Precision;
 use ddm_core::stats::STATS_FILE;
 use ddm_datasets::Dataset;
 use ddm_datasets::partition::Partition;
@@ -58,6 +59,11 @@ impl Task for ExpertTask {
 
     fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<Model> {
         Ok(net.build(src)?)
+    }
+
+    /// DiT and MLP experts compute in bf16 or f16 ([`ModelConfig::computes_in_half`]).
+    fn trains_in(&self, net: &ModelConfig, precision: Precision) -> bool {
+        precision == Precision::F32 || net.computes_in_half()
     }
 
     fn loss(

@@ -14,9 +14,11 @@ use ddm_core::burn::tensor::Bytes;
 use ddm_core::host::{RawTensor, TensorFile, raw_to_safetensors_bytes};
 use ddm_core::model::ModelConfig;
 use ddm_core::params::StateLoader;
+use ddm_core::precision::Precision;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::loss_scale::LossScale;
 use crate::task::{Net, Task};
 
 pub const STATE_FILE: &str = "train-state.safetensors";
@@ -42,6 +44,9 @@ pub struct LoopState {
     pub samples_seen: u64,
     pub wall_time_s: f64,
     pub last_loss: Option<f64>,
+    /// The f16 loss scaler's state (absent for f32 and bf16 runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScale>,
 }
 
 impl LoopState {
@@ -60,6 +65,7 @@ impl LoopState {
             samples_seen: 0,
             wall_time_s: 0.0,
             last_loss: None,
+            loss_scale: (config.precision == Precision::F16).then(LossScale::default),
         }
     }
 }

@@ -14,6 +14,7 @@ use ddm_core::condition::{Condition, Tokens};
 use ddm_core::host::HostTensor;
 use ddm_core::model::{Model, ModelConfig};
 use ddm_core::params::ParamSource;
+use ddm_core::precision::Precision;
 use ddm_datasets::Dataset;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -172,6 +173,14 @@ pub trait Task {
 
     /// Build the network (fresh, or from saved tensors).
     fn build(&self, net: &ModelConfig, src: &mut impl ParamSource) -> anyhow::Result<Self::Net>;
+
+    /// Whether this task's network of `net` may train in `precision`: cast by
+    /// `precision::cast`, it computes in its parameters' dtype and returns an f32 loss. Only f32,
+    /// unless a task knows better.
+    fn trains_in(&self, net: &ModelConfig, precision: Precision) -> bool {
+        let _ = net;
+        precision == Precision::F32
+    }
 
     /// The loss of one batch. All randomness comes from `rng`, in a fixed order.
     fn loss(

@@ -17,6 +17,7 @@ use ddm_core::checkpoint::TrainingSummary;
 use ddm_core::device::DeviceChoice;
 use ddm_core::host::HostTensor;
 use ddm_core::params::RandomInit;
+use ddm_core::precision::Precision;
 use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
@@ -83,6 +84,24 @@ fn check_memory(net: &ddm_core::model::ModelConfig, batch_size: usize) -> anyhow
     Ok(())
 }
 
+/// Refuse a `--precision` the task's network or the device cannot compute in, before training.
+fn check_precision<T: Task>(
+    task: &T,
+    net: &ddm_core::model::ModelConfig,
+    precision: Precision,
+    device: &Device,
+) -> anyhow::Result<()> {
+    if !task.trains_in(net, precision) {
+        bail!(
+            "--precision {precision}: {} trains a {} network in f32 only (mixed precision covers DiT and MLP experts); use --precision f32",
+            task.name(),
+            net.arch()
+        );
+    }
+    precision.check(device)?;
+    Ok(())
+}
+
 /// The lock file a running trainer holds in its output directory.
 pub const LOCK_FILE: &str = "train.lock";
 
@@ -120,6 +139,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     check_memory(&net_config, config.batch_size)?;
     let plain = ddm_core::device::device(device)?;
     let train_device = plain.clone().autodiff();
+    check_precision(task, &net_config, config.precision, &plain)?;
 
     // Fresh state, or the saved one.
     let (mut st, mut model, mut ema, mut optim) = match saved {
@@ -176,7 +196,16 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             cond,
             tokens,
         };
-        let loss = task.loss(&model, batch, &config, &net_config, &mut rng)?;
+        // In bf16/f16, the forward and backward run on a cast copy of the f32 weights.
+        let compute = (config.precision != Precision::F32)
+            .then(|| ddm_core::precision::cast(model.clone(), config.precision));
+        let loss = task.loss(
+            compute.as_ref().unwrap_or(&model),
+            batch,
+            &config,
+            &net_config,
+            &mut rng,
+        )?;
         let loss_value = loss.clone().into_scalar::<f32>() as f64; // device sync point
         if !loss_value.is_finite() {
             bar.abandon();
@@ -196,11 +225,32 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             );
         }
         // 3. Backward, optimizer step (AdamW with warm-up and clipping), EMA.
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        //    In f16 the loss is scaled for the backward, the gradients unscaled for the step, and
+        //    a step whose gradients overflowed is skipped (the batch is still consumed).
+        let (grads, take_step) = match st.loss_scale.as_mut() {
+            None => (GradientsParams::from_grads(loss.backward(), &model), true),
+            Some(scaler) => {
+                let mut grads = GradientsParams::from_grads((loss * scaler.scale).backward(), &model);
+                let finite = crate::loss_scale::unscale(&model, &mut grads, scaler.scale);
+                (grads, scaler.update(finite))
+            }
+        };
         let log_now = (st.step + 1) % config.log_every == 0;
-        let grad_norm = if log_now { grad_norm(&model, &grads) } else { 0.0 };
+        let grad_norm = if log_now && take_step {
+            grad_norm(&model, &grads)
+        } else {
+            0.0
+        };
         let lr = config.lr_at(st.step);
-        model = optim.step(lr, model, grads);
+        if take_step {
+            model = optim.step(lr, model, grads);
+        } else {
+            tracing::warn!(
+                "step {}: the f16 gradients overflowed; step skipped, loss scale now {}",
+                st.step + 1,
+                st.loss_scale.as_ref().map_or(0.0, |s| s.scale)
+            );
+        }
         ema = crate::ema::update(ema, &model.valid(), config.ema_decay_at(st.step));
         st.step += 1;
         st.samples_seen += b as u64;

@@ -199,6 +199,7 @@ impl Sampler {
             seed: r.seed,
             out: PathBuf::new(),
             device: self.device.clone(),
+            precision: ddm_core::precision::Precision::F32,
             decode: match has_vae {
                 true => Decode::Registry,
                 false => Decode::No,

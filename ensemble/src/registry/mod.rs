@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use ddm_core::precision::Precision;
 
 pub mod backend;
 pub mod claims;
@@ -45,6 +46,9 @@ fn conditioning(e: &Entry) -> String {
 pub struct Registry {
     pub dir: PathBuf,
     pub index: Index,
+    /// The precision local experts are loaded to compute in (f32 unless `ddm sample --precision`;
+    /// their weights are f32 on disk either way).
+    pub precision: Precision,
 }
 
 impl Registry {
@@ -54,6 +58,7 @@ impl Registry {
         Ok(Self {
             dir: dir.to_path_buf(),
             index,
+            precision: Precision::F32,
         })
     }
 
