@@ -247,6 +247,89 @@ fn an_f16_island_on_wgpu_trains_close_to_f32() {
     }
 }
 
+/// Several devices per island, data parallel: the same adapter named twice is two logical wgpu
+/// devices (each its own queue and memory); an island trained on both, each computing half of
+/// every batch, learns what the one-device island learns on the same batches (to floating-point
+/// rounding), and a run stopped half-way and resumed on two devices ends bit-identical to the
+/// run that went straight through.
+#[test]
+#[ignore = "needs a Vulkan driver: apt-get install mesa-vulkan-drivers (.ci/run installs it)"]
+fn two_wgpu_devices_train_what_one_device_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tiny_image_partition(d);
+    let island = |out: &str, device: &str, steps: &str| {
+        let args = [
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            "0",
+            "--out",
+            out,
+            "--model",
+            "DiT-T/4",
+            "--steps",
+            steps,
+            "--batch-size",
+            "15",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "5",
+            "--log-every",
+            "1",
+            "--device",
+            device,
+            "--quiet",
+        ];
+        ddm_on(d, env!("CARGO_BIN_EXE_ddm"), &args)
+    };
+    let (one, two) = ("wgpu:software", "wgpu:software,wgpu:software");
+    let devices = two.parse::<ddm_core::device::Devices>().unwrap().open().unwrap();
+    assert_ne!(devices[0], devices[1], "two logical devices, not one twice");
+    ok(island("one", one, "20"));
+    ok(island("two", two, "20"));
+    let losses = |out: &str| -> Vec<f64> {
+        std::fs::read_to_string(d.join(out).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (l1, l2) = (losses("one"), losses("two"));
+    let dl = l1
+        .iter()
+        .zip(&l2)
+        .map(|(a, b)| ((a - b) / a).abs())
+        .fold(0.0, f64::max);
+    let (full, split) = (
+        fixed_prediction(&d.join("one/expert.safetensors")),
+        fixed_prediction(&d.join("two/expert.safetensors")),
+    );
+    let err = relative_error(&split, &full);
+    println!(
+        "two devices vs one: losses {dl:.2e} apart at most (relative), prediction {err:.2e} (relative L2)"
+    );
+    assert_eq!(l1.len(), 20);
+    assert!(dl < 1e-5, "the losses differ by {dl}"); // measured: 1.0e-7
+    assert!(err < 1e-4, "the predictions differ by {err}"); // measured: 1.5e-7
+    // Stopped at step 10, resumed to 20 on the two devices: the same bits.
+    ok(island("resumed", two, "10"));
+    ok(island("resumed", two, "20"));
+    let meta = |out: &str| {
+        ddm_core::checkpoint::Checkpoint::read(&d.join(out).join("expert.safetensors"))
+            .unwrap()
+            .meta
+    };
+    assert_eq!(meta("resumed").tensors_sha256, meta("two").tensors_sha256);
+    assert_eq!(meta("two").training.unwrap().backend, two);
+}
+
 fn ddm_on(dir: &Path, bin: &str, args: &[&str]) -> Output {
     Command::new(bin)
         .args(args)

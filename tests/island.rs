@@ -451,3 +451,48 @@ fn a_full_disk_during_a_checkpoint_keeps_the_previous_one() {
     ok(trainer(&part, &out, &more).output().unwrap());
     assert_eq!(step_of(&out), Some(8));
 }
+
+/// Several devices per island train experts: a router, which trains on one, refuses them by name,
+/// and so does an island whose batch has fewer rows than it has devices (both before any device
+/// is opened).
+#[test]
+fn several_devices_are_refused_where_they_cannot_split_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = tiny_partition(dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_ddm"))
+        .args(["train-router", "--partition"])
+        .arg(&part)
+        .args(["--out"])
+        .arg(dir.path().join("r"))
+        .args(["--model", "DiT-T/4", "--steps", "2", "--quiet"])
+        .args(["--device", "cpu,wgpu:software"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("router trains on one device"),
+        "{e}"
+    );
+    let out = trainer(
+        &part,
+        &dir.path().join("e"),
+        &[
+            "--cluster",
+            "0",
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--device",
+            "wgpu,wgpu",
+        ],
+    )
+    .output()
+    .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && e.contains("--device wgpu,wgpu: 2 devices need a --batch-size of at least 2"),
+        "{e}"
+    );
+}

@@ -97,6 +97,18 @@ impl Condition {
         }
     }
 
+    /// Every part moved to `device` (a data-parallel replica's rows).
+    pub fn to_device(&self, device: &Device) -> Self {
+        Self {
+            class: self.class.clone().map(|y| y.to_device(device)),
+            vector: self.vector.clone().map(|c| c.to_device(device)),
+            tokens: self.tokens.clone().map(|t| Tokens {
+                embeddings: t.embeddings.to_device(device),
+                mask: t.mask.to_device(device),
+            }),
+        }
+    }
+
     /// The null condition of the same parts and rows: the null class `null_class`, zero
     /// vectors, sequences of padding only.
     pub fn null(&self, n: usize, null_class: usize, device: &Device) -> Self {

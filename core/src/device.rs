@@ -138,6 +138,74 @@ impl std::fmt::Display for DeviceChoice {
     }
 }
 
+/// The devices one island trains on, `--device A[,B...]` (e.g. `cuda:0,cuda:1`): the first holds
+/// the master weights, the optimizer and the EMA; every device computes the gradients of its share
+/// of each batch (data parallel, `ddm_trainer::train`).
+///
+/// A wgpu adapter may be named more than once: each further mention is another logical device
+/// (its own queue and memory) on the same adapter, which is how several devices are tested on one
+/// software Vulkan; on one GPU it gains nothing. The CPU and a CUDA device are one device each and
+/// may be named once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Devices(Vec<DeviceChoice>);
+
+impl Devices {
+    /// The device that holds the master weights.
+    pub fn primary(&self) -> DeviceChoice {
+        self.0[0]
+    }
+
+    pub fn choices(&self) -> &[DeviceChoice] {
+        &self.0
+    }
+
+    /// Open every device, in order ([`device`] for the first mention of each).
+    pub fn open(&self) -> Result<Vec<Device>> {
+        let mut opened: Vec<Device> = Vec::with_capacity(self.0.len());
+        for (i, &choice) in self.0.iter().enumerate() {
+            let again = self.0[..i].contains(&choice);
+            opened.push(match choice {
+                #[cfg(feature = "wgpu")]
+                DeviceChoice::Wgpu(w) if again => gpu::open_another(w)?,
+                _ => device(choice)?,
+            });
+        }
+        Ok(opened)
+    }
+}
+
+impl From<DeviceChoice> for Devices {
+    fn from(choice: DeviceChoice) -> Self {
+        Devices(vec![choice])
+    }
+}
+
+impl FromStr for Devices {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let choices = s
+            .split(',')
+            .map(|d| d.trim().parse::<DeviceChoice>())
+            .collect::<Result<Vec<_>>>()?;
+        for (i, c) in choices.iter().enumerate() {
+            if !matches!(c, DeviceChoice::Wgpu(_)) && choices[..i].contains(c) {
+                return Err(Error::Device(format!(
+                    "--device {s}: names `{c}` twice; each device computes a share of the batch once"
+                )));
+            }
+        }
+        Ok(Devices(choices))
+    }
+}
+
+impl std::fmt::Display for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.0.iter().map(|c| c.to_string()).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
 /// The default CPU device (burn `flex`).
 pub fn cpu() -> Device {
     keep_freed_memory();
@@ -254,10 +322,12 @@ mod gpu {
     use super::{WgpuAdapter, WgpuApi, WgpuChoice};
     use crate::error::{Error, Result};
 
-    /// The adapter each choice got in this process (a wgpu runtime is set up once per device).
-    fn opened() -> &'static Mutex<HashMap<WgpuChoice, std::result::Result<String, String>>> {
-        static OPENED: OnceLock<Mutex<HashMap<WgpuChoice, std::result::Result<String, String>>>> =
-            OnceLock::new();
+    /// What each choice got in this process (a wgpu runtime is set up once per device): the
+    /// adapter's name and the setup, from which [`open_another`] makes further devices.
+    type Opened = std::result::Result<(String, WgpuSetup), String>;
+
+    fn opened() -> &'static Mutex<HashMap<WgpuChoice, Opened>> {
+        static OPENED: OnceLock<Mutex<HashMap<WgpuChoice, Opened>>> = OnceLock::new();
         OPENED.get_or_init(Default::default)
     }
 
@@ -302,18 +372,19 @@ mod gpu {
             result.map(|s| {
                 let i = s.adapter.get_info();
                 let software = matches!(i.device_type, cubecl_wgpu::wgpu::DeviceType::Cpu);
-                format!(
+                let name = format!(
                     "{} ({:?}, {}, driver {} {})",
                     i.name,
                     i.backend,
                     if software { "software" } else { "hardware" },
                     i.driver,
                     i.driver_info
-                )
+                );
+                (name, s)
             })
         });
         match got {
-            Ok(adapter) => {
+            Ok((adapter, _)) => {
                 tracing::info!("wgpu: {adapter}");
                 Ok(Device::wgpu(kind))
             }
@@ -326,7 +397,50 @@ mod gpu {
 
     /// The adapter the first `open(w)` of this process got, as logged.
     pub fn adapter(w: WgpuChoice) -> Option<String> {
-        opened().lock().ok()?.get(&w)?.as_ref().ok().cloned()
+        let opened = opened().lock().ok()?;
+        opened.get(&w)?.as_ref().ok().map(|(name, _)| name.clone())
+    }
+
+    /// Another logical device (its own queue, memory and runtime) on the adapter `open(w)` got:
+    /// requested as cubecl asks for its own (WGSL: the adapter's features and limits), then
+    /// registered with burn as an existing setup.
+    pub fn open_another(w: WgpuChoice) -> Result<Device> {
+        use cubecl_wgpu::wgpu;
+        open(w)?;
+        let first = match opened().lock().unwrap_or_else(|e| e.into_inner()).get(&w) {
+            Some(Ok((_, setup))) => setup.clone(),
+            _ => unreachable!("open(w) succeeded"),
+        };
+        let fail = |why: String| {
+            Error::Device(format!(
+                "--device {}: a second device on its adapter: {why}",
+                super::DeviceChoice::Wgpu(w)
+            ))
+        };
+        let adapter = first.adapter.clone();
+        let (device, queue) = futures_lite::future::block_on(
+            adapter.request_device(&wgpu::DeviceDescriptor {
+                label: None,
+                required_features: adapter
+                    .features()
+                    .difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
+                required_limits: adapter.limits(),
+                memory_hints: wgpu::MemoryHints::MemoryUsage,
+                trace: wgpu::Trace::Off,
+                // SAFETY: as cubecl-wgpu enables them for its own devices (passthrough shaders).
+                experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
+            }),
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        let setup = WgpuSetup {
+            device,
+            queue,
+            ..first
+        };
+        Device::wgpu_options()
+            .setup(setup)
+            .init()
+            .map_err(|e| fail(format!("{e:?}")))
     }
 }
 
@@ -387,6 +501,26 @@ mod tests {
                 .to_string()
                 .contains("--features cuda")
         );
+    }
+
+    /// `--device A,B`: an island's devices, in order; the CPU or a CUDA device named twice is
+    /// refused (a wgpu adapter may be: another logical device on it).
+    #[test]
+    fn device_lists_parse_and_refuse_a_device_twice() {
+        let d: Devices = "cuda:0, cuda:1".parse().unwrap();
+        assert_eq!(d.choices(), &[DeviceChoice::Cuda(0), DeviceChoice::Cuda(1)]);
+        assert_eq!(
+            (d.primary(), d.to_string()),
+            (DeviceChoice::Cuda(0), "cuda,cuda:1".into())
+        );
+        let w: Devices = "wgpu:software,wgpu:software".parse().unwrap();
+        assert_eq!(w.choices().len(), 2);
+        for bad in ["cpu,cpu", "cuda:1,cuda:0,cuda:1"] {
+            let e = bad.parse::<Devices>().unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("twice"), "{e}");
+        }
+        assert!("cpu,tpu".parse::<Devices>().is_err());
+        assert_eq!(Devices::from(DeviceChoice::Cpu).to_string(), "cpu");
     }
 
     /// Without the NVIDIA driver (every CI machine) `--device cuda` is an error naming it, not a

@@ -114,7 +114,7 @@ fn distill(target: Target, steps: u64) -> (f64, f64, u64) {
         Run {
             out: out.path().to_path_buf(),
             config,
-            device: ddm_core::device::DeviceChoice::Cpu,
+            devices: ddm_core::device::DeviceChoice::Cpu.into(),
             progress: false,
         },
     )

@@ -335,7 +335,7 @@ pub fn train(
     data: &str,
     out: &Path,
     config: TrainConfig,
-    device: ddm_core::device::DeviceChoice,
+    devices: ddm_core::device::Devices,
     progress: bool,
 ) -> anyhow::Result<ddm_trainer::train::Outcome> {
     let data = crate::load_data(data, false)?;
@@ -344,7 +344,7 @@ pub fn train(
         ddm_trainer::train::Run {
             out: out.to_path_buf(),
             config,
-            device,
+            devices,
             progress,
         },
     )

@@ -117,7 +117,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<u8> {
             }
         }
     }
-    let device = ddm_core::device::device(args.settings.device)?;
+    let device = ddm_core::device::device(args.settings.device.primary())?;
     let router = match args.router {
         RouterArg::Learned => RouterChoice::Learned,
         RouterArg::Analytic => RouterChoice::Analytic,

@@ -226,7 +226,7 @@ fn train_classifier(a: TrainClassifierArgs) -> anyhow::Result<u8> {
             "`objective` is an expert's setting: a router or classifier has none (remove it from the --config file)"
         );
     }
-    let outcome = classifier::train(&a.data, &a.out, config, s.device, !s.quiet)?;
+    let outcome = classifier::train(&a.data, &a.out, config, s.device.clone(), !s.quiet)?;
     let code = report(outcome, &a.out);
     if code != 0 {
         return Ok(code);

@@ -93,9 +93,11 @@ pub struct TrainSettings {
     pub seed: Option<u64>,
     #[arg(long, help = default_help("Compute precision: f32, or bf16/f16 with f32 master weights, optimizer and EMA (f16 with loss scaling; bf16 for CUDA GPUs, f16 for Vulkan/Metal ones; on the CPU f32 is fastest)", TrainConfig::default().precision))]
     pub precision: Option<ddm_core::precision::Precision>,
-    /// Backend: cpu, wgpu[:API][:ADAPTER], cuda[:N].
+    /// Backend: cpu, wgpu[:API][:ADAPTER], cuda[:N]. Several, comma-separated (cuda:0,cuda:1,...),
+    /// train an expert data parallel: each computes a share of every batch, the first holds the
+    /// weights (the same result as one device, to floating-point rounding).
     #[arg(long, default_value = "cpu")]
-    pub device: ddm_core::device::DeviceChoice,
+    pub device: ddm_core::device::Devices,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -196,7 +198,7 @@ pub fn train<T: Task>(
         Run {
             out: out.to_path_buf(),
             config,
-            device: settings.device,
+            devices: settings.device.clone(),
             progress: !settings.quiet,
         },
     )

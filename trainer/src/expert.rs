@@ -35,6 +35,29 @@ pub struct ExpertTask {
     pub objective: Objective,
 }
 
+impl ExpertTask {
+    /// The objective's loss of `net` on one batch: the velocity regressed onto e - x0, or DDPM's
+    /// noise onto e.
+    ///
+    /// # Shapes
+    /// - `input`, `x0`, `e`: `[B, X]`, `t`: `[B]` -> `[1]`
+    fn objective_loss(
+        &self,
+        net: &Model,
+        input: Tensor<2>,
+        t: Tensor<1>,
+        c: &Condition,
+        x0: Tensor<2>,
+        e: Tensor<2>,
+    ) -> Tensor<1> {
+        let prediction = net.predict(input, t, c);
+        match &self.objective {
+            Objective::Velocity => flow::flow_matching_loss(prediction, x0, e),
+            Objective::Epsilon { .. } => flow::epsilon_loss(prediction, e),
+        }
+    }
+}
+
 impl Task for ExpertTask {
     type Net = Model;
 
@@ -74,20 +97,59 @@ impl Task for ExpertTask {
         net_config: &ModelConfig,
         rng: &mut ChaCha8Rng,
     ) -> anyhow::Result<Tensor<1>> {
+        let device = batch.x0.device();
+        let mut losses = self.shard_losses(
+            std::slice::from_ref(net),
+            &[device],
+            batch,
+            config,
+            net_config,
+            rng,
+        )?;
+        Ok(losses.remove(0))
+    }
+
+    fn data_parallel(&self) -> bool {
+        true
+    }
+
+    /// The batch's draws on the first device (e, t, then the condition's dropout), then each
+    /// replica's rows moved to its device.
+    fn shard_losses(
+        &self,
+        replicas: &[Model],
+        devices: &[Device],
+        batch: Batch<'_>,
+        config: &TrainConfig,
+        net_config: &ModelConfig,
+        rng: &mut ChaCha8Rng,
+    ) -> anyhow::Result<Vec<Tensor<1>>> {
         let (e, t, x_t) = crate::task::noise(&batch.x0, config, rng);
         let c = crate::task::dropped_condition(&batch, net_config, config.class_dropout, rng);
-        Ok(match &self.objective {
-            Objective::Velocity => {
-                let v = net.predict(x_t, t, &c);
-                flow::flow_matching_loss(v, batch.x0, e)
-            }
-            // The same draws; t is DDPM's continuous time u, the input DDPM's forward process.
+        // The network's input: x_t, or for an epsilon expert (t is then DDPM's continuous time
+        // u) the same draws through DDPM's forward process.
+        let input = match &self.objective {
+            Objective::Velocity => x_t,
             Objective::Epsilon { schedule } => {
-                let x_u = flow::ddpm_forward(batch.x0, e.clone(), t.clone(), schedule);
-                let e_hat = net.predict(x_u, t, &c);
-                flow::epsilon_loss(e_hat, e)
+                flow::ddpm_forward(batch.x0.clone(), e.clone(), t.clone(), schedule)
             }
-        })
+        };
+        if let [net] = replicas {
+            return Ok(vec![self.objective_loss(net, input, t, &c, batch.x0, e)]);
+        }
+        let b = batch.x0.dims()[0];
+        let losses = crate::parallel::shards(b, replicas.len())
+            .into_iter()
+            .zip(replicas.iter().zip(devices))
+            .map(|((start, len), (net, device))| {
+                let rows = |x: &Tensor<2>| x.clone().narrow(0, start, len).to_device(device); // [len, X]
+                let t = t.clone().narrow(0, start, len).to_device(device);
+                let c = c.narrow(start, len).to_device(device);
+                let loss = self.objective_loss(net, rows(&input), t, &c, rows(&batch.x0), rows(&e));
+                loss * (len as f64 / b as f64) // this replica's share of the batch mean
+            })
+            .collect();
+        Ok(losses)
     }
 
     fn finish(

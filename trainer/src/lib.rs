@@ -6,7 +6,7 @@
 //! [`router`] (cross-entropy on cluster ids), an [`autoencoder`] (the VAE latents come from), a
 //! [`text_encoder`] (CLIP's contrastive loss on captioned images), or a task of another crate
 //! (eval's classifier).
-//! [`state`] is the resumable state, [`ema`] the weight average, [`loss_scale`] f16's loss scaler, [`island`] which cluster and
+//! [`state`] is the resumable state, [`ema`] the weight average, [`loss_scale`] f16's loss scaler, [`parallel`] several devices per island, [`island`] which cluster and
 //! data, [`config`] the settings, [`metrics`] the JSON-lines log, [`plot`] the loss curve.
 //! The command lines (`ddm train`, the `ddm-trainer` binary) live in the `ddm` crate.
 
@@ -17,6 +17,7 @@ pub mod expert;
 pub mod island;
 pub mod loss_scale;
 pub mod metrics;
+pub mod parallel;
 pub mod plot;
 pub mod router;
 pub mod router_eval;

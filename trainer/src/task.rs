@@ -182,6 +182,33 @@ pub trait Task {
         precision == Precision::F32
     }
 
+    /// Whether [`Task::shard_losses`] splits a batch across several devices.
+    fn data_parallel(&self) -> bool {
+        false
+    }
+
+    /// The loss of one batch computed by several replicas of the network, `replicas[i]` on
+    /// `devices[i]` (data parallel): the randomness drawn for the whole batch exactly as
+    /// [`Task::loss`] draws it, then each replica's loss on its share of the rows
+    /// ([`crate::parallel::shards`]), weighted by that share, so the losses sum to the batch's loss and the summed
+    /// gradients are the one-device gradients. Tasks that are not [`Task::data_parallel`] take
+    /// one replica.
+    fn shard_losses(
+        &self,
+        replicas: &[Self::Net],
+        devices: &[Device],
+        batch: Batch<'_>,
+        config: &TrainConfig,
+        net_config: &ModelConfig,
+        rng: &mut ChaCha8Rng,
+    ) -> anyhow::Result<Vec<Tensor<1>>> {
+        let _ = devices;
+        match replicas {
+            [net] => Ok(vec![self.loss(net, batch, config, net_config, rng)?]),
+            _ => anyhow::bail!("{} trains on one device: pass a single --device", self.name()),
+        }
+    }
+
     /// The loss of one batch. All randomness comes from `rng`, in a fixed order.
     fn loss(
         &self,

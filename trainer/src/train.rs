@@ -14,7 +14,7 @@ use ddm_core::burn::module::{Module, ModuleVisitor, Param};
 use ddm_core::burn::optim::{GradientsParams, ModuleOptimizer};
 use ddm_core::burn::prelude::*;
 use ddm_core::checkpoint::TrainingSummary;
-use ddm_core::device::DeviceChoice;
+use ddm_core::device::Devices;
 use ddm_core::host::HostTensor;
 use ddm_core::params::RandomInit;
 use ddm_core::precision::Precision;
@@ -30,7 +30,8 @@ use crate::task::{Batch, Task};
 pub struct Run {
     pub out: PathBuf,
     pub config: TrainConfig,
-    pub device: DeviceChoice,
+    /// The devices: the first holds the weights, each computes a share of every batch.
+    pub devices: Devices,
     pub progress: bool,
 }
 
@@ -84,12 +85,27 @@ fn check_memory(net: &ddm_core::model::ModelConfig, batch_size: usize) -> anyhow
     Ok(())
 }
 
-/// Refuse a `--precision` the task's network or the device cannot compute in, before training.
+/// Refuse several devices for a task that trains on one, or more devices than rows in a batch.
+fn check_devices<T: Task>(task: &T, devices: &Devices, batch_size: usize) -> anyhow::Result<()> {
+    let n = devices.choices().len();
+    if n > 1 && !task.data_parallel() {
+        bail!(
+            "--device {devices}: {} trains on one device; pass a single --device",
+            task.name()
+        );
+    }
+    if n > batch_size {
+        bail!("--device {devices}: {n} devices need a --batch-size of at least {n} (got {batch_size})");
+    }
+    Ok(())
+}
+
+/// Refuse a `--precision` the task's network or a device cannot compute in, before training.
 fn check_precision<T: Task>(
     task: &T,
     net: &ddm_core::model::ModelConfig,
     precision: Precision,
-    device: &Device,
+    devices: &[Device],
 ) -> anyhow::Result<()> {
     if !task.trains_in(net, precision) {
         bail!(
@@ -98,7 +114,9 @@ fn check_precision<T: Task>(
             net.arch()
         );
     }
-    precision.check(device)?;
+    for device in devices {
+        precision.check(device)?;
+    }
     Ok(())
 }
 
@@ -115,7 +133,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     let Run {
         out,
         config,
-        device,
+        devices,
         progress,
     } = run;
     config
@@ -137,9 +155,20 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     let n = data.len();
     let net_config = task.net_config(&config, data)?;
     check_memory(&net_config, config.batch_size)?;
-    let plain = ddm_core::device::device(device)?;
+    check_devices(task, &devices, config.batch_size)?;
+    let opened = devices.open()?;
+    check_precision(task, &net_config, config.precision, &opened)?;
+    let plain = opened[0].clone();
     let train_device = plain.clone().autodiff();
-    check_precision(task, &net_config, config.precision, &plain)?;
+    // Data parallel: one replica of the model per further device, re-forked from the weights
+    // before every step.
+    let replica_devices: Vec<Device> = opened.iter().map(|d| d.clone().autodiff()).collect();
+    if opened.len() > 1 {
+        tracing::info!(
+            "data parallel over {} devices ({devices}): each computes a share of every batch",
+            opened.len()
+        );
+    }
 
     // Fresh state, or the saved one.
     let (mut st, mut model, mut ema, mut optim) = match saved {
@@ -196,17 +225,18 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             cond,
             tokens,
         };
-        // In bf16/f16, the forward and backward run on a cast copy of the f32 weights.
-        let compute = (config.precision != Precision::F32)
-            .then(|| ddm_core::precision::cast(model.clone(), config.precision));
-        let loss = task.loss(
-            compute.as_ref().unwrap_or(&model),
-            batch,
-            &config,
-            &net_config,
-            &mut rng,
-        )?;
-        let loss_value = loss.clone().into_scalar::<f32>() as f64; // device sync point
+        //    The weights on every device; in bf16/f16 the forward and backward run on a cast
+        //    copy of the f32 weights.
+        let replicas = crate::parallel::replicas(&model, &replica_devices);
+        let compute: Vec<T::Net> = match config.precision {
+            Precision::F32 => replicas.clone(),
+            p => replicas
+                .iter()
+                .map(|r| ddm_core::precision::cast(r.clone(), p))
+                .collect(),
+        };
+        let losses = task.shard_losses(&compute, &replica_devices, batch, &config, &net_config, &mut rng)?;
+        let loss_value: f64 = losses.iter().map(|l| l.clone().into_scalar::<f32>() as f64).sum(); // sync
         if !loss_value.is_finite() {
             bar.abandon();
             mark_divergence(
@@ -224,15 +254,28 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
                 state::path(&out).display()
             );
         }
-        // 3. Backward, optimizer step (AdamW with warm-up and clipping), EMA.
-        //    In f16 the loss is scaled for the backward, the gradients unscaled for the step, and
-        //    a step whose gradients overflowed is skipped (the batch is still consumed).
-        let (grads, take_step) = match st.loss_scale.as_mut() {
-            None => (GradientsParams::from_grads(loss.backward(), &model), true),
+        // 3. Backward (on each device, summed on the first), optimizer step (AdamW with warm-up
+        //    and clipping), EMA. In f16 the loss is scaled for the backward, the gradients
+        //    unscaled for the step, and a step whose gradients overflowed is skipped (the batch is
+        //    still consumed).
+        let scale = st.loss_scale.as_ref().map(|s| s.scale);
+        let parts = losses
+            .into_iter()
+            .zip(&replicas)
+            .map(|(loss, replica)| {
+                let loss = match scale {
+                    Some(s) => loss * s,
+                    None => loss,
+                };
+                GradientsParams::from_grads(loss.backward(), replica)
+            })
+            .collect();
+        let mut grads = crate::parallel::gather(&model, parts, &plain);
+        let take_step = match st.loss_scale.as_mut() {
+            None => true,
             Some(scaler) => {
-                let mut grads = GradientsParams::from_grads((loss * scaler.scale).backward(), &model);
                 let finite = crate::loss_scale::unscale(&model, &mut grads, scaler.scale);
-                (grads, scaler.update(finite))
+                scaler.update(finite)
             }
         };
         let log_now = (st.step + 1) % config.log_every == 0;
@@ -294,7 +337,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     }
     bar.finish();
 
-    let summary = summary(&st, &config, &net_config, device);
+    let summary = summary(&st, &config, &net_config, &devices);
     let checkpoint = task.finish(&out, &ema, &net_config, summary, &train_data)?;
     Ok(Outcome::Finished {
         checkpoint,
@@ -436,7 +479,7 @@ fn summary(
     st: &LoopState,
     config: &TrainConfig,
     net_config: &ddm_core::model::ModelConfig,
-    device: DeviceChoice,
+    devices: &Devices,
 ) -> TrainingSummary {
     TrainingSummary {
         steps: st.step,
@@ -446,7 +489,7 @@ fn summary(
         seed: config.seed,
         wall_time_s: st.wall_time_s,
         final_loss: st.last_loss,
-        backend: device.to_string(),
+        backend: devices.to_string(),
         ema: Some(config.ema_decay),
     }
 }

@@ -149,7 +149,7 @@ fn train_mlp_router(
     let run = Run {
         out: out.clone(),
         config,
-        device: ddm_core::device::DeviceChoice::Cpu,
+        devices: ddm_core::device::DeviceChoice::Cpu.into(),
         progress: false,
     };
     ddm_trainer::train::run(&task, run).unwrap();
@@ -259,7 +259,7 @@ fn a_router_of_another_partition_or_k_is_refused() {
     let run = Run {
         out: out.clone(),
         config,
-        device: ddm_core::device::DeviceChoice::Cpu,
+        devices: ddm_core::device::DeviceChoice::Cpu.into(),
         progress: false,
     };
     ddm_trainer::train::run(&task, run).unwrap();

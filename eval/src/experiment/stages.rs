@@ -54,7 +54,7 @@ pub(super) fn train_to(
         Run {
             out: out.to_path_buf(),
             config,
-            device: setting.device,
+            devices: setting.device.into(),
             progress: setting.progress,
         },
     )?;
