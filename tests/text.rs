@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{ddm, fails, max_abs_diff, ok, registry_fixture, tiny_images};
+use common::{ddm, fails, fixed_prediction, max_abs_diff, ok, registry_fixture, relative_error, tiny_images};
 use ddm_core::checkpoint::Checkpoint;
 use ddm_core::host::{HostTensor, TensorFile};
 
@@ -1112,28 +1112,35 @@ fn a_pixart_trained_on_captions_samples_by_prompt() {
             "p",
         ],
     ));
-    let train = |out: &str| {
-        ddm(
-            d,
-            &[
-                "train",
-                "--partition",
-                "p",
-                "--cluster",
-                "0",
-                "--out",
-                out,
-                "--model",
-                "PixArt-XS/2",
-                "--steps",
-                "20",
-                "--batch-size",
-                "16",
-                "--quiet",
-            ],
-        )
+    let train = |out: &str, extra: &[&str]| {
+        let args = [
+            "train",
+            "--partition",
+            "p",
+            "--cluster",
+            "0",
+            "--out",
+            out,
+            "--model",
+            "PixArt-XS/2",
+            "--steps",
+            "20",
+            "--batch-size",
+            "16",
+            "--quiet",
+        ];
+        ddm(d, &[&args[..], extra].concat())
     };
-    ok(train("e0"));
+    ok(train("e0", &[]));
+    // The same island in bf16 (f32 master weights) learns what the f32 one learns.
+    ok(train("e0-bf16", &["--precision", "bf16"]));
+    let (full, half) = (
+        fixed_prediction(&d.join("e0/expert.safetensors")),
+        fixed_prediction(&d.join("e0-bf16/expert.safetensors")),
+    );
+    let err = relative_error(&half, &full);
+    println!("PixArt island in bf16 vs f32: prediction {err:.2e} (relative L2)");
+    assert!(err > 0.0 && err < 0.02, "relative error {err}"); // measured: 1.9e-3
     let meta = Checkpoint::read(&d.join("e0/expert.safetensors")).unwrap().meta;
     let encoder = Checkpoint::read(&d.join("te.safetensors")).unwrap();
     assert_eq!((meta.model.arch(), meta.model.token_dim()), ("pixart", 32));
@@ -1509,7 +1516,7 @@ fn a_pixart_trained_on_captions_samples_by_prompt() {
             "--force",
         ],
     ));
-    let err = fails(train("e-untokened"));
+    let err = fails(train("e-untokened", &[]));
     assert!(
         err.contains("a PixArt reads each caption's token sequence") && err.contains("--tokens"),
         "{err}"

@@ -182,10 +182,13 @@ impl ModelConfig {
     }
 
     /// Whether the network computes in bf16/f16 when its parameters are cast
-    /// ([`crate::precision::cast`]): every tensor its forward makes follows their dtype. The DiT
-    /// and the MLP; PixArt's caption constants are still f32.
+    /// ([`crate::precision::cast`]): every tensor its forward makes follows their dtype. The
+    /// velocity networks (DiT, MLP, PixArt), not the VAE or the text encoder.
     pub fn computes_in_half(&self) -> bool {
-        matches!(self, ModelConfig::Dit(_) | ModelConfig::Mlp(_))
+        matches!(
+            self,
+            ModelConfig::Dit(_) | ModelConfig::Mlp(_) | ModelConfig::PixArt(_)
+        )
     }
 
     pub fn arch(&self) -> &'static str {
@@ -336,14 +339,9 @@ impl Model {
     }
 
     /// The network computing in `precision` (its f32 parameters cast; it still reads and returns
-    /// f32), or an error naming the flag for a network that computes in f32 only (PixArt).
-    pub fn in_precision(self, precision: Precision) -> Result<Model> {
-        if precision != Precision::F32 && matches!(self, Model::PixArt(_)) {
-            return Err(Error::Invalid(format!(
-                "--precision {precision}: a PixArt computes in f32 only (bf16 and f16 cover DiT and MLP experts); use --precision f32"
-            )));
-        }
-        Ok(crate::precision::cast(self, precision))
+    /// f32).
+    pub fn in_precision(self, precision: Precision) -> Model {
+        crate::precision::cast(self, precision)
     }
 
     /// Width of the conditioning vectors the network reads (0: none).
@@ -433,28 +431,6 @@ mod tests {
 
     /// A network that reads conditioning vectors: different vectors, different velocities; no
     /// vector is the null (zero) vector; a vector of another width is refused, not run.
-    /// DiT and MLP compute in half precision; a PixArt is refused with the flag named, not run
-    /// with its f32 caption constants beside bf16 activations.
-    #[test]
-    fn only_networks_that_compute_in_half_precision_are_cast() {
-        let device = crate::device::cpu();
-        let dit = ModelConfig::named("DiT-XS/2", "x", &[1, 4, 4], 0, 0).unwrap();
-        assert!(dit.computes_in_half());
-        assert!(
-            dit.init(0, &device)
-                .unwrap()
-                .in_precision(Precision::Bf16)
-                .is_ok()
-        );
-        let pixart = ModelConfig::PixArt(PixArtConfig::named("DiT-XS/2", 4, 1).unwrap())
-            .with_caption_tokens(8, 4, 0.1)
-            .unwrap();
-        assert!(!pixart.computes_in_half());
-        let m = pixart.init(0, &device).unwrap();
-        let e = m.in_precision(Precision::Bf16).unwrap_err().to_string();
-        assert!(e.contains("--precision bf16") && e.contains("PixArt"), "{e}");
-    }
-
     #[test]
     fn vectors_reach_the_network_and_none_is_the_zero_vector() {
         let device = crate::device::cpu();

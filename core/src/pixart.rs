@@ -32,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::fused::{gated_residual, layer_norm_modulate};
 use crate::host::HostTensor;
 use crate::params::{Init, ParamSource, StateDict};
+use crate::precision::like;
 
 /// The additive bias of a masked caption token (diffusers': `(1 - mask) * -10000`).
 const MASKED: f64 = -10000.0;
@@ -532,9 +533,12 @@ impl PixArt {
             },
         };
         let Tokens { embeddings, mask } = match &self.null_caption {
-            Some(null) => null.replace_padding_only(tokens),
+            Some(null) => null.replace_padding_only(tokens), // in the tokens' dtype (f32)
             None => tokens,
         };
+        // Then in the parameters' dtype (`precision::cast`): the null caption is a constant.
+        let dtype = self.caption_1.weight.val().dtype();
+        let (embeddings, mask) = (like(embeddings, dtype), like(mask, dtype));
         let caption = linear_tokens(
             &self.caption_2,
             gelu_tanh(linear_tokens(&self.caption_1, embeddings)),
@@ -548,13 +552,19 @@ impl PixArt {
     ///
     /// # Shapes
     /// - `x`: `[N, C, S, S]`, `t`: `[N]` in [0, 1] -> `[N, C, S, S]`
+    ///
+    /// It computes in its parameters' dtype (`precision::cast`) and returns `x`'s; `t` goes
+    /// through the sinusoid in f32, as in the DiT.
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1>, cond: &Condition) -> Tensor<4> {
         let [n, _, _, _] = x.dims();
         let (g, d) = (self.config.grid(), self.config.hidden_size);
         let device = x.device();
-        let x = self.patch.forward(x); // [N, D, S/P, S/P]
-        let mut x = x.reshape([n, d, g * g]).swap_dims(1, 2) + self.pos_embed.clone(); // [N, T, D]
+        let io = x.dtype();
+        let x = self.patch.forward(like(x, self.patch.weight.val().dtype())); // [N, D, S/P, S/P]
+        let pos = like(self.pos_embed.clone(), x.dtype()); // a constant: not cast with the parameters
+        let mut x = x.reshape([n, d, g * g]).swap_dims(1, 2) + pos; // [N, T, D]
         let freq = timestep_embedding(t * self.config.t_scale, FREQ_DIM, 0.0); // [N, F]
+        let freq = like(freq, self.t_linear_1.weight.val().dtype());
         let time = self.t_linear_2.forward(silu(self.t_linear_1.forward(freq))); // [N, D]
         let modulation = self.t_block.forward(silu(time.clone())); // [N, 6D]
         let (caption, bias) = self.caption(cond, n, &device);
@@ -569,10 +579,11 @@ impl PixArt {
         let x = linear_tokens(&self.proj_out, layer_norm_modulate(x, shift, scale, LN_EPS)); // [N, T, P*P*C_out]
         let (p, c) = (self.config.patch_size, self.config.out_channels());
         let x = unpatchify(x, g, p, c); // [N, C_out, S, S]
-        match self.config.learn_sigma {
+        let x = match self.config.learn_sigma {
             true => x.narrow(1, 0, self.config.in_channels),
             false => x,
-        }
+        };
+        like(x, io)
     }
 
     /// Every parameter under its diffusers name.

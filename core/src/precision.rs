@@ -248,4 +248,44 @@ mod tests {
         let err = relative_error(&HostTensor::from_tensor(v).data, &full);
         assert!(err > 0.0 && err < 0.05, "relative error {err}");
     }
+
+    /// PixArt too (the text-to-image expert): cast to bf16 on the CPU, with captions, a caption of
+    /// padding only (read as the stored null caption, a constant the cast does not reach) and no
+    /// caption at all, it reads and returns f32, predicts what the f32 PixArt does, and its
+    /// backward puts f32 gradients on the f32 parameters.
+    #[test]
+    fn a_bf16_pixart_predicts_close_to_the_f32_one_and_trains() {
+        use crate::pixart::{PixArt, PixArtConfig};
+        let device = crate::device::cpu().autodiff();
+        let mut config = PixArtConfig::named("XS/2", 8, 1).unwrap();
+        (config.caption_channels, config.caption_length) = (8, Some(4));
+        (config.null_caption_length, config.caption_dropout_prob) = (Some(3), 0.1);
+        let model: PixArt = config
+            .build(&mut RandomInit::new(0, &device))
+            .unwrap()
+            .map(&mut Perturb);
+        let x = Tensor::<4>::random([3, 1, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let t = Tensor::<1>::from_floats([0.1, 0.5, 0.9], &device);
+        let embeddings = Tensor::<3>::random([3, 4, 8], Distribution::Normal(0.0, 1.0), &device);
+        let mask = Tensor::<2>::from_floats([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0; 4]], &device);
+        for c in [Condition::tokens(embeddings, mask), Condition::none()] {
+            let run = |m: &PixArt| {
+                let v = m.forward(x.clone(), t.clone(), &c);
+                assert_eq!(v.dtype(), DType::F32);
+                let grads = GradientsParams::from_grads(v.clone().powi_scalar(2).mean().backward(), &model);
+                let mut g = Grads(&grads, vec![], vec![]);
+                model.visit(&mut g);
+                (HostTensor::from_tensor(v).data, g.1, g.2)
+            };
+            let (full, full_grads, _) = run(&model);
+            let (half, half_grads, dtypes) = run(&cast(model.clone(), Precision::Bf16));
+            assert!(dtypes.iter().all(|&d| d == DType::F32), "{dtypes:?}");
+            let (dv, dg) = (
+                relative_error(&half, &full),
+                relative_error(&half_grads, &full_grads),
+            );
+            assert!(dv > 0.0 && dv < 0.05, "prediction: relative error {dv}");
+            assert!(dg > 0.0 && dg < 0.1, "gradients: relative error {dg}");
+        }
+    }
 }

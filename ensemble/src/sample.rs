@@ -763,9 +763,7 @@ fn sample_checkpoint(
     progress: &dyn Progress,
 ) -> anyhow::Result<Report> {
     let (meta, model) = ddm_core::checkpoint::load(path, &o.device)?;
-    let model = model
-        .in_precision(o.precision)
-        .with_context(|| path.display().to_string())?;
+    let model = model.in_precision(o.precision);
     if meta.role != ddm_core::checkpoint::Role::Expert {
         bail!(
             "{}: a checkpoint of role {}; --checkpoint samples an expert, a monolith or a distilled student",

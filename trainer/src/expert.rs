@@ -84,7 +84,7 @@ impl Task for ExpertTask {
         Ok(net.build(src)?)
     }
 
-    /// DiT and MLP experts compute in bf16 or f16 ([`ModelConfig::computes_in_half`]).
+    /// DiT, MLP and PixArt experts compute in bf16 or f16 ([`ModelConfig::computes_in_half`]).
     fn trains_in(&self, net: &ModelConfig, precision: Precision) -> bool {
         precision == Precision::F32 || net.computes_in_half()
     }

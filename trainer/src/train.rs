@@ -109,7 +109,7 @@ fn check_precision<T: Task>(
 ) -> anyhow::Result<()> {
     if !task.trains_in(net, precision) {
         bail!(
-            "--precision {precision}: {} trains a {} network in f32 only (mixed precision covers DiT and MLP experts); use --precision f32",
+            "--precision {precision}: {} trains a {} network in f32 only (mixed precision covers DiT, MLP and PixArt experts); use --precision f32",
             task.name(),
             net.arch()
         );
