@@ -120,9 +120,10 @@ pub(crate) fn build(o: &ServeOptions, metrics: &Metrics) -> anyhow::Result<App> 
     for &k in &experts {
         let entry = &reg.index.experts[&k];
         metadata.experts.insert(k, served(Claim::Expert(k), entry)?);
-        let (dir, device) = (o.registry.clone(), o.device.clone());
+        let (dir, device, precision) = (o.registry.clone(), o.device.clone(), o.precision);
         let load = move || -> anyhow::Result<ExpertModel> {
-            let reg = Registry::open(&dir)?;
+            let mut reg = Registry::open(&dir)?;
+            reg.precision = precision;
             Ok(ExpertModel(reg.expert(k, &device)?, device.clone()))
         };
         let what = format!("expert {k}");

@@ -53,6 +53,8 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     pub batch: BatchPolicy,
     pub device: Device,
+    /// The precision the served experts compute in (their weights cast when loaded).
+    pub precision: ddm_core::precision::Precision,
     /// The most bytes the served models' weights may take at once (None: all stay loaded).
     pub max_memory: Option<u64>,
     pub limits: Limits,
@@ -86,6 +88,7 @@ impl Default for Limits {
 /// Serve until SIGTERM / Ctrl-C. `on_ready` is told the bound address (with `--listen
 /// 127.0.0.1:0`, the port the system chose) once requests are accepted.
 pub fn serve(o: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    o.precision.check(&o.device)?;
     let metrics = Metrics::new();
     let app = Arc::new(app::build(&o, &metrics)?);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -85,6 +85,11 @@ pub struct ServeArgs {
     pub max_memory: Option<u64>,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// The precision the served experts compute in: f32, or bf16/f16 (their f32 weights cast
+    /// when loaded; answers are f32 either way; the router stays f32), as `ddm sample
+    /// --precision`.
+    #[arg(long, default_value = "f32")]
+    pub precision: ddm_core::precision::Precision,
 }
 
 const EXAMPLES: &str = "Examples:
@@ -124,6 +129,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             queue: args.queue as usize,
         },
         device: args.device.device()?,
+        precision: args.precision,
         max_memory: args.max_memory,
         limits: ddm_serve::Limits {
             header_timeout: args.header_timeout_s,
