@@ -18,7 +18,9 @@ use ddm_core::model::ModelConfig;
 use ddm_core::precision::Precision;
 
 mod common;
-use common::{fails, fixed_prediction, ok, registry_fixture, relative_error, tiny_image_partition};
+use common::{
+    fails, fixed_prediction, ok, registry_fixture, relative_error, tiny_image_partition, tiny_island,
+};
 
 fn wgpu() -> Device {
     ddm_core::device::device("wgpu".parse().unwrap())
@@ -177,30 +179,16 @@ fn an_f16_island_on_wgpu_trains_close_to_f32() {
     tiny_image_partition(d);
     let island = |out: &str, precision: &str| {
         let args = [
-            "train",
-            "--partition",
-            "p",
-            "--cluster",
-            "0",
             "--out",
             out,
-            "--model",
-            "DiT-T/4",
             "--steps",
             "20",
-            "--batch-size",
-            "16",
-            "--lr",
-            "1e-3",
-            "--warmup-steps",
-            "5",
             "--device",
             "wgpu",
             "--precision",
             precision,
-            "--quiet",
         ];
-        ddm_on(d, env!("CARGO_BIN_EXE_ddm"), &args)
+        tiny_island(d, &args)
     };
     ok(island("f32", "f32"));
     ok(island("f16", "f16"));
@@ -260,30 +248,18 @@ fn two_wgpu_devices_train_what_one_device_trains() {
     tiny_image_partition(d);
     let island = |out: &str, device: &str, steps: &str| {
         let args = [
-            "train",
-            "--partition",
-            "p",
-            "--cluster",
-            "0",
             "--out",
             out,
-            "--model",
-            "DiT-T/4",
             "--steps",
             steps,
             "--batch-size",
             "15",
-            "--lr",
-            "1e-3",
-            "--warmup-steps",
-            "5",
             "--log-every",
             "1",
             "--device",
             device,
-            "--quiet",
         ];
-        ddm_on(d, env!("CARGO_BIN_EXE_ddm"), &args)
+        tiny_island(d, &args)
     };
     let (one, two) = ("wgpu:software", "wgpu:software,wgpu:software");
     let devices = two.parse::<ddm_core::device::Devices>().unwrap().open().unwrap();

@@ -5,34 +5,11 @@
 //! The same on a GPU backend (f16 on lavapipe) is in `gpu.rs`.
 
 use std::path::Path;
-use std::process::Output;
 
 mod common;
-use common::{ddm, fails, fixed_prediction, ok, relative_error, tiny_image_partition};
-
-/// `ddm train` of cluster 0 of `dir/p` into `dir/OUT`: a DiT-T/4 with the settings below, then
-/// `extra`.
-fn island(dir: &Path, out: &str, extra: &[&str]) -> Output {
-    let base = [
-        "train",
-        "--partition",
-        "p",
-        "--cluster",
-        "0",
-        "--out",
-        out,
-        "--model",
-        "DiT-T/4",
-        "--batch-size",
-        "16",
-        "--lr",
-        "1e-3",
-        "--warmup-steps",
-        "5",
-        "--quiet",
-    ];
-    ddm(dir, &[&base[..], extra].concat())
-}
+use common::{
+    ddm, fails, fixed_prediction, ok, prediction, relative_error, tiny_image_partition, tiny_island,
+};
 
 /// The model and EMA tensors of a run's training state, bit for bit.
 fn state_bits(out: &Path) -> Vec<(String, Vec<u32>)> {
@@ -56,8 +33,11 @@ fn trains_close_to_f32_and_resumes_exactly(precision: &str, bound: f32) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     tiny_image_partition(d);
-    ok(island(d, "f32", &["--steps", "40"]));
-    ok(island(d, "half", &["--steps", "40", "--precision", precision]));
+    ok(tiny_island(d, &["--out", "f32", "--steps", "40"]));
+    ok(tiny_island(
+        d,
+        &["--out", "half", "--steps", "40", "--precision", precision],
+    ));
     let (full, half) = (
         fixed_prediction(&d.join("f32/expert.safetensors")),
         fixed_prediction(&d.join("half/expert.safetensors")),
@@ -75,8 +55,14 @@ fn trains_close_to_f32_and_resumes_exactly(precision: &str, bound: f32) {
     }
 
     // Stopped at step 20, resumed to 40: the same bits as the straight run.
-    ok(island(d, "resumed", &["--steps", "20", "--precision", precision]));
-    ok(island(d, "resumed", &["--steps", "40", "--precision", precision]));
+    ok(tiny_island(
+        d,
+        &["--out", "resumed", "--steps", "20", "--precision", precision],
+    ));
+    ok(tiny_island(
+        d,
+        &["--out", "resumed", "--steps", "40", "--precision", precision],
+    ));
     assert_eq!(state_bits(&d.join("resumed")), state_bits(&d.join("half")));
     let (a, b) = (
         ddm_trainer::state::read_loop_state(&d.join("half"))
@@ -92,7 +78,7 @@ fn trains_close_to_f32_and_resumes_exactly(precision: &str, bound: f32) {
     assert_eq!(a.config.precision.to_string(), precision);
 
     // A resume in another precision is another run: refused, the setting named.
-    let e = fails(island(d, "resumed", &["--steps", "60"]));
+    let e = fails(tiny_island(d, &["--out", "resumed", "--steps", "60"]));
     assert!(
         e.contains("holds a different run")
             && e.contains(&format!("precision: \"{precision}\" then \"f32\"")),
@@ -137,7 +123,7 @@ fn precision_refusals_name_the_flag() {
     ));
     assert!(e.contains("--precision bf16") && e.contains("f32 only"), "{e}");
     assert!(!d.join("r/train-state.safetensors").exists());
-    let out = island(d, "e", &["--steps", "2", "--precision", "fp8"]);
+    let out = tiny_island(d, &["--out", "e", "--steps", "2", "--precision", "fp8"]);
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && e.contains("fp8") && e.contains("bf16"),
@@ -166,24 +152,17 @@ fn serving_and_sampling_in_half_precision_are_close_to_f32() {
     tiny_image_partition(d);
     for k in ["0", "1"] {
         let out = format!("e{k}");
-        let args = ["--cluster", k, "--steps", "40", "--register", "reg"];
-        let base = [
-            "train",
-            "--partition",
-            "p",
+        let args = [
             "--out",
             &out,
-            "--model",
-            "DiT-T/4",
-            "--batch-size",
-            "16",
-            "--lr",
-            "1e-3",
-            "--warmup-steps",
-            "5",
-            "--quiet",
+            "--cluster",
+            k,
+            "--steps",
+            "40",
+            "--register",
+            "reg",
         ];
-        ok(ddm(d, &[&base[..], &args].concat()));
+        ok(tiny_island(d, &args));
     }
     let sample = |source: &[&str], precision: &str| {
         let png = format!("{}-{precision}.png", source[0].trim_start_matches("--"));
@@ -228,17 +207,7 @@ fn serving_and_sampling_in_half_precision_are_close_to_f32() {
         .unwrap()
         .f32("v")
         .unwrap();
-    let local = {
-        use ddm_core::flow::VelocityField;
-        let device = ddm_core::device::cpu();
-        let (_, model) = ddm_core::checkpoint::load(&d.join("e0/expert.safetensors"), &device).unwrap();
-        let x = r.x_t.to_tensor::<2>(&device);
-        let t = ddm_core::host::HostTensor::new(vec![n], r.t.clone()).to_tensor::<1>(&device);
-        let v = model
-            .velocity(x, t, &ddm_core::condition::Condition::none())
-            .unwrap();
-        ddm_core::host::HostTensor::from_tensor(v).data
-    };
+    let local = prediction(&d.join("e0/expert.safetensors"), &r.x_t, &r.t);
     let err = relative_error(&served.data, &local);
     println!("served in bf16 vs local f32: velocity {err:.2e} (relative L2)");
     assert!(err > 0.0 && err < 0.05, "served velocity differs by {err}"); // measured: 5.4e-3

@@ -16,7 +16,6 @@ use crate::host::HostTensor;
 use crate::mlp::{Mlp, MlpConfig};
 use crate::params::{ParamSource, RandomInit, StateLoader};
 use crate::pixart::{PixArt, PixArtConfig};
-use crate::precision::Precision;
 use crate::vae::AutoencoderKLConfig;
 
 /// A model's architecture and hyper-parameters. Serialised with an `arch` tag (`"dit"`, `"mlp"`,
@@ -336,12 +335,6 @@ impl Model {
                 m.forward(x, t, cond).reshape(shape)
             }
         }
-    }
-
-    /// The network computing in `precision` (its f32 parameters cast; it still reads and returns
-    /// f32).
-    pub fn in_precision(self, precision: Precision) -> Model {
-        crate::precision::cast(self, precision)
     }
 
     /// Width of the conditioning vectors the network reads (0: none).

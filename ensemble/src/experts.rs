@@ -137,7 +137,7 @@ impl Registry {
             bail!("expert {k} is served at {url}, not held here: only `ddm sample` runs served experts");
         }
         let (blob, ckpt) = self.verified_checkpoint(Claim::Expert(k))?;
-        let model = ckpt.model(&blob, device)?.in_precision(self.precision);
+        let model = ddm_core::precision::cast(ckpt.model(&blob, device)?, self.precision);
         let meta = ckpt.meta;
         velocity_field(&format!("expert {k} ({})", e.source), &meta, model, guidance)
     }

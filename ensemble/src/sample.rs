@@ -763,7 +763,7 @@ fn sample_checkpoint(
     progress: &dyn Progress,
 ) -> anyhow::Result<Report> {
     let (meta, model) = ddm_core::checkpoint::load(path, &o.device)?;
-    let model = model.in_precision(o.precision);
+    let model = ddm_core::precision::cast(model, o.precision);
     if meta.role != ddm_core::checkpoint::Role::Expert {
         bail!(
             "{}: a checkpoint of role {}; --checkpoint samples an expert, a monolith or a distilled student",

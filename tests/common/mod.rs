@@ -239,23 +239,53 @@ pub fn tiny_image_partition(dir: &Path) {
     ));
 }
 
+/// `ddm train` of an expert on [`tiny_image_partition`]'s `dir/p`: `args` (its `--out` at least),
+/// then these defaults for each flag `args` does not give: cluster 0, a DiT-T/4, batch 16, lr 1e-3,
+/// 5 warm-up steps, no progress bar.
+pub fn tiny_island(dir: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["train", "--partition", "p", "--quiet"];
+    all.extend_from_slice(args);
+    for (flag, value) in [
+        ("--cluster", "0"),
+        ("--model", "DiT-T/4"),
+        ("--batch-size", "16"),
+        ("--lr", "1e-3"),
+        ("--warmup-steps", "5"),
+    ] {
+        if !args.contains(&flag) {
+            all.extend([flag, value]);
+        }
+    }
+    ddm(dir, &all)
+}
+
+/// An expert checkpoint's prediction (on the CPU) for the batch `x` `[N, ...]` at times `t`,
+/// unconditioned.
+pub fn prediction(checkpoint: &Path, x: &ddm_core::host::HostTensor, t: &[f32]) -> Vec<f32> {
+    use ddm_core::flow::VelocityField;
+    let device = ddm_core::device::cpu();
+    let (_, model) = ddm_core::checkpoint::load(checkpoint, &device).unwrap();
+    let n = t.len();
+    let x =
+        ddm_core::host::HostTensor::new(vec![n, x.data.len() / n], x.data.clone()).to_tensor::<2>(&device);
+    let t = ddm_core::host::HostTensor::new(vec![n], t.to_vec()).to_tensor::<1>(&device);
+    let v = model
+        .velocity(x, t, &ddm_core::condition::Condition::none())
+        .unwrap();
+    ddm_core::host::HostTensor::from_tensor(v).data
+}
+
 /// An expert checkpoint's prediction at a fixed noisy batch (8 samples, t from 0.05 to 0.95), on
 /// the CPU: what two checkpoints are compared by.
 pub fn fixed_prediction(checkpoint: &Path) -> Vec<f32> {
-    use ddm_core::burn::prelude::*;
-    let device = ddm_core::device::cpu();
-    let (meta, model) = ddm_core::checkpoint::load(checkpoint, &device).unwrap();
-    let shape = meta.model.data_shape();
+    let meta = ddm_core::checkpoint::Checkpoint::read(checkpoint).unwrap().meta;
     let n = 8;
     let x = ddm_core::flow::randn(
-        [vec![n], shape].concat(),
+        [vec![n], meta.model.data_shape()].concat(),
         &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(7),
-    )
-    .to_tensor::<4>(&device);
+    );
     let t: Vec<f32> = (0..n).map(|i| 0.05 + 0.9 * i as f32 / (n - 1) as f32).collect();
-    let t = Tensor::<1>::from_data(TensorData::new(t, [n]), &device);
-    let v = model.predict(x, t, &ddm_core::condition::Condition::none());
-    ddm_core::host::HostTensor::from_tensor(v).data
+    prediction(checkpoint, &x, &t)
 }
 
 /// ||a - b|| / ||b||.

@@ -107,8 +107,12 @@ fn main() {
         let t = Tensor::<1>::from_data(TensorData::new(t, [batch]), &device);
         let c = condition(batch, &mut rng, &device);
         let t1 = Instant::now();
-        let compute = cast(model.clone(), precision); // f32: unchanged
-        let v = compute.predict(interpolate(x0.clone(), e.clone(), t.clone()), t, &c);
+        let compute = (precision != Precision::F32).then(|| cast(model.clone(), precision));
+        let v =
+            compute
+                .as_ref()
+                .unwrap_or(&model)
+                .predict(interpolate(x0.clone(), e.clone(), t.clone()), t, &c);
         let loss = flow_matching_loss(v, x0, e);
         let _ = sync(loss.clone());
         let t2 = Instant::now();

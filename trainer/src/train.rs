@@ -228,14 +228,15 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         //    The weights on every device; in bf16/f16 the forward and backward run on a cast
         //    copy of the f32 weights.
         let replicas = crate::parallel::replicas(&model, &replica_devices);
-        let compute: Vec<T::Net> = match config.precision {
-            Precision::F32 => replicas.clone(),
-            p => replicas
+        let cast: Option<Vec<T::Net>> = (config.precision != Precision::F32).then(|| {
+            let p = config.precision;
+            replicas
                 .iter()
                 .map(|r| ddm_core::precision::cast(r.clone(), p))
-                .collect(),
-        };
-        let losses = task.shard_losses(&compute, &replica_devices, batch, &config, &net_config, &mut rng)?;
+                .collect()
+        });
+        let compute = cast.as_deref().unwrap_or(&replicas);
+        let losses = task.shard_losses(compute, &replica_devices, batch, &config, &net_config, &mut rng)?;
         let loss_value: f64 = losses.iter().map(|l| l.clone().into_scalar::<f32>() as f64).sum(); // sync
         if !loss_value.is_finite() {
             bar.abandon();
