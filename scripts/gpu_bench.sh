@@ -13,7 +13,9 @@
 #      latents of 256 x 256 images (4 x 32 x 32: DiT-B/2 sees 256 tokens), f32, and the sampling
 #      forward of 256 samples; achieved TFLOP/s (a step counted as 3 forwards of the model's FLOPs)
 #      and MFU against the datasheet's dense FP32 peak (known for H100, H200, A100, L40S; else pass
-#      --peak-tflops). MFU against the TF32 tensor-core peak is printed beside it.
+#      --peak-tflops). MFU against the TF32 tensor-core peak is printed beside it. Then the same
+#      step and forward with the self-attention composed of burn's ops (`DDM_GPU_ATTENTION=composite`)
+#      instead of ddm's CubeCL kernels: what the kernels gain or cost on this GPU.
 #   2. the same step and forward in bf16 (`--precision bf16`: f32 master weights, AdamW and EMA in
 #      f32), or in f16 where the device has no bf16 (Vulkan), with the MFU against the datasheet's
 #      dense 16-bit tensor-core peak.
@@ -85,6 +87,8 @@ run)
   step=$("$bench_step" --device "$device" --size "$size" --image 32 --channels 4 --batch 256 \
     --steps 10 --fwd-iters 5 ${peak:+--peak-tflops "$peak"})
   echo "$step"
+  DDM_GPU_ATTENTION=composite "$bench_step" --device "$device" --size "$size" --image 32 --channels 4 \
+    --batch 256 --steps 10 --fwd-iters 5 ${peak:+--peak-tflops "$peak"}
   # 2. The same in bf16, else f16 (a device without bf16 arithmetic refuses it by name).
   err=$(mktemp)
   for precision in bf16 f16; do
@@ -127,7 +131,7 @@ run)
   fi
   ;;
 *)
-  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
   ;;
 esac

@@ -167,6 +167,86 @@ fn an_f16_dit_on_wgpu_computes_close_to_f32() {
     assert!(dw > 0.0 && dw < 0.05, "weight gradients differ by {dw}");
 }
 
+/// `qkv` `[n, t, 3 heads hd]` on `device` (with autodiff), uniform in [-2, 2), in `dtype`, and a
+/// fixed weighting `[n, t, heads hd]` of the output for the loss.
+fn attention_inputs([n, t, heads, hd]: [usize; 4], seed: u64, device: &Device) -> (Tensor<3>, Tensor<3>) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut data = |len: usize| {
+        (0..len)
+            .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+            .collect::<Vec<_>>()
+    };
+    let d = heads * hd;
+    let qkv = Tensor::<3>::from_data(TensorData::new(data(n * t * 3 * d), [n, t, 3 * d]), device);
+    let w = Tensor::<3>::from_data(TensorData::new(data(n * t * d), [n, t, d]), device);
+    (qkv, w)
+}
+
+/// The output of `op` and the gradient of `sum(out * w)` with respect to qkv, computed in `dtype`
+/// (qkv cast from f32, so the gradient lands on the f32 tensor), read back as f32.
+fn attention_and_gradient(
+    op: fn(Tensor<3>, usize) -> Tensor<3>,
+    (qkv, w): &(Tensor<3>, Tensor<3>),
+    heads: usize,
+    dtype: ddm_core::burn::tensor::FloatDType,
+) -> (Vec<f32>, Vec<f32>) {
+    let qkv = qkv.clone().require_grad();
+    let out = op(qkv.clone().cast(dtype), heads).cast(ddm_core::burn::tensor::FloatDType::F32);
+    let grads = (out.clone() * w.clone()).sum().backward();
+    let grad = qkv.grad(&grads).unwrap();
+    (
+        HostTensor::from_tensor(out).data,
+        HostTensor::from_tensor(grad).data,
+    )
+}
+
+/// The self-attention's CubeCL kernels (`kernels/src/gpu.rs`, what the DiT runs on wgpu and CUDA)
+/// against burn's composite ops on the same device: values and the gradient of qkv, at odd shapes
+/// (one token, one head, head widths 1, 5 and 72), the bench DiT's (49 tokens, 4 heads of 64) and
+/// 256 tokens (DiT-B/2 at 32 x 32 latents); in f32, and in f16 against the f32 composite.
+#[test]
+#[ignore = "needs a Vulkan driver: apt-get install mesa-vulkan-drivers (.ci/run installs it)"]
+fn attention_kernels_on_wgpu_match_the_composite() {
+    use ddm_core::burn::tensor::FloatDType;
+    use ddm_core::fused::{attention, composite};
+    let gpu = wgpu().autodiff();
+    // [N, T, heads, hd]
+    let shapes = [
+        [1, 1, 1, 1],
+        [2, 3, 1, 5],
+        [3, 7, 2, 5],
+        [2, 17, 3, 72],
+        [4, 49, 4, 64],
+        [1, 256, 2, 64],
+    ];
+    for (k, shape) in shapes.into_iter().enumerate() {
+        let inputs = attention_inputs(shape, k as u64, &gpu);
+        let heads = shape[2];
+        for dtype in [FloatDType::F32, FloatDType::F16] {
+            let x = inputs.0.clone().cast(dtype);
+            assert!(
+                ddm_core::gpu::runs(&x),
+                "the kernels do not take {dtype:?} on wgpu"
+            );
+        }
+        let (v, g) = attention_and_gradient(attention, &inputs, heads, FloatDType::F32);
+        let (cv, cg) = attention_and_gradient(composite::attention, &inputs, heads, FloatDType::F32);
+        let (ev, eg) = (relative_error(&v, &cv), relative_error(&g, &cg));
+        println!("{shape:?} f32: output {ev:.1e}, gradient {eg:.1e} (relative L2)");
+        assert!(ev < 1e-5 && eg < 1e-5, "{shape:?}: output {ev}, gradient {eg}");
+        assert!(g.iter().any(|&x| x != 0.0), "{shape:?}: a zero gradient");
+
+        let (hv, hg) = attention_and_gradient(attention, &inputs, heads, FloatDType::F16);
+        let (ev, eg) = (relative_error(&hv, &cv), relative_error(&hg, &cg));
+        println!("{shape:?} f16: output {ev:.1e}, gradient {eg:.1e} (relative L2 to f32)");
+        assert!(
+            ev < 5e-3 && eg < 1e-2,
+            "{shape:?} f16: output {ev}, gradient {eg}"
+        );
+    }
+}
+
 /// Mixed precision end to end on a GPU backend: a DiT island trained with `--precision f16` on
 /// wgpu (f32 master weights, f16 loss scaling) predicts close to the f32 island of the same seed
 /// after the same steps, and samples in f16 what it samples in f32. bf16, where the adapter has no bf16 shaders (lavapipe), is refused by

@@ -237,9 +237,15 @@ pub fn device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(cpu()),
         #[cfg(feature = "wgpu")]
-        DeviceChoice::Wgpu(w) => gpu::open(w),
+        DeviceChoice::Wgpu(w) => {
+            attention_on_gpu()?;
+            gpu::open(w)
+        }
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(index) => cuda::open(index),
+        DeviceChoice::Cuda(index) => {
+            attention_on_gpu()?;
+            cuda::open(index)
+        }
         #[allow(unreachable_patterns)]
         other => {
             let feature = match other {
@@ -251,6 +257,13 @@ pub fn device(choice: DeviceChoice) -> Result<Device> {
             )))
         }
     }
+}
+
+/// The self-attention's implementation on GPU devices, from `DDM_GPU_ATTENTION`.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn attention_on_gpu() -> Result<()> {
+    ddm_kernels::gpu::use_kernels(crate::env::gpu_attention_kernels()?);
+    Ok(())
 }
 
 /// Opening a CUDA device. The driver (libcuda), NVRTC (which compiles the kernels when they are

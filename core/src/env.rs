@@ -9,6 +9,7 @@
 //! | `DDM_REGISTRY_LOCK_WAIT` | seconds a registration waits for another one's lock (default 300) |
 //! | `DDM_REGISTRY_GC_GRACE` | seconds an unnamed blob in a store lives before `registry gc` deletes it (default 3600) |
 //! | `SLURM_ARRAY_TASK_ID`, `JOB_COMPLETION_INDEX` | an island's cluster in a Slurm array or an indexed Kubernetes Job |
+//! | `DDM_GPU_ATTENTION` | the DiT's self-attention on a GPU device: `kernel` (default, ddm's CubeCL kernels) or `composite` (burn's ops) |
 //! | `RAYON_NUM_THREADS` | CPU threads (read by rayon; reported by the benchmarks) |
 
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ pub const REGISTRY_GC_GRACE: &str = "DDM_REGISTRY_GC_GRACE";
 /// Where an array job says which element it is, in the order they are read.
 pub const ARRAY_INDEX: [&str; 2] = ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"];
 pub const THREADS: &str = "RAYON_NUM_THREADS";
+pub const GPU_ATTENTION: &str = "DDM_GPU_ATTENTION";
 
 /// ddm's cache directory.
 pub fn cache_dir() -> PathBuf {
@@ -75,6 +77,20 @@ pub fn array_index() -> Result<Option<(usize, &'static str)>> {
         }
     }
     Ok(None)
+}
+
+/// Whether the DiT's self-attention runs ddm's CubeCL kernels on a GPU device (`DDM_GPU_ATTENTION`
+/// unset or `kernel`) or burn's composite ops (`composite`).
+pub fn gpu_attention_kernels() -> Result<bool> {
+    let Some(v) = non_empty(GPU_ATTENTION) else {
+        return Ok(true);
+    };
+    let v = v.to_string_lossy();
+    match v.trim() {
+        "kernel" => Ok(true),
+        "composite" => Ok(false),
+        _ => Err(invalid(GPU_ATTENTION, &v, "expected `kernel` or `composite`")),
+    }
 }
 
 /// The CPU threads rayon uses: `RAYON_NUM_THREADS` when it is a number, else every core.
@@ -136,5 +152,13 @@ mod tests {
         unsafe { std::env::set_var("SLURM_ARRAY_TASK_ID", " 3 ") };
         assert_eq!(array_index().unwrap(), Some((3, "SLURM_ARRAY_TASK_ID")));
         unsafe { std::env::remove_var("SLURM_ARRAY_TASK_ID") };
+
+        assert!(gpu_attention_kernels().unwrap());
+        unsafe { std::env::set_var(GPU_ATTENTION, "composite") };
+        assert!(!gpu_attention_kernels().unwrap());
+        unsafe { std::env::set_var(GPU_ATTENTION, "flash") };
+        let e = gpu_attention_kernels().unwrap_err().to_string();
+        assert!(e.contains(GPU_ATTENTION) && e.contains("flash"), "{e}");
+        unsafe { std::env::remove_var(GPU_ATTENTION) };
     }
 }

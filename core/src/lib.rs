@@ -50,6 +50,9 @@ pub mod text;
 pub mod tokenizer;
 pub mod vae;
 
+/// The self-attention's CubeCL kernels on the GPU backends (`ddm-kernels`).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub use ddm_kernels::gpu;
 /// The fused CPU kernels the DiT and the optimizer run (`ddm-kernels`).
 pub use ddm_kernels::{fused, update};
 

@@ -96,10 +96,13 @@ pub fn gated_residual(x: Tensor<3>, gate: Tensor<2>, h: Tensor<3>) -> Tensor<3> 
 /// - `qkv`: `[N, T, 3D]` (q, k, v, each `[h, hd]` per token) -> `[N, T, D]`
 pub fn attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
     if fused_here(&qkv) {
-        Tensor::from_dispatch(<Dispatch as FusedOps>::attention(qkv.into_dispatch(), heads))
-    } else {
-        composite::attention(qkv, heads)
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::attention(qkv.into_dispatch(), heads));
     }
+    #[cfg(feature = "gpu")]
+    if crate::gpu::runs(&qkv) {
+        return crate::gpu::attention(qkv, heads);
+    }
+    composite::attention(qkv, heads)
 }
 
 /// Multi-head cross-attention with a bias added to every score of a key (a caption's mask as 0 or

@@ -7,4 +7,6 @@
 //! The tests live with the model (`core/tests/fused.rs`, `core/tests/update.rs`).
 
 pub mod fused;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod update;

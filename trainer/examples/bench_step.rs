@@ -161,8 +161,14 @@ fn main() {
         None => String::new(),
     };
     let adapter = ddm_core::device::adapter(choice).unwrap_or_default();
+    // The self-attention's implementation on a GPU device (`DDM_GPU_ATTENTION`).
+    let attention = match (choice, ddm_core::env::gpu_attention_kernels()) {
+        (DeviceChoice::Cpu, _) => "cpu",
+        (_, Ok(true)) => "kernel",
+        (_, _) => "composite",
+    };
     println!(
-        "{{\"impl\": \"ddm\", \"device\": \"{choice}\", \"adapter\": {adapter:?}, \"size\": \"{size}\", \"precision\": \"{precision}\", \"data\": [{channels}, {image}, {image}], \"params\": {params}, \"gflops_per_sample\": {:.3}, \"batch\": {batch}, \"threads\": \"{}\", \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"step_tflops\": {step_tflops:.3}, \"fwd256_tflops\": {fwd_tflops:.3}{mfu}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
+        "{{\"impl\": \"ddm\", \"device\": \"{choice}\", \"adapter\": {adapter:?}, \"size\": \"{size}\", \"precision\": \"{precision}\", \"attention\": \"{attention}\", \"data\": [{channels}, {image}, {image}], \"params\": {params}, \"gflops_per_sample\": {:.3}, \"batch\": {batch}, \"threads\": \"{}\", \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"step_tflops\": {step_tflops:.3}, \"fwd256_tflops\": {fwd_tflops:.3}{mfu}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
         flops / 1e9,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
         total * 1e3,
