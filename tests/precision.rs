@@ -75,6 +75,21 @@ fn trains_close_to_f32_and_resumes_exactly(precision: &str, bound: f32) {
     assert_eq!(a.loss_scale, b.loss_scale);
     assert_eq!(a.loss_scale.is_some(), precision == "f16", "{:?}", a.loss_scale);
     println!("{precision}: loss scale {:?}", a.loss_scale);
+    // metrics.jsonl carries the scale and the skipped steps of an f16 run, and nothing of the kind
+    // for the others.
+    let metrics = std::fs::read_to_string(d.join("resumed/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 40);
+    match &a.loss_scale {
+        Some(s) => {
+            assert_eq!(last["loss_scale"].as_f64(), Some(s.scale), "{last}");
+            assert_eq!(last["skipped_steps"].as_u64(), Some(s.skipped), "{last}");
+        }
+        None => assert!(
+            last.get("loss_scale").is_none() && last.get("skipped_steps").is_none(),
+            "{last}"
+        ),
+    }
     assert_eq!(a.config.precision.to_string(), precision);
 
     // A resume in another precision is another run: refused, the setting named.

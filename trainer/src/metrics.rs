@@ -15,6 +15,12 @@ pub struct Line {
     pub img_per_s: f64,
     pub samples_seen: u64,
     pub wall_time_s: f64,
+    /// f16 only: the loss scale after this step, and the steps skipped so far for overflowing
+    /// gradients (the run's, resumed parts included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<u64>,
 }
 
 pub struct Metrics {

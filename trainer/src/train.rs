@@ -316,6 +316,8 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
                 img_per_s: ips,
                 samples_seen: st.samples_seen,
                 wall_time_s: wall_before + started.elapsed().as_secs_f64(),
+                loss_scale: st.loss_scale.as_ref().map(|s| s.scale),
+                skipped_steps: st.loss_scale.as_ref().map(|s| s.skipped),
             })?;
         }
         // 5. Checkpoint, loss curve, snapshots.
