@@ -301,6 +301,7 @@ fn the_page_shows_the_run_live_and_samples_what_ddm_sample_draws() {
 
         // Sampling by hand.
         c.find(Locator::Id("class")).await.unwrap().select_by_value("3").await.unwrap();
+        c.find(Locator::Id("precision")).await.unwrap().select_by_value("bf16").await.unwrap();
         for (id, v) in [("strategy", "top-1"), ("steps", "3"), ("n", "6"), ("seed", "5"), ("guidance", "2")] {
             set_input(&c, id, v).await;
         }
@@ -341,7 +342,8 @@ fn the_page_shows_the_run_live_and_samples_what_ddm_sample_draws() {
     let page_png = base64::engine::general_purpose::STANDARD.decode(png_b64).unwrap();
     #[rustfmt::skip]
     ok(ddm(d, &["sample", "--registry", "q/registry", "--class", "3", "--strategy", "top-1",
-        "--steps", "3", "--n", "6", "--seed", "5", "--guidance", "2", "--out", "cli.png", "--quiet"]));
+        "--steps", "3", "--n", "6", "--seed", "5", "--guidance", "2", "--precision", "bf16",
+        "--out", "cli.png", "--quiet"]));
     let cli = pixels(&std::fs::read(d.join("cli.png")).unwrap());
     let page = pixels(&page_png);
     assert_eq!(

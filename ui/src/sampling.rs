@@ -1,5 +1,5 @@
 //! Sampling from the page: the settings of `ddm sample` (class or prompt, strategy, router,
-//! solver, schedule, steps, guidance, seed, N), checked, then drawn by the same function into a
+//! solver, schedule, steps, guidance, seed, N, precision), checked, then drawn by the same function into a
 //! temporary directory, so the grid's pixels are those `ddm sample` writes with the same settings.
 
 use std::path::PathBuf;
@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use base64::Engine;
 use ddm_core::burn::prelude::*;
 use ddm_core::flow::{Solver, StepSchedule};
+use ddm_core::precision::Precision;
 use ddm_ensemble::sample::{Classes, Decode, RouterChoice, SampleOptions, Source};
 use ddm_ensemble::strategy::Strategy;
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,9 @@ pub struct SampleRequest {
     pub guidance: f64,
     #[serde(default)]
     pub seed: u64,
+    /// `f32` (default), `bf16` or `f16`: what the experts compute in.
+    #[serde(default)]
+    pub precision: Option<String>,
 }
 
 fn default_n() -> usize {
@@ -178,6 +182,15 @@ impl Sampler {
                 )
             }
         };
+        let precision: Precision = match r.precision.as_deref().filter(|p| !p.is_empty()) {
+            None => Precision::F32,
+            Some(p) => p
+                .parse()
+                .map_err(|e: ddm_core::error::Error| Refusal::bad(e.to_string()))?,
+        };
+        precision
+            .check(&self.device)
+            .map_err(|e| Refusal::bad(e.to_string()))?;
         let has_vae = ddm_ensemble::registry::read_index(&self.registry)
             .ok()
             .flatten()
@@ -199,7 +212,7 @@ impl Sampler {
             seed: r.seed,
             out: PathBuf::new(),
             device: self.device.clone(),
-            precision: ddm_core::precision::Precision::F32,
+            precision,
             decode: match has_vae {
                 true => Decode::Registry,
                 false => Decode::No,
@@ -210,3 +223,25 @@ impl Sampler {
 
 /// `ddm sample --batch-size`'s default (the noise does not depend on it).
 const BATCH: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: &str) -> SampleRequest {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn the_precision_is_read_or_refused_by_name() {
+        let s = Sampler::new(PathBuf::from("no-registry"), None, ddm_core::device::cpu());
+        let precision = |json: &str| s.options(&request(json)).map(|o| o.precision);
+        assert_eq!(precision("{}").unwrap(), Precision::F32);
+        assert_eq!(precision(r#"{"precision": "bf16"}"#).unwrap(), Precision::Bf16);
+        let Err(Refusal(status, reason)) = precision(r#"{"precision": "fp8"}"#) else {
+            panic!("fp8 accepted");
+        };
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(reason.contains("fp8") && reason.contains("bf16"), "{reason}");
+    }
+}

@@ -182,6 +182,7 @@ $("sample-form").addEventListener("submit", async (ev) => {
     n: Number(f.get("n")), steps: Number(f.get("steps")), solver: f.get("solver"),
     schedule: f.get("schedule") || null, strategy: f.get("strategy") || null, router: f.get("router"),
     class: f.get("class") || null, guidance: Number(f.get("guidance")), seed: Number(f.get("seed")),
+    precision: f.get("precision"),
   };
   if (overview.prompts && f.get("prompt")) body.prompt = f.get("prompt");
   $("sample-status").className = "muted";
