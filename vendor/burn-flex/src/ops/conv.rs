@@ -56,7 +56,7 @@ macro_rules! conv3d_1x1_typed {
 /// Generates a conv3d typed function with 1x1, depthwise, small-channel, and
 /// direct fast-path checks.
 macro_rules! conv3d_typed {
-    ($fn_name:ident, $T:ty, $dtype:expr, $zero:expr, $gemm_fn:ident, $fn_1x1:ident, $fn_depthwise:ident, $fn_small_channel:ident $(, $fn_direct:ident)?) => {
+    ($fn_name:ident, $T:ty, $dtype:expr, $zero:expr, $fn_1x1:ident, $fn_depthwise:ident, $fn_small_channel:ident $(, $fn_direct:ident)?) => {
         pub fn $fn_name(
             x: FlexTensor,
             weight: FlexTensor,
@@ -79,7 +79,7 @@ macro_rules! conv3d_typed {
                     return $fn_direct(x, weight, bias, options);
                 }
             )?
-            conv3d_impl::<$T>(x, weight, bias, options, $dtype, $zero, $gemm_fn)
+            conv3d_impl::<$T>(x, weight, bias, options, $dtype, $zero)
         }
     };
 }
@@ -199,7 +199,6 @@ conv3d_typed!(
     f32,
     DType::F32,
     0.0f32,
-    gemm_f32,
     conv3d_1x1_f32,
     conv3d_depthwise_f32,
     conv3d_small_channel_f32,
@@ -210,7 +209,6 @@ conv3d_typed!(
     f64,
     DType::F64,
     0.0f64,
-    gemm_f64,
     conv3d_1x1_f64,
     conv3d_depthwise_f64,
     conv3d_small_channel_f64,
@@ -221,7 +219,6 @@ conv3d_typed!(
     f16,
     DType::F16,
     f16::from_f32(0.0),
-    gemm_f16,
     conv3d_1x1_f16,
     conv3d_depthwise_f16,
     conv3d_small_channel_f16
@@ -244,8 +241,8 @@ fn conv3d_impl<
     options: &ConvOptions<3>,
     dtype: DType,
     zero: T,
-    gemm_fn: fn(&[T], &[T], usize, usize, usize) -> Vec<T>,
 ) -> FlexTensor {
+    let one: T = T::from_elem(1.0f32);
     let x = x.to_contiguous();
     let weight = weight.to_contiguous();
 
@@ -314,7 +311,9 @@ fn conv3d_impl<
         }
     }
 
-    // Convert input to NHWC layout for cache-friendly access in im2col.
+    // Convert input to NHWC layout for cache-friendly access in im2col, one
+    // (batch, depth, row) line at a time, in parallel (ddm patch: the conversion was
+    // one sequential loop over the whole input).
     // Loop order (c innermost, spatial outer) is intentional: on aarch64
     // M3 Max, strided loads + contiguous stores beat the inverse by
     // 10-35% per layer. Load prefetchers outrun the store write buffer.
@@ -325,195 +324,124 @@ fn conv3d_impl<
         channels_in,
         1,
     );
-    let mut x_nhwc = vec![zero; batch_size * in_d * in_h * in_w * channels_in];
-    for b in 0..batch_size {
-        for d in 0..in_d {
-            for h in 0..in_h {
-                for w in 0..in_w {
-                    for c in 0..channels_in {
-                        let src_idx = b * channels_in * in_d * in_h * in_w
-                            + c * in_d * in_h * in_w
-                            + d * in_h * in_w
-                            + h * in_w
-                            + w;
-                        let dst_idx = b * nhwc_stride.0
-                            + d * nhwc_stride.1
-                            + h * nhwc_stride.2
-                            + w * nhwc_stride.3
-                            + c;
-                        x_nhwc[dst_idx] = x_data[src_idx];
-                    }
-                }
+    let in_plane = in_d * in_h * in_w;
+    let nhwc_line = |line: usize, dst: &mut [T]| {
+        // line = (b * in_d + d) * in_h + h
+        let (b, dh) = (line / (in_d * in_h), line % (in_d * in_h));
+        let src_base = b * channels_in * in_plane + dh * in_w;
+        for w in 0..in_w {
+            for c in 0..channels_in {
+                dst[w * channels_in + c] = x_data[src_base + c * in_plane + w];
             }
         }
+    };
+    let mut x_nhwc = vec![zero; batch_size * in_plane * channels_in];
+    let line_len = (in_w * channels_in).max(1);
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        x_nhwc
+            .par_chunks_mut(line_len)
+            .enumerate()
+            .for_each(|(line, dst)| nhwc_line(line, dst));
+    }
+    #[cfg(not(feature = "rayon"))]
+    for (line, dst) in x_nhwc.chunks_mut(line_len).enumerate() {
+        nhwc_line(line, dst);
     }
 
-    // Use tiled parallel execution
-    let output = {
-        #[cfg(feature = "rayon")]
-        {
-            use rayon::prelude::*;
+    // The output, written block by block by gemm (ddm patch: straight into place,
+    // where each tile's product was a fresh vector copied element by element
+    // into the NCDHW output).
+    let out_len = batch_size * channels_out * spatial_out;
+    let mut output: Vec<T> = Vec::with_capacity(out_len);
+    let out_ptr = output.spare_capacity_mut().as_mut_ptr().cast::<T>() as usize;
 
-            let mut dst = vec![zero; batch_size * channels_out * spatial_out];
-            let dst_ptr = crate::ops::SendMutPtr::new(dst.as_mut_ptr());
-
-            // Process batches and tiles in parallel (nested parallelism)
-            (0..batch_size).into_par_iter().for_each(|b| {
-                (0..num_tiles).into_par_iter().for_each(|tile_idx| {
-                    let tile_start = tile_idx * TILE_SIZE;
-                    let tile_end = (tile_start + TILE_SIZE).min(spatial_out);
-                    let tile_size = tile_end - tile_start;
-
-                    // Process each group separately
-                    for g in 0..groups {
-                        let in_c_start = g * channels_per_group;
-                        let out_c_start = g * out_channels_per_group;
-
-                        // Build im2col for this tile and group
-                        let mut col_tile = vec![zero; col_len * tile_size];
-
-                        im2col_3d_tile(
-                            &mut col_tile,
-                            &x_nhwc,
-                            tile_start,
-                            tile_end,
-                            out_h,
-                            out_w,
-                            kernel_d,
-                            kernel_h,
-                            kernel_w,
-                            stride_d,
-                            stride_h,
-                            stride_w,
-                            dilation_d,
-                            dilation_h,
-                            dilation_w,
-                            pad_d,
-                            pad_h,
-                            pad_w,
-                            in_d,
-                            in_h,
-                            in_w,
-                            channels_per_group,
-                            col_len,
-                            b,
-                            in_c_start,
-                            nhwc_stride,
-                        );
-
-                        // Get weight slice for this group
-                        let w_start = out_c_start * col_len;
-                        let w_end = w_start + out_channels_per_group * col_len;
-                        let w_group = &w_flat[w_start..w_end];
-
-                        // GEMM: w_group[out_c_per_group, col_len] @ col_tile[tile_size, col_len]^T
-                        let result = gemm_fn(
-                            w_group,
-                            &col_tile,
-                            out_channels_per_group,
-                            col_len,
-                            tile_size,
-                        );
-
-                        // Write results to output for this group's output channels
-                        for (local_idx, global_idx) in (tile_start..tile_end).enumerate() {
-                            for c_out in 0..out_channels_per_group {
-                                let dst_idx = b * channels_out * spatial_out
-                                    + (out_c_start + c_out) * spatial_out
-                                    + global_idx;
-                                let res_idx = c_out * tile_size + local_idx;
-                                unsafe {
-                                    debug_assert!(
-                                        dst_idx < batch_size * channels_out * spatial_out
-                                    );
-                                    dst_ptr.write(dst_idx, result[res_idx]);
-                                }
-                            }
-                        }
-                    }
-                });
-            });
-            dst
+    // One (batch, tile) of output positions: for each group, the im2col tile
+    // [tile_size, col_len] and the gemm of the group's weights with it into
+    // the output block [out_channels_per_group, tile_size] (row stride
+    // spatial_out).
+    let tile = |b: usize, tile_idx: usize, col_tile: &mut Vec<T>| {
+        let tile_start = tile_idx * TILE_SIZE;
+        let tile_end = (tile_start + TILE_SIZE).min(spatial_out);
+        let tile_size = tile_end - tile_start;
+        // Every element is written by im2col (patches or padding zeros), so a
+        // reused buffer needs no clearing.
+        if col_tile.len() < col_len * tile_size {
+            col_tile.resize(col_len * tile_size, zero);
         }
-        #[cfg(not(feature = "rayon"))]
-        {
-            // Sequential path with tiling
-            let mut output = vec![zero; batch_size * channels_out * spatial_out];
-
-            for b in 0..batch_size {
-                for tile_idx in 0..num_tiles {
-                    let tile_start = tile_idx * TILE_SIZE;
-                    let tile_end = (tile_start + TILE_SIZE).min(spatial_out);
-                    let tile_size = tile_end - tile_start;
-
-                    // Process each group separately
-                    for g in 0..groups {
-                        let in_c_start = g * channels_per_group;
-                        let out_c_start = g * out_channels_per_group;
-
-                        let mut col_tile = vec![zero; col_len * tile_size];
-
-                        im2col_3d_tile(
-                            &mut col_tile,
-                            &x_nhwc,
-                            tile_start,
-                            tile_end,
-                            out_h,
-                            out_w,
-                            kernel_d,
-                            kernel_h,
-                            kernel_w,
-                            stride_d,
-                            stride_h,
-                            stride_w,
-                            dilation_d,
-                            dilation_h,
-                            dilation_w,
-                            pad_d,
-                            pad_h,
-                            pad_w,
-                            in_d,
-                            in_h,
-                            in_w,
-                            channels_per_group,
-                            col_len,
-                            b,
-                            in_c_start,
-                            nhwc_stride,
-                        );
-
-                        // Get weight slice for this group
-                        let w_start = out_c_start * col_len;
-                        let w_end = w_start + out_channels_per_group * col_len;
-                        let w_group = &w_flat[w_start..w_end];
-
-                        // GEMM for this group
-                        let result = gemm_fn(
-                            w_group,
-                            &col_tile,
-                            out_channels_per_group,
-                            col_len,
-                            tile_size,
-                        );
-
-                        // Write results to output for this group's output channels
-                        for (local_idx, global_idx) in (tile_start..tile_end).enumerate() {
-                            for c_out in 0..out_channels_per_group {
-                                let dst_idx = b * channels_out * spatial_out
-                                    + (out_c_start + c_out) * spatial_out
-                                    + global_idx;
-                                let res_idx = c_out * tile_size + local_idx;
-                                output[dst_idx] = result[res_idx];
-                            }
-                        }
-                    }
-                }
+        let col_tile = &mut col_tile[..col_len * tile_size];
+        for g in 0..groups {
+            let in_c_start = g * channels_per_group;
+            let out_c_start = g * out_channels_per_group;
+            im2col_3d_tile(
+                col_tile,
+                &x_nhwc,
+                tile_start,
+                tile_end,
+                out_h,
+                out_w,
+                kernel_d,
+                kernel_h,
+                kernel_w,
+                stride_d,
+                stride_h,
+                stride_w,
+                dilation_d,
+                dilation_h,
+                dilation_w,
+                pad_d,
+                pad_h,
+                pad_w,
+                in_d,
+                in_h,
+                in_w,
+                channels_per_group,
+                col_len,
+                b,
+                in_c_start,
+                nhwc_stride,
+            );
+            let w_start = out_c_start * col_len;
+            let w_group = &w_flat[w_start..w_start + out_channels_per_group * col_len];
+            let dst_at = b * channels_out * spatial_out + out_c_start * spatial_out + tile_start;
+            // SAFETY: the block [out_c_start.., tile_start..tile_end] of sample b is
+            // in bounds and written by this call alone.
+            unsafe {
+                gemm_into(
+                    (out_ptr as *mut T).add(dst_at),
+                    spatial_out,
+                    w_group,
+                    col_tile,
+                    out_channels_per_group,
+                    col_len,
+                    tile_size,
+                    zero,
+                    one,
+                );
             }
-            output
         }
     };
 
-    let mut output = output;
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        (0..batch_size * num_tiles)
+            .into_par_iter()
+            .for_each_init(Vec::new, |col_tile, i| tile(i / num_tiles, i % num_tiles, col_tile));
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        let mut col_tile = Vec::new();
+        for i in 0..batch_size * num_tiles {
+            tile(i / num_tiles, i % num_tiles, &mut col_tile);
+        }
+    }
+    // SAFETY: the tiles cover every output position of every sample, and the
+    // groups every output channel: gemm wrote all out_len elements (read_dst is
+    // false, col_len > 0).
+    unsafe { output.set_len(out_len) };
+
     if let Some(bias) = bias {
         let bias = bias.to_contiguous();
         let bias_data: &[T] = bias.storage();
@@ -530,6 +458,179 @@ fn conv3d_impl<
     FlexTensor::new(
         Bytes::from_elems(output),
         Layout::contiguous(out_shape),
+        dtype,
+    )
+}
+
+/// Output positions per im2col tile of the convolution weight gradient.
+const WEIGHT_GRAD_TILE: usize = 512;
+/// Fixed partial sums of the weight gradient: the (sample, tile) steps are split into this many
+/// runs, each summed in order and the runs added in order, so the result does not depend on the
+/// thread count.
+const WEIGHT_GRAD_CHUNKS: usize = 8;
+
+/// The gradient of a 2-D convolution's weight, `[c_out, c_in / groups, kh, kw]` (ddm patch: new).
+///
+/// Per group, `dW[co, (kh, kw, ci)] = sum over samples n and output positions s of
+/// g[n, co, s] col_n[s, (kh, kw, ci)]`, where `col_n` is the forward's im2col of sample n: one
+/// im2col and one accumulating gemm per tile of output positions. burn's default computes it as a
+/// convolution of the input by the output gradient with batch and channels swapped, whose kernel is
+/// the size of the output: its im2col copies N * Ho * Wo values for each of the kh * kw output
+/// positions, and its gemm is kh * kw columns wide.
+///
+/// The padding must be symmetric (the caller pads an asymmetric input first).
+pub fn conv2d_weight_backward_typed<T>(
+    x: FlexTensor,
+    output_grad: FlexTensor,
+    weight_shape: &[usize],
+    options: &ConvOptions<2>,
+    dtype: DType,
+) -> FlexTensor
+where
+    T: bytemuck::Pod + burn_backend::Element + core::ops::Add<Output = T> + Send + Sync + 'static,
+{
+    let (x, g) = (x.to_contiguous(), output_grad.to_contiguous());
+    let (x_shape, g_shape) = (x.layout().shape(), g.layout().shape());
+    let (batch, channels_in, in_h, in_w) = (x_shape[0], x_shape[1], x_shape[2], x_shape[3]);
+    let (channels_out, out_h, out_w) = (g_shape[1], g_shape[2], g_shape[3]);
+    let (per_group, kernel_h, kernel_w) = (weight_shape[1], weight_shape[2], weight_shape[3]);
+    let groups = options.groups;
+    let out_per_group = channels_out / groups;
+    let col_len = per_group * kernel_h * kernel_w;
+    let spatial = out_h * out_w;
+    let [pad_h, pad_w] = options.padding_begin();
+    let (zero, one) = (T::from_elem(0.0f32), T::from_elem(1.0f32));
+    let x_data: &[T] = x.storage();
+    let g_data: &[T] = g.storage();
+
+    // x as NHWC, as the forward's im2col reads it: [N, H, W, C].
+    let plane = in_h * in_w;
+    let mut x_nhwc = vec![zero; batch * plane * channels_in];
+    let to_nhwc = |line: usize, dst: &mut [T]| {
+        // line = b * in_h + h
+        let src_base = (line / in_h) * channels_in * plane + (line % in_h) * in_w;
+        for w in 0..in_w {
+            for c in 0..channels_in {
+                dst[w * channels_in + c] = x_data[src_base + c * plane + w];
+            }
+        }
+    };
+    let line_len = (in_w * channels_in).max(1);
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        x_nhwc
+            .par_chunks_mut(line_len)
+            .enumerate()
+            .for_each(|(line, dst)| to_nhwc(line, dst));
+    }
+    #[cfg(not(feature = "rayon"))]
+    for (line, dst) in x_nhwc.chunks_mut(line_len).enumerate() {
+        to_nhwc(line, dst);
+    }
+    let nhwc_stride = (plane * channels_in, plane * channels_in, in_w * channels_in, channels_in, 1);
+
+    // One run of (sample, tile) steps, summed in order into [c_out, col_len].
+    let tiles = spatial.div_ceil(WEIGHT_GRAD_TILE);
+    let steps = batch * tiles;
+    let chunks = steps.clamp(1, WEIGHT_GRAD_CHUNKS);
+    let run = |chunk: usize| -> Vec<T> {
+        let mut dw = vec![zero; channels_out * col_len];
+        let mut col = vec![zero; WEIGHT_GRAD_TILE.min(spatial) * col_len];
+        for step in chunk * steps / chunks..(chunk + 1) * steps / chunks {
+            let (b, tile) = (step / tiles, step % tiles);
+            let start = tile * WEIGHT_GRAD_TILE;
+            let end = (start + WEIGHT_GRAD_TILE).min(spatial);
+            let col = &mut col[..(end - start) * col_len];
+            for group in 0..groups {
+                im2col_3d_tile(
+                    col,
+                    &x_nhwc,
+                    start,
+                    end,
+                    out_h,
+                    out_w,
+                    1,
+                    kernel_h,
+                    kernel_w,
+                    1,
+                    options.stride[0],
+                    options.stride[1],
+                    1,
+                    options.dilation[0],
+                    options.dilation[1],
+                    0,
+                    pad_h,
+                    pad_w,
+                    1,
+                    in_h,
+                    in_w,
+                    per_group,
+                    col_len,
+                    b,
+                    group * per_group,
+                    nhwc_stride,
+                );
+                let first_out = group * out_per_group;
+                // dw[group's rows] += g[b, group's channels, start..end] @ col
+                // SAFETY: the blocks are in bounds: [out_per_group, end - start] of g at row
+                // stride `spatial`, [end - start, col_len] of col, [out_per_group, col_len] of dw.
+                unsafe {
+                    gemm::gemm(
+                        out_per_group,
+                        col_len,
+                        end - start,
+                        dw.as_mut_ptr().add(first_out * col_len),
+                        1,
+                        col_len as isize,
+                        true,
+                        g_data.as_ptr().add((b * channels_out + first_out) * spatial + start),
+                        1,
+                        spatial as isize,
+                        col.as_ptr(),
+                        1,
+                        col_len as isize,
+                        one,
+                        one,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        }
+        dw
+    };
+    #[cfg(feature = "rayon")]
+    let runs: Vec<Vec<T>> = {
+        use rayon::prelude::*;
+        (0..chunks).into_par_iter().map(run).collect()
+    };
+    #[cfg(not(feature = "rayon"))]
+    let runs: Vec<Vec<T>> = (0..chunks).map(run).collect();
+    let mut runs = runs.into_iter();
+    let mut dw = runs.next().unwrap_or_else(|| vec![zero; channels_out * col_len]);
+    for r in runs {
+        for (a, b) in dw.iter_mut().zip(r) {
+            *a = *a + b;
+        }
+    }
+
+    // [c_out, (kh, kw, ci)] -> [c_out, ci, kh, kw]
+    let k_spatial = kernel_h * kernel_w;
+    let mut out = vec![zero; channels_out * col_len];
+    for co in 0..channels_out {
+        let (src, dst) = (&dw[co * col_len..][..col_len], &mut out[co * col_len..][..col_len]);
+        for k in 0..k_spatial {
+            for ci in 0..per_group {
+                dst[ci * k_spatial + k] = src[k * per_group + ci];
+            }
+        }
+    }
+    FlexTensor::new(
+        Bytes::from_elems(out),
+        Layout::contiguous(Shape::from(weight_shape.to_vec())),
         dtype,
     )
 }
@@ -596,14 +697,15 @@ fn im2col_3d_tile<T: bytemuck::Pod + Copy>(
                             + ih * nhwc_stride.2
                             + iw * nhwc_stride.3
                             + in_c_start;
-                        for c in 0..channels_per_group {
-                            col_tile[local_idx * col_len + col_offset] = x_nhwc[inp_base + c];
-                            col_offset += 1;
-                        }
+                        let at = local_idx * col_len + col_offset;
+                        col_tile[at..at + channels_per_group]
+                            .copy_from_slice(&x_nhwc[inp_base..inp_base + channels_per_group]);
                     } else {
-                        // Padding: skip channels_per_group positions (already zero)
-                        col_offset += channels_per_group;
+                        // Padding (ddm patch: written, so the buffer can be reused unzeroed).
+                        let at = local_idx * col_len + col_offset;
+                        col_tile[at..at + channels_per_group].fill(<T as bytemuck::Zeroable>::zeroed());
                     }
+                    col_offset += channels_per_group;
                 }
             }
         }
@@ -1768,49 +1870,58 @@ fn conv3d_direct_impl<
 // every line of logic aside from the numeric type, zero, and one literals,
 // so they're generated via a macro.
 
-macro_rules! gemm_typed {
-    ($fn_name:ident, $T:ty, $zero:expr, $one:expr) => {
-        fn $fn_name(a: &[$T], b: &[$T], m: usize, k: usize, n: usize) -> Vec<$T> {
-            let mut c = vec![$zero; m * n];
-            #[cfg(feature = "rayon")]
-            let parallelism = if m * n * k >= 192 * 192 * 192 {
-                gemm::Parallelism::Rayon(0)
-            } else {
-                gemm::Parallelism::None
-            };
-            #[cfg(not(feature = "rayon"))]
-            let parallelism = gemm::Parallelism::None;
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    c.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    a.as_ptr(),
-                    1,
-                    k as isize,
-                    b.as_ptr(),
-                    k as isize,
-                    1,
-                    $zero,
-                    $one,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
-            c
-        }
-    };
-}
 
-gemm_typed!(gemm_f32, f32, 0.0f32, 1.0f32);
-gemm_typed!(gemm_f64, f64, 0.0f64, 1.0f64);
-gemm_typed!(gemm_f16, f16, f16::from_f32(0.0), f16::from_f32(1.0));
+/// `dst[m, n] = a[m, k] b[n, k]ᵀ` (a and b row-major) into a block of a larger
+/// row-major matrix: row stride `dst_rs`, column stride 1 (ddm patch: the tiled
+/// convolution writes its output in place with this).
+///
+/// # Safety
+/// `dst` must be valid for writes of the m x n block at that stride, and no
+/// other thread may write to it meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: 'static>(
+    dst: *mut T,
+    dst_rs: usize,
+    a: &[T],
+    b: &[T],
+    m: usize,
+    k: usize,
+    n: usize,
+    zero: T,
+    one: T,
+) {
+    #[cfg(feature = "rayon")]
+    let parallelism = if m * n * k >= 192 * 192 * 192 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    #[cfg(not(feature = "rayon"))]
+    let parallelism = gemm::Parallelism::None;
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            k as isize,
+            1,
+            zero,
+            one,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
 
 // ============================================================================
 // Tests

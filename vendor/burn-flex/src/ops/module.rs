@@ -13,7 +13,7 @@ use burn_backend::{
     },
     tensor::{BoolTensor, FloatTensor, IntTensor},
 };
-use burn_std::{Bytes, IntDType, Shape};
+use burn_std::{Bytes, FloatDType, IntDType, Shape, f16};
 use bytemuck::Pod;
 
 /// Cast a tensor from half-precision type E to f32.
@@ -243,6 +243,29 @@ impl ModuleOps<Flex> for Flex {
             dtype => panic!("deform_conv2d_backward: unsupported dtype {:?}", dtype),
         };
         DeformConv2dBackward::new(x_grad, offset_grad, weight_grad, mask_grad, bias_grad)
+    }
+
+    fn conv2d_weight_backward(
+        x: FloatTensor<Flex>,
+        weight: FloatTensor<Flex>,
+        output_grad: FloatTensor<Flex>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Flex> {
+        // ddm patch: one im2col + gemm per tile of output positions (conv.rs), where burn's default
+        // convolves the swapped input by the swapped output gradient.
+        let (x, options) = pad_asymmetric_conv_input::<Flex, 2>(x, options);
+        let shape = weight.layout().shape().to_vec();
+        match x.dtype() {
+            DType::F32 => conv::conv2d_weight_backward_typed::<f32>(x, output_grad, &shape, &options, DType::F32),
+            DType::F64 => conv::conv2d_weight_backward_typed::<f64>(x, output_grad, &shape, &options, DType::F64),
+            DType::F16 => conv::conv2d_weight_backward_typed::<f16>(x, output_grad, &shape, &options, DType::F16),
+            DType::BF16 => {
+                let f32 = |t| Flex::float_cast(t, FloatDType::F32);
+                let dw = conv::conv2d_weight_backward_typed::<f32>(f32(x), f32(output_grad), &shape, &options, DType::F32);
+                Flex::float_cast(dw, FloatDType::BF16)
+            }
+            dtype => panic!("conv2d_weight_backward: unsupported dtype {:?}", dtype),
+        }
     }
 
     fn conv3d(
