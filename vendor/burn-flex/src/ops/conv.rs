@@ -311,12 +311,7 @@ fn conv3d_impl<
         }
     }
 
-    // Convert input to NHWC layout for cache-friendly access in im2col, one
-    // (batch, depth, row) line at a time, in parallel (ddm patch: the conversion was
-    // one sequential loop over the whole input).
-    // Loop order (c innermost, spatial outer) is intentional: on aarch64
-    // M3 Max, strided loads + contiguous stores beat the inverse by
-    // 10-35% per layer. Load prefetchers outrun the store write buffer.
+    // Convert input to NHWC layout for cache-friendly access in im2col.
     let nhwc_stride = (
         in_d * in_h * in_w * channels_in,
         in_h * in_w * channels_in,
@@ -324,31 +319,7 @@ fn conv3d_impl<
         channels_in,
         1,
     );
-    let in_plane = in_d * in_h * in_w;
-    let nhwc_line = |line: usize, dst: &mut [T]| {
-        // line = (b * in_d + d) * in_h + h
-        let (b, dh) = (line / (in_d * in_h), line % (in_d * in_h));
-        let src_base = b * channels_in * in_plane + dh * in_w;
-        for w in 0..in_w {
-            for c in 0..channels_in {
-                dst[w * channels_in + c] = x_data[src_base + c * in_plane + w];
-            }
-        }
-    };
-    let mut x_nhwc = vec![zero; batch_size * in_plane * channels_in];
-    let line_len = (in_w * channels_in).max(1);
-    #[cfg(feature = "rayon")]
-    {
-        use rayon::prelude::*;
-        x_nhwc
-            .par_chunks_mut(line_len)
-            .enumerate()
-            .for_each(|(line, dst)| nhwc_line(line, dst));
-    }
-    #[cfg(not(feature = "rayon"))]
-    for (line, dst) in x_nhwc.chunks_mut(line_len).enumerate() {
-        nhwc_line(line, dst);
-    }
+    let x_nhwc = to_nhwc(x_data, batch_size, channels_in, in_d * in_h, in_w, zero);
 
     // The output, written block by block by gemm (ddm patch: straight into place,
     // where each tile's product was a fresh vector copied element by element
@@ -462,6 +433,44 @@ fn conv3d_impl<
     )
 }
 
+/// `[N, C, rows, W]` -> `[N, rows, W, C]` (rows: D x H of a 3-D input), one (sample, row) line
+/// at a time, in parallel (ddm patch: the conversion was one sequential loop).
+/// Loop order (c innermost, spatial outer) is intentional: on aarch64
+/// M3 Max, strided loads + contiguous stores beat the inverse by
+/// 10-35% per layer. Load prefetchers outrun the store write buffer.
+fn to_nhwc<T: bytemuck::Pod + Send + Sync>(
+    x: &[T],
+    batch: usize,
+    channels: usize,
+    rows: usize,
+    width: usize,
+    zero: T,
+) -> Vec<T> {
+    let plane = rows * width;
+    let line = |line: usize, dst: &mut [T]| {
+        let src_base = (line / rows) * channels * plane + (line % rows) * width;
+        for w in 0..width {
+            for c in 0..channels {
+                dst[w * channels + c] = x[src_base + c * plane + w];
+            }
+        }
+    };
+    let mut out = vec![zero; batch * plane * channels];
+    let line_len = (width * channels).max(1);
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        out.par_chunks_mut(line_len)
+            .enumerate()
+            .for_each(|(i, dst)| line(i, dst));
+    }
+    #[cfg(not(feature = "rayon"))]
+    for (i, dst) in out.chunks_mut(line_len).enumerate() {
+        line(i, dst);
+    }
+    out
+}
+
 /// Output positions per im2col tile of the convolution weight gradient.
 const WEIGHT_GRAD_TILE: usize = 512;
 /// Fixed partial sums of the weight gradient: the (sample, tile) steps are split into this many
@@ -505,29 +514,7 @@ where
 
     // x as NHWC, as the forward's im2col reads it: [N, H, W, C].
     let plane = in_h * in_w;
-    let mut x_nhwc = vec![zero; batch * plane * channels_in];
-    let to_nhwc = |line: usize, dst: &mut [T]| {
-        // line = b * in_h + h
-        let src_base = (line / in_h) * channels_in * plane + (line % in_h) * in_w;
-        for w in 0..in_w {
-            for c in 0..channels_in {
-                dst[w * channels_in + c] = x_data[src_base + c * plane + w];
-            }
-        }
-    };
-    let line_len = (in_w * channels_in).max(1);
-    #[cfg(feature = "rayon")]
-    {
-        use rayon::prelude::*;
-        x_nhwc
-            .par_chunks_mut(line_len)
-            .enumerate()
-            .for_each(|(line, dst)| to_nhwc(line, dst));
-    }
-    #[cfg(not(feature = "rayon"))]
-    for (line, dst) in x_nhwc.chunks_mut(line_len).enumerate() {
-        to_nhwc(line, dst);
-    }
+    let x_nhwc = to_nhwc(x_data, batch, channels_in, in_h, in_w, zero);
     let nhwc_stride = (plane * channels_in, plane * channels_in, in_w * channels_in, channels_in, 1);
 
     // One run of (sample, tile) steps, summed in order into [c_out, col_len].
