@@ -20,7 +20,8 @@
 //! - [`clip`]: the text encoder (transformers' `CLIPTextModel`) and [`tokenizer`] (captions -> token
 //!   ids through a `tokenizer.json`): what turns a caption into a [`condition::Condition`].
 //!
-//! Depends on one other ddm crate, `ddm-kernels` (re-exported as [`fused`] and [`update`]).
+//! Depends on one other ddm crate, `ddm-kernels` (re-exported as [`fused`], [`group_norm`] and
+//! [`update`]).
 
 pub mod checkpoint;
 pub mod clip;
@@ -53,8 +54,8 @@ pub mod vae;
 /// The self-attention's CubeCL kernels on the GPU backends (`ddm-kernels`).
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub use ddm_kernels::gpu;
-/// The fused CPU kernels the DiT and the optimizer run (`ddm-kernels`).
-pub use ddm_kernels::{fused, update};
+/// The fused CPU kernels the DiT, the VAE and the optimizer run (`ddm-kernels`).
+pub use ddm_kernels::{fused, group_norm, update};
 
 pub use burn;
 pub use error::{Error, Result};

@@ -14,7 +14,6 @@
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
@@ -22,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
+use crate::group_norm;
 use crate::host::HostTensor;
 use crate::params::{ConvSpec, Init, ParamSource, StateDict, StateLoader};
 
@@ -310,6 +310,24 @@ impl AutoencoderKLConfig {
 // Pieces
 // ------------------------------------------------------------------------------------------------
 
+/// Whether a [`norm`] is followed by SiLU.
+const SILU: bool = true;
+
+/// `silu(norm(x))` (or `norm(x)`) as one op: the fused GroupNorm on the CPU, burn's ops elsewhere.
+///
+/// # Shapes
+/// - `x`: `[N, C, H, W]` -> `[N, C, H, W]`
+fn norm(norm: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
+    match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) => {
+            group_norm::group_norm(x, gamma.val(), beta.val(), norm.num_groups, norm.epsilon, silu)
+        }
+        // Not built by this file (its norms are affine), but correct all the same.
+        _ if silu => burn::tensor::activation::silu(norm.forward(x)),
+        _ => norm.forward(x),
+    }
+}
+
 /// GroupNorm, SiLU, 3x3 conv, twice, plus the (1x1-projected when the width changes) input.
 #[derive(Module, Debug)]
 struct ResnetBlock {
@@ -345,8 +363,8 @@ impl ResnetBlock {
     /// # Shapes
     /// - `x`: `[N, Ci, H, W]` -> `[N, Co, H, W]`
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv1.forward(norm(&self.norm1, x.clone(), SILU));
+        let h = self.conv2.forward(norm(&self.norm2, h, SILU));
         match &self.conv_shortcut {
             Some(s) => s.forward(x) + h,
             None => x + h,
@@ -392,9 +410,7 @@ impl SpatialAttention {
     /// - `x`: `[N, C, H, W]` -> `[N, C, H, W]`
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [n, c, h, w] = x.dims();
-        let tokens = self
-            .group_norm
-            .forward(x.clone())
+        let tokens = norm(&self.group_norm, x.clone(), !SILU)
             .reshape([n, c, h * w])
             .swap_dims(1, 2)
             .reshape([n * h * w, c]); // [N*H*W, C]
@@ -582,7 +598,7 @@ impl Encoder {
             }
         }
         let x = self.mid_block.forward(x);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(norm(&self.conv_norm_out, x, SILU))
     }
 
     fn export(&self, sd: &mut StateDict) {
@@ -664,7 +680,7 @@ impl Decoder {
                 x = up.forward(upsample_nearest_2x(x)); // [N, Co, 2H, 2W]
             }
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(norm(&self.conv_norm_out, x, SILU))
     }
 
     fn export(&self, sd: &mut StateDict) {

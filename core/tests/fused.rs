@@ -1,10 +1,12 @@
-//! The fused DiT and PixArt ops (`kernels/src/fused.rs`) against the same operations composed of
+//! The fused DiT and PixArt ops (`kernels/src/fused.rs`) and the VAE's GroupNorm
+//! (`kernels/src/group_norm.rs`) against the same operations composed of
 //! burn ops (`fused::composite`, differentiated by burn's autodiff): values and the gradients of
 //! every input, at several shapes (odd sizes, one token, one channel, the bench DiT's), and the same
 //! bits on one thread and on all.
 
 use ddm_core::burn::prelude::*;
 use ddm_core::fused::{self, composite};
+use ddm_core::group_norm;
 use ddm_core::host::HostTensor;
 use rand::{Rng, SeedableRng};
 
@@ -139,6 +141,46 @@ fn gated_residual_matches_the_composite() {
     }
 }
 
+/// GroupNorm (+ SiLU), the VAE's: x `[N, C, S]` seen as `[N, C, S, 1]`, gamma and beta `[1, 1, C]`
+/// seen as `[C]`; odd sizes, one value per group, one group, and a VAE level's.
+#[test]
+fn group_norm_matches_the_composite() {
+    // (N, C, S, groups)
+    for (n, c, s, groups) in [
+        (1, 1, 1, 1),
+        (2, 6, 35, 3),
+        (3, 4, 1, 2),
+        (2, 5, 9, 1),
+        (4, 64, 64, 32),
+    ] {
+        for silu in [false, true] {
+            let inputs = [
+                (vec![n, c, s], 1, 3.0),
+                (vec![1, 1, c], 2, 1.5),
+                (vec![1, 1, c], 3, 1.0),
+            ];
+            let args = move |x: &[Tensor<3>]| {
+                let x4 = x[0].clone().reshape([n, c, s, 1]);
+                (x4, x[1].clone().reshape([c]), x[2].clone().reshape([c]))
+            };
+            check(
+                "group_norm",
+                &inputs,
+                &move |x| {
+                    let (x, gamma, beta) = args(x);
+                    group_norm::group_norm(x, gamma, beta, groups, 1e-6, silu).reshape([n, c, s])
+                },
+                &move |x| {
+                    let (x, gamma, beta) = args(x);
+                    group_norm::composite::group_norm(x, gamma, beta, groups, 1e-6, silu).reshape([n, c, s])
+                },
+                // One value per group: x̂ = 0 and the composite's gradient is rounding noise.
+                if c / groups * s == 1 { 1e-2 } else { 2e-4 },
+            );
+        }
+    }
+}
+
 /// Inputs that need no gradient (constants, or the output of a no-grad branch) and views that
 /// are not contiguous (the adaLN chunks are narrowed columns of one matrix) take the same path.
 #[test]
@@ -236,6 +278,7 @@ fn forward_without_autodiff_matches_the_composite() {
     let x = tensor([n, t, d], 1, 2.0, &device);
     let qkv = tensor([n, t, 3 * d], 2, 2.0, &device);
     let v = |seed| tensor([n, d], seed, 1.0, &device);
+    let affine = |seed| tensor([t], seed, 1.0, &device);
     assert!(fused::fused_here(&x), "the CPU device runs the fused kernels");
     let pairs = [
         (fused::gelu_tanh(x.clone()), composite::gelu_tanh(x.clone())),
@@ -246,6 +289,11 @@ fn forward_without_autodiff_matches_the_composite() {
         (
             fused::gated_residual(x.clone(), v(5), x.clone() * 0.5),
             composite::gated_residual(x.clone(), v(5), x.clone() * 0.5),
+        ),
+        (
+            // x as [N, C = T, S = D] in 3 groups
+            group_norm::group_norm(x.clone(), affine(6), affine(7), 3, 1e-6, true),
+            group_norm::composite::group_norm(x.clone(), affine(6), affine(7), 3, 1e-6, true),
         ),
         (
             fused::attention(qkv.clone(), heads),

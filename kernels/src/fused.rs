@@ -498,14 +498,14 @@ pub(crate) fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("dense f32 tensor")
 }
 
-fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+pub(crate) fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
 }
 
 /// `len` values written by `fill(i, part, extra_i)` on the i-th `piece`-sized part, the parts in
 /// parallel, with no zeroing pass first (it cost ~4% of a training step). `extra` gives each part
 /// its own item (e.g. its sample's rows of a gradient being summed), one per part.
-fn par_fill<X: Send>(
+pub(crate) fn par_fill<X: Send>(
     len: usize,
     piece: usize,
     extra: impl IndexedParallelIterator<Item = X>,
@@ -527,12 +527,12 @@ fn par_fill<X: Send>(
 }
 
 /// The i-th `len`-long part of `s`.
-fn part(s: &[f32], i: usize, len: usize) -> &[f32] {
+pub(crate) fn part(s: &[f32], i: usize, len: usize) -> &[f32] {
     &s[i * len..][..len]
 }
 
 /// One unit item per part, for [`par_fill`] without extras.
-fn parts(len: usize, piece: usize) -> rayon::iter::RepeatN<()> {
+pub(crate) fn parts(len: usize, piece: usize) -> rayon::iter::RepeatN<()> {
     rayon::iter::repeat_n((), len.div_ceil(piece.max(1)))
 }
 
@@ -600,7 +600,7 @@ pub(crate) fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32
 
 /// Σ a_i.
 #[inline(always)]
-fn sum(a: &[f32]) -> f32 {
+pub(crate) fn sum(a: &[f32]) -> f32 {
     lane_sum(a, a, |a, _| a)
 }
 
