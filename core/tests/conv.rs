@@ -1,8 +1,9 @@
 //! The CPU backend's 2-D convolution (vendor/burn-flex: the tiled im2col + gemm forward that
-//! writes its output in place, and ddm's weight gradient) against a direct convolution written
-//! out in loops: the output and the gradients of the input, the weight and the bias, at odd shapes
-//! (stride, padding, dilation, groups, one pixel, several tiles of output positions, the VAE's
-//! downsampling), and the same bits on one thread and on all.
+//! writes its output in place, and ddm's weight and input gradients) against a direct convolution
+//! written out in loops: the output and the gradients of the input (ddm's as a convolution at
+//! stride 1), the weight and the bias, at odd shapes (stride, padding, dilation, groups, one pixel,
+//! several tiles of output positions, the VAE's downsampling), and the same bits on one thread and
+//! on all.
 
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::module::conv2d;
@@ -22,7 +23,7 @@ struct Case {
     groups: usize,
 }
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 9] = [
     Case {
         x: [2, 3, 7, 5],
         c_out: 4,
@@ -66,6 +67,27 @@ const CASES: [Case; 7] = [
         kernel: [1, 1],
         stride: [1, 1],
         padding: [0, 0],
+        dilation: [1, 1],
+        groups: 1,
+    },
+    // Stride 1 with groups, a non-square dilated kernel: the input gradient as a convolution by
+    // the swapped, flipped weight.
+    Case {
+        x: [2, 6, 7, 6],
+        c_out: 9,
+        kernel: [3, 2],
+        stride: [1, 1],
+        padding: [1, 0],
+        dilation: [1, 2],
+        groups: 3,
+    },
+    // Padding wider than the kernel reaches: the input gradient as a transposed convolution.
+    Case {
+        x: [1, 2, 4, 3],
+        c_out: 3,
+        kernel: [1, 1],
+        stride: [1, 1],
+        padding: [1, 1],
         dilation: [1, 1],
         groups: 1,
     },

@@ -245,6 +245,41 @@ impl ModuleOps<Flex> for Flex {
         DeformConv2dBackward::new(x_grad, offset_grad, weight_grad, mask_grad, bias_grad)
     }
 
+    fn conv2d_x_backward(
+        x: FloatTensor<Flex>,
+        weight: FloatTensor<Flex>,
+        output_grad: FloatTensor<Flex>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Flex> {
+        // ddm patch: with stride 1 the input gradient is the forward convolution (im2col + gemm)
+        // of the output gradient by the weight with its channel axes swapped (per group) and its
+        // kernel flipped, padded by d (k - 1) minus the forward's padding on each side. burn's
+        // default, kept for strides above 1, is a transposed convolution whose col2im scatter
+        // cost more than its gemm.
+        let [_, _, kh, kw] = weight.layout().shape().dims();
+        let flipped = |(begin, end): (usize, usize), reach: usize| {
+            Some((reach.checked_sub(begin)?, reach.checked_sub(end)?))
+        };
+        let reach = [options.dilation[0] * (kh - 1), options.dilation[1] * (kw - 1)];
+        let padding = (flipped(options.padding[0], reach[0]), flipped(options.padding[1], reach[1]));
+        let (Some(ph), Some(pw)) = padding else {
+            return conv2d_x_backward_transposed(x, weight, output_grad, options);
+        };
+        if options.stride != [1, 1] {
+            return conv2d_x_backward_transposed(x, weight, output_grad, options);
+        }
+        let g = options.groups;
+        let w = match weight.dtype() {
+            DType::F32 => swapped_flipped::<f32>(weight, g),
+            DType::F64 => swapped_flipped::<f64>(weight, g),
+            DType::F16 => swapped_flipped::<f16>(weight, g),
+            DType::BF16 => swapped_flipped::<burn_std::bf16>(weight, g),
+            dtype => panic!("conv2d_x_backward: unsupported dtype {:?}", dtype),
+        };
+        let options = ConvOptions::new_with_padding([1, 1], [ph, pw], options.dilation, g);
+        Self::conv2d(output_grad, w, None, options)
+    }
+
     fn conv2d_weight_backward(
         x: FloatTensor<Flex>,
         weight: FloatTensor<Flex>,
@@ -822,5 +857,69 @@ mod tests {
         assert_eq!(out.shape().to_vec(), vec![1, 1, 1, 1, 4]);
         let values: Vec<f32> = out.into_data().try_into_vec().unwrap();
         assert_eq!(values, vec![3.0, 5.0, 7.0, 4.0]);
+    }
+}
+
+/// The weight of the convolution that gives a stride-1 convolution's input gradient, in one
+/// pass: its channel axes swapped per group and its kernel flipped.
+///
+/// # Shapes
+/// - `weight`: `[G * Co/G, Ci/G, kh, kw]` -> `[G * Ci/G, Co/G, kh, kw]`
+fn swapped_flipped<T: Pod + Element>(weight: FlexTensor, groups: usize) -> FlexTensor {
+    let weight = weight.to_contiguous();
+    let dtype = weight.dtype();
+    let [c_out, c_in_g, kh, kw] = weight.layout().shape().dims();
+    let (w, co_g, k) = (weight.storage::<T>(), c_out / groups, kh * kw);
+    let mut out: alloc::vec::Vec<T> = alloc::vec::Vec::with_capacity(w.len());
+    for g in 0..groups {
+        for ci in 0..c_in_g {
+            for co in 0..co_g {
+                // Flipping both kernel axes reverses the kernel's kh x kw values.
+                let kernel = &w[((g * co_g + co) * c_in_g + ci) * k..][..k];
+                out.extend(kernel.iter().rev());
+            }
+        }
+    }
+    let shape = Shape::new([groups * c_in_g, co_g, kh, kw]);
+    FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape), dtype)
+}
+
+/// burn's default input gradient of a 2-D convolution (a transposed convolution of the output
+/// gradient), for the strides the ddm patch in `conv2d_x_backward` does not take.
+fn conv2d_x_backward_transposed(
+    x: FlexTensor,
+    weight: FlexTensor,
+    output_grad: FlexTensor,
+    options: ConvOptions<2>,
+) -> FlexTensor {
+    use burn_backend::ops::conv::calculate_padding_out;
+    let input_shape = x.layout().shape().clone();
+    let asymmetric = options.is_asymmetric().then_some(options.padding);
+    let (x, options) = pad_asymmetric_conv_input::<Flex, 2>(x, options);
+    let [_, _, h_in, w_in] = x.layout().shape().dims();
+    let [_, _, h_out, w_out] = output_grad.layout().shape().dims();
+    let [_, _, kh, kw] = weight.layout().shape().dims();
+    let (stride, pad, dilation) = (options.stride, options.padding_begin(), options.dilation);
+    let padding_out = [
+        calculate_padding_out(kh, stride[0], pad[0], dilation[0], h_in, h_out),
+        calculate_padding_out(kw, stride[1], pad[1], dilation[1], w_in, w_out),
+    ];
+    let transposed = ConvTransposeOptions::new(stride, pad, padding_out, dilation, options.groups);
+    let grad = Flex::conv_transpose2d(output_grad, weight, None, transposed);
+    match asymmetric {
+        // The padded input's gradient, cropped to the input.
+        Some(padding) => {
+            let ranges: alloc::vec::Vec<burn_std::Slice> = (0..4)
+                .map(|d| match d {
+                    0 | 1 => burn_std::Slice::from(0..input_shape[d]),
+                    _ => {
+                        let begin = padding[d - 2].0;
+                        burn_std::Slice::from(begin..begin + input_shape[d])
+                    }
+                })
+                .collect();
+            Flex::float_slice(grad, &ranges)
+        }
+        None => grad,
     }
 }
