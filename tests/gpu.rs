@@ -1,6 +1,6 @@
 //! The wgpu backend against the CPU (burn flex), on whatever adapter the machine has: in CI,
 //! Mesa's software Vulkan (lavapipe, Debian `mesa-vulkan-drivers`). The `wgpu` feature is on by
-//! default; the two tests that need a Vulkan driver are ignored unless asked for:
+//! default; the tests that need a Vulkan driver are ignored unless asked for:
 //! `cargo test --release --test gpu -- --include-ignored` (CI runs them with the workspace).
 //!
 //! f32 on both sides; the GPU sums in another order, so values agree to a tolerance, not bits.
@@ -165,6 +165,40 @@ fn an_f16_dit_on_wgpu_computes_close_to_f32() {
     assert!(dv > 0.0 && dv < 0.01, "velocity differs by {dv}");
     assert!(dg > 0.0 && dg < 0.05, "input gradient differs by {dg}");
     assert!(dw > 0.0 && dw < 0.05, "weight gradients differ by {dw}");
+}
+
+/// The diffusers-made tiny VAE (`testdata/diffusers/vae-tiny`) on `device` with autodiff: the
+/// posterior mean, the decoding of it, and the gradient of the decoding's sum of squares with
+/// respect to the input image.
+fn vae_forward_and_gradient(device: &Device) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let device = device.clone().autodiff();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/diffusers");
+    let (config, tensors) = ddm_core::vae::read_diffusers(&dir.join("vae-tiny")).unwrap();
+    let vae = config.load(tensors, &dir.join("vae-tiny"), &device).unwrap();
+    let io = TensorFile::read(&dir.join("vae-tiny.io.safetensors")).unwrap();
+    let x = io.f32("x").unwrap().to_tensor::<4>(&device).require_grad();
+    let mean = vae.encode(x.clone()).mean;
+    let decoded = vae.decode(mean.clone());
+    let grads = decoded.clone().square().sum().backward();
+    let host = |t: Tensor<4>| HostTensor::from_tensor(t).data;
+    let dx = host(x.grad(&grads).expect("the image has a gradient"));
+    (host(mean), host(decoded), dx)
+}
+
+/// The VAE on wgpu (GroupNorm + SiLU as burn's composite ops, nearest upsampling through burn's
+/// interpolate) against the CPU's fused kernels: the encoding, the decoding and the input gradient.
+#[test]
+#[ignore = "needs a Vulkan driver: apt-get install mesa-vulkan-drivers (.ci/run installs it)"]
+fn the_vae_on_wgpu_equals_flex() {
+    let (m_gpu, d_gpu, g_gpu) = vae_forward_and_gradient(&wgpu());
+    let (m_cpu, d_cpu, g_cpu) = vae_forward_and_gradient(&ddm_core::device::cpu());
+    let (em, ed, eg) = (
+        relative_error(&m_gpu, &m_cpu),
+        relative_error(&d_gpu, &d_cpu),
+        relative_error(&g_gpu, &g_cpu),
+    );
+    println!("VAE on wgpu vs flex: mean {em:.2e}, decoded {ed:.2e}, input gradient {eg:.2e} (relative L2)");
+    assert!(em < 1e-5 && ed < 1e-5 && eg < 1e-4, "the VAE differs on wgpu");
 }
 
 /// `qkv` `[n, t, 3 heads hd]` on `device` (with autodiff), uniform in [-2, 2), in `dtype`, and a

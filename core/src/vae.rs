@@ -510,16 +510,19 @@ impl Level {
     }
 }
 
-/// Nearest-neighbour 2x upsampling, written as a broadcast (exact, and differentiable on every
-/// backend).
+/// Nearest-neighbour 2x upsampling: burn's `interpolate` (a gather per channel plane, and a
+/// scatter-add backward; output pixel i reads input pixel floor(i / 2), as PyTorch's `nearest`).
 ///
 /// # Shapes
 /// - `x`: `[N, C, H, W]` -> `[N, C, 2H, 2W]`
 fn upsample_nearest_2x(x: Tensor<4>) -> Tensor<4> {
-    let [n, c, h, w] = x.dims();
-    x.reshape([n, c, h, 1, w, 1])
-        .expand([n, c, h, 2, w, 2]) // [N, C, H, 2, W, 2]
-        .reshape([n, c, 2 * h, 2 * w])
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    let [_, _, h, w] = x.dims();
+    interpolate(
+        x,
+        InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
+    )
 }
 
 // ------------------------------------------------------------------------------------------------
