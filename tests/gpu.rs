@@ -281,6 +281,87 @@ fn attention_kernels_on_wgpu_match_the_composite() {
     }
 }
 
+/// PixArt's cross-attention through the kernels against burn's composite ops on wgpu: q
+/// `[n, t, heads hd]` to a caption's keys and values `[n, l, 2 heads hd]` whose last quarter is
+/// masked (bias -10000, the first key always kept); values and the gradients of q and kv, at odd
+/// shapes (one query, two keys, one head, head width 1) and PixArt-Bench's (49 image tokens, 77 caption
+/// tokens, 4 heads of 64); in f32, and in f16 against the f32 composite.
+#[test]
+#[ignore = "needs a Vulkan driver: apt-get install mesa-vulkan-drivers (.ci/run installs it)"]
+fn cross_attention_kernels_on_wgpu_match_the_composite() {
+    use ddm_core::burn::tensor::FloatDType;
+    use ddm_core::fused::{composite, cross_attention};
+    use rand::{Rng, SeedableRng};
+    type Cross = fn(Tensor<3>, Tensor<3>, Tensor<2>, usize) -> Tensor<3>;
+    let gpu = wgpu().autodiff();
+    let run = |op: Cross, [n, t, l, heads, hd]: [usize; 5], seed: u64, dtype: FloatDType| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut data = |len: usize| {
+            (0..len)
+                .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+                .collect::<Vec<_>>()
+        };
+        let d = heads * hd;
+        let tensor = |v: Vec<f32>, shape: [usize; 3]| Tensor::<3>::from_data(TensorData::new(v, shape), &gpu);
+        let q = tensor(data(n * t * d), [n, t, d]).require_grad();
+        let kv = tensor(data(n * l * 2 * d), [n, l, 2 * d]).require_grad();
+        let w = tensor(data(n * t * d), [n, t, d]);
+        let mask: Vec<f32> = (0..n * l)
+            .map(|i| {
+                if i % l > 0 && i % l >= l - l / 4 {
+                    -10000.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bias = Tensor::<2>::from_data(TensorData::new(mask, [n, l]), &gpu);
+        assert!(
+            ddm_core::gpu::runs(&q.clone().cast(dtype)),
+            "the kernels do not take {dtype:?} on wgpu"
+        );
+        let out = op(
+            q.clone().cast(dtype),
+            kv.clone().cast(dtype),
+            bias.cast(dtype),
+            heads,
+        )
+        .cast(FloatDType::F32);
+        let grads = (out.clone() * w).sum().backward();
+        let host3 = |t: Tensor<3>| HostTensor::from_tensor(t).data;
+        let (dq, dkv) = (q.grad(&grads).unwrap(), kv.grad(&grads).unwrap());
+        (host3(out), host3(dq), host3(dkv))
+    };
+    // [N, T, L, heads, hd]. (With one key the softmax is 1 and dq exactly zero, which a relative
+    // error cannot measure.)
+    let shapes = [
+        [1, 1, 2, 1, 1],
+        [2, 3, 5, 1, 5],
+        [3, 7, 4, 2, 5],
+        [2, 49, 77, 4, 64],
+    ];
+    for (k, shape) in shapes.into_iter().enumerate() {
+        let seed = 10 + k as u64;
+        let (cv, cq, ckv) = run(composite::cross_attention, shape, seed, FloatDType::F32);
+        for (dtype, tol_v, tol_g) in [(FloatDType::F32, 1e-5, 1e-5), (FloatDType::F16, 5e-3, 1e-2)] {
+            let (v, dq, dkv) = run(cross_attention, shape, seed, dtype);
+            let (ev, eq, ekv) = (
+                relative_error(&v, &cv),
+                relative_error(&dq, &cq),
+                relative_error(&dkv, &ckv),
+            );
+            println!(
+                "{shape:?} {dtype:?}: output {ev:.1e}, dq {eq:.1e}, dkv {ekv:.1e} (relative L2 to f32 composite)"
+            );
+            assert!(
+                ev < tol_v && eq < tol_g && ekv < tol_g,
+                "{shape:?} {dtype:?}: output {ev}, dq {eq}, dkv {ekv}"
+            );
+            assert!(dkv.iter().any(|&x| x != 0.0), "{shape:?}: a zero gradient");
+        }
+    }
+}
+
 /// Mixed precision end to end on a GPU backend: a DiT island trained with `--precision f16` on
 /// wgpu (f32 master weights, f16 loss scaling) predicts close to the f32 island of the same seed
 /// after the same steps, and samples in f16 what it samples in f32. bf16, where the adapter has no bf16 shaders (lavapipe), is refused by

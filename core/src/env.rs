@@ -9,7 +9,7 @@
 //! | `DDM_REGISTRY_LOCK_WAIT` | seconds a registration waits for another one's lock (default 300) |
 //! | `DDM_REGISTRY_GC_GRACE` | seconds an unnamed blob in a store lives before `registry gc` deletes it (default 3600) |
 //! | `SLURM_ARRAY_TASK_ID`, `JOB_COMPLETION_INDEX` | an island's cluster in a Slurm array or an indexed Kubernetes Job |
-//! | `DDM_GPU_ATTENTION` | the DiT's self-attention on a GPU device: `kernel` (default, ddm's CubeCL kernels) or `composite` (burn's ops) |
+//! | `DDM_GPU_ATTENTION` | the DiT's self-attention and PixArt's cross-attention on a GPU device: `kernel` (default, ddm's CubeCL kernels) or `composite` (burn's ops) |
 //! | `RAYON_NUM_THREADS` | CPU threads (read by rayon; reported by the benchmarks) |
 
 use std::path::PathBuf;
@@ -79,7 +79,8 @@ pub fn array_index() -> Result<Option<(usize, &'static str)>> {
     Ok(None)
 }
 
-/// Whether the DiT's self-attention runs ddm's CubeCL kernels on a GPU device (`DDM_GPU_ATTENTION`
+/// Whether the attention (the DiT's, PixArt's cross-attention) runs ddm's CubeCL kernels on a GPU
+/// device (`DDM_GPU_ATTENTION`
 /// unset or `kernel`) or burn's composite ops (`composite`).
 pub fn gpu_attention_kernels() -> Result<bool> {
     let Some(v) = non_empty(GPU_ATTENTION) else {

@@ -115,15 +115,18 @@ pub fn attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
 ///   -> `[N, T, D]`
 pub fn cross_attention(q: Tensor<3>, kv: Tensor<3>, bias: Tensor<2>, heads: usize) -> Tensor<3> {
     if fused_here(&q) {
-        Tensor::from_dispatch(<Dispatch as FusedOps>::cross_attention(
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::cross_attention(
             q.into_dispatch(),
             kv.into_dispatch(),
             bias.into_dispatch(),
             heads,
-        ))
-    } else {
-        composite::cross_attention(q, kv, bias, heads)
+        ));
     }
+    #[cfg(feature = "gpu")]
+    if crate::gpu::runs(&q) {
+        return crate::gpu::cross_attention(q, kv, bias, heads);
+    }
+    composite::cross_attention(q, kv, bias, heads)
 }
 
 /// LayerNorm over the last axis without affine parameters, with the given eps:
