@@ -362,6 +362,37 @@ fn cross_attention_kernels_on_wgpu_match_the_composite() {
     }
 }
 
+/// diffusers' PixArt (`testdata/diffusers/pixart-tiny`: cross-attention to masked captions, one all
+/// padding) read as a ddm PixArt on wgpu, its cross-attention through the kernels, against
+/// diffusers' output, as `core/tests/parity.rs` checks it on the CPU.
+#[test]
+#[ignore = "needs a Vulkan driver: apt-get install mesa-vulkan-drivers (.ci/run installs it)"]
+fn the_diffusers_pixart_on_wgpu_matches_diffusers() {
+    let device = wgpu();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/diffusers");
+    let (config, tensors) = ddm_core::pixart::read_diffusers(&dir.join("pixart-tiny")).unwrap();
+    let model = ModelConfig::PixArt(config)
+        .load(tensors, &dir.join("pixart-tiny"), &device)
+        .unwrap();
+    let io = TensorFile::read(&dir.join("pixart-tiny.io.safetensors")).unwrap();
+    let x = io.f32("x").unwrap().to_tensor::<4>(&device);
+    assert!(ddm_core::gpu::runs(&x), "the attention kernels run on wgpu");
+    let t = io.f32("timestep").unwrap().to_tensor::<1>(&device) / 1000.0;
+    let c = ddm_core::condition::Condition::tokens(
+        io.f32("encoder_hidden_states").unwrap().to_tensor::<3>(&device),
+        io.f32("encoder_attention_mask").unwrap().to_tensor::<2>(&device),
+    );
+    let got = HostTensor::from_tensor(model.predict(x, t, &c));
+    let want = io.f32("sample").unwrap(); // [3, 8, 8, 8]: prediction then variance channels
+    let per = 4 * 64;
+    let err = (0..3)
+        .flat_map(|n| (0..per).map(move |i| (n, i)))
+        .map(|(n, i)| (got.data[n * per + i] - want.data[n * 2 * per + i]).abs())
+        .fold(0.0, f32::max);
+    println!("pixart-tiny on wgpu: max abs error vs diffusers {err:e}");
+    assert!(err <= 1e-4, "max abs error {err}");
+}
+
 /// Mixed precision end to end on a GPU backend: a DiT island trained with `--precision f16` on
 /// wgpu (f32 master weights, f16 loss scaling) predicts close to the f32 island of the same seed
 /// after the same steps, and samples in f16 what it samples in f32. bf16, where the adapter has no bf16 shaders (lavapipe), is refused by
