@@ -431,7 +431,8 @@ fn dkv_kernel<F: Float>(
     #[define(F)] _dtype: ElemType,
 ) {
     let r = ABSOLUTE_POS;
-    if r >= at.heads * at.keys * (lse.len() / (at.heads * at.queries)) {
+    // One row per key and head: [N, L] rows of kv (N x T of qkv), times h.
+    if r >= dkv.len() / at.kv_stride * at.heads {
         terminate!();
     }
     // Row r of [N, h, L] is key j of head h of sample n; the query rows of its (n, h) in

@@ -262,12 +262,9 @@ impl ModuleOps<Flex> for Flex {
         };
         let reach = [options.dilation[0] * (kh - 1), options.dilation[1] * (kw - 1)];
         let padding = (flipped(options.padding[0], reach[0]), flipped(options.padding[1], reach[1]));
-        let (Some(ph), Some(pw)) = padding else {
+        let ((Some(ph), Some(pw)), [1, 1]) = (padding, options.stride) else {
             return conv2d_x_backward_transposed(x, weight, output_grad, options);
         };
-        if options.stride != [1, 1] {
-            return conv2d_x_backward_transposed(x, weight, output_grad, options);
-        }
         let g = options.groups;
         let w = match weight.dtype() {
             DType::F32 => swapped_flipped::<f32>(weight, g),
