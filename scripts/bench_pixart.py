@@ -78,7 +78,7 @@ def main():
             model(xb, encoder_hidden_states=sb, timestep=tb, encoder_attention_mask=mb)
 
     fwd256 = median_ms(a.fwd_iters, 1, fwd)
-    print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "size": "PixArt-Bench/4", "params": params,
+    print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "size": "PixArt-Bench/4", "params": params,
                       "batch": a.batch, "threads": a.threads, "train_ms_median": round(train, 1),
                       "fwd256_ms_median": round(fwd256, 1)}))
 

@@ -64,7 +64,8 @@ def main():
         opt.step()
 
     train = median_ms(a.iters, step)
-    print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "config": a.config, "batch": a.batch,
+    print(json.dumps({"impl": "pytorch", "torch": torch.__version__,
+                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "config": a.config, "batch": a.batch,
                       "encode_ms": round(enc, 1), "decode_ms": round(dec, 1), "train_step_ms": round(train, 1),
                       "encode_img_per_s": round(a.batch / enc * 1e3, 1), "decode_img_per_s": round(a.batch / dec * 1e3, 1),
                       "train_img_per_s": round(a.batch / train * 1e3, 1)}))

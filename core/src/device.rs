@@ -212,6 +212,21 @@ pub fn cpu() -> Device {
     Device::flex()
 }
 
+/// The widest SIMD the CPU backend's kernels pick on this machine: `avx512`, `avx2` (also where
+/// `DDM_CPU_CAPABILITY=avx2` keeps AVX-512 out) or `baseline`. The benchmarks print it.
+pub fn cpu_simd() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if burn::backend::flex::ops::vexp::avx512() {
+            return "avx512";
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return "avx2";
+        }
+    }
+    "baseline"
+}
+
 /// glibc hands allocations above 128 KiB to fresh `mmap`s and returns them on free, so every
 /// activation of a training step (megabytes each) was page-faulted in again and its unmapping
 /// shot down TLBs on every core: ~17% of a DiT step on the 2-core machine. Serving blocks up to
@@ -235,7 +250,10 @@ fn keep_freed_memory() {
 /// The device for `choice`, or an error saying which cargo feature the build lacks.
 pub fn device(choice: DeviceChoice) -> Result<Device> {
     match choice {
-        DeviceChoice::Cpu => Ok(cpu()),
+        DeviceChoice::Cpu => {
+            crate::env::cpu_capability()?;
+            Ok(cpu())
+        }
         #[cfg(feature = "wgpu")]
         DeviceChoice::Wgpu(w) => {
             attention_on_gpu()?;

@@ -10,6 +10,7 @@
 //! | `DDM_REGISTRY_GC_GRACE` | seconds an unnamed blob in a store lives before `registry gc` deletes it (default 3600) |
 //! | `SLURM_ARRAY_TASK_ID`, `JOB_COMPLETION_INDEX` | an island's cluster in a Slurm array or an indexed Kubernetes Job |
 //! | `DDM_GPU_ATTENTION` | the DiT's self-attention and PixArt's cross-attention on a GPU device: `kernel` (default, ddm's CubeCL kernels) or `composite` (burn's ops) |
+//! | `DDM_CPU_CAPABILITY` | `avx2` keeps the CPU backend's AVX-512 kernels out (gemm's, macerator's, ddm's fused ones), to measure an AVX2 machine on an AVX-512 one; `avx512` or unset: the widest the CPU has |
 //! | `RAYON_NUM_THREADS` | CPU threads (read by rayon; reported by the benchmarks) |
 
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ pub const REGISTRY_GC_GRACE: &str = "DDM_REGISTRY_GC_GRACE";
 pub const ARRAY_INDEX: [&str; 2] = ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"];
 pub const THREADS: &str = "RAYON_NUM_THREADS";
 pub const GPU_ATTENTION: &str = "DDM_GPU_ATTENTION";
+pub const CPU_CAPABILITY: &str = "DDM_CPU_CAPABILITY";
 
 /// ddm's cache directory.
 pub fn cache_dir() -> PathBuf {
@@ -91,6 +93,24 @@ pub fn gpu_attention_kernels() -> Result<bool> {
         "kernel" => Ok(true),
         "composite" => Ok(false),
         _ => Err(invalid(GPU_ATTENTION, &v, "expected `kernel` or `composite`")),
+    }
+}
+
+/// Checks `DDM_CPU_CAPABILITY`: unset, `avx512` (the widest the CPU has, the default) or `avx2`
+/// (AVX-512 kept out). The CPU kernels read it themselves, once (the vendored gemm-common and
+/// macerator, burn-flex's `vexp::avx512`), so here it is only refused when it is something else,
+/// which they would silently take for the default.
+pub fn cpu_capability() -> Result<()> {
+    let Some(v) = std::env::var_os(CPU_CAPABILITY) else {
+        return Ok(());
+    };
+    match v.to_str() {
+        Some("avx2" | "avx512") => Ok(()),
+        _ => Err(invalid(
+            CPU_CAPABILITY,
+            &v.to_string_lossy(),
+            "expected `avx2` (keeps AVX-512 out) or `avx512` (the default)",
+        )),
     }
 }
 
@@ -161,5 +181,11 @@ mod tests {
         let e = gpu_attention_kernels().unwrap_err().to_string();
         assert!(e.contains(GPU_ATTENTION) && e.contains("flash"), "{e}");
         unsafe { std::env::remove_var(GPU_ATTENTION) };
+
+        assert!(cpu_capability().is_ok());
+        unsafe { std::env::set_var(CPU_CAPABILITY, "AVX2") };
+        let e = cpu_capability().unwrap_err().to_string();
+        assert!(e.contains(CPU_CAPABILITY) && e.contains("AVX2"), "{e}");
+        unsafe { std::env::remove_var(CPU_CAPABILITY) };
     }
 }

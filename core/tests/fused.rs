@@ -318,3 +318,90 @@ fn forward_without_autodiff_matches_the_composite() {
         assert_close(&host(got), &host(want), 1e-5, &format!("op {i}"));
     }
 }
+
+/// `DDM_CPU_CAPABILITY=avx2` runs what an AVX2 + FMA machine runs, on an AVX-512 one: the fused
+/// element-wise kernels give the same bits as with AVX-512 (no fused multiply-adds, the same
+/// summation order), and those that multiply through gemm (attention, a convolution and its
+/// gradients) agree within rounding. The variable is read once per process, so the AVX2 half runs
+/// in a child: this test binary, this test, with the variable set and `DDM_TEST_OUT` naming the file
+/// it writes its numbers to.
+#[test]
+fn the_avx2_paths_agree_with_avx512() {
+    const OUT: &str = "DDM_TEST_OUT";
+    if let Some(path) = std::env::var_os(OUT) {
+        let expect = if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            "avx2"
+        } else {
+            "baseline"
+        };
+        assert_eq!(
+            ddm_core::device::cpu_simd(),
+            expect,
+            "DDM_CPU_CAPABILITY=avx2 is obeyed"
+        );
+        let json = serde_json::to_string(&avx2_check_outputs()).unwrap();
+        std::fs::write(path, json).unwrap();
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("ddm-avx2-check-{}.json", std::process::id()));
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["the_avx2_paths_agree_with_avx512", "--exact", "--test-threads=1"])
+        .env("DDM_CPU_CAPABILITY", "avx2")
+        .env(OUT, &path)
+        .output()
+        .unwrap();
+    assert!(
+        child.status.success(),
+        "the AVX2 run failed:\n{}{}",
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr)
+    );
+    let avx2: (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let (exact, close) = avx2_check_outputs();
+    assert!(
+        exact == avx2.0,
+        "the fused element-wise kernels give other bits with AVX2"
+    );
+    for (i, (got, want)) in avx2.1.iter().zip(&close).enumerate() {
+        assert_close(got, want, 1e-5, &format!("gemm-based output {i} with AVX2"));
+    }
+}
+
+/// (outputs that must be bit-identical on every SIMD path, outputs that agree within rounding).
+fn avx2_check_outputs() -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    use ddm_core::burn::tensor::module::conv2d;
+    use ddm_core::burn::tensor::ops::ConvOptions;
+    let flat = |(y, g): (Vec<f32>, Vec<Vec<f32>>)| std::iter::once(y).chain(g).collect::<Vec<_>>();
+    let mut exact = flat(run(&[(vec![3, 7, 132], 1, 4.0)], &|x| {
+        fused::gelu_tanh(x[0].clone())
+    }));
+    let norm_inputs = [
+        (vec![2, 8, 35], 1, 3.0),
+        (vec![1, 1, 8], 2, 1.5),
+        (vec![1, 1, 8], 3, 1.0),
+    ];
+    exact.extend(flat(run(&norm_inputs, &|x| {
+        let (gamma, beta) = (x[1].clone().reshape([8]), x[2].clone().reshape([8]));
+        group_norm::group_norm(x[0].clone().reshape([2, 8, 35, 1]), gamma, beta, 4, 1e-6, true)
+            .reshape([2, 8, 35])
+    })));
+    let mut close = flat(run(&[(vec![2, 49, 3 * 4 * 16], 1, 2.0)], &|x| {
+        fused::attention(x[0].clone(), 4)
+    }));
+    // A 3 x 3 convolution, 16 -> 24 channels on 9 x 9, as [N, C, H*W].
+    close.extend(flat(run(
+        &[
+            (vec![2, 16, 81], 1, 1.0),
+            (vec![24, 16, 9], 2, 0.3),
+            (vec![1, 1, 24], 3, 1.0),
+        ],
+        &|x| {
+            let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+            let (w, b) = (x[1].clone().reshape([24, 16, 3, 3]), x[2].clone().reshape([24]));
+            conv2d(x[0].clone().reshape([2, 16, 9, 9]), w, Some(b), options).reshape([2, 24, 81])
+        },
+    )));
+    (exact, close)
+}

@@ -555,7 +555,7 @@ fn ntd(x: &FlexTensor, vectors: &[&FlexTensor]) -> (usize, usize, usize) {
 }
 
 /// Runs `$body` compiled for AVX-512 or AVX2 when the CPU has them (so LLVM vectorises it with
-/// the widest registers), else as is. No fused multiply-adds are enabled, so every path computes
+/// the widest registers; `DDM_CPU_CAPABILITY=avx2` keeps AVX-512 out), else as is. No fused multiply-adds are enabled, so every path computes
 /// the same bits.
 macro_rules! widest_simd {
     (fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
@@ -568,7 +568,7 @@ macro_rules! widest_simd {
                 fn v4($($arg: $ty),*) { generic($($arg),*) }
                 #[target_feature(enable = "avx2")]
                 fn v3($($arg: $ty),*) { generic($($arg),*) }
-                if std::is_x86_feature_detected!("avx512f") {
+                if burn::backend::flex::ops::vexp::avx512() {
                     // SAFETY: the CPU has AVX-512F.
                     return unsafe { v4($($arg),*) };
                 }

@@ -168,9 +168,10 @@ fn main() {
         (_, _) => "composite",
     };
     println!(
-        "{{\"impl\": \"ddm\", \"device\": \"{choice}\", \"adapter\": {adapter:?}, \"size\": \"{size}\", \"precision\": \"{precision}\", \"attention\": \"{attention}\", \"data\": [{channels}, {image}, {image}], \"params\": {params}, \"gflops_per_sample\": {:.3}, \"batch\": {batch}, \"threads\": \"{}\", \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"step_tflops\": {step_tflops:.3}, \"fwd256_tflops\": {fwd_tflops:.3}{mfu}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
+        "{{\"impl\": \"ddm\", \"device\": \"{choice}\", \"adapter\": {adapter:?}, \"size\": \"{size}\", \"precision\": \"{precision}\", \"attention\": \"{attention}\", \"data\": [{channels}, {image}, {image}], \"params\": {params}, \"gflops_per_sample\": {:.3}, \"batch\": {batch}, \"threads\": \"{}\", \"cpu_simd\": \"{}\", \"ms_per_step\": {:.1}, \"img_per_s\": {:.1}, \"fwd256_ms_median\": {:.1}, \"step_tflops\": {step_tflops:.3}, \"fwd256_tflops\": {fwd_tflops:.3}{mfu}, \"ms\": {{\"data\": {:.1}, \"forward\": {:.1}, \"backward\": {:.1}, \"optimizer\": {:.1}, \"ema\": {:.1}}}}}",
         flops / 1e9,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
+        ddm_core::device::cpu_simd(),
         total * 1e3,
         batch as f64 / total,
         fwd256 * 1e3,

@@ -12,6 +12,7 @@
 use std::time::Instant;
 
 use ddm_core::burn::optim::{GradientsParams, ModuleOptimizer};
+use ddm_core::device::DeviceChoice;
 use ddm_core::host::HostTensor;
 use ddm_core::params::RandomInit;
 use ddm_core::vae::AutoencoderKLConfig;
@@ -59,7 +60,10 @@ fn main() {
     let batch: usize = arg("--batch", "64").parse().unwrap();
     let iters: usize = arg("--iters", "5").parse().unwrap();
     let c = config(&name);
-    let plain = ddm_core::device::cpu();
+    let plain = ddm_core::device::device(DeviceChoice::Cpu).unwrap_or_else(|e| {
+        eprintln!("bench_vae: {e}");
+        std::process::exit(2)
+    });
     let device = plain.clone().autodiff();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let image = vec![batch, c.in_channels, c.sample_size, c.sample_size];
@@ -94,7 +98,8 @@ fn main() {
         model = optim.step(1e-4, model.clone(), grads);
     });
     println!(
-        "{{\"impl\": \"ddm\", \"config\": \"{name}\", \"batch\": {batch}, \"encode_ms\": {encode:.1}, \"decode_ms\": {decode:.1}, \"train_step_ms\": {train:.1}, \"encode_img_per_s\": {:.1}, \"decode_img_per_s\": {:.1}, \"train_img_per_s\": {:.1}, \"gflop_per_img_fwd\": {:.2}}}",
+        "{{\"impl\": \"ddm\", \"cpu_simd\": \"{}\", \"config\": \"{name}\", \"batch\": {batch}, \"encode_ms\": {encode:.1}, \"decode_ms\": {decode:.1}, \"train_step_ms\": {train:.1}, \"encode_img_per_s\": {:.1}, \"decode_img_per_s\": {:.1}, \"train_img_per_s\": {:.1}, \"gflop_per_img_fwd\": {:.2}}}",
+        ddm_core::device::cpu_simd(),
         batch as f64 / encode * 1e3,
         batch as f64 / decode * 1e3,
         batch as f64 / train * 1e3,

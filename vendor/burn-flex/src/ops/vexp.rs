@@ -62,11 +62,23 @@ fn sigmoid_slice_avx2(s: &mut [f32]) {
     sigmoid_slice_generic(s)
 }
 
+/// ddm patch: whether the AVX-512 paths may run: the CPU has AVX-512F and `DDM_CPU_CAPABILITY` is
+/// not `avx2` (which measures an AVX2 machine on an AVX-512 one; ddm's vendored gemm-common and
+/// macerator read it too). Read once.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+pub fn avx512() -> bool {
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| {
+        std::is_x86_feature_detected!("avx512f")
+            && std::env::var_os("DDM_CPU_CAPABILITY").is_none_or(|v| v != "avx2")
+    })
+}
+
 /// The sigmoid of every element of `s`, in place, with the widest vectors this CPU has.
 pub fn sigmoid_slice(s: &mut [f32]) {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     {
-        if std::is_x86_feature_detected!("avx512f") {
+        if avx512() {
             // SAFETY: the CPU has AVX-512F.
             return unsafe { sigmoid_slice_avx512(s) };
         }
