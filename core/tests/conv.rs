@@ -2,8 +2,8 @@
 //! writes its output in place, and ddm's weight and input gradients) against a direct convolution
 //! written out in loops: the output and the gradients of the input (ddm's as a convolution at
 //! stride 1), the weight and the bias, at odd shapes (stride, padding, dilation, groups, one pixel,
-//! several tiles of output positions, the VAE's downsampling), and the same bits on one thread and
-//! on all.
+//! several tiles of output positions, tiles of whole samples on small maps, the VAE's
+//! downsampling), and the same bits on one thread and on all.
 
 use ddm_core::burn::prelude::*;
 use ddm_core::burn::tensor::module::conv2d;
@@ -23,7 +23,7 @@ struct Case {
     groups: usize,
 }
 
-const CASES: [Case; 9] = [
+const CASES: [Case; 11] = [
     Case {
         x: [2, 3, 7, 5],
         c_out: 4,
@@ -98,6 +98,26 @@ const CASES: [Case; 9] = [
         kernel: [3, 3],
         stride: [2, 2],
         padding: [0, 0],
+        dilation: [1, 1],
+        groups: 1,
+    },
+    // Maps smaller than a tile, 11 samples: tiles of whole samples (2 a tile, the last alone),
+    // with groups; and the small config's deepest level, a 7 x 7 map (8 samples a tile).
+    Case {
+        x: [11, 6, 5, 5],
+        c_out: 9,
+        kernel: [3, 3],
+        stride: [1, 1],
+        padding: [1, 1],
+        dilation: [1, 1],
+        groups: 3,
+    },
+    Case {
+        x: [64, 16, 7, 7],
+        c_out: 8,
+        kernel: [3, 3],
+        stride: [1, 1],
+        padding: [1, 1],
         dilation: [1, 1],
         groups: 1,
     },

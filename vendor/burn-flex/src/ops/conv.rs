@@ -328,6 +328,38 @@ fn conv3d_impl<
     let mut output: Vec<T> = Vec::with_capacity(out_len);
     let out_ptr = output.spare_capacity_mut().as_mut_ptr().cast::<T>() as usize;
 
+    // The im2col rows [start, end) of sample b, channels from in_c_start.
+    let im2col = |col: &mut [T], b: usize, start: usize, end: usize, in_c_start: usize| {
+        im2col_3d_tile(
+            col,
+            &x_nhwc,
+            start,
+            end,
+            out_h,
+            out_w,
+            kernel_d,
+            kernel_h,
+            kernel_w,
+            stride_d,
+            stride_h,
+            stride_w,
+            dilation_d,
+            dilation_h,
+            dilation_w,
+            pad_d,
+            pad_h,
+            pad_w,
+            in_d,
+            in_h,
+            in_w,
+            channels_per_group,
+            col_len,
+            b,
+            in_c_start,
+            nhwc_stride,
+        )
+    };
+
     // One (batch, tile) of output positions: for each group, the im2col tile
     // [tile_size, col_len] and the gemm of the group's weights with it into
     // the output block [out_channels_per_group, tile_size] (row stride
@@ -345,34 +377,7 @@ fn conv3d_impl<
         for g in 0..groups {
             let in_c_start = g * channels_per_group;
             let out_c_start = g * out_channels_per_group;
-            im2col_3d_tile(
-                col_tile,
-                &x_nhwc,
-                tile_start,
-                tile_end,
-                out_h,
-                out_w,
-                kernel_d,
-                kernel_h,
-                kernel_w,
-                stride_d,
-                stride_h,
-                stride_w,
-                dilation_d,
-                dilation_h,
-                dilation_w,
-                pad_d,
-                pad_h,
-                pad_w,
-                in_d,
-                in_h,
-                in_w,
-                channels_per_group,
-                col_len,
-                b,
-                in_c_start,
-                nhwc_stride,
-            );
+            im2col(col_tile, b, tile_start, tile_end, in_c_start);
             let w_start = out_c_start * col_len;
             let w_group = &w_flat[w_start..w_start + out_channels_per_group * col_len];
             let dst_at = b * channels_out * spatial_out + out_c_start * spatial_out + tile_start;
@@ -394,18 +399,78 @@ fn conv3d_impl<
         }
     };
 
+    // Whole samples a tile on maps smaller than a tile (ddm patch): for each group, the im2col
+    // rows of `per_tile` samples [samples * spatial_out, col_len], their gemm into a block
+    // [out_channels_per_group, samples * spatial_out], and each sample's part copied into place.
+    let per_tile = samples_per_tile(spatial_out, batch_size, TILE_SIZE);
+    let samples_tile = |t: usize, (col_tile, block): &mut (Vec<T>, Vec<T>)| {
+        let first = t * per_tile;
+        let samples = per_tile.min(batch_size - first);
+        let rows = samples * spatial_out;
+        col_tile.resize(col_tile.len().max(rows * col_len), zero);
+        block.resize(block.len().max(out_channels_per_group * rows), zero);
+        for g in 0..groups {
+            let in_c_start = g * channels_per_group;
+            let out_c_start = g * out_channels_per_group;
+            let cols = col_tile[..rows * col_len].chunks_mut(spatial_out * col_len);
+            for (s, col) in cols.enumerate() {
+                im2col(col, first + s, 0, spatial_out, in_c_start);
+            }
+            let w_group = &w_flat[out_c_start * col_len..][..out_channels_per_group * col_len];
+            // SAFETY: block holds [out_channels_per_group, rows].
+            unsafe {
+                gemm_into(
+                    block.as_mut_ptr(),
+                    rows,
+                    w_group,
+                    &col_tile[..rows * col_len],
+                    out_channels_per_group,
+                    col_len,
+                    rows,
+                    zero,
+                    one,
+                );
+            }
+            for s in 0..samples {
+                for co in 0..out_channels_per_group {
+                    let src = &block[co * rows + s * spatial_out..][..spatial_out];
+                    let at = ((first + s) * channels_out + out_c_start + co) * spatial_out;
+                    // SAFETY: sample first + s's channel row, in bounds and written by this
+                    // tile alone.
+                    unsafe {
+                        let dst = (out_ptr as *mut T).add(at);
+                        core::ptr::copy_nonoverlapping(src.as_ptr(), dst, spatial_out)
+                    };
+                }
+            }
+        }
+    };
+
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;
-        (0..batch_size * num_tiles)
-            .into_par_iter()
-            .for_each_init(Vec::new, |col_tile, i| tile(i / num_tiles, i % num_tiles, col_tile));
+        if per_tile > 1 {
+            (0..batch_size.div_ceil(per_tile))
+                .into_par_iter()
+                .for_each_init(Default::default, |bufs, t| samples_tile(t, bufs));
+        } else {
+            (0..batch_size * num_tiles)
+                .into_par_iter()
+                .for_each_init(Vec::new, |col_tile, i| tile(i / num_tiles, i % num_tiles, col_tile));
+        }
     }
     #[cfg(not(feature = "rayon"))]
     {
-        let mut col_tile = Vec::new();
-        for i in 0..batch_size * num_tiles {
-            tile(i / num_tiles, i % num_tiles, &mut col_tile);
+        if per_tile > 1 {
+            let mut bufs = Default::default();
+            for t in 0..batch_size.div_ceil(per_tile) {
+                samples_tile(t, &mut bufs);
+            }
+        } else {
+            let mut col_tile = Vec::new();
+            for i in 0..batch_size * num_tiles {
+                tile(i / num_tiles, i % num_tiles, &mut col_tile);
+            }
         }
     }
     // SAFETY: the tiles cover every output position of every sample, and the
@@ -483,6 +548,18 @@ fn to_nhwc<T: bytemuck::Pod + Send + Sync>(
     out
 }
 
+/// Whole samples per im2col tile (ddm patch): 1 on maps of at least `tile` output positions; on
+/// smaller maps as many as fit in `tile` positions, but few enough to leave 8 tiles for the
+/// threads. A 7 x 7 map's 49 positions alone made gemm blocks of 49 rows (the AVX-512 kernel's
+/// block is 64) and repacked the weights for every sample. It does not depend on the thread count,
+/// so neither do the results.
+fn samples_per_tile(spatial: usize, batch: usize, tile: usize) -> usize {
+    if spatial >= tile {
+        return 1;
+    }
+    (tile / spatial).min(batch.div_ceil(8)).max(1)
+}
+
 /// Output positions per im2col tile of the convolution weight gradient.
 const WEIGHT_GRAD_TILE: usize = 512;
 /// Fixed partial sums of the weight gradient: the (sample, tile) steps are split into this many
@@ -529,63 +606,88 @@ where
     let x_nhwc = to_nhwc(x_data, batch, channels_in, in_h, in_w, zero);
     let nhwc_stride = (plane * channels_in, plane * channels_in, in_w * channels_in, channels_in, 1);
 
-    // One run of (sample, tile) steps, summed in order into [c_out, col_len].
-    let tiles = spatial.div_ceil(WEIGHT_GRAD_TILE);
-    let steps = batch * tiles;
+    // One run of steps, summed in order into [c_out, col_len]: a step is a tile of one sample's
+    // output positions, or on small maps whole samples (ddm patch, `samples_per_tile`).
+    let per_tile = samples_per_tile(spatial, batch, WEIGHT_GRAD_TILE);
+    let tiles = spatial.div_ceil(WEIGHT_GRAD_TILE); // 1 where per_tile > 1
+    let steps = batch.div_ceil(per_tile) * tiles;
     let chunks = steps.clamp(1, WEIGHT_GRAD_CHUNKS);
+    let max_rows = per_tile * WEIGHT_GRAD_TILE.min(spatial);
     let run = |chunk: usize| -> Vec<T> {
         let mut dw = vec![zero; channels_out * col_len];
-        let mut col = vec![zero; WEIGHT_GRAD_TILE.min(spatial) * col_len];
+        let mut col = vec![zero; max_rows * col_len];
+        // The output gradient's rows of a multi-sample step, gathered: [out_per_group, rows].
+        let mut gathered = Vec::new();
         for step in chunk * steps / chunks..(chunk + 1) * steps / chunks {
-            let (b, tile) = (step / tiles, step % tiles);
+            let (first, tile) = (step / tiles * per_tile, step % tiles);
+            let samples = per_tile.min(batch - first);
             let start = tile * WEIGHT_GRAD_TILE;
             let end = (start + WEIGHT_GRAD_TILE).min(spatial);
-            let col = &mut col[..(end - start) * col_len];
+            let rows = samples * (end - start);
+            let col = &mut col[..rows * col_len];
             for group in 0..groups {
-                im2col_3d_tile(
-                    col,
-                    &x_nhwc,
-                    start,
-                    end,
-                    out_h,
-                    out_w,
-                    1,
-                    kernel_h,
-                    kernel_w,
-                    1,
-                    options.stride[0],
-                    options.stride[1],
-                    1,
-                    options.dilation[0],
-                    options.dilation[1],
-                    0,
-                    pad_h,
-                    pad_w,
-                    1,
-                    in_h,
-                    in_w,
-                    per_group,
-                    col_len,
-                    b,
-                    group * per_group,
-                    nhwc_stride,
-                );
+                for (s, col) in col.chunks_mut((end - start) * col_len).enumerate() {
+                    im2col_3d_tile(
+                        col,
+                        &x_nhwc,
+                        start,
+                        end,
+                        out_h,
+                        out_w,
+                        1,
+                        kernel_h,
+                        kernel_w,
+                        1,
+                        options.stride[0],
+                        options.stride[1],
+                        1,
+                        options.dilation[0],
+                        options.dilation[1],
+                        0,
+                        pad_h,
+                        pad_w,
+                        1,
+                        in_h,
+                        in_w,
+                        per_group,
+                        col_len,
+                        first + s,
+                        group * per_group,
+                        nhwc_stride,
+                    );
+                }
                 let first_out = group * out_per_group;
-                // dw[group's rows] += g[b, group's channels, start..end] @ col
-                // SAFETY: the blocks are in bounds: [out_per_group, end - start] of g at row
-                // stride `spatial`, [end - start, col_len] of col, [out_per_group, col_len] of dw.
+                // g's rows for the group's channels, [out_per_group, rows]: in place for one
+                // sample (row stride `spatial`), else gathered sample after sample.
+                let (lhs, lhs_rs) = if samples == 1 {
+                    let at = (first * channels_out + first_out) * spatial + start;
+                    (&g_data[at..], spatial)
+                } else {
+                    gathered.resize(out_per_group * rows, zero);
+                    for co in 0..out_per_group {
+                        for s in 0..samples {
+                            let src = ((first + s) * channels_out + first_out + co) * spatial;
+                            gathered[co * rows + s * spatial..][..spatial]
+                                .copy_from_slice(&g_data[src..][..spatial]);
+                        }
+                    }
+                    (&gathered[..], rows)
+                };
+                // dw[group's rows] += lhs @ col
+                // SAFETY: the blocks are in bounds: [out_per_group, rows] of lhs at row stride
+                // lhs_rs, [rows, col_len] of col, [out_per_group, col_len] of dw.
                 unsafe {
                     gemm::gemm(
                         out_per_group,
                         col_len,
-                        end - start,
+                        rows,
                         dw.as_mut_ptr().add(first_out * col_len),
                         1,
                         col_len as isize,
                         true,
-                        g_data.as_ptr().add((b * channels_out + first_out) * spatial + start),
+                        lhs.as_ptr(),
                         1,
-                        spatial as isize,
+                        lhs_rs as isize,
                         col.as_ptr(),
                         1,
                         col_len as isize,
