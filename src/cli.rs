@@ -67,6 +67,8 @@ pub enum Commands {
 /// Run a parsed command line: the exit status (0 done; training verbs 3 when interrupted, with a
 /// resumable state), or the error.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    // Read by the CPU kernels themselves, which would take a misspelling for the default.
+    ddm_core::env::cpu_capability()?;
     match cli.command {
         Commands::Import(args) => commands::import::run(args).map(|()| 0),
         Commands::Predict(args) => commands::predict::run(args).map(|()| 0),

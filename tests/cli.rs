@@ -227,6 +227,16 @@ fn bad_inputs_give_clear_errors() {
         assert_eq!(e.matches("(os error 2)").count(), 1, "{e}");
         assert!(e.contains("missing.safetensors") || e.contains("nowhere"), "{e}");
     }
+
+    // A CPU capability the kernels would silently take for the default is refused by name.
+    let out = Command::new(env!("CARGO_BIN_EXE_ddm"))
+        .current_dir(dir.path())
+        .args(["info", "missing.safetensors"])
+        .env("DDM_CPU_CAPABILITY", "AVX-512")
+        .output()
+        .unwrap();
+    let e = fails(out);
+    assert!(e.contains("DDM_CPU_CAPABILITY") && e.contains("`AVX-512`"), "{e}");
 }
 
 /// `ddm partition` on a Gaussian mixture, then `--describe`; bad arguments are refused.
