@@ -23,7 +23,7 @@ struct Case {
     groups: usize,
 }
 
-const CASES: [Case; 11] = [
+const CASES: [Case; 12] = [
     Case {
         x: [2, 3, 7, 5],
         c_out: 4,
@@ -118,6 +118,17 @@ const CASES: [Case; 11] = [
         kernel: [3, 3],
         stride: [1, 1],
         padding: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+    },
+    // Stride 1, the output as wide as the input but taller (the forward's transposed im2col copies
+    // a whole row at once there): a wide kernel reaching 2 columns into the padding.
+    Case {
+        x: [2, 3, 6, 9],
+        c_out: 4,
+        kernel: [2, 5],
+        stride: [1, 1],
+        padding: [2, 2],
         dilation: [1, 1],
         groups: 1,
     },

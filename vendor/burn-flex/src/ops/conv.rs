@@ -286,40 +286,25 @@ fn conv3d_impl<
     let col_len = channels_per_group * kernel_d * kernel_h * kernel_w;
     let spatial_out = out_d * out_h * out_w;
 
-    let [dilation_d, dilation_h, dilation_w] = options.dilation;
-
     // Tile size for processing output pixels. Larger = better GEMM utilization,
     // smaller = more parallelism and better cache usage. 512 is a good balance.
     const TILE_SIZE: usize = 512;
     let num_tiles = spatial_out.div_ceil(TILE_SIZE);
 
-    // Flatten kernel [c_out, c_in, kd, kh, kw] -> [c_out, kd, kh, kw, c_in]
-    // for GEMM. Expressed as a 2D transpose of (c_in, k_spatial) per c_out
-    // so the compiler can unroll the k_spatial inner loop; the older 5-
-    // nested formulation had a 10-term index expression LLVM wouldn't
-    // autovectorize.
-    let k_spatial = kernel_d * kernel_h * kernel_w;
-    let mut w_flat = vec![zero; channels_out * col_len];
-    for c_out in 0..channels_out {
-        let src_base = c_out * channels_per_group * k_spatial;
-        let dst_base = c_out * col_len;
-        for c_in in 0..channels_per_group {
-            let src_row = src_base + c_in * k_spatial;
-            for k in 0..k_spatial {
-                w_flat[dst_base + k * channels_per_group + c_in] = w_data[src_row + k];
-            }
-        }
-    }
-
-    // Convert input to NHWC layout for cache-friendly access in im2col.
-    let nhwc_stride = (
-        in_d * in_h * in_w * channels_in,
-        in_h * in_w * channels_in,
-        in_w * channels_in,
-        channels_in,
-        1,
-    );
-    let x_nhwc = to_nhwc(x_data, batch_size, channels_in, in_d * in_h, in_w, zero);
+    // The weights as they are, [c_out, (c_in, kd, kh, kw)], the rows of the transposed im2col
+    // in the same order (ddm patch: the input was converted to NHWC and the weights reordered to
+    // [c_out, (kd, kh, kw, c_in)] for an im2col of [positions, col_len], which gemm, computing
+    // the transposed product for this row-major output, packed one element at a time).
+    let w_flat = w_data;
+    let window = Window {
+        input: [in_d, in_h, in_w],
+        out: [out_d, out_h, out_w],
+        kernel: [kernel_d, kernel_h, kernel_w],
+        stride: [stride_d, stride_h, stride_w],
+        dilation: options.dilation,
+        pad: [pad_d, pad_h, pad_w],
+    };
+    let in_plane = in_d * in_h * in_w;
 
     // The output, written block by block by gemm (ddm patch: straight into place,
     // where each tile's product was a fresh vector copied element by element
@@ -328,40 +313,17 @@ fn conv3d_impl<
     let mut output: Vec<T> = Vec::with_capacity(out_len);
     let out_ptr = output.spare_capacity_mut().as_mut_ptr().cast::<T>() as usize;
 
-    // The im2col rows [start, end) of sample b, channels from in_c_start.
-    let im2col = |col: &mut [T], b: usize, start: usize, end: usize, in_c_start: usize| {
-        im2col_3d_tile(
-            col,
-            &x_nhwc,
-            start,
-            end,
-            out_h,
-            out_w,
-            kernel_d,
-            kernel_h,
-            kernel_w,
-            stride_d,
-            stride_h,
-            stride_w,
-            dilation_d,
-            dilation_h,
-            dilation_w,
-            pad_d,
-            pad_h,
-            pad_w,
-            in_d,
-            in_h,
-            in_w,
-            channels_per_group,
-            col_len,
-            b,
-            in_c_start,
-            nhwc_stride,
-        )
-    };
+    // The transposed im2col [col_len, end - start] of sample b's output positions [start, end),
+    // channels from in_c_start, at row stride ld.
+    let im2col =
+        |col_t: &mut [T], ld: usize, b: usize, start: usize, end: usize, in_c_start: usize| {
+            let x = &x_data[(b * channels_in + in_c_start) * in_plane..]
+                [..channels_per_group * in_plane];
+            im2col_t_tile(col_t, ld, x, &window, start..end, zero)
+        };
 
-    // One (batch, tile) of output positions: for each group, the im2col tile
-    // [tile_size, col_len] and the gemm of the group's weights with it into
+    // One (batch, tile) of output positions: for each group, the transposed im2col tile
+    // [col_len, tile_size] and the gemm of the group's weights with it into
     // the output block [out_channels_per_group, tile_size] (row stride
     // spatial_out).
     let tile = |b: usize, tile_idx: usize, col_tile: &mut Vec<T>| {
@@ -377,7 +339,7 @@ fn conv3d_impl<
         for g in 0..groups {
             let in_c_start = g * channels_per_group;
             let out_c_start = g * out_channels_per_group;
-            im2col(col_tile, b, tile_start, tile_end, in_c_start);
+            im2col(col_tile, tile_size, b, tile_start, tile_end, in_c_start);
             let w_start = out_c_start * col_len;
             let w_group = &w_flat[w_start..w_start + out_channels_per_group * col_len];
             let dst_at = b * channels_out * spatial_out + out_c_start * spatial_out + tile_start;
@@ -399,8 +361,8 @@ fn conv3d_impl<
         }
     };
 
-    // Whole samples a tile on maps smaller than a tile (ddm patch): for each group, the im2col
-    // rows of `per_tile` samples [samples * spatial_out, col_len], their gemm into a block
+    // Whole samples a tile on maps smaller than a tile (ddm patch): for each group, the transposed
+    // im2col of `per_tile` samples [col_len, samples * spatial_out], their gemm into a block
     // [out_channels_per_group, samples * spatial_out], and each sample's part copied into place.
     let per_tile = samples_per_tile(spatial_out, batch_size, TILE_SIZE);
     let samples_tile = |t: usize, (col_tile, block): &mut (Vec<T>, Vec<T>)| {
@@ -412,9 +374,9 @@ fn conv3d_impl<
         for g in 0..groups {
             let in_c_start = g * channels_per_group;
             let out_c_start = g * out_channels_per_group;
-            let cols = col_tile[..rows * col_len].chunks_mut(spatial_out * col_len);
-            for (s, col) in cols.enumerate() {
-                im2col(col, first + s, 0, spatial_out, in_c_start);
+            for s in 0..samples {
+                let col_t = &mut col_tile[s * spatial_out..rows * col_len];
+                im2col(col_t, rows, first + s, 0, spatial_out, in_c_start);
             }
             let w_group = &w_flat[out_c_start * col_len..][..out_channels_per_group * col_len];
             // SAFETY: block holds [out_channels_per_group, rows].
@@ -808,6 +770,133 @@ fn im2col_3d_tile<T: bytemuck::Pod + Copy>(
                     }
                     col_offset += channels_per_group;
                 }
+            }
+        }
+    }
+}
+
+/// A convolution's sliding window over one sample, per axis (d, h, w) (ddm patch).
+struct Window {
+    input: [usize; 3],
+    out: [usize; 3],
+    kernel: [usize; 3],
+    stride: [usize; 3],
+    dilation: [usize; 3],
+    pad: [usize; 3],
+}
+
+/// The transposed im2col of one sample's output positions `positions` (ddm patch): row
+/// `(c, kd, kh, kw)` holds, for each position, the input value that tap reads (zero in the
+/// padding), the positions contiguous, rows `ld` apart. `x` is the sample's `[C, D, H, W]`
+/// channels. Every element of the `[C x kd x kh x kw, positions]` block is written, so a reused
+/// buffer needs no clearing. A 2-D convolution of stride 1 whose output is as wide as its input
+/// (the VAE's 3 x 3 convolutions) takes [`flat_row`]: one copy a row, where the general loop
+/// copies one output row (7 to 28 values on the small VAE) at a time.
+fn im2col_t_tile<T: Copy>(
+    col_t: &mut [T],
+    ld: usize,
+    x: &[T],
+    w: &Window,
+    positions: core::ops::Range<usize>,
+    zero: T,
+) {
+    let [in_d, in_h, in_w] = w.input;
+    let [_, out_h, out_w] = w.out;
+    let plane = in_d * in_h * in_w;
+    let [kernel_d, kernel_h, kernel_w] = w.kernel;
+    // The input coordinate a tap reads on an axis, if inside the input.
+    let at = |axis: usize, o: usize, k: usize| {
+        (o * w.stride[axis] + k * w.dilation[axis])
+            .checked_sub(w.pad[axis])
+            .filter(|&i| i < w.input[axis])
+    };
+    let rows = (0..x.len() / plane).flat_map(|c| {
+        (0..kernel_d).flat_map(move |kd| {
+            (0..kernel_h).flat_map(move |kh| (0..kernel_w).map(move |kw| (c, kd, kh, kw)))
+        })
+    });
+    let flat = w.out[0] == 1 && kernel_d == 1 && w.stride[1..] == [1, 1] && out_w == in_w;
+    for (r, (c, kd, kh, kw)) in rows.enumerate() {
+        let row = &mut col_t[r * ld..][..positions.len()];
+        let xc = &x[c * plane..][..plane];
+        if flat && (kw * w.dilation[2]).abs_diff(w.pad[2]) < in_w {
+            flat_row(row, xc, w, [kh, kw], positions.clone(), zero);
+            continue;
+        }
+        // One run of positions along an output row at a time.
+        let mut p = positions.start;
+        while p < positions.end {
+            let (od, oh, ow0) = (p / (out_h * out_w), p / out_w % out_h, p % out_w);
+            let run = (out_w - ow0).min(positions.end - p);
+            let dst = &mut row[p - positions.start..][..run];
+            match (at(0, od, kd), at(1, oh, kh)) {
+                (Some(id), Some(ih)) => {
+                    let src = &xc[(id * in_h + ih) * in_w..][..in_w];
+                    if w.stride[2] == 1 {
+                        // iw = ow + kw d - pad: the run's columns inside the input, one copy.
+                        let shift = (kw * w.dilation[2]) as isize - w.pad[2] as isize;
+                        let (ow0, run) = (ow0 as isize, run as isize);
+                        let lo = (-shift - ow0).clamp(0, run);
+                        let hi = (in_w as isize - shift - ow0).clamp(lo, run);
+                        let (lo, hi) = (lo as usize, hi as usize);
+                        dst[..lo].fill(zero);
+                        if lo < hi {
+                            let first = (ow0 + shift + lo as isize) as usize;
+                            dst[lo..hi].copy_from_slice(&src[first..][..hi - lo]);
+                        }
+                        dst[hi..].fill(zero);
+                    } else {
+                        for (i, v) in dst.iter_mut().enumerate() {
+                            *v = at(2, ow0 + i, kw).map_or(zero, |iw| src[iw]);
+                        }
+                    }
+                }
+                _ => dst.fill(zero),
+            }
+            p += run;
+        }
+    }
+}
+
+/// One row of [`im2col_t_tile`] for tap `(kh, kw)` of a 2-D convolution of stride 1 whose output
+/// is as wide as its input (ddm patch): output position p reads input element p + offset of the
+/// channel's plane `xc` (offset = rows x W + shift, the tap's row and column offsets), so the row
+/// is one copy; the rows above and below the input and, in each output row, the |shift| columns
+/// that fall in the padding (and read a neighbouring row's values) are then zeroed.
+fn flat_row<T: Copy>(
+    dst: &mut [T],
+    xc: &[T],
+    w: &Window,
+    [kh, kw]: [usize; 2],
+    positions: core::ops::Range<usize>,
+    zero: T,
+) {
+    let [_, in_h, in_w] = w.input;
+    let rows = (kh * w.dilation[1]) as isize - w.pad[1] as isize;
+    let shift = (kw * w.dilation[2]) as isize - w.pad[2] as isize;
+    let (width, offset) = (in_w as isize, rows * in_w as isize + shift);
+    let (start, end) = (positions.start as isize, positions.end as isize);
+    // The positions whose input row is inside the input and whose element is inside the plane.
+    let lo = ((-rows).max(0) * width).max(-offset).clamp(start, end);
+    let hi = ((in_h as isize - rows) * width)
+        .min((in_h * in_w) as isize - offset)
+        .clamp(lo, end);
+    let [lo_at, hi_at] = [lo - start, hi - start].map(|i| i as usize);
+    dst[..lo_at].fill(zero);
+    dst[lo_at..hi_at].copy_from_slice(&xc[(lo + offset) as usize..(hi + offset) as usize]);
+    dst[hi_at..].fill(zero);
+    let cols = if shift < 0 {
+        0..shift.unsigned_abs()
+    } else {
+        in_w - shift as usize..in_w
+    };
+    if positions.is_empty() || cols.is_empty() {
+        return;
+    }
+    for oh in positions.start / in_w..=(positions.end - 1) / in_w {
+        for p in cols.clone().map(|ow| oh * in_w + ow) {
+            if positions.contains(&p) {
+                dst[p - positions.start] = zero;
             }
         }
     }
@@ -1972,9 +2061,11 @@ fn conv3d_direct_impl<
 // so they're generated via a macro.
 
 
-/// `dst[m, n] = a[m, k] b[n, k]ᵀ` (a and b row-major) into a block of a larger
+/// `dst[m, n] = a[m, k] b_t[k, n]` (a and b_t row-major) into a block of a larger
 /// row-major matrix: row stride `dst_rs`, column stride 1 (ddm patch: the tiled
-/// convolution writes its output in place with this).
+/// convolution writes its output in place with this; gemm computes it as the
+/// transposed product, whose left operand, b_t's columns, it packs with
+/// contiguous copies).
 ///
 /// # Safety
 /// `dst` must be valid for writes of the m x n block at that stride, and no
@@ -1984,7 +2075,7 @@ unsafe fn gemm_into<T: 'static>(
     dst: *mut T,
     dst_rs: usize,
     a: &[T],
-    b: &[T],
+    b_t: &[T],
     m: usize,
     k: usize,
     n: usize,
@@ -2011,9 +2102,9 @@ unsafe fn gemm_into<T: 'static>(
             a.as_ptr(),
             1,
             k as isize,
-            b.as_ptr(),
-            k as isize,
+            b_t.as_ptr(),
             1,
+            n as isize,
             zero,
             one,
             false,
