@@ -163,6 +163,7 @@ impl Devices {
     pub fn open(&self) -> Result<Vec<Device>> {
         let mut opened: Vec<Device> = Vec::with_capacity(self.0.len());
         for (i, &choice) in self.0.iter().enumerate() {
+            #[cfg_attr(not(feature = "wgpu"), allow(unused_variables))]
             let again = self.0[..i].contains(&choice);
             opened.push(match choice {
                 #[cfg(feature = "wgpu")]
