@@ -170,22 +170,18 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         );
     }
 
-    // Fresh state, or the saved one.
-    let (mut st, mut model, mut ema, mut optim) = match saved {
-        Some(_) => {
-            let l = state::load(task, &out, &plain, &train_device, optimizer(&config))?;
-            let mut st = l.state;
-            st.config = config.clone(); // steps, lr and cadences may change on resume
-            tracing::info!("resuming {} at step {}", out.display(), st.step);
-            (st, l.model, l.ema, l.optim)
-        }
-        None => {
-            let model = task.build(&net_config, &mut RandomInit::new(config.seed, &train_device))?;
-            let ema = model.valid();
-            let st = LoopState::fresh(&config, &net_config, task.name(), &train_data.fingerprint);
-            (st, model, ema, optimizer(&config))
-        }
+    let start = Start {
+        out: &out,
+        config: &config,
+        net_config: &net_config,
+        fingerprint: &train_data.fingerprint,
     };
+    let state::Loaded {
+        state: mut st,
+        mut model,
+        mut ema,
+        mut optim,
+    } = start.load(task, saved.is_some(), &plain, &train_device)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     rng.set_word_pos(
         st.rng_word_pos
@@ -195,12 +191,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
     let mut perm = epoch_order(n, config.seed, st.epoch);
     let mut metrics = Metrics::open(&out, st.step)?;
     let per_sample = data.sample_size();
-
-    // SIGINT/SIGTERM set a flag; the loop saves and stops at the next step boundary.
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handlers")?;
-    }
+    let stop = stop_on_signals()?;
 
     let bar = progress_bar(progress, &config, &task.name(), st.step);
     let started = Instant::now();
@@ -228,57 +219,20 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         //    The weights on every device; in bf16/f16 the forward and backward run on a cast
         //    copy of the f32 weights.
         let replicas = crate::parallel::replicas(&model, &replica_devices);
-        let cast: Option<Vec<T::Net>> = (config.precision != Precision::F32).then(|| {
-            let p = config.precision;
-            replicas
-                .iter()
-                .map(|r| ddm_core::precision::cast(r.clone(), p))
-                .collect()
-        });
-        let compute = cast.as_deref().unwrap_or(&replicas);
-        let losses = task.shard_losses(compute, &replica_devices, batch, &config, &net_config, &mut rng)?;
+        let losses = {
+            let cast = cast_replicas(&replicas, config.precision);
+            let compute = cast.as_deref().unwrap_or(&replicas);
+            task.shard_losses(compute, &replica_devices, batch, &config, &net_config, &mut rng)?
+        };
         let loss_value: f64 = losses.iter().map(|l| l.clone().into_scalar::<f32>() as f64).sum(); // sync
         if !loss_value.is_finite() {
             bar.abandon();
-            mark_divergence(
-                &out,
-                st.step + 1,
-                loss_value,
-                config.lr_at(st.step),
-                last_good_ckpt,
-            );
-            bail!(
-                "the loss became {loss_value} at step {} (lr {:.3e}); training stopped. The last good checkpoint \
-                 (step {last_good_ckpt}) is intact in {}: rerun with a lower --lr to resume from it",
-                st.step + 1,
-                config.lr_at(st.step),
-                state::path(&out).display()
-            );
+            return Err(diverged(&out, &st, &config, loss_value, last_good_ckpt));
         }
         // 3. Backward (on each device, summed on the first), optimizer step (AdamW with warm-up
-        //    and clipping), EMA. In f16 the loss is scaled for the backward, the gradients
-        //    unscaled for the step, and a step whose gradients overflowed is skipped (the batch is
-        //    still consumed).
-        let scale = st.loss_scale.as_ref().map(|s| s.scale);
-        let parts = losses
-            .into_iter()
-            .zip(&replicas)
-            .map(|(loss, replica)| {
-                let loss = match scale {
-                    Some(s) => loss * s,
-                    None => loss,
-                };
-                GradientsParams::from_grads(loss.backward(), replica)
-            })
-            .collect();
-        let mut grads = crate::parallel::gather(&model, parts, &plain);
-        let take_step = match st.loss_scale.as_mut() {
-            None => true,
-            Some(scaler) => {
-                let finite = crate::loss_scale::unscale(&model, &mut grads, scaler.scale);
-                scaler.update(finite)
-            }
-        };
+        //    and clipping), EMA. In f16 a step whose gradients overflowed is skipped (the batch
+        //    is still consumed).
+        let (grads, take_step) = gradients(&model, losses, &replicas, &plain, &mut st);
         let log_now = (st.step + 1) % config.log_every == 0;
         let grad_norm = if log_now && take_step {
             grad_norm(&model, &grads)
@@ -308,6 +262,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             let ips = window.1 as f64 / secs.max(1e-9);
             window = (Instant::now(), 0);
             bar.set_message(format!("loss {loss_value:.4} {ips:.1} img/s"));
+            let wall_time_s = wall_before + started.elapsed().as_secs_f64();
             metrics.write(&Line {
                 step: st.step,
                 loss: loss_value,
@@ -315,7 +270,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
                 grad_norm,
                 img_per_s: ips,
                 samples_seen: st.samples_seen,
-                wall_time_s: wall_before + started.elapsed().as_secs_f64(),
+                wall_time_s,
                 loss_scale: st.loss_scale.as_ref().map(|s| s.scale),
                 skipped_steps: st.loss_scale.as_ref().map(|s| s.skipped),
             })?;
@@ -346,6 +301,112 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
         checkpoint,
         final_loss: st.last_loss,
     })
+}
+
+/// What a run starts from: its directory, configuration, network and data.
+struct Start<'a> {
+    out: &'a std::path::Path,
+    config: &'a TrainConfig,
+    net_config: &'a ddm_core::model::ModelConfig,
+    fingerprint: &'a str,
+}
+
+impl Start<'_> {
+    /// The saved state when the directory has one (`resume`), or a fresh network, its EMA, AdamW
+    /// and a loop state at step 0.
+    fn load<T: Task>(
+        &self,
+        task: &T,
+        resume: bool,
+        plain: &Device,
+        train_device: &Device,
+    ) -> anyhow::Result<state::Loaded<T::Net>> {
+        let config = self.config;
+        if resume {
+            let mut l = state::load(task, self.out, plain, train_device, optimizer(config))?;
+            l.state.config = config.clone(); // steps, lr and cadences may change on resume
+            tracing::info!("resuming {} at step {}", self.out.display(), l.state.step);
+            return Ok(l);
+        }
+        let model = task.build(self.net_config, &mut RandomInit::new(config.seed, train_device))?;
+        Ok(state::Loaded {
+            state: LoopState::fresh(config, self.net_config, task.name(), self.fingerprint),
+            ema: model.valid(),
+            model,
+            optim: optimizer(config),
+        })
+    }
+}
+
+/// SIGINT/SIGTERM set the flag returned; the loop saves and stops at the next step boundary.
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handlers")?;
+    }
+    Ok(stop)
+}
+
+/// In bf16/f16, a copy of each replica cast to `precision` (the forward and backward run on it,
+/// the gradients land on the f32 weights); `None` in f32.
+fn cast_replicas<N: Module + Clone>(replicas: &[N], precision: Precision) -> Option<Vec<N>> {
+    (precision != Precision::F32).then(|| {
+        replicas
+            .iter()
+            .map(|r| ddm_core::precision::cast(r.clone(), precision))
+            .collect()
+    })
+}
+
+/// The gradients of the replicas' losses, summed on the first device, and whether to take the
+/// step. In f16 each loss is scaled for its backward and the sum unscaled; gradients that
+/// overflowed skip the step and shrink the scale (`st.loss_scale`).
+fn gradients<N: Module>(
+    model: &N,
+    losses: Vec<Tensor<1>>,
+    replicas: &[N],
+    first: &Device,
+    st: &mut LoopState,
+) -> (GradientsParams, bool) {
+    let scale = st.loss_scale.as_ref().map(|s| s.scale);
+    let parts = losses
+        .into_iter()
+        .zip(replicas)
+        .map(|(loss, replica)| {
+            let loss = match scale {
+                Some(s) => loss * s,
+                None => loss,
+            };
+            GradientsParams::from_grads(loss.backward(), replica)
+        })
+        .collect();
+    let mut grads = crate::parallel::gather(model, parts, first);
+    let take_step = match st.loss_scale.as_mut() {
+        None => true,
+        Some(scaler) => {
+            let finite = crate::loss_scale::unscale(model, &mut grads, scaler.scale);
+            scaler.update(finite)
+        }
+    };
+    (grads, take_step)
+}
+
+/// The error of a loss that stopped being finite at the step after `st`'s, once the divergence
+/// mark is written.
+fn diverged(
+    out: &std::path::Path,
+    st: &LoopState,
+    config: &TrainConfig,
+    loss: f64,
+    last_good: u64,
+) -> anyhow::Error {
+    let (step, lr) = (st.step + 1, config.lr_at(st.step));
+    mark_divergence(out, step, loss, lr, last_good);
+    anyhow::anyhow!(
+        "the loss became {loss} at step {step} (lr {lr:.3e}); training stopped. The last good checkpoint \
+         (step {last_good}) is intact in {}: rerun with a lower --lr to resume from it",
+        state::path(out).display()
+    )
 }
 
 /// Record that the loss stopped being finite ([`DIVERGED_FILE`]). Best effort: the error that
