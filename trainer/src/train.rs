@@ -262,7 +262,6 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
             let ips = window.1 as f64 / secs.max(1e-9);
             window = (Instant::now(), 0);
             bar.set_message(format!("loss {loss_value:.4} {ips:.1} img/s"));
-            let wall_time_s = wall_before + started.elapsed().as_secs_f64();
             metrics.write(&Line {
                 step: st.step,
                 loss: loss_value,
@@ -270,7 +269,7 @@ pub fn run<T: Task>(task: &T, run: Run) -> anyhow::Result<Outcome> {
                 grad_norm,
                 img_per_s: ips,
                 samples_seen: st.samples_seen,
-                wall_time_s,
+                wall_time_s: wall_before + started.elapsed().as_secs_f64(),
                 loss_scale: st.loss_scale.as_ref().map(|s| s.scale),
                 skipped_steps: st.loss_scale.as_ref().map(|s| s.skipped),
             })?;

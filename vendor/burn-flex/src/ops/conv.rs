@@ -291,11 +291,10 @@ fn conv3d_impl<
     const TILE_SIZE: usize = 512;
     let num_tiles = spatial_out.div_ceil(TILE_SIZE);
 
-    // The weights as they are, [c_out, (c_in, kd, kh, kw)], the rows of the transposed im2col
-    // in the same order (ddm patch: the input was converted to NHWC and the weights reordered to
-    // [c_out, (kd, kh, kw, c_in)] for an im2col of [positions, col_len], which gemm, computing
-    // the transposed product for this row-major output, packed one element at a time).
-    let w_flat = w_data;
+    // The weights are read as they are, [c_out, (c_in, kd, kh, kw)], the rows of the transposed
+    // im2col in the same order (ddm patch: the input was converted to NHWC and the weights
+    // reordered to [c_out, (kd, kh, kw, c_in)] for an im2col of [positions, col_len], which gemm,
+    // computing the transposed product for this row-major output, packed one element at a time).
     let window = Window {
         input: [in_d, in_h, in_w],
         out: [out_d, out_h, out_w],
@@ -341,7 +340,7 @@ fn conv3d_impl<
             let out_c_start = g * out_channels_per_group;
             im2col(col_tile, tile_size, b, tile_start, tile_end, in_c_start);
             let w_start = out_c_start * col_len;
-            let w_group = &w_flat[w_start..w_start + out_channels_per_group * col_len];
+            let w_group = &w_data[w_start..w_start + out_channels_per_group * col_len];
             let dst_at = b * channels_out * spatial_out + out_c_start * spatial_out + tile_start;
             // SAFETY: the block [out_c_start.., tile_start..tile_end] of sample b is
             // in bounds and written by this call alone.
@@ -378,7 +377,7 @@ fn conv3d_impl<
                 let col_t = &mut col_tile[s * spatial_out..rows * col_len];
                 im2col(col_t, rows, first + s, 0, spatial_out, in_c_start);
             }
-            let w_group = &w_flat[out_c_start * col_len..][..out_channels_per_group * col_len];
+            let w_group = &w_data[out_c_start * col_len..][..out_channels_per_group * col_len];
             // SAFETY: block holds [out_channels_per_group, rows].
             unsafe {
                 gemm_into(
